@@ -1,0 +1,175 @@
+"""restore / inspect / verify: what a user does with a package (encoder side: needs onnx)."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import tempfile
+from pathlib import Path
+from typing import Any
+
+import onnx
+
+from .encoder import weights_digest
+from .errors import FormatError, IntegrityError, P2UError
+from .format import AtomicFile, load_manifest, read_stage, sha256_file, stage_file_name
+from .reconstruct import WeightState, extract_file
+
+__all__ = ["restore", "inspect", "verify", "open_stages"]
+
+_PROTOBUF_LIMIT = 2**31 - 1
+
+
+def _stage_index(manifest: dict[str, Any], stage: int | None) -> int:
+    n = len(manifest["stages"])
+    if stage is None:
+        return n - 1
+    if not 0 <= stage < n:
+        raise P2UError(f"stage {stage} does not exist: this package has stages 0..{n - 1}")
+    return stage
+
+
+def _check_file(package: Path, f: dict[str, Any]) -> Path:
+    path = package / f["path"]
+    if not path.is_file():
+        raise IntegrityError(f"{path}: missing from the package")
+    size = path.stat().st_size
+    if size != f["size"]:
+        raise IntegrityError(f"{path}: {size} bytes, the manifest says {f['size']} (truncated "
+                             "or altered)")
+    return path
+
+
+def open_stages(package: str | os.PathLike, until: int | None = None) -> WeightState:
+    """A :class:`WeightState` advanced through stages 1..``until`` of a package directory."""
+    package = Path(package)
+    manifest = load_manifest(package)
+    until = _stage_index(manifest, until)
+    for f in manifest["base_model"]["files"]:
+        _check_file(package, f)
+    state = WeightState(manifest, package / "base.bin")
+    for k in range(1, until + 1):
+        f = manifest["stages"][k]["files"][0]
+        sf = read_stage(_check_file(package, f), package_id=manifest["package_id"], stage=k,
+                        sha256=f["sha256"])
+        state.apply(sf)
+        if k == 1:
+            state.graph_bytes = extract_file(sf, "graph.onnx")  # type: ignore[attr-defined]
+    return state
+
+
+def _materialize(package: Path, state: WeightState, workdir: Path) -> Path:
+    """Write graph.onnx + weights.bin + base.bin into ``workdir``; returns the model path."""
+    (workdir / "graph.onnx").write_bytes(state.graph_bytes)  # type: ignore[attr-defined]
+    state.write_weights(workdir / "weights.bin")
+    try:
+        os.link(package / "base.bin", workdir / "base.bin")
+    except OSError:
+        shutil.copyfile(package / "base.bin", workdir / "base.bin")
+    return workdir / "graph.onnx"
+
+
+def load_stage_model(package: str | os.PathLike, stage: int | None = None) -> onnx.ModelProto:
+    """The ONNX model of a stage, all data in memory."""
+    package = Path(package)
+    manifest = load_manifest(package)
+    stage = _stage_index(manifest, stage)
+    if stage == 0:
+        for f in manifest["base_model"]["files"]:
+            p = _check_file(package, f)
+            if sha256_file(p) != f["sha256"]:
+                raise IntegrityError(f"{p}: sha256 does not match the manifest (altered)")
+        return onnx.load(str(package / "base.onnx"), load_external_data=True)
+    state = open_stages(package, stage)
+    with tempfile.TemporaryDirectory() as d:
+        path = _materialize(package, state, Path(d))
+        return onnx.load(str(path), load_external_data=True)
+
+
+def restore(package: str | os.PathLike, output: str | os.PathLike,
+            stage: int | None = None) -> Path:
+    """Write the model of ``stage`` (default: the last) of ``package`` to ``output``.
+
+    >>> restore("model.p2u", "model_s1.onnx", stage=1)  # doctest: +SKIP
+
+    Models over 2 GB are written with their tensors in ``<output>.data`` beside it.
+    """
+    model = load_stage_model(package, stage)
+    out = Path(output)
+    size = model.ByteSize()
+    with AtomicFile(out) as f:
+        if size < _PROTOBUF_LIMIT:
+            f.write(model.SerializeToString())
+        else:
+            data = out.with_name(out.name + ".data")
+            tmp = Path(f.name).with_name(f.name + ".d")  # type: ignore[attr-defined]
+            tmp.mkdir()
+            try:
+                onnx.save_model(model, str(tmp / out.name), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location=data.name)
+                f.write((tmp / out.name).read_bytes())
+                os.replace(tmp / data.name, data)
+            finally:
+                shutil.rmtree(tmp, ignore_errors=True)
+    return out
+
+
+def inspect(package: str | os.PathLike) -> dict[str, Any]:
+    """Per-stage table of a package: bits, bytes, share of the original, max error."""
+    manifest = load_manifest(package)
+    src = manifest["source"]
+    orig = src.get("weight_bytes") or 1
+    rows = []
+    for st in manifest["stages"]:
+        rows.append({
+            "stage": st["index"], "bits": st["bits"], "bytes": st["bytes"],
+            "cumulative_bytes": st["cumulative_bytes"],
+            "share": st["bytes"] / orig, "cumulative_share": st["cumulative_bytes"] / orig,
+            "max_abs_error": st["max_abs_error"], "max_rel_error": st["max_rel_error"],
+        })
+    return {
+        "package": str(package), "package_id": manifest["package_id"],
+        "format_version": manifest["format_version"], "source": src,
+        "plan": manifest["plan"], "config": manifest.get("config", {}),
+        "base_opset": manifest["base_model"].get("opset"),
+        "tensors": len(manifest["tensors"]), "stages": rows,
+    }
+
+
+def verify(package: str | os.PathLike) -> dict[str, Any]:
+    """Check every file against the manifest and replay every stage.
+
+    For a plan that ends lossless, the restored weights must hash to the source digest. Raises
+    :class:`IntegrityError` / :class:`FormatError` naming the first problem.
+    """
+    package = Path(package)
+    manifest = load_manifest(package)
+    for f in manifest["base_model"]["files"]:
+        p = _check_file(package, f)
+        if sha256_file(p) != f["sha256"]:
+            raise IntegrityError(f"{p}: sha256 does not match the manifest (altered)")
+    try:
+        onnx.checker.check_model(str(package / "base.onnx"))
+    except Exception as e:
+        raise FormatError(f"{package / 'base.onnx'}: not a valid ONNX model ({e})") from e
+    read_stage(_check_file(package, manifest["stages"][0]["files"][0]),
+               package_id=manifest["package_id"], stage=0,
+               sha256=manifest["stages"][0]["files"][0]["sha256"])
+    last = len(manifest["stages"]) - 1
+    result = {"package": str(package), "stages": last + 1, "lossless_match": None}
+    if last >= 1:
+        state = open_stages(package, last)
+        if manifest["plan"][-1] == "lossless":
+            with tempfile.TemporaryDirectory() as d:
+                path = _materialize(package, state, Path(d))
+                model = onnx.load(str(path), load_external_data=True)
+            ok = weights_digest(model) == manifest["source"]["weights_sha256"]
+            if not ok:
+                raise IntegrityError(f"{package}: the lossless stage does not reproduce the "
+                                     "source weights")
+            result["lossless_match"] = True
+    return result
+
+
+def stage_path(package: str | os.PathLike, index: int) -> Path:
+    return Path(package) / stage_file_name(index)

@@ -1,0 +1,167 @@
+"""The ``p2u`` command: a thin layer over the library. Errors print one line, exit code 1."""
+
+from __future__ import annotations
+
+import functools
+import json
+import sys
+from pathlib import Path
+
+import click
+
+from .errors import P2UError
+
+CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
+
+
+def _friendly(fn):
+    """Turn library errors (and a few OS errors) into one line on stderr and exit code 1."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except P2UError as e:
+            raise click.ClickException(str(e)) from None
+        except OSError as e:
+            raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) \
+                from None
+        except KeyboardInterrupt:
+            raise click.ClickException("interrupted") from None
+
+    return wrapper
+
+
+def _fmt_bytes(n: float) -> str:
+    for unit in ("B", "kB", "MB", "GB"):
+        if abs(n) < 1000 or unit == "GB":
+            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
+        n /= 1000
+    return f"{n:.1f} GB"
+
+
+@click.group(context_settings=CONTEXT)
+@click.version_option(package_name="p2u-onnx")
+def main() -> None:
+    """p2u: ship ONNX models progressively.
+
+    Encode a model into a low-bit base that runs at once plus updates that raise precision
+    stage by stage, up to the exact original weights.
+    """
+
+
+@main.command()
+@click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
+@click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
+              help="Package directory to write [default: MODEL with suffix .p2u].")
+@click.option("--stages", default="4,8,lossless", show_default=True,
+              help="Bits per stage, rising; 'lossless' may end the plan (e.g. 4,8 or 2,4,8,lossless).")
+@click.option("--granularity", type=click.Choice(["block", "channel", "tensor"]), default="block",
+              show_default=True, help="Scale per block of weights, per output channel or per tensor.")
+@click.option("--block-size", type=int, default=32, show_default=True,
+              help="Weights per block (inside one output channel) with --granularity block.")
+@click.option("--asymmetric", is_flag=True, help="Use a zero point per block (default: symmetric).")
+@click.option("--min-elements", type=int, default=4096, show_default=True,
+              help="Smaller float tensors stay exact in the base.")
+@click.option("-f", "--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
+@_friendly
+def encode(model, output, stages, granularity, block_size, asymmetric, min_elements, force,
+           quiet) -> None:
+    """Encode MODEL (.onnx) into a progressive package directory."""
+    from tqdm import tqdm
+
+    from .api import inspect
+    from .config import Plan, QuantConfig
+    from .encoder import encode as do_encode
+
+    plan = Plan.parse(stages)
+    config = QuantConfig(granularity=granularity, block_size=block_size,
+                         symmetric=not asymmetric, min_elements=min_elements)
+    output = output or model.with_suffix(".p2u")
+    bar = None if quiet else tqdm(total=0, unit="B", unit_scale=True, desc="encode",
+                                  leave=False, file=sys.stderr)
+
+    def progress(done: int, total: int) -> None:
+        if bar is not None:
+            bar.total = total
+            bar.n = done
+            bar.refresh()
+
+    try:
+        result = do_encode(model, output, plan, config, overwrite=force, progress=progress)
+    finally:
+        if bar is not None:
+            bar.close()
+    if not quiet:
+        click.echo(f"wrote {result.path} in {result.seconds:.2f} s")
+        _print_table(inspect(result.path))
+
+
+def _print_table(info: dict) -> None:
+    src = info["source"]
+    click.echo(f"source {src['name']}: {_fmt_bytes(src['weight_bytes'])} of weights, "
+               f"{info['tensors']} coded tensors, plan {','.join(info['plan'])}")
+    click.echo(f"{'stage':>5} {'bits':>9} {'bytes':>10} {'share':>7} {'total':>10} {'share':>7}"
+               f" {'max err':>10} {'rel err':>9}")
+    for r in info["stages"]:
+        click.echo(f"{r['stage']:>5} {str(r['bits']):>9} {_fmt_bytes(r['bytes']):>10} "
+                   f"{r['share']:>7.1%} {_fmt_bytes(r['cumulative_bytes']):>10} "
+                   f"{r['cumulative_share']:>7.1%} {r['max_abs_error']:>10.3g} "
+                   f"{r['max_rel_error']:>9.2e}")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_friendly
+def inspect(package, as_json) -> None:
+    """Show a package's stages: bytes, share of the original weights, max error."""
+    from .api import inspect as do_inspect
+
+    info = do_inspect(package)
+    if as_json:
+        click.echo(json.dumps(info, indent=1))
+    else:
+        _print_table(info)
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("-s", "--stage", type=int, default=None,
+              help="Stage to restore, counting from 0 (the base) [default: the last].")
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="ONNX file to write.")
+@_friendly
+def restore(package, stage, output) -> None:
+    """Write the ONNX model of one stage of PACKAGE."""
+    from .api import restore as do_restore
+
+    path = do_restore(package, output, stage)
+    click.echo(f"wrote {path}")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@_friendly
+def verify(package) -> None:
+    """Check every file of PACKAGE and replay every stage (bit-exact check when lossless)."""
+    from .api import verify as do_verify
+
+    r = do_verify(package)
+    tail = ", lossless stage reproduces the source weights" if r["lossless_match"] else ""
+    click.echo(f"ok: {r['stages']} stages verified{tail}")
+
+
+@main.command()
+@click.option("--stages", default="4,8,lossless", show_default=True, help="Plan to demonstrate.")
+@_friendly
+def demo(stages) -> None:
+    """Encode the bundled digits CNN and show it upgrading stage by stage."""
+    from .demo import run_demo
+
+    run_demo(stages, echo=click.echo)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,94 @@
+"""Encode settings: the stage plan and the quantizer configuration (frozen, validated)."""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+from .errors import PlanError
+
+__all__ = ["Plan", "QuantConfig", "LOSSLESS"]
+
+LOSSLESS = "lossless"
+Granularity = Literal["block", "channel", "tensor"]
+
+
+@dataclasses.dataclass(frozen=True)
+class Plan:
+    """Precision of each stage: total bits per weight, rising; ``"lossless"`` may end it.
+
+    >>> Plan.parse("4,8,lossless").stages
+    (4, 8, 'lossless')
+    """
+
+    stages: tuple[int | str, ...] = (4, 8, LOSSLESS)
+
+    def __post_init__(self) -> None:
+        if not self.stages:
+            raise PlanError("a plan needs at least one stage")
+        bits = [s for s in self.stages if s != LOSSLESS]
+        if LOSSLESS in self.stages[:-1] or self.stages.count(LOSSLESS) > 1:
+            raise PlanError("'lossless' can only be the last stage")
+        if not bits:
+            raise PlanError("a plan needs a low-bit base before 'lossless'")
+        for b in bits:
+            if not isinstance(b, int) or isinstance(b, bool):
+                raise PlanError(f"stage bits must be integers, got {b!r}")
+        if not 2 <= bits[0] <= 8:
+            raise PlanError(f"the base needs 2..8 bits, got {bits[0]}")
+        for a, b in zip(bits, bits[1:]):
+            if b <= a:
+                raise PlanError(f"stage bits must rise: {a} then {b}")
+        if bits[-1] > 24:
+            raise PlanError(f"at most 24 bits per stage, got {bits[-1]}")
+
+    @classmethod
+    def parse(cls, text: str) -> Plan:
+        """Parse ``"4,8,lossless"``; raises :class:`PlanError` with the offending part."""
+        stages: list[int | str] = []
+        for part in text.replace(" ", "").split(","):
+            if part.lower() in (LOSSLESS, "l", "exact"):
+                stages.append(LOSSLESS)
+            elif part.isdigit():
+                stages.append(int(part))
+            else:
+                raise PlanError(f"bad stage {part!r} in {text!r}: use bits such as 4,8 or 'lossless'")
+        return cls(tuple(stages))
+
+    @property
+    def base_bits(self) -> int:
+        return int(self.stages[0])
+
+    @property
+    def lossless(self) -> bool:
+        return self.stages[-1] == LOSSLESS
+
+    def __str__(self) -> str:
+        return ",".join(str(s) for s in self.stages)
+
+
+@dataclasses.dataclass(frozen=True, kw_only=True)
+class QuantConfig:
+    """How the base is quantized.
+
+    ``granularity``: ``"block"`` (runs of ``block_size`` weights inside one output channel),
+    ``"channel"`` (one scale per output channel) or ``"tensor"``. ``min_elements``: smaller
+    float tensors (and every 1-D tensor: biases, norms) stay exact in the base.
+    """
+
+    granularity: Granularity = "block"
+    block_size: int = 32
+    symmetric: bool = True
+    clip_search: bool = True
+    min_elements: int = 4096
+    quantize_vectors: bool = False
+
+    def __post_init__(self) -> None:
+        if self.granularity not in ("block", "channel", "tensor"):
+            raise PlanError(f"granularity must be block, channel or tensor, not {self.granularity!r}")
+        if self.granularity == "block" and not (
+            self.block_size >= 8 and self.block_size & (self.block_size - 1) == 0
+        ):
+            raise PlanError(f"block_size must be a power of two >= 8, got {self.block_size}")
+        if self.min_elements < 1:
+            raise PlanError("min_elements must be >= 1")

@@ -1,0 +1,369 @@
+"""Encode an ONNX model into a progressive package (encoder side: needs onnx).
+
+:func:`encode` runs the passes, quantizes every selected weight, writes ``base.onnx`` +
+``base.bin`` (plain ONNX), the stage files and the manifest, into a temporary directory that is
+renamed into place only when everything succeeded.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import os
+import shutil
+import tempfile
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import ModelProto, TensorProto, numpy_helper
+
+from . import passes
+from . import quantizers as qz
+from .codecs import IntPlanesCodec, ZstdCodec
+from .config import LOSSLESS, Plan, QuantConfig
+from .dtypes import ONNX_BFLOAT16, dtype_info
+from .errors import P2UError, UnsupportedModelError
+from .format import FORMAT_VERSION, AtomicFile, StageWriter, save_manifest, sha256_file, \
+    stage_file_name
+from .graph import check_domains, default_opset, iter_slots
+from .reconstruct import lossless_from, pack_codes, refine_from, weight_from_base
+
+__all__ = ["encode", "EncodeResult", "load_model"]
+
+ALIGN = 64
+EXTERNALIZE_BYTES = 4096  # other tensors this big go to base.bin, shared by base and skeleton
+
+
+@dataclasses.dataclass
+class EncodeResult:
+    """What :func:`encode` wrote."""
+
+    path: Path
+    manifest: dict[str, Any]
+    seconds: float
+
+    @property
+    def stage_bytes(self) -> list[int]:
+        return [s["bytes"] for s in self.manifest["stages"]]
+
+
+def load_model(source: str | os.PathLike | ModelProto) -> tuple[ModelProto, str]:
+    """Load a model with its external data; returns (model, name). Clear errors on bad input."""
+    if isinstance(source, ModelProto):
+        m = ModelProto()
+        m.CopyFrom(source)
+        return m, m.graph.name or "model"
+    path = Path(source)
+    if not path.exists():
+        raise UnsupportedModelError(f"{path}: no such file")
+    if path.is_dir():
+        raise UnsupportedModelError(f"{path}: is a directory, expected an .onnx file")
+    try:
+        model = onnx.load(str(path), load_external_data=True)
+    except Exception as e:
+        raise UnsupportedModelError(f"{path}: not a readable ONNX model ({_first_line(e)})") from e
+    if not model.graph.node and not model.graph.initializer:
+        raise UnsupportedModelError(f"{path}: not an ONNX model (empty graph)")
+    return model, path.stem
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
+
+
+def tensor_array(t: TensorProto) -> np.ndarray:
+    """Tensor values in storage dtype (bfloat16 as uint16 bits), flat order, zero-copy if raw."""
+    if t.data_type == ONNX_BFLOAT16:
+        if t.raw_data:
+            return np.frombuffer(t.raw_data, "<u2").reshape(tuple(t.dims))
+        return np.asarray(t.int32_data, np.uint32).astype(np.uint16).reshape(tuple(t.dims))
+    info = dtype_info(t.data_type) if t.data_type in (1, 10, 11) else None
+    if info is not None and t.raw_data:
+        return np.frombuffer(t.raw_data, info.storage.newbyteorder("<")).reshape(tuple(t.dims))
+    return numpy_helper.to_array(t)
+
+
+def slot_nbytes(t: TensorProto) -> int:
+    if t.raw_data:
+        return len(t.raw_data)
+    if t.data_type in (1, 10, 11, 16):
+        return tensor_array(t).nbytes
+    return t.ByteSize()
+
+
+def digest_slot(digest, slot) -> None:
+    """Feed one slot's identity and bytes to ``digest`` (same on the source and a restore)."""
+    t = slot.tensor
+    digest.update(f"{slot.key}|{t.data_type}|{list(t.dims)}|".encode())
+    if t.raw_data:
+        digest.update(t.raw_data)
+    elif t.data_type in (1, 10, 11, 16):
+        digest.update(np.ascontiguousarray(tensor_array(t)).astype(
+            tensor_array(t).dtype.newbyteorder("<")).tobytes())
+    else:
+        digest.update(t.SerializeToString())
+
+
+def weights_digest(model: ModelProto) -> str:
+    """sha256 over every constant tensor of ``model`` (after constants were lifted)."""
+    h = hashlib.sha256()
+    for slot in iter_slots(model):
+        digest_slot(h, slot)
+    return h.hexdigest()
+
+
+class _BinWriter:
+    """Appends aligned blobs to a file; returns [offset, length] spans."""
+
+    def __init__(self, f):
+        self.f, self.pos = f, 0
+
+    def add(self, data: bytes) -> list[int]:
+        pad = (-self.pos) % ALIGN
+        if pad:
+            self.f.write(b"\0" * pad)
+            self.pos += pad
+        self.f.write(data)
+        span = [self.pos, len(data)]
+        self.pos += len(data)
+        return span
+
+
+def encode(
+    model: str | os.PathLike | ModelProto,
+    output: str | os.PathLike,
+    plan: Plan | str = Plan(),
+    config: QuantConfig = QuantConfig(),
+    *,
+    overwrite: bool = False,
+    progress: Callable[[int, int], None] | None = None,
+) -> EncodeResult:
+    """Encode ``model`` into the package directory ``output``.
+
+    >>> encode("model.onnx", "model.p2u", "4,8,lossless")  # doctest: +SKIP
+
+    ``progress(done, total)`` is called with weight bytes processed. Raises
+    :class:`UnsupportedModelError` for input it cannot convert and :class:`PlanError` for bad
+    options; on any error nothing is left at ``output``.
+    """
+    t0 = time.perf_counter()
+    plan = Plan.parse(plan) if isinstance(plan, str) else plan
+    out = Path(output)
+    if out.exists() and not overwrite:
+        raise P2UError(f"{out} already exists (use overwrite=True / --force)")
+    m, name = load_model(model)
+    unknown = check_domains(m)
+    if unknown:
+        raise UnsupportedModelError(
+            f"model uses op domain(s) {', '.join(repr(d) for d in unknown)} that onnxruntime "
+            "does not define; p2u cannot run or verify it")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        manifest = _encode_into(m, name, tmp, plan, config, progress)
+        if out.exists():
+            old = out.with_name(f".{out.name}.old-{os.getpid()}")
+            os.replace(out, old)
+            os.replace(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.replace(tmp, out)
+    except OSError as e:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise P2UError(f"cannot write package {out}: {e.strerror or e}") from e
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return EncodeResult(out, manifest, time.perf_counter() - t0)
+
+
+def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantConfig,
+                 progress) -> dict[str, Any]:
+    passes.lift_constants(m, config.min_elements)
+    selected = passes.select_weights(m, config)
+    selected_ids = {id(s.slot.tensor) for s in selected}
+
+    # Low-bit codes need a recent opset; convert the structure, or fall back to INT8 codes.
+    opset0 = default_opset(m)
+    want = passes.code_type(plan.base_bits, 99)[1]
+    if any(s.layout.mode == "block" for s in selected):
+        want = max(want, 21)
+    opset_note = None
+    target_opset = opset0
+    if opset0 < want:
+        target_opset = want
+        # conversion is tried on the base structure below; decide code types then.
+
+    digest = hashlib.sha256()
+    all_bytes = 0
+    total = sum(int(np.prod(s.shape)) * dtype_info(s.slot.tensor.data_type).storage.itemsize
+                for s in selected)
+    done = 0
+    lossy = [b for b in plan.stages[1:] if b != LOSSLESS]
+    n_stages = len(plan.stages)
+
+    base_bin = AtomicFile(tmp / "base.bin")
+    bf = base_bin.__enter__()
+    bins = _BinWriter(bf)
+    writers = [StageWriter(tmp / stage_file_name(k), "", k) for k in range(1, n_stages)]
+    stage_err = [0.0] * n_stages
+    stage_rel = [0.0] * n_stages
+    tensors_meta: list[dict[str, Any]] = []
+    coded: list[dict] = []
+    weights_pos = 0
+    int_codec = IntPlanesCodec(level=3)
+    # Code type is fixed once for the package: INT4/INT2 only when the opset can be raised.
+    ctype = passes.code_type(plan.base_bits, max(target_opset, opset0))[0]
+    try:
+        for slot in list(iter_slots(m)):
+            t = slot.tensor
+            digest_slot(digest, slot)
+            all_bytes += slot_nbytes(t)
+            if id(t) not in selected_ids:
+                raw = t.raw_data
+                if len(raw) >= EXTERNALIZE_BYTES:
+                    passes.set_external(t, "base.bin", bins.add(raw))
+                continue
+            sel = next(s for s in selected if s.slot.tensor is t)
+            info = dtype_info(t.data_type)
+            w = tensor_array(t)
+            layout = sel.layout
+            orig_blocks = layout.to_blocks(info.to_compute(w))
+            base = qz.quantize_base(orig_blocks, plan.base_bits, info,
+                                    symmetric=config.symmetric, clip_search=config.clip_search)
+            codes_tensor = layout.from_blocks(base.codes)
+            spans = {
+                "codes": bins.add(pack_codes(codes_tensor, ctype)),
+                "scale": bins.add(np.ascontiguousarray(
+                    layout.blocks_to_scales(info.scale_to_storage(base.scale))).tobytes()),
+                "zero_point": None if base.zero_point is None else bins.add(
+                    pack_codes(layout.blocks_to_scales(base.zero_point), ctype)),
+            }
+            prev = weight_from_base(layout, base, info)
+            wc = info.to_compute(w)
+            finite = np.isfinite(wc)
+            amax = float(np.max(np.abs(wc[finite]))) if finite.any() else 0.0
+            _track(stage_err, stage_rel, 0, wc, prev, info, finite, amax)
+            for k, bits in enumerate(plan.stages[1:], start=1):
+                wr = writers[k - 1]
+                if bits == LOSSLESS:
+                    codes = qz.lossless_codes(w.reshape(-1), prev.reshape(-1))
+                    wr.add({"kind": "exact", "name": slot.key,
+                            "codec": int_codec.get_config()}, int_codec.encode(codes))
+                    prev = lossless_from(prev, codes)
+                else:
+                    shift = int(bits) - plan.base_bits
+                    step = qz.stage_scale(base.scale, shift)
+                    cb = qz.refine_codes(orig_blocks, layout.to_blocks(info.to_compute(prev)), step)
+                    codes = layout.from_blocks(cb)
+                    wr.add({"kind": "refine", "name": slot.key, "shift": shift,
+                            "codec": int_codec.get_config()}, int_codec.encode(codes))
+                    prev = refine_from(layout, info, base.scale, prev, codes, shift)
+                _track(stage_err, stage_rel, k, wc, prev, info, finite, amax)
+            if plan.lossless and not np.array_equal(
+                    np.ascontiguousarray(prev).view(np.uint8),
+                    np.ascontiguousarray(w).view(np.uint8)):
+                raise P2UError(f"internal error: lossless stage does not restore {slot.key}")
+            nbytes = w.size * info.storage.itemsize
+            weights_pos += (-weights_pos) % ALIGN
+            wspan = [weights_pos, nbytes]
+            weights_pos += nbytes
+            tensors_meta.append({
+                "name": slot.key, "tensor": slot.name, "where": slot.path, "kind": slot.kind,
+                "dtype": info.name, "shape": list(sel.shape), "layout": layout.to_json(),
+                "bits": plan.base_bits, "symmetric": config.symmetric,
+                "base": {**spans, "code_type": ctype}, "weights": wspan,
+            })
+            coded.append({"slot": slot, "layout": layout, "dtype": info.name,
+                          "shape": sel.shape, "code_type": ctype, **spans})
+            passes.set_external(t, "weights.bin", wspan)
+            done += nbytes
+            if progress:
+                progress(done, total)
+    except BaseException:
+        bf.close()
+        raise
+    base_bin.__exit__(None, None, None)
+
+    src_digest = digest.hexdigest()
+    package_id = hashlib.sha256(
+        f"{src_digest}|{plan}|{config}|{FORMAT_VERSION}".encode()).hexdigest()[:32]
+
+    # Skeleton: the original structure with coded weights in weights.bin (device writes it).
+    graph_bytes = m.SerializeToString()
+
+    # Base: codes + DequantizeLinear, then raise the opset if the code types need it.
+    passes.to_base(m, coded, {})
+    if target_opset > opset0:
+        why = passes.raise_opset(m, target_opset)
+        if why is not None:
+            raise UnsupportedModelError(
+                f"cannot raise the model to opset {target_opset} for low-bit codes: {why}")
+    m.ir_version = max(m.ir_version, 10 if ctype != onnx.TensorProto.INT2 else 11)
+    base_onnx = m.SerializeToString()
+    (tmp / "base.onnx").write_bytes(base_onnx)
+
+    zstd = ZstdCodec(level=9)
+    # Stage 0 on the wire: base.onnx and base.bin, compressed.
+    w0 = StageWriter(tmp / stage_file_name(0), package_id, 0)
+    for fname, data in (("base.onnx", base_onnx), ("base.bin", (tmp / "base.bin").read_bytes())):
+        w0.add({"kind": "file", "name": fname, "codec": zstd.get_config(),
+                "raw_length": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+               zstd.encode(data))
+    sizes = [w0.finish()]
+    if writers:  # graph.onnx rides with stage 1: the device needs it from then on
+        writers[0].add({"kind": "file", "name": "graph.onnx", "codec": zstd.get_config(),
+                        "raw_length": len(graph_bytes),
+                        "sha256": hashlib.sha256(graph_bytes).hexdigest()},
+                       zstd.encode(graph_bytes))
+    for wr in writers:
+        wr.package_id = package_id
+        sizes.append(wr.finish())
+
+    fp32_bytes = sum(int(np.prod(s.shape)) * 4 for s in selected)
+    weight_bytes = total
+    stages = []
+    cum = 0
+    for k, bits in enumerate(plan.stages):
+        fname = stage_file_name(k)
+        cum += sizes[k]
+        stages.append({
+            "index": k, "bits": bits,
+            "files": [{"path": fname, "size": sizes[k], "sha256": sha256_file(tmp / fname)}],
+            "bytes": sizes[k], "cumulative_bytes": cum,
+            "max_abs_error": stage_err[k], "max_rel_error": stage_rel[k],
+        })
+    manifest = {
+        "format": "p2u", "format_version": FORMAT_VERSION, "package_id": package_id,
+        "source": {"name": name, "weights_sha256": src_digest, "opset": opset0,
+                   "weight_bytes": all_bytes, "coded_weight_bytes": weight_bytes, "coded_fp32_bytes": fp32_bytes,
+                   "coded_tensors": len(selected)},
+        "plan": [str(s) for s in plan.stages],
+        "config": dataclasses.asdict(config),
+        "base_model": {"onnx": "base.onnx", "data": "base.bin",
+                       "opset": default_opset(m), "files": [
+                           {"path": p, "size": (tmp / p).stat().st_size,
+                            "sha256": sha256_file(tmp / p)} for p in ("base.onnx", "base.bin")]},
+        "tensors": tensors_meta,
+        "stages": stages,
+    }
+    if opset_note:
+        manifest["notes"] = [opset_note]
+    save_manifest(tmp, manifest)
+    return manifest
+
+
+def _track(err, rel, k, wc, prev, info, finite, amax) -> None:
+    """Record the largest error of stage ``k`` over finite weights."""
+    if not finite.any():
+        return
+    p = info.to_compute(prev)
+    e = float(np.max(np.abs(np.where(finite, wc - p, 0))))
+    err[k] = max(err[k], e)
+    if amax > 0:
+        rel[k] = max(rel[k], e / amax)

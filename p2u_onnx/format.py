@@ -1,0 +1,318 @@
+"""The package format: a manifest and stage files (device side; needs numpy only).
+
+A package is a directory of plain static files (see docs/format.md)::
+
+    manifest.json     format version, package id, source digest, tensor table, stages
+    base.onnx         the base as a plain ONNX model (stock onnxruntime runs it) ...
+    base.bin          ... with its tensors in this ONNX external-data file
+    stage-0.p2u       the base, compressed, as sent over the wire
+    stage-1.p2u ...   updates
+
+A stage file is::
+
+    8 bytes   magic b"P2USTAGE"
+    u32 LE    format version
+    u32 LE    header length H (at most 64 MiB)
+    H bytes   JSON header, space-padded so the payload starts on a 64-byte boundary
+    payload   entries, back to back, in header order
+
+The header names the package id and the stage index, and lists entries with ONNX's external-data
+keys ``location`` (this file's name), ``offset`` (from the start of the file) and ``length``,
+plus the codec that decodes them. Entries must tile the payload exactly (no gaps, no overlaps);
+``payload_sha256`` covers the payload, so a lone file can be checked without its manifest.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import mmap
+import os
+import struct
+import tempfile
+from collections.abc import Iterable
+from pathlib import Path
+from typing import Any, BinaryIO
+
+from .errors import FormatError, IntegrityError, P2UError
+
+__all__ = [
+    "FORMAT_VERSION",
+    "MANIFEST_NAME",
+    "StageFile",
+    "StageWriter",
+    "read_stage",
+    "load_manifest",
+    "save_manifest",
+    "stage_file_name",
+    "sha256_file",
+    "atomic_write_bytes",
+    "AtomicFile",
+]
+
+FORMAT_VERSION = 1
+MAGIC = b"P2USTAGE"
+MANIFEST_NAME = "manifest.json"
+ALIGN = 64
+MAX_HEADER = 64 << 20
+_PREFIX = struct.Struct("<8sII")
+
+
+def stage_file_name(index: int) -> str:
+    return f"stage-{index}.p2u"
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            h.update(block)
+    return h.hexdigest()
+
+
+class AtomicFile:
+    """Write to a temporary name beside ``path`` and rename into place on success.
+
+    On any error (a full disk included) the temporary file is removed and a :class:`P2UError`
+    naming the path is raised; an existing file at ``path`` is left untouched.
+    """
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self._f: BinaryIO | None = None
+        self._tmp = ""
+
+    def __enter__(self) -> BinaryIO:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        fd, self._tmp = tempfile.mkstemp(prefix=f".{self.path.name}.", suffix=".tmp",
+                                         dir=self.path.parent)
+        self._f = os.fdopen(fd, "wb")
+        return self._f
+
+    def __exit__(self, exc_type, exc, tb) -> bool:
+        assert self._f is not None
+        try:
+            if exc_type is None:
+                self._f.flush()
+                os.fsync(self._f.fileno())
+            self._f.close()
+            if exc_type is None:
+                os.replace(self._tmp, self.path)
+                return False
+        except OSError as e:
+            _unlink(self._tmp)
+            raise P2UError(f"cannot write {self.path}: {e.strerror or e}") from e
+        _unlink(self._tmp)
+        if isinstance(exc, OSError):
+            raise P2UError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
+        return False
+
+
+def _unlink(p: str) -> None:
+    try:
+        os.unlink(p)
+    except OSError:
+        pass
+
+
+def atomic_write_bytes(path: str | os.PathLike, data: bytes | Iterable[bytes]) -> None:
+    with AtomicFile(path) as f:
+        if isinstance(data, (bytes, bytearray, memoryview)):
+            f.write(data)
+        else:
+            for part in data:
+                f.write(part)
+
+
+class StageWriter:
+    """Builds one stage file: ``add(entry, data)`` per entry, then ``finish()``.
+
+    Payload parts are spooled to a temporary file so huge stages never sit in memory twice.
+    """
+
+    def __init__(self, path: str | os.PathLike, package_id: str, stage: int, **extra: Any):
+        self.path = Path(path)
+        self.package_id = package_id
+        self.stage = stage
+        self.extra = extra
+        self.entries: list[dict[str, Any]] = []
+        self._spool = tempfile.TemporaryFile(dir=self.path.parent)
+        self._hash = hashlib.sha256()
+        self._size = 0
+
+    def add(self, entry: dict[str, Any], data: bytes) -> None:
+        e = dict(entry)
+        e["offset"] = self._size  # relative for now; made absolute in finish()
+        e["length"] = len(data)
+        self.entries.append(e)
+        self._spool.write(data)
+        self._hash.update(data)
+        self._size += len(data)
+
+    def _header(self, start: int) -> bytes:
+        entries = [dict(e, location=self.path.name, offset=e["offset"] + start)
+                   for e in self.entries]
+        head = {
+            "format_version": FORMAT_VERSION,
+            "package_id": self.package_id,
+            "stage": self.stage,
+            **self.extra,
+            "payload_size": self._size,
+            "payload_sha256": self._hash.hexdigest(),
+            "entries": entries,
+        }
+        return json.dumps(head, separators=(",", ":")).encode()
+
+    def finish(self) -> int:
+        """Write the file atomically; returns its size in bytes."""
+        start = ALIGN
+        while True:
+            head = self._header(start)
+            if _PREFIX.size + len(head) <= start:
+                break
+            start = -(-(_PREFIX.size + len(head)) // ALIGN) * ALIGN
+        head = head.ljust(start - _PREFIX.size, b" ")
+        self._spool.seek(0)
+        with AtomicFile(self.path) as f:
+            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)))
+            f.write(head)
+            while block := self._spool.read(1 << 22):
+                f.write(block)
+        self._spool.close()
+        return start + self._size
+
+
+class StageFile:
+    """A parsed, checked stage file. ``data(entry)`` returns an entry's bytes (zero-copy)."""
+
+    def __init__(self, buf, header: dict[str, Any], name: str):
+        self._buf = memoryview(buf)
+        self.header = header
+        self.name = name
+
+    @property
+    def stage(self) -> int:
+        return int(self.header["stage"])
+
+    @property
+    def package_id(self) -> str:
+        return str(self.header["package_id"])
+
+    @property
+    def entries(self) -> list[dict[str, Any]]:
+        return self.header["entries"]
+
+    def data(self, entry: dict[str, Any]) -> memoryview:
+        return self._buf[entry["offset"]: entry["offset"] + entry["length"]]
+
+    def __len__(self) -> int:
+        return len(self._buf)
+
+
+def read_stage(
+    source: str | os.PathLike | bytes | bytearray | memoryview,
+    *,
+    package_id: str | None = None,
+    stage: int | None = None,
+    sha256: str | None = None,
+    verify_payload: bool = True,
+) -> StageFile:
+    """Parse and check a stage file given as a path or bytes.
+
+    Raises :class:`IntegrityError` when the bytes are truncated, corrupt (payload digest), belong
+    to another package (``package_id``) or are not the expected ``stage``; :class:`FormatError`
+    when the file is not a stage file at all or of an unknown version.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        buf, name = memoryview(source), "<bytes>"
+    else:
+        name = str(source)
+        try:
+            with open(source, "rb") as f:
+                size = os.fstat(f.fileno()).st_size
+                buf = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) \
+                    if size else memoryview(b"")
+        except OSError as e:
+            raise FormatError(f"cannot read stage file {name}: {e.strerror or e}") from e
+    label = f"stage file {Path(name).name}"
+    if sha256 is not None and hashlib.sha256(buf).hexdigest() != sha256:
+        raise IntegrityError(f"{label}: sha256 does not match the manifest (corrupt or altered)")
+    if len(buf) < _PREFIX.size:
+        raise IntegrityError(f"{label}: truncated ({len(buf)} bytes)")
+    magic, version, hlen = _PREFIX.unpack_from(buf, 0)
+    if magic != MAGIC:
+        raise FormatError(f"{label}: not a p2u stage file (bad magic)")
+    if version != FORMAT_VERSION:
+        raise FormatError(f"{label}: format version {version}, this reader knows {FORMAT_VERSION}")
+    if hlen > MAX_HEADER:
+        raise FormatError(f"{label}: header of {hlen} bytes exceeds the {MAX_HEADER} limit")
+    start = _PREFIX.size + hlen
+    if len(buf) < start:
+        raise IntegrityError(f"{label}: truncated inside its header")
+    try:
+        header = json.loads(bytes(buf[_PREFIX.size:start]))
+        entries = header["entries"]
+        payload_size = int(header["payload_size"])
+        int(header["stage"])
+        str(header["package_id"])
+    except (ValueError, KeyError, TypeError) as e:
+        raise FormatError(f"{label}: header is not valid ({e})") from e
+    if len(buf) != start + payload_size:
+        what = "truncated" if len(buf) < start + payload_size else "has trailing bytes"
+        raise IntegrityError(
+            f"{label}: {what} ({len(buf)} bytes, header promises {start + payload_size})")
+    pos = start
+    for e in entries:
+        if not isinstance(e, dict) or e.get("offset") != pos or int(e.get("length", -1)) < 0:
+            raise FormatError(f"{label}: entries do not tile the payload")
+        pos += e["length"]
+    if pos != len(buf):
+        raise FormatError(f"{label}: entries do not cover the payload")
+    if package_id is not None and header["package_id"] != package_id:
+        raise IntegrityError(
+            f"{label}: belongs to package {header['package_id'][:12]}, "
+            f"not {package_id[:12]} (foreign stage file)")
+    if stage is not None and header["stage"] != stage:
+        raise IntegrityError(
+            f"{label}: holds stage {header['stage']}, expected stage {stage} (out of order)")
+    if verify_payload and sha256 is None:
+        if hashlib.sha256(buf[start:]).hexdigest() != header.get("payload_sha256"):
+            raise IntegrityError(f"{label}: payload digest mismatch (corrupt)")
+    return StageFile(buf, header, name)
+
+
+def load_manifest(package: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``manifest.json`` of a package directory."""
+    path = Path(package) / MANIFEST_NAME
+    try:
+        text = path.read_bytes()
+    except FileNotFoundError:
+        raise FormatError(f"{package}: not a p2u package (no {MANIFEST_NAME})") from None
+    except OSError as e:
+        raise FormatError(f"cannot read {path}: {e.strerror or e}") from e
+    return parse_manifest(text, str(path))
+
+
+def parse_manifest(text: bytes, where: str = MANIFEST_NAME) -> dict[str, Any]:
+    try:
+        m = json.loads(text)
+    except ValueError as e:
+        raise FormatError(f"{where}: not valid JSON ({e})") from e
+    if not isinstance(m, dict) or m.get("format") != "p2u":
+        raise FormatError(f"{where}: not a p2u manifest")
+    if m.get("format_version") != FORMAT_VERSION:
+        raise FormatError(
+            f"{where}: format version {m.get('format_version')}, this reader knows "
+            f"{FORMAT_VERSION}")
+    for key in ("package_id", "stages", "tensors", "source"):
+        if key not in m:
+            raise FormatError(f"{where}: missing {key!r}")
+    for i, st in enumerate(m["stages"]):
+        if st.get("index") != i or not st.get("files"):
+            raise FormatError(f"{where}: stage table is malformed at stage {i}")
+    return m
+
+
+def save_manifest(package: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    atomic_write_bytes(Path(package) / MANIFEST_NAME,
+                       json.dumps(manifest, indent=1).encode() + b"\n")

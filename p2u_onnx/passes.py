@@ -1,0 +1,240 @@
+"""Graph passes: model in, model out. Each works on weight slots from :mod:`graph`.
+
+* :func:`lift_constants` turns weight-sized Constant nodes of graphs into initializers.
+* :func:`select_weights` decides which slots are coded, and with which block layout.
+* :func:`to_base` rewrites coded slots into low-bit tensors + DequantizeLinear.
+* :func:`raise_opset` lifts the default-domain opset when low-bit types need it, or reports why not.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import numpy as np
+import onnx
+from onnx import GraphProto, ModelProto, TensorProto, helper
+
+from .config import QuantConfig
+from .dtypes import FLOAT_TYPES, dtype_info
+from .graph import Consumer, Slot, consumers_by_name, default_opset, iter_slots, set_default_opset
+from .quantizers import Layout
+
+__all__ = ["lift_constants", "select_weights", "Selected", "to_base", "raise_opset",
+           "choose_layout"]
+
+_FLOAT_ONNX = {d.onnx_type for d in FLOAT_TYPES.values()}
+
+# Inputs whose values act as shapes, scales, indices or bounds: kept exact whatever their size.
+EXACT_INPUTS: dict[str, set[int]] = {
+    "Resize": {1, 2, 3}, "Upsample": {1}, "Clip": {1, 2}, "Pad": {1, 2, 3},
+    "QuantizeLinear": {1, 2}, "DequantizeLinear": {1, 2}, "Range": {0, 1, 2},
+    "ConstantOfShape": {0}, "Reshape": {1}, "Expand": {1}, "Tile": {1}, "Slice": {1, 2, 3, 4},
+    "TopK": {1}, "OneHot": {1, 2}, "Pow": {1}, "CumSum": {1}, "Gather": {1},
+    "GatherElements": {1}, "GatherND": {1}, "ScatterND": {1}, "ScatterElements": {1},
+    "NonMaxSuppression": {2, 3, 4}, "RoiAlign": {1, 2}, "Where": {0}, "Squeeze": {1},
+    "Unsqueeze": {1}, "Split": {1}, "Trilu": {1}, "BatchNormalization": {3, 4},
+    "InstanceNormalization": set(), "MaxRoiPool": {1}, "GridSample": {1},
+    "AffineGrid": {0, 1}, "Bernoulli": {0}, "RandomNormalLike": {0}, "Multinomial": {0},
+    "QLinearConv": {1, 2, 4, 5, 6, 7}, "QLinearMatMul": {1, 2, 4, 5, 6, 7},
+}
+
+
+def _float_tensor(t: TensorProto) -> bool:
+    return t.data_type in _FLOAT_ONNX
+
+
+def _numel(t: TensorProto) -> int:
+    return int(np.prod(t.dims, dtype=np.int64)) if t.dims else 1
+
+
+def lift_constants(model: ModelProto, min_elements: int) -> int:
+    """Move float Constant nodes of ``min_elements`` or more into their graph's initializers.
+
+    Function bodies keep their Constant nodes (functions have no initializers). Returns how many
+    nodes were lifted. In place.
+    """
+    lifted = 0
+    for slot in list(iter_slots(model)):
+        if slot.kind != "constant" or not isinstance(slot.container, GraphProto):
+            continue
+        if not _float_tensor(slot.tensor) or _numel(slot.tensor) < min_elements:
+            continue
+        t = TensorProto()
+        t.CopyFrom(slot.tensor)
+        t.name = slot.name
+        slot.container.node.remove(slot.node)
+        slot.container.initializer.append(t)
+        lifted += 1
+    return lifted
+
+
+@dataclasses.dataclass
+class Selected:
+    slot: Slot
+    layout: Layout
+    shape: tuple[int, ...]
+
+
+def _weight_axes(c: Consumer, rank: int) -> tuple[int, int] | None:
+    """(output-channel axis, reduction axis) of a weight read by ``c``, or None if unknown."""
+    op, i = c.node.op_type, c.input_index
+    attrs = {a.name: helper.get_attribute_value(a) for a in c.node.attribute}
+    if rank < 2:
+        return None
+    if op in ("MatMul", "MatMulInteger", "FusedMatMul"):
+        return (rank - 1, rank - 2) if i == 1 else (rank - 2, rank - 1)
+    if op == "Gemm" and rank == 2:
+        if i == 1:
+            return (0, 1) if attrs.get("transB", 0) else (1, 0)
+        if i == 0:
+            return (1, 0) if attrs.get("transA", 0) else (0, 1)
+    if op in ("Conv", "ConvInteger", "FusedConv", "NhwcConv") and i == 1:
+        return (0, 1)
+    if op == "ConvTranspose" and i == 1:
+        return (1, 0)
+    if op == "Gather" and i == 0 and rank == 2:
+        return (0, 1)
+    if op in ("LSTM", "GRU", "RNN") and i in (1, 2) and rank == 3:
+        return (1, 2)
+    return None
+
+
+def choose_layout(shape: tuple[int, ...], consumers: list[Consumer],
+                  config: QuantConfig) -> Layout:
+    """Blocks aligned with output channels, along the axis the consumer reduces over."""
+    rank = len(shape)
+    if config.granularity == "tensor" or rank == 0:
+        return Layout(shape, "tensor")
+    axes = next((a for c in consumers if (a := _weight_axes(c, rank))), None)
+    if axes is None:
+        axes = (0, rank - 1) if rank >= 2 else (0, 0)
+    out_axis, red_axis = axes
+    if rank == 1:
+        return Layout(shape, "block", 0, config.block_size) \
+            if config.granularity == "block" else Layout(shape, "tensor")
+    if config.granularity == "channel" or shape[red_axis] < config.block_size:
+        return Layout(shape, "channel", out_axis)
+    return Layout(shape, "block", red_axis, config.block_size)
+
+
+def select_weights(model: ModelProto, config: QuantConfig) -> list[Selected]:
+    """Float slots to code: big enough, not 1-D unless asked, never read as shape/scale/index."""
+    users = consumers_by_name(model)
+    chosen: list[Selected] = []
+    for slot in iter_slots(model):
+        t = slot.tensor
+        if not _float_tensor(t) or _numel(t) < config.min_elements:
+            continue
+        if len(t.dims) < 2 and not config.quantize_vectors:
+            continue
+        cons = users.get(id(slot.container), {}).get(slot.name, [])
+        if any(c.input_index in EXACT_INPUTS.get(c.node.op_type, ()) for c in cons):
+            continue
+        shape = tuple(int(d) for d in t.dims)
+        chosen.append(Selected(slot, choose_layout(shape, cons, config), shape))
+    return chosen
+
+
+def code_type(bits: int, opset: int) -> tuple[int, int]:
+    """(ONNX integer type for ``bits``-bit signed codes, opset it needs)."""
+    if bits <= 2 and opset >= 25:
+        return TensorProto.INT2, 25
+    if bits <= 4 and opset >= 21:
+        return TensorProto.INT4, 21
+    return TensorProto.INT8, 13
+
+
+def raise_opset(model: ModelProto, target: int) -> str | None:
+    """Convert ``model`` (structure only: tensors must be external) to ``target`` opset in place.
+
+    Returns None on success, else the reason the conversion failed (the model is left as it was).
+    """
+    current = default_opset(model)
+    if current >= target:
+        return None
+    try:
+        converted = onnx.version_converter.convert_version(model, target)
+    except Exception as e:  # the converter raises plain RuntimeError/ValueError
+        return f"opset {current} -> {target} conversion failed: {str(e).splitlines()[0][:200]}"
+    model.CopyFrom(converted)
+    set_default_opset(model, target)
+    return None
+
+
+def to_base(model: ModelProto, coded: list[dict], base_tensors: dict[str, list]) -> None:
+    """Replace every coded slot by integer codes + scale (+ zero point) + DequantizeLinear.
+
+    ``coded`` items carry the slot, layout, dtype and the external-data spans of the codes,
+    scale and zero point inside ``base.bin``. Initializers that were also graph inputs stop
+    being inputs (the base computes them). In place.
+    """
+    by_container: dict[int, list[dict]] = {}
+    for c in coded:
+        by_container.setdefault(id(c["slot"].container), []).append(c)
+    for items in by_container.values():
+        container = items[0]["slot"].container
+        new_nodes = []
+        drop_inits = set()
+        for c in items:
+            slot, layout, info = c["slot"], c["layout"], dtype_info(c["dtype"])
+            stem = f"{slot.name}__p2u"
+            tensors = [_ext_tensor(f"{stem}_q", c["code_type"], c["shape"], c["codes"]),
+                       _ext_tensor(f"{stem}_s", info.scale_onnx_type, layout.scale_shape,
+                                   c["scale"])]
+            if c["zero_point"] is not None:
+                tensors.append(_ext_tensor(f"{stem}_zp", c["code_type"], layout.scale_shape,
+                                           c["zero_point"]))
+            attrs = {}
+            if layout.mode == "channel":
+                attrs["axis"] = layout.axis
+            elif layout.mode == "block":
+                attrs = {"axis": layout.axis, "block_size": layout.block_size}
+            out = slot.name if info.name != "float64" else f"{stem}_f32"
+            nodes = []
+            if isinstance(container, GraphProto):
+                container.initializer.extend(tensors)
+                if slot.kind == "initializer":
+                    drop_inits.add(slot.name)
+                inputs = [t.name for t in tensors]
+            else:
+                inputs = []
+                for t in tensors:
+                    nodes.append(helper.make_node("Constant", [], [t.name], value=t,
+                                                  name=f"{t.name}_const"))
+                    inputs.append(t.name)
+            nodes.append(helper.make_node("DequantizeLinear", inputs, [out],
+                                          name=f"{stem}_dq", **attrs))
+            if info.name == "float64":
+                nodes.append(helper.make_node("Cast", [out], [slot.name],
+                                              to=TensorProto.DOUBLE, name=f"{stem}_cast"))
+            if slot.kind == "constant":
+                container.node.remove(slot.node)
+            new_nodes.extend(nodes)
+        if isinstance(container, GraphProto) and drop_inits:
+            keep = [t for t in container.initializer if t.name not in drop_inits]
+            del container.initializer[:]
+            container.initializer.extend(keep)
+            keep_in = [v for v in container.input if v.name not in drop_inits]
+            del container.input[:]
+            container.input.extend(keep_in)
+        old = list(container.node)
+        del container.node[:]
+        container.node.extend(new_nodes + old)
+
+
+def _ext_tensor(name: str, data_type: int, shape, span: list[int]) -> TensorProto:
+    t = TensorProto(name=name, data_type=data_type, dims=list(shape))
+    set_external(t, "base.bin", span)
+    return t
+
+
+def set_external(t: TensorProto, location: str, span: list[int]) -> None:
+    """Point ``t`` at ``location`` (ONNX external-data keys) and drop any inline data."""
+    for field in ("raw_data", "float_data", "int32_data", "int64_data", "double_data",
+                  "uint64_data", "string_data"):
+        t.ClearField(field)
+    del t.external_data[:]
+    for k, v in (("location", location), ("offset", str(span[0])), ("length", str(span[1]))):
+        e = t.external_data.add()
+        e.key, e.value = k, v
+    t.data_location = TensorProto.EXTERNAL

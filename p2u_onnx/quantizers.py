@@ -1,0 +1,312 @@
+"""Quantizers: pure numpy, shared by the encoder and the device.
+
+A weight tensor is cut into *blocks* (:class:`Layout`): one block for the whole tensor, one per
+output channel, or runs of ``block_size`` values along one axis inside one output channel. The
+base stage stores, per block, integer codes and one scale (and a zero point when asymmetric)::
+
+    w0 = (q0 - z) * s0
+
+Every later lossy stage refines on a grid ``2**shift`` times finer than the one before, reusing the
+base scales, so it costs no new scales::
+
+    s_k = s0 * 2**-(bits_k - bits_0)        w_k = w_{k-1} + q_k * s_k
+
+and its error on every finite weight is at most ``s_k / 2`` (plus the rounding of the sum to the
+weight's dtype). The final lossless stage sends the difference between the *ordered integer*
+images of the original and reconstructed bit patterns (:func:`float_to_ordered`), so every bit,
+NaN payloads and -0.0 included, comes back.
+
+The encoder and the device call the same reconstruction functions here, so both sides compute
+bit-identical weights at every stage.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Literal
+
+import numpy as np
+
+from .dtypes import DTypeInfo
+
+__all__ = [
+    "Layout",
+    "BaseCodes",
+    "quantize_base",
+    "dequantize_base",
+    "refine_codes",
+    "apply_refine",
+    "float_to_ordered",
+    "ordered_to_float",
+    "lossless_codes",
+    "apply_lossless",
+]
+
+LayoutMode = Literal["tensor", "channel", "block"]
+
+# Clipping ratios tried per block by the MSE search (1.0 = plain absmax).
+_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+
+
+@dataclasses.dataclass(frozen=True)
+class Layout:
+    """How a tensor of ``shape`` is cut into quantization blocks.
+
+    ``mode`` is ``"tensor"`` (one block), ``"channel"`` (one block per index of ``axis``) or
+    ``"block"`` (runs of ``block_size`` values along ``axis``, one set per index of every other
+    axis). The last mode matches ONNX DequantizeLinear's blocked quantization exactly.
+    """
+
+    shape: tuple[int, ...]
+    mode: LayoutMode = "tensor"
+    axis: int = 0
+    block_size: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("tensor", "channel", "block"):
+            raise ValueError(f"unknown layout mode {self.mode!r}")
+        if self.mode != "tensor":
+            if not self.shape or not 0 <= self.axis < len(self.shape):
+                raise ValueError(f"axis {self.axis} out of range for shape {self.shape}")
+        if self.mode == "block" and self.block_size < 1:
+            raise ValueError("block layout needs block_size >= 1")
+
+    @property
+    def size(self) -> int:
+        return int(np.prod(self.shape, dtype=np.int64))
+
+    @property
+    def block_len(self) -> int:
+        """Values per block (including padding of the last block along the axis)."""
+        if self.mode == "tensor":
+            return max(self.size, 1)
+        if self.mode == "channel":
+            n = self.shape[self.axis]
+            return max(self.size // n, 1) if n else 1
+        return self.block_size
+
+    @property
+    def scale_shape(self) -> tuple[int, ...]:
+        """Shape of the scale tensor as ONNX DequantizeLinear wants it."""
+        if self.mode == "tensor":
+            return ()
+        if self.mode == "channel":
+            return (self.shape[self.axis],)
+        nb = -(-self.shape[self.axis] // self.block_size)
+        return tuple(nb if i == self.axis else d for i, d in enumerate(self.shape))
+
+    @property
+    def n_blocks(self) -> int:
+        return int(np.prod(self.scale_shape, dtype=np.int64))
+
+    def to_blocks(self, x: np.ndarray) -> np.ndarray:
+        """View or copy ``x`` as ``[n_blocks, block_len]`` (zero padded)."""
+        x = np.asarray(x).reshape(self.shape)
+        if self.mode == "tensor":
+            return x.reshape(1, -1) if x.size else np.zeros((1, 1), x.dtype)
+        if self.mode == "channel":
+            return np.moveaxis(x, self.axis, 0).reshape(self.shape[self.axis], -1)
+        y = np.moveaxis(x, self.axis, -1)
+        length = y.shape[-1]
+        nb = -(-length // self.block_size)
+        pad = nb * self.block_size - length
+        if pad:
+            y = np.concatenate([y, np.zeros(y.shape[:-1] + (pad,), y.dtype)], axis=-1)
+        return y.reshape(-1, self.block_size)
+
+    def from_blocks(self, b: np.ndarray) -> np.ndarray:
+        """Inverse of :meth:`to_blocks` (drops the padding)."""
+        if self.mode == "tensor":
+            return b.reshape(-1)[: self.size].reshape(self.shape)
+        if self.mode == "channel":
+            moved = (self.shape[self.axis],) + tuple(
+                d for i, d in enumerate(self.shape) if i != self.axis
+            )
+            return np.moveaxis(b.reshape(moved), 0, self.axis)
+        moved = tuple(d for i, d in enumerate(self.shape) if i != self.axis)
+        length = self.shape[self.axis]
+        y = b.reshape(moved + (-1,))[..., :length]
+        return np.moveaxis(y, -1, self.axis)
+
+    def scales_to_blocks(self, s: np.ndarray) -> np.ndarray:
+        """Per-block values in DequantizeLinear's scale layout -> ``[n_blocks]`` in block order."""
+        s = np.asarray(s).reshape(self.scale_shape)
+        if self.mode == "block":
+            return np.moveaxis(s, self.axis, -1).reshape(-1)
+        return s.reshape(-1)
+
+    def blocks_to_scales(self, s: np.ndarray) -> np.ndarray:
+        """``[n_blocks]`` in block order -> DequantizeLinear's scale layout."""
+        if self.mode != "block":
+            return np.asarray(s).reshape(self.scale_shape)
+        moved = tuple(d for i, d in enumerate(self.scale_shape) if i != self.axis)
+        nb = self.scale_shape[self.axis]
+        return np.moveaxis(np.asarray(s).reshape(moved + (nb,)), -1, self.axis)
+
+    def to_json(self) -> dict:
+        return {"mode": self.mode, "axis": self.axis, "block_size": self.block_size}
+
+    @classmethod
+    def from_json(cls, shape: tuple[int, ...], d: dict) -> Layout:
+        return cls(tuple(shape), d["mode"], int(d["axis"]), int(d["block_size"]))
+
+
+@dataclasses.dataclass
+class BaseCodes:
+    """Base-stage quantization of one tensor, per block (block order, see :class:`Layout`)."""
+
+    codes: np.ndarray  # int8/uint8 [n_blocks, block_len]
+    scale: np.ndarray  # scale dtype [n_blocks]
+    zero_point: np.ndarray | None  # same dtype as codes, [n_blocks], or None if symmetric
+    bits: int
+
+
+def quantize_base(
+    blocks: np.ndarray,
+    bits: int,
+    info: DTypeInfo,
+    *,
+    symmetric: bool = True,
+    clip_search: bool = True,
+) -> BaseCodes:
+    """Quantize ``[n_blocks, block_len]`` float values to ``bits``-bit integer codes.
+
+    Scales come from the finite values of each block (NaN and +-Inf never reach a scale, so the
+    base stays finite where the weight is finite). With ``clip_search`` each block tries a few
+    clipping ratios and keeps the one with the least squared error; clipped values are restored
+    by the next stage, whose grid is not clipped.
+    """
+    if not 2 <= bits <= 8:
+        raise ValueError(f"bits must be 2..8, got {bits}")
+    x = np.asarray(blocks, np.float32)
+    finite = np.isfinite(x)
+    xf = np.where(finite, x, np.float32(0))
+    tiny = np.float32(info.scale_tiny)
+    if symmetric:
+        qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
+        absmax = np.max(np.abs(xf), axis=1) if xf.size else np.zeros(len(x), np.float32)
+        base_scale = absmax.astype(np.float64) / qmax
+        lo = np.zeros_like(base_scale)
+    else:
+        qmin, qmax = 0, (1 << bits) - 1
+        mn = np.minimum(np.min(xf, axis=1), 0).astype(np.float64)
+        mx = np.maximum(np.max(xf, axis=1), 0).astype(np.float64)
+        base_scale = (mx - mn) / qmax
+        lo = mn
+
+    ratios = _CLIP_RATIOS if clip_search else (1.0,)
+    best_err = None
+    best = None
+    for r in ratios:
+        scale = info.round_scale(np.maximum(base_scale * r, tiny))
+        scale = np.where(base_scale > 0, scale, np.float32(0))
+        if symmetric:
+            zp = None
+            codes = _codes(xf, scale, 0.0, qmin, qmax)
+            recon = codes.astype(np.float32) * scale[:, None]
+        else:
+            safe = np.where(scale > 0, scale, 1).astype(np.float64)
+            zp = np.clip(np.rint(-lo * r / safe), qmin, qmax).astype(np.int32)
+            codes = _codes(xf, scale, zp, qmin, qmax)
+            recon = (codes - zp[:, None]).astype(np.float32) * scale[:, None]
+        if len(ratios) == 1:
+            best = (codes, scale, zp)
+            break
+        err = np.sum(np.square(recon - xf, dtype=np.float32), axis=1)
+        if best is None:
+            best, best_err = (codes, scale, zp), err
+            continue
+        better = err < best_err
+        if np.any(better):
+            codes0, scale0, zp0 = best
+            codes0[better] = codes[better]
+            scale0[better] = scale[better]
+            if zp0 is not None:
+                zp0[better] = zp[better]
+            best_err = np.where(better, err, best_err)
+    codes, scale, zp = best
+    ctype = np.int8 if symmetric else np.uint8
+    return BaseCodes(
+        codes=codes.astype(ctype),
+        scale=scale.astype(np.float32),
+        zero_point=None if zp is None else zp.astype(ctype),
+        bits=bits,
+    )
+
+
+def _codes(x: np.ndarray, scale: np.ndarray, zp, qmin: int, qmax: int) -> np.ndarray:
+    safe = np.where(scale > 0, scale, np.float32(1))
+    q = np.rint(x / safe[:, None])
+    if not np.isscalar(zp):
+        q += zp[:, None]
+    q = np.where(scale[:, None] > 0, q, 0 if np.isscalar(zp) else zp[:, None])
+    return np.clip(q, qmin, qmax).astype(np.int32)
+
+
+def dequantize_base(base: BaseCodes) -> np.ndarray:
+    """``(q - z) * s`` in float32, as DequantizeLinear computes it; ``[n_blocks, block_len]``."""
+    q = base.codes.astype(np.int32)
+    if base.zero_point is not None:
+        q = q - base.zero_point.astype(np.int32)[:, None]
+    return q.astype(np.float32) * base.scale.astype(np.float32)[:, None]
+
+
+def stage_scale(base_scale: np.ndarray, shift: int) -> np.ndarray:
+    """Grid step of a stage ``shift`` bits finer than the base (exact power-of-two scaling)."""
+    return np.ldexp(np.asarray(base_scale, np.float32), -shift).astype(np.float32)
+
+
+def refine_codes(original: np.ndarray, previous: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Integer codes of the residual ``original - previous`` on grid ``step`` (per block).
+
+    ``original`` and ``previous`` are ``[n_blocks, block_len]`` float arrays; non-finite
+    originals and zero steps get code 0. Returns int32.
+    """
+    o = np.asarray(original, np.float64)
+    p = np.asarray(previous, np.float64)
+    st = np.asarray(step, np.float64)[:, None]
+    with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
+        q = np.rint((o - p) / np.where(st > 0, st, 1.0))
+    q = np.where(np.isfinite(q) & (st > 0), q, 0.0)
+    return np.clip(q, -(2**31 - 1), 2**31 - 1).astype(np.int32)
+
+
+def apply_refine(
+    previous: np.ndarray, codes: np.ndarray, step: np.ndarray, compute_dtype: np.dtype
+) -> np.ndarray:
+    """``previous + codes * step`` in ``compute_dtype`` (float32, or float64 for fp64 weights)."""
+    ct = np.dtype(compute_dtype)
+    delta = codes.astype(ct) * np.asarray(step, ct)[:, None]
+    return previous.astype(ct, copy=False) + delta
+
+
+_ORDERED = {2: (np.int16, np.uint16, 0x7FFF), 4: (np.int32, np.uint32, 0x7FFFFFFF),
+            8: (np.int64, np.uint64, 0x7FFFFFFFFFFFFFFF)}
+
+
+def float_to_ordered(x: np.ndarray) -> np.ndarray:
+    """Map float bit patterns to signed integers in the same order as the floats (as int64).
+
+    Bijective on bit patterns: -0.0 -> -1, +0.0 -> 0, NaNs keep their payloads.
+    """
+    x = np.ascontiguousarray(x)
+    itype, _, mask = _ORDERED[x.dtype.itemsize]
+    b = x.view(itype)
+    return (b ^ ((b >> (8 * x.dtype.itemsize - 1)) & itype(mask))).astype(np.int64)
+
+
+def ordered_to_float(k: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Inverse of :func:`float_to_ordered`."""
+    dtype = np.dtype(dtype)
+    itype, _, mask = _ORDERED[dtype.itemsize]
+    b = k.astype(itype)
+    return (b ^ ((b >> (8 * dtype.itemsize - 1)) & itype(mask))).view(dtype)
+
+
+def lossless_codes(original: np.ndarray, previous: np.ndarray) -> np.ndarray:
+    """Ordered-integer difference that turns ``previous`` into ``original`` bit for bit (int64)."""
+    return float_to_ordered(original) - float_to_ordered(previous)
+
+
+def apply_lossless(previous: np.ndarray, codes: np.ndarray) -> np.ndarray:
+    return ordered_to_float(float_to_ordered(previous) + codes, previous.dtype)
