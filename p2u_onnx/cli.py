@@ -79,14 +79,16 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
     config = QuantConfig(granularity=granularity, block_size=block_size,
                          symmetric=not asymmetric, min_elements=min_elements)
     output = output or model.with_suffix(".p2u")
-    bar = None if quiet else tqdm(total=0, unit="B", unit_scale=True, desc="encode",
-                                  leave=False, file=sys.stderr)
+    bar = None
 
     def progress(done: int, total: int) -> None:
-        if bar is not None:
-            bar.total = total
-            bar.n = done
-            bar.refresh()
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="encode", leave=False,
+                       file=sys.stderr)
+        bar.update(done - bar.n)
 
     try:
         result = do_encode(model, output, plan, config, overwrite=force, progress=progress)

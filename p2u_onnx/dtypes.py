@@ -67,8 +67,6 @@ class DTypeInfo:
         s = np.asarray(s, np.float32)
         if self.name == "float16":
             s = np.clip(s, self.scale_tiny, 65504.0).astype(np.float16).astype(np.float32)
-        elif self.name == "bfloat16":
-            s = _trim_mantissa(s, 7)
         else:
             # float32 scales with 10 mantissa bits: exact, and cheap to entropy-code.
             s = _trim_mantissa(s, 10)
@@ -76,11 +74,11 @@ class DTypeInfo:
 
     def scale_to_storage(self, s: np.ndarray) -> np.ndarray:
         """Scales (float32, already rounded) in the dtype DequantizeLinear reads."""
-        if self.name == "float16":
-            return s.astype(np.float16)
-        if self.name == "bfloat16":
-            return _f32_to_bf16(s)
-        return s.astype(np.float32)
+        return s.astype(self.scale_storage)
+
+    @property
+    def scale_storage(self) -> np.dtype:
+        return np.dtype(np.float16 if self.scale_onnx_type == ONNX_FLOAT16 else np.float32)
 
 
 FLOAT_TYPES: dict[str, DTypeInfo] = {
@@ -88,8 +86,9 @@ FLOAT_TYPES: dict[str, DTypeInfo] = {
                          ONNX_FLOAT, 2.0**-126),
     "float16": DTypeInfo("float16", ONNX_FLOAT16, np.dtype(np.float16), np.dtype(np.float32),
                          ONNX_FLOAT16, 2.0**-14),
+    # onnxruntime has no low-bit DequantizeLinear to bfloat16: float32 scales, then a Cast.
     "bfloat16": DTypeInfo("bfloat16", ONNX_BFLOAT16, np.dtype(np.uint16), np.dtype(np.float32),
-                          ONNX_BFLOAT16, 2.0**-126),
+                          ONNX_FLOAT, 2.0**-126),
     "float64": DTypeInfo("float64", ONNX_DOUBLE, np.dtype(np.float64), np.dtype(np.float64),
                          ONNX_FLOAT, 2.0**-126),
 }

@@ -165,7 +165,22 @@ def encode(
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
-        manifest = _encode_into(m, name, tmp, plan, config, progress)
+        try:
+            manifest = _encode_into(m, name, tmp, plan, config, progress, raise_opset=True)
+        except _OpsetFallback as fb:
+            # Keep the model's opset: INT8 containers, per-channel (or per-tensor) scales.
+            opset = fb.opset
+            if opset < 10:
+                raise UnsupportedModelError(
+                    f"model has opset {opset} (< 10, no DequantizeLinear) and {fb.reason}") from None
+            shutil.rmtree(tmp, ignore_errors=True)
+            tmp.mkdir()
+            m, name = load_model(model)
+            gran = "channel" if opset >= 13 else "tensor"
+            config = dataclasses.replace(config, granularity=gran)
+            manifest = _encode_into(m, name, tmp, plan, config, progress, raise_opset=False,
+                                    note=f"{fb.reason}; fell back to INT8 codes with {gran} "
+                                         f"scales at opset {opset}")
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -182,8 +197,14 @@ def encode(
     return EncodeResult(out, manifest, time.perf_counter() - t0)
 
 
+class _OpsetFallback(Exception):
+    def __init__(self, reason: str, opset: int):
+        super().__init__(reason)
+        self.reason, self.opset = reason, opset
+
+
 def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantConfig,
-                 progress) -> dict[str, Any]:
+                 progress, *, raise_opset: bool, note: str | None = None) -> dict[str, Any]:
     passes.lift_constants(m, config.min_elements)
     selected = passes.select_weights(m, config)
     selected_ids = {id(s.slot.tensor) for s in selected}
@@ -193,11 +214,7 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     want = passes.code_type(plan.base_bits, 99)[1]
     if any(s.layout.mode == "block" for s in selected):
         want = max(want, 21)
-    opset_note = None
-    target_opset = opset0
-    if opset0 < want:
-        target_opset = want
-        # conversion is tried on the base structure below; decide code types then.
+    target_opset = max(opset0, want) if raise_opset else opset0
 
     digest = hashlib.sha256()
     all_bytes = 0
@@ -218,7 +235,7 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     weights_pos = 0
     int_codec = IntPlanesCodec(level=3)
     # Code type is fixed once for the package: INT4/INT2 only when the opset can be raised.
-    ctype = passes.code_type(plan.base_bits, max(target_opset, opset0))[0]
+    ctype = passes.code_type(plan.base_bits, max(target_opset, opset0), config.symmetric)[0]
     try:
         for slot in list(iter_slots(m)):
             t = slot.tensor
@@ -300,11 +317,16 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     # Base: codes + DequantizeLinear, then raise the opset if the code types need it.
     passes.to_base(m, coded, {})
     if target_opset > opset0:
-        why = passes.raise_opset(m, target_opset)
+        why = passes.raise_opset(m, target_opset, {c["slot"].name for c in coded})
         if why is not None:
-            raise UnsupportedModelError(
-                f"cannot raise the model to opset {target_opset} for low-bit codes: {why}")
-    m.ir_version = max(m.ir_version, 10 if ctype != onnx.TensorProto.INT2 else 11)
+            raise _OpsetFallback(why, opset0)
+    need_ir = {onnx.TensorProto.INT4: 10, onnx.TensorProto.UINT4: 10,
+               onnx.TensorProto.INT2: 11, onnx.TensorProto.UINT2: 11}.get(ctype, 0) if coded else 0
+    try:
+        need_ir = max(need_ir, onnx.helper.find_min_ir_version_for(list(m.opset_import), True))
+    except Exception:  # unknown domains: keep what the model says
+        pass
+    m.ir_version = max(m.ir_version, need_ir)
     base_onnx = m.SerializeToString()
     (tmp / "base.onnx").write_bytes(base_onnx)
 
@@ -352,8 +374,8 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
         "tensors": tensors_meta,
         "stages": stages,
     }
-    if opset_note:
-        manifest["notes"] = [opset_note]
+    if note:
+        manifest["notes"] = [note]
     save_manifest(tmp, manifest)
     return manifest
 
@@ -363,7 +385,8 @@ def _track(err, rel, k, wc, prev, info, finite, amax) -> None:
     if not finite.any():
         return
     p = info.to_compute(prev)
-    e = float(np.max(np.abs(np.where(finite, wc - p, 0))))
+    with np.errstate(over="ignore", invalid="ignore"):
+        e = float(np.max(np.abs(np.where(finite, wc - p, 0))))
     err[k] = max(err[k], e)
     if amax > 0:
         rel[k] = max(rel[k], e / amax)

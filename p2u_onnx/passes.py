@@ -16,7 +16,8 @@ from onnx import GraphProto, ModelProto, TensorProto, helper
 
 from .config import QuantConfig
 from .dtypes import FLOAT_TYPES, dtype_info
-from .graph import Consumer, Slot, consumers_by_name, default_opset, iter_slots, set_default_opset
+from .graph import (Consumer, Slot, consumers_by_name, default_opset, iter_containers, iter_slots,
+                    set_default_opset)
 from .quantizers import Layout
 
 __all__ = ["lift_constants", "select_weights", "Selected", "to_base", "raise_opset",
@@ -54,7 +55,8 @@ def lift_constants(model: ModelProto, min_elements: int) -> int:
     nodes were lifted. In place.
     """
     lifted = 0
-    for slot in list(iter_slots(model)):
+    # Deepest containers first: rewriting a parent's node list copies its subgraphs.
+    for slot in sorted(iter_slots(model), key=lambda s: -s.path.count("/")):
         if slot.kind != "constant" or not isinstance(slot.container, GraphProto):
             continue
         if not _float_tensor(slot.tensor) or _numel(slot.tensor) < min_elements:
@@ -135,18 +137,20 @@ def select_weights(model: ModelProto, config: QuantConfig) -> list[Selected]:
     return chosen
 
 
-def code_type(bits: int, opset: int) -> tuple[int, int]:
-    """(ONNX integer type for ``bits``-bit signed codes, opset it needs)."""
+def code_type(bits: int, opset: int, signed: bool = True) -> tuple[int, int]:
+    """(ONNX integer type holding ``bits``-bit codes, the opset it needs)."""
     if bits <= 2 and opset >= 25:
-        return TensorProto.INT2, 25
+        return (TensorProto.INT2 if signed else TensorProto.UINT2), 25
     if bits <= 4 and opset >= 21:
-        return TensorProto.INT4, 21
-    return TensorProto.INT8, 13
+        return (TensorProto.INT4 if signed else TensorProto.UINT4), 21
+    return (TensorProto.INT8 if signed else TensorProto.UINT8), 13
 
 
-def raise_opset(model: ModelProto, target: int) -> str | None:
+def raise_opset(model: ModelProto, target: int, untyped: set[str] = frozenset()) -> str | None:
     """Convert ``model`` (structure only: tensors must be external) to ``target`` opset in place.
 
+    The converter infers value types on the way; inferred types for the names in ``untyped``
+    (outputs of our DequantizeLinear nodes, which it gets wrong for float16) are dropped.
     Returns None on success, else the reason the conversion failed (the model is left as it was).
     """
     current = default_opset(model)
@@ -156,8 +160,21 @@ def raise_opset(model: ModelProto, target: int) -> str | None:
         converted = onnx.version_converter.convert_version(model, target)
     except Exception as e:  # the converter raises plain RuntimeError/ValueError
         return f"opset {current} -> {target} conversion failed: {str(e).splitlines()[0][:200]}"
+    functions = list(model.functions)  # the converter drops model-local functions
     model.CopyFrom(converted)
     set_default_opset(model, target)
+    del model.functions[:]
+    model.functions.extend(functions)
+    for container, _ in iter_containers(model):
+        if isinstance(container, GraphProto):
+            keep = [v for v in container.value_info if v.name not in untyped]
+            if len(keep) != len(container.value_info):
+                del container.value_info[:]
+                container.value_info.extend(keep)
+    for f in model.functions:
+        for o in f.opset_import:
+            if o.domain in ("", "ai.onnx") and o.version < target:
+                o.version = target
     return None
 
 
@@ -171,7 +188,8 @@ def to_base(model: ModelProto, coded: list[dict], base_tensors: dict[str, list])
     by_container: dict[int, list[dict]] = {}
     for c in coded:
         by_container.setdefault(id(c["slot"].container), []).append(c)
-    for items in by_container.values():
+    # Deepest containers first: rewriting a parent's node list copies its subgraphs.
+    for items in sorted(by_container.values(), key=lambda it: -it[0]["slot"].path.count("/")):
         container = items[0]["slot"].container
         new_nodes = []
         drop_inits = set()
@@ -189,7 +207,8 @@ def to_base(model: ModelProto, coded: list[dict], base_tensors: dict[str, list])
                 attrs["axis"] = layout.axis
             elif layout.mode == "block":
                 attrs = {"axis": layout.axis, "block_size": layout.block_size}
-            out = slot.name if info.name != "float64" else f"{stem}_f32"
+            cast = info.scale_onnx_type != info.onnx_type  # float64, bfloat16: DQ to float, Cast
+            out = f"{stem}_f32" if cast else slot.name
             nodes = []
             if isinstance(container, GraphProto):
                 container.initializer.extend(tensors)
@@ -204,9 +223,9 @@ def to_base(model: ModelProto, coded: list[dict], base_tensors: dict[str, list])
                     inputs.append(t.name)
             nodes.append(helper.make_node("DequantizeLinear", inputs, [out],
                                           name=f"{stem}_dq", **attrs))
-            if info.name == "float64":
+            if cast:
                 nodes.append(helper.make_node("Cast", [out], [slot.name],
-                                              to=TensorProto.DOUBLE, name=f"{stem}_cast"))
+                                              to=info.onnx_type, name=f"{stem}_cast"))
             if slot.kind == "constant":
                 container.node.remove(slot.node)
             new_nodes.extend(nodes)

@@ -195,6 +195,19 @@ def quantize_base(
         lo = mn
 
     ratios = _CLIP_RATIOS if clip_search else (1.0,)
+    with np.errstate(over="ignore", invalid="ignore"):
+        codes, scale, zp = _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax)
+    ctype = np.int8 if symmetric else np.uint8
+    return BaseCodes(
+        codes=codes.astype(ctype),
+        scale=scale.astype(np.float32),
+        zero_point=None if zp is None else zp.astype(ctype),
+        bits=bits,
+    )
+
+
+def _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax):
+    """Per block, the clipping ratio with the least squared error: (codes, scale, zero point)."""
     best_err = None
     best = None
     for r in ratios:
@@ -224,14 +237,7 @@ def quantize_base(
             if zp0 is not None:
                 zp0[better] = zp[better]
             best_err = np.where(better, err, best_err)
-    codes, scale, zp = best
-    ctype = np.int8 if symmetric else np.uint8
-    return BaseCodes(
-        codes=codes.astype(ctype),
-        scale=scale.astype(np.float32),
-        zero_point=None if zp is None else zp.astype(ctype),
-        bits=bits,
-    )
+    return best
 
 
 def _codes(x: np.ndarray, scale: np.ndarray, zp, qmin: int, qmax: int) -> np.ndarray:

@@ -84,12 +84,8 @@ def base_codes_of(t: dict[str, Any], base_bin) -> tuple[qz.Layout, qz.BaseCodes]
     count = int(np.prod(shape, dtype=np.int64))
     codes = unpack_codes(_read(base_bin, b["codes"]), b["code_type"], count)
     codes = layout.to_blocks(codes.reshape(shape))
-    sraw = np.frombuffer(_read(base_bin, b["scale"]), info.scale_to_storage(np.zeros(0)).dtype)
-    if info.name == "bfloat16":
-        scale = info.to_compute(sraw)
-    else:
-        scale = sraw.astype(np.float32)
-    scale = layout.scales_to_blocks(scale).astype(np.float32)
+    sraw = np.frombuffer(_read(base_bin, b["scale"]), info.scale_storage)
+    scale = layout.scales_to_blocks(sraw).astype(np.float32)
     zp = None
     if b.get("zero_point") is not None:
         zraw = unpack_codes(_read(base_bin, b["zero_point"]), b["code_type"], layout.n_blocks)

@@ -1,0 +1,75 @@
+"""The p2u command: happy paths, and one-line errors with a non-zero exit (no traceback)."""
+
+import json
+import subprocess
+import sys
+
+import onnx
+import pytest
+from click.testing import CliRunner
+
+import synth
+from p2u_onnx.cli import main
+
+
+@pytest.fixture
+def model(tmp_path):
+    p = tmp_path / "m.onnx"
+    onnx.save(synth.mlp(), str(p))
+    return p
+
+
+def invoke(*args):
+    return CliRunner().invoke(main, [str(a) for a in args])
+
+
+def test_encode_inspect_restore_verify(model, tmp_path):
+    pkg = tmp_path / "m.p2u"
+    r = invoke("encode", model, "-o", pkg, "--stages", "4,8,lossless", "-q")
+    assert r.exit_code == 0, r.output
+    r = invoke("inspect", pkg, "--json")
+    info = json.loads(r.output)
+    assert [s["stage"] for s in info["stages"]] == [0, 1, 2]
+    r = invoke("inspect", pkg)
+    assert "lossless" in r.output and "share" in r.output
+    r = invoke("restore", pkg, "--stage", 1, "-o", tmp_path / "s1.onnx")
+    assert r.exit_code == 0 and (tmp_path / "s1.onnx").exists()
+    onnx.checker.check_model(str(tmp_path / "s1.onnx"))
+    r = invoke("verify", pkg)
+    assert r.exit_code == 0 and "reproduces the source" in r.output
+
+
+@pytest.mark.parametrize("args,needle", [
+    (["encode", "{tmp}/missing.onnx"], "no such file"),
+    (["encode", "{junk}"], "not a readable ONNX model"),
+    (["encode", "{model}", "--stages", "8,4"], "must rise"),
+    (["encode", "{model}", "--stages", "4,banana"], "bad stage"),
+    (["inspect", "{tmp}"], "not a p2u package"),
+    (["restore", "{tmp}/nope.p2u", "-o", "{tmp}/x.onnx"], "not a p2u package"),
+])
+def test_errors_are_one_line(model, tmp_path, args, needle):
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"\x00garbage")
+    args = [a.format(tmp=tmp_path, model=model, junk=junk) for a in args]
+    r = invoke(*args)
+    assert r.exit_code != 0
+    assert needle in r.output and "Traceback" not in r.output
+    assert len(r.output.strip().splitlines()) == 1
+
+
+def test_altered_package_fails_verify(model, tmp_path):
+    pkg = tmp_path / "m.p2u"
+    invoke("encode", model, "-o", pkg, "-q")
+    p = pkg / "stage-1.p2u"
+    data = bytearray(p.read_bytes())
+    data[len(data) // 2] ^= 1
+    p.write_bytes(bytes(data))
+    r = invoke("verify", pkg)
+    assert r.exit_code == 1 and "stage-1.p2u" in r.output
+
+
+def test_demo_runs_as_a_user_would():
+    r = subprocess.run([sys.executable, "-m", "p2u_onnx.cli", "demo"], capture_output=True,
+                       text=True, timeout=120)
+    assert r.returncode == 0, r.stderr
+    assert "identical to the original" in r.stdout

@@ -1,0 +1,65 @@
+"""Stage files: round trip, and every kind of damage is refused with a clear message."""
+
+import pytest
+
+from p2u_onnx.errors import FormatError, IntegrityError
+from p2u_onnx.format import StageWriter, read_stage
+
+
+@pytest.fixture
+def stage_file(tmp_path):
+    w = StageWriter(tmp_path / "stage-1.p2u", "pkg-a", 1)
+    w.add({"kind": "file", "name": "a"}, b"hello")
+    w.add({"kind": "file", "name": "b"}, b"world!" * 100)
+    w.finish()
+    return tmp_path / "stage-1.p2u"
+
+
+def test_round_trip_and_external_data_keys(stage_file):
+    sf = read_stage(stage_file, package_id="pkg-a", stage=1)
+    assert [bytes(sf.data(e)) for e in sf.entries] == [b"hello", b"world!" * 100]
+    e = sf.entries[0]
+    assert e["location"] == "stage-1.p2u" and e["offset"] % 64 == 0 and e["length"] == 5
+    assert read_stage(stage_file.read_bytes()).stage == 1
+
+
+def test_truncated(stage_file):
+    data = stage_file.read_bytes()
+    for cut in (3, 20, len(data) - 1):
+        with pytest.raises(IntegrityError, match="truncated"):
+            read_stage(data[:cut])
+
+
+def test_bit_flip(stage_file):
+    data = bytearray(stage_file.read_bytes())
+    data[-10] ^= 0x01
+    with pytest.raises(IntegrityError, match="digest"):
+        read_stage(bytes(data))
+
+
+def test_foreign_and_out_of_order(stage_file):
+    with pytest.raises(IntegrityError, match="foreign"):
+        read_stage(stage_file, package_id="pkg-b")
+    with pytest.raises(IntegrityError, match="expected stage 2"):
+        read_stage(stage_file, stage=2)
+
+
+def test_not_a_stage_file(tmp_path):
+    p = tmp_path / "x.p2u"
+    p.write_bytes(b"PK\x03\x04 definitely a zip" + bytes(100))
+    with pytest.raises(FormatError, match="not a p2u stage file"):
+        read_stage(p)
+    with pytest.raises(FormatError, match="cannot read"):
+        read_stage(tmp_path / "missing.p2u")
+
+
+def test_manifest_digest_mismatch(stage_file):
+    with pytest.raises(IntegrityError, match="sha256"):
+        read_stage(stage_file, sha256="0" * 64)
+
+
+def test_unknown_version(stage_file):
+    data = bytearray(stage_file.read_bytes())
+    data[8] = 99
+    with pytest.raises(FormatError, match="version 99"):
+        read_stage(bytes(data))
