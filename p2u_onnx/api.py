@@ -13,7 +13,7 @@ import onnx
 from .encoder import weights_digest
 from .errors import FormatError, IntegrityError, P2UError
 from .format import AtomicFile, load_manifest, read_stage, sha256_file, stage_file_name
-from .reconstruct import WeightState, extract_file
+from .reconstruct import WeightState
 
 __all__ = ["restore", "inspect", "verify", "open_stages"]
 
@@ -53,19 +53,15 @@ def open_stages(package: str | os.PathLike, until: int | None = None) -> WeightS
         sf = read_stage(_check_file(package, f), package_id=manifest["package_id"], stage=k,
                         sha256=f["sha256"])
         state.apply(sf)
-        if k == 1:
-            state.graph_bytes = extract_file(sf, "graph.onnx")  # type: ignore[attr-defined]
     return state
 
 
 def _materialize(package: Path, state: WeightState, workdir: Path) -> Path:
     """Write graph.onnx + weights.bin + base.bin into ``workdir``; returns the model path."""
-    (workdir / "graph.onnx").write_bytes(state.graph_bytes)  # type: ignore[attr-defined]
+    (workdir / "graph.onnx").write_bytes(state.graph_bytes or b"")
     state.write_weights(workdir / "weights.bin")
-    try:
-        os.link(package / "base.bin", workdir / "base.bin")
-    except OSError:
-        shutil.copyfile(package / "base.bin", workdir / "base.bin")
+    # a copy, not a hard link: onnx refuses hard-linked external data
+    shutil.copyfile(package / "base.bin", workdir / "base.bin")
     return workdir / "graph.onnx"
 
 

@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,19 +24,20 @@ from onnx import ModelProto, TensorProto, numpy_helper
 
 from . import passes
 from . import quantizers as qz
-from .codecs import IntPlanesCodec, ZstdCodec
+from .codecs import SegmentsCodec, ZstdCodec
 from .config import LOSSLESS, Plan, QuantConfig
 from .dtypes import ONNX_BFLOAT16, dtype_info
 from .errors import P2UError, UnsupportedModelError
 from .format import FORMAT_VERSION, AtomicFile, StageWriter, save_manifest, sha256_file, \
     stage_file_name
 from .graph import check_domains, default_opset, iter_slots
-from .reconstruct import lossless_from, pack_codes, refine_from, weight_from_base
+from .reconstruct import GROUPS, PLANES, code_chunk, pack_codes, workers
 
 __all__ = ["encode", "EncodeResult", "load_model"]
 
 ALIGN = 64
 EXTERNALIZE_BYTES = 4096  # other tensors this big go to base.bin, shared by base and skeleton
+CHUNK_ELEMENTS = 1 << 18  # weights per stage entry: cache-sized, coded on parallel threads
 
 
 @dataclasses.dataclass
@@ -122,14 +124,18 @@ class _BinWriter:
 
     def __init__(self, f):
         self.f, self.pos = f, 0
+        self.segments: list[tuple[int, int, str]] = []
 
-    def add(self, data: bytes) -> list[int]:
+    def add(self, data: bytes, kind: str = "bytes") -> list[int]:
+        """Append ``data``; ``kind`` tells the wire codec how to code it (SegmentsCodec)."""
         pad = (-self.pos) % ALIGN
         if pad:
             self.f.write(b"\0" * pad)
             self.pos += pad
         self.f.write(data)
         span = [self.pos, len(data)]
+        if data:
+            self.segments.append((self.pos, len(data), kind))
         self.pos += len(data)
         return span
 
@@ -221,7 +227,6 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     total = sum(int(np.prod(s.shape)) * dtype_info(s.slot.tensor.data_type).storage.itemsize
                 for s in selected)
     done = 0
-    lossy = [b for b in plan.stages[1:] if b != LOSSLESS]
     n_stages = len(plan.stages)
 
     base_bin = AtomicFile(tmp / "base.bin")
@@ -233,7 +238,8 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     tensors_meta: list[dict[str, Any]] = []
     coded: list[dict] = []
     weights_pos = 0
-    int_codec = IntPlanesCodec(level=3)
+    by_tensor = {id(s.slot.tensor): s for s in selected}
+    pool = ThreadPoolExecutor(workers())
     # Code type is fixed once for the package: INT4/INT2 only when the opset can be raised.
     ctype = passes.code_type(plan.base_bits, max(target_opset, opset0), config.symmetric)[0]
     try:
@@ -246,46 +252,50 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
                 if len(raw) >= EXTERNALIZE_BYTES:
                     passes.set_external(t, "base.bin", bins.add(raw))
                 continue
-            sel = next(s for s in selected if s.slot.tensor is t)
+            sel = by_tensor[id(t)]
             info = dtype_info(t.data_type)
             w = tensor_array(t)
             layout = sel.layout
-            orig_blocks = layout.to_blocks(info.to_compute(w))
-            base = qz.quantize_base(orig_blocks, plan.base_bits, info,
-                                    symmetric=config.symmetric, clip_search=config.clip_search)
-            codes_tensor = layout.from_blocks(base.codes)
+            blocks = layout.to_blocks(w)
+            per = max(1, CHUNK_ELEMENTS // layout.block_len)
+            spans_b = [(i, min(i + per, len(blocks))) for i in range(0, len(blocks), per)]
+            results = list(pool.map(
+                lambda r: code_chunk(blocks[r[0]:r[1]], info, list(plan.stages),
+                                     symmetric=config.symmetric, clip_search=config.clip_search),
+                spans_b))
+            base = qz.BaseCodes(
+                np.concatenate([r.base.codes for r in results]),
+                np.concatenate([r.base.scale for r in results]),
+                None if config.symmetric else np.concatenate([r.base.zero_point for r in results]),
+                plan.base_bits)
             spans = {
-                "codes": bins.add(pack_codes(codes_tensor, ctype)),
+                "codes": bins.add(pack_codes(layout.from_blocks(base.codes), ctype), "symbols"),
                 "scale": bins.add(np.ascontiguousarray(
-                    layout.blocks_to_scales(info.scale_to_storage(base.scale))).tobytes()),
+                    layout.blocks_to_scales(info.scale_to_storage(base.scale))).tobytes(),
+                    f"planes{info.scale_storage.itemsize}"),
                 "zero_point": None if base.zero_point is None else bins.add(
-                    pack_codes(layout.blocks_to_scales(base.zero_point), ctype)),
+                    pack_codes(layout.blocks_to_scales(base.zero_point), ctype), "symbols"),
             }
-            prev = weight_from_base(layout, base, info)
-            wc = info.to_compute(w)
-            finite = np.isfinite(wc)
-            amax = float(np.max(np.abs(wc[finite]))) if finite.any() else 0.0
-            _track(stage_err, stage_rel, 0, wc, prev, info, finite, amax)
+            shift = 0
             for k, bits in enumerate(plan.stages[1:], start=1):
-                wr = writers[k - 1]
-                if bits == LOSSLESS:
-                    codes = qz.lossless_codes(w.reshape(-1), prev.reshape(-1))
-                    wr.add({"kind": "exact", "name": slot.key,
-                            "codec": int_codec.get_config()}, int_codec.encode(codes))
-                    prev = lossless_from(prev, codes)
-                else:
+                if bits != LOSSLESS:
                     shift = int(bits) - plan.base_bits
-                    step = qz.stage_scale(base.scale, shift)
-                    cb = qz.refine_codes(orig_blocks, layout.to_blocks(info.to_compute(prev)), step)
-                    codes = layout.from_blocks(cb)
-                    wr.add({"kind": "refine", "name": slot.key, "shift": shift,
-                            "codec": int_codec.get_config()}, int_codec.encode(codes))
-                    prev = refine_from(layout, info, base.scale, prev, codes, shift)
-                _track(stage_err, stage_rel, k, wc, prev, info, finite, amax)
-            if plan.lossless and not np.array_equal(
-                    np.ascontiguousarray(prev).view(np.uint8),
-                    np.ascontiguousarray(w).view(np.uint8)):
+                codec = GROUPS if bits == LOSSLESS else PLANES
+                for (b0, b1), r in zip(spans_b, results):
+                    writers[k - 1].add({"kind": "exact" if bits == LOSSLESS else "refine",
+                                        "name": slot.key, "blocks": [b0, b1], "shift": shift,
+                                        "codec": codec.get_config()}, r.payloads[k - 1])
+            finite_max = max(r.abs_max for r in results)
+            for k in range(n_stages):
+                e = max(r.max_err[k] for r in results)
+                stage_err[k] = max(stage_err[k], e)
+                if finite_max > 0:
+                    stage_rel[k] = max(stage_rel[k], e / finite_max)
+            if plan.lossless and not all(
+                    _same_bits(r.final, blocks[b0:b1])
+                    for (b0, b1), r in zip(spans_b, results)):
                 raise P2UError(f"internal error: lossless stage does not restore {slot.key}")
+            del results, blocks
             nbytes = w.size * info.storage.itemsize
             weights_pos += (-weights_pos) % ALIGN
             wspan = [weights_pos, nbytes]
@@ -305,6 +315,8 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     except BaseException:
         bf.close()
         raise
+    finally:
+        pool.shutdown()
     base_bin.__exit__(None, None, None)
 
     src_digest = digest.hexdigest()
@@ -333,10 +345,12 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     zstd = ZstdCodec(level=9)
     # Stage 0 on the wire: base.onnx and base.bin, compressed.
     w0 = StageWriter(tmp / stage_file_name(0), package_id, 0)
-    for fname, data in (("base.onnx", base_onnx), ("base.bin", (tmp / "base.bin").read_bytes())):
-        w0.add({"kind": "file", "name": fname, "codec": zstd.get_config(),
+    bin_codec = SegmentsCodec(level=9, segments=tuple(bins.segments))
+    for fname, data, codec in (("base.onnx", base_onnx, zstd),
+                               ("base.bin", (tmp / "base.bin").read_bytes(), bin_codec)):
+        w0.add({"kind": "file", "name": fname, "codec": codec.get_config(),
                 "raw_length": len(data), "sha256": hashlib.sha256(data).hexdigest()},
-               zstd.encode(data))
+               codec.encode(data))
     sizes = [w0.finish()]
     if writers:  # graph.onnx rides with stage 1: the device needs it from then on
         writers[0].add({"kind": "file", "name": "graph.onnx", "codec": zstd.get_config(),
@@ -380,13 +394,6 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     return manifest
 
 
-def _track(err, rel, k, wc, prev, info, finite, amax) -> None:
-    """Record the largest error of stage ``k`` over finite weights."""
-    if not finite.any():
-        return
-    p = info.to_compute(prev)
-    with np.errstate(over="ignore", invalid="ignore"):
-        e = float(np.max(np.abs(np.where(finite, wc - p, 0))))
-    err[k] = max(err[k], e)
-    if amax > 0:
-        rel[k] = max(rel[k], e / amax)
+def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
+    return np.array_equal(np.ascontiguousarray(a).view(np.uint8),
+                          np.ascontiguousarray(b).view(np.uint8))

@@ -45,7 +45,7 @@ __all__ = [
 LayoutMode = Literal["tensor", "channel", "block"]
 
 # Clipping ratios tried per block by the MSE search (1.0 = plain absmax).
-_CLIP_RATIOS = (1.0, 0.95, 0.9, 0.85, 0.8, 0.75, 0.7, 0.65, 0.6)
+_CLIP_RATIOS = (1.0, 0.9, 0.8, 0.7, 0.6)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -195,11 +195,19 @@ def quantize_base(
         lo = mn
 
     ratios = _CLIP_RATIOS if clip_search else (1.0,)
-    with np.errstate(over="ignore", invalid="ignore"):
-        codes, scale, zp = _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax)
+    with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
+        scale, zp = _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax)
+        safe = np.where(scale > 0, scale, np.float32(1))
+        q = np.divide(xf, safe[:, None])
+        if zp is not None:
+            q += zp[:, None]
+        np.rint(q, out=q)
+        np.clip(q, qmin, qmax, out=q)
+        if zp is not None:
+            q[scale <= 0] = zp[scale <= 0, None]
     ctype = np.int8 if symmetric else np.uint8
     return BaseCodes(
-        codes=codes.astype(ctype),
+        codes=q.astype(ctype),
         scale=scale.astype(np.float32),
         zero_point=None if zp is None else zp.astype(ctype),
         bits=bits,
@@ -207,46 +215,38 @@ def quantize_base(
 
 
 def _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax):
-    """Per block, the clipping ratio with the least squared error: (codes, scale, zero point)."""
-    best_err = None
-    best = None
+    """Per block, the clipping ratio with the least squared error: (scale, zero point)."""
+    best_scale = best_zp = best_err = None
+    buf = np.empty_like(xf)
     for r in ratios:
         scale = info.round_scale(np.maximum(base_scale * r, tiny))
         scale = np.where(base_scale > 0, scale, np.float32(0))
-        if symmetric:
-            zp = None
-            codes = _codes(xf, scale, 0.0, qmin, qmax)
-            recon = codes.astype(np.float32) * scale[:, None]
-        else:
+        zp = None
+        if not symmetric:
             safe = np.where(scale > 0, scale, 1).astype(np.float64)
-            zp = np.clip(np.rint(-lo * r / safe), qmin, qmax).astype(np.int32)
-            codes = _codes(xf, scale, zp, qmin, qmax)
-            recon = (codes - zp[:, None]).astype(np.float32) * scale[:, None]
+            zp = np.clip(np.rint(-lo * r / safe), qmin, qmax).astype(np.float32)
         if len(ratios) == 1:
-            best = (codes, scale, zp)
-            break
-        err = np.sum(np.square(recon - xf, dtype=np.float32), axis=1)
-        if best is None:
-            best, best_err = (codes, scale, zp), err
+            return scale, zp
+        inv = np.where(scale > 0, np.float32(1) / np.where(scale > 0, scale, 1), 0)
+        np.multiply(xf, inv[:, None], out=buf)
+        if zp is not None:
+            buf += zp[:, None]
+        np.rint(buf, out=buf)
+        np.clip(buf, qmin, qmax, out=buf)
+        if zp is not None:
+            buf -= zp[:, None]
+        buf *= scale[:, None]
+        buf -= xf
+        err = np.einsum("ij,ij->i", buf, buf)
+        if best_err is None:
+            best_scale, best_zp, best_err = scale, zp, err
             continue
         better = err < best_err
-        if np.any(better):
-            codes0, scale0, zp0 = best
-            codes0[better] = codes[better]
-            scale0[better] = scale[better]
-            if zp0 is not None:
-                zp0[better] = zp[better]
-            best_err = np.where(better, err, best_err)
-    return best
-
-
-def _codes(x: np.ndarray, scale: np.ndarray, zp, qmin: int, qmax: int) -> np.ndarray:
-    safe = np.where(scale > 0, scale, np.float32(1))
-    q = np.rint(x / safe[:, None])
-    if not np.isscalar(zp):
-        q += zp[:, None]
-    q = np.where(scale[:, None] > 0, q, 0 if np.isscalar(zp) else zp[:, None])
-    return np.clip(q, qmin, qmax).astype(np.int32)
+        best_scale = np.where(better, scale, best_scale)
+        if zp is not None:
+            best_zp = np.where(better, zp, best_zp)
+        best_err = np.where(better, err, best_err)
+    return best_scale, best_zp
 
 
 def dequantize_base(base: BaseCodes) -> np.ndarray:
@@ -263,27 +263,40 @@ def stage_scale(base_scale: np.ndarray, shift: int) -> np.ndarray:
 
 
 def refine_codes(original: np.ndarray, previous: np.ndarray, step: np.ndarray) -> np.ndarray:
-    """Integer codes of the residual ``original - previous`` on grid ``step`` (per block).
+    """Codes of the next stage: the residual ``original - previous`` rounded to the grid
+    ``step`` (per block), as int32; 0 where the weight is not finite or the step is 0.
 
-    ``original`` and ``previous`` are ``[n_blocks, block_len]`` float arrays; non-finite
-    originals and zero steps get code 0. Returns int32.
+    A stage ``d`` bits finer than the last needs codes in ``[-2**(d-1), 2**(d-1)]``; only
+    values the base clipped fall outside. The grid keeps 0 (and every earlier grid point), so
+    a weight already exact stays exact and errors never grow from stage to stage.
     """
-    o = np.asarray(original, np.float64)
-    p = np.asarray(previous, np.float64)
-    st = np.asarray(step, np.float64)[:, None]
+    ct = np.float64 if previous.dtype == np.float64 else np.float32
+    st = np.asarray(step, ct)[:, None]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        q = np.rint((o - p) / np.where(st > 0, st, 1.0))
-    q = np.where(np.isfinite(q) & (st > 0), q, 0.0)
-    return np.clip(q, -(2**31 - 1), 2**31 - 1).astype(np.int32)
+        q = np.rint((np.asarray(original, ct) - previous) / np.where(st > 0, st, 1))
+    q = np.where(np.isfinite(q) & (st > 0), q, 0)
+    return np.clip(q, -(2**24), 2**24).astype(np.int32)
 
 
 def apply_refine(
     previous: np.ndarray, codes: np.ndarray, step: np.ndarray, compute_dtype: np.dtype
 ) -> np.ndarray:
-    """``previous + codes * step`` in ``compute_dtype`` (float32, or float64 for fp64 weights)."""
+    """``previous + codes * step`` in ``compute_dtype`` (exact product for codes < 2**13)."""
     ct = np.dtype(compute_dtype)
-    delta = codes.astype(ct) * np.asarray(step, ct)[:, None]
-    return previous.astype(ct, copy=False) + delta
+    out = codes.astype(ct)
+    out *= np.asarray(step, ct)[:, None]
+    out += previous
+    return out
+
+
+def exponent_context(previous: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """Context for the lossless stage (uint8): how many binary orders of magnitude the last
+    grid step spans over the spacing of floats near the current value. Values with the same
+    context need about the same number of bits, so they are coded together.
+    """
+    _, ep = np.frexp(np.abs(previous))
+    _, es = np.frexp(np.asarray(step, previous.dtype))
+    return np.clip(es[:, None].astype(np.int16) - ep + 32, 0, 95).astype(np.uint8)
 
 
 _ORDERED = {2: (np.int16, np.uint16, 0x7FFF), 4: (np.int32, np.uint32, 0x7FFFFFFF),
@@ -298,7 +311,7 @@ def float_to_ordered(x: np.ndarray) -> np.ndarray:
     x = np.ascontiguousarray(x)
     itype, _, mask = _ORDERED[x.dtype.itemsize]
     b = x.view(itype)
-    return (b ^ ((b >> (8 * x.dtype.itemsize - 1)) & itype(mask))).astype(np.int64)
+    return (b ^ ((b >> (8 * x.dtype.itemsize - 1)) & itype(mask))).astype(np.int64, copy=False)
 
 
 def ordered_to_float(k: np.ndarray, dtype: np.dtype) -> np.ndarray:
@@ -310,8 +323,12 @@ def ordered_to_float(k: np.ndarray, dtype: np.dtype) -> np.ndarray:
 
 
 def lossless_codes(original: np.ndarray, previous: np.ndarray) -> np.ndarray:
-    """Ordered-integer difference that turns ``previous`` into ``original`` bit for bit (int64)."""
-    return float_to_ordered(original) - float_to_ordered(previous)
+    """Ordered-integer difference that turns ``previous`` into ``original`` bit for bit
+    (int32 when every difference fits, else int64)."""
+    d = float_to_ordered(original) - float_to_ordered(previous)
+    if d.size and original.dtype.itemsize <= 4 and -(2**31) < d.min() and d.max() < 2**31:
+        return d.astype(np.int32)
+    return d
 
 
 def apply_lossless(previous: np.ndarray, codes: np.ndarray) -> np.ndarray:

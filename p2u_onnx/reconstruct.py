@@ -1,34 +1,47 @@
 """Rebuild weights stage by stage from a package's files (device side: numpy + zstandard).
 
-:class:`WeightState` holds every coded weight as the device has it now. It starts from the base's
-integer codes and scales (read from ``base.bin`` with the offsets in the manifest) and moves one
-stage at a time with :meth:`WeightState.apply`. The encoder runs the very same code to know what
-the device will hold, so both sides agree bit for bit.
+:class:`WeightState` holds every coded weight as the device has it now, in *block order* (see
+:class:`~p2u_onnx.quantizers.Layout`): it starts from the base's integer codes and scales (read
+from ``base.bin`` at the offsets the manifest gives) and moves one stage at a time with
+:meth:`WeightState.apply`. Stage entries cover runs of blocks (``"blocks": [first, end]``), so
+big tensors decode in cache-sized chunks, on several threads.
+
+The encoder calls the same functions (:func:`code_chunk` mirrors :func:`decode_entry`), so both
+sides compute bit-identical weights at every stage.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import hashlib
 import os
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 
 from . import quantizers as qz
-from .codecs import get_codec
+from .codecs import IntGroupsCodec, IntPlanesCodec, get_codec
 from .dtypes import (ONNX_INT2, ONNX_INT4, ONNX_INT8, ONNX_UINT2, ONNX_UINT4, ONNX_UINT8,
                      DTypeInfo, dtype_info)
 from .errors import FormatError, IntegrityError
 from .format import AtomicFile, StageFile
 
-__all__ = ["WeightState", "pack_codes", "unpack_codes", "base_codes_of"]
+__all__ = ["WeightState", "pack_codes", "unpack_codes", "base_codes_of", "extract_file",
+           "code_chunk", "ChunkCode", "workers"]
 
 _CODE_TYPES = {  # onnx type -> (bits per element, signed)
     ONNX_INT8: (8, True), ONNX_UINT8: (8, False),
     ONNX_INT4: (4, True), ONNX_UINT4: (4, False),
     ONNX_INT2: (2, True), ONNX_UINT2: (2, False),
 }
+
+
+def workers() -> int:
+    """Threads for coding work (numpy and zstandard release the GIL)."""
+    return max(1, min(4, os.cpu_count() or 1))
 
 
 def pack_codes(codes: np.ndarray, onnx_type: int) -> bytes:
@@ -38,31 +51,34 @@ def pack_codes(codes: np.ndarray, onnx_type: int) -> bytes:
     if bits == 8:
         return flat.astype(np.int8 if signed else np.uint8).tobytes()
     per = 8 // bits
-    u = flat.astype(np.int16).astype(np.uint8) & ((1 << bits) - 1)
+    u = flat.astype(np.uint8) & ((1 << bits) - 1)
     pad = (-len(u)) % per
     if pad:
         u = np.concatenate([u, np.zeros(pad, np.uint8)])
     u = u.reshape(-1, per)
-    out = np.zeros(len(u), np.uint8)
-    for i in range(per):
+    out = u[:, 0].copy()
+    for i in range(1, per):
         out |= u[:, i] << (bits * i)
     return out.tobytes()
 
 
 def unpack_codes(raw, onnx_type: int, count: int) -> np.ndarray:
-    """Inverse of :func:`pack_codes`; returns int16 values."""
+    """Inverse of :func:`pack_codes`; returns int8 (signed types) or uint8 values."""
     bits, signed = _CODE_TYPES[onnx_type]
     b = np.frombuffer(raw, np.uint8)
     per = 8 // bits
     if len(b) != -(-count // per):
         raise FormatError(f"code buffer holds {len(b)} bytes, expected {-(-count // per)}")
     if bits == 8:
-        return b.view(np.int8 if signed else np.uint8).astype(np.int16)
+        return b.view(np.int8) if signed else b
     mask = (1 << bits) - 1
-    vals = np.stack([(b >> (bits * i)) & mask for i in range(per)], axis=1).reshape(-1)[:count]
-    v = vals.astype(np.int16)
+    v = np.empty((len(b), per), np.uint8)
+    for i in range(per):
+        np.bitwise_and(b >> (bits * i), mask, out=v[:, i])
+    v = v.reshape(-1)[:count]
     if signed:
-        v = np.where(v >= (1 << (bits - 1)), v - (1 << bits), v)
+        shift = 8 - bits
+        return ((v << shift).view(np.int8) >> shift).astype(np.int8)
     return v
 
 
@@ -75,17 +91,22 @@ def _read(base_bin, span: list[int] | None):
     return base_bin[off:off + length]
 
 
+def base_scale_of(t: dict[str, Any], base_bin) -> tuple[qz.Layout, np.ndarray]:
+    """Layout and per-block base scales (float32, block order) of tensor-table entry ``t``."""
+    layout = qz.Layout.from_json(tuple(t["shape"]), t["layout"])
+    info = dtype_info(t["dtype"])
+    sraw = np.frombuffer(_read(base_bin, t["base"]["scale"]), info.scale_storage)
+    if sraw.size != layout.n_blocks:
+        raise FormatError(f"tensor {t['name']}: {sraw.size} scales for {layout.n_blocks} blocks")
+    return layout, layout.scales_to_blocks(sraw).astype(np.float32)
+
+
 def base_codes_of(t: dict[str, Any], base_bin) -> tuple[qz.Layout, qz.BaseCodes]:
     """Base codes and scales of tensor-table entry ``t``, in block order."""
-    shape = tuple(t["shape"])
-    layout = qz.Layout.from_json(shape, t["layout"])
-    info = dtype_info(t["dtype"])
+    layout, scale = base_scale_of(t, base_bin)
     b = t["base"]
-    count = int(np.prod(shape, dtype=np.int64))
-    codes = unpack_codes(_read(base_bin, b["codes"]), b["code_type"], count)
-    codes = layout.to_blocks(codes.reshape(shape))
-    sraw = np.frombuffer(_read(base_bin, b["scale"]), info.scale_storage)
-    scale = layout.scales_to_blocks(sraw).astype(np.float32)
+    codes = unpack_codes(_read(base_bin, b["codes"]), b["code_type"], layout.size)
+    codes = layout.to_blocks(codes.reshape(layout.shape))
     zp = None
     if b.get("zero_point") is not None:
         zraw = unpack_codes(_read(base_bin, b["zero_point"]), b["code_type"], layout.n_blocks)
@@ -93,36 +114,105 @@ def base_codes_of(t: dict[str, Any], base_bin) -> tuple[qz.Layout, qz.BaseCodes]
     return layout, qz.BaseCodes(codes, scale, zp, int(t["bits"]))
 
 
-def weight_from_base(layout: qz.Layout, base: qz.BaseCodes, info: DTypeInfo) -> np.ndarray:
-    """The stage-0 weight in its storage dtype, as DequantizeLinear yields it."""
-    w = qz.dequantize_base(base).astype(info.compute)
-    return info.from_compute(layout.from_blocks(w))
+def base_blocks(base: qz.BaseCodes, info: DTypeInfo) -> np.ndarray:
+    """Stage-0 weights (storage dtype, block order), as DequantizeLinear yields them."""
+    return info.from_compute(qz.dequantize_base(base).astype(info.compute))
 
 
-def refine_from(layout: qz.Layout, info: DTypeInfo, base_scale: np.ndarray,
-                previous: np.ndarray, codes: np.ndarray, shift: int) -> np.ndarray:
-    """Next lossy stage: ``previous + codes * base_scale * 2**-shift`` (storage dtype in and out).
-
-    ``codes`` are in tensor order (as stored in stage files).
-    """
-    step = qz.stage_scale(base_scale, shift)
-    prev_blocks = layout.to_blocks(info.to_compute(previous))
-    new = qz.apply_refine(prev_blocks, layout.to_blocks(codes.reshape(layout.shape)), step,
-                          info.compute)
-    return info.from_compute(layout.from_blocks(new))
+def refine_blocks(info: DTypeInfo, previous: np.ndarray, codes: np.ndarray,
+                  step: np.ndarray) -> np.ndarray:
+    """Next lossy stage of a run of blocks (storage dtype in and out)."""
+    return info.from_compute(qz.apply_refine(info.to_compute(previous), codes, step, info.compute))
 
 
-def lossless_from(previous: np.ndarray, codes: np.ndarray) -> np.ndarray:
+def lossless_context(info: DTypeInfo, previous: np.ndarray, step: np.ndarray) -> np.ndarray:
+    return qz.exponent_context(info.to_compute(previous), step.astype(info.compute))
+
+
+def lossless_blocks(previous: np.ndarray, codes: np.ndarray) -> np.ndarray:
     flat = np.ascontiguousarray(previous).reshape(-1)
     return qz.apply_lossless(flat, codes.reshape(-1)).reshape(previous.shape)
+
+
+@dataclasses.dataclass
+class ChunkCode:
+    """Everything the encoder produces for one run of blocks of one tensor."""
+
+    base: qz.BaseCodes
+    payloads: list[bytes]  # one per stage >= 1
+    max_err: list[float]  # per stage, over finite weights
+    abs_max: float  # largest finite |weight|
+    final: np.ndarray  # what the device holds after the last stage (storage dtype)
+
+
+PLANES = IntPlanesCodec(level=3)
+GROUPS = IntGroupsCodec(level=3)
+
+
+def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symmetric: bool,
+               clip_search: bool) -> ChunkCode:
+    """Code a run of blocks ``xs`` ([n, block_len], storage dtype) through every stage.
+
+    ``stages`` are total bits per stage with ``"lossless"`` allowed last; the decoder's
+    :func:`decode_entry` undoes each payload using the same functions.
+    """
+    xc = info.to_compute(xs)
+    finite = np.isfinite(xc)
+    finite = None if finite.all() else finite
+    base = qz.quantize_base(xc, int(stages[0]), info, symmetric=symmetric,
+                            clip_search=clip_search)
+    prev = base_blocks(base, info)
+    errs = [_max_err(xc, prev, info, finite)]
+    payloads = []
+    step = base.scale
+    for bits in stages[1:]:
+        if bits == "lossless":
+            d = qz.lossless_codes(np.ascontiguousarray(xs).reshape(-1), prev.reshape(-1))
+            payloads.append(GROUPS.encode(d, lossless_context(info, prev, step)))
+            prev = lossless_blocks(prev, d)
+        else:
+            step = qz.stage_scale(base.scale, int(bits) - int(stages[0]))
+            codes = qz.refine_codes(xc, info.to_compute(prev), step)
+            payloads.append(PLANES.encode(codes))
+            prev = refine_blocks(info, prev, codes, step)
+        errs.append(_max_err(xc, prev, info, finite))
+    with np.errstate(invalid="ignore"):
+        a = np.abs(xc if finite is None else xc[finite])
+    return ChunkCode(base, payloads, errs, float(a.max()) if a.size else 0.0, prev)
+
+
+def _max_err(xc, prev, info, finite) -> float:
+    """Largest |error| over finite weights (``finite`` is None when all are finite)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        diff = xc - info.to_compute(prev)
+        if finite is not None:
+            if not finite.any():
+                return 0.0
+            diff = np.where(finite, diff, 0)
+        return float(np.max(np.abs(diff))) if diff.size else 0.0
+
+
+def decode_entry(info: DTypeInfo, scale: np.ndarray, previous: np.ndarray,
+                 entry: dict[str, Any], data) -> np.ndarray:
+    """Apply one stage-file entry to a run of blocks ``previous``; returns the new run."""
+    kind = entry["kind"]
+    step = qz.stage_scale(scale, int(entry.get("shift", 0)))
+    codec = get_codec(entry["codec"])
+    if kind == "refine" and isinstance(codec, IntPlanesCodec):
+        codes = codec.decode(data, previous.size).reshape(previous.shape)
+        return refine_blocks(info, previous, codes, step)
+    if kind == "exact" and isinstance(codec, IntGroupsCodec):
+        codes = codec.decode(data, lossless_context(info, previous, step))
+        return lossless_blocks(previous, codes)
+    raise FormatError(f"entry kind {kind!r} with codec {codec.codec_id!r} is not supported")
 
 
 class WeightState:
     """The coded weights of one package as the device holds them at :attr:`stage`.
 
-    ``base_bin`` is the base's external-data file (path or bytes). Weights are materialized when
-    the first update arrives; :meth:`apply` checks the stage file belongs to this package and is
-    the next stage before touching anything, and replaces weights only once every entry decoded.
+    ``base_bin`` is the base's external-data file (path or bytes). :meth:`apply` checks that a
+    stage file belongs to this package and is the next stage before touching anything, and
+    replaces weights only once every entry decoded.
     """
 
     def __init__(self, manifest: dict[str, Any], base_bin: str | os.PathLike | bytes):
@@ -134,45 +224,72 @@ class WeightState:
             self._base_bin = np.frombuffer(base_bin, np.uint8)
         self.tensors = {t["name"]: t for t in manifest["tensors"]}
         self.stage = 0
-        self._weights: dict[str, np.ndarray] = {}
+        self._blocks: dict[str, np.ndarray] = {}
+        self._scales: dict[str, np.ndarray] = {}
+        self.graph_bytes: bytes | None = None
 
     @property
     def base_bin(self) -> np.ndarray:
         return self._base_bin
 
-    def weight(self, name: str) -> np.ndarray:
-        """Current value of a coded weight (storage dtype; bfloat16 as uint16 bits)."""
-        if name not in self._weights:
+    def _state(self, name: str) -> np.ndarray:
+        if name not in self._blocks:
             t = self.tensors[name]
             layout, base = base_codes_of(t, self._base_bin)
-            self._weights[name] = weight_from_base(layout, base, dtype_info(t["dtype"]))
-        return self._weights[name]
+            self._scales[name] = base.scale
+            self._blocks[name] = base_blocks(base, dtype_info(t["dtype"]))
+        return self._blocks[name]
 
-    def apply(self, stage_file: StageFile,
-              on_tensor: Callable[[str], None] | None = None) -> None:
+    def weight(self, name: str) -> np.ndarray:
+        """Current value of a coded weight, in its shape (storage dtype; bfloat16 as uint16)."""
+        t = self.tensors[name]
+        return qz.Layout.from_json(tuple(t["shape"]), t["layout"]).from_blocks(self._state(name))
+
+    def apply(self, stage_file: StageFile) -> None:
         """Move to the next stage using ``stage_file`` (already read with :func:`read_stage`)."""
         expected = self.stage + 1
+        label = f"stage file {Path(stage_file.name).name}"
         if stage_file.package_id != self.manifest["package_id"]:
-            raise IntegrityError(
-                f"stage file {Path(stage_file.name).name} belongs to another package")
+            raise IntegrityError(f"{label} belongs to another package")
         if stage_file.stage != expected:
-            raise IntegrityError(
-                f"stage file {Path(stage_file.name).name} holds stage {stage_file.stage}, "
-                f"expected stage {expected}")
-        updated: dict[str, np.ndarray] = {}
+            raise IntegrityError(f"{label} holds stage {stage_file.stage}, expected stage "
+                                 f"{expected}")
+        jobs = []
+        fresh: dict[str, np.ndarray] = {}
         for entry in stage_file.entries:
             if entry["kind"] == "file":
                 continue
             name = entry["name"]
-            t = self.tensors.get(name)
-            if t is None:
-                raise FormatError(f"stage {expected} updates unknown tensor {name!r}")
-            updated[name] = decode_entry(t, self._base_bin, self.weight(name), entry,
-                                         stage_file.data(entry))
-            if on_tensor:
-                on_tensor(name)
-        self._weights.update(updated)
+            if name not in self.tensors:
+                raise FormatError(f"{label} updates unknown tensor {name!r}")
+            current = self._state(name)
+            b0, b1 = entry["blocks"]
+            if not 0 <= b0 < b1 <= len(current):
+                raise FormatError(f"{label}: block range {b0}..{b1} out of range for {name}")
+            if name not in fresh:
+                fresh[name] = np.empty_like(current)
+            jobs.append((name, b0, b1, entry))
+        covered = {n: 0 for n in fresh}
+        for name, b0, b1, _ in jobs:
+            covered[name] += b1 - b0
+        for name, n in covered.items():
+            if n != len(self._blocks[name]):
+                raise FormatError(f"{label} does not cover every block of {name}")
+
+        def run(job):
+            name, b0, b1, entry = job
+            t = self.tensors[name]
+            fresh[name][b0:b1] = decode_entry(dtype_info(t["dtype"]), self._scales[name][b0:b1],
+                                              self._blocks[name][b0:b1], entry,
+                                              stage_file.data(entry))
+
+        with ThreadPoolExecutor(workers()) as pool:
+            list(pool.map(run, jobs))
+        self._blocks.update(fresh)
         self.stage = expected
+        for entry in stage_file.entries:
+            if entry["kind"] == "file" and entry["name"] == "graph.onnx":
+                self.graph_bytes = extract_file(stage_file, "graph.onnx")
 
     def iter_weights(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
         for name, t in self.tensors.items():
@@ -186,30 +303,16 @@ class WeightState:
                 off, length = t["weights"]
                 if off > pos:
                     f.write(b"\0" * (off - pos))
-                data = np.ascontiguousarray(w).tobytes()
-                if len(data) != length:
-                    raise FormatError(f"weight {t['name']} has {len(data)} bytes, expected {length}")
-                f.write(data)
+                data = np.ascontiguousarray(w)
+                if data.nbytes != length:
+                    raise FormatError(f"weight {t['name']} has {data.nbytes} bytes, "
+                                      f"expected {length}")
+                f.write(memoryview(data.reshape(-1).view(np.uint8)))
                 pos = off + length
-
-
-def decode_entry(t, base_bin, previous: np.ndarray, entry: dict[str, Any], data) -> np.ndarray:
-    """Apply one stage-file entry to ``previous`` (storage dtype); returns the new weight."""
-    count = int(np.prod(t["shape"], dtype=np.int64))
-    codes = get_codec(entry["codec"]).decode(data, count)
-    if entry["kind"] == "refine":
-        layout, base = base_codes_of(t, base_bin)
-        return refine_from(layout, dtype_info(t["dtype"]), base.scale, previous, codes,
-                           int(entry["shift"]))
-    if entry["kind"] == "exact":
-        return lossless_from(previous, codes)
-    raise FormatError(f"unknown entry kind {entry['kind']!r}")
 
 
 def extract_file(stage_file: StageFile, name: str) -> bytes:
     """Decompress the file entry ``name`` of a stage file and check its sha256."""
-    import hashlib
-
     for entry in stage_file.entries:
         if entry["kind"] == "file" and entry["name"] == name:
             data = get_codec(entry["codec"]).decode(stage_file.data(entry),

@@ -57,7 +57,7 @@ def check_bounds(pkg, src):
             assert np.all(err[fin] <= bound[fin] + tol[fin] + 1e-30), (t["name"], k)
             # the bound shrinks from stage to stage
         errs = [s["max_abs_error"] for s in manifest["stages"]]
-        assert all(a >= b for a, b in zip(errs, errs[1:]))
+        assert all(a >= b for a, b in zip(errs, errs[1:])), errs
 
 
 @pytest.fixture(scope="module")

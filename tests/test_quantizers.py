@@ -8,8 +8,12 @@ from hypothesis.extra import numpy as hnp
 
 from p2u_onnx import quantizers as qz
 from p2u_onnx.dtypes import FLOAT_TYPES, dtype_info
-from p2u_onnx.reconstruct import (lossless_from, pack_codes, refine_from, unpack_codes,
-                                  weight_from_base)
+from p2u_onnx.reconstruct import (base_blocks, code_chunk, lossless_blocks, pack_codes,
+                                  refine_blocks, unpack_codes)
+
+
+def weight_from_base(layout, base, info):
+    return layout.from_blocks(base_blocks(base, info))
 
 shapes = hnp.array_shapes(min_dims=1, max_dims=4, min_side=1, max_side=9)
 
@@ -81,15 +85,16 @@ def test_chain_bounds_and_lossless(dtype, data):
     blocks = layout.to_blocks(info.to_compute(w))
     base = qz.quantize_base(blocks, bits0, info, symmetric=data.draw(st.booleans()),
                             clip_search=data.draw(st.booleans()))
-    prev = weight_from_base(layout, base, info)
+    prev_b = base_blocks(base, info)
     wc = info.to_compute(w).astype(np.float64)
     finite = np.isfinite(wc)
     # the base is finite wherever the weight is finite
-    assert np.all(np.isfinite(info.to_compute(prev))[finite])
+    assert np.all(np.isfinite(info.to_compute(layout.from_blocks(prev_b)))[finite])
     for shift in shifts:
         step = qz.stage_scale(base.scale, shift)
-        codes = layout.from_blocks(qz.refine_codes(blocks, layout.to_blocks(info.to_compute(prev)), step))
-        prev = refine_from(layout, info, base.scale, prev, codes, shift)
+        codes = qz.refine_codes(blocks, info.to_compute(prev_b), step)
+        prev_b = refine_blocks(info, prev_b, codes, step)
+        prev = layout.from_blocks(prev_b)
         p = info.to_compute(prev).astype(np.float64)
         bound = layout.from_blocks(np.repeat(step[:, None].astype(np.float64) / 2,
                                              layout.block_len, axis=1))
@@ -102,9 +107,14 @@ def test_chain_bounds_and_lossless(dtype, data):
         outside = (np.abs(wc) > 1e30) | ((dtype == "float64") & (np.abs(wc) < 2.0**-120))
         ok = (err <= bound + 2 * np.abs(ulp)) | ~finite | outside
         assert ok.all(), (err[~ok], bound[~ok])
-    codes = qz.lossless_codes(np.ascontiguousarray(w).reshape(-1), prev.reshape(-1))
-    exact = lossless_from(prev, codes)
+    xs = layout.to_blocks(w)
+    codes = qz.lossless_codes(np.ascontiguousarray(xs).reshape(-1), prev_b.reshape(-1))
+    exact = layout.from_blocks(lossless_blocks(prev_b, codes))
     np.testing.assert_array_equal(_bits_view(exact), _bits_view(np.ascontiguousarray(w)))
+    # the chunk coder (what the encoder runs) ends on the same bits
+    cc = code_chunk(xs, info, [bits0, bits0 + shifts[0], "lossless"], symmetric=True,
+                    clip_search=True)
+    np.testing.assert_array_equal(_bits_view(cc.final), _bits_view(np.ascontiguousarray(xs)))
 
 
 @pytest.mark.parametrize("ctype", [3, 2, 22, 21, 26, 25])

@@ -1,0 +1,298 @@
+"""Probe: check on the device that a stage really took effect (no silent staleness).
+
+The encoder runs every stage of a package on deterministic synthetic inputs and stores, in
+``probe.npz`` beside the manifest, those inputs and a fixed subsample of every float output per
+stage (:func:`record_probe`). After each patch the runtime runs the same inputs and checks
+(:meth:`Probe.check`) that every sampled output is within the stage's tolerance of the recorded
+values and, where the stages are far enough apart to tell, nearer to stage ``k`` than to stage
+``k - 1`` (in the L2 norm, scaled by the tolerance). Tolerances are ``max(16 x`` the spread
+seen between two onnxruntime configurations (optimizations on/off, thread counts)``, 1e-4 x``
+the output's largest sampled magnitude ``)`` (4e-3 for float16 outputs), so a different CPU or
+thread count passes while weights from the wrong stage do not.
+
+``probe.npz`` holds ``input_<i>`` (or nothing, when the inputs are too big: the device then
+synthesizes them again, checked against ``inputs_sha256``) and ``out_<stage>_<j>`` (float32).
+The manifest entry (``manifest["probe"]``) names the file and carries the tolerances::
+
+    {"path": "probe.npz", "size": ..., "sha256": ..., "int_high": 100,
+     "inputs": ["x"], "inputs_stored": true, "inputs_sha256": "...",
+     "outputs": ["y"], "samples": [4096],
+     "stages": [{"index": 0, "tol": [..]}, {"index": 1, "tol": [..], "gap": 35.2}, ...]}
+
+Device side: numpy only (the runtime passes in its session's ``run``). :func:`record_probe` is
+encoder side and imports onnxruntime and the package readers when called.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import math
+from collections.abc import Callable, Mapping, Sequence
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .errors import IntegrityError, PatchError
+
+__all__ = ["PROBE_NAME", "MAX_SAMPLES", "Probe", "synthesize_inputs", "sample", "record_probe"]
+
+PROBE_NAME = "probe.npz"
+MAX_SAMPLES = 4096  # values kept per output and stage
+MAX_STORED_INPUT_BYTES = 4 << 20  # bigger inputs are synthesized again on the device
+NOISE_FACTOR = 16.0  # tolerance = this x the spread seen between two configurations ...
+REL_FLOOR = {"tensor(float)": 1e-4, "tensor(double)": 1e-4, "tensor(float16)": 4e-3}
+SEPARABLE_GAP = 2.0  # ... and stages closer than this (tolerance-scaled L2) are not told apart
+INT_RANGES = (100, 2, 1)  # integer inputs in [0, n): token ids first, then flags, then zeros
+
+_NUMPY_TYPES: dict[str, type] = {
+    "tensor(float)": np.float32, "tensor(double)": np.float64, "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64, "tensor(int32)": np.int32, "tensor(int16)": np.int16,
+    "tensor(int8)": np.int8, "tensor(uint64)": np.uint64, "tensor(uint32)": np.uint32,
+    "tensor(uint16)": np.uint16, "tensor(uint8)": np.uint8, "tensor(bool)": np.bool_,
+}
+
+
+class ArgInfo(Protocol):
+    """What the probe needs of an input or output description (onnxruntime's ``NodeArg``)."""
+
+    name: str
+    type: str
+    shape: Sequence[int | str | None]
+
+
+def _mix(i: np.ndarray) -> np.ndarray:
+    """splitmix64 of ``i`` (uint64): the same bits on every platform and numpy version."""
+    with np.errstate(over="ignore"):
+        z = i * np.uint64(0x9E3779B97F4A7C15) + np.uint64(0x632BE59BD9B4E019)
+        z = (z ^ (z >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        z = (z ^ (z >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        return z ^ (z >> np.uint64(31))
+
+
+def synthesize_inputs(inputs: Sequence[ArgInfo], int_high: int = 100) -> dict[str, np.ndarray]:
+    """Deterministic probe inputs from input descriptions.
+
+    Symbolic or unknown dimensions become 1. Floats are spread over [-1, 1), integers over
+    [0, ``int_high``) (token ids), booleans alternate. Raises ``ValueError`` for input types
+    the probe cannot make (strings, sequences, maps, bfloat16).
+
+    >>> synthesize_inputs(session.get_inputs())  # doctest: +SKIP
+    """
+    feed: dict[str, np.ndarray] = {}
+    for j, arg in enumerate(inputs):
+        dtype = _NUMPY_TYPES.get(arg.type)
+        if dtype is None:
+            raise ValueError(f"input {arg.name!r} of type {arg.type} cannot be synthesized")
+        shape = tuple(d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape)
+        n = math.prod(shape)
+        bits = _mix(np.arange(n, dtype=np.uint64) + np.uint64((j + 1) << 40))
+        if np.issubdtype(dtype, np.floating):
+            unit = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
+            values = (unit * 2.0 - 1.0).astype(dtype)
+        elif dtype is np.bool_:
+            values = (bits & np.uint64(1)).astype(np.bool_)
+        else:
+            values = (bits % np.uint64(max(1, int_high))).astype(dtype)
+        feed[arg.name] = values.reshape(shape)
+    return feed
+
+
+def sample(values: np.ndarray) -> np.ndarray:
+    """A fixed subsample of at most :data:`MAX_SAMPLES` values (float32), spread evenly."""
+    flat = np.asarray(values).reshape(-1)
+    m = min(flat.size, MAX_SAMPLES)
+    idx = np.arange(m, dtype=np.int64) * flat.size // max(m, 1)
+    return flat[idx].astype(np.float32)
+
+
+def feed_digest(feed: Mapping[str, np.ndarray]) -> str:
+    h = hashlib.sha256()
+    for name in sorted(feed):
+        a = np.ascontiguousarray(feed[name])
+        h.update(f"{name}|{a.dtype.str}|{a.shape}|".encode())
+        h.update(a.tobytes())
+    return h.hexdigest()
+
+
+RunFn = Callable[[list[str], dict[str, np.ndarray]], Sequence[Any]]
+
+
+class Probe:
+    """The recorded probe of a package, ready to check a session (device side).
+
+    ``entry`` is ``manifest["probe"]`` and ``data`` the bytes of ``probe.npz`` (checked here
+    against the entry's sha256). Raises :class:`IntegrityError` when they do not match.
+    """
+
+    def __init__(self, entry: Mapping[str, Any], data: bytes,
+                 inputs: Sequence[ArgInfo] | None = None):
+        if hashlib.sha256(data).hexdigest() != entry.get("sha256"):
+            raise IntegrityError(f"{entry.get('path', PROBE_NAME)}: sha256 does not match the "
+                                 "manifest (corrupt or altered)")
+        self.entry = entry
+        self.outputs: list[str] = list(entry["outputs"])
+        self.stages = {int(s["index"]): s for s in entry["stages"]}
+        with np.load(io.BytesIO(data), allow_pickle=False) as z:
+            self._expected = {k: z[k] for k in z.files if k.startswith("out_")}
+            if entry.get("inputs_stored", True):
+                self.feed = {name: z[f"input_{i}"] for i, name in enumerate(entry["inputs"])}
+            else:
+                self.feed = {}
+        if not entry.get("inputs_stored", True):
+            if inputs is None:
+                raise IntegrityError("probe inputs are not stored; input descriptions needed")
+            self.feed = synthesize_inputs(inputs, int(entry.get("int_high", 100)))
+        if feed_digest(self.feed) != entry.get("inputs_sha256"):
+            raise IntegrityError("probe inputs differ from the recorded ones (corrupt probe, "
+                                 "or inputs synthesized differently)")
+
+    def expected(self, stage: int) -> list[np.ndarray]:
+        return [self._expected[f"out_{stage}_{j}"] for j in range(len(self.outputs))]
+
+    def check(self, run: RunFn, stage: int) -> None:
+        """Run the probe through ``run`` and raise :class:`PatchError` unless it shows ``stage``."""
+        if stage not in self.stages:
+            return
+        tol = np.asarray(self.stages[stage]["tol"], np.float64)
+        got = [sample(np.asarray(v)).astype(np.float64)
+               for v in run(list(self.outputs), dict(self.feed))]
+        want = [e.astype(np.float64) for e in self.expected(stage)]
+        for name, g, w, t in zip(self.outputs, got, want, tol):
+            if g.shape != w.shape:
+                raise PatchError(f"stage {stage}: probe output {name!r} has {g.size} sampled "
+                                 f"values, expected {w.size}")
+            err = float(np.max(np.abs(g - w), initial=0.0))
+            if not err <= t:
+                raise PatchError(
+                    f"stage {stage} did not take effect: probe output {name!r} is {err:.3g} "
+                    f"away from the recorded stage-{stage} values (tolerance {t:.3g})")
+        gap = self.stages[stage].get("gap")
+        if gap is not None and gap >= SEPARABLE_GAP and stage - 1 in self.stages:
+            prev = [e.astype(np.float64) for e in self.expected(stage - 1)]
+            d_new = sum(float(np.sum(((g - w) / t) ** 2)) for g, w, t in zip(got, want, tol))
+            d_old = sum(float(np.sum(((g - p) / t) ** 2)) for g, p, t in zip(got, prev, tol))
+            if not d_new < d_old:
+                raise PatchError(f"stage {stage} did not take effect: probe outputs are nearer "
+                                 f"to stage {stage - 1} than to stage {stage} (stale weights)")
+
+
+# ---------------------------------------------------------------- encoder side
+
+
+def _tolerance(values: np.ndarray, noise: float, out_type: str) -> float:
+    scale = float(np.max(np.abs(values), initial=0.0))
+    tol = max(NOISE_FACTOR * noise, REL_FLOOR[out_type] * scale)
+    return tol if tol > 0 else float(np.finfo(np.float32).tiny)
+
+
+def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+    """Record ``probe.npz`` in ``package_dir``; returns the manifest entry, or None.
+
+    Runs every stage in onnxruntime (CPU, default options; stage 0 with exact low-bit MatMuls)
+    on :func:`synthesize_inputs`, and each later stage once more with optimizations off, one
+    thread and no prepacking to measure how much results move between configurations. Returns
+    None when the model cannot be probed: unsupported input types, no float outputs, a failure
+    on the synthetic inputs, or non-finite outputs.
+    """
+    import shutil
+    import tempfile
+
+    import onnxruntime as ort
+
+    from .api import _materialize
+    from .format import atomic_write_bytes, read_stage, sha256_file
+    from .reconstruct import WeightState, extract_file
+
+    pkg = Path(package_dir)
+    providers = ["CPUExecutionProvider"]
+    exact = ort.SessionOptions()
+    exact.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain.intra_op_num_threads = 1
+    plain.add_session_config_entry("session.disable_prepacking", "1")
+
+    try:
+        base = ort.InferenceSession(str(pkg / "base.onnx"), exact, providers=providers)
+    except Exception:
+        return None
+    outs = [o for o in base.get_outputs() if o.type in REL_FLOOR]
+    if not outs:
+        return None
+    names = [o.name for o in outs]
+    types = [o.type for o in outs]
+
+    feed: dict[str, np.ndarray] | None = None
+    int_high = INT_RANGES[0]
+    for int_high in INT_RANGES:
+        try:
+            candidate = synthesize_inputs(base.get_inputs(), int_high)
+            first = [sample(v) for v in base.run(names, candidate)]
+        except ValueError:
+            return None
+        except Exception:
+            continue
+        if all(np.all(np.isfinite(v)) for v in first):
+            feed = candidate
+            break
+    if feed is None:
+        return None
+    del base
+
+    samples: list[list[np.ndarray]] = [first]
+    tols: list[list[float]] = [[_tolerance(v, 0.0, t) for v, t in zip(first, types)]]
+    try:
+        state = WeightState(manifest, pkg / "base.bin")
+        with tempfile.TemporaryDirectory(prefix="p2u-probe-") as tmp:
+            for k in range(1, len(manifest["stages"])):
+                f = manifest["stages"][k]["files"][0]
+                sf = read_stage(pkg / f["path"], package_id=manifest["package_id"], stage=k,
+                                sha256=f["sha256"])
+                state.apply(sf)
+                if k == 1:
+                    state.graph_bytes = extract_file(sf, "graph.onnx")  # type: ignore[attr-defined]
+                d = Path(tmp) / f"stage-{k}"
+                d.mkdir()
+                model = _materialize(pkg, state, d)
+                a = ort.InferenceSession(str(model), providers=providers)
+                ya = [sample(v) for v in a.run(names, feed)]
+                del a
+                b = ort.InferenceSession(str(model), plain, providers=providers)
+                yb = [sample(v) for v in b.run(names, feed)]
+                del b
+                if not all(np.all(np.isfinite(v)) for v in ya + yb):
+                    return None
+                samples.append(ya)
+                tols.append([_tolerance(x, float(np.max(np.abs(x - y), initial=0.0)), t)
+                             for x, y, t in zip(ya, yb, types)])
+                shutil.rmtree(d, ignore_errors=True)
+    except Exception:
+        return None
+
+    stored = sum(v.nbytes for v in feed.values()) <= MAX_STORED_INPUT_BYTES
+    arrays: dict[str, np.ndarray] = {}
+    input_names = list(feed)
+    if stored:
+        arrays.update({f"input_{i}": feed[n] for i, n in enumerate(input_names)})
+    for k, ys in enumerate(samples):
+        arrays.update({f"out_{k}_{j}": y for j, y in enumerate(ys)})
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    path = pkg / PROBE_NAME
+    atomic_write_bytes(path, buf.getvalue())
+
+    stages: list[dict[str, Any]] = []
+    for k, ys in enumerate(samples):
+        st: dict[str, Any] = {"index": k, "tol": tols[k]}
+        if k:
+            st["gap"] = math.sqrt(sum(float(np.sum(((a.astype(np.float64) - b) / t) ** 2))
+                                      for a, b, t in zip(ys, samples[k - 1], tols[k])))
+        stages.append(st)
+    return {
+        "path": PROBE_NAME, "size": path.stat().st_size, "sha256": sha256_file(path),
+        "int_high": int_high, "inputs": input_names, "inputs_stored": stored,
+        "inputs_sha256": feed_digest(feed), "outputs": names,
+        "samples": [int(v.size) for v in first], "stages": stages,
+    }

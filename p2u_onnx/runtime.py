@@ -1,0 +1,595 @@
+"""Serve a p2u package in onnxruntime and upgrade it stage by stage while it answers.
+
+Device side: needs numpy, onnxruntime and zstandard only (never onnx or the encoder).
+
+:class:`ProgressiveSession` starts on the base (stage 0: ``base.onnx`` + ``base.bin``, loaded by
+path, as fast as plain onnxruntime loads it) and moves to stage ``k`` when :meth:`apply` gets the
+next stage file, or :meth:`upgrade` reads them from the package. Each stage file is checked
+against the manifest before anything changes; after the patch a recorded probe (see
+:mod:`p2u_onnx.probe`) must show the new stage, or :class:`PatchError` is raised. On any error
+the session keeps serving its last good stage.
+
+Two strategies:
+
+``swap`` (default)
+    Stage ``k`` is written to its own directory of the work dir (``graph.onnx``, ``weights.bin``
+    of stage ``k``, a hard link of ``base.bin``) and a new session is loaded from it by path
+    with the caller's options. The reference to the live session is then swapped; runs in
+    flight finish on the old session, which is dropped (and its directory deleted) when the last
+    of them returns. Every onnxruntime optimization is kept.
+``inplace``
+    For memory-tight devices. Stage 1 builds one float session with optimizations off and
+    prepacking off whose coded weights are numpy buffers owned here (``add_initializer``);
+    each later stage is decoded aside, then copied into those buffers while a writer lock keeps
+    ``run()`` out. Needs the CPU provider; a package whose coded weights ``add_initializer``
+    cannot reach (Constant nodes inside functions, names shared across scopes) falls back to
+    ``swap`` (see :attr:`ProgressiveSession.strategy`).
+
+``run()`` is thread-safe; its result comes entirely from one stage.
+
+The work dir holds ``base/`` (the base unpacked from ``stage-0.p2u`` when the package has no
+usable ``base.onnx``; kept as a cache in a caller's work dir) and one ``session-*`` directory per
+session with its stage directories, removed on :meth:`ProgressiveSession.close`.
+"""
+
+from __future__ import annotations
+
+import concurrent.futures as cf
+import hashlib
+import os
+import shutil
+import tempfile
+import threading
+import weakref
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+import onnxruntime as ort
+
+from ._rwlock import RWLock
+from .dtypes import FLOAT_TYPES, dtype_info
+from .errors import FormatError, IntegrityError, P2UError, PatchError
+from .format import StageFile, atomic_write_bytes, load_manifest, parse_manifest, read_stage, \
+    sha256_file
+from .probe import Probe
+from .reconstruct import WeightState, extract_file
+
+__all__ = ["ProgressiveSession", "StageSource", "DirectorySource", "BytesSource", "open_stage"]
+
+StageInput = str | os.PathLike | bytes | bytearray | memoryview
+
+CPU = "CPUExecutionProvider"
+# Providers that run on host memory, where in-place writes to weight buffers are seen.
+_HOST_PROVIDERS = {CPU, "AzureExecutionProvider"}
+_BASE_FILES = ("base.onnx", "base.bin")
+# SessionOptions fields carried over to the inplace float session (it cannot copy the object).
+_COPIED_OPTIONS = ("enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reuse",
+                   "enable_profiling", "execution_mode", "execution_order",
+                   "inter_op_num_threads", "intra_op_num_threads", "log_severity_level",
+                   "log_verbosity_level", "logid", "profile_file_prefix",
+                   "use_deterministic_compute", "use_per_session_threads")
+_COPIED_CONFIG = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning",
+                  "session.set_denormal_as_zero", "session.intra_op_thread_affinities",
+                  "session.use_env_allocators", "session.x64quantprecision")
+
+
+# ---------------------------------------------------------------- sources
+
+
+class StageSource(Protocol):
+    """Where a session gets its package: the manifest, the base, stage files, the probe.
+
+    :class:`DirectorySource` reads a package directory, :class:`BytesSource` starts from the
+    manifest and the bytes of ``stage-0.p2u``; a transport can implement the same four members.
+    """
+
+    manifest: dict[str, Any]
+
+    def base_files(self, workdir: Path) -> tuple[Path, Path]:
+        """Checked ``base.onnx`` and ``base.bin``, side by side, ready to load by path."""
+        ...
+
+    def fetch(self, stage: int) -> StageInput:
+        """Path or bytes of stage file ``stage`` (checked by the session)."""
+        ...
+
+    def probe_bytes(self) -> bytes | None:
+        """Bytes of the probe file named by ``manifest["probe"]``, or None."""
+        ...
+
+
+def _check_digest(path: Path, f: dict[str, Any]) -> None:
+    size = path.stat().st_size
+    if size != f["size"]:
+        raise IntegrityError(f"{path}: {size} bytes, the manifest says {f['size']} (truncated "
+                             "or altered)")
+    if sha256_file(path) != f["sha256"]:
+        raise IntegrityError(f"{path}: sha256 does not match the manifest (altered)")
+
+
+def _base_entries(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
+    return {Path(f["path"]).name: f for f in manifest["base_model"]["files"]}
+
+
+def open_stage(source: StageInput, manifest: dict[str, Any], expected: int) -> StageFile:
+    """Read stage file ``source`` and check it is stage ``expected`` of ``manifest``'s package.
+
+    The whole file must match the manifest's sha256. When it does not, the error says why:
+    truncated, corrupt, foreign (another package), already applied (repeated) or out of order.
+    """
+    stages = manifest["stages"]
+    pid = manifest["package_id"]
+    want = stages[expected]["files"][0]["sha256"] if 0 <= expected < len(stages) else None
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        digest = hashlib.sha256(source).hexdigest()
+    else:
+        try:
+            digest = sha256_file(source)
+        except OSError as e:
+            raise FormatError(f"cannot read stage file {source}: {e.strerror or e}") from e
+    if digest == want:
+        return read_stage(source, package_id=pid, stage=expected, verify_payload=False)
+    try:
+        sf = read_stage(source)
+    except IntegrityError:
+        raise
+    except FormatError as e:
+        raise IntegrityError(f"{e} (expected stage {expected} of package {pid[:12]})") from e
+    label = f"stage file {Path(sf.name).name}"
+    if sf.package_id != pid:
+        raise IntegrityError(f"{label} belongs to package {sf.package_id[:12]}, not "
+                             f"{pid[:12]} (foreign stage file)")
+    if sf.stage < expected:
+        raise IntegrityError(f"{label} holds stage {sf.stage}, which is already applied "
+                             f"(repeated stage file); the next stage is {expected}")
+    if want is None:
+        raise IntegrityError(f"{label} holds stage {sf.stage}, but the package has only "
+                             f"stages 0..{len(stages) - 1}")
+    if sf.stage > expected:
+        raise IntegrityError(f"{label} holds stage {sf.stage}, expected stage {expected} "
+                             "(out of order: apply stages one after another)")
+    raise IntegrityError(f"{label}: sha256 does not match the manifest (altered)")
+
+
+def extract_base(stage0: StageInput, manifest: dict[str, Any], workdir: Path) -> tuple[Path, Path]:
+    """Unpack ``base.onnx`` and ``base.bin`` from stage 0 into ``workdir/base`` (a cache)."""
+    d = Path(workdir) / "base"
+    entries = _base_entries(manifest)
+    paths = tuple(d / n for n in _BASE_FILES)
+    try:
+        for p in paths:
+            _check_digest(p, entries[p.name])
+        return paths  # type: ignore[return-value]
+    except (OSError, IntegrityError):
+        pass
+    sf = open_stage(stage0, manifest, 0)
+    for p in paths:
+        data = extract_file(sf, p.name)
+        if hashlib.sha256(data).hexdigest() != entries[p.name]["sha256"]:
+            raise IntegrityError(f"{p.name} inside stage 0 does not match the manifest")
+        atomic_write_bytes(p, data)
+    return paths  # type: ignore[return-value]
+
+
+class DirectorySource:
+    """A package directory (``manifest.json``, ``stage-*.p2u``, optionally ``base.*``)."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.manifest = load_manifest(self.path)
+
+    def base_files(self, workdir: Path) -> tuple[Path, Path]:
+        entries = _base_entries(self.manifest)
+        paths = tuple(self.path / n for n in _BASE_FILES)
+        if all(p.is_file() for p in paths):
+            for p in paths:
+                _check_digest(p, entries[p.name])
+            return paths  # type: ignore[return-value]
+        return extract_base(self.fetch(0), self.manifest, workdir)
+
+    def fetch(self, stage: int) -> StageInput:
+        n = len(self.manifest["stages"])
+        if not 0 <= stage < n:
+            raise P2UError(f"stage {stage} does not exist: {self.path} has stages 0..{n - 1}")
+        p = self.path / self.manifest["stages"][stage]["files"][0]["path"]
+        if not p.is_file():
+            raise IntegrityError(f"{p}: missing from the package")
+        return p
+
+    def probe_bytes(self) -> bytes | None:
+        entry = self.manifest.get("probe")
+        if not entry:
+            return None
+        try:
+            return (self.path / entry["path"]).read_bytes()
+        except OSError as e:
+            raise IntegrityError(f"{self.path / entry['path']}: cannot read the probe "
+                                 f"({e.strerror or e})") from e
+
+
+class BytesSource:
+    """A package known by its manifest and the bytes of ``stage-0.p2u``.
+
+    Later stages come through :meth:`ProgressiveSession.apply`, or from ``fetch(stage)`` when
+    given (what a transport passes).
+    """
+
+    def __init__(self, manifest: dict[str, Any] | bytes, stage0: StageInput, *,
+                 probe: bytes | None = None,
+                 fetch: Callable[[int], StageInput] | None = None):
+        self.manifest = manifest if isinstance(manifest, dict) else parse_manifest(manifest)
+        self._stage0 = stage0
+        self._probe = probe
+        self._fetch = fetch
+
+    def base_files(self, workdir: Path) -> tuple[Path, Path]:
+        return extract_base(self._stage0, self.manifest, workdir)
+
+    def fetch(self, stage: int) -> StageInput:
+        if self._fetch is None:
+            raise P2UError("this session has no way to fetch stages: pass each stage file "
+                           "to apply()")
+        return self._fetch(stage)
+
+    def probe_bytes(self) -> bytes | None:
+        return self._probe
+
+
+# ---------------------------------------------------------------- weights on disk and in memory
+
+
+def _link_or_copy(src: Path, dst: Path) -> None:
+    try:
+        os.link(src, dst)
+    except OSError:
+        shutil.copyfile(src, dst)
+
+
+def write_weights(state: WeightState, path: Path) -> None:
+    """``weights.bin`` of ``state``'s stage (holes between tensors; no fsync: a private cache)."""
+    with open(path, "wb") as f:
+        for t, w in state.iter_weights():
+            off, length = t["weights"]
+            data = np.ascontiguousarray(w)
+            if data.nbytes != length:
+                raise FormatError(f"weight {t['name']} has {data.nbytes} bytes, expected {length}")
+            f.seek(off)
+            f.write(data.reshape(-1).view(np.uint8).data)
+        f.truncate(_weights_size(state.manifest))
+
+
+def _weights_size(manifest: dict[str, Any]) -> int:
+    return max((t["weights"][0] + t["weights"][1] for t in manifest["tensors"]), default=0)
+
+
+# WeightState replaces its arrays on apply and never writes into them, so a shallow copy of its
+# attributes (dicts copied one level) is a checkpoint an apply can be rolled back to.
+def _checkpoint(state: WeightState) -> dict[str, Any]:
+    return {k: dict(v) if isinstance(v, dict) else v for k, v in vars(state).items()}
+
+
+def _rollback(state: WeightState, cp: dict[str, Any]) -> None:
+    for k, v in cp.items():
+        setattr(state, k, dict(v) if isinstance(v, dict) else v)
+
+
+def _fill(buffer: np.ndarray, values: np.ndarray) -> None:
+    """Write ``values`` into a weight buffer a live session reads."""
+    np.copyto(buffer, values)
+
+
+def _inplace_ready(manifest: dict[str, Any]) -> bool:
+    """Whether ``add_initializer`` reaches every coded weight by its name."""
+    return all(t["kind"] == "initializer" and t["name"] == t["tensor"]
+               and t["dtype"] in FLOAT_TYPES for t in manifest["tensors"])
+
+
+def _cpu_only(providers: Sequence[Any] | None) -> bool:
+    names = ort.get_available_providers() if providers is None else \
+        [p[0] if isinstance(p, tuple) else p for p in providers]
+    return set(names) <= _HOST_PROVIDERS
+
+
+def _inplace_options(user: ort.SessionOptions | None) -> ort.SessionOptions:
+    """Fresh options like ``user``'s, with optimizations and prepacking off."""
+    so = ort.SessionOptions()
+    if user is not None:
+        for name in _COPIED_OPTIONS:
+            setattr(so, name, getattr(user, name))
+        for key in _COPIED_CONFIG:
+            try:
+                so.add_session_config_entry(key, user.get_session_config_entry(key))
+            except RuntimeError:
+                pass
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
+def _ortvalue(buf: np.ndarray, dtype: str) -> ort.OrtValue:
+    if dtype == "bfloat16":
+        return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(buf, FLOAT_TYPES[dtype].onnx_type)
+    return ort.OrtValue.ortvalue_from_numpy(buf)
+
+
+# ---------------------------------------------------------------- the session
+
+
+@dataclass(eq=False)
+class _Live:
+    """One onnxruntime session serving one stage, and what it needs to stay valid."""
+
+    session: Any
+    stage: int
+    directory: Path | None = None
+    buffers: dict[str, np.ndarray] = field(default_factory=dict)  # inplace: weight buffers
+    values: list[Any] = field(default_factory=list)  # inplace: their OrtValues, kept alive
+    users: int = 0  # run() calls in flight
+
+
+class ProgressiveSession:
+    """An onnxruntime session over a p2u package that upgrades itself stage by stage.
+
+    ``source`` is a package directory or a :class:`StageSource`. ``sess_options`` and
+    ``providers`` are passed to onnxruntime as for ``InferenceSession``; ``strategy`` is
+    ``"swap"`` or ``"inplace"`` (see the module docs). ``workdir`` is a directory for unpacked
+    files (default: a temporary directory removed on :meth:`close`). ``on_stage(k)`` is called
+    after stage ``k >= 1`` became active, in the thread that applied it. ``verify=False`` skips
+    the probe check (e.g. on providers whose numerics differ from the CPU's).
+
+    >>> with ProgressiveSession("model.p2u") as s:  # doctest: +SKIP
+    ...     y = s.run(None, {"x": x})               # stage 0 answers at once
+    ...     s.upgrade().result()                    # every stage, in the background
+    ...     y = s.run(None, {"x": x})               # final stage
+    """
+
+    def __init__(self, source: str | os.PathLike | StageSource,
+                 sess_options: ort.SessionOptions | None = None,
+                 providers: Sequence[Any] | None = None, strategy: str = "swap",
+                 workdir: str | os.PathLike | None = None,
+                 on_stage: Callable[[int], None] | None = None, *, verify: bool = True):
+        if strategy not in ("swap", "inplace"):
+            raise ValueError(f"strategy must be 'swap' or 'inplace', not {strategy!r}")
+        self._source: StageSource = DirectorySource(source) \
+            if isinstance(source, (str, os.PathLike)) else source
+        self._manifest = self._source.manifest
+        if strategy == "inplace" and not _cpu_only(providers):
+            raise P2UError("the inplace strategy needs the CPU execution provider only; "
+                           "use strategy='swap' with other providers")
+        self._strategy = "inplace" if strategy == "inplace" and _inplace_ready(self._manifest) \
+            else "swap"
+        self._options = sess_options
+        self._providers = providers
+        self._on_stage = on_stage
+        self._cond = threading.Condition(threading.Lock())
+        self._rw = RWLock()
+        self._apply_lock = threading.RLock()
+        self._executor: cf.ThreadPoolExecutor | None = None
+        self._closing = self._closed = False
+        if workdir is None:
+            self._workdir = Path(tempfile.mkdtemp(prefix="p2u-"))
+            self._dir = self._workdir
+        else:
+            self._workdir = Path(workdir)
+            self._workdir.mkdir(parents=True, exist_ok=True)
+            self._dir = Path(tempfile.mkdtemp(prefix="session-", dir=self._workdir))
+        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
+        try:
+            base_onnx, self._base_bin = self._source.base_files(self._workdir)
+            session = ort.InferenceSession(str(base_onnx), sess_options, providers=providers)
+            probe = self._source.probe_bytes() if verify else None
+            self._probe = None if probe is None else \
+                Probe(self._manifest["probe"], probe, session.get_inputs())
+            self._state = WeightState(self._manifest, self._base_bin)
+        except BaseException:
+            self._cleanup()
+            raise
+        self._live = _Live(session, 0)
+
+    # -- what InferenceSession offers
+
+    def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any],
+            run_options: ort.RunOptions | None = None) -> list[Any]:
+        """As ``InferenceSession.run``; the whole result comes from one stage."""
+        with self._rw.read():
+            live = self._enter()
+            try:
+                return live.session.run(output_names, input_feed, run_options)
+            finally:
+                self._leave(live)
+
+    def get_inputs(self) -> list[Any]:
+        return self._current().session.get_inputs()
+
+    def get_outputs(self) -> list[Any]:
+        return self._current().session.get_outputs()
+
+    def get_modelmeta(self) -> Any:
+        return self._current().session.get_modelmeta()
+
+    def get_providers(self) -> list[str]:
+        return self._current().session.get_providers()
+
+    # -- stages
+
+    @property
+    def stage(self) -> int:
+        """The stage whose weights ``run()`` uses now."""
+        return self._live.stage
+
+    @property
+    def stages(self) -> int:
+        """How many stages the package has (stage 0 included)."""
+        return len(self._manifest["stages"])
+
+    @property
+    def strategy(self) -> str:
+        """The strategy in use: ``"swap"`` when ``"inplace"`` was asked but cannot be used."""
+        return self._strategy
+
+    @property
+    def manifest(self) -> dict[str, Any]:
+        return self._manifest
+
+    def apply(self, stage: StageInput) -> int:
+        """Apply the next stage file (path or bytes); returns the new stage index.
+
+        Raises :class:`IntegrityError` for a file that is not the next stage of this package
+        (truncated, corrupt, foreign, repeated, out of order) and :class:`PatchError` when the
+        patched model fails or the probe does not show the new stage. Either way the session
+        keeps serving the stage it had.
+        """
+        with self._apply_lock:
+            self._check_open()
+            k = self.stage + 1
+            sf = open_stage(stage, self._manifest, k)
+            cp = _checkpoint(self._state)
+            try:
+                self._state.apply(sf)
+                if k == 1:
+                    graph = getattr(self._state, "graph_bytes", None) or \
+                        extract_file(sf, "graph.onnx")
+                    (self._dir / "graph.onnx").write_bytes(graph)
+                    _link_or_copy(self._base_bin, self._dir / "base.bin")
+                if self._strategy == "inplace" and k > 1:
+                    self._patch_buffers(k, sf, cp)
+                else:
+                    self._rebuild(k)
+            except BaseException as e:
+                _rollback(self._state, cp)
+                if isinstance(e, Exception) and not isinstance(e, P2UError):
+                    raise PatchError(f"stage {k} could not be applied: {e}") from e
+                raise
+            if self._on_stage is not None:
+                self._on_stage(k)
+            return k
+
+    def upgrade(self, until: int | None = None,
+                background: bool = True) -> cf.Future[int] | int:
+        """Apply the package's stages up to ``until`` (default: the last).
+
+        In the background (default) returns a ``Future`` whose result is the stage reached;
+        otherwise applies in this thread and returns it.
+        """
+        last = self.stages - 1
+        target = last if until is None else int(until)
+        if not 0 <= target <= last:
+            raise P2UError(f"stage {target} does not exist: this package has stages 0..{last}")
+        if not background:
+            return self._upgrade_to(target)
+        with self._cond:
+            if self._closing:
+                raise P2UError("the session is closed")
+            if self._executor is None:
+                self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="p2u-upgrade")
+            return self._executor.submit(self._upgrade_to, target)
+
+    def close(self) -> None:
+        """Stop upgrading, wait for runs in flight, free the sessions and the work files."""
+        with self._cond:
+            if self._closing:
+                return
+            self._closing = True
+        if self._executor is not None:
+            self._executor.shutdown(wait=False, cancel_futures=True)
+        with self._apply_lock, self._rw.write():
+            with self._cond:
+                self._closed = True
+            self._live.session = None
+            self._live.buffers, self._live.values = {}, []
+        self._cleanup()
+
+    def __enter__(self) -> ProgressiveSession:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    # -- internals
+
+    def _check_open(self) -> None:
+        if self._closing:
+            raise P2UError("the session is closed")
+
+    def _current(self) -> _Live:
+        if self._closed:
+            raise P2UError("the session is closed")
+        return self._live
+
+    def _enter(self) -> _Live:
+        with self._cond:
+            if self._closed:
+                raise P2UError("the session is closed")
+            live = self._live
+            live.users += 1
+            return live
+
+    def _leave(self, live: _Live) -> None:
+        with self._cond:
+            live.users -= 1
+            if not live.users:
+                self._cond.notify_all()
+
+    def _upgrade_to(self, target: int) -> int:
+        with self._apply_lock:
+            while not self._closing and self.stage < target:
+                self.apply(self._source.fetch(self.stage + 1))
+            return self.stage
+
+    def _rebuild(self, k: int) -> None:
+        """Load stage ``k`` into a new session from its own directory, check it, swap it in."""
+        d = Path(tempfile.mkdtemp(prefix=f"stage-{k}-", dir=self._dir))
+        try:
+            _link_or_copy(self._dir / "graph.onnx", d / "graph.onnx")
+            _link_or_copy(self._dir / "base.bin", d / "base.bin")
+            live = _Live(None, k, d)
+            if self._strategy == "inplace":
+                options = _inplace_options(self._options)
+                with open(d / "weights.bin", "wb") as f:  # never read: every weight is given
+                    f.truncate(_weights_size(self._manifest))
+                for t in self._manifest["tensors"]:
+                    buf = np.array(self._state.weight(t["name"]), order="C")
+                    live.buffers[t["name"]] = buf
+                    live.values.append(_ortvalue(buf, t["dtype"]))
+                    options.add_initializer(t["tensor"], live.values[-1])
+            else:
+                options = self._options
+                write_weights(self._state, d / "weights.bin")
+            live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
+                                                providers=self._providers)
+            if self._probe is not None:
+                self._probe.check(live.session.run, k)
+        except BaseException:
+            shutil.rmtree(d, ignore_errors=True)
+            raise
+        self._swap_in(live)
+
+    def _swap_in(self, new: _Live) -> None:
+        with self._cond:
+            old, self._live = self._live, new
+            while old.users:
+                self._cond.wait()
+        old.session = None
+        old.buffers, old.values = {}, []
+        if old.directory is not None:
+            shutil.rmtree(old.directory, ignore_errors=True)
+
+    def _patch_buffers(self, k: int, sf: StageFile, cp: dict[str, Any]) -> None:
+        """Inplace: copy stage ``k`` (decoded into the state) into the live session's buffers."""
+        live = self._live
+        changed = sorted({e["name"] for e in sf.entries if e["kind"] != "file"})
+        with self._rw.write():
+            for n in changed:
+                _fill(live.buffers[n], self._state.weight(n))
+            try:
+                if self._probe is not None:
+                    self._probe.check(live.session.run, k)
+            except BaseException:
+                _rollback(self._state, cp)
+                for n in changed:
+                    _fill(live.buffers[n], self._state.weight(n))
+                raise
+            live.stage = k

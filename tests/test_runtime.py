@@ -1,0 +1,387 @@
+"""ProgressiveSession: exact stages, live upgrades, bad stage files, probe, device footprint."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+import threading
+from pathlib import Path
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import p2u_onnx
+from p2u_onnx import runtime
+from p2u_onnx.errors import IntegrityError, P2UError, PatchError
+from p2u_onnx.format import load_manifest, save_manifest
+from p2u_onnx.probe import Probe, record_probe, sample, synthesize_inputs
+from p2u_onnx.runtime import BytesSource, ProgressiveSession
+
+ROOT = Path(__file__).resolve().parents[1]
+DIGITS = ROOT / "models" / "digits_cnn.onnx"
+STRATEGIES = ["swap", "inplace"]
+
+
+def mlp(dims=(64, 96, 96, 64), seed=0) -> onnx.ModelProto:
+    """MatMul+Add(+Relu) layers with random weights."""
+    rng = np.random.default_rng(seed)
+    nodes, inits, prev = [], [], "x"
+    for i, (a, b) in enumerate(zip(dims[:-1], dims[1:])):
+        w = (rng.standard_normal((a, b)) / np.sqrt(a)).astype(np.float32)
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array((rng.standard_normal(b) * 0.1).astype(np.float32),
+                                          f"b{i}")]
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"])]
+        prev = f"a{i}"
+        if i < len(dims) - 2:
+            nodes.append(helper.make_node("Relu", [prev], [f"r{i}"]))
+            prev = f"r{i}"
+    g = helper.make_graph(nodes, "mlp",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", dims[0]])],
+                          [helper.make_tensor_value_info(prev, TensorProto.FLOAT,
+                                                         ["n", dims[-1]])], inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def package(model, out: Path, plan: str) -> Path:
+    p2u_onnx.encode(model, out, plan)
+    manifest = load_manifest(out)
+    entry = record_probe(out, manifest)
+    assert entry is not None
+    manifest["probe"] = entry
+    save_manifest(out, manifest)
+    return out
+
+
+def options(strategy: str) -> ort.SessionOptions:
+    """The options the runtime's float sessions use under ``strategy`` (caller passes none)."""
+    so = ort.SessionOptions()
+    if strategy == "inplace":
+        so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
+def references(pkg: Path, feed, strategy: str, tmp: Path) -> list[np.ndarray]:
+    """Outputs of ``restore(pkg, stage=k)`` in plain onnxruntime, for every stage."""
+    n = len(load_manifest(pkg)["stages"])
+    refs = []
+    for k in range(n):
+        path = p2u_onnx.restore(pkg, tmp / f"{pkg.name}-{k}.onnx", stage=k)
+        so = ort.SessionOptions() if k == 0 else options(strategy)
+        refs.append(ort.InferenceSession(str(path), so).run(None, feed)[0])
+    return refs
+
+
+@pytest.fixture(scope="module")
+def mlp_pkg(tmp_path_factory) -> Path:
+    return package(mlp(), tmp_path_factory.mktemp("mlp") / "mlp.p2u", "4,6,8,12,16,lossless")
+
+
+@pytest.fixture(scope="module")
+def digits_pkg(tmp_path_factory) -> Path:
+    return package(DIGITS, tmp_path_factory.mktemp("digits") / "digits.p2u", "4,8,lossless")
+
+
+@pytest.fixture(scope="module")
+def mlp_feed():
+    return {"x": np.random.default_rng(1).standard_normal((8, 64)).astype(np.float32)}
+
+
+@pytest.fixture(scope="module")
+def digits_feed():
+    return {"image": np.load(ROOT / "models" / "digits_test.npz")["x"][:32]}
+
+
+@pytest.fixture(scope="module")
+def mlp_refs(mlp_pkg, mlp_feed, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("refs")
+    return {s: references(mlp_pkg, mlp_feed, s, tmp) for s in STRATEGIES}
+
+
+# ---------------------------------------------------------------- exact stages
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("which", ["digits", "mlp"])
+def test_each_stage_equals_restore(which, strategy, request, tmp_path):
+    pkg = request.getfixturevalue(f"{which}_pkg")
+    feed = request.getfixturevalue(f"{which}_feed")
+    refs = references(pkg, feed, strategy, tmp_path)
+    seen = []
+    with ProgressiveSession(pkg, strategy=strategy, on_stage=seen.append) as s:
+        assert s.strategy == strategy and s.stages == len(refs)
+        assert [i.name for i in s.get_inputs()] == list(feed)
+        for k in range(len(refs)):
+            if k:
+                assert s.apply(pkg / f"stage-{k}.p2u") == k
+            assert s.stage == k
+            np.testing.assert_array_equal(s.run(None, feed)[0], refs[k])
+    assert seen == list(range(1, len(refs)))
+    original = str(DIGITS) if which == "digits" else mlp().SerializeToString()
+    final = ort.InferenceSession(original, options(strategy)).run(None, feed)[0]
+    np.testing.assert_array_equal(refs[-1], final)
+
+
+def test_swap_keeps_one_stage_dir_and_cleans_up(mlp_pkg, tmp_path):
+    work = tmp_path / "cache"
+    s = ProgressiveSession(mlp_pkg, workdir=work)
+    assert s.upgrade(background=False) == s.stages - 1
+    (session_dir,) = work.glob("session-*")
+    assert len(list(session_dir.glob("stage-*"))) == 1
+    s.close()
+    assert not session_dir.exists() and work.exists()
+    with pytest.raises(P2UError, match="closed"):
+        s.run(None, {"x": np.zeros((1, 64), np.float32)})
+    own = ProgressiveSession(mlp_pkg)
+    tmp = own._dir
+    own.close()
+    assert not tmp.exists()
+
+
+# ---------------------------------------------------------------- live upgrades
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_runs_during_upgrade_are_one_stage_each(strategy, mlp_pkg, mlp_feed, mlp_refs):
+    refs = mlp_refs[strategy]
+    s = ProgressiveSession(mlp_pkg, strategy=strategy)
+    stop = threading.Event()
+    seen: list[list[int]] = [[] for _ in range(4)]
+    errors: list[BaseException] = []
+
+    def loop(out: list[int]) -> None:
+        try:
+            while not stop.is_set():
+                y = s.run(None, mlp_feed)[0]
+                match = [k for k, r in enumerate(refs) if np.array_equal(y, r)]
+                assert match, "result matches no stage"
+                out.append(match[-1])
+        except BaseException as e:  # noqa: BLE001 - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=loop, args=(o,)) for o in seen]
+    for t in threads:
+        t.start()
+    try:
+        assert s.upgrade().result(timeout=30) == len(refs) - 1
+        stop.set()
+    finally:
+        stop.set()
+        for t in threads:
+            t.join()
+        s.close()
+    assert not errors, errors
+    for out in seen:
+        assert out and out == sorted(out)  # never back to an older stage
+    assert max(o[-1] for o in seen) >= 1
+
+
+# ---------------------------------------------------------------- bad stage files
+
+
+def _bad(kind: str, pkg: Path, foreign: Path, tmp: Path):
+    data = (pkg / "stage-2.p2u").read_bytes()
+    if kind == "truncated":
+        return data[: len(data) - 100]
+    if kind == "truncated-path":
+        (tmp / "cut.p2u").write_bytes(data[:50])
+        return tmp / "cut.p2u"
+    if kind == "bit-flipped":
+        b = bytearray(data)
+        b[-7] ^= 0x10
+        return bytes(b)
+    if kind == "foreign":
+        return (foreign / "stage-2.p2u").read_bytes()
+    if kind == "out-of-order":
+        return (pkg / "stage-3.p2u").read_bytes()
+    if kind == "repeated":
+        return pkg / "stage-1.p2u"
+    return b"not a stage file at all"
+
+
+BAD = {"truncated": "truncated", "truncated-path": "truncated", "bit-flipped": "corrupt",
+       "foreign": "foreign", "out-of-order": "out of order", "repeated": "already applied",
+       "garbage": "not a p2u stage file"}
+
+
+@pytest.fixture(scope="module")
+def foreign_pkg(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("foreign") / "other.p2u"
+    p2u_onnx.encode(mlp(seed=5), out, "4,6,8,lossless")
+    return out
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+@pytest.mark.parametrize("kind", list(BAD))
+def test_bad_stage_file_is_refused(kind, strategy, mlp_pkg, foreign_pkg, mlp_feed, mlp_refs,
+                                   tmp_path):
+    with ProgressiveSession(mlp_pkg, strategy=strategy) as s:
+        s.apply(mlp_pkg / "stage-1.p2u")
+        with pytest.raises(IntegrityError, match=BAD[kind]):
+            s.apply(_bad(kind, mlp_pkg, foreign_pkg, tmp_path))
+        assert s.stage == 1
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs[strategy][1])
+        assert s.apply(mlp_pkg / "stage-2.p2u") == 2  # the good file still applies
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs[strategy][2])
+
+
+def test_tampered_base_is_refused(mlp_pkg, tmp_path):
+    pkg = tmp_path / "p"
+    shutil.copytree(mlp_pkg, pkg)
+    b = bytearray((pkg / "base.bin").read_bytes())
+    b[10] ^= 1
+    (pkg / "base.bin").write_bytes(bytes(b))
+    with pytest.raises(IntegrityError, match="base.bin"):
+        ProgressiveSession(pkg)
+
+
+# ---------------------------------------------------------------- no silent staleness
+
+
+def test_stale_swap_is_caught_and_rolled_back(mlp_pkg, mlp_feed, mlp_refs, monkeypatch):
+    refs = mlp_refs["swap"]
+    with ProgressiveSession(mlp_pkg) as s:
+        s.apply(mlp_pkg / "stage-1.p2u")
+        stale = s._live.directory / "weights.bin"
+        with monkeypatch.context() as m:  # stage 2 materializes stage-1 weights
+            m.setattr(runtime, "write_weights", lambda state, path: shutil.copyfile(stale, path))
+            with pytest.raises(PatchError, match="stage 2 did not take effect"):
+                s.apply(mlp_pkg / "stage-2.p2u")
+        assert s.stage == 1
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], refs[1])
+        s.upgrade(background=False)
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], refs[-1])
+
+
+def test_stale_inplace_is_caught_and_rolled_back(mlp_pkg, mlp_feed, mlp_refs, monkeypatch):
+    refs = mlp_refs["inplace"]
+    with ProgressiveSession(mlp_pkg, strategy="inplace") as s:
+        s.upgrade(2, background=False)
+        with monkeypatch.context() as m:  # the buffer writes are lost
+            m.setattr(runtime, "_fill", lambda buf, values: None)
+            with pytest.raises(PatchError, match="stage 3 did not take effect"):
+                s.apply(mlp_pkg / "stage-3.p2u")
+        assert s.stage == 2
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], refs[2])
+        s.upgrade(background=False)
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], refs[-1])
+
+
+def test_probe_separates_stages(mlp_pkg):
+    entry = load_manifest(mlp_pkg)["probe"]
+    probe = Probe(entry, (mlp_pkg / entry["path"]).read_bytes())
+    ok = lambda k: lambda names, feed: [probe.expected(k)[0]]  # noqa: E731
+    probe.check(ok(3), 3)
+    with pytest.raises(PatchError):
+        probe.check(ok(2), 3)
+    with pytest.raises(IntegrityError, match="sha256"):
+        Probe(entry, (mlp_pkg / entry["path"]).read_bytes() + b"x")
+
+
+def test_synthesized_inputs_are_deterministic():
+    class Arg:
+        def __init__(self, name, type_, shape):
+            self.name, self.type, self.shape = name, type_, shape
+
+    args = [Arg("ids", "tensor(int64)", ["batch", 7]), Arg("x", "tensor(float)", [None, 3]),
+            Arg("m", "tensor(bool)", [4]), Arg("h", "tensor(float16)", [2, 2])]
+    a, b = synthesize_inputs(args), synthesize_inputs(args)
+    assert a["ids"].shape == (1, 7) and a["ids"].dtype == np.int64
+    assert a["ids"].min() >= 0 and a["ids"].max() < 100
+    assert a["x"].shape == (1, 3) and np.all(np.abs(a["x"]) <= 1)
+    assert a["m"].dtype == np.bool_ and a["h"].dtype == np.float16
+    for k in a:
+        np.testing.assert_array_equal(a[k], b[k])
+    assert sample(np.arange(10000)).size == 4096
+    with pytest.raises(ValueError):
+        synthesize_inputs([Arg("s", "tensor(string)", [1])])
+
+
+def test_record_probe_gives_up_on_models_that_fail(tmp_path):
+    shape = numpy_helper.from_array(np.array([2, 64], np.int64), "shape")
+    w = numpy_helper.from_array(np.ones((64, 64), np.float32), "w")
+    g = helper.make_graph(
+        [helper.make_node("Reshape", ["x", "shape"], ["r"]),
+         helper.make_node("MatMul", ["r", "w"], ["y"])], "bad",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 64])], [shape, w])
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    p2u_onnx.encode(model, tmp_path / "bad.p2u", "4,lossless")
+    assert record_probe(tmp_path / "bad.p2u", load_manifest(tmp_path / "bad.p2u")) is None
+
+
+# ---------------------------------------------------------------- sources and strategies
+
+
+def test_start_from_stage0_bytes(mlp_pkg, mlp_feed, mlp_refs):
+    manifest = (mlp_pkg / "manifest.json").read_bytes()
+    probe = (mlp_pkg / "probe.npz").read_bytes()
+    src = BytesSource(manifest, (mlp_pkg / "stage-0.p2u").read_bytes(), probe=probe)
+    with ProgressiveSession(src) as s:
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs["swap"][0])
+        with pytest.raises(P2UError, match="apply"):
+            s.upgrade(background=False)
+        for k in range(1, s.stages):
+            s.apply((mlp_pkg / f"stage-{k}.p2u").read_bytes())
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs["swap"][-1])
+
+
+def test_package_without_base_files_unpacks_stage0(mlp_pkg, mlp_feed, mlp_refs, tmp_path):
+    pkg = tmp_path / "p"
+    shutil.copytree(mlp_pkg, pkg)
+    (pkg / "base.onnx").unlink()
+    (pkg / "base.bin").unlink()
+    work = tmp_path / "cache"
+    for _ in range(2):  # second time from the cache
+        with ProgressiveSession(pkg, workdir=work) as s:
+            np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs["swap"][0])
+            s.upgrade(background=False)
+            np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs["swap"][-1])
+        assert (work / "base" / "base.bin").is_file()
+
+
+def test_inplace_falls_back_or_refuses():
+    t = {"name": "w", "tensor": "w", "kind": "initializer", "dtype": "float32"}
+    assert runtime._inplace_ready({"tensors": [t]})
+    assert not runtime._inplace_ready({"tensors": [dict(t, kind="constant")]})
+    assert not runtime._inplace_ready({"tensors": [dict(t, name="w@main/If#1")]})
+    assert not runtime._cpu_only(["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------- device footprint
+
+_DEVICE = """
+import importlib.abc, sys
+BLOCKED = ("onnx", "click", "tqdm", "p2u_onnx.encoder", "p2u_onnx.passes", "p2u_onnx.graph",
+           "p2u_onnx.api", "p2u_onnx.cli", "p2u_onnx.demo")
+class Block(importlib.abc.MetaPathFinder):
+    def find_spec(self, name, path=None, target=None):
+        if any(name == b or name.startswith(b + ".") for b in BLOCKED):
+            raise ImportError(f"blocked on the device: {name}")
+sys.meta_path.insert(0, Block())
+import numpy as np
+from p2u_onnx.runtime import ProgressiveSession
+pkg, ref = sys.argv[1], np.load(sys.argv[2])
+for strategy in ("swap", "inplace"):
+    with ProgressiveSession(pkg, strategy=strategy) as s:
+        s.upgrade().result()
+        y = s.run(None, {"x": ref["x"]})[0]
+        assert s.stage == s.stages - 1 and np.array_equal(y, ref[strategy]), strategy
+print("device ok", sorted(m for m in sys.modules if m.split(".")[0] in ("onnx", "click")))
+"""
+
+
+def test_device_needs_no_onnx(mlp_pkg, mlp_feed, mlp_refs, tmp_path):
+    np.savez(tmp_path / "ref.npz", x=mlp_feed["x"], swap=mlp_refs["swap"][-1],
+             inplace=mlp_refs["inplace"][-1])
+    r = subprocess.run([sys.executable, "-c", textwrap.dedent(_DEVICE), str(mlp_pkg),
+                        str(tmp_path / "ref.npz")], capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0, r.stderr
+    assert "device ok []" in r.stdout
