@@ -13,6 +13,7 @@ import os
 import shutil
 import tempfile
 import time
+from collections import deque
 from concurrent.futures import ThreadPoolExecutor
 from collections.abc import Callable
 from pathlib import Path
@@ -38,6 +39,7 @@ __all__ = ["encode", "EncodeResult", "load_model"]
 ALIGN = 64
 EXTERNALIZE_BYTES = 4096  # other tensors this big go to base.bin, shared by base and skeleton
 CHUNK_ELEMENTS = 1 << 18  # weights per stage entry: cache-sized, coded on parallel threads
+LOOKAHEAD_BYTES = 64 << 20  # weights submitted ahead of the one being written
 
 
 @dataclasses.dataclass
@@ -98,17 +100,23 @@ def slot_nbytes(t: TensorProto) -> int:
     return t.ByteSize()
 
 
-def digest_slot(digest, slot) -> None:
-    """Feed one slot's identity and bytes to ``digest`` (same on the source and a restore)."""
+def digest_slot(digest, slot) -> bytes:
+    """Feed one slot's identity and bytes to ``digest`` (same on the source and a restore).
+
+    Returns the bytes hashed: little-endian values for float tensors (whatever field holds
+    them), the raw data or serialized tensor otherwise.
+    """
     t = slot.tensor
     digest.update(f"{slot.key}|{t.data_type}|{list(t.dims)}|".encode())
-    if t.raw_data:
-        digest.update(t.raw_data)
-    elif t.data_type in (1, 10, 11, 16):
-        digest.update(np.ascontiguousarray(tensor_array(t)).astype(
-            tensor_array(t).dtype.newbyteorder("<")).tobytes())
-    else:
-        digest.update(t.SerializeToString())
+    raw = t.raw_data
+    if not raw:
+        if t.data_type in (1, 10, 11, 16):
+            a = tensor_array(t)
+            raw = np.ascontiguousarray(a, a.dtype.newbyteorder("<")).tobytes()
+        else:
+            raw = t.SerializeToString()
+    digest.update(raw)
+    return raw
 
 
 def weights_digest(model: ModelProto) -> str:
@@ -203,6 +211,117 @@ def encode(
     return EncodeResult(out, manifest, time.perf_counter() - t0)
 
 
+class _Pending:
+    """A slot on its way through :class:`_TensorCoder` (futures for coded tensors)."""
+
+    def __init__(self, slot, sel=None, raw=b"", blocks=None, spans=(), futures=()):
+        self.slot, self.sel, self.raw, self.blocks = slot, sel, raw, blocks
+        self.spans, self.futures = list(spans), list(futures)
+
+    def ready(self) -> bool:
+        return all(f.done() for f in self.futures)
+
+
+class _TensorCoder:
+    """Codes selected slots on a thread pool and writes results strictly in slot order."""
+
+    def __init__(self, plan, config, ctype, bins, writers, pool, progress, total):
+        self.plan, self.config, self.ctype = plan, config, ctype
+        self.bins, self.writers, self.pool = bins, writers, pool
+        self.progress, self.total, self.done = progress, total, 0
+        n = len(plan.stages)
+        self.stage_err, self.stage_rel = [0.0] * n, [0.0] * n
+        self.tensors_meta: list[dict[str, Any]] = []
+        self.coded: list[dict] = []
+        self.weights_pos = 0
+        self.all_bytes = 0
+        self.digest = hashlib.sha256()
+
+    def digest_slot(self, slot) -> bytes:
+        """Hash the slot into the source digest; returns its raw bytes (read once)."""
+        raw = digest_slot(self.digest, slot)
+        self.all_bytes += len(raw)
+        return raw
+
+    def submit(self, slot, sel, raw: bytes) -> _Pending:
+        if sel is None:
+            return _Pending(slot, raw=raw)
+        t = slot.tensor
+        info = dtype_info(t.data_type)
+        w = np.frombuffer(raw, info.storage.newbyteorder("<")).reshape(sel.shape)
+        blocks = sel.layout.to_blocks(w)
+        per = max(1, CHUNK_ELEMENTS // sel.layout.block_len)
+        spans = [(i, min(i + per, len(blocks))) for i in range(0, len(blocks), per)]
+        stages, cfg = list(self.plan.stages), self.config
+        # the device-side replay of the lossless stage is checked on each tensor's first chunk
+        futures = [self.pool.submit(code_chunk, blocks[b0:b1], info, stages,
+                                    symmetric=cfg.symmetric, clip_search=cfg.clip_search,
+                                    replay=i == 0)
+                   for i, (b0, b1) in enumerate(spans)]
+        return _Pending(slot, sel, raw, blocks, spans, futures)
+
+    def finish(self, p: _Pending) -> int:
+        """Write one slot's results; returns its raw size."""
+        t, plan = p.slot.tensor, self.plan
+        if p.sel is None:
+            if len(p.raw) >= EXTERNALIZE_BYTES and t.raw_data:
+                passes.set_external(t, "base.bin", self.bins.add(p.raw))
+            return len(p.raw)
+        results = [f.result() for f in p.futures]
+        info, layout, key = dtype_info(t.data_type), p.sel.layout, p.slot.key
+        base = qz.BaseCodes(
+            np.concatenate([r.base.codes for r in results]),
+            np.concatenate([r.base.scale for r in results]),
+            None if self.config.symmetric else np.concatenate([r.base.zero_point
+                                                              for r in results]),
+            plan.base_bits)
+        bins, ctype = self.bins, self.ctype
+        spans = {
+            "codes": bins.add(pack_codes(layout.from_blocks(base.codes), ctype), "symbols"),
+            "scale": bins.add(np.ascontiguousarray(
+                layout.blocks_to_scales(info.scale_to_storage(base.scale))).tobytes(),
+                f"planes{info.scale_storage.itemsize}"),
+            "zero_point": None if base.zero_point is None else bins.add(
+                pack_codes(layout.blocks_to_scales(base.zero_point), ctype), "symbols"),
+        }
+        shift = 0
+        for k, bits in enumerate(plan.stages[1:], start=1):
+            if bits != LOSSLESS:
+                shift = int(bits) - plan.base_bits
+            codec = GROUPS if bits == LOSSLESS else PLANES
+            for (b0, b1), r in zip(p.spans, results):
+                self.writers[k - 1].add({"kind": "exact" if bits == LOSSLESS else "refine",
+                                         "name": key, "blocks": [b0, b1], "shift": shift,
+                                         "codec": codec.get_config()}, r.payloads[k - 1])
+        finite_max = max(r.abs_max for r in results)
+        for k in range(len(plan.stages)):
+            e = max(r.max_err[k] for r in results)
+            self.stage_err[k] = max(self.stage_err[k], e)
+            if finite_max > 0:
+                self.stage_rel[k] = max(self.stage_rel[k], e / finite_max)
+        if plan.lossless and not all(_same_bits(r.final, p.blocks[b0:b1])
+                                     for (b0, b1), r in zip(p.spans, results)
+                                     if r.final is not None):
+            raise P2UError(f"internal error: lossless stage does not restore {key}")
+        nbytes = len(p.raw)
+        self.weights_pos += (-self.weights_pos) % ALIGN
+        wspan = [self.weights_pos, nbytes]
+        self.weights_pos += nbytes
+        self.tensors_meta.append({
+            "name": key, "tensor": p.slot.name, "where": p.slot.path, "kind": p.slot.kind,
+            "dtype": info.name, "shape": list(p.sel.shape), "layout": layout.to_json(),
+            "bits": plan.base_bits, "symmetric": self.config.symmetric,
+            "base": {**spans, "code_type": ctype}, "weights": wspan,
+        })
+        self.coded.append({"slot": p.slot, "layout": layout, "dtype": info.name,
+                           "shape": p.sel.shape, "code_type": ctype, **spans})
+        passes.set_external(t, "weights.bin", wspan)
+        self.done += nbytes
+        if self.progress:
+            self.progress(self.done, self.total)
+        return nbytes
+
+
 class _OpsetFallback(Exception):
     def __init__(self, reason: str, opset: int):
         super().__init__(reason)
@@ -222,102 +341,31 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
         want = max(want, 21)
     target_opset = max(opset0, want) if raise_opset else opset0
 
-    digest = hashlib.sha256()
-    all_bytes = 0
     total = sum(int(np.prod(s.shape)) * dtype_info(s.slot.tensor.data_type).storage.itemsize
                 for s in selected)
-    done = 0
     n_stages = len(plan.stages)
-
-    base_bin = AtomicFile(tmp / "base.bin")
-    bf = base_bin.__enter__()
-    bins = _BinWriter(bf)
-    writers = [StageWriter(tmp / stage_file_name(k), "", k) for k in range(1, n_stages)]
-    stage_err = [0.0] * n_stages
-    stage_rel = [0.0] * n_stages
-    tensors_meta: list[dict[str, Any]] = []
-    coded: list[dict] = []
-    weights_pos = 0
-    by_tensor = {id(s.slot.tensor): s for s in selected}
-    pool = ThreadPoolExecutor(workers())
     # Code type is fixed once for the package: INT4/INT2 only when the opset can be raised.
     ctype = passes.code_type(plan.base_bits, max(target_opset, opset0), config.symmetric)[0]
-    try:
+    writers = [StageWriter(tmp / stage_file_name(k), "", k) for k in range(1, n_stages)]
+    by_tensor = {id(s.slot.tensor): s for s in selected}
+    with AtomicFile(tmp / "base.bin") as bf, ThreadPoolExecutor(workers()) as pool:
+        coder = _TensorCoder(plan, config, ctype, _BinWriter(bf), writers, pool, progress, total)
+        pending: deque = deque()
+        in_flight = 0
         for slot in list(iter_slots(m)):
-            t = slot.tensor
-            digest_slot(digest, slot)
-            all_bytes += slot_nbytes(t)
-            if id(t) not in selected_ids:
-                raw = t.raw_data
-                if len(raw) >= EXTERNALIZE_BYTES:
-                    passes.set_external(t, "base.bin", bins.add(raw))
-                continue
-            sel = by_tensor[id(t)]
-            info = dtype_info(t.data_type)
-            w = tensor_array(t)
-            layout = sel.layout
-            blocks = layout.to_blocks(w)
-            per = max(1, CHUNK_ELEMENTS // layout.block_len)
-            spans_b = [(i, min(i + per, len(blocks))) for i in range(0, len(blocks), per)]
-            results = list(pool.map(
-                lambda r: code_chunk(blocks[r[0]:r[1]], info, list(plan.stages),
-                                     symmetric=config.symmetric, clip_search=config.clip_search),
-                spans_b))
-            base = qz.BaseCodes(
-                np.concatenate([r.base.codes for r in results]),
-                np.concatenate([r.base.scale for r in results]),
-                None if config.symmetric else np.concatenate([r.base.zero_point for r in results]),
-                plan.base_bits)
-            spans = {
-                "codes": bins.add(pack_codes(layout.from_blocks(base.codes), ctype), "symbols"),
-                "scale": bins.add(np.ascontiguousarray(
-                    layout.blocks_to_scales(info.scale_to_storage(base.scale))).tobytes(),
-                    f"planes{info.scale_storage.itemsize}"),
-                "zero_point": None if base.zero_point is None else bins.add(
-                    pack_codes(layout.blocks_to_scales(base.zero_point), ctype), "symbols"),
-            }
-            shift = 0
-            for k, bits in enumerate(plan.stages[1:], start=1):
-                if bits != LOSSLESS:
-                    shift = int(bits) - plan.base_bits
-                codec = GROUPS if bits == LOSSLESS else PLANES
-                for (b0, b1), r in zip(spans_b, results):
-                    writers[k - 1].add({"kind": "exact" if bits == LOSSLESS else "refine",
-                                        "name": slot.key, "blocks": [b0, b1], "shift": shift,
-                                        "codec": codec.get_config()}, r.payloads[k - 1])
-            finite_max = max(r.abs_max for r in results)
-            for k in range(n_stages):
-                e = max(r.max_err[k] for r in results)
-                stage_err[k] = max(stage_err[k], e)
-                if finite_max > 0:
-                    stage_rel[k] = max(stage_rel[k], e / finite_max)
-            if plan.lossless and not all(
-                    _same_bits(r.final, blocks[b0:b1])
-                    for (b0, b1), r in zip(spans_b, results)):
-                raise P2UError(f"internal error: lossless stage does not restore {slot.key}")
-            del results, blocks
-            nbytes = w.size * info.storage.itemsize
-            weights_pos += (-weights_pos) % ALIGN
-            wspan = [weights_pos, nbytes]
-            weights_pos += nbytes
-            tensors_meta.append({
-                "name": slot.key, "tensor": slot.name, "where": slot.path, "kind": slot.kind,
-                "dtype": info.name, "shape": list(sel.shape), "layout": layout.to_json(),
-                "bits": plan.base_bits, "symmetric": config.symmetric,
-                "base": {**spans, "code_type": ctype}, "weights": wspan,
-            })
-            coded.append({"slot": slot, "layout": layout, "dtype": info.name,
-                          "shape": sel.shape, "code_type": ctype, **spans})
-            passes.set_external(t, "weights.bin", wspan)
-            done += nbytes
-            if progress:
-                progress(done, total)
-    except BaseException:
-        bf.close()
-        raise
-    finally:
-        pool.shutdown()
-    base_bin.__exit__(None, None, None)
+            raw = coder.digest_slot(slot)
+            sel = by_tensor.get(id(slot.tensor))
+            pending.append(coder.submit(slot, sel, raw))
+            in_flight += len(raw)
+            # Keep the threads busy on the next tensors while this one is written, within a
+            # bounded amount of weights in flight.
+            while pending and (in_flight > LOOKAHEAD_BYTES or pending[0].ready()):
+                in_flight -= coder.finish(pending.popleft())
+        while pending:
+            coder.finish(pending.popleft())
+    stage_err, stage_rel = coder.stage_err, coder.stage_rel
+    tensors_meta, coded, all_bytes = coder.tensors_meta, coder.coded, coder.all_bytes
+    digest = coder.digest
 
     src_digest = digest.hexdigest()
     package_id = hashlib.sha256(
@@ -327,7 +375,7 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     graph_bytes = m.SerializeToString()
 
     # Base: codes + DequantizeLinear, then raise the opset if the code types need it.
-    passes.to_base(m, coded, {})
+    passes.to_base(m, coded)
     if target_opset > opset0:
         why = passes.raise_opset(m, target_opset, {c["slot"].name for c in coded})
         if why is not None:
@@ -345,13 +393,13 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     zstd = ZstdCodec(level=9)
     # Stage 0 on the wire: base.onnx and base.bin, compressed.
     w0 = StageWriter(tmp / stage_file_name(0), package_id, 0)
-    bin_codec = SegmentsCodec(level=9, segments=tuple(bins.segments))
+    bin_codec = SegmentsCodec(level=9, segments=tuple(coder.bins.segments))
     for fname, data, codec in (("base.onnx", base_onnx, zstd),
                                ("base.bin", (tmp / "base.bin").read_bytes(), bin_codec)):
         w0.add({"kind": "file", "name": fname, "codec": codec.get_config(),
                 "raw_length": len(data), "sha256": hashlib.sha256(data).hexdigest()},
                codec.encode(data))
-    sizes = [w0.finish()]
+    finished = [w0.finish()]
     if writers:  # graph.onnx rides with stage 1: the device needs it from then on
         writers[0].add({"kind": "file", "name": "graph.onnx", "codec": zstd.get_config(),
                         "raw_length": len(graph_bytes),
@@ -359,7 +407,7 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
                        zstd.encode(graph_bytes))
     for wr in writers:
         wr.package_id = package_id
-        sizes.append(wr.finish())
+        finished.append(wr.finish())
 
     fp32_bytes = sum(int(np.prod(s.shape)) * 4 for s in selected)
     weight_bytes = total
@@ -367,11 +415,12 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     cum = 0
     for k, bits in enumerate(plan.stages):
         fname = stage_file_name(k)
-        cum += sizes[k]
+        size, sha = finished[k]
+        cum += size
         stages.append({
             "index": k, "bits": bits,
-            "files": [{"path": fname, "size": sizes[k], "sha256": sha256_file(tmp / fname)}],
-            "bytes": sizes[k], "cumulative_bytes": cum,
+            "files": [{"path": fname, "size": size, "sha256": sha}],
+            "bytes": size, "cumulative_bytes": cum,
             "max_abs_error": stage_err[k], "max_rel_error": stage_rel[k],
         })
     manifest = {

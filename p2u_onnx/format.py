@@ -163,8 +163,8 @@ class StageWriter:
         }
         return json.dumps(head, separators=(",", ":")).encode()
 
-    def finish(self) -> int:
-        """Write the file atomically; returns its size in bytes."""
+    def finish(self) -> tuple[int, str]:
+        """Write the file atomically; returns its size in bytes and its sha256."""
         start = ALIGN
         while True:
             head = self._header(start)
@@ -173,13 +173,16 @@ class StageWriter:
             start = -(-(_PREFIX.size + len(head)) // ALIGN) * ALIGN
         head = head.ljust(start - _PREFIX.size, b" ")
         self._spool.seek(0)
+        digest = hashlib.sha256()
         with AtomicFile(self.path) as f:
-            f.write(_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)))
-            f.write(head)
+            for block in (_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)), head):
+                f.write(block)
+                digest.update(block)
             while block := self._spool.read(1 << 22):
                 f.write(block)
+                digest.update(block)
         self._spool.close()
-        return start + self._size
+        return start + self._size, digest.hexdigest()
 
 
 class StageFile:

@@ -178,7 +178,7 @@ def raise_opset(model: ModelProto, target: int, untyped: set[str] = frozenset())
     return None
 
 
-def to_base(model: ModelProto, coded: list[dict], base_tensors: dict[str, list]) -> None:
+def to_base(model: ModelProto, coded: list[dict]) -> None:
     """Replace every coded slot by integer codes + scale (+ zero point) + DequantizeLinear.
 
     ``coded`` items carry the slot, layout, dtype and the external-data spans of the codes,

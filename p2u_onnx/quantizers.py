@@ -168,13 +168,15 @@ def quantize_base(
     *,
     symmetric: bool = True,
     clip_search: bool = True,
+    importance: np.ndarray | None = None,
 ) -> BaseCodes:
     """Quantize ``[n_blocks, block_len]`` float values to ``bits``-bit integer codes.
 
     Scales come from the finite values of each block (NaN and +-Inf never reach a scale, so the
     base stays finite where the weight is finite). With ``clip_search`` each block tries a few
     clipping ratios and keeps the one with the least squared error; clipped values are restored
-    by the next stage, whose grid is not clipped.
+    by the next stage, whose grid is not clipped. ``importance`` (same shape as ``blocks``, e.g.
+    the mean square of the activation each weight multiplies) weights that error.
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be 2..8, got {bits}")
@@ -196,7 +198,8 @@ def quantize_base(
 
     ratios = _CLIP_RATIOS if clip_search else (1.0,)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
-        scale, zp = _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax)
+        scale, zp = _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax,
+                            importance)
         safe = np.where(scale > 0, scale, np.float32(1))
         q = np.divide(xf, safe[:, None])
         if zp is not None:
@@ -214,7 +217,7 @@ def quantize_base(
     )
 
 
-def _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax):
+def _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax, importance=None):
     """Per block, the clipping ratio with the least squared error: (scale, zero point)."""
     best_scale = best_zp = best_err = None
     buf = np.empty_like(xf)
@@ -237,7 +240,7 @@ def _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax):
             buf -= zp[:, None]
         buf *= scale[:, None]
         buf -= xf
-        err = np.einsum("ij,ij->i", buf, buf)
+        err = np.einsum("ij,ij->i", buf, buf * importance if importance is not None else buf)
         if best_err is None:
             best_scale, best_zp, best_err = scale, zp, err
             continue

@@ -142,7 +142,7 @@ class ChunkCode:
     payloads: list[bytes]  # one per stage >= 1
     max_err: list[float]  # per stage, over finite weights
     abs_max: float  # largest finite |weight|
-    final: np.ndarray  # what the device holds after the last stage (storage dtype)
+    final: np.ndarray | None  # what the device holds after the last stage (if replayed)
 
 
 PLANES = IntPlanesCodec(level=3)
@@ -150,11 +150,12 @@ GROUPS = IntGroupsCodec(level=3)
 
 
 def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symmetric: bool,
-               clip_search: bool) -> ChunkCode:
+               clip_search: bool, replay: bool = True) -> ChunkCode:
     """Code a run of blocks ``xs`` ([n, block_len], storage dtype) through every stage.
 
     ``stages`` are total bits per stage with ``"lossless"`` allowed last; the decoder's
-    :func:`decode_entry` undoes each payload using the same functions.
+    :func:`decode_entry` undoes each payload using the same functions. ``replay`` also runs
+    the device's lossless step, so ``final`` can be checked against ``xs``.
     """
     xc = info.to_compute(xs)
     finite = np.isfinite(xc)
@@ -169,13 +170,13 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
         if bits == "lossless":
             d = qz.lossless_codes(np.ascontiguousarray(xs).reshape(-1), prev.reshape(-1))
             payloads.append(GROUPS.encode(d, lossless_context(info, prev, step)))
-            prev = lossless_blocks(prev, d)
+            prev = lossless_blocks(prev, d) if replay else None
         else:
             step = qz.stage_scale(base.scale, int(bits) - int(stages[0]))
             codes = qz.refine_codes(xc, info.to_compute(prev), step)
             payloads.append(PLANES.encode(codes))
             prev = refine_blocks(info, prev, codes, step)
-        errs.append(_max_err(xc, prev, info, finite))
+        errs.append(0.0 if bits == "lossless" else _max_err(xc, prev, info, finite))
     with np.errstate(invalid="ignore"):
         a = np.abs(xc if finite is None else xc[finite])
     return ChunkCode(base, payloads, errs, float(a.max()) if a.size else 0.0, prev)
