@@ -214,12 +214,13 @@ def encode(
 class _Pending:
     """A slot on its way through :class:`_TensorCoder` (futures for coded tensors)."""
 
-    def __init__(self, slot, sel=None, raw=b"", blocks=None, spans=(), futures=()):
+    def __init__(self, slot, sel=None, raw=b"", blocks=None, spans=(), futures=(), nbytes=0):
         self.slot, self.sel, self.raw, self.blocks = slot, sel, raw, blocks
         self.spans, self.futures = list(spans), list(futures)
+        self.nbytes = nbytes or len(raw)
 
     def ready(self) -> bool:
-        return all(f.done() for f in self.futures)
+        return all(f is None or f.done() for f in self.futures)
 
 
 class _TensorCoder:
@@ -238,9 +239,15 @@ class _TensorCoder:
         self.digest = hashlib.sha256()
 
     def digest_slot(self, slot) -> bytes:
-        """Hash the slot into the source digest; returns its raw bytes (read once)."""
+        """Hash the slot into the source digest; returns its raw bytes (read once).
+
+        The tensor's inline bytes are dropped from the model meanwhile (only one copy of a
+        tensor lives at a time); :meth:`finish` puts them back or points the tensor elsewhere.
+        """
         raw = digest_slot(self.digest, slot)
         self.all_bytes += len(raw)
+        if slot.tensor.raw_data:
+            slot.tensor.ClearField("raw_data")
         return raw
 
     def submit(self, slot, sel, raw: bytes) -> _Pending:
@@ -249,7 +256,9 @@ class _TensorCoder:
         t = slot.tensor
         info = dtype_info(t.data_type)
         w = np.frombuffer(raw, info.storage.newbyteorder("<")).reshape(sel.shape)
-        blocks = sel.layout.to_blocks(w)
+        blocks = np.ascontiguousarray(sel.layout.to_blocks(w))
+        nbytes = len(raw)
+        del raw, w  # the blocks are the only copy from here on
         per = max(1, CHUNK_ELEMENTS // sel.layout.block_len)
         spans = [(i, min(i + per, len(blocks))) for i in range(0, len(blocks), per)]
         stages, cfg = list(self.plan.stages), self.config
@@ -258,23 +267,42 @@ class _TensorCoder:
                                     symmetric=cfg.symmetric, clip_search=cfg.clip_search,
                                     replay=i == 0)
                    for i, (b0, b1) in enumerate(spans)]
-        return _Pending(slot, sel, raw, blocks, spans, futures)
+        return _Pending(slot, sel, b"", blocks, spans, futures, nbytes)
 
     def finish(self, p: _Pending) -> int:
         """Write one slot's results; returns its raw size."""
         t, plan = p.slot.tensor, self.plan
         if p.sel is None:
-            if len(p.raw) >= EXTERNALIZE_BYTES and t.raw_data:
+            if len(p.raw) >= EXTERNALIZE_BYTES and not _typed_fields(t):
                 passes.set_external(t, "base.bin", self.bins.add(p.raw))
+            elif not _typed_fields(t) and p.raw:
+                t.raw_data = p.raw
             return len(p.raw)
-        results = [f.result() for f in p.futures]
         info, layout, key = dtype_info(t.data_type), p.sel.layout, p.slot.key
-        base = qz.BaseCodes(
-            np.concatenate([r.base.codes for r in results]),
-            np.concatenate([r.base.scale for r in results]),
-            None if self.config.symmetric else np.concatenate([r.base.zero_point
-                                                              for r in results]),
-            plan.base_bits)
+        codes, scales, zps, abs_max = [], [], [], 0.0
+        errs = [0.0] * len(plan.stages)
+        for i, ((b0, b1), fut) in enumerate(zip(p.spans, p.futures)):
+            r = fut.result()
+            p.futures[i] = None  # payloads are written now, not kept
+            codes.append(r.base.codes)
+            scales.append(r.base.scale)
+            zps.append(r.base.zero_point)
+            abs_max = max(abs_max, r.abs_max)
+            errs = [max(a, e) for a, e in zip(errs, r.max_err)]
+            shift = 0
+            for k, bits in enumerate(plan.stages[1:], start=1):
+                if bits != LOSSLESS:
+                    shift = int(bits) - plan.base_bits
+                codec = GROUPS if bits == LOSSLESS else PLANES
+                self.writers[k - 1].add({"kind": "exact" if bits == LOSSLESS else "refine",
+                                         "name": key, "blocks": [b0, b1], "shift": shift,
+                                         "codec": codec.get_config()}, r.payloads[k - 1])
+            if plan.lossless and r.final is not None and not _same_bits(r.final, p.blocks[b0:b1]):
+                raise P2UError(f"internal error: lossless stage does not restore {key}")
+        p.blocks = None
+        base = qz.BaseCodes(np.concatenate(codes), np.concatenate(scales),
+                            None if self.config.symmetric else np.concatenate(zps),
+                            plan.base_bits)
         bins, ctype = self.bins, self.ctype
         spans = {
             "codes": bins.add(pack_codes(layout.from_blocks(base.codes), ctype), "symbols"),
@@ -284,26 +312,11 @@ class _TensorCoder:
             "zero_point": None if base.zero_point is None else bins.add(
                 pack_codes(layout.blocks_to_scales(base.zero_point), ctype), "symbols"),
         }
-        shift = 0
-        for k, bits in enumerate(plan.stages[1:], start=1):
-            if bits != LOSSLESS:
-                shift = int(bits) - plan.base_bits
-            codec = GROUPS if bits == LOSSLESS else PLANES
-            for (b0, b1), r in zip(p.spans, results):
-                self.writers[k - 1].add({"kind": "exact" if bits == LOSSLESS else "refine",
-                                         "name": key, "blocks": [b0, b1], "shift": shift,
-                                         "codec": codec.get_config()}, r.payloads[k - 1])
-        finite_max = max(r.abs_max for r in results)
-        for k in range(len(plan.stages)):
-            e = max(r.max_err[k] for r in results)
+        for k, e in enumerate(errs):
             self.stage_err[k] = max(self.stage_err[k], e)
-            if finite_max > 0:
-                self.stage_rel[k] = max(self.stage_rel[k], e / finite_max)
-        if plan.lossless and not all(_same_bits(r.final, p.blocks[b0:b1])
-                                     for (b0, b1), r in zip(p.spans, results)
-                                     if r.final is not None):
-            raise P2UError(f"internal error: lossless stage does not restore {key}")
-        nbytes = len(p.raw)
+            if abs_max > 0:
+                self.stage_rel[k] = max(self.stage_rel[k], e / abs_max)
+        nbytes = p.nbytes
         self.weights_pos += (-self.weights_pos) % ALIGN
         wspan = [self.weights_pos, nbytes]
         self.weights_pos += nbytes
@@ -441,6 +454,12 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
         manifest["notes"] = [note]
     save_manifest(tmp, manifest)
     return manifest
+
+
+def _typed_fields(t: TensorProto) -> bool:
+    """True when the tensor keeps its values in typed fields (float_data...), not raw bytes."""
+    return any(len(getattr(t, f)) for f in ("float_data", "int32_data", "int64_data",
+                                             "double_data", "uint64_data", "string_data"))
 
 
 def _same_bits(a: np.ndarray, b: np.ndarray) -> bool:
