@@ -22,16 +22,18 @@ from .errors import (FormatError, IntegrityError, P2UError, PatchError, PlanErro
 __version__ = "0.1.0"
 
 __all__ = [
-    "encode", "restore", "inspect", "verify", "Plan", "QuantConfig",
+    "encode", "restore", "inspect", "verify", "ProgressiveSession", "Plan", "QuantConfig",
     "P2UError", "PlanError", "UnsupportedModelError", "FormatError", "IntegrityError",
     "PatchError", "TransportError",
 ]
 
-_LAZY = {"encode": "encoder", "restore": "api", "inspect": "api", "verify": "api"}
+_LAZY = {"encode": "encoder", "restore": "api", "inspect": "api", "verify": "api",
+         "ProgressiveSession": "runtime"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import inspect, restore, verify
     from .encoder import encode
+    from .runtime import ProgressiveSession
 
 
 def __getattr__(name: str) -> Any:

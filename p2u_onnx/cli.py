@@ -156,6 +156,62 @@ def verify(package) -> None:
 
 
 @main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("-i", "--input", "inputs", multiple=True, metavar="NAME=FILE.npy",
+              help="An input array (repeat for each input) [default: synthetic inputs].")
+@click.option("-s", "--stage", type=int, default=None,
+              help="Stop at this stage [default: the last].")
+@click.option("--strategy", type=click.Choice(["swap", "inplace"]), default="swap",
+              show_default=True, help="How stages are patched into the live session.")
+@_friendly
+def run(package, inputs, stage, strategy) -> None:
+    """Serve PACKAGE in onnxruntime from the base, upgrade it live, print each stage's outputs.
+
+    PACKAGE is a package directory or an http(s) URL. For each stage: when it became active
+    (seconds since start) and a summary of every output.
+    """
+    import time
+
+    import numpy as np
+
+    from .runtime import ProgressiveSession
+
+    t0 = time.perf_counter()
+    feed = {}
+    for item in inputs:
+        name, sep, path = item.partition("=")
+        if not sep:
+            raise click.BadParameter(f"{item!r}: expected NAME=FILE.npy", param_hint="--input")
+        try:
+            feed[name] = np.load(path)
+        except (OSError, ValueError) as e:
+            raise click.BadParameter(f"{path}: {e}", param_hint="--input") from None
+    with ProgressiveSession(str(package)) as sess:
+        if not feed:
+            from .probe import synthesize_inputs
+
+            feed = synthesize_inputs(sess.get_inputs())
+        names = [o.name for o in sess.get_outputs()]
+
+        def report(k: int) -> None:
+            outs = sess.run(None, feed)
+            click.echo(f"stage {k} active at {time.perf_counter() - t0:.3f} s")
+            for name, out in zip(names, outs):
+                a = np.asarray(out)
+                if a.dtype.kind == "f" and a.size:
+                    click.echo(f"  {name}: shape {list(a.shape)} mean {a.mean():.6g} "
+                               f"min {a.min():.6g} max {a.max():.6g} argmax {int(a.argmax())}")
+                else:
+                    click.echo(f"  {name}: shape {list(a.shape)} {a.reshape(-1)[:8]}")
+
+        report(0)
+        last = sess.stages - 1 if stage is None else min(stage, sess.stages - 1)
+        for k in range(1, last + 1):
+            sess.upgrade(until=k, background=False)
+            report(k)
+
+
+@main.command()
 @click.option("--stages", default="4,8,lossless", show_default=True, help="Plan to demonstrate.")
 @_friendly
 def demo(stages) -> None:

@@ -155,13 +155,16 @@ def encode(
     config: QuantConfig = QuantConfig(),
     *,
     overwrite: bool = False,
+    probe: bool = True,
     progress: Callable[[int, int], None] | None = None,
 ) -> EncodeResult:
     """Encode ``model`` into the package directory ``output``.
 
     >>> encode("model.onnx", "model.p2u", "4,8,lossless")  # doctest: +SKIP
 
-    ``progress(done, total)`` is called with weight bytes processed. Raises
+    ``probe`` records, per stage, outputs on synthetic inputs that the runtime checks after each
+    upgrade (see :mod:`p2u_onnx.probe`). ``progress(done, total)`` is called with weight bytes
+    processed. Raises
     :class:`UnsupportedModelError` for input it cannot convert and :class:`PlanError` for bad
     options; on any error nothing is left at ``output``.
     """
@@ -180,7 +183,8 @@ def encode(
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         try:
-            manifest = _encode_into(m, name, tmp, plan, config, progress, raise_opset=True)
+            manifest = _encode_into(m, name, tmp, plan, config, progress, raise_opset=True,
+                                    probe=probe)
         except _OpsetFallback as fb:
             # Keep the model's opset: INT8 containers, per-channel (or per-tensor) scales.
             opset = fb.opset
@@ -193,6 +197,7 @@ def encode(
             gran = "channel" if opset >= 13 else "tensor"
             config = dataclasses.replace(config, granularity=gran)
             manifest = _encode_into(m, name, tmp, plan, config, progress, raise_opset=False,
+                                    probe=probe,
                                     note=f"{fb.reason}; fell back to INT8 codes with {gran} "
                                          f"scales at opset {opset}")
         if out.exists():
@@ -342,7 +347,8 @@ class _OpsetFallback(Exception):
 
 
 def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantConfig,
-                 progress, *, raise_opset: bool, note: str | None = None) -> dict[str, Any]:
+                 progress, *, raise_opset: bool, probe: bool = True,
+                 note: str | None = None) -> dict[str, Any]:
     passes.lift_constants(m, config.min_elements)
     selected = passes.select_weights(m, config)
     selected_ids = {id(s.slot.tensor) for s in selected}
@@ -452,6 +458,12 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     }
     if note:
         manifest["notes"] = [note]
+    if probe:
+        from .probe import record_probe  # imports onnxruntime only here
+
+        entry = record_probe(tmp, manifest)
+        if entry is not None:
+            manifest["probe"] = entry
     save_manifest(tmp, manifest)
     return manifest
 

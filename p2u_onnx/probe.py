@@ -36,7 +36,7 @@ import numpy as np
 
 from .errors import IntegrityError, PatchError
 
-__all__ = ["PROBE_NAME", "MAX_SAMPLES", "Probe", "synthesize_inputs", "sample", "record_probe"]
+__all__ = ["MAX_SAMPLES", "PROBE_NAME", "Probe", "record_probe", "sample", "synthesize_inputs"]
 
 PROBE_NAME = "probe.npz"
 MAX_SAMPLES = 4096  # values kept per output and stage
@@ -88,6 +88,7 @@ def synthesize_inputs(inputs: Sequence[ArgInfo], int_high: int = 100) -> dict[st
         shape = tuple(d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape)
         n = math.prod(shape)
         bits = _mix(np.arange(n, dtype=np.uint64) + np.uint64((j + 1) << 40))
+        values: np.ndarray
         if np.issubdtype(dtype, np.floating):
             unit = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
             values = (unit * 2.0 - 1.0).astype(dtype)
@@ -216,7 +217,7 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
 
     try:
         base = ort.InferenceSession(str(pkg / "base.onnx"), exact, providers=providers)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means: cannot probe
         return None
     outs = [o for o in base.get_outputs() if o.type in REL_FLOOR]
     if not outs:
@@ -232,7 +233,7 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
             first = [sample(v) for v in base.run(names, candidate)]
         except ValueError:
             return None
-        except Exception:
+        except Exception:  # noqa: BLE001, S112 - fails on these inputs: try the next range
             continue
         if all(np.all(np.isfinite(v)) for v in first):
             feed = candidate
@@ -268,7 +269,7 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
                 tols.append([_tolerance(x, float(np.max(np.abs(x - y), initial=0.0)), t)
                              for x, y, t in zip(ya, yb, types)])
                 shutil.rmtree(d, ignore_errors=True)
-    except Exception:
+    except Exception:  # noqa: BLE001 - any failure means: cannot probe
         return None
 
     stored = sum(v.nbytes for v in feed.values()) <= MAX_STORED_INPUT_BYTES
@@ -279,7 +280,7 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
     for k, ys in enumerate(samples):
         arrays.update({f"out_{k}_{j}": y for j, y in enumerate(ys)})
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
     path = pkg / PROBE_NAME
     atomic_write_bytes(path, buf.getvalue())
 

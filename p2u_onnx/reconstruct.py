@@ -292,6 +292,15 @@ class WeightState:
             if entry["kind"] == "file" and entry["name"] == "graph.onnx":
                 self.graph_bytes = extract_file(stage_file, "graph.onnx")
 
+    def checkpoint(self) -> tuple:
+        """Snapshot for :meth:`rollback` (cheap: apply replaces arrays, never writes into them)."""
+        return self.stage, dict(self._blocks), dict(self._scales), self.graph_bytes
+
+    def rollback(self, checkpoint: tuple) -> None:
+        """Return to a :meth:`checkpoint`, e.g. when the patched session failed its probe."""
+        self.stage, blocks, scales, self.graph_bytes = checkpoint
+        self._blocks, self._scales = dict(blocks), dict(scales)
+
     def iter_weights(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
         for name, t in self.tensors.items():
             yield t, self.weight(name)

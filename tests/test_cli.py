@@ -73,3 +73,18 @@ def test_demo_runs_as_a_user_would():
                        text=True, timeout=120)
     assert r.returncode == 0, r.stderr
     assert "identical to the original" in r.stdout
+
+
+def test_run_prints_every_stage(model, tmp_path):
+    import numpy as np
+
+    pkg = tmp_path / "m.p2u"
+    invoke("encode", model, "-o", pkg, "-q")
+    x = tmp_path / "x.npy"
+    np.save(x, np.ones((2, 64), np.float32))
+    r = invoke("run", pkg, "--input", f"x={x}")
+    assert r.exit_code == 0, r.output
+    assert [l.split(" active")[0] for l in r.output.splitlines() if "active" in l] == \
+        ["stage 0", "stage 1", "stage 2"]
+    r = invoke("run", pkg, "--stage", 1)
+    assert "stage 1 active" in r.output and "stage 2" not in r.output

@@ -1,0 +1,266 @@
+"""Benchmark the device runtime: apply time, latency per stage, runs during upgrades, memory.
+
+For a MiniLM-sized model (``build/minilm/minilm.onnx`` from ``scripts/make_minilm.py``; skipped
+with a message when absent) and a synthetic model of >= 100M parameters (MatMul+Add+Relu
+layers, random weights, built here), and for each strategy of :class:`ProgressiveSession`:
+
+* start: seconds from ``ProgressiveSession(...)`` to the base answering (plain onnxruntime
+  loading the fp32 model is shown for comparison, and the base with ``fast_base=True``),
+* per stage: seconds to apply it (verify, decode, build or patch, probe) and the median
+  inference latency at that stage,
+* during a background upgrade, with one thread calling ``run()`` in a loop: the median and the
+  worst ``run()`` latency,
+* peak RSS of a process that starts the session and applies every stage, above its RSS right
+  after imports, as a multiple of the model's fp32 weight bytes (``VmHWM``).
+
+Each measurement runs in its own subprocess. Usage::
+
+    python scripts/bench_runtime.py [--out build/bench_runtime] [--plan 4,8,lossless] [--reuse]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import resource
+import statistics
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+MINILM = ROOT / "build" / "minilm" / "minilm.onnx"
+REPEATS = 30
+
+
+def build_synthetic(path: Path, layers: int = 6, width: int = 4096) -> None:
+    """``layers`` x (MatMul width x width + Add + Relu): 6 x 4096 -> 100.7M parameters."""
+    import onnx
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    nodes, inits, prev = [], [], "x"
+    for i in range(layers):
+        w = rng.standard_normal((width, width), dtype=np.float32) / np.float32(np.sqrt(width))
+        inits += [numpy_helper.from_array(w, f"w{i}"),
+                  numpy_helper.from_array(rng.standard_normal(width, dtype=np.float32) * 0.1,
+                                          f"b{i}")]
+        nodes += [helper.make_node("MatMul", [prev, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Add", [f"m{i}", f"b{i}"], [f"a{i}"]),
+                  helper.make_node("Relu", [f"a{i}"], [f"r{i}"])]
+        prev = f"r{i}"
+    g = helper.make_graph(
+        nodes, "synthetic",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["batch", width])],
+        [helper.make_tensor_value_info(prev, TensorProto.FLOAT, ["batch", width])], inits)
+    onnx.save(helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)]), str(path))
+
+
+def make_feed(model: Path, out: Path) -> None:
+    """Batch 1; other free dimensions 128; token ids in [0, 1000), masks of ones."""
+    import onnxruntime as ort
+
+    feed = {}
+    rng = np.random.default_rng(0)
+    for a in ort.InferenceSession(str(model), providers=["CPUExecutionProvider"]).get_inputs():
+        shape = [d if isinstance(d, int) else (1 if i == 0 else 128)
+                 for i, d in enumerate(a.shape)]
+        if a.type == "tensor(int64)":
+            feed[a.name] = np.ones(shape, np.int64) if "mask" in a.name else \
+                rng.integers(0, 1000, shape).astype(np.int64)
+        else:
+            feed[a.name] = rng.standard_normal(shape).astype(np.float32)
+    np.savez(out, **feed)
+
+
+def package(model: Path, out: Path, plan: str, reuse: bool) -> dict:
+    """Encode and record the probe (``reuse``: keep a package already there); the manifest."""
+    import p2u_onnx
+    from p2u_onnx.format import load_manifest, save_manifest
+    from p2u_onnx.probe import record_probe
+
+    if not (reuse and (out / "manifest.json").exists()):
+        t0 = time.perf_counter()
+        p2u_onnx.encode(model, out, plan, overwrite=True)
+        manifest = load_manifest(out)
+        manifest["probe"] = record_probe(out, manifest)
+        save_manifest(out, manifest)
+        print(f"  encoded {model.name} in {time.perf_counter() - t0:.1f} s", flush=True)
+    return json.loads((out / "manifest.json").read_text())
+
+
+# ---------------------------------------------------------------- workers (one per process)
+
+
+def _latency(run, feed, repeats: int = REPEATS) -> float:
+    run(None, feed)
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        run(None, feed)
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def _rss() -> int:
+    import psutil
+
+    return psutil.Process().memory_info().rss
+
+
+def _peak_rss() -> int:
+    """VmHWM: this process's peak RSS (``ru_maxrss`` would include the parent's, via exec)."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
+
+
+def worker(mode: str, target: str, strategy: str, feed_path: str) -> dict:
+    import onnxruntime as ort
+
+    from p2u_onnx.runtime import ProgressiveSession
+
+    feed = dict(np.load(feed_path))
+    base_rss = _rss()
+    out: dict = {}
+    if mode == "plain":
+        t0 = time.perf_counter()
+        s = ort.InferenceSession(target, providers=["CPUExecutionProvider"])
+        out["start"] = time.perf_counter() - t0
+        out["latency"] = _latency(s.run, feed)
+    elif mode == "fastbase":
+        t0 = time.perf_counter()
+        s = ProgressiveSession(target, fast_base=True)
+        s.run(None, feed)
+        out["start"] = time.perf_counter() - t0
+        out["latency"] = _latency(s.run, feed)
+        s.close()
+    elif mode == "quiet":
+        t0 = time.perf_counter()
+        s = ProgressiveSession(target, strategy=strategy)
+        s.run(None, feed)
+        out["start"] = time.perf_counter() - t0
+        out["stages"] = [{"apply": 0.0, "latency": _latency(s.run, feed)}]
+        for k in range(1, s.stages):
+            t0 = time.perf_counter()
+            s.apply(Path(target) / f"stage-{k}.p2u")
+            out["stages"].append({"apply": time.perf_counter() - t0,
+                                  "latency": _latency(s.run, feed)})
+        s.close()
+    else:  # live
+        s = ProgressiveSession(target, strategy=strategy)
+        s.run(None, feed)
+        times: list[float] = []
+        stop = threading.Event()
+
+        def loop() -> None:
+            while not stop.is_set():
+                t0 = time.perf_counter()
+                s.run(None, feed)
+                times.append(time.perf_counter() - t0)
+
+        th = threading.Thread(target=loop)
+        th.start()
+        time.sleep(0.5)
+        before = len(times)
+        t0 = time.perf_counter()
+        s.upgrade().result()
+        out["upgrade"] = time.perf_counter() - t0
+        during = times[before:]
+        stop.set()
+        th.join()
+        s.close()
+        out["runs_during"] = len(during)
+        out["median_during"] = statistics.median(during) if during else float("nan")
+        out["worst_during"] = max(during) if during else float("nan")
+        out["median_before"] = statistics.median(times[:before])
+    out["peak_rss_above_base"] = _peak_rss() - base_rss
+    return out
+
+
+def run_worker(*args: str) -> dict:
+    r = subprocess.run([sys.executable, __file__, "--worker", *args], capture_output=True,
+                       text=True, check=False)
+    if r.returncode:
+        raise RuntimeError(f"worker {args} failed:\n{r.stderr}")
+    return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+# ---------------------------------------------------------------- main
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--out", type=Path, default=ROOT / "build" / "bench_runtime")
+    ap.add_argument("--plan", default="4,8,lossless")
+    ap.add_argument("--reuse", action="store_true",
+                    help="keep packages from an earlier run (only if the format did not change)")
+    ap.add_argument("--worker", nargs=4, metavar=("MODE", "TARGET", "STRATEGY", "FEED"))
+    args = ap.parse_args()
+    if args.worker:
+        print(json.dumps(worker(*args.worker)))
+        return
+
+    args.out.mkdir(parents=True, exist_ok=True)
+    models: list[tuple[str, Path]] = []
+    if MINILM.exists():
+        models.append(("minilm", MINILM))
+    else:
+        print(f"skipping MiniLM: {MINILM} not found (run python scripts/make_minilm.py)")
+    synthetic = args.out / "synthetic100m.onnx"
+    if not synthetic.exists():
+        print("building the synthetic 100M-parameter model ...", flush=True)
+        build_synthetic(synthetic)
+    models.append(("synthetic-100M", synthetic))
+
+    rows = []
+    for name, model in models:
+        pkg = args.out / f"{name}.p2u"
+        manifest = package(model, pkg, args.plan, args.reuse)
+        feed = args.out / f"{name}.feed.npz"
+        make_feed(model, feed)
+        fp32 = manifest["source"]["coded_fp32_bytes"]
+        plain = run_worker("plain", str(model), "-", str(feed))
+        print(f"\n{name}: {fp32 / 1e6:.0f} MB of fp32 coded weights, plan {args.plan}, "
+              f"stage bytes {[s['bytes'] for s in manifest['stages']]}, "
+              f"probe: {'yes' if manifest.get('probe') else 'no'}")
+        print(f"  plain onnxruntime (fp32 model): load {plain['start']:.3f} s, latency "
+              f"{plain['latency'] * 1e3:.2f} ms, peak RSS {plain['peak_rss_above_base'] / fp32:.2f}"
+              " x fp32")
+        fast = run_worker("fastbase", str(pkg), "swap", str(feed))
+        print(f"  fast_base=True: start {fast['start']:.3f} s, stage-0 latency "
+              f"{fast['latency'] * 1e3:.2f} ms")
+        for strategy in ("swap", "inplace"):
+            quiet = run_worker("quiet", str(pkg), strategy, str(feed))
+            live = run_worker("live", str(pkg), strategy, str(feed))
+            rows.append((name, strategy, manifest, quiet, live, fp32))
+            print(f"  {strategy}: start {quiet['start']:.3f} s; " + "; ".join(
+                f"stage {k}: apply {st['apply']:.2f} s, latency {st['latency'] * 1e3:.2f} ms"
+                for k, st in enumerate(quiet["stages"])))
+            print(f"    live upgrade {live['upgrade']:.2f} s, {live['runs_during']} runs during "
+                  f"it: median {live['median_during'] * 1e3:.1f} ms, worst "
+                  f"{live['worst_during'] * 1e3:.1f} ms (idle median "
+                  f"{live['median_before'] * 1e3:.2f} ms); peak RSS "
+                  f"{quiet['peak_rss_above_base'] / fp32:.2f} x fp32", flush=True)
+
+    print("\n| model | strategy | stage | bits | apply [s] | latency [ms] | worst run during "
+          "upgrade [ms] | peak RSS / fp32 |")
+    print("|---|---|---|---|---|---|---|---|")
+    for name, strategy, manifest, quiet, live, fp32 in rows:
+        for k, st in enumerate(quiet["stages"]):
+            first = k == 0
+            print(f"| {name if first else ''} | {strategy if first else ''} | {k} | "
+                  f"{manifest['stages'][k]['bits']} | "
+                  f"{'start ' + format(quiet['start'], '.3f') if first else format(st['apply'], '.2f')} | "
+                  f"{st['latency'] * 1e3:.2f} | "
+                  f"{format(live['worst_during'] * 1e3, '.1f') if first else ''} | "
+                  f"{format(quiet['peak_rss_above_base'] / fp32, '.2f') if first else ''} |")
+
+
+if __name__ == "__main__":
+    main()
