@@ -15,7 +15,7 @@ from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
-from .config import Plan, QuantConfig
+from .config import BitBudget, Plan, QuantConfig
 from .errors import (FormatError, IntegrityError, P2UError, PatchError, PlanError,
                      TransportError, UnsupportedModelError)
 
@@ -23,6 +23,7 @@ __version__ = "0.1.0"
 
 __all__ = [
     "encode", "restore", "inspect", "verify", "ProgressiveSession", "Plan", "QuantConfig",
+    "BitBudget",
     "P2UError", "PlanError", "UnsupportedModelError", "FormatError", "IntegrityError",
     "PatchError", "TransportError",
 ]

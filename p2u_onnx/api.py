@@ -8,6 +8,7 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import onnx
 
 from .encoder import weights_digest
@@ -110,8 +111,12 @@ def restore(package: str | os.PathLike, output: str | os.PathLike,
     return out
 
 
-def inspect(package: str | os.PathLike) -> dict[str, Any]:
-    """Per-stage table of a package: bits, bytes, share of the original, max error."""
+def inspect(package: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:
+    """Per-stage table of a package: bits, bytes, share of the original, max error.
+
+    With ``tensors``, also ``tensor_table``: per coded tensor its base bits, layout, size and
+    estimated share of the base's output error.
+    """
     manifest = load_manifest(package)
     src = manifest["source"]
     orig = src.get("weight_bytes") or 1
@@ -129,6 +134,11 @@ def inspect(package: str | os.PathLike) -> dict[str, Any]:
         "plan": manifest["plan"], "config": manifest.get("config", {}),
         "base_opset": manifest["base_model"].get("opset"),
         "tensors": len(manifest["tensors"]), "stages": rows,
+        "allocation": manifest.get("allocation"), "notes": manifest.get("notes", []),
+        **({"tensor_table": [
+            {"name": t["name"], "bits": t["bits"], "layout": t["layout"], "dtype": t["dtype"],
+             "size": int(np.prod(t["shape"], dtype=np.int64)), "est_error": t.get("est_error")}
+            for t in manifest["tensors"]]} if tensors else {}),
     }
 
 

@@ -26,7 +26,7 @@ from onnx import ModelProto, TensorProto, numpy_helper
 from . import passes
 from . import quantizers as qz
 from .codecs import SegmentsCodec, ZstdCodec
-from .config import LOSSLESS, Plan, QuantConfig
+from .config import LOSSLESS, BitBudget, Plan, QuantConfig
 from .dtypes import ONNX_BFLOAT16, dtype_info
 from .errors import P2UError, UnsupportedModelError
 from .format import FORMAT_VERSION, AtomicFile, StageWriter, save_manifest, sha256_file, \
@@ -153,6 +153,7 @@ def encode(
     output: str | os.PathLike,
     plan: Plan | str = Plan(),
     config: QuantConfig = QuantConfig(),
+    budget: BitBudget = BitBudget(),
     *,
     overwrite: bool = False,
     probe: bool = True,
@@ -184,7 +185,7 @@ def encode(
     try:
         try:
             manifest = _encode_into(m, name, tmp, plan, config, progress, raise_opset=True,
-                                    probe=probe)
+                                    probe=probe, budget=budget)
         except _OpsetFallback as fb:
             # Keep the model's opset: INT8 containers, per-channel (or per-tensor) scales.
             opset = fb.opset
@@ -197,7 +198,7 @@ def encode(
             gran = "channel" if opset >= 13 else "tensor"
             config = dataclasses.replace(config, granularity=gran)
             manifest = _encode_into(m, name, tmp, plan, config, progress, raise_opset=False,
-                                    probe=probe,
+                                    probe=probe, budget=budget,
                                     note=f"{fb.reason}; fell back to INT8 codes with {gran} "
                                          f"scales at opset {opset}")
         if out.exists():
@@ -231,8 +232,8 @@ class _Pending:
 class _TensorCoder:
     """Codes selected slots on a thread pool and writes results strictly in slot order."""
 
-    def __init__(self, plan, config, ctype, bins, writers, pool, progress, total):
-        self.plan, self.config, self.ctype = plan, config, ctype
+    def __init__(self, plan, config, ctypes, bitplan, bins, writers, pool, progress, total):
+        self.plan, self.config, self.ctypes, self.bitplan = plan, config, ctypes, bitplan
         self.bins, self.writers, self.pool = bins, writers, pool
         self.progress, self.total, self.done = progress, total, 0
         n = len(plan.stages)
@@ -266,13 +267,23 @@ class _TensorCoder:
         del raw, w  # the blocks are the only copy from here on
         per = max(1, CHUNK_ELEMENTS // sel.layout.block_len)
         spans = [(i, min(i + per, len(blocks))) for i in range(0, len(blocks), per)]
-        stages, cfg = list(self.plan.stages), self.config
+        stages, cfg = self._stages(slot.key), self.config
+        imp = self.bitplan.importance.get(slot.key)
+        if imp is not None:
+            imp = np.ascontiguousarray(sel.layout.to_blocks(
+                np.broadcast_to(imp, sel.shape).astype(np.float32)))
         # the device-side replay of the lossless stage is checked on each tensor's first chunk
         futures = [self.pool.submit(code_chunk, blocks[b0:b1], info, stages,
                                     symmetric=cfg.symmetric, clip_search=cfg.clip_search,
-                                    replay=i == 0)
+                                    replay=i == 0,
+                                    importance=None if imp is None else imp[b0:b1])
                    for i, (b0, b1) in enumerate(spans)]
         return _Pending(slot, sel, b"", blocks, spans, futures, nbytes)
+
+    def _stages(self, key: str) -> list[int | str]:
+        """The plan for one tensor: its own base bits, later stages as many bits finer."""
+        b = self.bitplan.bits.get(key, self.plan.base_bits)
+        return [s if s == LOSSLESS else int(s) - self.plan.base_bits + b for s in self.plan.stages]
 
     def finish(self, p: _Pending) -> int:
         """Write one slot's results; returns its raw size."""
@@ -305,10 +316,10 @@ class _TensorCoder:
             if plan.lossless and r.final is not None and not _same_bits(r.final, p.blocks[b0:b1]):
                 raise P2UError(f"internal error: lossless stage does not restore {key}")
         p.blocks = None
+        bits = self._stages(key)[0]
         base = qz.BaseCodes(np.concatenate(codes), np.concatenate(scales),
-                            None if self.config.symmetric else np.concatenate(zps),
-                            plan.base_bits)
-        bins, ctype = self.bins, self.ctype
+                            None if self.config.symmetric else np.concatenate(zps), bits)
+        bins, ctype = self.bins, self.ctypes[key]
         spans = {
             "codes": bins.add(pack_codes(layout.from_blocks(base.codes), ctype), "symbols"),
             "scale": bins.add(np.ascontiguousarray(
@@ -328,8 +339,9 @@ class _TensorCoder:
         self.tensors_meta.append({
             "name": key, "tensor": p.slot.name, "where": p.slot.path, "kind": p.slot.kind,
             "dtype": info.name, "shape": list(p.sel.shape), "layout": layout.to_json(),
-            "bits": plan.base_bits, "symmetric": self.config.symmetric,
+            "bits": bits, "symmetric": self.config.symmetric,
             "base": {**spans, "code_type": ctype}, "weights": wspan,
+            "est_error": self.bitplan.est_error.get(key),
         })
         self.coded.append({"slot": p.slot, "layout": layout, "dtype": info.name,
                            "shape": p.sel.shape, "code_type": ctype, **spans})
@@ -346,16 +358,44 @@ class _OpsetFallback(Exception):
         self.reason, self.opset = reason, opset
 
 
+def _bit_plan(m: ModelProto, selected, plan: Plan, config: QuantConfig, budget: BitBudget):
+    """Base bits per tensor (adaptive unless ``budget.adaptive`` is off)."""
+    from .sensitivity import BitPlan, plan_bits
+
+    if not budget.adaptive or not selected:
+        return BitPlan({s.slot.key: plan.base_bits for s in selected}, {}, {}, None, False, [])
+    # Take the weights' bytes out of the model while calibrating: one copy of each, not two.
+    arrays, saved = {}, {}
+    for s in selected:
+        t = s.slot.tensor
+        if t.raw_data:
+            saved[s.slot.key] = raw = t.raw_data
+            t.ClearField("raw_data")
+            arrays[s.slot.key] = np.frombuffer(raw, dtype_info(t.data_type).storage.newbyteorder(
+                "<")).reshape(s.shape)
+        else:
+            arrays[s.slot.key] = tensor_array(t)
+    try:
+        return plan_bits(m, selected, arrays, plan, config, budget)
+    finally:
+        for s in selected:
+            if s.slot.key in saved:
+                s.slot.tensor.raw_data = saved.pop(s.slot.key)
+
+
 def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantConfig,
                  progress, *, raise_opset: bool, probe: bool = True,
-                 note: str | None = None) -> dict[str, Any]:
+                 budget: BitBudget = BitBudget(), note: str | None = None) -> dict[str, Any]:
     passes.lift_constants(m, config.min_elements)
     selected = passes.select_weights(m, config)
     selected_ids = {id(s.slot.tensor) for s in selected}
 
+    bitplan = _bit_plan(m, selected, plan, config, budget)
+
     # Low-bit codes need a recent opset; convert the structure, or fall back to INT8 codes.
     opset0 = default_opset(m)
-    want = passes.code_type(plan.base_bits, 99)[1]
+    all_bits = set(bitplan.bits.values()) or {plan.base_bits}
+    want = max(passes.code_type(b, 99)[1] for b in all_bits)
     if any(s.layout.mode == "block" for s in selected):
         want = max(want, 21)
     target_opset = max(opset0, want) if raise_opset else opset0
@@ -363,12 +403,14 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     total = sum(int(np.prod(s.shape)) * dtype_info(s.slot.tensor.data_type).storage.itemsize
                 for s in selected)
     n_stages = len(plan.stages)
-    # Code type is fixed once for the package: INT4/INT2 only when the opset can be raised.
-    ctype = passes.code_type(plan.base_bits, max(target_opset, opset0), config.symmetric)[0]
+    # INT4/INT2 code types only when the opset can be raised.
+    ctypes = {s.slot.key: passes.code_type(bitplan.bits.get(s.slot.key, plan.base_bits),
+                                           target_opset, config.symmetric)[0] for s in selected}
     writers = [StageWriter(tmp / stage_file_name(k), "", k) for k in range(1, n_stages)]
     by_tensor = {id(s.slot.tensor): s for s in selected}
     with AtomicFile(tmp / "base.bin") as bf, ThreadPoolExecutor(workers()) as pool:
-        coder = _TensorCoder(plan, config, ctype, _BinWriter(bf), writers, pool, progress, total)
+        coder = _TensorCoder(plan, config, ctypes, bitplan, _BinWriter(bf), writers, pool,
+                             progress, total)
         pending: deque = deque()
         in_flight = 0
         for slot in list(iter_slots(m)):
@@ -388,7 +430,8 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
 
     src_digest = digest.hexdigest()
     package_id = hashlib.sha256(
-        f"{src_digest}|{plan}|{config}|{FORMAT_VERSION}".encode()).hexdigest()[:32]
+        f"{src_digest}|{plan}|{config}|{sorted(bitplan.bits.items())}|{FORMAT_VERSION}"
+        .encode()).hexdigest()[:32]
 
     # Skeleton: the original structure with coded weights in weights.bin (device writes it).
     graph_bytes = m.SerializeToString()
@@ -399,8 +442,10 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
         why = passes.raise_opset(m, target_opset, {c["slot"].name for c in coded})
         if why is not None:
             raise _OpsetFallback(why, opset0)
-    need_ir = {onnx.TensorProto.INT4: 10, onnx.TensorProto.UINT4: 10,
-               onnx.TensorProto.INT2: 11, onnx.TensorProto.UINT2: 11}.get(ctype, 0) if coded else 0
+    need_ir = max((2 if c in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else
+                   3 if c in (onnx.TensorProto.INT2, onnx.TensorProto.UINT2) else 0
+                   for c in ctypes.values()), default=0)
+    need_ir = {0: 0, 2: 10, 3: 11}[need_ir]
     try:
         need_ir = max(need_ir, onnx.helper.find_min_ir_version_for(list(m.opset_import), True))
     except Exception:  # unknown domains: keep what the model says
@@ -456,8 +501,16 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
         "tensors": tensors_meta,
         "stages": stages,
     }
-    if note:
-        manifest["notes"] = [note]
+    notes = ([note] if note else []) + bitplan.notes
+    if notes:
+        manifest["notes"] = notes
+    if bitplan.allocation is not None:
+        manifest["allocation"] = {
+            "calibrated": bitplan.calibrated, "budget": dataclasses.asdict(budget),
+            "est_error": bitplan.allocation.error,
+            "est_quality": 1 - bitplan.allocation.error / 2,
+            "est_bytes": bitplan.allocation.nbytes,
+        }
     if probe:
         from .probe import record_probe  # imports onnxruntime only here
 

@@ -150,18 +150,20 @@ GROUPS = IntGroupsCodec(level=3)
 
 
 def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symmetric: bool,
-               clip_search: bool, replay: bool = True) -> ChunkCode:
+               clip_search: bool, replay: bool = True,
+               importance: np.ndarray | None = None) -> ChunkCode:
     """Code a run of blocks ``xs`` ([n, block_len], storage dtype) through every stage.
 
     ``stages`` are total bits per stage with ``"lossless"`` allowed last; the decoder's
     :func:`decode_entry` undoes each payload using the same functions. ``replay`` also runs
-    the device's lossless step, so ``final`` can be checked against ``xs``.
+    the device's lossless step, so ``final`` can be checked against ``xs``. ``importance``
+    (same shape as ``xs``) weights the base quantizer's error.
     """
     xc = info.to_compute(xs)
     finite = np.isfinite(xc)
     finite = None if finite.all() else finite
     base = qz.quantize_base(xc, int(stages[0]), info, symmetric=symmetric,
-                            clip_search=clip_search)
+                            clip_search=clip_search, importance=importance)
     prev = base_blocks(base, info)
     errs = [_max_err(xc, prev, info, finite)]
     payloads = []

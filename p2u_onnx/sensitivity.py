@@ -1,0 +1,127 @@
+"""Per-tensor bits for the base: estimate, for every coded tensor and candidate width, its size
+on the wire and its effect on the outputs, then :func:`~p2u_onnx.allocate.allocate` (encoder).
+
+* size: the entropy of the codes of a sample of blocks, plus ~1.4 bytes per block scale;
+* weight error: squared quantization error on that sample, weighted by the mean square of the
+  activation each weight multiplies (from :mod:`p2u_onnx.calibrate`), relative to the weighted
+  signal;
+* output error: weight error times a per-tensor gain measured once, by running the model with
+  that tensor alone at 3 bits (tensors that cannot be measured get the median gain).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+from onnx import GraphProto, ModelProto
+
+from . import quantizers as qz
+from .allocate import Allocation, TensorCost, allocate
+from .calibrate import Calibration, load_feeds, synthesize_feeds
+from .config import BitBudget, Plan, QuantConfig
+from .dtypes import dtype_info
+from .reconstruct import base_blocks
+
+__all__ = ["plan_bits", "BitPlan"]
+
+SAMPLE_BLOCKS = 4096
+SCALE_BYTES = {2: 1.3, 4: 1.4}  # measured wire cost of one block scale, by scale width
+REFERENCE_BITS = 3
+CODE_OVERHEAD = 1.03  # zstd's cost over the codes' entropy, measured
+
+
+@dataclasses.dataclass
+class BitPlan:
+    """What the encoder needs from the allocation."""
+
+    bits: dict[str, int]  # slot key -> base bits
+    importance: dict[str, np.ndarray]  # slot key -> per-input-channel weights (broadcastable)
+    est_error: dict[str, float]  # slot key -> estimated output error at its bits
+    allocation: Allocation | None
+    calibrated: bool
+    notes: list[str]
+
+
+def candidates(plan: Plan) -> list[int]:
+    low = 2 if plan.base_bits <= 2 else 3
+    return [b for b in (2, 3, 4, 5, 6, 8) if b >= low]
+
+
+def _sample(blocks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
+    if len(blocks) <= SAMPLE_BLOCKS:
+        return np.arange(len(blocks))
+    return np.sort(rng.choice(len(blocks), SAMPLE_BLOCKS, replace=False))
+
+
+def _entropy_bits(codes: np.ndarray) -> float:
+    _, counts = np.unique(codes, return_counts=True)
+    p = counts / counts.sum()
+    return float(-(p * np.log2(p)).sum())
+
+
+def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.ndarray],
+              plan: Plan, config: QuantConfig, budget: BitBudget) -> BitPlan:
+    """Choose base bits per selected slot. ``arrays`` holds their values (storage dtype)."""
+    notes: list[str] = []
+    calib = None
+    if budget.calibrate:
+        weights = {s.slot.key: arrays[s.slot.key] for s in selected
+                   if s.slot.kind == "initializer" and isinstance(s.slot.container, GraphProto)
+                   and s.slot.container is model.graph and s.slot.key == s.slot.name
+                   and arrays[s.slot.key].dtype in (np.float32, np.float16)}
+        feeds = load_feeds(budget.calib, model) if budget.calib else None
+        calib = Calibration.build(model, weights, feeds) if weights else None
+        if calib is None:
+            notes.append("the model could not be run on calibration inputs: bits chosen from "
+                         "weight errors alone")
+    rng = np.random.default_rng(0)
+    costs, rel_at_ref, gains = [], {}, {}
+    per_tensor = {}
+    for s in selected:
+        key, layout = s.slot.key, s.layout
+        info = dtype_info(s.slot.tensor.data_type)
+        w = arrays[key]
+        blocks = layout.to_blocks(info.to_compute(w))
+        idx = _sample(blocks, rng)
+        xs = blocks[idx].astype(np.float32)
+        finite = np.isfinite(xs)
+        xs = np.where(finite, xs, 0)
+        imp = calib.importance.get(key) if calib else None
+        ims = None
+        if imp is not None:
+            ims = layout.to_blocks(np.broadcast_to(imp, layout.shape).astype(np.float32))[idx]
+        weight = ims if ims is not None else np.ones_like(xs)
+        signal = float(np.sum(weight * xs * xs)) or 1.0
+        rel, nbytes = [], []
+        scale_bytes = SCALE_BYTES[info.scale_storage.itemsize]
+        for b in candidates(plan):
+            bc = qz.quantize_base(xs, b, info, symmetric=config.symmetric,
+                                  clip_search=config.clip_search, importance=ims)
+            recon = info.to_compute(base_blocks(bc, info))
+            rel.append(float(np.sum(weight * np.square(recon - xs))) / signal)
+            nbytes.append(CODE_OVERHEAD * layout.size * _entropy_bits(bc.codes) / 8
+                          + layout.n_blocks * scale_bytes)
+        per_tensor[key] = (rel, nbytes)
+        rel_at_ref[key] = rel[candidates(plan).index(REFERENCE_BITS)] \
+            if REFERENCE_BITS in candidates(plan) else rel[0]
+        if calib is not None and key in calib.measurable:
+            q = qz.quantize_base(blocks.astype(np.float32), REFERENCE_BITS, info,
+                                 symmetric=config.symmetric, clip_search=False)
+            ref_w = layout.from_blocks(base_blocks(q, info)).astype(w.dtype)
+            out_err = calib.output_error({key: ref_w})
+            if rel_at_ref[key] > 0:
+                gains[key] = out_err / rel_at_ref[key]
+    default_gain = float(np.median(list(gains.values()))) if gains else 1.0 / max(len(selected), 1)
+    for s in selected:
+        key = s.slot.key
+        rel, nbytes = per_tensor[key]
+        g = gains.get(key, default_gain)
+        costs.append(TensorCost(key, candidates(plan), nbytes, [g * r for r in rel]))
+    fp32 = sum(4 * int(np.prod(s.shape)) for s in selected)
+    alloc = allocate(costs, budget=budget.budget_bytes(fp32), max_error=budget.max_error,
+                     cap=budget.cap * fp32)
+    return BitPlan(alloc.bits, calib.importance if calib else {}, alloc.errors, alloc,
+                   calib is not None, notes)
