@@ -208,17 +208,21 @@ class Calibration:
                    [outputs[i] for i in float_out])
 
     def output_error(self, overrides: Mapping[str, np.ndarray]) -> float:
-        """Relative squared error of the float outputs with ``overrides`` in place."""
-        num = den = 0.0
+        """Relative squared error of the float outputs with ``overrides`` in place: the worst
+        output's, so a small output that matters (a probability beside large recurrent states)
+        is not drowned out by the others."""
+        num = np.zeros(len(self._outputs))
+        den = np.zeros(len(self._outputs))
         for feed, ref in zip(self._feeds, self._reference):
             got = self._session.run(self._outputs, {**feed, **self._weights, **overrides})
-            for g, r in zip(got, ref):
+            for i, (g, r) in enumerate(zip(got, ref)):
                 g = np.asarray(g, np.float64)
                 fin = np.isfinite(r)
                 diff = np.where(fin & np.isfinite(g), g - r, np.where(fin, np.abs(r) + 1, 0))
-                num += float(np.sum(diff * diff))
-                den += float(np.sum(np.where(fin, r * r, 0)))
-        return num / den if den > 0 else 0.0
+                num[i] += float(np.sum(diff * diff))
+                den[i] += float(np.sum(np.where(fin, r * r, 0)))
+        ratios = num / np.where(den > 0, den, 1)
+        return float(ratios.max()) if len(ratios) else 0.0
 
 
 def _channel_power(values: list[np.ndarray], op: str) -> np.ndarray:

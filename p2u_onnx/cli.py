@@ -61,12 +61,12 @@ def main() -> None:
 @click.option("--block-size", type=int, default=32, show_default=True,
               help="Weights per block (inside one output channel) with --granularity block.")
 @click.option("--asymmetric", is_flag=True, help="Use a zero point per block (default: symmetric).")
-@click.option("--min-elements", type=int, default=4096, show_default=True,
+@click.option("--min-elements", type=int, default=1024, show_default=True,
               help="Smaller float tensors stay exact in the base.")
 @click.option("--budget", type=float, default=None,
               help="Size of the base: a share of the fp32 weight bytes (e.g. 0.15) or bits per "
                    "weight (e.g. 4.5), spent where it lowers the output error most "
-                   "[default: 0.13, raised up to 0.20 if the estimated quality is below 0.98].")
+                   "[default: 0.135, raised up to 0.20 while the estimated quality is below 0.985].")
 @click.option("--quality", type=float, default=None,
               help="Smallest base whose estimated output cosine reaches this (e.g. 0.99).")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False), default=None,

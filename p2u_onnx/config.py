@@ -80,7 +80,7 @@ class QuantConfig:
     block_size: int = 32
     symmetric: bool = True
     clip_search: bool = True
-    min_elements: int = 4096
+    min_elements: int = 1024
     quantize_vectors: bool = False
 
     def __post_init__(self) -> None:
@@ -98,20 +98,21 @@ class QuantConfig:
 class BitBudget:
     """How base bits are spread over the coded tensors (see :mod:`p2u_onnx.allocate`).
 
-    ``budget``: size of the base, as a share of the coded weights' fp32 bytes (below 1, e.g.
-    0.15) or in bits per weight (1 or more), spent where it lowers the output error most.
+    ``budget``: size of the base, as a share of the source's weight bytes (below 1, e.g. 0.15;
+    tensors sent as they are count against it) or in bits per coded weight (1 or more), spent
+    where it lowers the output error most.
     ``quality``: estimated cosine between base and original outputs that the base must reach;
     when the budget does not get there, more is spent, up to ``cap`` (a share). With
     ``budget=None`` the base is the smallest that reaches ``quality``. ``calibrate``: measure
     each tensor's effect on the outputs by running the model (synthetic inputs unless ``calib``
     names an .npz of real ones). ``adaptive=False`` gives every tensor the plan's base bits.
 
-    The defaults (13% of fp32, at least 0.98 estimated, at most 20%) were chosen on MiniLM and
+    The defaults (13.5% of the weight bytes, at least 0.985 estimated, at most 20%) were chosen on MiniLM and
     the third-party models in docs/quality.md.
     """
 
-    budget: float | None = 0.13
-    quality: float = 0.98
+    budget: float | None = 0.135
+    quality: float = 0.985
     cap: float = 0.20
     calibrate: bool = True
     calib: str | None = None
@@ -125,11 +126,6 @@ class BitBudget:
             raise PlanError(f"--quality must be between 0 and 1, not {self.quality}")
         if not 0 < self.cap <= 1:
             raise PlanError(f"cap must be a share in (0, 1], not {self.cap}")
-
-    def budget_bytes(self, fp32_bytes: float) -> float | None:
-        if self.budget is None:
-            return None
-        return self.budget * fp32_bytes if self.budget < 1 else self.budget / 32 * fp32_bytes
 
     @property
     def max_error(self) -> float:

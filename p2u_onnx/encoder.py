@@ -273,8 +273,9 @@ class _TensorCoder:
             imp = np.ascontiguousarray(sel.layout.to_blocks(
                 np.broadcast_to(imp, sel.shape).astype(np.float32)))
         # the device-side replay of the lossless stage is checked on each tensor's first chunk
+        clip = self.bitplan.clip.get(slot.key, cfg.clip_search)
         futures = [self.pool.submit(code_chunk, blocks[b0:b1], info, stages,
-                                    symmetric=cfg.symmetric, clip_search=cfg.clip_search,
+                                    symmetric=cfg.symmetric, clip_search=clip,
                                     replay=i == 0,
                                     importance=None if imp is None else imp[b0:b1])
                    for i, (b0, b1) in enumerate(spans)]
@@ -375,8 +376,13 @@ def _bit_plan(m: ModelProto, selected, plan: Plan, config: QuantConfig, budget: 
                 "<")).reshape(s.shape)
         else:
             arrays[s.slot.key] = tensor_array(t)
+    # what the base pays for tensors that are not coded (sent as they are)
+    chosen = {id(s.slot.tensor) for s in selected}
+    fixed = sum(slot_nbytes(sl.tensor) for sl in iter_slots(m) if id(sl.tensor) not in chosen)
+    total = fixed + sum(a.nbytes for a in arrays.values())
     try:
-        return plan_bits(m, selected, arrays, plan, config, budget)
+        return plan_bits(m, selected, arrays, plan, config, budget, fixed_bytes=fixed,
+                         total_bytes=total)
     finally:
         for s in selected:
             if s.slot.key in saved:

@@ -77,9 +77,9 @@ class Selected:
     shape: tuple[int, ...]
 
 
-def _weight_axes(c: Consumer, rank: int) -> tuple[int, int] | None:
+def _weight_axes(c: Consumer, shape: tuple[int, ...]) -> tuple[int, int] | None:
     """(output-channel axis, reduction axis) of a weight read by ``c``, or None if unknown."""
-    op, i = c.node.op_type, c.input_index
+    op, i, rank = c.node.op_type, c.input_index, len(shape)
     attrs = {a.name: helper.get_attribute_value(a) for a in c.node.attribute}
     if rank < 2:
         return None
@@ -91,9 +91,11 @@ def _weight_axes(c: Consumer, rank: int) -> tuple[int, int] | None:
         if i == 0:
             return (1, 0) if attrs.get("transA", 0) else (0, 1)
     if op in ("Conv", "ConvInteger", "FusedConv", "NhwcConv") and i == 1:
-        return (0, 1)
+        # reduce along the longest of input channels and kernel axes (a 1 x 256 filter bank
+        # blocks along its taps, a 64-channel 3x3 conv along its channels)
+        return (0, max(range(1, rank), key=lambda a: shape[a]))
     if op == "ConvTranspose" and i == 1:
-        return (1, 0)
+        return (1, max([0] + list(range(2, rank)), key=lambda a: shape[a]))
     if op == "Gather" and i == 0 and rank == 2:
         return (0, 1)
     if op in ("LSTM", "GRU", "RNN") and i in (1, 2) and rank == 3:
@@ -107,7 +109,7 @@ def choose_layout(shape: tuple[int, ...], consumers: list[Consumer],
     rank = len(shape)
     if config.granularity == "tensor" or rank == 0:
         return Layout(shape, "tensor")
-    axes = next((a for c in consumers if (a := _weight_axes(c, rank))), None)
+    axes = next((a for c in consumers if (a := _weight_axes(c, shape))), None)
     if axes is None:
         axes = (0, rank - 1) if rank >= 2 else (0, 0)
     out_axis, red_axis = axes

@@ -6,7 +6,8 @@ on the wire and its effect on the outputs, then :func:`~p2u_onnx.allocate.alloca
   activation each weight multiplies (from :mod:`p2u_onnx.calibrate`), relative to the weighted
   signal;
 * output error: weight error times a per-tensor gain measured once, by running the model with
-  that tensor alone at 3 bits (tensors that cannot be measured get the median gain).
+  that tensor alone at 3 bits (tensors that cannot be measured get the median gain); the same
+  runs decide, per tensor, whether the quantizer may clip outliers.
 """
 
 from __future__ import annotations
@@ -43,6 +44,7 @@ class BitPlan:
     allocation: Allocation | None
     calibrated: bool
     notes: list[str]
+    clip: dict[str, bool] = dataclasses.field(default_factory=dict)  # clip search per tensor
 
 
 def candidates(plan: Plan) -> list[int]:
@@ -63,8 +65,13 @@ def _entropy_bits(codes: np.ndarray) -> float:
 
 
 def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.ndarray],
-              plan: Plan, config: QuantConfig, budget: BitBudget) -> BitPlan:
-    """Choose base bits per selected slot. ``arrays`` holds their values (storage dtype)."""
+              plan: Plan, config: QuantConfig, budget: BitBudget, *, fixed_bytes: int = 0,
+              total_bytes: int | None = None) -> BitPlan:
+    """Choose base bits per selected slot. ``arrays`` holds their values (storage dtype).
+
+    A budget given as a share is a share of ``total_bytes`` (every weight of the source, as
+    ``inspect`` reports it), of which ``fixed_bytes`` go to tensors sent as they are.
+    """
     notes: list[str] = []
     calib = None
     if budget.calibrate:
@@ -78,50 +85,63 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
             notes.append("the model could not be run on calibration inputs: bits chosen from "
                          "weight errors alone")
     rng = np.random.default_rng(0)
-    costs, rel_at_ref, gains = [], {}, {}
+    costs, gains, clip = [], {}, {}
     per_tensor = {}
     for s in selected:
         key, layout = s.slot.key, s.layout
         info = dtype_info(s.slot.tensor.data_type)
         w = arrays[key]
-        blocks = layout.to_blocks(info.to_compute(w))
-        idx = _sample(blocks, rng)
-        xs = blocks[idx].astype(np.float32)
-        finite = np.isfinite(xs)
-        xs = np.where(finite, xs, 0)
+        blocks = layout.to_blocks(info.to_compute(w)).astype(np.float32)
         imp = calib.importance.get(key) if calib else None
-        ims = None
-        if imp is not None:
-            ims = layout.to_blocks(np.broadcast_to(imp, layout.shape).astype(np.float32))[idx]
+        imp_blocks = None if imp is None else \
+            layout.to_blocks(np.broadcast_to(imp, layout.shape).astype(np.float32))
+        measured = {}
+        if calib is not None and key in calib.measurable:
+            # the output decides whether clipping outliers helps this tensor (it lowers the
+            # weights' squared error, but some models depend on their largest weights)
+            for c in ((True, False) if config.clip_search else (False,)):
+                q = qz.quantize_base(blocks, REFERENCE_BITS, info, symmetric=config.symmetric,
+                                     clip_search=c, importance=imp_blocks)
+                ref_w = layout.from_blocks(base_blocks(q, info)).astype(w.dtype)
+                measured[c] = calib.output_error({key: ref_w})
+            clip[key] = min(measured, key=measured.get)
+        else:
+            clip[key] = config.clip_search
+        idx = _sample(blocks, rng)
+        xs = blocks[idx]
+        xs = np.where(np.isfinite(xs), xs, 0)
+        ims = None if imp_blocks is None else imp_blocks[idx]
         weight = ims if ims is not None else np.ones_like(xs)
         signal = float(np.sum(weight * xs * xs)) or 1.0
         rel, nbytes = [], []
         scale_bytes = SCALE_BYTES[info.scale_storage.itemsize]
         for b in candidates(plan):
             bc = qz.quantize_base(xs, b, info, symmetric=config.symmetric,
-                                  clip_search=config.clip_search, importance=ims)
+                                  clip_search=clip[key], importance=ims)
             recon = info.to_compute(base_blocks(bc, info))
             rel.append(float(np.sum(weight * np.square(recon - xs))) / signal)
             nbytes.append(CODE_OVERHEAD * layout.size * _entropy_bits(bc.codes) / 8
                           + layout.n_blocks * scale_bytes)
         per_tensor[key] = (rel, nbytes)
-        rel_at_ref[key] = rel[candidates(plan).index(REFERENCE_BITS)] \
-            if REFERENCE_BITS in candidates(plan) else rel[0]
-        if calib is not None and key in calib.measurable:
-            q = qz.quantize_base(blocks.astype(np.float32), REFERENCE_BITS, info,
-                                 symmetric=config.symmetric, clip_search=False)
-            ref_w = layout.from_blocks(base_blocks(q, info)).astype(w.dtype)
-            out_err = calib.output_error({key: ref_w})
-            if rel_at_ref[key] > 0:
-                gains[key] = out_err / rel_at_ref[key]
+        if measured:
+            at_ref = rel[candidates(plan).index(REFERENCE_BITS)]
+            if at_ref > 0:
+                gains[key] = measured[clip[key]] / at_ref
     default_gain = float(np.median(list(gains.values()))) if gains else 1.0 / max(len(selected), 1)
     for s in selected:
         key = s.slot.key
         rel, nbytes = per_tensor[key]
         g = gains.get(key, default_gain)
         costs.append(TensorCost(key, candidates(plan), nbytes, [g * r for r in rel]))
-    fp32 = sum(4 * int(np.prod(s.shape)) for s in selected)
-    alloc = allocate(costs, budget=budget.budget_bytes(fp32), max_error=budget.max_error,
-                     cap=budget.cap * fp32)
+    coded_fp32 = sum(4 * int(np.prod(s.shape)) for s in selected)
+    total = total_bytes if total_bytes is not None else coded_fp32 + fixed_bytes
+    if budget.budget is None:
+        spend = None
+    elif budget.budget < 1:
+        spend = budget.budget * total - fixed_bytes
+    else:
+        spend = budget.budget / 32 * coded_fp32
+    alloc = allocate(costs, budget=spend, max_error=budget.max_error,
+                     cap=budget.cap * total - fixed_bytes)
     return BitPlan(alloc.bits, calib.importance if calib else {}, alloc.errors, alloc,
-                   calib is not None, notes)
+                   calib is not None, notes, clip)
