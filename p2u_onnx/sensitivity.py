@@ -32,6 +32,7 @@ SAMPLE_BLOCKS = 4096
 SCALE_BYTES = {2: 1.3, 4: 1.4}  # measured wire cost of one block scale, by scale width
 REFERENCE_BITS = 3
 CODE_OVERHEAD = 1.03  # zstd's cost over the codes' entropy, measured
+CALIBRATION_LIMIT = 1 << 30  # above this many bytes of coded weights, no calibration runs
 
 
 @dataclasses.dataclass
@@ -74,7 +75,12 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
     """
     notes: list[str] = []
     calib = None
-    if budget.calibrate:
+    coded_bytes = sum(a.nbytes for a in arrays.values())
+    if budget.calibrate and coded_bytes > CALIBRATION_LIMIT and not budget.calib:
+        notes.append(f"{coded_bytes / 2**30:.1f} GiB of coded weights: bits chosen from weight "
+                     "errors alone (calibration runs the model once per tensor; pass --calib "
+                     "to run it anyway)")
+    elif budget.calibrate:
         weights = {s.slot.key: arrays[s.slot.key] for s in selected
                    if s.slot.kind == "initializer" and isinstance(s.slot.container, GraphProto)
                    and s.slot.container is model.graph and s.slot.key == s.slot.name
