@@ -33,7 +33,7 @@ from .graph import Consumer, consumers_by_name
 
 __all__ = ["Calibration", "synthesize_feeds", "load_feeds"]
 
-_DEFAULT_DIMS = {"batch": 2, "seq": 32, "spatial": 64}
+_DEFAULT_DIMS = {"batch": 4, "seq": 32, "spatial": 64}
 _MAX_ACTIVATION_SAMPLES = 1 << 16  # rows of an activation kept for its statistics
 
 
@@ -53,7 +53,7 @@ def _index_limit(model: ModelProto, name: str) -> int | None:
     return None
 
 
-def synthesize_feeds(model: ModelProto, batches: int = 2, seed: int = 0) -> list[dict[str, np.ndarray]]:
+def synthesize_feeds(model: ModelProto, batches: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
     """Deterministic inputs from the input signature (see module docstring)."""
     init_names = {t.name for t in model.graph.initializer}
     rng = np.random.default_rng(seed)

@@ -40,6 +40,7 @@ ALIGN = 64
 EXTERNALIZE_BYTES = 4096  # other tensors this big go to base.bin, shared by base and skeleton
 CHUNK_ELEMENTS = 1 << 18  # weights per stage entry: cache-sized, coded on parallel threads
 LOOKAHEAD_BYTES = 64 << 20  # weights submitted ahead of the one being written
+GRAPH_RATIO = 0.3  # zstd-compressed size of a graph's protobuf (no weights), measured
 
 
 @dataclasses.dataclass
@@ -376,10 +377,12 @@ def _bit_plan(m: ModelProto, selected, plan: Plan, config: QuantConfig, budget: 
                 "<")).reshape(s.shape)
         else:
             arrays[s.slot.key] = tensor_array(t)
-    # what the base pays for tensors that are not coded (sent as they are)
+    # what the base pays besides the coded weights: tensors sent as they are, and the graph
+    # itself (compressed to about GRAPH_RATIO of its protobuf size)
     chosen = {id(s.slot.tensor) for s in selected}
     fixed = sum(slot_nbytes(sl.tensor) for sl in iter_slots(m) if id(sl.tensor) not in chosen)
     total = fixed + sum(a.nbytes for a in arrays.values())
+    fixed += int(GRAPH_RATIO * max(m.ByteSize() - fixed, 0))
     try:
         return plan_bits(m, selected, arrays, plan, config, budget, fixed_bytes=fixed,
                          total_bytes=total)
