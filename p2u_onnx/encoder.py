@@ -101,7 +101,7 @@ def slot_nbytes(t: TensorProto) -> int:
     return t.ByteSize()
 
 
-def digest_slot(digest, slot) -> bytes:
+def digest_slot(digest, slot, raw: bytes | None = None) -> bytes:
     """Feed one slot's identity and bytes to ``digest`` (same on the source and a restore).
 
     Returns the bytes hashed: little-endian values for float tensors (whatever field holds
@@ -109,7 +109,7 @@ def digest_slot(digest, slot) -> bytes:
     """
     t = slot.tensor
     digest.update(f"{slot.key}|{t.data_type}|{list(t.dims)}|".encode())
-    raw = t.raw_data
+    raw = raw if raw is not None else t.raw_data
     if not raw:
         if t.data_type in (1, 10, 11, 16):
             a = tensor_array(t)
@@ -245,13 +245,14 @@ class _TensorCoder:
         self.all_bytes = 0
         self.digest = hashlib.sha256()
 
-    def digest_slot(self, slot) -> bytes:
-        """Hash the slot into the source digest; returns its raw bytes (read once).
+    def digest_slot(self, slot, raw: bytes | None = None) -> bytes:
+        """Hash the slot into the source digest; returns its raw bytes (read once, or ``raw``
+        when the caller already took them out of the model).
 
         The tensor's inline bytes are dropped from the model meanwhile (only one copy of a
         tensor lives at a time); :meth:`finish` puts them back or points the tensor elsewhere.
         """
-        raw = digest_slot(self.digest, slot)
+        raw = digest_slot(self.digest, slot, raw)
         self.all_bytes += len(raw)
         if slot.tensor.raw_data:
             slot.tensor.ClearField("raw_data")
@@ -361,17 +362,21 @@ class _OpsetFallback(Exception):
 
 
 def _bit_plan(m: ModelProto, selected, plan: Plan, config: QuantConfig, budget: BitBudget):
-    """Base bits per tensor (adaptive unless ``budget.adaptive`` is off)."""
+    """Base bits per tensor (adaptive unless ``budget.adaptive`` is off).
+
+    Returns the plan and the raw bytes of the selected tensors that were taken out of the
+    model meanwhile (one copy of each weight, not two); the coder takes them from there.
+    """
     from .sensitivity import BitPlan, plan_bits
 
     if not budget.adaptive or not selected:
-        return BitPlan({s.slot.key: plan.base_bits for s in selected}, {}, {}, None, False, [])
-    # Take the weights' bytes out of the model while calibrating: one copy of each, not two.
-    arrays, saved = {}, {}
+        return BitPlan({s.slot.key: plan.base_bits for s in selected}, {}, {}, None, False,
+                       []), {}
+    arrays, taken = {}, {}
     for s in selected:
         t = s.slot.tensor
         if t.raw_data:
-            saved[s.slot.key] = raw = t.raw_data
+            taken[s.slot.key] = raw = t.raw_data
             t.ClearField("raw_data")
             arrays[s.slot.key] = np.frombuffer(raw, dtype_info(t.data_type).storage.newbyteorder(
                 "<")).reshape(s.shape)
@@ -383,13 +388,8 @@ def _bit_plan(m: ModelProto, selected, plan: Plan, config: QuantConfig, budget: 
     fixed = sum(slot_nbytes(sl.tensor) for sl in iter_slots(m) if id(sl.tensor) not in chosen)
     total = fixed + sum(a.nbytes for a in arrays.values())
     fixed += int(GRAPH_RATIO * max(m.ByteSize() - fixed, 0))
-    try:
-        return plan_bits(m, selected, arrays, plan, config, budget, fixed_bytes=fixed,
-                         total_bytes=total)
-    finally:
-        for s in selected:
-            if s.slot.key in saved:
-                s.slot.tensor.raw_data = saved.pop(s.slot.key)
+    return plan_bits(m, selected, arrays, plan, config, budget, fixed_bytes=fixed,
+                     total_bytes=total), taken
 
 
 def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantConfig,
@@ -399,7 +399,7 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     selected = passes.select_weights(m, config)
     selected_ids = {id(s.slot.tensor) for s in selected}
 
-    bitplan = _bit_plan(m, selected, plan, config, budget)
+    bitplan, taken = _bit_plan(m, selected, plan, config, budget)
 
     # Low-bit codes need a recent opset; convert the structure, or fall back to INT8 codes.
     opset0 = default_opset(m)
@@ -423,7 +423,7 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
         pending: deque = deque()
         in_flight = 0
         for slot in list(iter_slots(m)):
-            raw = coder.digest_slot(slot)
+            raw = coder.digest_slot(slot, taken.pop(slot.key, None))
             sel = by_tensor.get(id(slot.tensor))
             pending.append(coder.submit(slot, sel, raw))
             in_flight += len(raw)

@@ -60,6 +60,19 @@ def _sample(blocks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
     return np.sort(rng.choice(len(blocks), SAMPLE_BLOCKS, replace=False))
 
 
+def _reconstruct(blocks: np.ndarray, info, config: QuantConfig, clip: bool,
+                 importance: np.ndarray | None) -> np.ndarray:
+    """The base at REFERENCE_BITS of a whole tensor's blocks, quantized in chunks (memory)."""
+    out = np.empty(blocks.shape, info.storage)
+    step = max(1, (1 << 18) // max(blocks.shape[1], 1))
+    for i in range(0, len(blocks), step):
+        q = qz.quantize_base(blocks[i:i + step], REFERENCE_BITS, info, symmetric=config.symmetric,
+                             clip_search=clip,
+                             importance=None if importance is None else importance[i:i + step])
+        out[i:i + step] = base_blocks(q, info)
+    return out
+
+
 def _entropy_bits(codes: np.ndarray) -> float:
     _, counts = np.unique(codes, return_counts=True)
     p = counts / counts.sum()
@@ -98,7 +111,7 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
         key, layout = s.slot.key, s.layout
         info = dtype_info(s.slot.tensor.data_type)
         w = arrays[key]
-        blocks = layout.to_blocks(info.to_compute(w)).astype(np.float32)
+        blocks = np.asarray(layout.to_blocks(info.to_compute(w)), np.float32)
         imp = calib.importance.get(key) if calib else None
         imp_blocks = None if imp is None else \
             layout.to_blocks(np.broadcast_to(imp, layout.shape).astype(np.float32))
@@ -107,10 +120,10 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
             # the output decides whether clipping outliers helps this tensor (it lowers the
             # weights' squared error, but some models depend on their largest weights)
             for c in ((True, False) if config.clip_search else (False,)):
-                q = qz.quantize_base(blocks, REFERENCE_BITS, info, symmetric=config.symmetric,
-                                     clip_search=c, importance=imp_blocks)
-                ref_w = layout.from_blocks(base_blocks(q, info)).astype(w.dtype)
+                recon = _reconstruct(blocks, info, config, c, imp_blocks)
+                ref_w = layout.from_blocks(recon).astype(w.dtype, copy=False)
                 measured[c] = calib.output_error({key: ref_w})
+                del recon, ref_w
             clip[key] = min(measured, key=measured.get)
         else:
             clip[key] = config.clip_search
