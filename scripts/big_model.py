@@ -30,7 +30,7 @@ def build(path: Path, gib: float, width: int = 4096) -> int:
     rng = np.random.default_rng(0)
     inits, nodes, x = [], [], "x"
     for i in range(layers):
-        w = (rng.standard_normal((width, width), dtype=np.float32) * (1 / np.sqrt(width)))
+        w = rng.standard_normal((width, width), dtype=np.float32) * np.float32(1 / np.sqrt(width))
         inits.append(numpy_helper.from_array(w, f"w{i}"))
         nodes.append(helper.make_node("MatMul", [x, f"w{i}"], [f"h{i}"]))
         nodes.append(helper.make_node("Relu", [f"h{i}"], [f"a{i}"]))
