@@ -96,6 +96,7 @@ def main() -> int:
     ap.add_argument("--models", default="")
     ap.add_argument("--budgets", default="0.15")
     ap.add_argument("--json", type=Path)
+    ap.add_argument("--markdown", type=Path, help="also write the table as Markdown here")
     args = ap.parse_args()
     print(f"onnx {onnx.__version__}, onnxruntime {ort.__version__}, numpy {np.__version__}")
     selected = set(filter(None, args.models.split(","))) or None
@@ -125,7 +126,22 @@ def main() -> int:
             f"{k} {row[k][0]:.4f} @ {row[k][1]:.1%}" for k in labels), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
+    if args.markdown:
+        args.markdown.write_text(markdown(results, labels))
     return 0
+
+
+def markdown(results: list[dict], labels: list[str]) -> str:
+    head = (f"Written by `python scripts/bench_quality.py --markdown ...` on onnx {onnx.__version__}, "
+            f"onnxruntime {ort.__version__}, numpy {np.__version__}. Each cell: the base's "
+            "agreement with the fp32 model @ the base's size as a share of the fp32 weight "
+            "bytes.\n\n")
+    lines = ["| model | metric | " + " | ".join(labels) + " |",
+             "|---|---|" + "---|" * len(labels)]
+    for r in results:
+        lines.append(f"| {r['model']} | {r['metric']} | " + " | ".join(
+            f"{r[k][0]:.4f} @ {r[k][1]:.1%}" for k in labels) + " |")
+    return head + "\n".join(lines) + "\n"
 
 
 if __name__ == "__main__":
