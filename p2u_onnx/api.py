@@ -93,22 +93,32 @@ def restore(package: str | os.PathLike, output: str | os.PathLike,
     """
     model = load_stage_model(package, stage)
     out = Path(output)
-    size = model.ByteSize()
-    with AtomicFile(out) as f:
-        if size < _PROTOBUF_LIMIT:
+    # ByteSize() itself fails past 2 GB: count the tensor bytes instead
+    size = sum(len(t.raw_data) for t in _all_tensors(model))
+    if size < _PROTOBUF_LIMIT - (64 << 20):
+        with AtomicFile(out) as f:
             f.write(model.SerializeToString())
-        else:
-            data = out.with_name(out.name + ".data")
-            tmp = Path(f.name).with_name(f.name + ".d")  # type: ignore[attr-defined]
-            tmp.mkdir()
-            try:
-                onnx.save_model(model, str(tmp / out.name), save_as_external_data=True,
-                                all_tensors_to_one_file=True, location=data.name)
-                f.write((tmp / out.name).read_bytes())
-                os.replace(tmp / data.name, data)
-            finally:
-                shutil.rmtree(tmp, ignore_errors=True)
+        return out
+    # past the protobuf limit: tensors in <output>.data, both files renamed into place
+    data = out.with_name(out.name + ".data")
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        onnx.save_model(model, str(tmp / out.name), save_as_external_data=True,
+                        all_tensors_to_one_file=True, location=data.name)
+        os.replace(tmp / data.name, data)
+        os.replace(tmp / out.name, out)
+    except OSError as e:
+        raise P2UError(f"cannot write {out}: {e.strerror or e}") from e
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
     return out
+
+
+def _all_tensors(model: onnx.ModelProto):
+    from .graph import iter_slots
+
+    return (s.tensor for s in iter_slots(model))
 
 
 def inspect(package: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:

@@ -268,3 +268,17 @@ def test_other_plans_run_in_onnxruntime(tmp_path, plan):
     errs = [np.max(np.abs(run(load_stage_model(pkg, k), {"x": x})[0] - ref))
             for k in range(len(plan.split(",")))]
     assert errs[-1] == 0 and all(a >= b for a, b in zip(errs, errs[1:]))
+
+
+def test_restore_past_the_protobuf_limit_writes_external_data(tmp_path, monkeypatch):
+    from p2u_onnx import api
+
+    src = tmp_path / "m.onnx"
+    model = synth.mlp()
+    onnx.save(model, str(src))
+    p2u_onnx.encode(src, tmp_path / "m.p2u")
+    monkeypatch.setattr(api, "_PROTOBUF_LIMIT", 1000 + (64 << 20))  # pretend the model is huge
+    out = p2u_onnx.restore(tmp_path / "m.p2u", tmp_path / "r.onnx")
+    assert (tmp_path / "r.onnx.data").stat().st_size > 0
+    x = np.ones((2, 64), np.float32)
+    np.testing.assert_array_equal(run(str(out), {"x": x})[0], run(model, {"x": x})[0])
