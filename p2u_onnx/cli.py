@@ -2,42 +2,15 @@
 
 from __future__ import annotations
 
-import functools
 import json
 import sys
 from pathlib import Path
 
 import click
 
-from .errors import P2UError
-
-CONTEXT = {"help_option_names": ["-h", "--help"], "max_content_width": 100}
-
-
-def _friendly(fn):
-    """Turn library errors (and a few OS errors) into one line on stderr and exit code 1."""
-
-    @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except P2UError as e:
-            raise click.ClickException(str(e)) from None
-        except OSError as e:
-            raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) \
-                from None
-        except KeyboardInterrupt:
-            raise click.ClickException("interrupted") from None
-
-    return wrapper
-
-
-def _fmt_bytes(n: float) -> str:
-    for unit in ("B", "kB", "MB", "GB"):
-        if abs(n) < 1000 or unit == "GB":
-            return f"{n:.0f} {unit}" if unit == "B" else f"{n:.1f} {unit}"
-        n /= 1000
-    return f"{n:.1f} GB"
+from ._cliutil import CONTEXT, _fmt_bytes, _friendly
+from .cli_http import fetch as _fetch_command
+from .cli_http import serve as _serve_command
 
 
 @click.group(context_settings=CONTEXT)
@@ -262,6 +235,9 @@ def demo(stages) -> None:
 
     run_demo(stages, echo=click.echo)
 
+
+main.add_command(_serve_command, "serve")
+main.add_command(_fetch_command, "fetch")
 
 if __name__ == "__main__":  # pragma: no cover
     main()

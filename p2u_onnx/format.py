@@ -94,6 +94,8 @@ class AtomicFile:
         try:
             if exc_type is None:
                 self._f.flush()
+                # mkstemp creates 0600; a package must be readable by the web server serving it
+                os.fchmod(self._f.fileno(), 0o666 & ~_umask())
                 os.fsync(self._f.fileno())
             self._f.close()
             if exc_type is None:
@@ -106,6 +108,12 @@ class AtomicFile:
         if isinstance(exc, OSError):
             raise P2UError(f"cannot write {self.path}: {exc.strerror or exc}") from exc
         return False
+
+
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
 
 
 def _unlink(p: str) -> None:

@@ -1,0 +1,104 @@
+"""``p2u serve`` and ``p2u fetch``: a thin layer over :mod:`.devserver` and :mod:`.transport`.
+
+Registered in :mod:`p2u_onnx.cli` with ``main.add_command``.
+"""
+
+from __future__ import annotations
+
+import sys
+import threading
+import urllib.parse
+from pathlib import Path
+
+import click
+
+from ._cliutil import CONTEXT, _fmt_bytes, _friendly
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("package", type=click.Path(exists=True, file_okay=False, path_type=Path))
+@click.option("--host", default="127.0.0.1", show_default=True,
+              help="Address to listen on (keep 127.0.0.1 unless you mean to share it).")
+@click.option("--port", type=int, default=8000, show_default=True,
+              help="Port to listen on; 0 picks a free one.")
+@click.option("--rate", default=None,
+              help="Bandwidth limit shared by all connections, e.g. 250kbit, 1mbit, 10mbit, 2MB.")
+@click.option("-q", "--quiet", is_flag=True, help="Do not log requests.")
+@_friendly
+def serve(package, host, port, rate, quiet) -> None:
+    """Serve PACKAGE (a package directory) over HTTP, for development and slow-link tests.
+
+    Supports HEAD, Range requests (206, 416), ETag and Last-Modified. In production serve the
+    directory as plain files with any web server, CDN or bucket: no p2u code is needed there.
+    """
+    from .devserver import PackageServer, parse_rate
+
+    limit = parse_rate(rate) if rate else None
+    log = None if quiet else (lambda line: click.echo(line, err=True))
+    server = PackageServer(package, host, port, rate=limit, log=log)
+    what = "package" if (package / "manifest.json").is_file() else \
+        "directory (no manifest.json: not a package)"
+    pace = f", limited to {rate} ({_fmt_bytes(limit)}/s)" if limit else ""
+    click.echo(f"serving {what} {package} at {server.url}{pace}; Ctrl-C stops")
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        click.echo("stopped", err=True)
+    finally:
+        server.server_close()
+
+
+@click.command(context_settings=CONTEXT)
+@click.argument("url")
+@click.option("-o", "--output", type=click.Path(file_okay=False, path_type=Path), default=None,
+              help="Directory to mirror into [default: the last segment of URL, e.g. model.p2u].")
+@click.option("--timeout", type=float, default=30.0, show_default=True,
+              help="Seconds to wait to connect and between two reads.")
+@click.option("--attempts", type=int, default=6, show_default=True,
+              help="Tries per request without progress before giving up.")
+@click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
+@_friendly
+def fetch(url, output, timeout, attempts, quiet) -> None:
+    """Mirror the package at URL into a directory, checking every file against its manifest.
+
+    Resumable: after an interruption run the same command again and it continues where it
+    stopped. The result is a package directory (p2u verify, p2u restore, ProgressiveSession).
+    """
+    from tqdm import tqdm
+
+    try:
+        from .transport import RetryPolicy
+        from .transport import fetch as do_fetch
+    except ImportError as e:
+        raise click.ClickException(f"p2u fetch needs httpx: pip install 'p2u-onnx[http]' "
+                                   f"({e})") from None
+
+    if output is None:
+        name = Path(urllib.parse.urlsplit(url).path.rstrip("/")).name
+        if not name or name == "manifest.json":
+            raise click.UsageError("cannot name the directory after this URL: give -o DIR")
+        output = Path(name)
+    bar = None
+
+    def progress(done: int, total: int) -> None:
+        nonlocal bar
+        if quiet:
+            return
+        if bar is None:
+            bar = tqdm(total=total, unit="B", unit_scale=True, desc="fetch", leave=False,
+                       file=sys.stderr)
+        bar.update(done - bar.n)
+
+    cancel = threading.Event()
+    try:
+        path = do_fetch(url, output, progress, cancel,
+                        retry=RetryPolicy(attempts=attempts, timeout=timeout))
+    except KeyboardInterrupt:
+        cancel.set()
+        raise
+    finally:
+        if bar is not None:
+            bar.close()
+    files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
+    size = sum(p.stat().st_size for p in files)
+    click.echo(f"fetched {len(files)} files ({_fmt_bytes(size)}) into {path}")
