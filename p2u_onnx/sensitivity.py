@@ -132,14 +132,15 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
         xs = np.where(np.isfinite(xs), xs, 0)
         ims = None if imp_blocks is None else imp_blocks[idx]
         weight = ims if ims is not None else np.ones_like(xs)
-        signal = float(np.sum(weight * xs * xs)) or 1.0
+        x64 = xs.astype(np.float64)
+        signal = float(np.sum(weight * x64 * x64)) or 1.0
         rel, nbytes = [], []
         scale_bytes = SCALE_BYTES[info.scale_storage.itemsize]
         for b in candidates(plan):
             bc = qz.quantize_base(xs, b, info, symmetric=config.symmetric,
                                   clip_search=clip[key], importance=ims)
             recon = info.to_compute(base_blocks(bc, info))
-            rel.append(float(np.sum(weight * np.square(recon - xs))) / signal)
+            rel.append(float(np.sum(weight * np.square(recon - x64))) / signal)
             nbytes.append(CODE_OVERHEAD * layout.size * _entropy_bits(bc.codes) / 8
                           + layout.n_blocks * scale_bytes)
         per_tensor[key] = (rel, nbytes)
