@@ -34,6 +34,7 @@ sys.path.insert(0, str(ROOT / "scripts"))
 import realmodels  # noqa: E402
 
 import p2u_onnx  # noqa: E402
+from p2u_onnx import BitBudget  # noqa: E402
 from p2u_onnx.api import load_stage_model, open_stages  # noqa: E402
 
 ort.set_default_logger_severity(3)
@@ -70,14 +71,14 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def peak_encode_memory(model: Path, plan: str) -> float:
-    """Peak RSS growth of a fresh process while it encodes, over the model's weight bytes."""
+def peak_encode_memory(model: Path, plan: str, extra: str = "") -> float:
+    """Peak RSS growth (bytes) of a fresh process while it encodes."""
     code = f"""
 import resource, sys, tempfile, psutil, os
 import p2u_onnx, p2u_onnx.encoder, onnx, numpy
 base = psutil.Process().memory_info().rss
 with tempfile.TemporaryDirectory() as d:
-    p2u_onnx.encode({str(model)!r}, d + '/m.p2u', {plan!r})
+    p2u_onnx.encode({str(model)!r}, d + '/m.p2u', {plan!r}, {extra})
 peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
 print(peak - base)
 """
@@ -94,6 +95,11 @@ def bench_model(name: str, path: Path, plan: str, repeats: int, metric) -> dict:
         def enc():
             p2u_onnx.encode(path, pkg, plan, overwrite=True)
 
+        def enc_codec():  # the codec alone: fixed bits, no calibration runs, no probe
+            p2u_onnx.encode(path, Path(tmp) / "fixed.p2u", plan, budget=BitBudget(adaptive=False),
+                            overwrite=True, probe=False)
+
+        t_codec = timed(enc_codec, repeats)
         t_enc = timed(enc, repeats)
         info = p2u_onnx.inspect(pkg)
 
@@ -109,10 +115,14 @@ def bench_model(name: str, path: Path, plan: str, repeats: int, metric) -> dict:
             m = metric(session(load_stage_model(pkg, st["stage"])), ref)
             rows.append({**st, "share_of_fp32": st["cumulative_bytes"] / nbytes, **m})
     mem = peak_encode_memory(path, plan)
+    mem_codec = peak_encode_memory(path, plan, "budget=p2u_onnx.BitBudget(adaptive=False), "
+                                   "probe=False")
     return {
         "model": name, "fp32_weight_bytes": nbytes, "stages": rows, "anchors": anchors(raw),
-        "encode_MBps": nbytes / t_enc / 1e6, "restore_device_MBps": nbytes / t_dev / 1e6,
+        "encode_MBps": nbytes / t_enc / 1e6, "encode_codec_MBps": nbytes / t_codec / 1e6,
+        "restore_device_MBps": nbytes / t_dev / 1e6,
         "restore_onnx_MBps": nbytes / t_onnx / 1e6, "encode_peak_x": mem / nbytes,
+        "encode_codec_peak_x": mem_codec / nbytes,
         "reference": {k: v for k, v in ref.items() if not isinstance(v, np.ndarray)},
     }
 
@@ -144,9 +154,13 @@ def print_report(r: dict) -> None:
     a = r["anchors"]
     print(f"anchors (lossless, same fp32 weights): zstd-19 {a['zstd-19']:.2%}, "
           f"ZipNN {a['ZipNN']:.2%}")
-    print(f"encode {r['encode_MBps']:.0f} MB/s, restore (device) {r['restore_device_MBps']:.0f} "
-          f"MB/s, restore (onnx file) {r['restore_onnx_MBps']:.0f} MB/s, "
-          f"peak memory while encoding {r['encode_peak_x']:.2f}x the weights")
+    print(f"encode, default (calibration runs + probe): {r['encode_MBps']:.0f} MB/s, peak "
+          f"memory {r['encode_peak_x']:.2f}x the weights")
+    print(f"encode, codec alone (--fixed-bits --no-probe): {r['encode_codec_MBps']:.0f} MB/s, "
+          f"peak memory {r['encode_codec_peak_x']:.2f}x the weights")
+    print(f"restore (device: decode every stage, write weights.bin) "
+          f"{r['restore_device_MBps']:.0f} MB/s, restore (self-contained onnx file) "
+          f"{r['restore_onnx_MBps']:.0f} MB/s")
 
 
 def main() -> int:
