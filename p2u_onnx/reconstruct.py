@@ -1,10 +1,12 @@
 """Rebuild weights stage by stage from a package's files (device side: numpy + zstandard).
 
-:class:`WeightState` holds every coded weight as the device has it now, in *block order* (see
-:class:`~p2u_onnx.quantizers.Layout`): it starts from the base's integer codes and scales (read
-from ``base.bin`` at the offsets the manifest gives) and moves one stage at a time with
-:meth:`WeightState.apply`. Stage entries cover runs of blocks (``"blocks": [first, end]``), so
-big tensors decode in cache-sized chunks, on several threads.
+:class:`WeightState` tracks every coded weight as the device has it now: it starts from the
+base's integer codes and scales (read from ``base.bin`` at the offsets the manifest gives) and
+moves one stage at a time, either streaming from one stage's ``weights.bin`` to the next
+(:meth:`WeightState.advance`, the device: about one tensor in memory at a time) or keeping the
+weights in memory in *block order* (:meth:`WeightState.apply`, see
+:class:`~p2u_onnx.quantizers.Layout`). Stage entries cover runs of blocks (``"blocks": [first,
+end]``), so big tensors decode in cache-sized chunks, on several threads.
 
 The encoder calls the same functions (:func:`code_chunk` mirrors :func:`decode_entry`), so both
 sides compute bit-identical weights at every stage.
@@ -14,9 +16,11 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import mmap
 import os
-from collections.abc import Iterator
-from concurrent.futures import ThreadPoolExecutor
+import tempfile
+from collections.abc import Callable, Iterator
+from concurrent.futures import Executor, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -26,11 +30,12 @@ from . import quantizers as qz
 from .codecs import IntGroupsCodec, IntPlanesCodec, get_codec
 from .dtypes import (ONNX_INT2, ONNX_INT4, ONNX_INT8, ONNX_UINT2, ONNX_UINT4, ONNX_UINT8,
                      DTypeInfo, dtype_info)
-from .errors import FormatError, IntegrityError
+from .errors import FormatError, IntegrityError, P2UError
 from .format import AtomicFile, StageFile
 
 __all__ = ["WeightState", "pack_codes", "unpack_codes", "base_codes_of", "extract_file",
-           "code_chunk", "ChunkCode", "workers"]
+           "code_chunk", "ChunkCode", "workers", "weights_size", "read_into", "write_from",
+           "copy_tiled"]
 
 _CODE_TYPES = {  # onnx type -> (bits per element, signed)
     ONNX_INT8: (8, True), ONNX_UINT8: (8, False),
@@ -213,95 +218,135 @@ def decode_entry(info: DTypeInfo, scale: np.ndarray, previous: np.ndarray,
 class WeightState:
     """The coded weights of one package as the device holds them at :attr:`stage`.
 
-    ``base_bin`` is the base's external-data file (path or bytes). :meth:`apply` checks that a
-    stage file belongs to this package and is the next stage before touching anything, and
-    replaces weights only once every entry decoded.
+    Each tensor's current values come from one of three places: the base (stage 0, recomputed
+    from ``base.bin`` run by run), a *weights file* (the ``weights.bin`` of the current stage:
+    tensor order, C order, at the manifest's ``weights`` offsets) or memory (block order).
+
+    * :meth:`advance` streams from the current weights file (or the base) to the next stage's,
+      run of blocks by run of blocks, and afterwards holds no weights (the device side). A
+      tensor whose blocks are not runs of its C order (blocks along a leading axis, padded
+      blocks) is assembled in memory, one batch of up to :data:`BATCH_BYTES` at a time.
+    * :meth:`apply` keeps the decoded weights in memory, for :meth:`weight` and
+      :meth:`write_weights` (restore, verify, the encoder's probe).
+
+    Both check that a stage file belongs to this package, is the next stage and tiles the
+    blocks of every tensor it updates before touching anything, and change the state only once
+    every entry decoded. ``base_bin`` is the base's external-data file (path or bytes).
+
+    >>> state = WeightState(manifest, "model.p2u/base.bin")           # doctest: +SKIP
+    >>> state.advance(read_stage("model.p2u/stage-1.p2u"), "w1.bin")  # doctest: +SKIP
+    >>> state.weights_file                                            # doctest: +SKIP
+    PosixPath('w1.bin')
     """
 
     def __init__(self, manifest: dict[str, Any], base_bin: str | os.PathLike | bytes):
         self.manifest = manifest
+        self._base_path: str | None = None
+        self._base: Any  # sliceable bytes of base.bin
         if isinstance(base_bin, (str, os.PathLike)):
-            self._base_bin = np.memmap(base_bin, np.uint8, mode="r") \
-                if os.path.getsize(base_bin) else np.zeros(0, np.uint8)
+            self._base_path = os.fspath(base_bin)
+            self._base = _FileBytes(self._base_path)
         else:
-            self._base_bin = np.frombuffer(base_bin, np.uint8)
+            self._base = np.frombuffer(base_bin, np.uint8)
+        self._base_map: np.ndarray | None = None
         self.tensors = {t["name"]: t for t in manifest["tensors"]}
         self.stage = 0
-        self._blocks: dict[str, np.ndarray] = {}
-        self._scales: dict[str, np.ndarray] = {}
+        self._file: Path | None = None  # weights file of the current stage
+        self._blocks: dict[str, np.ndarray] = {}  # values held in memory (block order)
         self.graph_bytes: bytes | None = None
 
     @property
     def base_bin(self) -> np.ndarray:
-        return self._base_bin
+        """``base.bin`` as a byte array (memory-mapped when given as a path)."""
+        if self._base_path is None:
+            return self._base
+        if self._base_map is None:
+            self._base_map = np.memmap(self._base_path, np.uint8, mode="r") \
+                if len(self._base) else np.zeros(0, np.uint8)
+        return self._base_map
 
-    def _state(self, name: str) -> np.ndarray:
-        if name not in self._blocks:
-            t = self.tensors[name]
-            layout, base = base_codes_of(t, self._base_bin)
-            self._scales[name] = base.scale
-            self._blocks[name] = base_blocks(base, dtype_info(t["dtype"]))
-        return self._blocks[name]
+    @property
+    def weights_file(self) -> Path | None:
+        """The weights file the state reads its current values from (None: base or memory)."""
+        return self._file
+
+    # -- moving to the next stage
+
+    def advance(self, stage_file: StageFile, out_path: str | os.PathLike) -> None:
+        """Move to the next stage, writing its ``weights.bin`` to ``out_path`` as it decodes.
+
+        Run by run of blocks on a thread pool, the current values are read (from
+        :attr:`weights_file`, or the base at stage 0), the stage's entry decoded and the result
+        written where it belongs. The file is written under a temporary name in ``out_path``'s
+        directory and renamed once every entry decoded; on any error it is removed and the state
+        is unchanged. Afterwards the state reads from ``out_path`` and holds no weights: keep
+        that file while the state is at this stage (and the previous one until a
+        :meth:`rollback` past it is ruled out). No fsync: the file is a private cache.
+        """
+        plan = self._check_stage(stage_file)
+        out = Path(out_path)
+        if self._file is not None and out.resolve() == self._file.resolve():
+            raise ValueError(f"{out} is the current weights file: write the next stage elsewhere")
+        tmp = ""
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+            try:
+                os.ftruncate(fd, weights_size(self.manifest))
+                self._run(self.manifest["tensors"], stage_file, plan, fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, out)
+        except BaseException as e:
+            if tmp:
+                _unlink(tmp)
+            if isinstance(e, OSError):
+                raise P2UError(f"cannot write {out}: {e.strerror or e}") from e
+            raise
+        self.stage += 1
+        self._file, self._blocks = out, {}
+
+    def apply(self, stage_file: StageFile) -> None:
+        """Move to the next stage, keeping its decoded weights in memory.
+
+        ``stage_file`` was read with :func:`~p2u_onnx.format.read_stage`; stage 1 also yields
+        :attr:`graph_bytes` (the skeleton graph).
+        """
+        plan = self._check_stage(stage_file)
+        graph = extract_file(stage_file, "graph.onnx") if any(
+            e["kind"] == "file" and e["name"] == "graph.onnx" for e in stage_file.entries) \
+            else None
+        fresh: dict[str, np.ndarray] = {}
+        self._run([t for t in self.manifest["tensors"] if t["name"] in plan], stage_file, plan,
+                  fresh)
+        self._blocks.update(fresh)
+        self.stage += 1
+        if graph is not None:
+            self.graph_bytes = graph
+
+    def checkpoint(self) -> tuple:
+        """Snapshot for :meth:`rollback`: the stage, its weights file, arrays held in memory.
+
+        Cheap: neither :meth:`advance` nor :meth:`apply` writes into a file or array the state
+        already holds. A file-backed state's snapshot is its stage and :attr:`weights_file`.
+        """
+        return self.stage, self._file, dict(self._blocks), self.graph_bytes
+
+    def rollback(self, checkpoint: tuple) -> None:
+        """Return to a :meth:`checkpoint`, e.g. when the patched session failed its probe."""
+        self.stage, self._file, blocks, self.graph_bytes = checkpoint
+        self._blocks = dict(blocks)
+
+    # -- reading the current values
 
     def weight(self, name: str) -> np.ndarray:
         """Current value of a coded weight, in its shape (storage dtype; bfloat16 as uint16)."""
         t = self.tensors[name]
-        return qz.Layout.from_json(tuple(t["shape"]), t["layout"]).from_blocks(self._state(name))
-
-    def apply(self, stage_file: StageFile) -> None:
-        """Move to the next stage using ``stage_file`` (already read with :func:`read_stage`)."""
-        expected = self.stage + 1
-        label = f"stage file {Path(stage_file.name).name}"
-        if stage_file.package_id != self.manifest["package_id"]:
-            raise IntegrityError(f"{label} belongs to another package")
-        if stage_file.stage != expected:
-            raise IntegrityError(f"{label} holds stage {stage_file.stage}, expected stage "
-                                 f"{expected}")
-        jobs = []
-        fresh: dict[str, np.ndarray] = {}
-        for entry in stage_file.entries:
-            if entry["kind"] == "file":
-                continue
-            name = entry["name"]
-            if name not in self.tensors:
-                raise FormatError(f"{label} updates unknown tensor {name!r}")
-            current = self._state(name)
-            b0, b1 = entry["blocks"]
-            if not 0 <= b0 < b1 <= len(current):
-                raise FormatError(f"{label}: block range {b0}..{b1} out of range for {name}")
-            if name not in fresh:
-                fresh[name] = np.empty_like(current)
-            jobs.append((name, b0, b1, entry))
-        covered = {n: 0 for n in fresh}
-        for name, b0, b1, _ in jobs:
-            covered[name] += b1 - b0
-        for name, n in covered.items():
-            if n != len(self._blocks[name]):
-                raise FormatError(f"{label} does not cover every block of {name}")
-
-        def run(job):
-            name, b0, b1, entry = job
-            t = self.tensors[name]
-            fresh[name][b0:b1] = decode_entry(dtype_info(t["dtype"]), self._scales[name][b0:b1],
-                                              self._blocks[name][b0:b1], entry,
-                                              stage_file.data(entry))
-
-        with ThreadPoolExecutor(workers()) as pool:
-            list(pool.map(run, jobs))
-        self._blocks.update(fresh)
-        self.stage = expected
-        for entry in stage_file.entries:
-            if entry["kind"] == "file" and entry["name"] == "graph.onnx":
-                self.graph_bytes = extract_file(stage_file, "graph.onnx")
-
-    def checkpoint(self) -> tuple:
-        """Snapshot for :meth:`rollback` (cheap: apply replaces arrays, never writes into them)."""
-        return self.stage, dict(self._blocks), dict(self._scales), self.graph_bytes
-
-    def rollback(self, checkpoint: tuple) -> None:
-        """Return to a :meth:`checkpoint`, e.g. when the patched session failed its probe."""
-        self.stage, blocks, scales, self.graph_bytes = checkpoint
-        self._blocks, self._scales = dict(blocks), dict(scales)
+        blocks = self._blocks.get(name)
+        if blocks is None:
+            values: dict[str, np.ndarray] = {}
+            self._run([t], None, {}, values)
+            blocks = values[name]
+        return _layout(t).from_blocks(blocks)
 
     def iter_weights(self) -> Iterator[tuple[dict[str, Any], np.ndarray]]:
         for name, t in self.tensors.items():
@@ -310,17 +355,393 @@ class WeightState:
     def write_weights(self, path: str | os.PathLike) -> None:
         """Write ``weights.bin``: every coded weight at the offset the skeleton graph names."""
         with AtomicFile(path) as f:
-            pos = 0
-            for t, w in self.iter_weights():
-                off, length = t["weights"]
-                if off > pos:
-                    f.write(b"\0" * (off - pos))
-                data = np.ascontiguousarray(w)
-                if data.nbytes != length:
-                    raise FormatError(f"weight {t['name']} has {data.nbytes} bytes, "
-                                      f"expected {length}")
-                f.write(memoryview(data.reshape(-1).view(np.uint8)))
-                pos = off + length
+            f.truncate(weights_size(self.manifest))
+            self._run(self.manifest["tensors"], None, {}, f.fileno())
+
+    # -- internals
+
+    def _check_stage(self, stage_file: StageFile) -> dict[str, list[tuple[int, int, dict]]]:
+        """Entries of ``stage_file`` per tensor, after checking it is this package's next stage
+        and that each updated tensor's entries tile its blocks exactly."""
+        expected = self.stage + 1
+        label = f"stage file {Path(stage_file.name).name}"
+        if stage_file.package_id != self.manifest["package_id"]:
+            raise IntegrityError(f"{label} belongs to another package")
+        if stage_file.stage != expected:
+            raise IntegrityError(f"{label} holds stage {stage_file.stage}, expected stage "
+                                 f"{expected}")
+        plan: dict[str, list[tuple[int, int, dict]]] = {}
+        for entry in stage_file.entries:
+            if entry["kind"] == "file":
+                continue
+            name = entry.get("name")
+            if not isinstance(name, str) or name not in self.tensors:
+                raise FormatError(f"{label} updates unknown tensor {name!r}")
+            try:
+                b0, b1 = (int(b) for b in entry["blocks"])
+            except (KeyError, TypeError, ValueError) as e:
+                raise FormatError(f"{label}: entry for {name} has no valid block range") from e
+            plan.setdefault(name, []).append((b0, b1, entry))
+        for name, runs in plan.items():
+            n, pos = _layout(self.tensors[name]).n_blocks, 0
+            for b0, b1, _ in sorted(runs, key=lambda r: r[0]):
+                if b0 != pos or not b0 < b1 <= n:
+                    raise FormatError(f"{label}: block range {b0}..{b1} of {name} overlaps, "
+                                      f"leaves a gap or is out of range (0..{n})")
+                pos = b1
+            if pos != n:
+                raise FormatError(f"{label} does not cover every block of {name}")
+        return plan
+
+    def _run(self, tensors: list[dict[str, Any]], stage_file: StageFile | None,
+             plan: dict[str, list[tuple[int, int, dict]]],
+             target: int | dict[str, np.ndarray]) -> None:
+        """Compute the next values of ``tensors`` (their current values where ``plan`` has no
+        entries) and store them in ``target``: a file descriptor (tensor order at the manifest
+        offsets) or a dict (block-order arrays by name)."""
+        fd = None
+        if self._file is not None:
+            try:
+                fd = os.open(self._file, os.O_RDONLY)
+            except OSError as e:
+                raise IntegrityError(f"weights file {self._file} of stage {self.stage} cannot "
+                                     f"be read ({e.strerror or e})") from e
+
+        def run(job) -> None:
+            tensor, (b0, b1, entry) = job
+            values = tensor.previous(b0, b1)
+            if entry is not None:
+                values = decode_entry(tensor.info, tensor.scale[b0:b1], values, entry,
+                                      stage_file.data(entry))  # type: ignore[union-attr]
+                _release_pages(stage_file, entry)  # type: ignore[arg-type]
+            tensor.put(b0, b1, values)
+
+        try:
+            with ThreadPoolExecutor(workers()) as pool:
+                batch: list[_Tensor] = []
+                size = 0
+                for t in [*tensors, None]:
+                    tensor = None if t is None else _Tensor(self, t, fd, target)
+                    if batch and (tensor is None or size + tensor.held > BATCH_BYTES):
+                        jobs = [(x, r) for x in batch for r in x.runs(plan.get(x.name))]
+                        try:
+                            list(pool.map(run, jobs))
+                        except BaseException:
+                            pool.shutdown(cancel_futures=True)  # no more work after an error
+                            raise
+                        for x in batch:
+                            x.finish(pool)
+                        batch, size = [], 0
+                    if tensor is not None:
+                        tensor.start(pool)
+                        batch.append(tensor)
+                        size += tensor.held
+        finally:
+            if fd is not None:
+                os.close(fd)
+
+
+class _Tensor:
+    """One coded tensor while :meth:`WeightState._run` computes its next values.
+
+    ``previous(b0, b1)`` gives the current values of blocks ``b0:b1`` (block order) and
+    ``put(b0, b1, values)`` stores the next ones; jobs on disjoint runs call both from worker
+    threads. Runs are read and written in place in the weights files when blocks ``b0:b1``
+    are elements ``b0 * block_len : b1 * block_len`` of the tensor (blocks along the last axis
+    without padding, one block per leading index, one block); otherwise the tensor is
+    assembled in memory (``held`` bytes) and written whole by ``finish()``.
+    """
+
+    def __init__(self, state: WeightState, t: dict[str, Any], fd: int | None,
+                 target: int | dict[str, np.ndarray]):
+        self.t, self.name = t, t["name"]
+        self.state, self.fd, self.target = state, fd, target
+        self.layout, self.info = _layout(t), dtype_info(t["dtype"])
+        self.n = self.layout.n_blocks
+        self.shape = (self.n, self.layout.block_len)
+        self.run_bytes = self.layout.block_len * self.info.storage.itemsize
+        contiguous = _runs_are_contiguous(self.layout)
+        self.source = "memory" if self.name in state._blocks else "file" if fd is not None \
+            else "base-runs" if contiguous else "base"
+        self.assemble = not contiguous and (isinstance(target, int) or self.source == "file")
+        self.held = self.n * self.run_bytes if self.assemble else 0
+        self.out: np.ndarray | None = None
+        self.scale = np.zeros(0, np.float32)
+        self._base: qz.BaseCodes | None = None
+
+    def start(self, pool: Executor) -> None:
+        """Read what every run needs (called in order, before any job of this tensor)."""
+        off, length = self.t["weights"]
+        if length != self.n * self.run_bytes - _padding_bytes(self.layout, self.info) \
+                or off < 0:
+            raise FormatError(f"weight {self.name} has {length} bytes at offset {off} in the "
+                              "manifest, which does not match its shape")
+        if self.assemble or isinstance(self.target, dict):
+            self.out = np.zeros(self.shape, self.info.storage)  # zero padding, as encoded
+            if self.source == "file" and self.assemble:
+                read_into(self._fd(), off, self.layout.from_blocks(self.out),
+                          str(self.state._file), pool)
+        if self.source == "base":
+            _, self._base = base_codes_of(self.t, self.state._base)
+            self.scale = self._base.scale
+        elif self.source == "base-runs":
+            self._base = _base_meta(self.t, self.state._base, self.layout)
+            self.scale = self._base.scale
+
+    def runs(self, entries: list[tuple[int, int, dict]] | None) -> list[tuple]:
+        """This stage's entries; without any, runs of about one entry's size to copy."""
+        if entries:
+            if self._base is None:
+                self.scale = base_scale_of(self.t, self.state._base)[1]
+            return entries
+        per = max(1, _RUN_ELEMENTS // self.layout.block_len)
+        return [(i, min(i + per, self.n), None) for i in range(0, self.n, per)]
+
+    def previous(self, b0: int, b1: int) -> np.ndarray:
+        if self.source == "memory":
+            return self.state._blocks[self.name][b0:b1]
+        if self.source == "file":
+            if self.assemble:
+                return self.out[b0:b1]  # type: ignore[index]
+            values = np.empty((b1 - b0, self.layout.block_len), self.info.storage)
+            _pread_into(self._fd(), _bytes(values), self.t["weights"][0] + b0 * self.run_bytes,
+                        str(self.state._file))
+            return values
+        base = self._base
+        assert base is not None
+        codes = base.codes[b0:b1] if self.source == "base" else \
+            _base_run_codes(self.t, self.state._base, self.layout, b0, b1)
+        zp = None if base.zero_point is None else base.zero_point[b0:b1]
+        values = base_blocks(qz.BaseCodes(codes, base.scale[b0:b1], zp, base.bits), self.info)
+        _zero_padding(self.layout, values, b0)
+        return values
+
+    def _fd(self) -> int:
+        if self.fd is None:
+            raise AssertionError("internal error: no weights file to read from")
+        return self.fd
+
+    def put(self, b0: int, b1: int, values: np.ndarray) -> None:
+        if self.out is not None:
+            self.out[b0:b1] = values
+        else:  # a run of the tensor's C order
+            _pwrite(self.target, _bytes(np.ascontiguousarray(values)),  # type: ignore[arg-type]
+                    self.t["weights"][0] + b0 * self.run_bytes)
+
+    def finish(self, pool: Executor) -> None:
+        """Hand an assembled tensor to the target and let it go."""
+        if isinstance(self.target, dict):
+            self.target[self.name] = self.out  # type: ignore[assignment]
+        elif self.out is not None:
+            write_from(self.target, self.t["weights"][0], self.layout.from_blocks(self.out),
+                       pool)
+        self.out = self._base = None
+
+
+def _runs_are_contiguous(layout: qz.Layout) -> bool:
+    """Whether blocks ``b0:b1`` are elements ``b0 * block_len : b1 * block_len`` of the tensor
+    in C order (no transposition, no padding)."""
+    if layout.size == 0:
+        return False
+    if layout.mode == "tensor":
+        return True
+    if layout.mode == "channel":
+        return layout.axis == 0
+    return layout.axis == len(layout.shape) - 1 and layout.shape[-1] % layout.block_size == 0
+
+
+def _padding_bytes(layout: qz.Layout, info: DTypeInfo) -> int:
+    return (layout.n_blocks * layout.block_len - layout.size) * info.storage.itemsize
+
+
+def _base_meta(t: dict[str, Any], base_bin, layout: qz.Layout) -> qz.BaseCodes:
+    """Per-block base scales and zero points of ``t``, without its codes."""
+    _, scale = base_scale_of(t, base_bin)
+    b = t["base"]
+    bits, _ = _CODE_TYPES[b["code_type"]]
+    if b["codes"][1] != -(-layout.size // (8 // bits)):
+        raise FormatError(f"tensor {t['name']}: base codes hold {b['codes'][1]} bytes, "
+                          f"expected {-(-layout.size // (8 // bits))}")
+    zp = None
+    if b.get("zero_point") is not None:
+        zraw = unpack_codes(_read(base_bin, b["zero_point"]), b["code_type"], layout.n_blocks)
+        zp = layout.scales_to_blocks(zraw.reshape(layout.scale_shape))
+    return qz.BaseCodes(np.zeros((0, layout.block_len), np.int8), scale, zp, int(t["bits"]))
+
+
+def _base_run_codes(t: dict[str, Any], base_bin, layout: qz.Layout, b0: int,
+                    b1: int) -> np.ndarray:
+    """Base codes of blocks ``b0:b1`` of ``t`` (a layout whose runs are contiguous)."""
+    b = t["base"]
+    bits, _ = _CODE_TYPES[b["code_type"]]
+    per = 8 // bits
+    e0, e1 = b0 * layout.block_len, b1 * layout.block_len
+    lo, hi = e0 // per, -(-e1 // per)
+    off = b["codes"][0]  # its length was checked by _base_meta
+    codes = unpack_codes(_read(base_bin, [off + lo, hi - lo]), b["code_type"], (hi - lo) * per)
+    return codes[e0 - lo * per:e1 - lo * per].reshape(b1 - b0, layout.block_len)
+
+
+def _release_pages(stage_file: StageFile, entry: dict[str, Any]) -> None:
+    """Unmap the pages of a decoded ``entry`` when ``stage_file`` is memory-mapped.
+
+    A mapping keeps every page it touched resident in this process (a stage can be 60% the
+    size of the weights). The file is mapped read-only and shared, so a page a neighbouring
+    entry still needs is simply read back from the kernel's cache.
+    """
+    buf = stage_file.data(entry).obj
+    if not isinstance(buf, mmap.mmap):
+        return
+    lo = entry["offset"] // mmap.PAGESIZE * mmap.PAGESIZE
+    try:
+        buf.madvise(mmap.MADV_DONTNEED, lo, entry["offset"] + entry["length"] - lo)
+    except (OSError, ValueError):  # best effort: only the footprint is at stake
+        pass
+
+
+class _FileBytes:
+    """A file read by slices with ``pread``: unlike a memory map, what was read does not stay
+    resident in the process."""
+
+    def __init__(self, path: str):
+        self.path = path
+        self._size = os.path.getsize(path)
+
+    def __len__(self) -> int:
+        return self._size
+
+    def __getitem__(self, span: slice) -> bytearray:
+        out = bytearray(span.stop - span.start)
+        fd = os.open(self.path, os.O_RDONLY)
+        try:
+            _pread_into(fd, memoryview(out), span.start, self.path)
+        finally:
+            os.close(fd)
+        return out
+
+
+def _layout(t: dict[str, Any]) -> qz.Layout:
+    return qz.Layout.from_json(tuple(t["shape"]), t["layout"])
+
+
+def _zero_padding(layout: qz.Layout, blocks: np.ndarray, first: int = 0) -> None:
+    """Zero the padding of ``blocks`` (blocks ``first..`` of a tensor), as the encoder codes it.
+
+    Only the last block along the axis of a ``"block"`` layout is padded.
+    """
+    if layout.mode != "block":
+        return
+    length = layout.shape[layout.axis]
+    rem = length % layout.block_size
+    if rem:
+        nb = -(-length // layout.block_size)
+        blocks[(nb - 1 - first) % nb::nb, rem:] = 0
+
+
+def weights_size(manifest: dict[str, Any]) -> int:
+    """Size of a stage's ``weights.bin``: the end of the last tensor."""
+    return max((int(t["weights"][0]) + int(t["weights"][1]) for t in manifest["tensors"]),
+               default=0)
+
+
+# ---------------------------------------------------------------- tensors in files
+
+
+BATCH_BYTES = 1 << 22  # tensors assembled in memory at a time (a bigger one alone)
+_RUN_ELEMENTS = 1 << 18  # values per job when a tensor is copied, not decoded
+_SLAB_BYTES = 1 << 22  # staging buffer between a file and a strided view
+_TILE = 256
+
+
+def copy_tiled(dst: np.ndarray, src: np.ndarray) -> None:
+    """``dst[...] = src``; 2-D copies between C order and a transposed view go tile by tile.
+
+    Weights in block order are transposed views of their tensors; copying them in cache-sized
+    tiles is about 2.5x faster than one strided copy.
+    """
+    if src.ndim != 2 or (src.flags.c_contiguous and dst.flags.c_contiguous):
+        np.copyto(dst, src)
+        return
+    rows, cols = src.shape
+    for i in range(0, rows, _TILE):
+        for j in range(0, cols, _TILE):
+            dst[i:i + _TILE, j:j + _TILE] = src[i:i + _TILE, j:j + _TILE]
+
+
+def _pread_into(fd: int, buf: memoryview, offset: int, where: str) -> None:
+    pos = 0
+    while pos < len(buf):
+        n = os.preadv(fd, [buf[pos:]], offset + pos)
+        if n <= 0:
+            raise IntegrityError(f"{where} is truncated: nothing at byte {offset + pos}")
+        pos += n
+
+
+def _pwrite(fd: int, buf: memoryview, offset: int) -> None:
+    pos = 0
+    while pos < len(buf):
+        pos += os.pwrite(fd, buf[pos:], offset + pos)
+
+
+def _bytes(a: np.ndarray) -> memoryview:
+    return memoryview(a.reshape(-1).view(np.uint8))
+
+
+def _slabs(values: np.ndarray) -> list[tuple[int, slice]]:
+    """(byte offset, rows) of slabs of whole rows along the first axis of ``values`` (ndim >=
+    1), for copying it between C order in a file and its own strides."""
+    rows = values.shape[0]
+    row_bytes = values.nbytes // rows
+    step = max(1, _SLAB_BYTES // max(row_bytes, 1))
+    return [(i * row_bytes, slice(i, min(i + step, rows))) for i in range(0, rows, step)]
+
+
+def _each(pool: Executor | None, fn: Callable[[Any], None], jobs: list) -> None:
+    if pool is None or len(jobs) < 2:
+        for job in jobs:
+            fn(job)
+    else:
+        list(pool.map(fn, jobs))
+
+
+def read_into(fd: int, offset: int, out: np.ndarray, where: str = "weights file",
+              pool: Executor | None = None) -> None:
+    """Fill ``out`` (any strides) with the C-order tensor stored at ``offset`` of ``fd``
+    (strided: slab by slab, on ``pool`` if given)."""
+    if out.flags.c_contiguous:
+        _pread_into(fd, _bytes(out), offset, where)
+        return
+
+    def slab(job: tuple[int, slice]) -> None:
+        pos, rows = job
+        buf = np.empty(out[rows].shape, out.dtype)
+        _pread_into(fd, _bytes(buf), offset + pos, where)
+        copy_tiled(out[rows], buf)
+
+    _each(pool, slab, _slabs(out))
+
+
+def write_from(fd: int, offset: int, values: np.ndarray, pool: Executor | None = None) -> None:
+    """Store ``values`` (any strides) in C order at ``offset`` of ``fd`` (strided: slab by
+    slab, on ``pool`` if given)."""
+    if values.flags.c_contiguous:
+        _pwrite(fd, _bytes(values), offset)
+        return
+
+    def slab(job: tuple[int, slice]) -> None:
+        pos, rows = job
+        buf = np.empty(values[rows].shape, values.dtype)
+        copy_tiled(buf, values[rows])
+        _pwrite(fd, _bytes(buf), offset + pos)
+
+    _each(pool, slab, _slabs(values))
+
+
+def _unlink(path: str | os.PathLike) -> None:
+    try:
+        os.unlink(path)
+    except OSError:
+        pass
 
 
 def extract_file(stage_file: StageFile, name: str) -> bytes:

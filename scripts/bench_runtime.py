@@ -9,13 +9,18 @@ layers, random weights, built here), and for each strategy of :class:`Progressiv
 * per stage: seconds to apply it (verify, decode, build or patch, probe) and the median
   inference latency at that stage,
 * during a background upgrade, with one thread calling ``run()`` in a loop: the median and the
-  worst ``run()`` latency,
+  worst ``run()`` latency, also over the runs that started at stage 1 or later (stage-0 runs
+  are slow without ``fast_base`` and compete with decoding; the later ones show the inplace
+  writer lock),
 * peak RSS of a process that starts the session and applies every stage, above its RSS right
-  after imports, as a multiple of the model's fp32 weight bytes (``VmHWM``).
+  after imports, as a multiple of the model's fp32 weight bytes (``VmHWM``); ``start RSS`` is
+  the same once the base answers, before any upgrade.
 
-Each measurement runs in its own subprocess. Usage::
+Each measurement runs in its own subprocess; ``--repeat N`` runs each N times and shows ranges
+(min-max; the machine may be shared). Usage::
 
     python scripts/bench_runtime.py [--out build/bench_runtime] [--plan 4,8,lossless] [--reuse]
+        [--repeat 3] [--models minilm,synthetic-100M] [--json results.json]
 """
 
 from __future__ import annotations
@@ -145,39 +150,48 @@ def worker(mode: str, target: str, strategy: str, feed_path: str) -> dict:
         s = ProgressiveSession(target, strategy=strategy)
         s.run(None, feed)
         out["start"] = time.perf_counter() - t0
+        out["start_rss"] = _rss() - base_rss
         out["stages"] = [{"apply": 0.0, "latency": _latency(s.run, feed)}]
+        out["stages"][0]["rss"] = _rss() - base_rss
         for k in range(1, s.stages):
             t0 = time.perf_counter()
             s.apply(Path(target) / f"stage-{k}.p2u")
             out["stages"].append({"apply": time.perf_counter() - t0,
-                                  "latency": _latency(s.run, feed)})
+                                  "latency": _latency(s.run, feed), "rss": _rss() - base_rss})
         s.close()
     else:  # live
         s = ProgressiveSession(target, strategy=strategy)
         s.run(None, feed)
         times: list[float] = []
+        stages: list[int] = []  # stage when each run started
         stop = threading.Event()
 
         def loop() -> None:
             while not stop.is_set():
+                stage = s.stage
                 t0 = time.perf_counter()
                 s.run(None, feed)
                 times.append(time.perf_counter() - t0)
+                stages.append(stage)
 
         th = threading.Thread(target=loop)
         th.start()
         time.sleep(0.5)
+        while len(times) < 3:  # an idle median even when runs are slow
+            time.sleep(0.05)
         before = len(times)
         t0 = time.perf_counter()
         s.upgrade().result()
         out["upgrade"] = time.perf_counter() - t0
         during = times[before:]
+        later = [t for t, k in zip(during, stages[before:]) if k >= 1]
         stop.set()
         th.join()
         s.close()
         out["runs_during"] = len(during)
         out["median_during"] = statistics.median(during) if during else float("nan")
         out["worst_during"] = max(during) if during else float("nan")
+        out["worst_during_later"] = max(later) if later else float("nan")
         out["median_before"] = statistics.median(times[:before])
     out["peak_rss_above_base"] = _peak_rss() - base_rss
     return out
@@ -194,31 +208,45 @@ def run_worker(*args: str) -> dict:
 # ---------------------------------------------------------------- main
 
 
+def _range(values: list[float], fmt: str = ".2f") -> str:
+    lo, hi = min(values), max(values)
+    return format(lo, fmt) if format(lo, fmt) == format(hi, fmt) else \
+        f"{format(lo, fmt)}-{format(hi, fmt)}"
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--out", type=Path, default=ROOT / "build" / "bench_runtime")
     ap.add_argument("--plan", default="4,8,lossless")
     ap.add_argument("--reuse", action="store_true",
                     help="keep packages from an earlier run (only if the format did not change)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per measurement (ranges)")
+    ap.add_argument("--models", default="minilm,synthetic-100M",
+                    help="comma-separated subset of: minilm, synthetic-100M")
+    ap.add_argument("--strategies", default="swap,inplace")
+    ap.add_argument("--json", type=Path, help="also write every measurement here")
     ap.add_argument("--worker", nargs=4, metavar=("MODE", "TARGET", "STRATEGY", "FEED"))
     args = ap.parse_args()
     if args.worker:
         print(json.dumps(worker(*args.worker)))
         return
 
+    wanted = set(args.models.split(","))
     args.out.mkdir(parents=True, exist_ok=True)
     models: list[tuple[str, Path]] = []
-    if MINILM.exists():
-        models.append(("minilm", MINILM))
-    else:
-        print(f"skipping MiniLM: {MINILM} not found (run python scripts/make_minilm.py)")
-    synthetic = args.out / "synthetic100m.onnx"
-    if not synthetic.exists():
-        print("building the synthetic 100M-parameter model ...", flush=True)
-        build_synthetic(synthetic)
-    models.append(("synthetic-100M", synthetic))
+    if "minilm" in wanted:
+        if MINILM.exists():
+            models.append(("minilm", MINILM))
+        else:
+            print(f"skipping MiniLM: {MINILM} not found (run python scripts/make_minilm.py)")
+    if "synthetic-100M" in wanted:
+        synthetic = args.out / "synthetic100m.onnx"
+        if not synthetic.exists():
+            print("building the synthetic 100M-parameter model ...", flush=True)
+            build_synthetic(synthetic)
+        models.append(("synthetic-100M", synthetic))
 
-    rows = []
+    rows, record = [], []
     for name, model in models:
         pkg = args.out / f"{name}.p2u"
         manifest = package(model, pkg, args.plan, args.reuse)
@@ -235,31 +263,51 @@ def main() -> None:
         fast = run_worker("fastbase", str(pkg), "swap", str(feed))
         print(f"  fast_base=True: start {fast['start']:.3f} s, stage-0 latency "
               f"{fast['latency'] * 1e3:.2f} ms")
-        for strategy in ("swap", "inplace"):
-            quiet = run_worker("quiet", str(pkg), strategy, str(feed))
-            live = run_worker("live", str(pkg), strategy, str(feed))
+        record.append({"model": name, "fp32": fp32, "plain": plain, "fast_base": fast})
+        for strategy in args.strategies.split(","):
+            quiet = [run_worker("quiet", str(pkg), strategy, str(feed))
+                     for _ in range(args.repeat)]
+            live = [run_worker("live", str(pkg), strategy, str(feed))
+                    for _ in range(args.repeat)]
             rows.append((name, strategy, manifest, quiet, live, fp32))
-            print(f"  {strategy}: start {quiet['start']:.3f} s; " + "; ".join(
-                f"stage {k}: apply {st['apply']:.2f} s, latency {st['latency'] * 1e3:.2f} ms"
-                for k, st in enumerate(quiet["stages"])))
-            print(f"    live upgrade {live['upgrade']:.2f} s, {live['runs_during']} runs during "
-                  f"it: median {live['median_during'] * 1e3:.1f} ms, worst "
-                  f"{live['worst_during'] * 1e3:.1f} ms (idle median "
-                  f"{live['median_before'] * 1e3:.2f} ms); peak RSS "
-                  f"{quiet['peak_rss_above_base'] / fp32:.2f} x fp32", flush=True)
+            record.append({"model": name, "strategy": strategy, "quiet": quiet, "live": live})
+            peak = _range([q["peak_rss_above_base"] / fp32 for q in quiet])
+            print(f"  {strategy}: start {_range([q['start'] for q in quiet], '.3f')} s; " +
+                  "; ".join(f"stage {k}: apply {_range([q['stages'][k]['apply'] for q in quiet])}"
+                            f" s, latency "
+                            f"{_range([q['stages'][k]['latency'] * 1e3 for q in quiet])} ms"
+                            for k in range(len(quiet[0]["stages"]))))
+            print(f"    live upgrade {_range([x['upgrade'] for x in live])} s, "
+                  f"{_range([x['runs_during'] for x in live], '.0f')} runs during it: median "
+                  f"{_range([x['median_during'] * 1e3 for x in live], '.1f')} ms, worst "
+                  f"{_range([x['worst_during'] * 1e3 for x in live], '.1f')} ms (started at "
+                  f"stage >= 1: {_range([x['worst_during_later'] * 1e3 for x in live], '.1f')}"
+                  f" ms; idle median "
+                  f"{_range([x['median_before'] * 1e3 for x in live])} ms); peak RSS {peak} x "
+                  f"fp32 (RSS once each stage is up: " + " / ".join(
+                      _range([q["stages"][k]["rss"] / fp32 for q in quiet])
+                      for k in range(len(quiet[0]["stages"]))) + ")", flush=True)
 
-    print("\n| model | strategy | stage | bits | apply [s] | latency [ms] | worst run during "
-          "upgrade [ms] | peak RSS / fp32 |")
-    print("|---|---|---|---|---|---|---|---|")
+    print(f"\n{args.repeat} run(s) each; ranges are min-max")
+    print("| model | strategy | stage | bits | apply [s] | latency [ms] | worst run during "
+          "upgrade [ms] (all / started at stage >= 1) | RSS / fp32 after stage | peak RSS / "
+          "fp32 |")
+    print("|---|---|---|---|---|---|---|---|---|")
     for name, strategy, manifest, quiet, live, fp32 in rows:
-        for k, st in enumerate(quiet["stages"]):
+        for k in range(len(quiet[0]["stages"])):
             first = k == 0
+            apply = "start " + _range([q["start"] for q in quiet], ".3f") if first else \
+                _range([q["stages"][k]["apply"] for q in quiet])
             print(f"| {name if first else ''} | {strategy if first else ''} | {k} | "
-                  f"{manifest['stages'][k]['bits']} | "
-                  f"{'start ' + format(quiet['start'], '.3f') if first else format(st['apply'], '.2f')} | "
-                  f"{st['latency'] * 1e3:.2f} | "
-                  f"{format(live['worst_during'] * 1e3, '.1f') if first else ''} | "
-                  f"{format(quiet['peak_rss_above_base'] / fp32, '.2f') if first else ''} |")
+                  f"{manifest['stages'][k]['bits']} | {apply} | "
+                  f"{_range([q['stages'][k]['latency'] * 1e3 for q in quiet])} | "
+                  + (f"{_range([x['worst_during'] * 1e3 for x in live], '.0f')} / "
+                     f"{_range([x['worst_during_later'] * 1e3 for x in live], '.0f')}"
+                     if first else "") + " | "
+                  f"{_range([q['stages'][k]['rss'] / fp32 for q in quiet])} | "
+                  f"{_range([q['peak_rss_above_base'] / fp32 for q in quiet]) if first else ''} |")
+    if args.json:
+        args.json.write_text(json.dumps(record, indent=1))
 
 
 if __name__ == "__main__":

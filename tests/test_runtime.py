@@ -2,25 +2,29 @@
 
 from __future__ import annotations
 
+import copy
 import itertools
 import shutil
 import subprocess
 import sys
 import textwrap
 import threading
+import tracemalloc
 from pathlib import Path
 
 import numpy as np
 import onnx
 import onnxruntime as ort
 import pytest
+import synth
 from onnx import TensorProto, helper, numpy_helper
 
 import p2u_onnx
-from p2u_onnx import runtime
-from p2u_onnx.errors import IntegrityError, P2UError, PatchError
-from p2u_onnx.format import load_manifest, save_manifest
+from p2u_onnx import QuantConfig, reconstruct, runtime
+from p2u_onnx.errors import FormatError, IntegrityError, P2UError, PatchError
+from p2u_onnx.format import StageFile, load_manifest, read_stage, save_manifest
 from p2u_onnx.probe import Probe, record_probe, sample, synthesize_inputs
+from p2u_onnx.reconstruct import WeightState
 from p2u_onnx.runtime import BytesSource, ProgressiveSession
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -262,11 +266,18 @@ def test_stale_swap_is_caught_and_rolled_back(mlp_pkg, mlp_feed, mlp_refs, monke
     with ProgressiveSession(mlp_pkg) as s:
         s.apply(mlp_pkg / "stage-1.p2u")
         stale = s._live.directory / "weights.bin"
-        with monkeypatch.context() as m:  # stage 2 materializes stage-1 weights
-            m.setattr(runtime, "write_weights", lambda state, path: shutil.copyfile(stale, path))
+        advance = s._state.advance
+
+        def stale_advance(sf, path):  # stage 2 decodes, but stage-1 weights land on disk
+            advance(sf, path)
+            shutil.copyfile(stale, path)
+
+        with monkeypatch.context() as m:
+            m.setattr(s._state, "advance", stale_advance)
             with pytest.raises(PatchError, match="stage 2 did not take effect"):
                 s.apply(mlp_pkg / "stage-2.p2u")
-        assert s.stage == 1
+        assert s.stage == 1 and s._state.stage == 1 and s._state.weights_file == stale
+        assert len(list(s._dir.glob("stage-*"))) == 1
         np.testing.assert_array_equal(s.run(None, mlp_feed)[0], refs[1])
         s.upgrade(background=False)
         np.testing.assert_array_equal(s.run(None, mlp_feed)[0], refs[-1])
@@ -277,10 +288,11 @@ def test_stale_inplace_is_caught_and_rolled_back(mlp_pkg, mlp_feed, mlp_refs, mo
     with ProgressiveSession(mlp_pkg, strategy="inplace") as s:
         s.upgrade(2, background=False)
         with monkeypatch.context() as m:  # the buffer writes are lost
-            m.setattr(runtime, "_fill", lambda buf, values: None)
+            m.setattr(runtime, "_load_weight", lambda buf, fd, t: None)
             with pytest.raises(PatchError, match="stage 3 did not take effect"):
                 s.apply(mlp_pkg / "stage-3.p2u")
-        assert s.stage == 2
+        assert s.stage == 2 and s._state.stage == 2
+        assert sorted(p.name for p in s._dir.glob("weights-*")) == ["weights-2.bin"]
         np.testing.assert_array_equal(s.run(None, mlp_feed)[0], refs[2])
         s.upgrade(background=False)
         np.testing.assert_array_equal(s.run(None, mlp_feed)[0], refs[-1])
@@ -414,6 +426,162 @@ def test_inplace_falls_back_or_refuses():
     assert not runtime._inplace_ready({"tensors": [dict(t, kind="constant")]})
     assert not runtime._inplace_ready({"tensors": [dict(t, name="w@main/If#1")]})
     assert not runtime._cpu_only(["CUDAExecutionProvider", "CPUExecutionProvider"])
+
+
+# ---------------------------------------------------------------- weights on file
+
+
+def odd_model() -> onnx.ModelProto:
+    """MatMuls and a Conv whose block layouts need padding (70 and 50 rows, blocks of 32)."""
+    rng = np.random.default_rng(6)
+    w0 = (rng.standard_normal((70, 50)) * 0.1 + 0.05).astype(np.float32)
+    w1 = (rng.standard_normal((50, 33)) * 0.1).astype(np.float32)
+    k = (rng.standard_normal((16, 3, 5, 5)) * 0.2).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w0"], ["h"]),
+         helper.make_node("MatMul", ["h", "w1"], ["y"]),
+         helper.make_node("Conv", ["img", "k"], ["z"])], "odd",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["n", 70]),
+         helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", 3, 9, 9])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 33]),
+         helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 16, 5, 5])],
+        [numpy_helper.from_array(w0, "w0"), numpy_helper.from_array(w1, "w1"),
+         numpy_helper.from_array(k, "k")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def _stages(pkg: Path) -> list[StageFile]:
+    manifest = load_manifest(pkg)
+    return [read_stage(pkg / f"stage-{k}.p2u") for k in range(1, len(manifest["stages"]))]
+
+
+def wide_conv() -> onnx.ModelProto:
+    """One block per output channel of 75 weights, several entries per tensor."""
+    k = (np.random.default_rng(8).standard_normal((4096, 3, 5, 5)) * 0.2).astype(np.float32)
+    g = helper.make_graph(
+        [helper.make_node("Conv", ["img", "k"], ["z"])], "conv",
+        [helper.make_tensor_value_info("img", TensorProto.FLOAT, ["n", 3, 9, 9])],
+        [helper.make_tensor_value_info("z", TensorProto.FLOAT, ["n", 4096, 5, 5])],
+        [numpy_helper.from_array(k, "k")])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.mark.parametrize("which", ["odd-asymmetric", "odd", "bf16", "fp16", "edge", "channel",
+                                   "tensor", "wide-conv-asymmetric"])
+def test_advance_writes_what_apply_holds(which, tmp_path):
+    """Streaming through files gives the same bits as decoding in memory, at every stage, for
+    runs of blocks read in place (contiguous layouts) and tensors assembled in memory."""
+    model = {"odd-asymmetric": odd_model, "odd": odd_model, "bf16": synth.bf16_mlp,
+             "fp16": lambda: synth.mlp(np.float16), "edge": synth.edge_model,
+             "channel": mlp, "tensor": mlp, "wide-conv-asymmetric": wide_conv}[which]()
+    granularity = which if which in ("channel", "tensor") else "block"
+    pkg = tmp_path / "p.p2u"
+    p2u_onnx.encode(model, pkg, "4,6,lossless", QuantConfig(
+        granularity=granularity, block_size=32, symmetric="asymmetric" not in which),
+        probe=False)
+    manifest = load_manifest(pkg)
+    memory = WeightState(manifest, pkg / "base.bin")
+    streamed = WeightState(manifest, pkg / "base.bin")
+    for k, sf in enumerate(_stages(pkg), start=1):
+        memory.apply(sf)
+        streamed.advance(sf, tmp_path / f"w{k}.bin")
+        memory.write_weights(tmp_path / f"m{k}.bin")
+        assert streamed.stage == k and streamed.weights_file == tmp_path / f"w{k}.bin"
+        assert not streamed._blocks  # holds no weights
+        assert (tmp_path / f"w{k}.bin").read_bytes() == (tmp_path / f"m{k}.bin").read_bytes()
+        for t in manifest["tensors"]:
+            np.testing.assert_array_equal(streamed.weight(t["name"]), memory.weight(t["name"]))
+    assert p2u_onnx.verify(pkg)["lossless_match"]
+    assert not list(tmp_path.glob(".*.tmp"))
+
+
+def _broken(sf, how: str):
+    """A copy of stage file ``sf`` whose last tensor entry is broken in memory."""
+    header = copy.deepcopy(sf.header)
+    entries = [e for e in header["entries"] if e["kind"] != "file"]
+    last = entries[-1]
+    if how == "codec":
+        buf = bytearray(sf._buf)
+        buf[last["offset"]:last["offset"] + last["length"]] = bytes(last["length"])
+        return StageFile(bytes(buf), header, sf.name)
+    if how == "overlap":  # same number of blocks covered, one range shifted onto another
+        same = [e for e in entries if e["name"] == last["name"]]
+        assert len(same) >= 2
+        same[-1]["blocks"] = [same[-1]["blocks"][0] - 1, same[-1]["blocks"][1] - 1]
+    if how == "short":
+        last["blocks"] = [last["blocks"][0], last["blocks"][1] - 1]
+    if how == "unknown":
+        last["name"] = "nope"
+    return StageFile(sf._buf, header, sf.name)
+
+
+@pytest.mark.parametrize("how", ["codec", "overlap", "short", "unknown"])
+def test_advance_is_atomic(how, tmp_path):
+    """A stage that fails to decode leaves no file behind and the state where it was."""
+    pkg = tmp_path / "p.p2u"
+    p2u_onnx.encode(mlp(dims=(64, 8192, 64)), pkg, "4,6,8,lossless", probe=False)
+    manifest = load_manifest(pkg)
+    s1, s2, s3 = _stages(pkg)
+    state = WeightState(manifest, pkg / "base.bin")
+    state.advance(s1, tmp_path / "w1.bin")
+    before = (tmp_path / "w1.bin").read_bytes()
+    with pytest.raises(Exception) as e:  # any decode error will do
+        state.advance(_broken(s2, how), tmp_path / "w2.bin")
+    if how != "codec":
+        assert isinstance(e.value, FormatError)
+    assert state.stage == 1 and state.weights_file == tmp_path / "w1.bin"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["p.p2u", "w1.bin"]
+    assert (tmp_path / "w1.bin").read_bytes() == before
+    state.advance(s2, tmp_path / "w2.bin")  # the good file still applies
+    cp = state.checkpoint()
+    with pytest.raises(ValueError, match="current weights file"):
+        state.advance(s3, tmp_path / "w2.bin")
+    assert state.checkpoint() == cp
+
+
+def test_advance_memory_does_not_grow_with_the_model(tmp_path, monkeypatch):
+    """Peak numpy memory while streaming is the same for 2 tensors as for 8 (one at a time)."""
+    tensor = 512 * 512 * 4
+    monkeypatch.setattr(reconstruct, "BATCH_BYTES", tensor)
+    peaks = {}
+    for layers in (2, 8):
+        pkg = tmp_path / f"p{layers}.p2u"
+        p2u_onnx.encode(mlp(dims=(512,) * (layers + 1)), pkg, "4,8,lossless", probe=False)
+        manifest = load_manifest(pkg)
+        assert sum(t["weights"][1] for t in manifest["tensors"]) == layers * tensor
+        state = WeightState(manifest, pkg / "base.bin")
+        for k, sf in enumerate(_stages(pkg), start=1):
+            tracemalloc.start()
+            try:
+                state.advance(sf, tmp_path / f"w{layers}-{k}.bin")
+                peaks[layers, k] = tracemalloc.get_traced_memory()[1]
+            finally:
+                tracemalloc.stop()
+    for k in (1, 2):
+        assert peaks[8, k] < peaks[2, k] + tensor, {key: v / tensor for key, v in peaks.items()}
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_session_keeps_weights_on_file(strategy, tmp_path):
+    """Asymmetric, padded blocks through the runtime; the state holds no arrays; one weights
+    file per live stage in the work dir."""
+    model = odd_model()
+    pkg = tmp_path / "p.p2u"
+    p2u_onnx.encode(model, pkg, "4,8,lossless", QuantConfig(block_size=32, symmetric=False))
+    rng = np.random.default_rng(0)
+    feed = {"x": rng.standard_normal((2, 70)).astype(np.float32),
+            "img": rng.standard_normal((2, 3, 9, 9)).astype(np.float32)}
+    want = ort.InferenceSession(model.SerializeToString(), options(strategy)).run(None, feed)
+    with ProgressiveSession(pkg, strategy=strategy) as s:
+        for k in range(1, s.stages):
+            s.apply(pkg / f"stage-{k}.p2u")
+            assert not s._state._blocks and s._state.graph_bytes is None
+            files = sorted(p.relative_to(s._dir).parts[-1] for p in s._dir.rglob("weights*"))
+            # swap: the live stage dir's weights.bin; inplace: a placeholder and weights-k.bin
+            assert files == (["weights.bin"] if strategy == "swap"
+                             else [f"weights-{k}.bin", "weights.bin"])
+        for got, ref in zip(s.run(None, feed), want):
+            np.testing.assert_array_equal(got, ref)
 
 
 # ---------------------------------------------------------------- device footprint
