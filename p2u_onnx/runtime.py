@@ -355,6 +355,17 @@ class _Live:
     users: int = 0  # run() calls in flight
 
 
+def _http_source(url: str, workdir: str | os.PathLike | None) -> StageSource:
+    """An :class:`~p2u_onnx.transport.HttpSource` for ``url``; it keeps its downloads in
+    ``workdir/http`` when a work dir is given, so a restart continues where it stopped."""
+    try:
+        from .transport import HttpSource
+    except ImportError as e:
+        raise P2UError("loading a package from a URL needs httpx: "
+                       "pip install 'p2u-onnx[http]'") from e
+    return HttpSource(url, None if workdir is None else Path(workdir) / "http")
+
+
 class ProgressiveSession:
     """An onnxruntime session over a p2u package that upgrades itself stage by stage.
 
@@ -386,9 +397,16 @@ class ProgressiveSession:
                  fast_base: bool = False):
         if strategy not in ("swap", "inplace"):
             raise ValueError(f"strategy must be 'swap' or 'inplace', not {strategy!r}")
-        self._source: StageSource = DirectorySource(source) \
-            if isinstance(source, (str, os.PathLike)) else source
-        self._manifest = self._source.manifest
+        self._owned: Any = None  # a source made here from a URL, closed with the session
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            source = self._owned = _http_source(source, workdir)
+        try:
+            self._source: StageSource = DirectorySource(source) \
+                if isinstance(source, (str, os.PathLike)) else source
+            self._manifest = self._source.manifest
+        except BaseException:
+            self._close_owned()
+            raise
         if strategy == "inplace" and not _cpu_only(providers):
             raise P2UError("the inplace strategy needs the CPU execution provider only; "
                            "use strategy='swap' with other providers")
@@ -421,6 +439,7 @@ class ProgressiveSession:
             self._state = WeightState(self._manifest, self._base_bin)
         except BaseException:
             self._cleanup()
+            self._close_owned()
             raise
         self._live = _Live(session, 0)
 
@@ -536,6 +555,11 @@ class ProgressiveSession:
             self._live.session = None
             self._live.buffers, self._live.values = {}, []
         self._cleanup()
+        self._close_owned()
+
+    def _close_owned(self) -> None:
+        if self._owned is not None:
+            self._owned.close()
 
     def __enter__(self) -> ProgressiveSession:  # noqa: PYI034 - Self needs Python 3.11
         return self

@@ -424,3 +424,25 @@ def test_device_side_imports():
     code = ("import sys; sys.modules.update(onnx=None, click=None, tqdm=None); "
             "import p2u_onnx.transport, p2u_onnx.devserver, p2u_onnx.runtime")
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_progressive_session_from_a_url(tmp_path):
+    """ProgressiveSession("http://...") fetches, starts on the base and upgrades to exact."""
+    import onnx
+    import onnxruntime as ort
+
+    import p2u_onnx
+    import synth
+    from p2u_onnx.devserver import PackageServer
+
+    model = synth.mlp()
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    p2u_onnx.encode(tmp_path / "m.onnx", tmp_path / "m.p2u")
+    x = np.ones((2, 64), np.float32)
+    ref = ort.InferenceSession(model.SerializeToString()).run(None, {"x": x})[0]
+    with PackageServer(tmp_path / "m.p2u") as server:
+        with p2u_onnx.ProgressiveSession(server.url, workdir=tmp_path / "w") as sess:
+            assert sess.stage == 0
+            sess.upgrade(background=False)
+            assert sess.stage == sess.stages - 1
+            np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ref)
