@@ -28,6 +28,7 @@ from __future__ import annotations
 import hashlib
 import io
 import math
+import os
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any, Protocol
@@ -202,7 +203,6 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
 
     import onnxruntime as ort
 
-    from .api import _materialize
     from .format import atomic_write_bytes, read_stage, sha256_file
     from .reconstruct import WeightState, extract_file
 
@@ -245,18 +245,29 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
     samples: list[list[np.ndarray]] = [first]
     tols: list[list[float]] = [[_tolerance(v, 0.0, t) for v, t in zip(first, types)]]
     try:
+        # each stage streams into its own weights.bin (file-backed state: one tensor in memory)
         state = WeightState(manifest, pkg / "base.bin")
+        graph: bytes | None = None
+        previous: Path | None = None
         with tempfile.TemporaryDirectory(prefix="p2u-probe-") as tmp:
             for k in range(1, len(manifest["stages"])):
                 f = manifest["stages"][k]["files"][0]
                 sf = read_stage(pkg / f["path"], package_id=manifest["package_id"], stage=k,
                                 sha256=f["sha256"])
-                state.apply(sf)
-                if k == 1:
-                    state.graph_bytes = extract_file(sf, "graph.onnx")  # type: ignore[attr-defined]
+                if graph is None:
+                    graph = extract_file(sf, "graph.onnx")
                 d = Path(tmp) / f"stage-{k}"
                 d.mkdir()
-                model = _materialize(pkg, state, d)
+                state.advance(sf, d / "weights.bin")
+                if previous is not None:
+                    shutil.rmtree(previous, ignore_errors=True)
+                previous = d
+                (d / "graph.onnx").write_bytes(graph)
+                try:
+                    os.link(pkg / "base.bin", d / "base.bin")
+                except OSError:
+                    shutil.copyfile(pkg / "base.bin", d / "base.bin")
+                model = d / "graph.onnx"
                 a = ort.InferenceSession(str(model), providers=providers)
                 ya = [sample(v) for v in a.run(names, feed)]
                 del a
@@ -268,7 +279,6 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
                 samples.append(ya)
                 tols.append([_tolerance(x, float(np.max(np.abs(x - y), initial=0.0)), t)
                              for x, y, t in zip(ya, yb, types)])
-                shutil.rmtree(d, ignore_errors=True)
     except Exception:  # noqa: BLE001 - any failure means: cannot probe
         return None
 
