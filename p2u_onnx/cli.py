@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import json
-import sys
 from pathlib import Path
 
 import click
 
-from ._cliutil import CONTEXT, _fmt_bytes, _friendly
+from ._cliutil import CONTEXT, ProgressBar, _fmt_bytes, _friendly
 from .cli_http import fetch as _fetch_command
 from .cli_http import serve as _serve_command
 
@@ -59,8 +58,6 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
     By default each tensor's base bits are chosen by their measured effect on the outputs
     (inputs synthesized from the model's signature, or --calib), within --budget.
     """
-    from tqdm import tqdm
-
     from .api import inspect
     from .config import BitBudget, Plan, QuantConfig
     from .encoder import encode as do_encode
@@ -75,23 +72,9 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
         kw["quality"] = quality
     bits = BitBudget(**kw)
     output = output or model.with_suffix(".p2u")
-    bar = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if quiet:
-            return
-        if bar is None:
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="encode", leave=False,
-                       file=sys.stderr)
-        bar.update(done - bar.n)
-
-    try:
+    with ProgressBar("encode", quiet) as progress:
         result = do_encode(model, output, plan, config, bits, overwrite=force,
                            probe=not no_probe, progress=progress)
-    finally:
-        if bar is not None:
-            bar.close()
     if not quiet:
         click.echo(f"wrote {result.path} in {result.seconds:.2f} s")
         _print_table(inspect(result.path))
@@ -104,7 +87,7 @@ def _print_table(info: dict) -> None:
     click.echo(f"{'stage':>5} {'bits':>9} {'bytes':>10} {'share':>7} {'total':>10} {'share':>7}"
                f" {'max err':>10} {'rel err':>9}")
     for r in info["stages"]:
-        click.echo(f"{r['stage']:>5} {str(r['bits']):>9} {_fmt_bytes(r['bytes']):>10} "
+        click.echo(f"{r['stage']:>5} {r['bits']!s:>9} {_fmt_bytes(r['bytes']):>10} "
                    f"{r['share']:>7.1%} {_fmt_bytes(r['cumulative_bytes']):>10} "
                    f"{r['cumulative_share']:>7.1%} {r['max_abs_error']:>10.3g} "
                    f"{r['max_rel_error']:>9.2e}")

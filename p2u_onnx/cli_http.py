@@ -5,14 +5,13 @@ Registered in :mod:`p2u_onnx.cli` with ``main.add_command``.
 
 from __future__ import annotations
 
-import sys
 import threading
 import urllib.parse
 from pathlib import Path
 
 import click
 
-from ._cliutil import CONTEXT, _fmt_bytes, _friendly
+from ._cliutil import CONTEXT, ProgressBar, _fmt_bytes, _friendly
 
 
 @click.command(context_settings=CONTEXT)
@@ -64,7 +63,6 @@ def fetch(url, output, timeout, attempts, quiet) -> None:
     Resumable: after an interruption run the same command again and it continues where it
     stopped. The result is a package directory (p2u verify, p2u restore, ProgressiveSession).
     """
-    from tqdm import tqdm
 
     try:
         from .transport import RetryPolicy
@@ -78,27 +76,14 @@ def fetch(url, output, timeout, attempts, quiet) -> None:
         if not name or name == "manifest.json":
             raise click.UsageError("cannot name the directory after this URL: give -o DIR")
         output = Path(name)
-    bar = None
-
-    def progress(done: int, total: int) -> None:
-        nonlocal bar
-        if quiet:
-            return
-        if bar is None:
-            bar = tqdm(total=total, unit="B", unit_scale=True, desc="fetch", leave=False,
-                       file=sys.stderr)
-        bar.update(done - bar.n)
-
     cancel = threading.Event()
-    try:
-        path = do_fetch(url, output, progress, cancel,
-                        retry=RetryPolicy(attempts=attempts, timeout=timeout))
-    except KeyboardInterrupt:
-        cancel.set()
-        raise
-    finally:
-        if bar is not None:
-            bar.close()
+    with ProgressBar("fetch", quiet) as progress:
+        try:
+            path = do_fetch(url, output, progress, cancel,
+                            retry=RetryPolicy(attempts=attempts, timeout=timeout))
+        except KeyboardInterrupt:
+            cancel.set()
+            raise
     files = [p for p in path.iterdir() if p.is_file() and not p.name.startswith(".")]
     size = sum(p.stat().st_size for p in files)
     click.echo(f"fetched {len(files)} files ({_fmt_bytes(size)}) into {path}")
