@@ -397,7 +397,6 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
                  budget: BitBudget = BitBudget(), note: str | None = None) -> dict[str, Any]:
     passes.lift_constants(m, config.min_elements)
     selected = passes.select_weights(m, config)
-    selected_ids = {id(s.slot.tensor) for s in selected}
 
     bitplan, taken = _bit_plan(m, selected, plan, config, budget)
 

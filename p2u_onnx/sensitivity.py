@@ -21,7 +21,7 @@ from onnx import GraphProto, ModelProto
 
 from . import quantizers as qz
 from .allocate import Allocation, TensorCost, allocate
-from .calibrate import Calibration, load_feeds, synthesize_feeds
+from .calibrate import Calibration, load_feeds
 from .config import BitBudget, Plan, QuantConfig
 from .dtypes import dtype_info
 from .reconstruct import base_blocks
