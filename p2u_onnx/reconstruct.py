@@ -14,13 +14,14 @@ sides compute bit-identical weights at every stage.
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import hashlib
 import mmap
 import os
 import tempfile
 from collections.abc import Callable, Iterator
-from concurrent.futures import Executor, ThreadPoolExecutor
+from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any
 
@@ -416,26 +417,46 @@ class WeightState:
                 _release_pages(stage_file, entry)  # type: ignore[arg-type]
             tensor.put(b0, b1, values)
 
+        # Batches of tensors go to the pool as they are read; while one decodes the next is
+        # read, so at most two batches (2 * BATCH_BYTES assembled, or one bigger tensor) are
+        # held at a time.
+        inflight: collections.deque[tuple[list[_Tensor], list[Future], int]] = \
+            collections.deque()
+        held = 0
+
+        def finish_oldest(pool: Executor) -> None:
+            nonlocal held
+            batch, futures, size = inflight.popleft()
+            for f in futures:
+                f.result()
+            for x in batch:
+                x.finish(pool if x.held > BATCH_BYTES else None)  # alone: use the pool
+            held -= size
+
         try:
             with ThreadPoolExecutor(workers()) as pool:
-                batch: list[_Tensor] = []
-                size = 0
-                for t in [*tensors, None]:
-                    tensor = None if t is None else _Tensor(self, t, fd, target)
-                    if batch and (tensor is None or size + tensor.held > BATCH_BYTES):
-                        jobs = [(x, r) for x in batch for r in x.runs(plan.get(x.name))]
-                        try:
-                            list(pool.map(run, jobs))
-                        except BaseException:
-                            pool.shutdown(cancel_futures=True)  # no more work after an error
-                            raise
-                        for x in batch:
-                            x.finish(pool)
-                        batch, size = [], 0
-                    if tensor is not None:
-                        tensor.start(pool)
-                        batch.append(tensor)
-                        size += tensor.held
+                try:
+                    batch: list[_Tensor] = []
+                    size = 0
+                    for t in [*tensors, None]:
+                        tensor = None if t is None else _Tensor(self, t, fd, target)
+                        if batch and (tensor is None or size + tensor.held > BATCH_BYTES):
+                            jobs = [(x, r) for x in batch for r in x.runs(plan.get(x.name))]
+                            inflight.append((batch, [pool.submit(run, j) for j in jobs], size))
+                            held += size
+                            batch, size = [], 0
+                        if tensor is not None:
+                            while inflight and (len(inflight) >= 2 or
+                                                held + size + tensor.held > 2 * BATCH_BYTES):
+                                finish_oldest(pool)
+                            tensor.start(pool if tensor.held > BATCH_BYTES else None)
+                            batch.append(tensor)
+                            size += tensor.held
+                    while inflight:
+                        finish_oldest(pool)
+                except BaseException:
+                    pool.shutdown(cancel_futures=True)  # no more work after an error
+                    raise
         finally:
             if fd is not None:
                 os.close(fd)
@@ -469,7 +490,7 @@ class _Tensor:
         self.scale = np.zeros(0, np.float32)
         self._base: qz.BaseCodes | None = None
 
-    def start(self, pool: Executor) -> None:
+    def start(self, pool: Executor | None) -> None:
         """Read what every run needs (called in order, before any job of this tensor)."""
         off, length = self.t["weights"]
         if length != self.n * self.run_bytes - _padding_bytes(self.layout, self.info) \
@@ -528,7 +549,7 @@ class _Tensor:
             _pwrite(self.target, _bytes(np.ascontiguousarray(values)),  # type: ignore[arg-type]
                     self.t["weights"][0] + b0 * self.run_bytes)
 
-    def finish(self, pool: Executor) -> None:
+    def finish(self, pool: Executor | None) -> None:
         """Hand an assembled tensor to the target and let it go."""
         if isinstance(self.target, dict):
             self.target[self.name] = self.out  # type: ignore[assignment]

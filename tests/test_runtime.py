@@ -540,13 +540,14 @@ def test_advance_is_atomic(how, tmp_path):
 
 
 def test_advance_memory_does_not_grow_with_the_model(tmp_path, monkeypatch):
-    """Peak numpy memory while streaming is the same for 2 tensors as for 8 (one at a time)."""
-    tensor = 512 * 512 * 4
+    """Peak numpy memory while streaming is about the same for 2 tensors as for 8: tensors are
+    held a batch at a time (at most two batches in flight; decoding in memory grows by 6)."""
+    tensor = 1024 * 1024 * 4
     monkeypatch.setattr(reconstruct, "BATCH_BYTES", tensor)
     peaks = {}
     for layers in (2, 8):
         pkg = tmp_path / f"p{layers}.p2u"
-        p2u_onnx.encode(mlp(dims=(512,) * (layers + 1)), pkg, "4,8,lossless", probe=False)
+        p2u_onnx.encode(mlp(dims=(1024,) * (layers + 1)), pkg, "4,8,lossless", probe=False)
         manifest = load_manifest(pkg)
         assert sum(t["weights"][1] for t in manifest["tensors"]) == layers * tensor
         state = WeightState(manifest, pkg / "base.bin")
@@ -558,7 +559,7 @@ def test_advance_memory_does_not_grow_with_the_model(tmp_path, monkeypatch):
             finally:
                 tracemalloc.stop()
     for k in (1, 2):
-        assert peaks[8, k] < peaks[2, k] + tensor, {key: v / tensor for key, v in peaks.items()}
+        assert peaks[8, k] < peaks[2, k] + 2 * tensor, {key: v / tensor for key, v in peaks.items()}
 
 
 @pytest.mark.parametrize("strategy", STRATEGIES)
