@@ -19,9 +19,11 @@ Two strategies:
     the last of them returns. Every onnxruntime optimization is kept.
 ``inplace``
     For memory-tight devices. Stage 1 builds one float session with optimizations off and
-    prepacking off whose coded weights are numpy buffers owned here (``add_initializer``);
-    each later stage is decoded into a file of the work dir, then read into those buffers while
-    a writer lock keeps ``run()`` out. Needs the CPU provider; a package whose coded weights
+    prepacking off whose coded weights are handed to it as numpy arrays (``add_initializer``)
+    over a read-only mapping of the stage's weights file; each later stage is decoded into a
+    file of the work dir, and the mapping is switched to it (one ``mmap`` call, no copy) while
+    a writer lock keeps ``run()`` out. Where a file cannot be remapped at a fixed address
+    (not 64-bit Linux/macOS) the weights are buffers the new file is read into instead. Needs the CPU provider; a package whose coded weights
     ``add_initializer`` cannot reach (Constant nodes inside functions, names shared across
     scopes) falls back to ``swap`` (see :attr:`ProgressiveSession.strategy`).
 
@@ -29,7 +31,7 @@ Two strategies:
 
 Memory: decoding streams from the current stage's ``weights.bin`` to the next one's
 (:meth:`~p2u_onnx.reconstruct.WeightState.advance`), so beyond what onnxruntime holds (and the
-inplace buffers) the runtime keeps at most about one tensor of decoded weights during an upgrade
+inplace weights) the runtime keeps at most about one tensor of decoded weights during an upgrade
 and none between upgrades. The work dir holds one weights file per live stage (two during an
 upgrade).
 
@@ -46,8 +48,10 @@ import contextlib
 import ctypes
 import functools
 import hashlib
+import mmap
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import weakref
@@ -59,6 +63,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
+from ._memory import trim_heap as _trim_heap
 from ._rwlock import RWLock
 from .dtypes import FLOAT_TYPES
 from .errors import FormatError, IntegrityError, P2UError, PatchError
@@ -276,24 +281,90 @@ def _load_weight(buffer: np.ndarray, fd: int, t: dict[str, Any]) -> None:
     read_into(fd, off, buffer)
 
 
-@functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
-    try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError):
-        return None
+def _tensor_view(raw: np.ndarray, t: dict[str, Any]) -> np.ndarray:
+    off, length = t["weights"]
+    return raw[off:off + length].view(FLOAT_TYPES[t["dtype"]].storage).reshape(t["shape"])
 
 
-def _trim_heap() -> None:
-    """Hand memory freed by decoding or by a dropped session back to the system.
+class _CopiedWeights:
+    """Inplace weights as buffers owned here; :meth:`switch` reads a weights file into them."""
 
-    glibc keeps freed blocks below its (adaptive) mmap threshold in its heaps: without this,
-    what one upgrade freed stays resident and adds to the next one's peak (MiniLM: 0.5 x the
-    fp32 weights). A no-op elsewhere.
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.tensors = manifest["tensors"]
+        self.buffers = {t["name"]: np.empty(t["shape"], FLOAT_TYPES[t["dtype"]].storage)
+                        for t in self.tensors}
+        self.switch(path)
+
+    def switch(self, path: Path) -> None:
+        with _opened(path) as fd:
+            for t in self.tensors:
+                _load_weight(self.buffers[t["name"]], fd, t)
+
+    def close(self) -> None:
+        self.buffers = {}
+
+
+class _MappedWeights:
+    """Inplace weights as one read-only, private mapping of a weights file at a fixed address.
+
+    :meth:`switch` maps another weights file of the same size at the same address (one
+    ``mmap(MAP_FIXED)`` call): every tensor changes at once, nothing is copied, and the pages
+    are the file's, which the kernel can drop and read again under memory pressure.
     """
-    trim = _malloc_trim()
-    if trim is not None:
-        trim(0)
+
+    def __init__(self, path: Path, manifest: dict[str, Any]):
+        self.size = weights_size(manifest)
+        self.addr = self._map(path, None)
+        raw = np.ctypeslib.as_array((ctypes.c_ubyte * self.size).from_address(self.addr))
+        raw.flags.writeable = False
+        self.buffers = {t["name"]: _tensor_view(raw, t) for t in manifest["tensors"]}
+
+    def _map(self, path: Path, at: int | None) -> int:
+        libc = _libc()
+        with _opened(path) as fd:
+            if os.fstat(fd).st_size < self.size:
+                raise FormatError(f"{path}: shorter than the package's weights "
+                                  f"({self.size} bytes)")
+            flags = mmap.MAP_PRIVATE | (_MAP_FIXED if at is not None else 0)
+            addr = libc.mmap(at, self.size, mmap.PROT_READ, flags, fd, 0)
+        if addr in (None, ctypes.c_void_p(-1).value) or (at is not None and addr != at):
+            err = ctypes.get_errno()
+            raise OSError(err, f"cannot map {path}: {os.strerror(err)}")
+        return addr
+
+    def switch(self, path: Path) -> None:
+        self._map(path, self.addr)
+
+    def close(self) -> None:
+        self.buffers = {}
+        if self.addr:
+            _libc().munmap(self.addr, self.size)
+            self.addr = 0
+
+
+_MAP_FIXED = 0x10  # Linux, macOS and the BSDs
+
+
+@functools.cache
+def _libc() -> Any:
+    libc = ctypes.CDLL(None, use_errno=True)
+    libc.mmap.restype = ctypes.c_void_p
+    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                          ctypes.c_int, ctypes.c_int64]
+    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    return libc
+
+
+def _inplace_weights(path: Path, manifest: dict[str, Any]) -> _MappedWeights | _CopiedWeights:
+    """The inplace strategy's weights: mapped where the platform can remap a file at a fixed
+    address (64-bit Linux and macOS), copied into buffers elsewhere."""
+    if sys.platform in ("linux", "darwin") and ctypes.sizeof(ctypes.c_void_p) == 8 \
+            and weights_size(manifest) > 0:
+        try:
+            return _MappedWeights(path, manifest)
+        except (OSError, AttributeError):
+            pass
+    return _CopiedWeights(path, manifest)
 
 
 @contextlib.contextmanager
@@ -350,9 +421,18 @@ class _Live:
     session: Any
     stage: int
     directory: Path | None = None
-    buffers: dict[str, np.ndarray] = field(default_factory=dict)  # inplace: weight buffers
+    weights: _MappedWeights | _CopiedWeights | None = None  # inplace: the weight buffers
     values: list[Any] = field(default_factory=list)  # inplace: their OrtValues, kept alive
     users: int = 0  # run() calls in flight
+
+
+def _release(live: _Live) -> None:
+    """Drop ``live``'s session, then its weights (never while a run uses them)."""
+    live.session = None
+    live.values = []
+    if live.weights is not None:
+        live.weights.close()
+        live.weights = None
 
 
 def _http_source(url: str, workdir: str | os.PathLike | None) -> StageSource:
@@ -552,8 +632,7 @@ class ProgressiveSession:
         with self._apply_lock, self._rw.write():
             with self._cond:
                 self._closed = True
-            self._live.session = None
-            self._live.buffers, self._live.values = {}, []
+            _release(self._live)
         self._cleanup()
         self._close_owned()
 
@@ -601,29 +680,27 @@ class ProgressiveSession:
     def _rebuild(self, k: int, sf: StageFile) -> None:
         """Decode stage ``k`` into its own directory, load a new session, check it, swap it in.
 
-        Inplace (stage 1): the stage is decoded into ``weights-1.bin`` and read into buffers the
-        session uses; the directory's ``weights.bin`` is a hole onnxruntime never reads.
+        Inplace (stage 1): the stage is decoded into ``weights-1.bin``, which becomes the
+        session's weights (:func:`_inplace_weights`); the directory's ``weights.bin`` is a hole
+        onnxruntime never reads.
         """
         d = Path(tempfile.mkdtemp(prefix=f"stage-{k}-", dir=self._dir))
         weights = self._dir / f"weights-{k}.bin" if self._strategy == "inplace" \
             else d / "weights.bin"
+        live = _Live(None, k, d)
         try:
             _link_or_copy(self._dir / "graph.onnx", d / "graph.onnx")
             _link_or_copy(self._dir / "base.bin", d / "base.bin")
             self._state.advance(sf, weights)
             _trim_heap()  # before onnxruntime allocates the new session
-            live = _Live(None, k, d)
             if self._strategy == "inplace":
                 options = _inplace_options(self._options)
                 with open(d / "weights.bin", "wb") as f:  # never read: every weight is given
                     f.truncate(weights_size(self._manifest))
-                with _opened(weights) as fd:
-                    for t in self._manifest["tensors"]:
-                        buf = np.empty(t["shape"], FLOAT_TYPES[t["dtype"]].storage)
-                        _load_weight(buf, fd, t)
-                        live.buffers[t["name"]] = buf
-                        live.values.append(_ortvalue(buf, t["dtype"]))
-                        options.add_initializer(t["tensor"], live.values[-1])
+                live.weights = _inplace_weights(weights, self._manifest)
+                for t in self._manifest["tensors"]:
+                    live.values.append(_ortvalue(live.weights.buffers[t["name"]], t["dtype"]))
+                    options.add_initializer(t["tensor"], live.values[-1])
             else:
                 options = self._options
             live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
@@ -631,6 +708,7 @@ class ProgressiveSession:
             if self._probe is not None:
                 self._probe.check(live.session.run, k)
         except BaseException:
+            _release(live)
             shutil.rmtree(d, ignore_errors=True)
             if self._strategy == "inplace":
                 weights.unlink(missing_ok=True)
@@ -642,34 +720,29 @@ class ProgressiveSession:
             old, self._live = self._live, new
             while old.users:
                 self._cond.wait()
-        old.session = None
-        old.buffers, old.values = {}, []
+        _release(old)
         if old.directory is not None:
             shutil.rmtree(old.directory, ignore_errors=True)
 
     def _patch_buffers(self, k: int, sf: StageFile) -> None:
-        """Inplace: decode stage ``k`` into a file (runs go on), then read it into the live
-        session's buffers under the writer lock. The previous stage's file is kept until the
-        probe passed: a failed patch reads it back."""
+        """Inplace: decode stage ``k`` into a file (runs go on), then switch the live session's
+        weights to it under the writer lock. The previous stage's file is kept until the probe
+        passed: a failed patch switches back to it."""
         live = self._live
+        assert live.weights is not None
         old = self._state.weights_file
         new = self._dir / f"weights-{k}.bin"
         assert old is not None and old != new
         self._state.advance(sf, new)
         _trim_heap()
-        changed = {e["name"] for e in sf.entries if e["kind"] != "file"}
-        tensors = [t for t in self._manifest["tensors"] if t["name"] in changed]
         try:
-            with _opened(new) as fd, self._rw.write():
-                for t in tensors:
-                    _load_weight(live.buffers[t["name"]], fd, t)
+            with self._rw.write():
+                live.weights.switch(new)
                 try:
                     if self._probe is not None:
                         self._probe.check(live.session.run, k)
                 except BaseException:
-                    with _opened(old) as back:
-                        for t in tensors:
-                            _load_weight(live.buffers[t["name"]], back, t)
+                    live.weights.switch(old)
                     raise
                 live.stage = k
         except BaseException:

@@ -287,8 +287,11 @@ def test_stale_inplace_is_caught_and_rolled_back(mlp_pkg, mlp_feed, mlp_refs, mo
     refs = mlp_refs["inplace"]
     with ProgressiveSession(mlp_pkg, strategy="inplace") as s:
         s.upgrade(2, background=False)
-        with monkeypatch.context() as m:  # the buffer writes are lost
-            m.setattr(runtime, "_load_weight", lambda buf, fd, t: None)
+        switch = type(s._live.weights).switch
+        with monkeypatch.context() as m:  # the switch to the new weights is lost
+            m.setattr(type(s._live.weights), "switch",
+                      lambda self, path: None if path.name == "weights-3.bin" else
+                      switch(self, path))
             with pytest.raises(PatchError, match="stage 3 did not take effect"):
                 s.apply(mlp_pkg / "stage-3.p2u")
         assert s.stage == 2 and s._state.stage == 2
@@ -402,6 +405,27 @@ def _function_model() -> onnx.ModelProto:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["n", 64])])
     return helper.make_model(g, functions=[f], opset_imports=[
         helper.make_opsetid("", 17), helper.make_opsetid("local", 1)])
+
+
+@pytest.mark.parametrize("mapped", [True, False])
+def test_inplace_weights_mapped_or_copied(mapped, mlp_pkg, mlp_feed, mlp_refs, monkeypatch):
+    """Inplace weights are a file mapping switched stage by stage (Linux, macOS) or, where a
+    file cannot be remapped, buffers read from each stage's file: same outputs either way."""
+    if not mapped:
+        def refuse(*args):
+            raise OSError("no fixed mappings here")
+        monkeypatch.setattr(runtime._MappedWeights, "__init__", refuse)
+    elif sys.platform not in ("linux", "darwin"):
+        pytest.skip("file mappings are used on Linux and macOS")
+    with ProgressiveSession(mlp_pkg, strategy="inplace") as s:
+        s.upgrade(1, background=False)
+        kind = runtime._MappedWeights if mapped else runtime._CopiedWeights
+        assert type(s._live.weights) is kind
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs["inplace"][1])
+        s.upgrade(background=False)
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs["inplace"][-1])
+        assert sorted(p.name for p in s._dir.glob("weights-*")) == \
+            [f"weights-{s.stages - 1}.bin"]
 
 
 @pytest.mark.parametrize("which", ["if", "function"])
