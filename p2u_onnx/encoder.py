@@ -24,6 +24,7 @@ import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
 
 from . import passes
+from ._memory import trim_heap
 from . import quantizers as qz
 from .codecs import SegmentsCodec, ZstdCodec
 from .config import LOSSLESS, BitBudget, Plan, QuantConfig
@@ -183,9 +184,11 @@ def encode(
             "does not define; p2u cannot run or verify it")
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    loaded = [m]  # handed over, not kept here: _encode_into frees the model's weights
+    del m
     try:
         try:
-            manifest = _encode_into(m, name, tmp, plan, config, progress, raise_opset=True,
+            manifest = _encode_into(loaded.pop(), name, tmp, plan, config, progress, raise_opset=True,
                                     probe=probe, budget=budget)
         except _OpsetFallback as fb:
             # Keep the model's opset: INT8 containers, per-channel (or per-tensor) scales.
@@ -195,10 +198,9 @@ def encode(
                     f"model has opset {opset} (< 10, no DequantizeLinear) and {fb.reason}") from None
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
-            m, name = load_model(model)
             gran = "channel" if opset >= 13 else "tensor"
             config = dataclasses.replace(config, granularity=gran)
-            manifest = _encode_into(m, name, tmp, plan, config, progress, raise_opset=False,
+            manifest = _encode_into(load_model(model)[0], name, tmp, plan, config, progress, raise_opset=False,
                                     probe=probe, budget=budget,
                                     note=f"{fb.reason}; fell back to INT8 codes with {gran} "
                                          f"scales at opset {opset}")
@@ -361,27 +363,41 @@ class _OpsetFallback(Exception):
         self.reason, self.opset = reason, opset
 
 
-def _bit_plan(m: ModelProto, selected, plan: Plan, config: QuantConfig, budget: BitBudget):
-    """Base bits per tensor (adaptive unless ``budget.adaptive`` is off).
+def _detach_weights(m: ModelProto, selected: list) -> tuple[ModelProto, list, dict[str, bytes]]:
+    """Take the bytes of the selected weights out of ``m``: returns the model without them
+    (parsed anew), ``selected`` pointing into it, and the bytes by slot key.
 
-    Returns the plan and the raw bytes of the selected tensors that were taken out of the
-    model meanwhile (one copy of each weight, not two); the coder takes them from there.
+    Clearing a field gives no memory back (protobuf frees a message's memory only with the
+    whole message), so the weights would otherwise be held twice while they are coded; the
+    caller drops the original model, and the weights live once, in the returned bytes.
     """
+    raws: dict[str, bytes] = {}
+    for s in selected:
+        t = s.slot.tensor
+        if t.HasField("raw_data"):
+            raws[s.slot.key] = t.raw_data
+            t.ClearField("raw_data")
+    if not raws:
+        return m, selected, raws
+    slim = ModelProto()
+    slim.ParseFromString(m.SerializeToString())
+    slots = {slot.key: slot for slot in iter_slots(slim)}
+    return slim, [dataclasses.replace(s, slot=slots[s.slot.key]) for s in selected], raws
+
+
+def _bit_plan(m: ModelProto, selected, raws: dict[str, bytes], plan: Plan, config: QuantConfig,
+              budget: BitBudget):
+    """Base bits per tensor (adaptive unless ``budget.adaptive`` is off); ``raws`` holds the
+    selected weights' bytes (see :func:`_detach_weights`)."""
     from .sensitivity import BitPlan, plan_bits
 
     if not budget.adaptive or not selected:
-        return BitPlan({s.slot.key: plan.base_bits for s in selected}, {}, {}, None, False,
-                       []), {}
-    arrays, taken = {}, {}
+        return BitPlan({s.slot.key: plan.base_bits for s in selected}, {}, {}, None, False, [])
+    arrays = {}
     for s in selected:
-        t = s.slot.tensor
-        if t.raw_data:
-            taken[s.slot.key] = raw = t.raw_data
-            t.ClearField("raw_data")
-            arrays[s.slot.key] = np.frombuffer(raw, dtype_info(t.data_type).storage.newbyteorder(
-                "<")).reshape(s.shape)
-        else:
-            arrays[s.slot.key] = tensor_array(t)
+        t, raw = s.slot.tensor, raws.get(s.slot.key)
+        arrays[s.slot.key] = tensor_array(t) if raw is None else np.frombuffer(
+            raw, dtype_info(t.data_type).storage.newbyteorder("<")).reshape(s.shape)
     # what the base pays besides the coded weights: tensors sent as they are, and the graph
     # itself (compressed to about GRAPH_RATIO of its protobuf size)
     chosen = {id(s.slot.tensor) for s in selected}
@@ -389,7 +405,7 @@ def _bit_plan(m: ModelProto, selected, plan: Plan, config: QuantConfig, budget: 
     total = fixed + sum(a.nbytes for a in arrays.values())
     fixed += int(GRAPH_RATIO * max(m.ByteSize() - fixed, 0))
     return plan_bits(m, selected, arrays, plan, config, budget, fixed_bytes=fixed,
-                     total_bytes=total), taken
+                     total_bytes=total)
 
 
 def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantConfig,
@@ -397,8 +413,10 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
                  budget: BitBudget = BitBudget(), note: str | None = None) -> dict[str, Any]:
     passes.lift_constants(m, config.min_elements)
     selected = passes.select_weights(m, config)
+    m, selected, taken = _detach_weights(m, selected)
 
-    bitplan, taken = _bit_plan(m, selected, plan, config, budget)
+    bitplan = _bit_plan(m, selected, taken, plan, config, budget)
+    trim_heap()  # what the calibration runs freed, before the weights are coded
 
     # Low-bit codes need a recent opset; convert the structure, or fall back to INT8 codes.
     opset0 = default_opset(m)
@@ -522,6 +540,7 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     if probe:
         from .probe import record_probe  # imports onnxruntime only here
 
+        trim_heap()  # what coding freed, before onnxruntime loads each stage
         entry = record_probe(tmp, manifest)
         if entry is not None:
             manifest["probe"] = entry

@@ -203,6 +203,7 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
 
     import onnxruntime as ort
 
+    from ._memory import trim_heap
     from .format import atomic_write_bytes, read_stage, sha256_file
     from .reconstruct import WeightState, extract_file
 
@@ -268,12 +269,15 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
                 except OSError:
                     shutil.copyfile(pkg / "base.bin", d / "base.bin")
                 model = d / "graph.onnx"
+                trim_heap()  # decoding's temporaries
                 a = ort.InferenceSession(str(model), providers=providers)
                 ya = [sample(v) for v in a.run(names, feed)]
                 del a
+                trim_heap()
                 b = ort.InferenceSession(str(model), plain, providers=providers)
                 yb = [sample(v) for v in b.run(names, feed)]
                 del b
+                trim_heap()
                 if not all(np.all(np.isfinite(v)) for v in ya + yb):
                     return None
                 samples.append(ya)
