@@ -22,7 +22,8 @@ Two strategies:
     prepacking off whose coded weights are handed to it as numpy arrays (``add_initializer``)
     over a read-only mapping of the stage's weights file; each later stage is decoded into a
     file of the work dir, and the mapping is switched to it (one ``mmap`` call, no copy) while
-    a writer lock keeps ``run()`` out. Where a file cannot be remapped at a fixed address
+    a writer lock keeps ``run()`` out. The base session runs without onnxruntime's memory
+    arena, so it does not keep dequantized weights cached beside them. Where a file cannot be remapped at a fixed address
     (not 64-bit Linux/macOS) the weights are buffers the new file is read into instead. Needs the CPU provider; a package whose coded weights
     ``add_initializer`` cannot reach (Constant nodes inside functions, names shared across
     scopes) falls back to ``swap`` (see :attr:`ProgressiveSession.strategy`).
@@ -388,8 +389,9 @@ def _cpu_only(providers: Sequence[Any] | None) -> bool:
     return set(names) <= _HOST_PROVIDERS
 
 
-def _inplace_options(user: ort.SessionOptions | None) -> ort.SessionOptions:
-    """Fresh options like ``user``'s, with optimizations and prepacking off."""
+def _copy_options(user: ort.SessionOptions | None) -> ort.SessionOptions:
+    """Fresh options with the fields of ``user`` that matter here (the object cannot be
+    copied)."""
     so = ort.SessionOptions()
     if user is not None:
         for name in _COPIED_OPTIONS:
@@ -400,8 +402,25 @@ def _inplace_options(user: ort.SessionOptions | None) -> ort.SessionOptions:
                 so.add_session_config_entry(key, user.get_session_config_entry(key))
             except RuntimeError:
                 pass
+    return so
+
+
+def _inplace_options(user: ort.SessionOptions | None) -> ort.SessionOptions:
+    """Options like ``user``'s, with optimizations and prepacking off."""
+    so = _copy_options(user)
     so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     so.add_session_config_entry("session.disable_prepacking", "1")
+    return so
+
+
+def _lean_base_options(user: ort.SessionOptions | None) -> ort.SessionOptions:
+    """Options like ``user``'s without the memory arena: the base's dequantized weights are
+    freed after each run instead of staying cached beside the next stage's weights (inplace,
+    100M parameters: 0.57 -> 0.22 x the fp32 weights once the base has answered)."""
+    so = _copy_options(user)
+    if user is not None:
+        so.graph_optimization_level = user.graph_optimization_level
+    so.enable_cpu_mem_arena = False
     return so
 
 
@@ -511,7 +530,8 @@ class ProgressiveSession:
         try:
             base_onnx, self._base_bin = self._source.base_files(self._workdir)
             session = ort.InferenceSession(
-                str(base_onnx), sess_options, providers=providers,
+                str(base_onnx), _lean_base_options(sess_options)
+                if self._strategy == "inplace" else sess_options, providers=providers,
                 disabled_optimizers=list(_BASE_OFF) if fast_base else None)
             probe = self._source.probe_bytes() if verify else None
             self._probe = None if probe is None else \
