@@ -11,7 +11,10 @@ graph inputs, so trying a quantized weight costs one forward pass and no new ses
   channel, broadcastable to the weight's shape (MatMul, Gemm, Conv); the quantizer weights its
   error by it;
 * ``output_error({key: weight})``: the relative squared error of the model's float outputs
-  when those weights are replaced, against the original outputs.
+  when those weights are replaced, against the original outputs. Outputs whose values all lie
+  in [0, 1] (probabilities, masks) count :data:`PROBABILITY_WEIGHT` times: an argmax or a
+  threshold reads them, and their relative error is dominated by the few large values while
+  decisions flip on the others.
 
 Anything that cannot be measured (a model that fails on synthetic inputs, weights inside
 subgraphs or functions) gets no entry; callers fall back to weight-only estimates.
@@ -34,6 +37,12 @@ __all__ = ["Calibration", "synthesize_feeds", "load_feeds"]
 
 _DEFAULT_DIMS = {"batch": 4, "seq": 32, "spatial": 64}
 _MAX_ACTIVATION_SAMPLES = 1 << 16  # rows of an activation kept for its statistics
+# Weight of probability-like outputs in output_error. Measured on third-party models with
+# softmax or sigmoid outputs (text recognizer and detector, voice activity, file type and
+# orientation classifiers): at the default quality, weight 1 left the recognizer at 0.956 and the
+# voice detector at 0.934 top-1/decision agreement; 3 lifts them to 0.976 and 0.972 within the
+# 20% cap, and leaves embeddings and logits (MiniLM) as they were.
+PROBABILITY_WEIGHT = 3.0
 
 
 def _np_type(elem: int) -> np.dtype:
@@ -138,6 +147,7 @@ class Calibration:
     _feeds: list[dict[str, np.ndarray]]
     _reference: list[list[np.ndarray]]
     _outputs: list[str]
+    _weight: np.ndarray  # per output: PROBABILITY_WEIGHT for probability-like outputs, else 1
 
     @classmethod
     def build(cls, model: ModelProto, weights: Mapping[str, np.ndarray],
@@ -203,8 +213,10 @@ class Calibration:
             if imp is not None:
                 importance[key] = imp
         reference = [[np.asarray(r[i], np.float64) for i in float_out] for r in runs]
+        weight = np.array([PROBABILITY_WEIGHT if _probability_like([r[j] for r in reference])
+                           else 1.0 for j in range(len(float_out))])
         return cls(importance, names, sess, dict(weights), list(feeds), reference,
-                   [outputs[i] for i in float_out])
+                   [outputs[i] for i in float_out], weight)
 
     def output_error(self, overrides: Mapping[str, np.ndarray]) -> float:
         """Relative squared error of the float outputs with ``overrides`` in place: the worst
@@ -220,8 +232,18 @@ class Calibration:
                 diff = np.where(fin & np.isfinite(g), g - r, np.where(fin, np.abs(r) + 1, 0))
                 num[i] += float(np.sum(diff * diff))
                 den[i] += float(np.sum(np.where(fin, r * r, 0)))
-        ratios = num / np.where(den > 0, den, 1)
+        ratios = self._weight * num / np.where(den > 0, den, 1)
         return float(ratios.max()) if len(ratios) else 0.0
+
+
+def _probability_like(values: list[np.ndarray]) -> bool:
+    """Every value finite and in [0, 1], and not all equal (a probability, a mask)."""
+    finite = [v for v in values if v.size]
+    if not finite or not all(np.all(np.isfinite(v)) for v in finite):
+        return False
+    lo = min(float(v.min()) for v in finite)
+    hi = max(float(v.max()) for v in finite)
+    return 0.0 <= lo < hi <= 1.0
 
 
 def _channel_power(values: list[np.ndarray], op: str) -> np.ndarray:

@@ -282,3 +282,29 @@ def test_restore_past_the_protobuf_limit_writes_external_data(tmp_path, monkeypa
     assert (tmp_path / "r.onnx.data").stat().st_size > 0
     x = np.ones((2, 64), np.float32)
     np.testing.assert_array_equal(run(str(out), {"x": x})[0], run(model, {"x": x})[0])
+
+
+def test_probability_outputs_weigh_more_in_the_error_estimate():
+    """Outputs in [0, 1] (softmax, sigmoid) count PROBABILITY_WEIGHT times in output_error:
+    the same weight error costs that much more when a softmax reads the logits."""
+    from onnx import helper
+
+    from p2u_onnx import calibrate
+
+    logits = synth.mlp()
+    probs = synth.mlp()
+    probs.graph.node.append(helper.make_node("Softmax", ["y"], ["p"], axis=-1))
+    probs.graph.output[0].name = "p"
+    errors = []
+    for m in (logits, probs):
+        w = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer
+             if t.name in ("W1", "W2")}
+        cal = calibrate.Calibration.build(m, w)
+        noisy = w["W2"] * np.float32(1.05)
+        errors.append((cal._weight.tolist(), cal.output_error({"W2": noisy})))
+    assert errors[0][0] == [1.0] and errors[1][0] == [calibrate.PROBABILITY_WEIGHT]
+    assert errors[0][1] > 0 and errors[1][1] > 0
+    assert calibrate._probability_like([np.array([0.1, 0.9]), np.array([0.0, 1.0])])
+    assert not calibrate._probability_like([np.array([0.5, 0.5])])      # constant
+    assert not calibrate._probability_like([np.array([-0.1, 0.5])])     # below 0
+    assert not calibrate._probability_like([np.array([0.2, np.nan])])   # not finite
