@@ -22,9 +22,10 @@ Two strategies:
     prepacking off whose coded weights are handed to it as numpy arrays (``add_initializer``)
     over a read-only mapping of the stage's weights file; each later stage is decoded into a
     file of the work dir, and the mapping is switched to it (one ``mmap`` call, no copy) while
-    a writer lock keeps ``run()`` out. The base session runs without onnxruntime's memory
-    arena, so it does not keep dequantized weights cached beside them. Where a file cannot be remapped at a fixed address
-    (not 64-bit Linux/macOS) the weights are buffers the new file is read into instead. Needs the CPU provider; a package whose coded weights
+    a writer lock keeps ``run()`` out. Where a file cannot be remapped at a fixed address (not
+    64-bit Linux or macOS) the weights are buffers each new file is read into instead. The base
+    session runs without onnxruntime's memory arena, so it keeps no dequantized weights cached
+    beside stage 1's. Needs the CPU provider; a package whose coded weights
     ``add_initializer`` cannot reach (Constant nodes inside functions, names shared across
     scopes) falls back to ``swap`` (see :attr:`ProgressiveSession.strategy`).
 
