@@ -74,13 +74,15 @@ def timed(fn, repeats: int) -> float:
 def peak_encode_memory(model: Path, plan: str, extra: str = "") -> float:
     """Peak RSS growth (bytes) of a fresh process while it encodes."""
     code = f"""
-import resource, sys, tempfile, psutil, os
+import sys, tempfile, psutil
 import p2u_onnx, p2u_onnx.encoder, onnx, numpy
+def hwm():  # VmHWM starts afresh at exec (ru_maxrss keeps the parent's peak across fork+exec)
+    line = [x for x in open('/proc/self/status') if x.startswith('VmHWM:')][0]
+    return int(line.split()[1]) * 1024
 base = psutil.Process().memory_info().rss
 with tempfile.TemporaryDirectory() as d:
     p2u_onnx.encode({str(model)!r}, d + '/m.p2u', {plan!r}, {extra})
-peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-print(peak - base)
+print(hwm() - base)
 """
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     return int(out.stdout.strip().splitlines()[-1])
