@@ -296,7 +296,46 @@ def exponent_context(previous: np.ndarray, step: np.ndarray) -> np.ndarray:
     """Context for the lossless stage (uint8): how many binary orders of magnitude the last
     grid step spans over the spacing of floats near the current value. Values with the same
     context need about the same number of bits, so they are coded together.
+
+    Defined as ``clip(e(step) - e(|previous|) + 32, 0, 95)`` with ``e`` the exponent
+    :func:`numpy.frexp` returns (``previous`` is ``[n_blocks, block_len]``, ``step`` one per
+    block). For normal float32/float64 values ``e`` is read from the exponent field of the bit
+    pattern (the same number, without frexp's passes); zeros, subnormals, infinities and NaNs
+    go through frexp itself.
     """
+    previous = np.asarray(previous)
+    _, es = np.frexp(np.asarray(step, previous.dtype))
+    if previous.ndim != 2 or previous.dtype not in (np.float32, np.float64) or \
+            es.shape != previous.shape[:1]:
+        return _exponent_context_frexp(previous, step)
+    if previous.dtype == np.float32:
+        # biased exponent (the uint8 cast drops the sign bit); frexp's e is biased - 126
+        e = (np.ascontiguousarray(previous).view(np.uint32) >> 23).astype(np.uint8)
+        k = es.astype(np.int32) + (126 + 32)
+        if k.size and 0 <= k.min() and k.max() <= 255:
+            kb = k.astype(np.uint8)[:, None]
+            ctx = np.minimum(e, kb)
+            np.subtract(kb, ctx, out=ctx)  # max(k - e, 0)
+            np.minimum(ctx, np.uint8(95), out=ctx)
+        else:
+            ctx = np.clip(k[:, None] - e.astype(np.int32), 0, 95).astype(np.uint8)
+        special = e - np.uint8(1)
+        special = special >= np.uint8(254)  # e == 0 (zero, subnormal) or 255 (inf, nan)
+    else:
+        e = ((np.ascontiguousarray(previous).view(np.uint64) >> np.uint64(52))
+             & np.uint64(0x7FF)).astype(np.int32)
+        ctx = np.clip((es.astype(np.int32) + (1022 + 32))[:, None] - e, 0, 95).astype(np.uint8)
+        special = (e == 0) | (e == 0x7FF)
+    if special.any():
+        idx = np.flatnonzero(special)
+        _, ep = np.frexp(np.abs(previous.reshape(-1)[idx]))
+        ctx.reshape(-1)[idx] = np.clip(es[idx // previous.shape[1]].astype(np.int16) - ep + 32,
+                                       0, 95).astype(np.uint8)
+    return ctx
+
+
+def _exponent_context_frexp(previous: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """:func:`exponent_context` by its definition (any shapes that broadcast)."""
     _, ep = np.frexp(np.abs(previous))
     _, es = np.frexp(np.asarray(step, previous.dtype))
     return np.clip(es[:, None].astype(np.int16) - ep + 32, 0, 95).astype(np.uint8)
@@ -325,14 +364,51 @@ def ordered_to_float(k: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return (b ^ ((b >> (8 * dtype.itemsize - 1)) & itype(mask))).view(dtype)
 
 
+def _ordered(x: np.ndarray) -> np.ndarray:
+    """:func:`float_to_ordered` in the float's own width (int16/int32/int64)."""
+    itype, _, mask = _ORDERED[x.dtype.itemsize]
+    b = np.ascontiguousarray(x).view(itype)
+    k = b >> (8 * x.dtype.itemsize - 1)
+    k &= itype(mask)
+    k ^= b
+    return k
+
+
+def _from_ordered(k: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Inverse of :func:`_ordered`, in place on ``k`` (its own width)."""
+    t = k >> (8 * k.dtype.itemsize - 1)
+    t &= k.dtype.type(_ORDERED[k.dtype.itemsize][2])
+    k ^= t
+    return k.view(dtype)
+
+
 def lossless_codes(original: np.ndarray, previous: np.ndarray) -> np.ndarray:
     """Ordered-integer difference that turns ``previous`` into ``original`` bit for bit
     (int32 when every difference fits, else int64)."""
-    d = float_to_ordered(original) - float_to_ordered(previous)
-    if d.size and original.dtype.itemsize <= 4 and -(2**31) < d.min() and d.max() < 2**31:
-        return d.astype(np.int32)
-    return d
+    a = _ordered(original)
+    b = _ordered(previous)
+    if a.dtype == np.int16:  # 2-byte floats: every difference fits in int32
+        return np.subtract(a, b, dtype=np.int32)
+    if a.dtype == np.int32 and a.size:
+        d = a - b  # wraps when the true difference does not fit in int32
+        over = a ^ b
+        over &= a ^ d  # overflow: a and b differ in sign and so do a and d
+        if not (over < 0).any():
+            return d
+        # some difference needs more than 32 bits: int64, unless none is +-2**31 exactly
+        d = np.subtract(a, b, dtype=np.int64)
+        if -(2**31) < d.min() and d.max() < 2**31:
+            return d.astype(np.int32)
+        return d
+    return np.subtract(a, b, dtype=np.int64)
 
 
 def apply_lossless(previous: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    return ordered_to_float(float_to_ordered(previous) + codes, previous.dtype)
+    """``previous`` moved by ``codes`` in ordered-integer space (:func:`lossless_codes`).
+
+    The sum wraps in the float's own width: the result only ever needs its low bits, so this
+    is bit-identical to adding in int64 and truncating.
+    """
+    k = _ordered(previous)
+    k += codes.astype(k.dtype, copy=False)
+    return _from_ordered(k, previous.dtype)
