@@ -179,18 +179,16 @@ class IntPlanesCodec(Codec):
     def encode(self, values: np.ndarray) -> bytes:
         return self.encode_zigzag(zigzag(np.asarray(values).reshape(-1)))
 
-    def encode_zigzag(self, u: np.ndarray, planes: np.ndarray | None = None) -> bytes:
-        """Encode zigzag values ``u`` (uint32 or uint64). ``planes``, when given, holds the
-        bytes of ``u`` plane by plane (``planes[i]`` = byte ``i`` of every value)."""
+    def encode_zigzag(self, u: np.ndarray) -> bytes:
+        """Encode zigzag values ``u`` (unsigned)."""
         top = int(u.max()) if u.size else 0
         width = next(w for w in _WIDTHS if top < (1 << (8 * w)))
         if width == 1:
-            parts = [_zstd_entropy(planes[0] if planes is not None else u.astype(np.uint8),
+            parts = [_zstd_entropy(u if u.dtype == np.uint8 else u.astype(np.uint8),
                                    self.level)]
-        elif planes is not None:
-            parts = [_zstd_entropy(planes[i], self.level) for i in range(width)]
         else:
-            cols = u.astype(f"<u{width}").view(np.uint8).reshape(-1, width)
+            u = u.astype(u.dtype.newbyteorder("<"), copy=False)
+            cols = u.view(np.uint8).reshape(-1, u.dtype.itemsize)
             parts = [_zstd_entropy(np.ascontiguousarray(cols[:, i]), self.level)
                      for i in range(width)]
         head = struct.pack(f"<B{width}Q", width, *map(len, parts))
@@ -239,22 +237,12 @@ class IntGroupsCodec(Codec):
     def encode(self, values: np.ndarray, context: np.ndarray) -> bytes:
         values = np.asarray(values).reshape(-1)
         context = np.asarray(context, np.uint8).reshape(-1)
-        order, counts = group_order(context)
         inner = IntPlanesCodec(self.level)
-        u = zigzag(values)[order]
-        # byte planes of every value at once: each group's planes are slices of these
-        top = int(u.max()) if u.size else 0
-        width = next(w for w in _WIDTHS if top < (1 << (8 * w)))
-        planes = None
-        if width > 1:
-            planes = np.ascontiguousarray(u.view(np.uint8).reshape(-1, u.dtype.itemsize)[:, :width].T)
-        head, parts, pos = [], [], 0
-        for g in np.flatnonzero(counts):
-            n = int(counts[g])
-            parts.append(inner.encode_zigzag(
-                u[pos:pos + n], None if planes is None else planes[:, pos:pos + n]))
-            head.append((int(g), n, len(parts[-1])))
-            pos += n
+        u = zigzag(values)
+        head, parts = [], []
+        for g, where in _groups(context):
+            parts.append(inner.encode_zigzag(u[where]))
+            head.append((g, _count(where), len(parts[-1])))
         out = [struct.pack("<H", len(head))]
         out += [struct.pack("<BQQ", *h) for h in head]
         return b"".join(out + parts)
@@ -270,26 +258,60 @@ class IntGroupsCodec(Codec):
         pos = 2 + n * rec.size
         if len(buf) < pos:
             raise FormatError("grouped payload is truncated")
-        order, counts = group_order(context)
         records = []
         for i in range(n):
             g, count, length = rec.unpack_from(buf, 2 + i * rec.size)
-            if counts[g] != count or pos + length > len(buf):
-                raise FormatError("grouped payload does not match its context (wrong base or "
-                                  "earlier stage)")
-            records.append((pos, count, length))
+            if pos + length > len(buf) or (records and g <= records[-1][0]):
+                raise FormatError("grouped payload is malformed")
+            records.append((g, count, buf[pos:pos + length]))
             pos += length
         if sum(r[1] for r in records) != len(context) or pos != len(buf):
             raise FormatError("grouped payload does not cover its values")
-        width = max((_planes_width(buf[p:p + length]) for p, _, length in records), default=1)
-        u = np.empty(len(context), _UNSIGNED[width])
-        at = 0
-        for p, count, length in records:
-            _planes_into(buf[p:p + length], u[at:at + count])
-            at += count
-        out = np.empty_like(u)
-        out[order] = u
-        return unzigzag(out)
+        width = max((_planes_width(data) for _, _, data in records), default=1)
+        out = np.empty(len(context), _SIGNED[width])
+        groups = dict(_groups(context, [r[0] for r in records]))
+        for g, count, data in records:
+            where = groups.get(g)
+            if where is None or _count(where) != count:
+                raise FormatError("grouped payload does not match its context (wrong base or "
+                                  "earlier stage)")
+            u = np.empty(count, _UNSIGNED[_planes_width(data)])
+            _planes_into(data, u)
+            out[where] = unzigzag(u)
+        return out
+
+
+_MASK_GROUPS = 24  # up to this many groups, find each one's positions by comparison
+
+
+def _count(where) -> int:
+    return where.stop - where.start if isinstance(where, slice) else len(where)
+
+
+def _groups(context: np.ndarray, wanted: list[int] | None = None):
+    """``(value, positions)`` for each value of ``context`` (uint8) in increasing order,
+    positions increasing: an index array, or a slice when it is the whole array.
+
+    ``wanted`` limits it to those values (others may still be listed). Few values: one
+    comparison per value; many: one sort (:func:`group_order`).
+    """
+    n = len(context)
+    if n == 0:
+        return []
+    lo, hi = int(context.min()), int(context.max())
+    if lo == hi:
+        return [(lo, slice(0, n))]
+    values = range(lo, hi + 1) if wanted is None else [g for g in wanted if lo <= g <= hi]
+    if len(values) <= _MASK_GROUPS:
+        out = []
+        for g in values:
+            idx = np.flatnonzero(context == g)
+            if len(idx):
+                out.append((g, idx))
+        return out
+    order, counts = group_order(context)
+    ends = np.cumsum(counts)
+    return [(int(g), order[ends[g] - counts[g]:ends[g]]) for g in np.flatnonzero(counts)]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -182,11 +182,14 @@ def quantize_base(
         raise ValueError(f"bits must be 2..8, got {bits}")
     x = np.asarray(blocks, np.float32)
     finite = np.isfinite(x)
-    xf = np.where(finite, x, np.float32(0))
+    xf = x if finite.all() else np.where(finite, x, np.float32(0))
+    del finite
     tiny = np.float32(info.scale_tiny)
     if symmetric:
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        absmax = np.max(np.abs(xf), axis=1) if xf.size else np.zeros(len(x), np.float32)
+        # max |x| per block, as max(max, -min): the same number without an |x| array
+        absmax = np.maximum(np.max(xf, axis=1), -np.min(xf, axis=1)) if xf.size \
+            else np.zeros(len(x), np.float32)
         base_scale = absmax.astype(np.float64) / qmax
         lo = np.zeros_like(base_scale)
     else:
@@ -197,30 +200,47 @@ def quantize_base(
         lo = mn
 
     ratios = _CLIP_RATIOS if clip_search else (1.0,)
+    ctype = np.int8 if symmetric else np.uint8
+    codes = np.empty(xf.shape, ctype)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         scale, zp = _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax,
                             importance)
         safe = np.where(scale > 0, scale, np.float32(1))
-        q = np.divide(xf, safe[:, None])
+        for rows in _slabs(xf):
+            q = np.divide(xf[rows], safe[rows, None])
+            if zp is not None:
+                q += zp[rows, None]
+            np.rint(q, out=q)
+            np.clip(q, qmin, qmax, out=q)
+            codes[rows] = q
         if zp is not None:
-            q += zp[:, None]
-        np.rint(q, out=q)
-        np.clip(q, qmin, qmax, out=q)
-        if zp is not None:
-            q[scale <= 0] = zp[scale <= 0, None]
-    ctype = np.int8 if symmetric else np.uint8
+            codes[scale <= 0] = zp[scale <= 0, None]
     return BaseCodes(
-        codes=q.astype(ctype),
+        codes=codes,
         scale=scale.astype(np.float32),
         zero_point=None if zp is None else zp.astype(ctype),
         bits=bits,
     )
 
 
+_SLAB = 1 << 19  # values per slab: the clip search's passes stay in the core's own cache
+
+
+def _slabs(x: np.ndarray) -> list[slice]:
+    """Runs of whole rows of ``x`` ([n, block_len]) of about :data:`_SLAB` values."""
+    n, length = x.shape
+    step = max(1, _SLAB // max(length, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax, importance=None):
-    """Per block, the clipping ratio with the least squared error: (scale, zero point)."""
-    best_scale = best_zp = best_err = None
-    buf = np.empty_like(xf)
+    """Per block, the clipping ratio with the least squared error: (scale, zero point).
+
+    The squared errors of every ratio are computed slab by slab of rows (each row's sum is the
+    same whatever the slab), then the ratios are compared in order as before: a later ratio
+    wins only where its error is strictly smaller.
+    """
+    cands = []
     for r in ratios:
         scale = info.round_scale(np.maximum(base_scale * r, tiny))
         scale = np.where(base_scale > 0, scale, np.float32(0))
@@ -231,19 +251,27 @@ def _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax, impor
         if len(ratios) == 1:
             return scale, zp
         inv = np.where(scale > 0, np.float32(1) / np.where(scale > 0, scale, 1), 0)
-        np.multiply(xf, inv[:, None], out=buf)
-        if zp is not None:
-            buf += zp[:, None]
-        np.rint(buf, out=buf)
-        np.clip(buf, qmin, qmax, out=buf)
-        if zp is not None:
-            buf -= zp[:, None]
-        buf *= scale[:, None]
-        buf -= xf
-        err = np.einsum("ij,ij->i", buf, buf * importance if importance is not None else buf)
-        if best_err is None:
-            best_scale, best_zp, best_err = scale, zp, err
-            continue
+        cands.append((scale, zp, inv))
+    edtype = xf.dtype if importance is None else np.result_type(xf, importance)
+    errs = [np.empty(len(xf), edtype) for _ in cands]
+    buf = np.empty((min(len(xf), _slabs(xf)[0].stop if len(xf) else 0), xf.shape[1]), xf.dtype)
+    for rows in _slabs(xf):
+        xs = xf[rows]
+        b = buf[:len(xs)]
+        imp = None if importance is None else importance[rows]
+        for (scale, zp, inv), err in zip(cands, errs):
+            np.multiply(xs, inv[rows, None], out=b)
+            if zp is not None:
+                b += zp[rows, None]
+            np.rint(b, out=b)
+            np.clip(b, qmin, qmax, out=b)
+            if zp is not None:
+                b -= zp[rows, None]
+            b *= scale[rows, None]
+            b -= xs
+            err[rows] = np.einsum("ij,ij->i", b, b * imp if imp is not None else b)
+    best_scale, best_zp, best_err = cands[0][0], cands[0][1], errs[0]
+    for (scale, zp, _), err in zip(cands[1:], errs[1:]):
         better = err < best_err
         best_scale = np.where(better, scale, best_scale)
         if zp is not None:
