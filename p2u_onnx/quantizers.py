@@ -223,7 +223,7 @@ def quantize_base(
     )
 
 
-_SLAB = 1 << 19  # values per slab: the clip search's passes stay in the core's own cache
+_SLAB = 1 << 18  # values per slab: the clip search's passes stay in the core's own cache
 
 
 def _slabs(x: np.ndarray) -> list[slice]:
@@ -282,10 +282,12 @@ def _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax, impor
 
 def dequantize_base(base: BaseCodes) -> np.ndarray:
     """``(q - z) * s`` in float32, as DequantizeLinear computes it; ``[n_blocks, block_len]``."""
-    q = base.codes.astype(np.int32)
+    # codes and zero points are small integers: float32 holds them and their difference exactly
+    q = base.codes.astype(np.float32)
     if base.zero_point is not None:
-        q = q - base.zero_point.astype(np.int32)[:, None]
-    return q.astype(np.float32) * base.scale.astype(np.float32)[:, None]
+        q -= base.zero_point.astype(np.float32)[:, None]
+    q *= base.scale.astype(np.float32)[:, None]
+    return q
 
 
 def stage_scale(base_scale: np.ndarray, shift: int) -> np.ndarray:
