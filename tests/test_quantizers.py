@@ -161,8 +161,8 @@ def _special_bits(draw, itemsize, n):
     """Bit patterns biased toward zeros, subnormals, infinities, NaNs and huge values."""
     top = {2: 0x7C00, 4: 0x7F800000, 8: 0x7FF0000000000000}[itemsize]
     picks = st.one_of(st.integers(0, (1 << (8 * itemsize)) - 1),
-                      st.sampled_from([0, 1, 3, top - 1, top, top + 1, top | 1 << (8 * itemsize - 1),
-                                       1 << (8 * itemsize - 1)]))
+                      st.sampled_from([0, 1, 3, top - 1, top, top + 1,
+                                       top | 1 << (8 * itemsize - 1), 1 << (8 * itemsize - 1)]))
     return np.array(draw(st.lists(picks, min_size=n, max_size=n)), _UINT[itemsize])
 
 
