@@ -306,9 +306,13 @@ def refine_codes(original: np.ndarray, previous: np.ndarray, step: np.ndarray) -
     ct = np.float64 if previous.dtype == np.float64 else np.float32
     st = np.asarray(step, ct)[:, None]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        q = np.rint((np.asarray(original, ct) - previous) / np.where(st > 0, st, 1))
-    q = np.where(np.isfinite(q) & (st > 0), q, 0)
-    return np.clip(q, -(2**24), 2**24).astype(np.int32)
+        q = np.subtract(np.asarray(original, ct), previous, dtype=np.result_type(ct, previous))
+        q /= np.where(st > 0, st, 1)
+        np.rint(q, out=q)
+    if not ((st > 0).all() and np.isfinite(q).all()):
+        q = np.where(np.isfinite(q) & (st > 0), q, 0)
+    np.clip(q, -(2**24), 2**24, out=q)
+    return q.astype(np.int32)
 
 
 def apply_refine(

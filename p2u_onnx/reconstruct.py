@@ -185,9 +185,9 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
             payloads.append(PLANES.encode(codes))
             prev = refine_blocks(info, prev, codes, step)
         errs.append(0.0 if bits == "lossless" else _max_err(xc, prev, info, finite))
-    with np.errstate(invalid="ignore"):
-        a = np.abs(xc if finite is None else xc[finite])
-    return ChunkCode(base, payloads, errs, float(a.max()) if a.size else 0.0, prev)
+    a = xc if finite is None else xc[finite]
+    abs_max = float(np.maximum(a.max(), -a.min())) + 0.0 if a.size else 0.0  # max |a|
+    return ChunkCode(base, payloads, errs, abs_max, prev)
 
 
 def _max_err(xc, prev, info, finite) -> float:
