@@ -292,7 +292,10 @@ def dequantize_base(base: BaseCodes) -> np.ndarray:
 
 def stage_scale(base_scale: np.ndarray, shift: int) -> np.ndarray:
     """Grid step of a stage ``shift`` bits finer than the base (exact power-of-two scaling)."""
-    return np.ldexp(np.asarray(base_scale, np.float32), -shift).astype(np.float32)
+    s = np.asarray(base_scale, np.float32)
+    if -100 <= shift <= 100:  # a product by a power of two: as exact (or as rounded) as ldexp
+        return s * np.float32(2.0 ** -shift)
+    return np.ldexp(s, -shift).astype(np.float32)
 
 
 def refine_codes(original: np.ndarray, previous: np.ndarray, step: np.ndarray) -> np.ndarray:

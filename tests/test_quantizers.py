@@ -201,3 +201,12 @@ def test_lossless_codes_match_int64_definition(dtype, data):
     np.testing.assert_array_equal(_bits_view(qz.apply_lossless(b, d)), _bits_view(a))
     np.testing.assert_array_equal(_bits_view(qz.apply_lossless(b, ref.astype(np.int64))),
                                   _bits_view(a))
+
+
+@given(hnp.arrays(np.uint32, st.integers(0, 50)), st.integers(-130, 130))
+def test_stage_scale_is_ldexp(bits, shift):
+    s = bits.view(np.float32)
+    with np.errstate(all="ignore"):
+        ref = np.ldexp(s, -shift).astype(np.float32)
+        got = qz.stage_scale(s, shift)
+    np.testing.assert_array_equal(_bits_view(got), _bits_view(ref))
