@@ -23,7 +23,7 @@ import zstandard
 from .errors import FormatError
 
 __all__ = ["Codec", "ZstdCodec", "IntPlanesCodec", "IntGroupsCodec", "SegmentsCodec", "get_codec",
-           "UnknownCodecError"]
+           "UnknownCodecError", "group_order"]
 
 # Upper bound on what one decoded buffer may claim (guards against hostile headers).
 MAX_DECODED = 1 << 40
@@ -69,8 +69,11 @@ def _zstd_entropy(data, level: int) -> bytes:
 def _zstd_decompress(data, size: int) -> bytes:
     if not 0 <= size <= MAX_DECODED:
         raise FormatError(f"implausible decoded size {size}")
+    dctx = _LOCAL.__dict__.get("dctx")
+    if dctx is None:
+        dctx = _LOCAL.dctx = zstandard.ZstdDecompressor()
     try:
-        out = zstandard.ZstdDecompressor().decompress(data, max_output_size=size)
+        out = dctx.decompress(data, max_output_size=size)
     except zstandard.ZstdError as e:
         raise FormatError(f"compressed data is corrupt: {e}") from e
     if len(out) != size:
@@ -93,6 +96,8 @@ class ZstdCodec(Codec):
 
 
 _WIDTHS = (1, 2, 4, 8)
+_UNSIGNED = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+_SIGNED = {1: np.int8, 2: np.int16, 4: np.int32, 8: np.int64}
 
 
 def zigzag(x: np.ndarray) -> np.ndarray:
@@ -101,12 +106,62 @@ def zigzag(x: np.ndarray) -> np.ndarray:
     if x.dtype != np.int32:
         x = x.astype(np.int64)
     bits = 8 * x.dtype.itemsize - 1
-    return ((x << 1) ^ (x >> bits)).view(np.uint32 if x.dtype == np.int32 else np.uint64)
+    u = x << 1
+    u ^= x >> bits
+    return u.view(np.uint32 if x.dtype == np.int32 else np.uint64)
 
 
 def unzigzag(u: np.ndarray) -> np.ndarray:
-    u = np.asarray(u, np.uint64)
-    return ((u >> np.uint64(1)).view(np.int64)) ^ -((u & np.uint64(1)).view(np.int64))
+    """Inverse of :func:`zigzag`, in the same width: uint8 -> int8, ..., uint64 -> int64."""
+    u = np.asarray(u)
+    if u.dtype.kind != "u":
+        u = u.astype(np.uint64)
+    out = u >> u.dtype.type(1)
+    sign = u & u.dtype.type(1)
+    s = sign.view(_SIGNED[u.dtype.itemsize])
+    np.negative(s, out=s)
+    out ^= sign
+    return out.view(_SIGNED[u.dtype.itemsize])
+
+
+def _planes_head(buf: memoryview) -> tuple[int, tuple[int, ...], int]:
+    """(width, plane lengths, header size) of an :class:`IntPlanesCodec` payload."""
+    if len(buf) < 1:
+        raise FormatError("integer payload is truncated")
+    width = buf[0]
+    if width not in _WIDTHS:
+        raise FormatError(f"integer payload has invalid width {width}")
+    head = 1 + 8 * width
+    if len(buf) < head:
+        raise FormatError("integer payload is truncated")
+    lengths = struct.unpack_from(f"<{width}Q", buf, 1)
+    if head + sum(lengths) != len(buf):
+        raise FormatError("integer payload lengths do not add up to its size")
+    return width, lengths, head
+
+
+def _planes_into(buf: memoryview, out: np.ndarray) -> None:
+    """Decode an :class:`IntPlanesCodec` payload of ``len(out)`` values into ``out`` as
+    zigzag (unsigned) values; ``out`` is unsigned and at least as wide as the payload."""
+    width, lengths, pos = _planes_head(buf)
+    count = len(out)
+    if width > out.dtype.itemsize:
+        raise FormatError("integer payload is wider than expected")
+    if width == out.dtype.itemsize == 1:
+        out[:] = np.frombuffer(_zstd_decompress(buf[pos:pos + lengths[0]], count), np.uint8)
+        return
+    cols = out.view(np.uint8).reshape(count, out.dtype.itemsize)
+    for i, n in enumerate(lengths):
+        cols[:, i] = np.frombuffer(_zstd_decompress(buf[pos:pos + n], count), np.uint8)
+        pos += n
+    if width < out.dtype.itemsize:
+        cols[:, width:] = 0
+
+
+def _planes_width(buf: memoryview) -> int:
+    if len(buf) < 1 or buf[0] not in _WIDTHS:
+        raise FormatError("integer payload is truncated or has an invalid width")
+    return buf[0]
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,45 +169,56 @@ class IntPlanesCodec(Codec):
     """Signed integers -> zigzag -> byte planes -> zstd per plane.
 
     Encoded layout: ``u8 width`` then ``width`` little-endian u64 plane lengths, then the
-    compressed planes, low byte first. ``decode(buf, count)`` returns ``count`` int64 values.
+    compressed planes, low byte first. ``decode(buf, count)`` returns ``count`` signed values
+    (int8 ... int64, as wide as the payload's planes).
     """
 
     codec_id: ClassVar[str] = "int-planes"
     level: int = 3
 
     def encode(self, values: np.ndarray) -> bytes:
-        u = zigzag(np.asarray(values).reshape(-1))
+        return self.encode_zigzag(zigzag(np.asarray(values).reshape(-1)))
+
+    def encode_zigzag(self, u: np.ndarray) -> bytes:
+        """Encode zigzag values ``u`` (unsigned)."""
         top = int(u.max()) if u.size else 0
         width = next(w for w in _WIDTHS if top < (1 << (8 * w)))
         if width == 1:
-            parts = [_zstd_entropy(u.astype(np.uint8), self.level)]
+            parts = [_zstd_entropy(u if u.dtype == np.uint8 else u.astype(np.uint8),
+                                   self.level)]
         else:
-            planes = u.astype(f"<u{width}").view(np.uint8).reshape(-1, width)
-            parts = [_zstd_entropy(np.ascontiguousarray(planes[:, i]), self.level)
+            u = u.astype(u.dtype.newbyteorder("<"), copy=False)
+            cols = u.view(np.uint8).reshape(-1, u.dtype.itemsize)
+            parts = [_zstd_entropy(np.ascontiguousarray(cols[:, i]), self.level)
                      for i in range(width)]
         head = struct.pack(f"<B{width}Q", width, *map(len, parts))
         return head + b"".join(parts)
 
     def decode(self, buf, count: int) -> np.ndarray:
         buf = memoryview(buf)
-        if not 0 <= count <= MAX_DECODED or len(buf) < 1:
+        if not 0 <= count <= MAX_DECODED:
             raise FormatError("integer payload is truncated")
-        width = buf[0]
-        if width not in _WIDTHS:
-            raise FormatError(f"integer payload has invalid width {width}")
-        head = 1 + 8 * width
-        if len(buf) < head:
-            raise FormatError("integer payload is truncated")
-        lengths = struct.unpack_from(f"<{width}Q", buf, 1)
-        if head + sum(lengths) != len(buf):
-            raise FormatError("integer payload lengths do not add up to its size")
-        planes = np.empty((count, width), np.uint8)
-        pos = head
-        for i, n in enumerate(lengths):
-            planes[:, i] = np.frombuffer(_zstd_decompress(buf[pos:pos + n], count), np.uint8)
-            pos += n
-        u = planes.view(f"<u{width}").reshape(-1).astype(np.uint64)
+        u = np.empty(count, _UNSIGNED[_planes_width(buf)])
+        _planes_into(buf, u)
         return unzigzag(u)
+
+
+def group_order(context: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Positions of ``context`` (uint8) grouped by value, stable (what
+    ``np.argsort(context, kind="stable")`` gives), and the count of every value (256).
+
+    Sorts one integer key per value (context above, position below), which numpy does with
+    SIMD, about 3x faster than its argsort of uint8; the counts fall out of the sorted keys.
+    """
+    n = len(context)
+    shift, ktype = (24, np.uint32) if n <= 1 << 24 else (40, np.uint64)
+    key = context.astype(ktype)
+    key <<= ktype(shift)
+    key |= np.arange(n, dtype=ktype)
+    key.sort()
+    edges = np.searchsorted(key, np.arange(256, dtype=ktype) << ktype(shift))
+    key &= ktype((1 << shift) - 1)
+    return key.astype(np.intp), np.diff(edges, append=n)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -171,21 +237,18 @@ class IntGroupsCodec(Codec):
     def encode(self, values: np.ndarray, context: np.ndarray) -> bytes:
         values = np.asarray(values).reshape(-1)
         context = np.asarray(context, np.uint8).reshape(-1)
-        order = np.argsort(context, kind="stable")
-        counts = np.bincount(context, minlength=256)
         inner = IntPlanesCodec(self.level)
-        sorted_vals = values[order]
-        head, parts, pos = [], [], 0
-        for g in np.flatnonzero(counts):
-            n = int(counts[g])
-            parts.append(inner.encode(sorted_vals[pos:pos + n]))
-            head.append((int(g), n, len(parts[-1])))
-            pos += n
+        u = zigzag(values)
+        head, parts = [], []
+        for g, where in _groups(context):
+            parts.append(inner.encode_zigzag(u[where]))
+            head.append((g, _count(where), len(parts[-1])))
         out = [struct.pack("<H", len(head))]
         out += [struct.pack("<BQQ", *h) for h in head]
         return b"".join(out + parts)
 
     def decode(self, buf, context: np.ndarray) -> np.ndarray:
+        """Values in the order of ``context``: signed, as wide as the widest group's planes."""
         buf = memoryview(buf)
         context = np.asarray(context, np.uint8).reshape(-1)
         if len(buf) < 2:
@@ -195,24 +258,60 @@ class IntGroupsCodec(Codec):
         pos = 2 + n * rec.size
         if len(buf) < pos:
             raise FormatError("grouped payload is truncated")
-        counts = np.bincount(context, minlength=256)
-        order = np.argsort(context, kind="stable")
-        out_sorted = np.empty(len(context), np.int64)
-        at = 0
-        inner = IntPlanesCodec(self.level)
+        records = []
         for i in range(n):
             g, count, length = rec.unpack_from(buf, 2 + i * rec.size)
-            if counts[g] != count or pos + length > len(buf):
+            if pos + length > len(buf) or (records and g <= records[-1][0]):
+                raise FormatError("grouped payload is malformed")
+            records.append((g, count, buf[pos:pos + length]))
+            pos += length
+        if sum(r[1] for r in records) != len(context) or pos != len(buf):
+            raise FormatError("grouped payload does not cover its values")
+        width = max((_planes_width(data) for _, _, data in records), default=1)
+        out = np.empty(len(context), _SIGNED[width])
+        groups = dict(_groups(context, [r[0] for r in records]))
+        for g, count, data in records:
+            where = groups.get(g)
+            if where is None or _count(where) != count:
                 raise FormatError("grouped payload does not match its context (wrong base or "
                                   "earlier stage)")
-            out_sorted[at:at + count] = inner.decode(buf[pos:pos + length], count)
-            at += count
-            pos += length
-        if at != len(context) or pos != len(buf):
-            raise FormatError("grouped payload does not cover its values")
-        out = np.empty_like(out_sorted)
-        out[order] = out_sorted
+            u = np.empty(count, _UNSIGNED[_planes_width(data)])
+            _planes_into(data, u)
+            out[where] = unzigzag(u)
         return out
+
+
+_MASK_GROUPS = 24  # up to this many groups, find each one's positions by comparison
+
+
+def _count(where) -> int:
+    return where.stop - where.start if isinstance(where, slice) else len(where)
+
+
+def _groups(context: np.ndarray, wanted: list[int] | None = None):
+    """``(value, positions)`` for each value of ``context`` (uint8) in increasing order,
+    positions increasing: an index array, or a slice when it is the whole array.
+
+    ``wanted`` limits it to those values (others may still be listed). Few values: one
+    comparison per value; many: one sort (:func:`group_order`).
+    """
+    n = len(context)
+    if n == 0:
+        return []
+    lo, hi = int(context.min()), int(context.max())
+    if lo == hi:
+        return [(lo, slice(0, n))]
+    values = range(lo, hi + 1) if wanted is None else [g for g in wanted if lo <= g <= hi]
+    if len(values) <= _MASK_GROUPS:
+        out = []
+        for g in values:
+            idx = np.flatnonzero(context == g)
+            if len(idx):
+                out.append((g, idx))
+        return out
+    order, counts = group_order(context)
+    ends = np.cumsum(counts)
+    return [(int(g), order[ends[g] - counts[g]:ends[g]]) for g in np.flatnonzero(counts)]
 
 
 @dataclasses.dataclass(frozen=True)

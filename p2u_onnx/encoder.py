@@ -450,18 +450,34 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
                 in_flight -= coder.finish(pending.popleft())
         while pending:
             coder.finish(pending.popleft())
-    stage_err, stage_rel = coder.stage_err, coder.stage_rel
-    tensors_meta, coded, all_bytes = coder.tensors_meta, coder.coded, coder.all_bytes
-    digest = coder.digest
-
-    src_digest = digest.hexdigest()
+    coded = coder.coded
+    src_digest = coder.digest.hexdigest()
     package_id = hashlib.sha256(
         f"{src_digest}|{plan}|{config}|{sorted(bitplan.bits.items())}|{FORMAT_VERSION}"
         .encode()).hexdigest()[:32]
 
     # Skeleton: the original structure with coded weights in weights.bin (device writes it).
     graph_bytes = m.SerializeToString()
+    zstd = ZstdCodec(level=9)
+    if writers:  # graph.onnx rides with stage 1: the device needs it from then on
+        writers[0].add({"kind": "file", "name": "graph.onnx", "codec": zstd.get_config(),
+                        "raw_length": len(graph_bytes),
+                        "sha256": hashlib.sha256(graph_bytes).hexdigest()},
+                       zstd.encode(graph_bytes))
+    for wr in writers:
+        wr.package_id = package_id
+    # The stage files are written (hashed, copied, synced) on threads while the base is built.
+    with ThreadPoolExecutor(max(1, len(writers))) as files:
+        later = [files.submit(wr.finish) for wr in writers]
+        base_stage = _write_base(m, tmp, coder, coded, ctypes, opset0, target_opset, package_id)
+        finished = [base_stage] + [f.result() for f in later]
+    return _manifest(m, tmp, name, plan, config, budget, bitplan, selected, coder, finished,
+                     src_digest, package_id, opset0, total, probe, note)
 
+
+def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctypes: dict,
+                opset0: int, target_opset: int, package_id: str) -> tuple[int, str]:
+    """base.onnx (codes + DequantizeLinear) and stage 0 (base.onnx and base.bin, compressed)."""
     # Base: codes + DequantizeLinear, then raise the opset if the code types need it.
     passes.to_base(m, coded)
     if target_opset > opset0:
@@ -489,16 +505,15 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
         w0.add({"kind": "file", "name": fname, "codec": codec.get_config(),
                 "raw_length": len(data), "sha256": hashlib.sha256(data).hexdigest()},
                codec.encode(data))
-    finished = [w0.finish()]
-    if writers:  # graph.onnx rides with stage 1: the device needs it from then on
-        writers[0].add({"kind": "file", "name": "graph.onnx", "codec": zstd.get_config(),
-                        "raw_length": len(graph_bytes),
-                        "sha256": hashlib.sha256(graph_bytes).hexdigest()},
-                       zstd.encode(graph_bytes))
-    for wr in writers:
-        wr.package_id = package_id
-        finished.append(wr.finish())
+    return w0.finish()
 
+
+def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConfig,
+              budget: BitBudget, bitplan, selected, coder: _TensorCoder, finished: list,
+              src_digest: str, package_id: str, opset0: int, total: int, probe: bool,
+              note: str | None) -> dict[str, Any]:
+    stage_err, stage_rel = coder.stage_err, coder.stage_rel
+    tensors_meta, all_bytes = coder.tensors_meta, coder.all_bytes
     fp32_bytes = sum(int(np.prod(s.shape)) * 4 for s in selected)
     weight_bytes = total
     stages = []

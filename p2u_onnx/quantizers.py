@@ -182,11 +182,14 @@ def quantize_base(
         raise ValueError(f"bits must be 2..8, got {bits}")
     x = np.asarray(blocks, np.float32)
     finite = np.isfinite(x)
-    xf = np.where(finite, x, np.float32(0))
+    xf = x if finite.all() else np.where(finite, x, np.float32(0))
+    del finite
     tiny = np.float32(info.scale_tiny)
     if symmetric:
         qmin, qmax = -(1 << (bits - 1)), (1 << (bits - 1)) - 1
-        absmax = np.max(np.abs(xf), axis=1) if xf.size else np.zeros(len(x), np.float32)
+        # max |x| per block, as max(max, -min): the same number without an |x| array
+        absmax = np.maximum(np.max(xf, axis=1), -np.min(xf, axis=1)) if xf.size \
+            else np.zeros(len(x), np.float32)
         base_scale = absmax.astype(np.float64) / qmax
         lo = np.zeros_like(base_scale)
     else:
@@ -197,30 +200,47 @@ def quantize_base(
         lo = mn
 
     ratios = _CLIP_RATIOS if clip_search else (1.0,)
+    ctype = np.int8 if symmetric else np.uint8
+    codes = np.empty(xf.shape, ctype)
     with np.errstate(over="ignore", invalid="ignore", divide="ignore"):
         scale, zp = _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax,
                             importance)
         safe = np.where(scale > 0, scale, np.float32(1))
-        q = np.divide(xf, safe[:, None])
+        for rows in _slabs(xf):
+            q = np.divide(xf[rows], safe[rows, None])
+            if zp is not None:
+                q += zp[rows, None]
+            np.rint(q, out=q)
+            np.clip(q, qmin, qmax, out=q)
+            codes[rows] = q
         if zp is not None:
-            q += zp[:, None]
-        np.rint(q, out=q)
-        np.clip(q, qmin, qmax, out=q)
-        if zp is not None:
-            q[scale <= 0] = zp[scale <= 0, None]
-    ctype = np.int8 if symmetric else np.uint8
+            codes[scale <= 0] = zp[scale <= 0, None]
     return BaseCodes(
-        codes=q.astype(ctype),
+        codes=codes,
         scale=scale.astype(np.float32),
         zero_point=None if zp is None else zp.astype(ctype),
         bits=bits,
     )
 
 
+_SLAB = 1 << 18  # values per slab: the clip search's passes stay in the core's own cache
+
+
+def _slabs(x: np.ndarray) -> list[slice]:
+    """Runs of whole rows of ``x`` ([n, block_len]) of about :data:`_SLAB` values."""
+    n, length = x.shape
+    step = max(1, _SLAB // max(length, 1))
+    return [slice(i, min(i + step, n)) for i in range(0, n, step)]
+
+
 def _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax, importance=None):
-    """Per block, the clipping ratio with the least squared error: (scale, zero point)."""
-    best_scale = best_zp = best_err = None
-    buf = np.empty_like(xf)
+    """Per block, the clipping ratio with the least squared error: (scale, zero point).
+
+    The squared errors of every ratio are computed slab by slab of rows (each row's sum is the
+    same whatever the slab), then the ratios are compared in order as before: a later ratio
+    wins only where its error is strictly smaller.
+    """
+    cands = []
     for r in ratios:
         scale = info.round_scale(np.maximum(base_scale * r, tiny))
         scale = np.where(base_scale > 0, scale, np.float32(0))
@@ -231,19 +251,27 @@ def _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax, impor
         if len(ratios) == 1:
             return scale, zp
         inv = np.where(scale > 0, np.float32(1) / np.where(scale > 0, scale, 1), 0)
-        np.multiply(xf, inv[:, None], out=buf)
-        if zp is not None:
-            buf += zp[:, None]
-        np.rint(buf, out=buf)
-        np.clip(buf, qmin, qmax, out=buf)
-        if zp is not None:
-            buf -= zp[:, None]
-        buf *= scale[:, None]
-        buf -= xf
-        err = np.einsum("ij,ij->i", buf, buf * importance if importance is not None else buf)
-        if best_err is None:
-            best_scale, best_zp, best_err = scale, zp, err
-            continue
+        cands.append((scale, zp, inv))
+    edtype = xf.dtype if importance is None else np.result_type(xf, importance)
+    errs = [np.empty(len(xf), edtype) for _ in cands]
+    buf = np.empty((min(len(xf), _slabs(xf)[0].stop if len(xf) else 0), xf.shape[1]), xf.dtype)
+    for rows in _slabs(xf):
+        xs = xf[rows]
+        b = buf[:len(xs)]
+        imp = None if importance is None else importance[rows]
+        for (scale, zp, inv), err in zip(cands, errs):
+            np.multiply(xs, inv[rows, None], out=b)
+            if zp is not None:
+                b += zp[rows, None]
+            np.rint(b, out=b)
+            np.clip(b, qmin, qmax, out=b)
+            if zp is not None:
+                b -= zp[rows, None]
+            b *= scale[rows, None]
+            b -= xs
+            err[rows] = np.einsum("ij,ij->i", b, b * imp if imp is not None else b)
+    best_scale, best_zp, best_err = cands[0][0], cands[0][1], errs[0]
+    for (scale, zp, _), err in zip(cands[1:], errs[1:]):
         better = err < best_err
         best_scale = np.where(better, scale, best_scale)
         if zp is not None:
@@ -254,15 +282,20 @@ def _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax, impor
 
 def dequantize_base(base: BaseCodes) -> np.ndarray:
     """``(q - z) * s`` in float32, as DequantizeLinear computes it; ``[n_blocks, block_len]``."""
-    q = base.codes.astype(np.int32)
+    # codes and zero points are small integers: float32 holds them and their difference exactly
+    q = base.codes.astype(np.float32)
     if base.zero_point is not None:
-        q = q - base.zero_point.astype(np.int32)[:, None]
-    return q.astype(np.float32) * base.scale.astype(np.float32)[:, None]
+        q -= base.zero_point.astype(np.float32)[:, None]
+    q *= base.scale.astype(np.float32)[:, None]
+    return q
 
 
 def stage_scale(base_scale: np.ndarray, shift: int) -> np.ndarray:
     """Grid step of a stage ``shift`` bits finer than the base (exact power-of-two scaling)."""
-    return np.ldexp(np.asarray(base_scale, np.float32), -shift).astype(np.float32)
+    s = np.asarray(base_scale, np.float32)
+    if -100 <= shift <= 100:  # a product by a power of two: as exact (or as rounded) as ldexp
+        return s * np.float32(2.0 ** -shift)
+    return np.ldexp(s, -shift).astype(np.float32)
 
 
 def refine_codes(original: np.ndarray, previous: np.ndarray, step: np.ndarray) -> np.ndarray:
@@ -276,9 +309,13 @@ def refine_codes(original: np.ndarray, previous: np.ndarray, step: np.ndarray) -
     ct = np.float64 if previous.dtype == np.float64 else np.float32
     st = np.asarray(step, ct)[:, None]
     with np.errstate(invalid="ignore", over="ignore", divide="ignore"):
-        q = np.rint((np.asarray(original, ct) - previous) / np.where(st > 0, st, 1))
-    q = np.where(np.isfinite(q) & (st > 0), q, 0)
-    return np.clip(q, -(2**24), 2**24).astype(np.int32)
+        q = np.subtract(np.asarray(original, ct), previous, dtype=np.result_type(ct, previous))
+        q /= np.where(st > 0, st, 1)
+        np.rint(q, out=q)
+    if not ((st > 0).all() and np.isfinite(q).all()):
+        q = np.where(np.isfinite(q) & (st > 0), q, 0)
+    np.clip(q, -(2**24), 2**24, out=q)
+    return q.astype(np.int32)
 
 
 def apply_refine(
@@ -296,7 +333,46 @@ def exponent_context(previous: np.ndarray, step: np.ndarray) -> np.ndarray:
     """Context for the lossless stage (uint8): how many binary orders of magnitude the last
     grid step spans over the spacing of floats near the current value. Values with the same
     context need about the same number of bits, so they are coded together.
+
+    Defined as ``clip(e(step) - e(|previous|) + 32, 0, 95)`` with ``e`` the exponent
+    :func:`numpy.frexp` returns (``previous`` is ``[n_blocks, block_len]``, ``step`` one per
+    block). For normal float32/float64 values ``e`` is read from the exponent field of the bit
+    pattern (the same number, without frexp's passes); zeros, subnormals, infinities and NaNs
+    go through frexp itself.
     """
+    previous = np.asarray(previous)
+    _, es = np.frexp(np.asarray(step, previous.dtype))
+    if previous.ndim != 2 or previous.dtype not in (np.float32, np.float64) or \
+            es.shape != previous.shape[:1]:
+        return _exponent_context_frexp(previous, step)
+    if previous.dtype == np.float32:
+        # biased exponent (the uint8 cast drops the sign bit); frexp's e is biased - 126
+        e = (np.ascontiguousarray(previous).view(np.uint32) >> 23).astype(np.uint8)
+        k = es.astype(np.int32) + (126 + 32)
+        if k.size and 0 <= k.min() and k.max() <= 255:
+            kb = k.astype(np.uint8)[:, None]
+            ctx = np.minimum(e, kb)
+            np.subtract(kb, ctx, out=ctx)  # max(k - e, 0)
+            np.minimum(ctx, np.uint8(95), out=ctx)
+        else:
+            ctx = np.clip(k[:, None] - e.astype(np.int32), 0, 95).astype(np.uint8)
+        special = e - np.uint8(1)
+        special = special >= np.uint8(254)  # e == 0 (zero, subnormal) or 255 (inf, nan)
+    else:
+        e = ((np.ascontiguousarray(previous).view(np.uint64) >> np.uint64(52))
+             & np.uint64(0x7FF)).astype(np.int32)
+        ctx = np.clip((es.astype(np.int32) + (1022 + 32))[:, None] - e, 0, 95).astype(np.uint8)
+        special = (e == 0) | (e == 0x7FF)
+    if special.any():
+        idx = np.flatnonzero(special)
+        _, ep = np.frexp(np.abs(previous.reshape(-1)[idx]))
+        ctx.reshape(-1)[idx] = np.clip(es[idx // previous.shape[1]].astype(np.int16) - ep + 32,
+                                       0, 95).astype(np.uint8)
+    return ctx
+
+
+def _exponent_context_frexp(previous: np.ndarray, step: np.ndarray) -> np.ndarray:
+    """:func:`exponent_context` by its definition (any shapes that broadcast)."""
     _, ep = np.frexp(np.abs(previous))
     _, es = np.frexp(np.asarray(step, previous.dtype))
     return np.clip(es[:, None].astype(np.int16) - ep + 32, 0, 95).astype(np.uint8)
@@ -325,14 +401,51 @@ def ordered_to_float(k: np.ndarray, dtype: np.dtype) -> np.ndarray:
     return (b ^ ((b >> (8 * dtype.itemsize - 1)) & itype(mask))).view(dtype)
 
 
+def _ordered(x: np.ndarray) -> np.ndarray:
+    """:func:`float_to_ordered` in the float's own width (int16/int32/int64)."""
+    itype, _, mask = _ORDERED[x.dtype.itemsize]
+    b = np.ascontiguousarray(x).view(itype)
+    k = b >> (8 * x.dtype.itemsize - 1)
+    k &= itype(mask)
+    k ^= b
+    return k
+
+
+def _from_ordered(k: np.ndarray, dtype: np.dtype) -> np.ndarray:
+    """Inverse of :func:`_ordered`, in place on ``k`` (its own width)."""
+    t = k >> (8 * k.dtype.itemsize - 1)
+    t &= k.dtype.type(_ORDERED[k.dtype.itemsize][2])
+    k ^= t
+    return k.view(dtype)
+
+
 def lossless_codes(original: np.ndarray, previous: np.ndarray) -> np.ndarray:
     """Ordered-integer difference that turns ``previous`` into ``original`` bit for bit
     (int32 when every difference fits, else int64)."""
-    d = float_to_ordered(original) - float_to_ordered(previous)
-    if d.size and original.dtype.itemsize <= 4 and -(2**31) < d.min() and d.max() < 2**31:
-        return d.astype(np.int32)
-    return d
+    a = _ordered(original)
+    b = _ordered(previous)
+    if a.dtype == np.int16:  # 2-byte floats: every difference fits in int32
+        return np.subtract(a, b, dtype=np.int32)
+    if a.dtype == np.int32 and a.size:
+        d = a - b  # wraps when the true difference does not fit in int32
+        over = a ^ b
+        over &= a ^ d  # overflow: a and b differ in sign and so do a and d
+        if not (over < 0).any():
+            return d
+        # some difference needs more than 32 bits: int64, unless none is +-2**31 exactly
+        d = np.subtract(a, b, dtype=np.int64)
+        if -(2**31) < d.min() and d.max() < 2**31:
+            return d.astype(np.int32)
+        return d
+    return np.subtract(a, b, dtype=np.int64)
 
 
 def apply_lossless(previous: np.ndarray, codes: np.ndarray) -> np.ndarray:
-    return ordered_to_float(float_to_ordered(previous) + codes, previous.dtype)
+    """``previous`` moved by ``codes`` in ordered-integer space (:func:`lossless_codes`).
+
+    The sum wraps in the float's own width: the result only ever needs its low bits, so this
+    is bit-identical to adding in int64 and truncating.
+    """
+    k = _ordered(previous)
+    k += codes.astype(k.dtype, copy=False)
+    return _from_ordered(k, previous.dtype)

@@ -185,9 +185,9 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
             payloads.append(PLANES.encode(codes))
             prev = refine_blocks(info, prev, codes, step)
         errs.append(0.0 if bits == "lossless" else _max_err(xc, prev, info, finite))
-    with np.errstate(invalid="ignore"):
-        a = np.abs(xc if finite is None else xc[finite])
-    return ChunkCode(base, payloads, errs, float(a.max()) if a.size else 0.0, prev)
+    a = xc if finite is None else xc[finite]
+    abs_max = float(np.maximum(a.max(), -a.min())) + 0.0 if a.size else 0.0  # max |a|
+    return ChunkCode(base, payloads, errs, abs_max, prev)
 
 
 def _max_err(xc, prev, info, finite) -> float:
@@ -198,7 +198,8 @@ def _max_err(xc, prev, info, finite) -> float:
             if not finite.any():
                 return 0.0
             diff = np.where(finite, diff, 0)
-        return float(np.max(np.abs(diff))) if diff.size else 0.0
+        # max |diff| as max(max, -min): the same number without an |diff| array
+        return float(np.maximum(diff.max(), -diff.min())) + 0.0 if diff.size else 0.0
 
 
 def decode_entry(info: DTypeInfo, scale: np.ndarray, previous: np.ndarray,

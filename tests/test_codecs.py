@@ -43,3 +43,51 @@ def test_unknown_codec_and_corrupt_payload():
     enc[-5] ^= 0xFF
     with pytest.raises(FormatError):
         IntPlanesCodec().decode(bytes(enc), 1000)
+
+
+@given(hnp.arrays(np.uint8, st.integers(0, 3000), elements=st.integers(0, 7)))
+def test_group_order_is_a_stable_argsort(context):
+    from p2u_onnx.codecs import group_order
+
+    order, counts = group_order(context)
+    np.testing.assert_array_equal(order, np.argsort(context, kind="stable"))
+    np.testing.assert_array_equal(counts, np.bincount(context, minlength=256))
+
+
+@given(st.data())
+def test_int_groups_round_trip_mixed_widths(data):
+    """Groups of different widths (1..8 bytes) in one payload; the encoding is the one of the
+    original codec (grouped with a stable argsort, one IntPlanesCodec stream per group)."""
+    import struct
+
+    from p2u_onnx.codecs import IntGroupsCodec
+
+    n = data.draw(st.integers(0, 400))
+    top = data.draw(st.sampled_from([0, 5, 90]))  # one group, a few (compared), many (sorted)
+    context = data.draw(hnp.arrays(np.uint8, n, elements=st.integers(0, top)))
+    mag = data.draw(hnp.arrays(np.int64, n, elements=st.sampled_from(
+        [1, 100, 30000, 2**31 - 1, 2**40, 2**62])))
+    values = data.draw(hnp.arrays(np.int64, n, elements=st.integers(-(2**62), 2**62))) % mag
+    if data.draw(st.booleans()) and (n == 0 or np.abs(values).max() < 2**31):
+        values = values.astype(np.int32)
+    codec = IntGroupsCodec(level=3)
+    enc = codec.encode(values, context)
+    np.testing.assert_array_equal(codec.decode(enc, context), values)
+    order = np.argsort(context, kind="stable")
+    counts = np.bincount(context, minlength=256)
+    ref, pos = [], 0
+    for g in np.flatnonzero(counts):
+        part = IntPlanesCodec(3).encode(values[order][pos:pos + counts[g]])
+        ref.append((struct.pack("<BQQ", g, counts[g], len(part)), part))
+        pos += counts[g]
+    assert enc == struct.pack("<H", len(ref)) + b"".join(h for h, _ in ref) + \
+        b"".join(p for _, p in ref)
+
+
+@given(hnp.arrays(np.int64, st.integers(0, 300), elements=st.integers(-(2**62), 2**62)))
+def test_int_planes_decode_is_narrow_and_exact(values):
+    for bound, size in ((2**8, 1), (2**16, 2), (2**32, 4), (None, 8)):
+        v = values if bound is None else values % bound - bound // 2
+        out = IntPlanesCodec().decode(IntPlanesCodec().encode(v), len(v))
+        np.testing.assert_array_equal(out, v)
+        assert out.dtype.itemsize <= size

@@ -150,3 +150,63 @@ def test_one_huge_outlier_does_not_break_the_chain():
     others = np.ones(4096, bool)
     others[:32] = False
     assert np.max(np.abs(prev - w)[0, others]) < 0.02
+
+
+# ---- the fast paths compute exactly what their definitions say
+
+_UINT = {2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _special_bits(draw, itemsize, n):
+    """Bit patterns biased toward zeros, subnormals, infinities, NaNs and huge values."""
+    top = {2: 0x7C00, 4: 0x7F800000, 8: 0x7FF0000000000000}[itemsize]
+    picks = st.one_of(st.integers(0, (1 << (8 * itemsize)) - 1),
+                      st.sampled_from([0, 1, 3, top - 1, top, top + 1,
+                                       top | 1 << (8 * itemsize - 1), 1 << (8 * itemsize - 1)]))
+    return np.array(draw(st.lists(picks, min_size=n, max_size=n)), _UINT[itemsize])
+
+
+def _reference_lossless_codes(original, previous):
+    d = qz.float_to_ordered(original) - qz.float_to_ordered(previous)
+    if d.size and original.dtype.itemsize <= 4 and -(2**31) < d.min() and d.max() < 2**31:
+        return d.astype(np.int32)
+    return d
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float64])
+@given(data=st.data())
+def test_exponent_context_matches_frexp(dtype, data):
+    size = np.dtype(dtype).itemsize
+    n, length = data.draw(st.integers(1, 6)), data.draw(st.integers(1, 9))
+    prev = _special_bits(data.draw, size, n * length).view(dtype).reshape(n, length)
+    step = _special_bits(data.draw, size, n).view(dtype)
+    with np.errstate(all="ignore"):
+        step = np.abs(step)
+        fast, ref = qz.exponent_context(prev, step), qz._exponent_context_frexp(prev, step)
+    np.testing.assert_array_equal(fast, ref)
+
+
+@pytest.mark.parametrize("dtype", [np.float32, np.float16, np.uint16, np.float64])
+@given(data=st.data())
+def test_lossless_codes_match_int64_definition(dtype, data):
+    size = np.dtype(dtype).itemsize
+    n = data.draw(st.integers(0, 40))
+    a = _special_bits(data.draw, size, n).view(dtype)
+    b = _special_bits(data.draw, size, n).view(dtype)
+    d = qz.lossless_codes(a, b)
+    ref = _reference_lossless_codes(a, b)
+    np.testing.assert_array_equal(d, ref)
+    assert d.dtype.itemsize >= 4 and (d.dtype == ref.dtype or not d.size or size == 2)
+    # applying either (wide or narrow) codes restores every bit
+    np.testing.assert_array_equal(_bits_view(qz.apply_lossless(b, d)), _bits_view(a))
+    np.testing.assert_array_equal(_bits_view(qz.apply_lossless(b, ref.astype(np.int64))),
+                                  _bits_view(a))
+
+
+@given(hnp.arrays(np.uint32, st.integers(0, 50)), st.integers(-130, 130))
+def test_stage_scale_is_ldexp(bits, shift):
+    s = bits.view(np.float32)
+    with np.errstate(all="ignore"):
+        ref = np.ldexp(s, -shift).astype(np.float32)
+        got = qz.stage_scale(s, shift)
+    np.testing.assert_array_equal(_bits_view(got), _bits_view(ref))
