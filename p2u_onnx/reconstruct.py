@@ -274,7 +274,8 @@ class WeightState:
 
     # -- moving to the next stage
 
-    def advance(self, stage_file: StageFile, out_path: str | os.PathLike) -> None:
+    def advance(self, stage_file: StageFile, out_path: str | os.PathLike,
+                pace: Callable[[], None] | None = None) -> None:
         """Move to the next stage, writing its ``weights.bin`` to ``out_path`` as it decodes.
 
         Run by run of blocks on a thread pool, the current values are read (from
@@ -284,6 +285,8 @@ class WeightState:
         is unchanged. Afterwards the state reads from ``out_path`` and holds no weights: keep
         that file while the state is at this stage (and the previous one until a
         :meth:`rollback` past it is ruled out). No fsync: the file is a private cache.
+        ``pace()``, when given, is called before each run of blocks is decoded: a live session
+        waits there while its inferences run, so that decoding yields the cores to them.
         """
         plan = self._check_stage(stage_file)
         out = Path(out_path)
@@ -294,7 +297,7 @@ class WeightState:
             fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
             try:
                 os.ftruncate(fd, weights_size(self.manifest))
-                self._run(self.manifest["tensors"], stage_file, plan, fd)
+                self._run(self.manifest["tensors"], stage_file, plan, fd, pace)
             finally:
                 os.close(fd)
             os.replace(tmp, out)
@@ -397,7 +400,8 @@ class WeightState:
 
     def _run(self, tensors: list[dict[str, Any]], stage_file: StageFile | None,
              plan: dict[str, list[tuple[int, int, dict]]],
-             target: int | dict[str, np.ndarray]) -> None:
+             target: int | dict[str, np.ndarray],
+             pace: Callable[[], None] | None = None) -> None:
         """Compute the next values of ``tensors`` (their current values where ``plan`` has no
         entries) and store them in ``target``: a file descriptor (tensor order at the manifest
         offsets) or a dict (block-order arrays by name)."""
@@ -410,6 +414,8 @@ class WeightState:
                                      f"be read ({e.strerror or e})") from e
 
         def run(job) -> None:
+            if pace is not None:
+                pace()
             tensor, (b0, b1, entry) = job
             values = tensor.previous(b0, b1)
             if entry is not None:

@@ -29,7 +29,10 @@ Two strategies:
     ``add_initializer`` cannot reach (Constant nodes inside functions, names shared across
     scopes) falls back to ``swap`` (see :attr:`ProgressiveSession.strategy`).
 
-``run()`` is thread-safe; its result comes entirely from one stage.
+``run()`` is thread-safe; its result comes entirely from one stage. While a stage decodes, each
+decode job (a few milliseconds of work) waits until no inference is in flight (at most about two
+inferences' time), so an upgrade slows the inferences that overlap it by about one job, not by
+half the machine; with no inferences running it decodes at full speed.
 
 Memory: decoding streams from the current stage's ``weights.bin`` to the next one's
 (:meth:`~p2u_onnx.reconstruct.WeightState.advance`), so beyond what onnxruntime holds (and the
@@ -56,6 +59,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -88,6 +92,8 @@ CPU = "CPUExecutionProvider"
 # Providers that run on host memory, where in-place writes to weight buffers are seen.
 _HOST_PROVIDERS = {CPU, "AzureExecutionProvider"}
 _BASE_FILES = ("base.onnx", "base.bin")
+# Bounds, in seconds, of how long a decode job waits for inferences in flight to end (_pace).
+PACE_WAIT = (0.005, 0.25)
 # Base-session optimizer that blocks the DequantizeLinear->MatMulNBits fusion (``fast_base``).
 _BASE_OFF = ("MatMulAddFusion",)
 # SessionOptions fields carried over to the inplace float session (it cannot copy the object).
@@ -520,6 +526,7 @@ class ProgressiveSession:
         self._apply_lock = threading.RLock()
         self._executor: cf.ThreadPoolExecutor | None = None
         self._closing = self._closed = False
+        self._run_time = 0.0  # seconds per inference, averaged over the recent runs
         if workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="p2u-"))
             self._dir = self._workdir
@@ -551,9 +558,12 @@ class ProgressiveSession:
         """As ``InferenceSession.run``; the whole result comes from one stage."""
         with self._rw.read():
             live = self._enter()
+            t0 = time.perf_counter()
             try:
                 return live.session.run(output_names, input_feed, run_options)
             finally:
+                # a running estimate of one inference, for pacing the decoder (see _pace)
+                self._run_time += 0.25 * (time.perf_counter() - t0 - self._run_time)
                 self._leave(live)
 
     def get_inputs(self) -> list[Any]:
@@ -692,6 +702,15 @@ class ProgressiveSession:
             if not live.users:
                 self._cond.notify_all()
 
+    def _pace(self) -> None:
+        """Called by the decoder before each run of blocks (a few ms of work): wait while
+        inferences are in flight, so that decoding takes the cores between them instead of
+        slowing them down. The wait is bounded (twice the recent inference time, within
+        :data:`PACE_WAIT`) so that an upgrade progresses under any load."""
+        wait = min(max(2 * self._run_time, PACE_WAIT[0]), PACE_WAIT[1])
+        with self._cond:
+            self._cond.wait_for(lambda: not self._live.users or self._closing, wait)
+
     def _upgrade_to(self, target: int) -> int:
         with self._apply_lock:
             while not self._closing and self.stage < target:
@@ -712,7 +731,7 @@ class ProgressiveSession:
         try:
             _link_or_copy(self._dir / "graph.onnx", d / "graph.onnx")
             _link_or_copy(self._dir / "base.bin", d / "base.bin")
-            self._state.advance(sf, weights)
+            self._state.advance(sf, weights, self._pace)
             _trim_heap()  # before onnxruntime allocates the new session
             if self._strategy == "inplace":
                 options = _inplace_options(self._options)
@@ -754,7 +773,7 @@ class ProgressiveSession:
         old = self._state.weights_file
         new = self._dir / f"weights-{k}.bin"
         assert old is not None and old != new
-        self._state.advance(sf, new)
+        self._state.advance(sf, new, self._pace)
         _trim_heap()
         try:
             with self._rw.write():

@@ -268,8 +268,8 @@ def test_stale_swap_is_caught_and_rolled_back(mlp_pkg, mlp_feed, mlp_refs, monke
         stale = s._live.directory / "weights.bin"
         advance = s._state.advance
 
-        def stale_advance(sf, path):  # stage 2 decodes, but stage-1 weights land on disk
-            advance(sf, path)
+        def stale_advance(sf, path, pace=None):  # stage 2 decodes, stage-1 weights land
+            advance(sf, path, pace)
             shutil.copyfile(stale, path)
 
         with monkeypatch.context() as m:
@@ -640,3 +640,31 @@ def test_device_needs_no_onnx(mlp_pkg, mlp_feed, mlp_refs, tmp_path):
                        check=False)
     assert r.returncode == 0, r.stderr
     assert "device ok []" in r.stdout
+
+
+def test_decoding_yields_to_inferences_in_flight(mlp_pkg, mlp_feed):
+    """Before each decode job the session waits while an inference runs (bounded), and goes at
+    once when none does; the decoder asks before every job of every stage."""
+    with ProgressiveSession(mlp_pkg) as s:
+        s.run(None, mlp_feed)
+        waits = []
+        real = s._cond.wait_for
+
+        def spy(predicate, timeout=None):
+            waits.append((predicate(), timeout))
+            return real(predicate, timeout)
+
+        s._cond.wait_for = spy
+        s._live.users += 1  # an inference in flight
+        s._pace()
+        s._live.users -= 1
+        s._pace()
+        assert waits[0][0] is False and runtime.PACE_WAIT[0] <= waits[0][1] <= runtime.PACE_WAIT[1]
+        assert waits[1][0] is True
+        calls = []
+        s._pace = lambda: calls.append(1)
+        s.upgrade(background=False)
+        manifest = load_manifest(mlp_pkg)
+        entries = sum(len([e for e in read_stage(mlp_pkg / st["files"][0]["path"]).entries
+                           if e["kind"] != "file"]) for st in manifest["stages"][1:])
+        assert entries and len(calls) >= entries
