@@ -11,10 +11,10 @@ graph inputs, so trying a quantized weight costs one forward pass and no new ses
   channel, broadcastable to the weight's shape (MatMul, Gemm, Conv); the quantizer weights its
   error by it;
 * ``output_error({key: weight})``: the relative squared error of the model's float outputs
-  when those weights are replaced, against the original outputs. Outputs whose values all lie
-  in [0, 1] (probabilities, masks) count :data:`PROBABILITY_WEIGHT` times: an argmax or a
-  threshold reads them, and their relative error is dominated by the few large values while
-  decisions flip on the others.
+  when those weights are replaced, against the original outputs. Probability outputs (made by a
+  Softmax or Sigmoid, through shape-only ops, with every value in [0, 1]) count
+  :data:`PROBABILITY_WEIGHT` times: an argmax or a threshold reads them, and their relative
+  error is dominated by the few large values while decisions flip on the others.
 
 Anything that cannot be measured (a model that fails on synthetic inputs, weights inside
 subgraphs or functions) gets no entry; callers fall back to weight-only estimates.
@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnx import ModelProto, helper
+from onnx import GraphProto, ModelProto, helper
 
 from .errors import P2UError
 from .graph import Consumer, consumers_by_name
@@ -37,7 +37,7 @@ __all__ = ["Calibration", "synthesize_feeds", "load_feeds"]
 
 _DEFAULT_DIMS = {"batch": 4, "seq": 32, "spatial": 64}
 _MAX_ACTIVATION_SAMPLES = 1 << 16  # rows of an activation kept for its statistics
-# Weight of probability-like outputs in output_error. Measured on third-party models with
+# Weight of probability outputs (Softmax or Sigmoid, values in [0, 1]) in output_error. Measured on third-party models with
 # softmax or sigmoid outputs (text recognizer and detector, voice activity, file type and
 # orientation classifiers): at the default quality, weight 1 left the recognizer at 0.956 and the
 # voice detector at 0.934 top-1/decision agreement; 3 lifts them to 0.976 and 0.972 within the
@@ -213,8 +213,10 @@ class Calibration:
             if imp is not None:
                 importance[key] = imp
         reference = [[np.asarray(r[i], np.float64) for i in float_out] for r in runs]
-        weight = np.array([PROBABILITY_WEIGHT if _probability_like([r[j] for r in reference])
-                           else 1.0 for j in range(len(float_out))])
+        weight = np.array([
+            PROBABILITY_WEIGHT if _made_by_squashing(g, outputs[i]) and
+            _probability_like([r[j] for r in reference]) else 1.0
+            for j, i in enumerate(float_out)])
         return cls(importance, names, sess, dict(weights), list(feeds), reference,
                    [outputs[i] for i in float_out], weight)
 
@@ -234,6 +236,29 @@ class Calibration:
                 den[i] += float(np.sum(np.where(fin, r * r, 0)))
         ratios = self._weight * num / np.where(den > 0, den, 1)
         return float(ratios.max()) if len(ratios) else 0.0
+
+
+_SQUASHING = {"Softmax", "Sigmoid", "HardSigmoid"}
+_SHAPE_ONLY = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice",
+               "Gather", "Concat", "Split", "Cast", "Expand", "Tile"}
+
+
+def _made_by_squashing(graph: GraphProto, name: str) -> bool:
+    """Whether ``name`` comes from a Softmax or Sigmoid (or exp(x) / sum), through shape-only ops
+    (first input)."""
+    producer = {o: n for n in graph.node for o in n.output}
+    for _ in range(64):
+        node = producer.get(name)
+        if node is None:
+            return False
+        if node.op_type in _SQUASHING:
+            return True
+        if node.op_type == "Div" and getattr(producer.get(node.input[0]), "op_type", "") == "Exp":
+            return True  # a softmax written out as exp(x) / sum(exp(x)) (JAX, TF exports)
+        if node.op_type not in _SHAPE_ONLY or not node.input:
+            return False
+        name = node.input[0]
+    return False
 
 
 def _probability_like(values: list[np.ndarray]) -> bool:

@@ -285,25 +285,35 @@ def test_restore_past_the_protobuf_limit_writes_external_data(tmp_path, monkeypa
 
 
 def test_probability_outputs_weigh_more_in_the_error_estimate():
-    """Outputs in [0, 1] (softmax, sigmoid) count PROBABILITY_WEIGHT times in output_error:
-    the same weight error costs that much more when a softmax reads the logits."""
+    """Outputs made by a Softmax or Sigmoid (through shape-only ops), with values in [0, 1],
+    count PROBABILITY_WEIGHT times in output_error; a ReLU output that happens to lie in
+    [0, 1] does not."""
     from onnx import helper
 
     from p2u_onnx import calibrate
 
-    logits = synth.mlp()
-    probs = synth.mlp()
-    probs.graph.node.append(helper.make_node("Softmax", ["y"], ["p"], axis=-1))
-    probs.graph.output[0].name = "p"
-    errors = []
-    for m in (logits, probs):
+    def with_head(*nodes):
+        m = synth.mlp()
+        m.graph.node.extend(nodes)
+        m.graph.output[0].name = nodes[-1].output[0]
+        return m
+
+    models = {
+        "logits": synth.mlp(),
+        "softmax": with_head(helper.make_node("Softmax", ["y"], ["s"], axis=-1),
+                             helper.make_node("Identity", ["s"], ["p"])),
+        "small relu": with_head(helper.make_node("Sigmoid", ["y"], ["s"]),
+                                helper.make_node("Relu", ["s"], ["p"])),
+    }
+    weights = {}
+    for name, m in models.items():
         w = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer
              if t.name in ("W1", "W2")}
         cal = calibrate.Calibration.build(m, w)
-        noisy = w["W2"] * np.float32(1.05)
-        errors.append((cal._weight.tolist(), cal.output_error({"W2": noisy})))
-    assert errors[0][0] == [1.0] and errors[1][0] == [calibrate.PROBABILITY_WEIGHT]
-    assert errors[0][1] > 0 and errors[1][1] > 0
+        assert cal.output_error({"W2": w["W2"] * np.float32(1.05)}) > 0
+        weights[name] = cal._weight.tolist()
+    assert weights == {"logits": [1.0], "softmax": [calibrate.PROBABILITY_WEIGHT],
+                       "small relu": [1.0]}
     assert calibrate._probability_like([np.array([0.1, 0.9]), np.array([0.0, 1.0])])
     assert not calibrate._probability_like([np.array([0.5, 0.5])])      # constant
     assert not calibrate._probability_like([np.array([-0.1, 0.5])])     # below 0
