@@ -317,7 +317,7 @@ def ensure_nncodec_venv(log: Path) -> str | None:
     Returns None when the venv imports nncodec, else the reason (last lines of the log).
     """
     py = nncodec_python()
-    if not py.exists():
+    if not py.exists() or nncodec_version() is None:  # missing, or an install cut short
         log.parent.mkdir(parents=True, exist_ok=True)
         with open(log, "w") as f:
             steps = [[sys.executable, "-m", "venv", str(NNCODEC_VENV)],
