@@ -37,11 +37,11 @@ __all__ = ["Calibration", "synthesize_feeds", "load_feeds"]
 
 _DEFAULT_DIMS = {"batch": 4, "seq": 32, "spatial": 64}
 _MAX_ACTIVATION_SAMPLES = 1 << 16  # rows of an activation kept for its statistics
-# Weight of probability outputs (Softmax or Sigmoid, values in [0, 1]) in output_error. Measured on third-party models with
-# softmax or sigmoid outputs (text recognizer and detector, voice activity, file type and
-# orientation classifiers): at the default quality, weight 1 left the recognizer at 0.956 and the
-# voice detector at 0.934 top-1/decision agreement; 3 lifts them to 0.976 and 0.972 within the
-# 20% cap, and leaves embeddings and logits (MiniLM) as they were.
+# Weight of probability outputs (Softmax or Sigmoid, values in [0, 1]) in output_error.
+# Measured on third-party models with such outputs (text recognizer and detector, voice
+# activity, file type and orientation classifiers): at the default quality, weight 1 left the
+# recognizer at 0.956 and the voice detector at 0.934 top-1/decision agreement; 3 lifts them to
+# 0.976 and 0.978 within the 20% cap, and leaves embeddings and logits (MiniLM) as they were.
 PROBABILITY_WEIGHT = 3.0
 
 

@@ -188,8 +188,8 @@ def encode(
     del m
     try:
         try:
-            manifest = _encode_into(loaded.pop(), name, tmp, plan, config, progress, raise_opset=True,
-                                    probe=probe, budget=budget)
+            manifest = _encode_into(loaded.pop(), name, tmp, plan, config, progress,
+                                    raise_opset=True, probe=probe, budget=budget)
         except _OpsetFallback as fb:
             # Keep the model's opset: INT8 containers, per-channel (or per-tensor) scales.
             opset = fb.opset
@@ -200,8 +200,8 @@ def encode(
             tmp.mkdir()
             gran = "channel" if opset >= 13 else "tensor"
             config = dataclasses.replace(config, granularity=gran)
-            manifest = _encode_into(load_model(model)[0], name, tmp, plan, config, progress, raise_opset=False,
-                                    probe=probe, budget=budget,
+            manifest = _encode_into(load_model(model)[0], name, tmp, plan, config, progress,
+                                    raise_opset=False, probe=probe, budget=budget,
                                     note=f"{fb.reason}; fell back to INT8 codes with {gran} "
                                          f"scales at opset {opset}")
         if out.exists():
