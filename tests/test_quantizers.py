@@ -73,7 +73,6 @@ def test_chain_bounds_and_lossless(dtype, data):
     """Base, refinements and lossless stage on random (often awkward) values of every dtype."""
     info = dtype_info(dtype)
     layout = data.draw(layouts())
-    nbits = 8 * info.storage.itemsize
     raw = data.draw(hnp.arrays(np.dtype(f"u{info.storage.itemsize}"), layout.shape))
     w = raw.view(info.storage) if dtype != "bfloat16" else raw
     if data.draw(st.booleans()):  # mostly ordinary weights, sometimes raw bit patterns
