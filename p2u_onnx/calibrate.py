@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnx import GraphProto, ModelProto, helper
+from onnx import ModelProto, NodeProto, helper
 
 from .errors import P2UError
 from .graph import Consumer, consumers_by_name
@@ -213,8 +213,9 @@ class Calibration:
             if imp is not None:
                 importance[key] = imp
         reference = [[np.asarray(r[i], np.float64) for i in float_out] for r in runs]
+        producer = {o: n for n in g.node for o in n.output}
         weight = np.array([
-            PROBABILITY_WEIGHT if _made_by_squashing(g, outputs[i]) and
+            PROBABILITY_WEIGHT if _made_by_squashing(producer, outputs[i]) and
             _probability_like([r[j] for r in reference]) else 1.0
             for j, i in enumerate(float_out)])
         return cls(importance, names, sess, dict(weights), list(feeds), reference,
@@ -243,10 +244,9 @@ _SHAPE_ONLY = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Ident
                "Gather", "Concat", "Split", "Cast", "Expand", "Tile"}
 
 
-def _made_by_squashing(graph: GraphProto, name: str) -> bool:
+def _made_by_squashing(producer: Mapping[str, NodeProto], name: str) -> bool:
     """Whether ``name`` comes from a Softmax or Sigmoid (or exp(x) / sum), through shape-only ops
-    (first input)."""
-    producer = {o: n for n in graph.node for o in n.output}
+    (first input); ``producer`` maps each value name to the node that makes it."""
     for _ in range(64):
         node = producer.get(name)
         if node is None:

@@ -159,9 +159,7 @@ def _planes_into(buf: memoryview, out: np.ndarray) -> None:
 
 
 def _planes_width(buf: memoryview) -> int:
-    if len(buf) < 1 or buf[0] not in _WIDTHS:
-        raise FormatError("integer payload is truncated or has an invalid width")
-    return buf[0]
+    return _planes_head(buf)[0]
 
 
 @dataclasses.dataclass(frozen=True)

@@ -234,7 +234,8 @@ def read_stage(
     to another package (``package_id``) or are not the expected ``stage``; :class:`FormatError`
     when the file is not a stage file at all or of an unknown version.
     """
-    if isinstance(source, (bytes, bytearray, memoryview)):
+    in_memory = isinstance(source, (bytes, bytearray, memoryview))
+    if in_memory:
         buf, name = memoryview(source), "<bytes>"
     else:
         name = str(source)
@@ -247,7 +248,7 @@ def read_stage(
             raise FormatError(f"cannot read stage file {name}: {e.strerror or e}") from e
     label = f"stage file {Path(name).name}"
     # a path is hashed by reading it: through the mapping, every page would stay resident
-    if sha256 is not None and (hashlib.sha256(buf).hexdigest() if name == "<bytes>" else
+    if sha256 is not None and (hashlib.sha256(buf).hexdigest() if in_memory else
                                sha256_file(name)) != sha256:
         raise IntegrityError(f"{label}: sha256 does not match the manifest (corrupt or altered)")
     if len(buf) < _PREFIX.size:

@@ -387,18 +387,13 @@ def float_to_ordered(x: np.ndarray) -> np.ndarray:
 
     Bijective on bit patterns: -0.0 -> -1, +0.0 -> 0, NaNs keep their payloads.
     """
-    x = np.ascontiguousarray(x)
-    itype, _, mask = _ORDERED[x.dtype.itemsize]
-    b = x.view(itype)
-    return (b ^ ((b >> (8 * x.dtype.itemsize - 1)) & itype(mask))).astype(np.int64, copy=False)
+    return _ordered(np.asarray(x)).astype(np.int64, copy=False)
 
 
 def ordered_to_float(k: np.ndarray, dtype: np.dtype) -> np.ndarray:
     """Inverse of :func:`float_to_ordered`."""
     dtype = np.dtype(dtype)
-    itype, _, mask = _ORDERED[dtype.itemsize]
-    b = k.astype(itype)
-    return (b ^ ((b >> (8 * dtype.itemsize - 1)) & itype(mask))).view(dtype)
+    return _from_ordered(np.asarray(k).astype(_ORDERED[dtype.itemsize][0]), dtype)
 
 
 def _ordered(x: np.ndarray) -> np.ndarray:

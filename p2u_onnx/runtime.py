@@ -69,7 +69,7 @@ from typing import Any, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from ._memory import trim_heap as _trim_heap
+from ._memory import trim_heap
 from ._rwlock import RWLock
 from .dtypes import FLOAT_TYPES
 from .errors import FormatError, IntegrityError, P2UError, PatchError
@@ -626,7 +626,7 @@ class ProgressiveSession:
                     raise PatchError(f"stage {k} could not be applied: {e}") from e
                 raise
             finally:
-                _trim_heap()
+                trim_heap()
             if self._on_stage is not None:
                 self._on_stage(k)
             return k
@@ -732,7 +732,7 @@ class ProgressiveSession:
             _link_or_copy(self._dir / "graph.onnx", d / "graph.onnx")
             _link_or_copy(self._dir / "base.bin", d / "base.bin")
             self._state.advance(sf, weights, self._pace)
-            _trim_heap()  # before onnxruntime allocates the new session
+            trim_heap()  # before onnxruntime allocates the new session
             if self._strategy == "inplace":
                 options = _inplace_options(self._options)
                 with open(d / "weights.bin", "wb") as f:  # never read: every weight is given
@@ -774,7 +774,7 @@ class ProgressiveSession:
         new = self._dir / f"weights-{k}.bin"
         assert old is not None and old != new
         self._state.advance(sf, new, self._pace)
-        _trim_heap()
+        trim_heap()
         try:
             with self._rw.write():
                 live.weights.switch(new)
