@@ -25,6 +25,7 @@ from onnx import ModelProto, TensorProto, numpy_helper
 
 from . import passes
 from ._memory import trim_heap
+from .base_speed import speed_up_base
 from . import quantizers as qz
 from .codecs import SegmentsCodec, ZstdCodec
 from .config import LOSSLESS, BitBudget, Plan, QuantConfig
@@ -484,6 +485,7 @@ def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctyp
         why = passes.raise_opset(m, target_opset, {c["slot"].name for c in coded})
         if why is not None:
             raise _OpsetFallback(why, opset0)
+    speed_up_base(m)  # same values, fewer weights dequantized on every run
     need_ir = max((2 if c in (onnx.TensorProto.INT4, onnx.TensorProto.UINT4) else
                    3 if c in (onnx.TensorProto.INT2, onnx.TensorProto.UINT2) else 0
                    for c in ctypes.values()), default=0)

@@ -1,0 +1,150 @@
+"""The base-graph passes change how onnxruntime computes the base, never what it computes."""
+
+from __future__ import annotations
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from onnx import TensorProto, helper, numpy_helper
+
+import p2u_onnx
+from p2u_onnx.api import open_stages
+from p2u_onnx.base_speed import gather_then_dequantize, keep_matmul_add
+
+RNG = np.random.default_rng(7)
+V, H, BLOCK = 50, 64, 32
+
+
+def _codes_tensor(name: str, codes: np.ndarray, onnx_type: int) -> onnx.TensorProto:
+    return helper.make_tensor(name, onnx_type, list(codes.shape), codes.reshape(-1).tolist())
+
+
+def _table_model(onnx_type: int, lo: int, hi: int, zero_point: bool, per_tensor: bool,
+                 opset: int, extra_consumer: str | None = None) -> onnx.ModelProto:
+    codes = RNG.integers(lo, hi + 1, (V, H))
+    scale = RNG.uniform(0.01, 0.1, () if per_tensor else (V, H // BLOCK)).astype(np.float32)
+    inits = [_codes_tensor("q", codes, onnx_type), numpy_helper.from_array(scale, "s")]
+    dq_in = ["q", "s"]
+    if zero_point:
+        zp = RNG.integers(lo, hi + 1, scale.shape)
+        inits.append(_codes_tensor("zp", zp, onnx_type))
+        dq_in.append("zp")
+    attrs = {} if per_tensor else {"axis": 1, "block_size": BLOCK}
+    nodes = [helper.make_node("DequantizeLinear", dq_in, ["table"], name="dq", **attrs),
+             helper.make_node("Gather", ["table", "ids"], ["y"], axis=0),
+             helper.make_node("Gather", ["table", "ids2"], ["y2"])]
+    outputs = [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b", H]),
+               helper.make_tensor_value_info("y2", TensorProto.FLOAT, ["c", H])]
+    if extra_consumer:
+        nodes.append(helper.make_node(extra_consumer, ["x", "table"], ["z"], name="extra"))
+        outputs.append(helper.make_tensor_value_info("z", TensorProto.FLOAT, [V, H]))
+    inputs = [helper.make_tensor_value_info("ids", TensorProto.INT64, ["a", "b"]),
+              helper.make_tensor_value_info("ids2", TensorProto.INT64, ["c"]),
+              helper.make_tensor_value_info("x", TensorProto.FLOAT, [V, V])]
+    g = helper.make_graph(nodes, "table", inputs, outputs, inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _run(model: onnx.ModelProto, feed: dict) -> list[np.ndarray]:
+    feed = {i.name: feed[i.name] for i in model.graph.input}
+    return ort.InferenceSession(model.SerializeToString(),
+                                providers=["CPUExecutionProvider"]).run(None, feed)
+
+
+FEED = {"ids": RNG.integers(0, V, (3, 7)), "ids2": np.array([0, V - 1, 5]),
+        "x": RNG.standard_normal((V, V)).astype(np.float32)}
+
+
+@pytest.mark.parametrize("onnx_type,lo,hi,zero_point,per_tensor,opset", [
+    (TensorProto.INT4, -8, 7, False, False, 21),
+    (TensorProto.UINT4, 0, 15, False, False, 21),
+    (TensorProto.INT4, -8, 7, False, True, 21),
+    (TensorProto.INT8, -128, 127, True, False, 21),
+    (TensorProto.UINT8, 0, 255, False, True, 13),
+    (TensorProto.INT2, -2, 1, False, False, 25),
+    (TensorProto.UINT2, 0, 3, False, False, 25),
+])
+def test_gather_then_dequantize_is_exact(onnx_type, lo, hi, zero_point, per_tensor, opset):
+    model = _table_model(onnx_type, lo, hi, zero_point, per_tensor, opset)
+    try:
+        before = _run(model, FEED)
+    except Exception as e:  # an onnxruntime without this type cannot run either graph
+        pytest.skip(f"onnxruntime cannot run {TensorProto.DataType.Name(onnx_type)}: {e}")
+    after_model = onnx.ModelProto()
+    after_model.CopyFrom(model)
+    assert gather_then_dequantize(after_model) == 2
+    onnx.checker.check_model(after_model, full_check=True)
+    # nothing dequantizes the whole table any more
+    assert all(n.input[0] != "q" for n in after_model.graph.node
+               if n.op_type == "DequantizeLinear")
+    after = _run(after_model, FEED)
+    for a, b in zip(before, after):
+        assert a.dtype == b.dtype and a.shape == b.shape
+        assert np.array_equal(a, b)
+
+
+def test_tables_with_other_readers_are_left_alone():
+    model = _table_model(TensorProto.INT4, -8, 7, False, False, 21, extra_consumer="MatMul")
+    before = model.SerializeToString()
+    assert gather_then_dequantize(model) == 0
+    assert model.SerializeToString() == before
+
+
+def _mlp_with_embedding(batch_dim) -> onnx.ModelProto:
+    emb = (RNG.standard_normal((V, H)) * 0.1).astype(np.float32)
+    w = (RNG.standard_normal((H, 128)) * 0.1).astype(np.float32)
+    b = (RNG.standard_normal(128) * 0.1).astype(np.float32)
+    nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]),
+             helper.make_node("MatMul", ["e", "w"], ["m"]),
+             helper.make_node("Add", ["m", "b"], ["y"])]
+    g = helper.make_graph(
+        nodes, "mlp", [helper.make_tensor_value_info("ids", TensorProto.INT64, [batch_dim])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch_dim, 128])],
+        [numpy_helper.from_array(a, n) for a, n in ((emb, "emb"), (w, "w"), (b, "b"))])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+def test_encoded_base_uses_low_bit_kernels(tmp_path):
+    """A 2-D MatMul + Add keeps onnxruntime's low-bit MatMul (its Add becomes Sum); the table
+    is gathered before it is dequantized; the base still computes its stage-0 weights."""
+    src = tmp_path / "m.onnx"
+    onnx.save(_mlp_with_embedding("N"), str(src))
+    pkg = tmp_path / "m.p2u"
+    p2u_onnx.encode(src, pkg, "4,lossless", p2u_onnx.QuantConfig(min_elements=64),
+                    p2u_onnx.BitBudget(adaptive=False))
+    base = onnx.load(str(pkg / "base.onnx"), load_external_data=False)
+    ops = [n.op_type for n in base.graph.node]
+    assert "Sum" in ops and "Add" not in ops
+    options = ort.SessionOptions()
+    options.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    # float activations in the low-bit kernel (onnxruntime's default, level 4, rounds them to
+    # 8 bits), so that the result can be held to float precision
+    options.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    s = ort.InferenceSession(str(pkg / "base.onnx"), options, providers=["CPUExecutionProvider"])
+    optimized = [n.op_type for n in onnx.load(options.optimized_model_filepath,
+                                               load_external_data=False).graph.node]
+    assert "MatMulNBits" in optimized and "Gemm" not in optimized
+    ids = np.array([0, 3, V - 1, 3])
+    y = s.run(None, {"ids": ids})[0]
+    state = open_stages(pkg, 0)
+    emb, w = state.weight("emb"), state.weight("w")
+    b = numpy_helper.to_array(next(t for t in base.graph.initializer if t.name == "b"))
+    expect = emb[ids].astype(np.float64) @ w + b
+    assert np.abs(y - expect).max() < 1e-4 * max(1.0, np.abs(expect).max())
+
+
+def test_dynamic_matmul_add_is_left_alone():
+    model = _mlp_with_embedding("N")
+    e = helper.make_tensor_value_info("e3", TensorProto.FLOAT, ["B", "T", H])
+    model.graph.input.append(e)
+    model.graph.node[1].input[0] = "e3"  # a 3-D input with unknown dims: no Gemm fusion
+    w = model.graph.initializer[1]
+    model.graph.node.insert(0, helper.make_node("DequantizeLinear", ["wq", "ws"], ["w"]))
+    model.graph.initializer.extend([
+        _codes_tensor("wq", RNG.integers(-100, 100, tuple(w.dims)), TensorProto.INT8),
+        numpy_helper.from_array(np.float32(0.01), "ws")])
+    model.graph.initializer.remove(w)
+    assert keep_matmul_add(model) == 0
+    model.graph.node[2].input[0] = "e"  # 1-D ids -> 2-D e: the fusion would apply
+    assert keep_matmul_add(model) == 1
