@@ -1,4 +1,5 @@
-"""A reader/writer lock: many readers at once, one writer alone, writers served first."""
+"""Locks for a live session: :class:`RWLock` (many readers at once, one writer alone, writers
+served first) and :class:`TurnLock` (two kinds of work take turns)."""
 
 from __future__ import annotations
 
@@ -6,7 +7,7 @@ import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 
-__all__ = ["RWLock"]
+__all__ = ["RWLock", "TurnLock"]
 
 
 class RWLock:
@@ -52,3 +53,45 @@ class RWLock:
             with self._cond:
                 self._writer = False
                 self._cond.notify_all()
+
+
+class TurnLock:
+    """Two kinds of work (0 and 1) take turns: work of one kind shares the lock, the two kinds
+    exclude each other.
+
+    Phase-fair: while one kind waits, new arrivals of the kind holding the lock wait too; when
+    the last holder leaves, every waiter of the other kind enters at once. Neither kind starves,
+    and each waits at most one turn of the other. A session's inferences (kind 0) and its
+    decoder's jobs (kind 1) use it so that decoding takes the cores between inferences instead
+    of slowing them down.
+    """
+
+    def __init__(self) -> None:
+        self._cond = threading.Condition(threading.Lock())
+        self._kind = 0
+        self._holders = 0
+        self._waiting = [0, 0]
+        self._turns = [0, 0]  # turns granted to each kind, so that waiters see theirs
+
+    @contextmanager
+    def hold(self, kind: int) -> Iterator[None]:
+        other = 1 - kind
+        with self._cond:
+            if not self._waiting[other] and (not self._holders or self._kind == kind):
+                self._kind = kind
+                self._holders += 1
+            else:
+                self._waiting[kind] += 1
+                turn = self._turns[kind]
+                while self._turns[kind] == turn:
+                    self._cond.wait()
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._holders -= 1
+                if not self._holders and self._waiting[other]:
+                    self._kind, self._holders = other, self._waiting[other]
+                    self._waiting[other] = 0
+                    self._turns[other] += 1
+                    self._cond.notify_all()

@@ -15,6 +15,8 @@ sides compute bit-identical weights at every stage.
 from __future__ import annotations
 
 import collections
+import contextlib
+import functools
 import dataclasses
 import hashlib
 import mmap
@@ -23,7 +25,7 @@ import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any
+from typing import Any, ContextManager
 
 import numpy as np
 
@@ -107,12 +109,32 @@ def base_scale_of(t: dict[str, Any], base_bin) -> tuple[qz.Layout, np.ndarray]:
     return layout, layout.scales_to_blocks(sraw).astype(np.float32)
 
 
-def base_codes_of(t: dict[str, Any], base_bin) -> tuple[qz.Layout, qz.BaseCodes]:
-    """Base codes and scales of tensor-table entry ``t``, in block order."""
+def base_codes_of(t: dict[str, Any], base_bin,
+                  pace: Callable[[], ContextManager[Any]] | None = None
+                  ) -> tuple[qz.Layout, qz.BaseCodes]:
+    """Base codes and scales of tensor-table entry ``t``, in block order. With ``pace``, the
+    codes are unpacked slab by slab of rows, each slab inside ``pace()``."""
     layout, scale = base_scale_of(t, base_bin)
     b = t["base"]
-    codes = unpack_codes(_read(base_bin, b["codes"]), b["code_type"], layout.size)
-    codes = layout.to_blocks(codes.reshape(layout.shape))
+    raw = _read(base_bin, b["codes"])
+    per = 8 // _CODE_TYPES[b["code_type"]][0]
+    rows = layout.shape[0] if layout.shape else 1
+    row_len = layout.size // rows if rows else 0
+    if pace is None or layout.mode == "tensor" or not row_len or row_len % per:
+        with contextlib.nullcontext() if pace is None else pace():
+            codes = unpack_codes(raw, b["code_type"], layout.size)
+            codes = layout.to_blocks(codes.reshape(layout.shape))
+    else:
+        codes = np.zeros((layout.n_blocks, layout.block_len),
+                         np.int8 if _CODE_TYPES[b["code_type"]][1] else np.uint8)
+        view = layout.from_blocks(codes)  # the tensor's shape, writing into block order
+        step = max(1, _PACED_SLAB // row_len)
+        for r0 in range(0, rows, step):
+            r1 = min(r0 + step, rows)
+            with pace():
+                copy_tiled(view[r0:r1], unpack_codes(raw[r0 * row_len // per:r1 * row_len // per],
+                                                     b["code_type"], (r1 - r0) * row_len
+                                                     ).reshape(view[r0:r1].shape))
     zp = None
     if b.get("zero_point") is not None:
         zraw = unpack_codes(_read(base_bin, b["zero_point"]), b["code_type"], layout.n_blocks)
@@ -275,7 +297,7 @@ class WeightState:
     # -- moving to the next stage
 
     def advance(self, stage_file: StageFile, out_path: str | os.PathLike,
-                pace: Callable[[], None] | None = None) -> None:
+                pace: Callable[[], ContextManager[Any]] | None = None) -> None:
         """Move to the next stage, writing its ``weights.bin`` to ``out_path`` as it decodes.
 
         Run by run of blocks on a thread pool, the current values are read (from
@@ -285,8 +307,9 @@ class WeightState:
         is unchanged. Afterwards the state reads from ``out_path`` and holds no weights: keep
         that file while the state is at this stage (and the previous one until a
         :meth:`rollback` past it is ruled out). No fsync: the file is a private cache.
-        ``pace()``, when given, is called before each run of blocks is decoded: a live session
-        waits there while its inferences run, so that decoding yields the cores to them.
+        ``pace``, when given, makes a context manager that each run of blocks is decoded in
+        (``with pace(): ...``): a live session's takes turns with its inferences, so that
+        decoding takes the cores between them instead of slowing them down.
         """
         plan = self._check_stage(stage_file)
         out = Path(out_path)
@@ -401,7 +424,7 @@ class WeightState:
     def _run(self, tensors: list[dict[str, Any]], stage_file: StageFile | None,
              plan: dict[str, list[tuple[int, int, dict]]],
              target: int | dict[str, np.ndarray],
-             pace: Callable[[], None] | None = None) -> None:
+             pace: Callable[[], ContextManager[Any]] | None = None) -> None:
         """Compute the next values of ``tensors`` (their current values where ``plan`` has no
         entries) and store them in ``target``: a file descriptor (tensor order at the manifest
         offsets) or a dict (block-order arrays by name)."""
@@ -414,8 +437,10 @@ class WeightState:
                                      f"be read ({e.strerror or e})") from e
 
         def run(job) -> None:
-            if pace is not None:
-                pace()
+            with contextlib.nullcontext() if pace is None else pace():
+                step(job)
+
+        def step(job) -> None:
             tensor, (b0, b1, entry) = job
             values = tensor.previous(b0, b1)
             if entry is not None:
@@ -446,7 +471,7 @@ class WeightState:
                     batch: list[_Tensor] = []
                     size = 0
                     for t in [*tensors, None]:
-                        tensor = None if t is None else _Tensor(self, t, fd, target)
+                        tensor = None if t is None else _Tensor(self, t, fd, target, pace)
                         if batch and (tensor is None or size + tensor.held > BATCH_BYTES):
                             jobs = [(x, r) for x in batch for r in x.runs(plan.get(x.name))]
                             inflight.append((batch, [pool.submit(run, j) for j in jobs], size))
@@ -481,8 +506,10 @@ class _Tensor:
     """
 
     def __init__(self, state: WeightState, t: dict[str, Any], fd: int | None,
-                 target: int | dict[str, np.ndarray]):
+                 target: int | dict[str, np.ndarray],
+                 pace: Callable[[], ContextManager[Any]] | None = None):
         self.t, self.name = t, t["name"]
+        self.pace = pace
         self.state, self.fd, self.target = state, fd, target
         self.layout, self.info = _layout(t), dtype_info(t["dtype"])
         self.n = self.layout.n_blocks
@@ -508,9 +535,9 @@ class _Tensor:
             self.out = np.zeros(self.shape, self.info.storage)  # zero padding, as encoded
             if self.source == "file" and self.assemble:
                 read_into(self._fd(), off, self.layout.from_blocks(self.out),
-                          str(self.state._file), pool)
+                          str(self.state._file), pool, self.pace)
         if self.source == "base":
-            _, self._base = base_codes_of(self.t, self.state._base)
+            _, self._base = base_codes_of(self.t, self.state._base, self.pace)
             self.scale = self._base.scale
         elif self.source == "base-runs":
             self._base = _base_meta(self.t, self.state._base, self.layout)
@@ -562,7 +589,7 @@ class _Tensor:
             self.target[self.name] = self.out  # type: ignore[assignment]
         elif self.out is not None:
             write_from(self.target, self.t["weights"][0], self.layout.from_blocks(self.out),
-                       pool)
+                       pool, self.pace)
         self.out = self._base = None
 
 
@@ -678,6 +705,7 @@ def weights_size(manifest: dict[str, Any]) -> int:
 BATCH_BYTES = 1 << 22  # tensors assembled in memory at a time (a bigger one alone)
 _RUN_ELEMENTS = 1 << 18  # values per job when a tensor is copied, not decoded
 _SLAB_BYTES = 1 << 22  # staging buffer between a file and a strided view
+_PACED_SLAB = 1 << 20  # the same when paced: a few ms of work, the longest an inference waits
 _TILE = 256
 
 
@@ -715,16 +743,19 @@ def _bytes(a: np.ndarray) -> memoryview:
     return memoryview(a.reshape(-1).view(np.uint8))
 
 
-def _slabs(values: np.ndarray) -> list[tuple[int, slice]]:
+def _slabs(values: np.ndarray, size: int = _SLAB_BYTES) -> list[tuple[int, slice]]:
     """(byte offset, rows) of slabs of whole rows along the first axis of ``values`` (ndim >=
     1), for copying it between C order in a file and its own strides."""
     rows = values.shape[0]
     row_bytes = values.nbytes // rows
-    step = max(1, _SLAB_BYTES // max(row_bytes, 1))
+    step = max(1, size // max(row_bytes, 1))
     return [(i * row_bytes, slice(i, min(i + step, rows))) for i in range(0, rows, step)]
 
 
-def _each(pool: Executor | None, fn: Callable[[Any], None], jobs: list) -> None:
+def _each(pool: Executor | None, fn: Callable[[Any], None], jobs: list,
+          pace: Callable[[], ContextManager[Any]] | None = None) -> None:
+    if pace is not None:
+        fn = functools.partial(_paced, pace, fn)
     if pool is None or len(jobs) < 2:
         for job in jobs:
             fn(job)
@@ -732,10 +763,16 @@ def _each(pool: Executor | None, fn: Callable[[Any], None], jobs: list) -> None:
         list(pool.map(fn, jobs))
 
 
+def _paced(pace: Callable[[], ContextManager[Any]], fn: Callable[[Any], None], job) -> None:
+    with pace():
+        fn(job)
+
+
 def read_into(fd: int, offset: int, out: np.ndarray, where: str = "weights file",
-              pool: Executor | None = None) -> None:
+              pool: Executor | None = None,
+              pace: Callable[[], ContextManager[Any]] | None = None) -> None:
     """Fill ``out`` (any strides) with the C-order tensor stored at ``offset`` of ``fd``
-    (strided: slab by slab, on ``pool`` if given)."""
+    (strided: slab by slab, on ``pool`` if given, each slab inside ``pace()`` if given)."""
     if out.flags.c_contiguous:
         _pread_into(fd, _bytes(out), offset, where)
         return
@@ -746,12 +783,13 @@ def read_into(fd: int, offset: int, out: np.ndarray, where: str = "weights file"
         _pread_into(fd, _bytes(buf), offset + pos, where)
         copy_tiled(out[rows], buf)
 
-    _each(pool, slab, _slabs(out))
+    _each(pool, slab, _slabs(out, _PACED_SLAB if pace else _SLAB_BYTES), pace)
 
 
-def write_from(fd: int, offset: int, values: np.ndarray, pool: Executor | None = None) -> None:
+def write_from(fd: int, offset: int, values: np.ndarray, pool: Executor | None = None,
+               pace: Callable[[], ContextManager[Any]] | None = None) -> None:
     """Store ``values`` (any strides) in C order at ``offset`` of ``fd`` (strided: slab by
-    slab, on ``pool`` if given)."""
+    slab, on ``pool`` if given, each slab inside ``pace()`` if given)."""
     if values.flags.c_contiguous:
         _pwrite(fd, _bytes(values), offset)
         return
@@ -762,7 +800,7 @@ def write_from(fd: int, offset: int, values: np.ndarray, pool: Executor | None =
         copy_tiled(buf, values[rows])
         _pwrite(fd, _bytes(buf), offset + pos)
 
-    _each(pool, slab, _slabs(values))
+    _each(pool, slab, _slabs(values, _PACED_SLAB if pace else _SLAB_BYTES), pace)
 
 
 def _unlink(path: str | os.PathLike) -> None:

@@ -59,18 +59,17 @@ import shutil
 import sys
 import tempfile
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, ContextManager, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
 from ._memory import trim_heap
-from ._rwlock import RWLock
+from ._rwlock import RWLock, TurnLock
 from .dtypes import FLOAT_TYPES
 from .errors import FormatError, IntegrityError, P2UError, PatchError
 from .format import (
@@ -92,8 +91,6 @@ CPU = "CPUExecutionProvider"
 # Providers that run on host memory, where in-place writes to weight buffers are seen.
 _HOST_PROVIDERS = {CPU, "AzureExecutionProvider"}
 _BASE_FILES = ("base.onnx", "base.bin")
-# Bounds, in seconds, of how long a decode job waits for inferences in flight to end (_pace).
-PACE_WAIT = (0.005, 0.25)
 # Base-session optimizer that blocks the DequantizeLinear->MatMulNBits fusion (``fast_base``).
 _BASE_OFF = ("MatMulAddFusion",)
 # SessionOptions fields carried over to the inplace float session (it cannot copy the object).
@@ -526,7 +523,7 @@ class ProgressiveSession:
         self._apply_lock = threading.RLock()
         self._executor: cf.ThreadPoolExecutor | None = None
         self._closing = self._closed = False
-        self._run_time = 0.0  # seconds per inference, averaged over the recent runs
+        self._turns = TurnLock()  # inferences (0) and decode jobs (1) take turns: _pace
         if workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="p2u-"))
             self._dir = self._workdir
@@ -556,14 +553,11 @@ class ProgressiveSession:
     def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any],
             run_options: ort.RunOptions | None = None) -> list[Any]:
         """As ``InferenceSession.run``; the whole result comes from one stage."""
-        with self._rw.read():
+        with self._rw.read(), self._turns.hold(0):
             live = self._enter()
-            t0 = time.perf_counter()
             try:
                 return live.session.run(output_names, input_feed, run_options)
             finally:
-                # a running estimate of one inference, for pacing the decoder (see _pace)
-                self._run_time += 0.25 * (time.perf_counter() - t0 - self._run_time)
                 self._leave(live)
 
     def get_inputs(self) -> list[Any]:
@@ -702,14 +696,11 @@ class ProgressiveSession:
             if not live.users:
                 self._cond.notify_all()
 
-    def _pace(self) -> None:
-        """Called by the decoder before each run of blocks (a few ms of work): wait while
-        inferences are in flight, so that decoding takes the cores between them instead of
-        slowing them down. The wait is bounded (twice the recent inference time, within
-        :data:`PACE_WAIT`) so that an upgrade progresses under any load."""
-        wait = min(max(2 * self._run_time, PACE_WAIT[0]), PACE_WAIT[1])
-        with self._cond:
-            self._cond.wait_for(lambda: not self._live.users or self._closing, wait)
+    def _pace(self) -> ContextManager[None]:
+        """The decoder decodes each run of blocks (a few ms of work) inside this: decode jobs and
+        inferences take turns (:class:`TurnLock`), so that a run waits at most for the jobs in
+        progress and never shares the cores with them; an idle session decodes at full speed."""
+        return self._turns.hold(1)
 
     def _upgrade_to(self, target: int) -> int:
         with self._apply_lock:

@@ -9,6 +9,7 @@ import subprocess
 import sys
 import textwrap
 import threading
+import time
 import tracemalloc
 from pathlib import Path
 
@@ -25,6 +26,7 @@ from p2u_onnx.errors import FormatError, IntegrityError, P2UError, PatchError
 from p2u_onnx.format import StageFile, load_manifest, read_stage, save_manifest
 from p2u_onnx.probe import Probe, record_probe, sample, synthesize_inputs
 from p2u_onnx.reconstruct import WeightState
+from p2u_onnx._rwlock import TurnLock
 from p2u_onnx.runtime import BytesSource, ProgressiveSession
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -642,27 +644,50 @@ def test_device_needs_no_onnx(mlp_pkg, mlp_feed, mlp_refs, tmp_path):
     assert "device ok []" in r.stdout
 
 
-def test_decoding_yields_to_inferences_in_flight(mlp_pkg, mlp_feed):
-    """Before each decode job the session waits while an inference runs (bounded), and goes at
-    once when none does; the decoder asks before every job of every stage."""
+def test_turn_lock_alternates_kinds():
+    """Work of one kind shares the lock; a waiting kind stops new arrivals of the other and
+    gets the next turn whole."""
+    lock = TurnLock()
+    order: list[str] = []
+    first = lock.hold(0)
+    first.__enter__()
+    with lock.hold(0):  # same kind, nobody waiting: shares at once
+        order.append("run-b")
+
+    def take(kind: int, name: str) -> threading.Thread:
+        def body() -> None:
+            with lock.hold(kind):
+                order.append(name)
+                time.sleep(0.05)
+        t = threading.Thread(target=body)
+        t.start()
+        time.sleep(0.05)
+        return t
+
+    threads = [take(1, "decode-1"), take(1, "decode-2"), take(0, "run-c")]
+    assert order == ["run-b"]  # both decode jobs wait for the run; the new run waits for them
+    first.__exit__(None, None, None)
+    for t in threads:
+        t.join(5)
+    assert order[1:3] == ["decode-1", "decode-2"] or order[1:3] == ["decode-2", "decode-1"]
+    assert order[3] == "run-c"
+
+
+def test_decoding_takes_turns_with_inferences(mlp_pkg, mlp_feed):
+    """A run waits while a decode job holds its turn; the decoder takes a turn for every job
+    of every stage."""
     with ProgressiveSession(mlp_pkg) as s:
         s.run(None, mlp_feed)
-        waits = []
-        real = s._cond.wait_for
-
-        def spy(predicate, timeout=None):
-            waits.append((predicate(), timeout))
-            return real(predicate, timeout)
-
-        s._cond.wait_for = spy
-        s._live.users += 1  # an inference in flight
-        s._pace()
-        s._live.users -= 1
-        s._pace()
-        assert waits[0][0] is False and runtime.PACE_WAIT[0] <= waits[0][1] <= runtime.PACE_WAIT[1]
-        assert waits[1][0] is True
+        done = threading.Event()
+        with s._pace():
+            t = threading.Thread(target=lambda: (s.run(None, mlp_feed), done.set()))
+            t.start()
+            assert not done.wait(0.2)
+        assert done.wait(5)
+        t.join()
         calls = []
-        s._pace = lambda: calls.append(1)
+        real = s._pace
+        s._pace = lambda: (calls.append(1), real())[1]
         s.upgrade(background=False)
         manifest = load_manifest(mlp_pkg)
         entries = sum(len([e for e in read_stage(mlp_pkg / st["files"][0]["path"]).entries
