@@ -29,10 +29,11 @@ Two strategies:
     ``add_initializer`` cannot reach (Constant nodes inside functions, names shared across
     scopes) falls back to ``swap`` (see :attr:`ProgressiveSession.strategy`).
 
-``run()`` is thread-safe; its result comes entirely from one stage. While a stage decodes, each
-decode job (a few milliseconds of work) waits until no inference is in flight (at most about two
-inferences' time), so an upgrade slows the inferences that overlap it by about one job, not by
-half the machine; with no inferences running it decodes at full speed.
+``run()`` is thread-safe; its result comes entirely from one stage. While a stage decodes,
+inferences and decode jobs (a few milliseconds of work each) take turns (a phase-fair
+:class:`~p2u_onnx._rwlock.TurnLock`): a run waits at most for the jobs in progress and then has
+the cores to itself, instead of sharing them with the decoder; with no inferences running the
+decoder takes every turn and decodes at full speed.
 
 Memory: decoding streams from the current stage's ``weights.bin`` to the next one's
 (:meth:`~p2u_onnx.reconstruct.WeightState.advance`), so beyond what onnxruntime holds (and the
@@ -480,11 +481,12 @@ class ProgressiveSession:
     reaches the caller of :meth:`apply`; the stage stays active). ``verify=False`` skips the
     probe check (e.g. on providers whose numerics differ from the CPU's).
 
-    ``fast_base=True`` loads the base with onnxruntime's ``MatMulAddFusion`` off: otherwise
-    MatMul+Add pairs become Gemm before DequantizeLinear->MatMul can become ``MatMulNBits``, and
-    the base dequantizes those weights on every run (measured 205 ms -> 4.4 ms per run on 6 x
-    4096 x 4096 MatMul+Add layers). Stage-0 outputs then differ slightly from plain
-    onnxruntime's on the restored stage-0 model; later stages are not affected.
+    ``fast_base=True`` loads the base with onnxruntime's ``MatMulAddFusion`` off: where it
+    turns MatMul+Add into Gemm before DequantizeLinear->MatMul can become ``MatMulNBits``, the
+    base dequantizes those weights on every run. The encoder already writes such an Add as
+    ``Sum`` wherever its shape inference sees the shapes onnxruntime's fusion needs
+    (:mod:`p2u_onnx.base_speed`); this covers the rest. Stage-0 outputs then differ slightly
+    from plain onnxruntime's on the restored stage-0 model; later stages are not affected.
 
     >>> with ProgressiveSession("model.p2u") as s:  # doctest: +SKIP
     ...     y = s.run(None, {"x": x})               # stage 0 answers at once
