@@ -427,9 +427,9 @@ def lossless_codes(original: np.ndarray, previous: np.ndarray) -> np.ndarray:
         over &= a ^ d  # overflow: a and b differ in sign and so do a and d
         if not (over < 0).any():
             return d
-        # some difference needs more than 32 bits: int64, unless none is +-2**31 exactly
+        # some difference needs more than 32 bits: int64, unless every one fits int32 after all
         d = np.subtract(a, b, dtype=np.int64)
-        if -(2**31) < d.min() and d.max() < 2**31:
+        if -(2**31) <= d.min() and d.max() < 2**31:
             return d.astype(np.int32)
         return d
     return np.subtract(a, b, dtype=np.int64)

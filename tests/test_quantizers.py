@@ -167,7 +167,7 @@ def _special_bits(draw, itemsize, n):
 
 def _reference_lossless_codes(original, previous):
     d = qz.float_to_ordered(original) - qz.float_to_ordered(previous)
-    if d.size and original.dtype.itemsize <= 4 and -(2**31) < d.min() and d.max() < 2**31:
+    if d.size and original.dtype.itemsize <= 4 and -(2**31) <= d.min() and d.max() < 2**31:
         return d.astype(np.int32)
     return d
 
