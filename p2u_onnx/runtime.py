@@ -70,6 +70,7 @@ import numpy as np
 import onnxruntime as ort
 
 from ._memory import trim_heap
+from ._priority import lowered_priority
 from ._rwlock import RWLock, TurnLock
 from .dtypes import FLOAT_TYPES
 from .errors import FormatError, IntegrityError, P2UError, PatchError
@@ -622,7 +623,8 @@ class ProgressiveSession:
                     raise PatchError(f"stage {k} could not be applied: {e}") from e
                 raise
             finally:
-                trim_heap()
+                with lowered_priority():
+                    trim_heap()
             if self._on_stage is not None:
                 self._on_stage(k)
             return k
@@ -725,7 +727,8 @@ class ProgressiveSession:
             _link_or_copy(self._dir / "graph.onnx", d / "graph.onnx")
             _link_or_copy(self._dir / "base.bin", d / "base.bin")
             self._state.advance(sf, weights, self._pace)
-            trim_heap()  # before onnxruntime allocates the new session
+            with lowered_priority():
+                trim_heap()  # before onnxruntime allocates the new session
             if self._strategy == "inplace":
                 options = _inplace_options(self._options)
                 with open(d / "weights.bin", "wb") as f:  # never read: every weight is given
@@ -736,8 +739,9 @@ class ProgressiveSession:
                     options.add_initializer(t["tensor"], live.values[-1])
             else:
                 options = self._options
-            live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
-                                                providers=self._providers)
+            with lowered_priority():  # one long call: it cannot take turns with runs
+                live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
+                                                    providers=self._providers)
             if self._probe is not None:
                 self._probe.check(live.session.run, k)
         except BaseException:
@@ -753,9 +757,10 @@ class ProgressiveSession:
             old, self._live = self._live, new
             while old.users:
                 self._cond.wait()
-        _release(old)
-        if old.directory is not None:
-            shutil.rmtree(old.directory, ignore_errors=True)
+        with lowered_priority():  # freeing a session's memory and files: background work
+            _release(old)
+            if old.directory is not None:
+                shutil.rmtree(old.directory, ignore_errors=True)
 
     def _patch_buffers(self, k: int, sf: StageFile) -> None:
         """Inplace: decode stage ``k`` into a file (runs go on), then switch the live session's
@@ -767,7 +772,8 @@ class ProgressiveSession:
         new = self._dir / f"weights-{k}.bin"
         assert old is not None and old != new
         self._state.advance(sf, new, self._pace)
-        trim_heap()
+        with lowered_priority():
+            trim_heap()
         try:
             with self._rw.write():
                 live.weights.switch(new)

@@ -693,3 +693,36 @@ def test_decoding_takes_turns_with_inferences(mlp_pkg, mlp_feed):
         entries = sum(len([e for e in read_stage(mlp_pkg / st["files"][0]["path"]).entries
                            if e["kind"] != "file"]) for st in manifest["stages"][1:])
         assert entries and len(calls) >= entries
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="per-thread nice is Linux's")
+def test_lowered_priority_gives_priority_back():
+    """Session builds run at a lower priority; the building thread and the threads it started
+    (onnxruntime's pool threads) get their priority back; where that is not allowed nothing
+    changes."""
+    import os
+
+    from p2u_onnx._priority import _can_restore, lowered_priority
+
+    tid = threading.get_native_id()
+    nice = os.getpriority(os.PRIO_PROCESS, tid)
+    started, done = threading.Event(), threading.Event()
+    child: dict[str, int] = {}
+
+    def body() -> None:
+        child["tid"] = threading.get_native_id()
+        started.set()
+        done.wait(10)
+
+    with lowered_priority(5):
+        inside = os.getpriority(os.PRIO_PROCESS, tid)
+        t = threading.Thread(target=body)
+        t.start()
+        assert started.wait(10)
+        child_inside = os.getpriority(os.PRIO_PROCESS, child["tid"])
+    child_after = os.getpriority(os.PRIO_PROCESS, child["tid"])
+    done.set()
+    t.join()
+    assert child_inside == inside
+    assert os.getpriority(os.PRIO_PROCESS, tid) == nice and child_after == nice
+    assert inside == (min(19, nice + 5) if _can_restore(nice) else nice)
