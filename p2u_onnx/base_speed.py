@@ -78,10 +78,11 @@ def gather_then_dequantize(model: ModelProto) -> int:
         users = _consumers(g)
         nested = _outer_names(model, g)
         outputs = {o.name for o in g.output}
+        inputs = {i.name for i in g.input}
         replace: dict[int, list[NodeProto]] = {}
         drop: set[int] = set()
         for dq in g.node:
-            plan = _lookup_plan(dq, inits, users, nested, outputs, opset)
+            plan = _lookup_plan(dq, inits, users, nested, outputs, inputs, opset)
             if plan is None:
                 continue
             for k, (gather, _) in enumerate(users[dq.output[0]]):
@@ -104,7 +105,7 @@ def gather_then_dequantize(model: ModelProto) -> int:
     return done
 
 
-def _lookup_plan(dq, inits, users, nested, outputs, opset) -> dict | None:
+def _lookup_plan(dq, inits, users, nested, outputs, inputs, opset) -> dict | None:
     if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
         return None
     q = inits.get(dq.input[0])
@@ -114,6 +115,8 @@ def _lookup_plan(dq, inits, users, nested, outputs, opset) -> dict | None:
     out = dq.output[0]
     if out in nested or out in outputs or not users[out]:
         return None
+    if len(users[q.name]) != 1 or q.name in nested or q.name in inputs:
+        return None  # the codes are read elsewhere too (or can be fed): leave them as they are
     for n, i in users[out]:
         if n.op_type != "Gather" or i != 0 or _attrs(n).get("axis", 0) not in (0, -2):
             return None
@@ -133,6 +136,8 @@ def _lookup_plan(dq, inits, users, nested, outputs, opset) -> dict | None:
         bits, signed = _PACKED[q.data_type]
         if zp or q.dims[1] % (8 // bits) or opset < 18:  # bitwise ops: opset 18
             return None
+        if q.data_location != TensorProto.EXTERNAL and not q.raw_data:
+            return None  # packed codes in typed fields: the bytes are not a UINT8 table as is
     else:
         return None
     return {"mode": mode, "bits": bits, "signed": signed, "block": a.get("block_size"),
@@ -215,6 +220,8 @@ def keep_matmul_add(model: ModelProto) -> int:
     ``MatMulAddFusion`` accepts (2-D, or every dimension known); in place. Returns how many
     were rewritten. Where the shape is dynamic the fusion does not apply and the ``Add`` stays,
     with the fusions that need it (bias + activation, skip + layer norm)."""
+    if default_opset(model) < 8:  # Sum broadcasts from opset 8 on
+        return 0
     shapes = _known_shapes(model)
     done = 0
     for g, _ in iter_containers(model):

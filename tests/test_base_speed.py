@@ -11,13 +11,16 @@ from onnx import TensorProto, helper, numpy_helper
 import p2u_onnx
 from p2u_onnx.api import open_stages
 from p2u_onnx.base_speed import gather_then_dequantize, keep_matmul_add
+from p2u_onnx.reconstruct import pack_codes
 
 RNG = np.random.default_rng(7)
 V, H, BLOCK = 50, 64, 32
 
 
 def _codes_tensor(name: str, codes: np.ndarray, onnx_type: int) -> onnx.TensorProto:
-    return helper.make_tensor(name, onnx_type, list(codes.shape), codes.reshape(-1).tolist())
+    """Integer codes packed the way ONNX stores ``onnx_type`` (raw bytes, as the encoder's)."""
+    return helper.make_tensor(name, onnx_type, list(codes.shape), pack_codes(codes, onnx_type),
+                              raw=True)
 
 
 def _table_model(onnx_type: int, lo: int, hi: int, zero_point: bool, per_tensor: bool,
@@ -86,6 +89,13 @@ def test_gather_then_dequantize_is_exact(onnx_type, lo, hi, zero_point, per_tens
 
 def test_tables_with_other_readers_are_left_alone():
     model = _table_model(TensorProto.INT4, -8, 7, False, False, 21, extra_consumer="MatMul")
+    before = model.SerializeToString()
+    assert gather_then_dequantize(model) == 0
+    assert model.SerializeToString() == before
+    # the codes read by a second DequantizeLinear: their type must not change
+    model = _table_model(TensorProto.INT4, -8, 7, False, False, 21)
+    model.graph.node.append(helper.make_node("DequantizeLinear", ["q", "s"], ["t2"], axis=1,
+                                             block_size=BLOCK))
     before = model.SerializeToString()
     assert gather_then_dequantize(model) == 0
     assert model.SerializeToString() == before
