@@ -65,9 +65,10 @@ def _outer_names(model: ModelProto, g: GraphProto) -> set[str]:
 
 
 def gather_then_dequantize(model: ModelProto) -> int:
-    """``Gather(DequantizeLinear(q, s), ids)`` -> ``DequantizeLinear(Gather(q, ids), Gather(s,
-    ids))`` for dequantized 2-D tables read only by ``Gather`` on axis 0, quantized per tensor
-    or in blocks along rows (main graph and subgraphs; in place). Returns the Gathers rewritten.
+    """``Gather(DequantizeLinear(q, s), ids)`` -> the rows ``Gather(q, ids)`` dequantized with
+    ``Gather(s, ids)`` (see :func:`_gathered`), for 2-D tables read only by ``Gather`` on axis
+    0, quantized per tensor or in blocks along rows (main graph and subgraphs; in place).
+    Returns how many Gathers were rewritten.
     """
     opset = default_opset(model)
     done = 0
@@ -86,7 +87,8 @@ def gather_then_dequantize(model: ModelProto) -> int:
             if plan is None:
                 continue
             for k, (gather, _) in enumerate(users[dq.output[0]]):
-                replace[id(gather)] = _gathered(dq, gather, inits, plan, f"{dq.name}_gather{k}")
+                replace[id(gather)] = _gathered(dq, gather, inits, plan,
+                                               f"{dq.output[0]}__p2u_gather{k}")
                 done += 1
             drop.add(id(dq))
             if plan["bits"] < 8:  # the packed codes become rows of bytes
