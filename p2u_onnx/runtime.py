@@ -739,11 +739,11 @@ class ProgressiveSession:
                     options.add_initializer(t["tensor"], live.values[-1])
             else:
                 options = self._options
-            with lowered_priority():  # one long call: it cannot take turns with runs
+            with lowered_priority():  # long calls that cannot take turns with runs
                 live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
                                                     providers=self._providers)
-            if self._probe is not None:
-                self._probe.check(live.session.run, k)
+                if self._probe is not None:
+                    self._probe.check(live.session.run, k)
         except BaseException:
             _release(live)
             shutil.rmtree(d, ignore_errors=True)
