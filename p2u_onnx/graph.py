@@ -92,14 +92,26 @@ def _slot(seen, name, container, path, kind, tensor, node) -> Slot:
     return Slot(key, name, container, path, kind, tensor, node)
 
 
+class _ByContainer(dict):
+    """A dict keyed by ``id(container)`` that keeps those containers alive: protobuf hands out
+    one Python object per subgraph only while it is referenced, so an id is only meaningful
+    (and only matches the objects :func:`iter_containers` yields) while its object lives."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.containers: list[Container] = []
+
+
 def consumers_by_name(model: ModelProto) -> dict[int, dict[str, list[Consumer]]]:
     """For each container (by ``id``), which nodes read each name, nested subgraphs included.
 
     A name read inside a subgraph counts for every enclosing container that may define it.
+    The result keeps the containers alive, so their ids stay theirs while it is in use.
     """
-    result: dict[int, dict[str, list[Consumer]]] = {}
+    result = _ByContainer()
 
     def walk(container, nodes, scopes: list[int]):
+        result.containers.append(container)
         table = result.setdefault(id(container), {})
         for node in nodes:
             for i, name in enumerate(node.input):

@@ -318,3 +318,29 @@ def test_probability_outputs_weigh_more_in_the_error_estimate():
     assert not calibrate._probability_like([np.array([0.5, 0.5])])      # constant
     assert not calibrate._probability_like([np.array([-0.1, 0.5])])     # below 0
     assert not calibrate._probability_like([np.array([0.2, np.nan])])   # not finite
+
+
+def test_consumers_found_in_every_subgraph():
+    """Readers of a weight are found in each branch of an If, not only in the one whose Python
+    object happened to survive (consumers_by_name keys containers by id)."""
+    from onnx import TensorProto, helper
+
+    from p2u_onnx.graph import consumers_by_name
+
+    def branch(op):
+        return helper.make_graph(
+            [helper.make_node(op, ["x", "w"], ["y"])], op, [],
+            [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])],
+            [helper.make_tensor("w", TensorProto.FLOAT, [2, 2], [1.0, 2.0, 3.0, 4.0])])
+
+    g = helper.make_graph(
+        [helper.make_node("If", ["c"], ["y"], then_branch=branch("MatMul"),
+                          else_branch=branch("Add"))], "m",
+        [helper.make_tensor_value_info("c", TensorProto.BOOL, []),
+         helper.make_tensor_value_info("x", TensorProto.FLOAT, [2, 2])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 2])])
+    model = helper.make_model(g)
+    users = consumers_by_name(model)
+    found = {s.path: [c.node.op_type for c in users.get(id(s.container), {}).get("w", [])]
+             for s in iter_slots(model)}
+    assert sorted(found.values()) == [["Add"], ["MatMul"]]
