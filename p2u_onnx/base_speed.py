@@ -20,13 +20,11 @@ are unchanged. They touch only the base graph, never ``graph.onnx``.
 
 from __future__ import annotations
 
-from collections import defaultdict
-
 import numpy as np
 import onnx
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
 
-from .graph import default_opset, iter_containers
+from .graph import consumers_by_name, default_opset, iter_containers
 
 __all__ = ["gather_then_dequantize", "keep_matmul_add", "speed_up_base"]
 
@@ -46,24 +44,6 @@ def _attrs(node: NodeProto) -> dict:
     return {a.name: helper.get_attribute_value(a) for a in node.attribute}
 
 
-def _consumers(g: GraphProto) -> dict[str, list[tuple[NodeProto, int]]]:
-    out: dict[str, list[tuple[NodeProto, int]]] = defaultdict(list)
-    for n in g.node:
-        for i, x in enumerate(n.input):
-            out[x].append((n, i))
-    return out
-
-
-def _outer_names(model: ModelProto, g: GraphProto) -> set[str]:
-    """Names that nodes inside subgraphs of ``g`` read (they may read ``g``'s values)."""
-    names: set[str] = set()
-    for sub, path in iter_containers(model):
-        if sub is not g and isinstance(sub, GraphProto):
-            for n in sub.node:
-                names.update(n.input)
-    return names
-
-
 def gather_then_dequantize(model: ModelProto) -> int:
     """``Gather(DequantizeLinear(q, s), ids)`` -> the rows ``Gather(q, ids)`` dequantized with
     ``Gather(s, ids)`` (see :func:`_gathered`), for 2-D tables read only by ``Gather`` on axis
@@ -71,22 +51,24 @@ def gather_then_dequantize(model: ModelProto) -> int:
     Returns how many Gathers were rewritten.
     """
     opset = default_opset(model)
+    users = consumers_by_name(model)
     done = 0
-    for g, _ in list(iter_containers(model)):
-        if not isinstance(g, GraphProto):
-            continue
+    # Deepest graphs first: rewriting a graph's node list copies the subgraphs inside it.
+    graphs = [(g, path) for g, path in iter_containers(model) if isinstance(g, GraphProto)]
+    for g, _ in sorted(graphs, key=lambda gp: -gp[1].count("/")):
         inits = {t.name: t for t in g.initializer}
-        users = _consumers(g)
-        nested = _outer_names(model, g)
+        own = {id(n) for n in g.node}
+        table = users.get(id(g), {})
         outputs = {o.name for o in g.output}
         inputs = {i.name for i in g.input}
         replace: dict[int, list[NodeProto]] = {}
         drop: set[int] = set()
         for dq in g.node:
-            plan = _lookup_plan(dq, inits, users, nested, outputs, inputs, opset)
+            plan = _lookup_plan(dq, inits, table, own, outputs, inputs, opset)
             if plan is None:
                 continue
-            for k, (gather, _) in enumerate(users[dq.output[0]]):
+            for k, c in enumerate(table[dq.output[0]]):
+                gather = c.node
                 replace[id(gather)] = _gathered(dq, gather, inits, plan,
                                                f"{dq.output[0]}__p2u_gather{k}")
                 done += 1
@@ -107,7 +89,10 @@ def gather_then_dequantize(model: ModelProto) -> int:
     return done
 
 
-def _lookup_plan(dq, inits, users, nested, outputs, inputs, opset) -> dict | None:
+def _lookup_plan(dq, inits, users, own, outputs, inputs, opset) -> dict | None:
+    """How to rewrite the Gathers of ``dq``'s table, or None. ``users``: readers of each name
+    (subgraphs included, :func:`~p2u_onnx.graph.consumers_by_name`); ``own``: ids of the
+    graph's own nodes."""
     if dq.op_type != "DequantizeLinear" or dq.domain not in ("", "ai.onnx"):
         return None
     q = inits.get(dq.input[0])
@@ -115,12 +100,14 @@ def _lookup_plan(dq, inits, users, nested, outputs, inputs, opset) -> dict | Non
     if q is None or s is None or len(q.dims) != 2:
         return None
     out = dq.output[0]
-    if out in nested or out in outputs or not users[out]:
+    readers = users.get(out, [])
+    if out in outputs or not readers:
         return None
-    if len(users[q.name]) != 1 or q.name in nested or q.name in inputs:
+    if len(users.get(q.name, [])) != 1 or q.name in inputs:
         return None  # the codes are read elsewhere too (or can be fed): leave them as they are
-    for n, i in users[out]:
-        if n.op_type != "Gather" or i != 0 or _attrs(n).get("axis", 0) not in (0, -2):
+    for c in readers:
+        if id(c.node) not in own or c.node.op_type != "Gather" or c.input_index != 0 or \
+                _attrs(c.node).get("axis", 0) not in (0, -2):
             return None
     a = _attrs(dq)
     if "block_size" in a:
@@ -226,12 +213,13 @@ def keep_matmul_add(model: ModelProto) -> int:
         return 0
     shapes = _known_shapes(model)
     done = 0
+    users = consumers_by_name(model)
     for g, _ in iter_containers(model):
         if not isinstance(g, GraphProto):
             continue
         inits = {t.name for t in g.initializer}
         producer = {o: n for n in g.node for o in n.output}
-        users = _consumers(g)
+        table = users.get(id(g), {})
         for n in g.node:
             if n.op_type != "MatMul" or n.domain not in ("", "ai.onnx") or len(n.input) != 2:
                 continue
@@ -241,11 +229,11 @@ def keep_matmul_add(model: ModelProto) -> int:
             dims = shapes.get(n.input[0])
             if dims is None or (len(dims) != 2 and None in dims):
                 continue
-            after = users.get(n.output[0], [])
-            if len(after) != 1 or after[0][0].op_type != "Add" or \
-                    after[0][0].domain not in ("", "ai.onnx"):
+            after = table.get(n.output[0], [])
+            if len(after) != 1 or after[0].node.op_type != "Add" or \
+                    after[0].node.domain not in ("", "ai.onnx"):
                 continue
-            after[0][0].op_type = "Sum"
+            after[0].node.op_type = "Sum"
             done += 1
     return done
 

@@ -158,3 +158,35 @@ def test_dynamic_matmul_add_is_left_alone():
     assert keep_matmul_add(model) == 0
     model.graph.node[2].input[0] = "e"  # 1-D ids -> 2-D e: the fusion would apply
     assert keep_matmul_add(model) == 1
+
+
+def test_tables_inside_subgraphs_are_rewritten():
+    """Both branches of an If hold a table and its Gather (the main graph is rewritten after
+    its subgraphs, so that copying its nodes keeps their rewrites)."""
+    table = _table_model(TensorProto.INT4, -8, 7, False, False, 21)
+    branches = []
+    for name in ("then", "else"):
+        g = onnx.GraphProto()
+        g.CopyFrom(table.graph)
+        g.name = name
+        del g.node[2:]  # DequantizeLinear + the Gather of `ids`
+        del g.input[:]
+        del g.output[1:]
+        branches.append(g)
+    branches[1].node[1].input[1] = "ids_else"
+    main = helper.make_graph(
+        [helper.make_node("Identity", ["ids"], ["ids_else"]),
+         helper.make_node("If", ["cond"], ["y"], then_branch=branches[0],
+                          else_branch=branches[1])],
+        "main", [helper.make_tensor_value_info("cond", TensorProto.BOOL, []),
+                 helper.make_tensor_value_info("ids", TensorProto.INT64, ["a", "b"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["a", "b", H])])
+    model = helper.make_model(main, opset_imports=[helper.make_opsetid("", 21)])
+    feeds = [{"cond": np.array(c), "ids": FEED["ids"]} for c in (True, False)]
+    before = [_run(model, f) for f in feeds]
+    assert gather_then_dequantize(model) == 2
+    onnx.checker.check_model(model, full_check=True)
+    for b in model.graph.node[1].attribute:
+        assert all(n.input[0] != "q" for n in b.g.node if n.op_type == "DequantizeLinear")
+    for f, ref in zip(feeds, before):
+        assert np.array_equal(_run(model, f)[0], ref[0])
