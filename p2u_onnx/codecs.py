@@ -265,15 +265,15 @@ class IntGroupsCodec(Codec):
             pos += length
         if sum(r[1] for r in records) != len(context) or pos != len(buf):
             raise FormatError("grouped payload does not cover its values")
-        width = max((_planes_width(data) for _, _, data in records), default=1)
-        out = np.empty(len(context), _SIGNED[width])
+        widths = [_planes_width(data) for _, _, data in records]
+        out = np.empty(len(context), _SIGNED[max(widths, default=1)])
         groups = dict(_groups(context, [r[0] for r in records]))
-        for g, count, data in records:
+        for (g, count, data), width in zip(records, widths):
             where = groups.get(g)
             if where is None or _count(where) != count:
                 raise FormatError("grouped payload does not match its context (wrong base or "
                                   "earlier stage)")
-            u = np.empty(count, _UNSIGNED[_planes_width(data)])
+            u = np.empty(count, _UNSIGNED[width])
             _planes_into(data, u)
             out[where] = unzigzag(u)
         return out

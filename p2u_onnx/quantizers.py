@@ -254,8 +254,9 @@ def _search(xf, base_scale, lo, ratios, info, tiny, symmetric, qmin, qmax, impor
         cands.append((scale, zp, inv))
     edtype = xf.dtype if importance is None else np.result_type(xf, importance)
     errs = [np.empty(len(xf), edtype) for _ in cands]
-    buf = np.empty((min(len(xf), _slabs(xf)[0].stop if len(xf) else 0), xf.shape[1]), xf.dtype)
-    for rows in _slabs(xf):
+    slabs = _slabs(xf)
+    buf = np.empty((slabs[0].stop if slabs else 0, xf.shape[1]), xf.dtype)
+    for rows in slabs:
         xs = xf[rows]
         b = buf[:len(xs)]
         imp = None if importance is None else importance[rows]
@@ -427,11 +428,7 @@ def lossless_codes(original: np.ndarray, previous: np.ndarray) -> np.ndarray:
         over &= a ^ d  # overflow: a and b differ in sign and so do a and d
         if not (over < 0).any():
             return d
-        # some difference needs more than 32 bits: int64, unless every one fits int32 after all
-        d = np.subtract(a, b, dtype=np.int64)
-        if -(2**31) <= d.min() and d.max() < 2**31:
-            return d.astype(np.int32)
-        return d
+        # an overflow: that difference needs more than 32 bits
     return np.subtract(a, b, dtype=np.int64)
 
 

@@ -451,6 +451,12 @@ class _Live:
     users: int = 0  # run() calls in flight
 
 
+def _trim_heap() -> None:
+    """:func:`~p2u_onnx._memory.trim_heap` as background work (at the lowered priority)."""
+    with lowered_priority():
+        trim_heap()
+
+
 def _release(live: _Live) -> None:
     """Drop ``live``'s session, then its weights (never while a run uses them)."""
     live.session = None
@@ -623,8 +629,7 @@ class ProgressiveSession:
                     raise PatchError(f"stage {k} could not be applied: {e}") from e
                 raise
             finally:
-                with lowered_priority():
-                    trim_heap()
+                _trim_heap()
             if self._on_stage is not None:
                 self._on_stage(k)
             return k
@@ -727,8 +732,7 @@ class ProgressiveSession:
             _link_or_copy(self._dir / "graph.onnx", d / "graph.onnx")
             _link_or_copy(self._dir / "base.bin", d / "base.bin")
             self._state.advance(sf, weights, self._pace)
-            with lowered_priority():
-                trim_heap()  # before onnxruntime allocates the new session
+            _trim_heap()  # before onnxruntime allocates the new session
             if self._strategy == "inplace":
                 options = _inplace_options(self._options)
                 with open(d / "weights.bin", "wb") as f:  # never read: every weight is given
@@ -772,8 +776,7 @@ class ProgressiveSession:
         new = self._dir / f"weights-{k}.bin"
         assert old is not None and old != new
         self._state.advance(sf, new, self._pace)
-        with lowered_priority():
-            trim_heap()
+        _trim_heap()  # decoding's temporaries, before the probe runs
         try:
             with self._rw.write():
                 live.weights.switch(new)
