@@ -211,9 +211,8 @@ def keep_matmul_add(model: ModelProto) -> int:
     with the fusions that need it (bias + activation, skip + layer norm)."""
     if default_opset(model) < 8:  # Sum broadcasts from opset 8 on
         return 0
-    shapes = _known_shapes(model)
-    done = 0
     users = consumers_by_name(model)
+    pairs = []  # (MatMul, its only consumer: an Add) with a dequantized weight
     for g, _ in iter_containers(model):
         if not isinstance(g, GraphProto):
             continue
@@ -226,14 +225,18 @@ def keep_matmul_add(model: ModelProto) -> int:
             dq = producer.get(n.input[1])
             if dq is None or dq.op_type != "DequantizeLinear" or dq.input[0] not in inits:
                 continue
-            dims = shapes.get(n.input[0])
-            if dims is None or (len(dims) != 2 and None in dims):
-                continue
             after = table.get(n.output[0], [])
-            if len(after) != 1 or after[0].node.op_type != "Add" or \
-                    after[0].node.domain not in ("", "ai.onnx"):
-                continue
-            after[0].node.op_type = "Sum"
+            if len(after) == 1 and after[0].node.op_type == "Add" and \
+                    after[0].node.domain in ("", "ai.onnx"):
+                pairs.append((n, after[0].node))
+    if not pairs:
+        return 0
+    shapes = _known_shapes(model)  # shape inference only when there is something to decide
+    done = 0
+    for matmul, add in pairs:
+        dims = shapes.get(matmul.input[0])
+        if dims is not None and (len(dims) == 2 or None not in dims):
+            add.op_type = "Sum"
             done += 1
     return done
 
