@@ -24,15 +24,16 @@ plus the codec that decodes them. Entries must tile the payload exactly (no gaps
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Iterable
+from collections.abc import Callable, Iterable
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, ContextManager
 
 from .errors import FormatError, IntegrityError, P2UError
 
@@ -45,6 +46,7 @@ __all__ = [
     "load_manifest",
     "save_manifest",
     "stage_file_name",
+    "sha256_bytes",
     "sha256_file",
     "atomic_write_bytes",
     "AtomicFile",
@@ -62,11 +64,29 @@ def stage_file_name(index: int) -> str:
     return f"stage-{index}.p2u"
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22,
+                pace: Callable[[], ContextManager[Any]] | None = None) -> str:
+    """Hex sha256 of the file at ``path``, read ``chunk`` bytes at a time (each one inside
+    ``pace()`` when given: a live session hashes in turns with its inferences)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while block := f.read(chunk):
-            h.update(block)
+        while True:
+            with contextlib.nullcontext() if pace is None else pace():
+                block = f.read(chunk)
+                if not block:
+                    break
+                h.update(block)
+    return h.hexdigest()
+
+
+def sha256_bytes(data: bytes | bytearray | memoryview, chunk: int = 1 << 22,
+                 pace: Callable[[], ContextManager[Any]] | None = None) -> str:
+    """Hex sha256 of ``data``, ``chunk`` bytes per ``pace()`` turn (see :func:`sha256_file`)."""
+    h = hashlib.sha256()
+    view = memoryview(data).cast("B")
+    for i in range(0, len(view), chunk):
+        with contextlib.nullcontext() if pace is None else pace():
+            h.update(view[i:i + chunk])
     return h.hexdigest()
 
 

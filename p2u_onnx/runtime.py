@@ -80,6 +80,7 @@ from .format import (
     load_manifest,
     parse_manifest,
     read_stage,
+    sha256_bytes,
     sha256_file,
 )
 from .probe import Probe
@@ -144,20 +145,22 @@ def _base_entries(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {Path(f["path"]).name: f for f in manifest["base_model"]["files"]}
 
 
-def open_stage(source: StageInput, manifest: dict[str, Any], expected: int) -> StageFile:
+def open_stage(source: StageInput, manifest: dict[str, Any], expected: int,
+               pace: Callable[[], ContextManager[Any]] | None = None) -> StageFile:
     """Read stage file ``source`` and check it is stage ``expected`` of ``manifest``'s package.
 
     The whole file must match the manifest's sha256. When it does not, the error says why:
     truncated, corrupt, foreign (another package), already applied (repeated) or out of order.
+    ``pace``: hash in turns (see :func:`~p2u_onnx.format.sha256_file`).
     """
     stages = manifest["stages"]
     pid = manifest["package_id"]
     want = stages[expected]["files"][0]["sha256"] if 0 <= expected < len(stages) else None
     if isinstance(source, (bytes, bytearray, memoryview)):
-        digest = hashlib.sha256(source).hexdigest()
+        digest = sha256_bytes(source, pace=pace)
     else:
         try:
-            digest = sha256_file(source)
+            digest = sha256_file(source, pace=pace)
         except OSError as e:
             raise FormatError(f"cannot read stage file {source}: {e.strerror or e}") from e
     if digest == want:
@@ -613,7 +616,7 @@ class ProgressiveSession:
         with self._apply_lock:
             self._check_open()
             k = self.stage + 1
-            sf = open_stage(stage, self._manifest, k)
+            sf = open_stage(stage, self._manifest, k, self._pace)
             cp = self._state.checkpoint()
             try:
                 if k == 1:  # the skeleton graph, once: on disk, not in memory

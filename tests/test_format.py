@@ -1,9 +1,13 @@
 """Stage files: round trip, and every kind of damage is refused with a clear message."""
 
+import contextlib
+import hashlib
+import os
+
 import pytest
 
 from p2u_onnx.errors import FormatError, IntegrityError
-from p2u_onnx.format import StageWriter, read_stage
+from p2u_onnx.format import StageWriter, read_stage, sha256_bytes, sha256_file
 
 
 @pytest.fixture
@@ -80,3 +84,25 @@ def test_format_1_fixture_still_decodes(tmp_path):
         open_stages(fx / "mlp.p2u", k).write_weights(tmp_path / "w.bin")
         assert hashlib.sha256((tmp_path / "w.bin").read_bytes()).hexdigest() == digest, k
     assert p2u_onnx.verify(fx / "mlp.p2u")["lossless_match"]
+
+
+def test_sha256_in_turns(tmp_path):
+    """Hashing in turns (a live session's stage check) enters ``pace()`` once per chunk and gives
+    hashlib's digest, for files and for bytes."""
+    data = os.urandom(10_000)
+    p = tmp_path / "f.bin"
+    p.write_bytes(data)
+    turns = []
+
+    @contextlib.contextmanager
+    def pace():
+        turns.append(1)
+        yield
+
+    want = hashlib.sha256(data).hexdigest()
+    assert sha256_file(p, chunk=4096, pace=pace) == want
+    assert len(turns) == 4  # three chunks, then the read that finds the end
+    turns.clear()
+    assert sha256_bytes(data, chunk=4096, pace=pace) == want and len(turns) == 3
+    assert sha256_bytes(b"") == hashlib.sha256(b"").hexdigest()
+    assert sha256_file(p) == want
