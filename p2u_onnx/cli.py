@@ -8,6 +8,7 @@ from pathlib import Path
 import click
 
 from ._cliutil import CONTEXT, ProgressBar, _fmt_bytes, _friendly
+from .errors import P2UError
 from .cli_http import fetch as _fetch_command
 from .cli_http import serve as _serve_command
 
@@ -185,14 +186,23 @@ def run(package, inputs, stage, strategy) -> None:
         except (OSError, ValueError) as e:
             raise click.BadParameter(f"{path}: {e}", param_hint="--input") from None
     with ProgressiveSession(str(package)) as sess:
-        if not feed:
-            from .probe import synthesize_inputs
+        from .probe import check_feed, synthesize_inputs
 
+        if feed:
+            check_feed(sess.get_inputs(), feed)
+        else:
             feed = synthesize_inputs(sess.get_inputs())
         names = [o.name for o in sess.get_outputs()]
 
         def report(k: int) -> None:
-            outs = sess.run(None, feed)
+            try:
+                outs = sess.run(None, feed)
+            except P2UError:
+                raise
+            except Exception as e:  # onnxruntime's errors: one line, not a traceback
+                msg = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+                raise click.ClickException(f"stage {k}: the model failed on these inputs: "
+                                           f"{msg}") from None
             click.echo(f"stage {k} active at {time.perf_counter() - t0:.3f} s")
             for name, out in zip(names, outs):
                 a = np.asarray(out)

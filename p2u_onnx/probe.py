@@ -35,7 +35,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
-from .errors import IntegrityError, PatchError
+from .errors import IntegrityError, P2UError, PatchError
 
 __all__ = ["MAX_SAMPLES", "PROBE_NAME", "Probe", "record_probe", "sample", "synthesize_inputs"]
 
@@ -61,6 +61,31 @@ class ArgInfo(Protocol):
     name: str
     type: str
     shape: Sequence[int | str | None]
+
+
+def check_feed(inputs: Sequence[ArgInfo], feed: dict[str, np.ndarray]) -> None:
+    """Raise :class:`P2UError` naming what is wrong when ``feed`` does not fit the model's
+    ``inputs``: a name it lacks or does not know, a wrong number of dimensions, a fixed
+    dimension of another size, another element type."""
+    want = {i.name: i for i in inputs}
+    unknown = sorted(set(feed) - set(want))
+    if unknown:
+        raise P2UError(f"the model has no input {', '.join(map(repr, unknown))}; its inputs "
+                       f"are {', '.join(map(repr, want))}")
+    missing = [n for n in want if n not in feed]
+    if missing:
+        raise P2UError(f"no value given for input {', '.join(map(repr, missing))}")
+    for name, info in want.items():
+        a = np.asarray(feed[name])
+        shape = [d if isinstance(d, int) and d >= 0 else None for d in info.shape]
+        expected = "[" + ", ".join("?" if d is None else str(d) for d in shape) + "]"
+        if a.ndim != len(shape) or any(d is not None and d != n for d, n in zip(shape, a.shape)):
+            raise P2UError(f"input {name!r} has shape {list(a.shape)}; the model expects "
+                           f"{expected} (? = any size)")
+        dtype = _NUMPY_TYPES.get(info.type)
+        if dtype is not None and a.dtype != np.dtype(dtype):
+            raise P2UError(f"input {name!r} is {a.dtype}; the model expects "
+                           f"{np.dtype(dtype)} ({info.type})")
 
 
 def _mix(i: np.ndarray) -> np.ndarray:

@@ -88,3 +88,38 @@ def test_run_prints_every_stage(model, tmp_path):
         ["stage 0", "stage 1", "stage 2"]
     r = invoke("run", pkg, "--stage", 1)
     assert "stage 1 active" in r.output and "stage 2" not in r.output
+
+
+@pytest.mark.parametrize("array,name,needle", [
+    ("ones((2, 64), float32)", "y", "the model has no input 'y'; its inputs are 'x'"),
+    ("ones((2, 64, 1), float32)", "x", "input 'x' has shape [2, 64, 1]; the model expects"),
+    ("ones((2, 63), float32)", "x", "has shape [2, 63]; the model expects [?, 64]"),
+    ("ones((2, 64), int64)", "x", "input 'x' is int64; the model expects float32"),
+])
+def test_run_names_what_is_wrong_with_an_input(model, tmp_path, array, name, needle):
+    import numpy as np
+
+    pkg = tmp_path / "m.p2u"
+    invoke("encode", model, "-o", pkg, "-q")
+    x = tmp_path / "x.npy"
+    np.save(x, eval(array, {"ones": np.ones, "float32": np.float32, "int64": np.int64}))
+    r = invoke("run", pkg, "--input", f"{name}={x}")
+    assert r.exit_code == 1 and "Traceback" not in r.output
+    assert needle in r.output, r.output
+
+
+def test_run_reports_a_failing_inference_in_one_line(model, tmp_path, monkeypatch):
+    from p2u_onnx.runtime import ProgressiveSession
+
+    pkg = tmp_path / "m.p2u"
+    invoke("encode", model, "-o", pkg, "-q")
+
+    def fail(self, *args, **kwargs):
+        raise RuntimeError("[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : index out of range\n"
+                           "more detail")
+
+    monkeypatch.setattr(ProgressiveSession, "run", fail)
+    r = invoke("run", pkg)
+    assert r.exit_code == 1 and r.exception is not None and "Traceback" not in r.output
+    assert r.output.strip() == "Error: stage 0: the model failed on these inputs: " \
+        "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : index out of range"
