@@ -177,12 +177,7 @@ def encode(
     out = Path(output)
     if out.exists() and not overwrite:
         raise P2UError(f"{out} already exists (use overwrite=True / --force)")
-    m, name = load_model(model)
-    unknown = check_domains(m)
-    if unknown:
-        raise UnsupportedModelError(
-            f"model uses op domain(s) {', '.join(repr(d) for d in unknown)} that onnxruntime "
-            "does not define; p2u cannot run or verify it")
+    m, name, converted = _load_source(model)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     loaded = [m]  # handed over, not kept here: _encode_into frees the model's weights
@@ -190,21 +185,18 @@ def encode(
     try:
         try:
             manifest = _encode_into(loaded.pop(), name, tmp, plan, config, progress,
-                                    raise_opset=True, probe=probe, budget=budget)
+                                    raise_opset=True, probe=probe, budget=budget, note=converted)
         except _OpsetFallback as fb:
-            # Keep the model's opset: INT8 containers, per-channel (or per-tensor) scales.
+            # Keep the model's opset (>= 10): INT8 containers, per-channel (or per-tensor) scales.
             opset = fb.opset
-            if opset < 10:
-                raise UnsupportedModelError(
-                    f"model has opset {opset} (< 10, no DequantizeLinear) and {fb.reason}") from None
             shutil.rmtree(tmp, ignore_errors=True)
             tmp.mkdir()
             gran = "channel" if opset >= 13 else "tensor"
             config = dataclasses.replace(config, granularity=gran)
-            manifest = _encode_into(load_model(model)[0], name, tmp, plan, config, progress,
+            fallback = f"{fb.reason}; fell back to INT8 codes with {gran} scales at opset {opset}"
+            manifest = _encode_into(_load_source(model)[0], name, tmp, plan, config, progress,
                                     raise_opset=False, probe=probe, budget=budget,
-                                    note=f"{fb.reason}; fell back to INT8 codes with {gran} "
-                                         f"scales at opset {opset}")
+                                    note="; ".join(filter(None, [converted, fallback])))
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -407,6 +399,29 @@ def _bit_plan(m: ModelProto, selected, raws: dict[str, bytes], plan: Plan, confi
     fixed += int(GRAPH_RATIO * max(m.ByteSize() - fixed, 0))
     return plan_bits(m, selected, arrays, plan, config, budget, fixed_bytes=fixed,
                      total_bytes=total)
+
+
+def _load_source(model: str | os.PathLike | ModelProto) -> tuple[ModelProto, str, str | None]:
+    """Load the model to encode and check its op domains. A model below opset 10 (which has no
+    DequantizeLinear) is converted first, to opset 21, else 13, else 10; the third item says so
+    (None when the model was kept as it is)."""
+    m, name = load_model(model)
+    unknown = check_domains(m)
+    if unknown:
+        raise UnsupportedModelError(
+            f"model uses op domain(s) {', '.join(repr(d) for d in unknown)} that onnxruntime "
+            "does not define; p2u cannot run or verify it")
+    opset = default_opset(m)
+    if opset >= 10:
+        return m, name, None
+    why = None
+    for target in (21, 13, 10):
+        why = passes.raise_opset(m, target)
+        if why is None:
+            return m, name, (f"converted from opset {opset} to {target} (DequantizeLinear "
+                             "needs opset 10 or later)")
+    raise UnsupportedModelError(f"model has opset {opset} (< 10, no DequantizeLinear) and "
+                                f"{why}")
 
 
 def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantConfig,

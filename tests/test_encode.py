@@ -256,6 +256,34 @@ def test_opset_fallback_when_conversion_fails(tmp_path, monkeypatch):
     assert p2u_onnx.verify(pkg)["lossless_match"]
 
 
+def test_a_model_below_opset_10_is_converted_first(tmp_path, monkeypatch):
+    """Opset 9 has no DequantizeLinear: the source is converted before it is coded (it used to
+    be refused), and every stage still runs; the lossless stage gives the original outputs."""
+    src = tmp_path / "m.onnx"
+    model = synth.mlp(opset=9)
+    onnx.save(model, str(src))
+    pkg = tmp_path / "m.p2u"
+    res = p2u_onnx.encode(src, pkg)
+    assert "converted from opset 9 to 21" in res.manifest["notes"][0]
+    base = onnx.load(str(pkg / "base.onnx"), load_external_data=False)
+    assert base.opset_import[0].version == 21
+    assert onnx.TensorProto.INT4 in {t.data_type for t in base.graph.initializer}
+    x = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64)
+    ref = run(model, {"x": x})[0]
+    assert np.max(np.abs(run(load_stage_model(pkg, 0), {"x": x})[0] - ref)) \
+        < 0.25 * np.max(np.abs(ref))
+    assert np.array_equal(run(load_stage_model(pkg), {"x": x})[0], ref)
+    assert p2u_onnx.verify(pkg)["lossless_match"]
+
+    from p2u_onnx import passes
+
+    monkeypatch.setattr(passes, "raise_opset", lambda *a, **k: "converter says no")
+    with pytest.raises(UnsupportedModelError, match=r"opset 9 \(< 10, no DequantizeLinear\) "
+                                                    r"and converter says no"):
+        p2u_onnx.encode(src, tmp_path / "n.p2u")
+    assert not (tmp_path / "n.p2u").exists()
+
+
 @pytest.mark.parametrize("plan", ["2,4,8,lossless", "8,lossless", "3,lossless"])
 def test_other_plans_run_in_onnxruntime(tmp_path, plan):
     src = tmp_path / "m.onnx"
