@@ -57,15 +57,6 @@ def open_stages(package: str | os.PathLike, until: int | None = None) -> WeightS
     return state
 
 
-def _materialize(package: Path, state: WeightState, workdir: Path) -> Path:
-    """Write graph.onnx + weights.bin + base.bin into ``workdir``; returns the model path."""
-    (workdir / "graph.onnx").write_bytes(state.graph_bytes or b"")
-    state.write_weights(workdir / "weights.bin")
-    # a copy, not a hard link: onnx refuses hard-linked external data
-    shutil.copyfile(package / "base.bin", workdir / "base.bin")
-    return workdir / "graph.onnx"
-
-
 def load_stage_model(package: str | os.PathLike, stage: int | None = None) -> onnx.ModelProto:
     """The ONNX model of a stage, all data in memory."""
     package = Path(package)
@@ -77,10 +68,36 @@ def load_stage_model(package: str | os.PathLike, stage: int | None = None) -> on
             if sha256_file(p) != f["sha256"]:
                 raise IntegrityError(f"{p}: sha256 does not match the manifest (altered)")
         return onnx.load(str(package / "base.onnx"), load_external_data=True)
-    state = open_stages(package, stage)
-    with tempfile.TemporaryDirectory() as d:
-        path = _materialize(package, state, Path(d))
-        return onnx.load(str(path), load_external_data=True)
+    return _filled_model(package, open_stages(package, stage))
+
+
+def _filled_model(package: Path, state: WeightState) -> onnx.ModelProto:
+    """The skeleton graph of ``state`` with every external tensor filled in from memory: coded
+    weights from the state, the rest from ``base.bin`` (no weights.bin written and read back)."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    model = onnx.load_model_from_string(state.graph_bytes or b"")
+    coded = {t["weights"][0]: name for name, t in state.tensors.items()}
+    base = np.memmap(package / "base.bin", np.uint8, mode="r") \
+        if (package / "base.bin").stat().st_size else np.zeros(0, np.uint8)
+    for t in _all_tensors(model):
+        if not uses_external_data(t):
+            continue
+        info = ExternalDataInfo(t)
+        off, length = int(info.offset or 0), info.length
+        if info.location == "weights.bin" and off in coded:
+            data = state.weight(coded[off]).tobytes()
+        elif info.location == "base.bin" and length is not None and off + length <= len(base):
+            data = base[off:off + length].tobytes()
+        else:
+            raise FormatError(f"tensor {t.name} of the skeleton graph points at "
+                              f"{info.location}[{off}:+{length}], which the package does not hold")
+        if length is not None and len(data) != int(length):
+            raise FormatError(f"tensor {t.name}: {len(data)} bytes where the graph says {length}")
+        t.raw_data = data
+        del t.external_data[:]
+        t.data_location = onnx.TensorProto.DEFAULT
+    return model
 
 
 def restore(package: str | os.PathLike, output: str | os.PathLike,
@@ -176,10 +193,7 @@ def verify(package: str | os.PathLike) -> dict[str, Any]:
     if last >= 1:
         state = open_stages(package, last)
         if manifest["plan"][-1] == "lossless":
-            with tempfile.TemporaryDirectory() as d:
-                path = _materialize(package, state, Path(d))
-                model = onnx.load(str(path), load_external_data=True)
-            ok = weights_digest(model) == manifest["source"]["weights_sha256"]
+            ok = weights_digest(_filled_model(package, state)) == manifest["source"]["weights_sha256"]
             if not ok:
                 raise IntegrityError(f"{package}: the lossless stage does not reproduce the "
                                      "source weights")

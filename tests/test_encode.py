@@ -372,3 +372,29 @@ def test_consumers_found_in_every_subgraph():
     found = {s.path: [c.node.op_type for c in users.get(id(s.container), {}).get("w", [])]
              for s in iter_slots(model)}
     assert sorted(found.values()) == [["Add"], ["MatMul"]]
+
+
+def test_a_skeleton_pointing_outside_the_package_is_refused(tmp_path):
+    """Restoring fills the skeleton's external tensors from the decoded weights and base.bin; a
+    tensor that points at bytes the package does not hold is named, not read."""
+    from onnx.external_data_helper import uses_external_data
+
+    from p2u_onnx.api import _all_tensors, _filled_model
+    from p2u_onnx.errors import FormatError
+
+    src = tmp_path / "m.onnx"
+    onnx.save(synth.mlp(), str(src))
+    pkg = tmp_path / "m.p2u"
+    p2u_onnx.encode(src, pkg)
+    state = open_stages(pkg)
+    model = _filled_model(pkg, state)
+    assert not any(uses_external_data(t) for t in _all_tensors(model))
+    assert p2u_onnx.verify(pkg)["lossless_match"]
+    skeleton = onnx.load_model_from_string(state.graph_bytes)
+    t = next(t for t in _all_tensors(skeleton) if uses_external_data(t))
+    for e in t.external_data:
+        if e.key == "offset":
+            e.value = str(int(e.value) + 4)
+    state.graph_bytes = skeleton.SerializeToString()
+    with pytest.raises(FormatError, match=f"tensor {t.name} of the skeleton graph points at"):
+        _filled_model(pkg, state)
