@@ -270,9 +270,8 @@ def test_a_model_below_opset_10_is_converted_first(tmp_path, monkeypatch):
     assert onnx.TensorProto.INT4 in {t.data_type for t in base.graph.initializer}
     x = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64)
     ref = run(model, {"x": x})[0]
-    assert np.max(np.abs(run(load_stage_model(pkg, 0), {"x": x})[0] - ref)) \
-        < 0.25 * np.max(np.abs(ref))
-    assert np.array_equal(run(load_stage_model(pkg), {"x": x})[0], ref)
+    errs = [np.max(np.abs(run(load_stage_model(pkg, k), {"x": x})[0] - ref)) for k in range(3)]
+    assert errs[0] < 0.5 * np.max(np.abs(ref)) and errs[0] > errs[1] > errs[2] == 0
     assert p2u_onnx.verify(pkg)["lossless_match"]
 
     from p2u_onnx import passes
