@@ -193,8 +193,8 @@ def verify(package: str | os.PathLike) -> dict[str, Any]:
     if last >= 1:
         state = open_stages(package, last)
         if manifest["plan"][-1] == "lossless":
-            ok = weights_digest(_filled_model(package, state)) == manifest["source"]["weights_sha256"]
-            if not ok:
+            digest = weights_digest(_filled_model(package, state))
+            if digest != manifest["source"]["weights_sha256"]:
                 raise IntegrityError(f"{package}: the lossless stage does not reproduce the "
                                      "source weights")
             result["lossless_match"] = True

@@ -8,9 +8,9 @@ from pathlib import Path
 import click
 
 from ._cliutil import CONTEXT, ProgressBar, _fmt_bytes, _friendly
-from .errors import P2UError
 from .cli_http import fetch as _fetch_command
 from .cli_http import serve as _serve_command
+from .errors import P2UError
 
 
 @click.group(context_settings=CONTEXT)

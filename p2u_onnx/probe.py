@@ -37,7 +37,8 @@ import numpy as np
 
 from .errors import IntegrityError, P2UError, PatchError
 
-__all__ = ["MAX_SAMPLES", "PROBE_NAME", "Probe", "record_probe", "sample", "synthesize_inputs"]
+__all__ = ["MAX_SAMPLES", "PROBE_NAME", "Probe", "check_feed", "record_probe", "sample",
+           "synthesize_inputs"]
 
 PROBE_NAME = "probe.npz"
 MAX_SAMPLES = 4096  # values kept per output and stage
