@@ -236,17 +236,22 @@ def test_tampered_package_is_refused(tmp_path):
     assert not (tmp_path / "r.onnx").exists()
 
 
+def _encode_mlp(tmp_path, opset):
+    """Encode an MLP of ``opset``: the model, the package, its notes and its base graph."""
+    model = synth.mlp(opset=opset)
+    onnx.save(model, str(tmp_path / "m.onnx"))
+    pkg = tmp_path / "m.p2u"
+    res = p2u_onnx.encode(tmp_path / "m.onnx", pkg)
+    base = onnx.load(str(pkg / "base.onnx"), load_external_data=False)
+    return model, pkg, res.manifest.get("notes", []), base
+
+
 def test_opset_fallback_when_conversion_fails(tmp_path, monkeypatch):
     from p2u_onnx import passes
 
     monkeypatch.setattr(passes, "raise_opset", lambda *a, **k: "converter says no")
-    src = tmp_path / "m.onnx"
-    model = synth.mlp(opset=15)
-    onnx.save(model, str(src))
-    pkg = tmp_path / "m.p2u"
-    res = p2u_onnx.encode(src, pkg)
-    assert "converter says no" in res.manifest["notes"][0]
-    base = onnx.load(str(pkg / "base.onnx"), load_external_data=False)
+    model, pkg, notes, base = _encode_mlp(tmp_path, opset=15)
+    assert "converter says no" in notes[0]
     assert base.opset_import[0].version == 15
     assert {t.data_type for t in base.graph.initializer if t.name.endswith("_q")} == {onnx.TensorProto.INT8}
     x = np.ones((2, 64), np.float32)
@@ -259,13 +264,8 @@ def test_opset_fallback_when_conversion_fails(tmp_path, monkeypatch):
 def test_a_model_below_opset_10_is_converted_first(tmp_path, monkeypatch):
     """Opset 9 has no DequantizeLinear: the source is converted before it is coded (it used to
     be refused), and every stage still runs; the lossless stage gives the original outputs."""
-    src = tmp_path / "m.onnx"
-    model = synth.mlp(opset=9)
-    onnx.save(model, str(src))
-    pkg = tmp_path / "m.p2u"
-    res = p2u_onnx.encode(src, pkg)
-    assert "converted from opset 9 to 21" in res.manifest["notes"][0]
-    base = onnx.load(str(pkg / "base.onnx"), load_external_data=False)
+    model, pkg, notes, base = _encode_mlp(tmp_path, opset=9)
+    assert "converted from opset 9 to 21" in notes[0]
     assert base.opset_import[0].version == 21
     assert onnx.TensorProto.INT4 in {t.data_type for t in base.graph.initializer}
     x = np.linspace(-1, 1, 2 * 64, dtype=np.float32).reshape(2, 64)
@@ -279,7 +279,7 @@ def test_a_model_below_opset_10_is_converted_first(tmp_path, monkeypatch):
     monkeypatch.setattr(passes, "raise_opset", lambda *a, **k: "converter says no")
     with pytest.raises(UnsupportedModelError, match=r"opset 9 \(< 10, no DequantizeLinear\) "
                                                     r"and converter says no"):
-        p2u_onnx.encode(src, tmp_path / "n.p2u")
+        p2u_onnx.encode(tmp_path / "m.onnx", tmp_path / "n.p2u")
     assert not (tmp_path / "n.p2u").exists()
 
 
