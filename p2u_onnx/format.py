@@ -322,6 +322,9 @@ def load_manifest(package: str | os.PathLike) -> dict[str, Any]:
         text = path.read_bytes()
     except FileNotFoundError:
         raise FormatError(f"{package}: not a p2u package (no {MANIFEST_NAME})") from None
+    except NotADirectoryError:
+        raise FormatError(f"{package}: not a p2u package (a file; a package is the directory "
+                          f"that holds {MANIFEST_NAME} and the stage files)") from None
     except OSError as e:
         raise FormatError(f"cannot read {path}: {e.strerror or e}") from e
     return parse_manifest(text, str(path))

@@ -45,6 +45,7 @@ def test_encode_inspect_restore_verify(model, tmp_path):
     (["encode", "{model}", "--stages", "8,4"], "must rise"),
     (["encode", "{model}", "--stages", "4,banana"], "bad stage"),
     (["inspect", "{tmp}"], "not a p2u package"),
+    (["inspect", "{junk}"], "not a p2u package (a file; a package is the directory"),
     (["restore", "{tmp}/nope.p2u", "-o", "{tmp}/x.onnx"], "not a p2u package"),
 ])
 def test_errors_are_one_line(model, tmp_path, args, needle):
