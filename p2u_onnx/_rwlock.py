@@ -3,11 +3,22 @@ served first) and :class:`TurnLock` (two kinds of work take turns)."""
 
 from __future__ import annotations
 
+import contextlib
 import threading
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from typing import Any, ContextManager
 
-__all__ = ["RWLock", "TurnLock"]
+__all__ = ["RWLock", "TurnLock", "Pace", "in_turn"]
+
+#: Makes the context manager one step of background work runs in (a live session's
+#: ``_pace``: a decode-job turn of its :class:`TurnLock`).
+Pace = Callable[[], ContextManager[Any]]
+
+
+def in_turn(pace: Pace | None) -> ContextManager[Any]:
+    """``pace()``, or a context manager that does nothing when there is no ``pace``."""
+    return contextlib.nullcontext() if pace is None else pace()
 
 
 class RWLock:

@@ -41,6 +41,14 @@ def _check_file(package: Path, f: dict[str, Any]) -> Path:
     return path
 
 
+def _check_base_digests(package: Path, manifest: dict[str, Any]) -> None:
+    """base.onnx and base.bin are there, with the sizes and sha256 the manifest lists."""
+    for f in manifest["base_model"]["files"]:
+        p = _check_file(package, f)
+        if sha256_file(p) != f["sha256"]:
+            raise IntegrityError(f"{p}: sha256 does not match the manifest (altered)")
+
+
 def open_stages(package: str | os.PathLike, until: int | None = None) -> WeightState:
     """A :class:`WeightState` advanced through stages 1..``until`` of a package directory."""
     package = Path(package)
@@ -63,23 +71,19 @@ def load_stage_model(package: str | os.PathLike, stage: int | None = None) -> on
     manifest = load_manifest(package)
     stage = _stage_index(manifest, stage)
     if stage == 0:
-        for f in manifest["base_model"]["files"]:
-            p = _check_file(package, f)
-            if sha256_file(p) != f["sha256"]:
-                raise IntegrityError(f"{p}: sha256 does not match the manifest (altered)")
+        _check_base_digests(package, manifest)
         return onnx.load(str(package / "base.onnx"), load_external_data=True)
-    return _filled_model(package, open_stages(package, stage))
+    return _filled_model(open_stages(package, stage))
 
 
-def _filled_model(package: Path, state: WeightState) -> onnx.ModelProto:
+def _filled_model(state: WeightState) -> onnx.ModelProto:
     """The skeleton graph of ``state`` with every external tensor filled in from memory: coded
     weights from the state, the rest from ``base.bin`` (no weights.bin written and read back)."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     model = onnx.load_model_from_string(state.graph_bytes or b"")
     coded = {t["weights"][0]: name for name, t in state.tensors.items()}
-    base = np.memmap(package / "base.bin", np.uint8, mode="r") \
-        if (package / "base.bin").stat().st_size else np.zeros(0, np.uint8)
+    base = state.base_bin
     for t in _all_tensors(model):
         if not uses_external_data(t):
             continue
@@ -177,10 +181,7 @@ def verify(package: str | os.PathLike) -> dict[str, Any]:
     """
     package = Path(package)
     manifest = load_manifest(package)
-    for f in manifest["base_model"]["files"]:
-        p = _check_file(package, f)
-        if sha256_file(p) != f["sha256"]:
-            raise IntegrityError(f"{p}: sha256 does not match the manifest (altered)")
+    _check_base_digests(package, manifest)
     try:
         onnx.checker.check_model(str(package / "base.onnx"))
     except Exception as e:
@@ -193,7 +194,7 @@ def verify(package: str | os.PathLike) -> dict[str, Any]:
     if last >= 1:
         state = open_stages(package, last)
         if manifest["plan"][-1] == "lossless":
-            digest = weights_digest(_filled_model(package, state))
+            digest = weights_digest(_filled_model(state))
             if digest != manifest["source"]["weights_sha256"]:
                 raise IntegrityError(f"{package}: the lossless stage does not reproduce the "
                                      "source weights")

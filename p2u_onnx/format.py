@@ -24,17 +24,17 @@ plus the codec that decodes them. Entries must tile the payload exactly (no gaps
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import json
 import mmap
 import os
 import struct
 import tempfile
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from pathlib import Path
-from typing import Any, BinaryIO, ContextManager
+from typing import Any, BinaryIO
 
+from ._rwlock import Pace, in_turn
 from .errors import FormatError, IntegrityError, P2UError
 
 __all__ = [
@@ -65,13 +65,13 @@ def stage_file_name(index: int) -> str:
 
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22,
-                pace: Callable[[], ContextManager[Any]] | None = None) -> str:
+                pace: Pace | None = None) -> str:
     """Hex sha256 of the file at ``path``, read ``chunk`` bytes at a time (each one inside
     ``pace()`` when given: a live session hashes in turns with its inferences)."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
         while True:
-            with contextlib.nullcontext() if pace is None else pace():
+            with in_turn(pace):
                 block = f.read(chunk)
                 if not block:
                     break
@@ -80,12 +80,12 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22,
 
 
 def sha256_bytes(data: bytes | bytearray | memoryview, chunk: int = 1 << 22,
-                 pace: Callable[[], ContextManager[Any]] | None = None) -> str:
+                 pace: Pace | None = None) -> str:
     """Hex sha256 of ``data``, ``chunk`` bytes per ``pace()`` turn (see :func:`sha256_file`)."""
     h = hashlib.sha256()
     view = memoryview(data).cast("B")
     for i in range(0, len(view), chunk):
-        with contextlib.nullcontext() if pace is None else pace():
+        with in_turn(pace):
             h.update(view[i:i + chunk])
     return h.hexdigest()
 

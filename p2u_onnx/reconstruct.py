@@ -15,7 +15,6 @@ sides compute bit-identical weights at every stage.
 from __future__ import annotations
 
 import collections
-import contextlib
 import functools
 import dataclasses
 import hashlib
@@ -25,11 +24,12 @@ import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
 from pathlib import Path
-from typing import Any, ContextManager
+from typing import Any
 
 import numpy as np
 
 from . import quantizers as qz
+from ._rwlock import Pace, in_turn
 from .codecs import IntGroupsCodec, IntPlanesCodec, get_codec
 from .dtypes import (ONNX_INT2, ONNX_INT4, ONNX_INT8, ONNX_UINT2, ONNX_UINT4, ONNX_UINT8,
                      DTypeInfo, dtype_info)
@@ -110,7 +110,7 @@ def base_scale_of(t: dict[str, Any], base_bin) -> tuple[qz.Layout, np.ndarray]:
 
 
 def base_codes_of(t: dict[str, Any], base_bin,
-                  pace: Callable[[], ContextManager[Any]] | None = None
+                  pace: Pace | None = None
                   ) -> tuple[qz.Layout, qz.BaseCodes]:
     """Base codes and scales of tensor-table entry ``t``, in block order. With ``pace``, the
     codes are unpacked slab by slab of rows, each slab inside ``pace()``."""
@@ -121,7 +121,7 @@ def base_codes_of(t: dict[str, Any], base_bin,
     rows = layout.shape[0] if layout.shape else 1
     row_len = layout.size // rows if rows else 0
     if pace is None or layout.mode == "tensor" or not row_len or row_len % per:
-        with contextlib.nullcontext() if pace is None else pace():
+        with in_turn(pace):
             codes = unpack_codes(raw, b["code_type"], layout.size)
             codes = layout.to_blocks(codes.reshape(layout.shape))
     else:
@@ -297,7 +297,7 @@ class WeightState:
     # -- moving to the next stage
 
     def advance(self, stage_file: StageFile, out_path: str | os.PathLike,
-                pace: Callable[[], ContextManager[Any]] | None = None) -> None:
+                pace: Pace | None = None) -> None:
         """Move to the next stage, writing its ``weights.bin`` to ``out_path`` as it decodes.
 
         Run by run of blocks on a thread pool, the current values are read (from
@@ -424,7 +424,7 @@ class WeightState:
     def _run(self, tensors: list[dict[str, Any]], stage_file: StageFile | None,
              plan: dict[str, list[tuple[int, int, dict]]],
              target: int | dict[str, np.ndarray],
-             pace: Callable[[], ContextManager[Any]] | None = None) -> None:
+             pace: Pace | None = None) -> None:
         """Compute the next values of ``tensors`` (their current values where ``plan`` has no
         entries) and store them in ``target``: a file descriptor (tensor order at the manifest
         offsets) or a dict (block-order arrays by name)."""
@@ -437,7 +437,7 @@ class WeightState:
                                      f"be read ({e.strerror or e})") from e
 
         def run(job) -> None:
-            with contextlib.nullcontext() if pace is None else pace():
+            with in_turn(pace):
                 step(job)
 
         def step(job) -> None:
@@ -507,7 +507,7 @@ class _Tensor:
 
     def __init__(self, state: WeightState, t: dict[str, Any], fd: int | None,
                  target: int | dict[str, np.ndarray],
-                 pace: Callable[[], ContextManager[Any]] | None = None):
+                 pace: Pace | None = None):
         self.t, self.name = t, t["name"]
         self.pace = pace
         self.state, self.fd, self.target = state, fd, target
@@ -753,7 +753,7 @@ def _slabs(values: np.ndarray, size: int = _SLAB_BYTES) -> list[tuple[int, slice
 
 
 def _each(pool: Executor | None, fn: Callable[[Any], None], jobs: list,
-          pace: Callable[[], ContextManager[Any]] | None = None) -> None:
+          pace: Pace | None = None) -> None:
     if pace is not None:
         fn = functools.partial(_paced, pace, fn)
     if pool is None or len(jobs) < 2:
@@ -763,14 +763,14 @@ def _each(pool: Executor | None, fn: Callable[[Any], None], jobs: list,
         list(pool.map(fn, jobs))
 
 
-def _paced(pace: Callable[[], ContextManager[Any]], fn: Callable[[Any], None], job) -> None:
+def _paced(pace: Pace, fn: Callable[[Any], None], job) -> None:
     with pace():
         fn(job)
 
 
 def read_into(fd: int, offset: int, out: np.ndarray, where: str = "weights file",
               pool: Executor | None = None,
-              pace: Callable[[], ContextManager[Any]] | None = None) -> None:
+              pace: Pace | None = None) -> None:
     """Fill ``out`` (any strides) with the C-order tensor stored at ``offset`` of ``fd``
     (strided: slab by slab, on ``pool`` if given, each slab inside ``pace()`` if given)."""
     if out.flags.c_contiguous:
@@ -787,7 +787,7 @@ def read_into(fd: int, offset: int, out: np.ndarray, where: str = "weights file"
 
 
 def write_from(fd: int, offset: int, values: np.ndarray, pool: Executor | None = None,
-               pace: Callable[[], ContextManager[Any]] | None = None) -> None:
+               pace: Pace | None = None) -> None:
     """Store ``values`` (any strides) in C order at ``offset`` of ``fd`` (strided: slab by
     slab, on ``pool`` if given, each slab inside ``pace()`` if given)."""
     if values.flags.c_contiguous:

@@ -71,7 +71,7 @@ import onnxruntime as ort
 
 from ._memory import trim_heap
 from ._priority import lowered_priority
-from ._rwlock import RWLock, TurnLock
+from ._rwlock import Pace, RWLock, TurnLock
 from .dtypes import FLOAT_TYPES
 from .errors import FormatError, IntegrityError, P2UError, PatchError
 from .format import (
@@ -146,7 +146,7 @@ def _base_entries(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def open_stage(source: StageInput, manifest: dict[str, Any], expected: int,
-               pace: Callable[[], ContextManager[Any]] | None = None) -> StageFile:
+               pace: Pace | None = None) -> StageFile:
     """Read stage file ``source`` and check it is stage ``expected`` of ``manifest``'s package.
 
     The whole file must match the manifest's sha256. When it does not, the error says why:

@@ -386,7 +386,7 @@ def test_a_skeleton_pointing_outside_the_package_is_refused(tmp_path):
     pkg = tmp_path / "m.p2u"
     p2u_onnx.encode(src, pkg)
     state = open_stages(pkg)
-    model = _filled_model(pkg, state)
+    model = _filled_model(state)
     assert not any(uses_external_data(t) for t in _all_tensors(model))
     assert p2u_onnx.verify(pkg)["lossless_match"]
     skeleton = onnx.load_model_from_string(state.graph_bytes)
@@ -396,4 +396,4 @@ def test_a_skeleton_pointing_outside_the_package_is_refused(tmp_path):
             e.value = str(int(e.value) + 4)
     state.graph_bytes = skeleton.SerializeToString()
     with pytest.raises(FormatError, match=f"tensor {t.name} of the skeleton graph points at"):
-        _filled_model(pkg, state)
+        _filled_model(state)
