@@ -207,8 +207,12 @@ def encode(
     except OSError as e:
         shutil.rmtree(tmp, ignore_errors=True)
         raise P2UError(f"cannot write package {out}: {e.strerror or e}") from e
-    except BaseException:
+    except BaseException as e:
         shutil.rmtree(tmp, ignore_errors=True)
+        if type(e) is P2UError and isinstance(e.__cause__, OSError) and str(tmp) in str(e):
+            # a file that could not be written: name it inside the package, not the
+            # temporary directory that is gone now
+            raise P2UError(str(e).replace(str(tmp), str(out))) from e.__cause__
         raise
     return EncodeResult(out, manifest, time.perf_counter() - t0)
 

@@ -619,15 +619,18 @@ class ProgressiveSession:
             sf = open_stage(stage, self._manifest, k, self._pace)
             cp = self._state.checkpoint()
             try:
-                if k == 1:  # the skeleton graph, once: on disk, not in memory
-                    (self._dir / "graph.onnx").write_bytes(extract_file(sf, "graph.onnx"))
-                    _link_or_copy(self._base_bin, self._dir / "base.bin")
+                if k == 1:
+                    self._write_skeleton(sf)
                 if self._strategy == "inplace" and k > 1:
                     self._patch_buffers(k, sf)
                 else:
                     self._rebuild(k, sf)
             except BaseException as e:
                 self._state.rollback(cp)
+                if isinstance(e, OSError):  # a full disk, a read-only work directory...
+                    where = f" ({e.filename})" if e.filename else f" (in {self._dir})"
+                    raise PatchError(f"stage {k} could not be applied: "
+                                     f"{e.strerror or e}{where}") from e
                 if isinstance(e, Exception) and not isinstance(e, P2UError):
                     raise PatchError(f"stage {k} could not be applied: {e}") from e
                 raise
@@ -636,6 +639,19 @@ class ProgressiveSession:
             if self._on_stage is not None:
                 self._on_stage(k)
             return k
+
+    def _write_skeleton(self, sf: StageFile) -> None:
+        """Stage 1's skeleton graph and a link of the base's data, once: on disk, not in
+        memory. On a failure (a full disk) neither is left behind."""
+        files = [self._dir / "graph.onnx", self._dir / "base.bin"]
+        try:
+            files[0].write_bytes(extract_file(sf, "graph.onnx"))
+            _link_or_copy(self._base_bin, files[1])
+        except OSError as e:
+            for f in files:
+                f.unlink(missing_ok=True)
+            raise P2UError(f"cannot write the skeleton graph and base data into {self._dir}: "
+                           f"{e.strerror or e}") from e
 
     def upgrade(self, until: int | None = None,
                 background: bool = True) -> cf.Future[int] | int:

@@ -324,6 +324,10 @@ class HttpSource:
 
     def _need(self, job: Any) -> Any:
         with self._cond:
+            # A failure from before this request (the prefetch's, while nobody waited for the
+            # job: a full disk since freed, a dropped connection) is not handed out: the
+            # request tries again, resuming what the failed attempt had downloaded.
+            self._errors.pop(job, None)
             while True:
                 self._check_halt(self.url)
                 if job in self._results:

@@ -124,3 +124,38 @@ def test_run_reports_a_failing_inference_in_one_line(model, tmp_path, monkeypatc
     assert r.exit_code == 1 and r.exception is not None and "Traceback" not in r.output
     assert r.output.strip() == "Error: stage 0: the model failed on these inputs: " \
         "[ONNXRuntimeError] : 2 : INVALID_ARGUMENT : index out of range"
+
+
+@pytest.mark.skipif(sys.platform == "win32", reason="RLIMIT_FSIZE is POSIX")
+@pytest.mark.parametrize("command", ["encode", "restore"])
+def test_a_full_disk_is_one_line_and_leaves_nothing(command, tmp_path):
+    """Writes past 150 kB fail (RLIMIT_FSIZE: the way a full disk fails a write, without
+    needing a small file system): the digits model's 300 kB lossless stage and restored model
+    cannot be written. One line naming the file, exit 1, nothing left in the output
+    directory."""
+    import resource
+    import signal
+    from pathlib import Path
+
+    digits = Path(__file__).resolve().parents[1] / "models" / "digits_cnn.onnx"
+    pkg, out = tmp_path / "d.p2u", tmp_path / "out"
+    out.mkdir()
+    if command == "restore":
+        assert invoke("encode", digits, "-o", pkg, "-q").exit_code == 0
+        target = out / "d.onnx"
+        args = ["restore", pkg, "-o", target]
+    else:
+        target = out / "d.p2u"
+        args = ["encode", digits, "-o", target, "-q", "--fixed-bits", "--no-probe"]
+
+    def small_disk():
+        signal.signal(signal.SIGXFSZ, signal.SIG_IGN)  # EFBIG instead of a kill
+        resource.setrlimit(resource.RLIMIT_FSIZE, (150_000, 150_000))
+
+    r = subprocess.run([sys.executable, "-m", "p2u_onnx.cli", *map(str, args)],
+                       capture_output=True, text=True, timeout=120, preexec_fn=small_disk)
+    assert r.returncode == 1, r.stderr
+    lines = r.stderr.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in r.stderr, r.stderr
+    assert lines[0].startswith(f"Error: cannot write {target}") and "too large" in lines[0]
+    assert list(out.iterdir()) == []

@@ -350,6 +350,30 @@ def test_cancel_then_resume(site, proxy, tmp_path, weights):
     assert_bit_exact(out, weights)
 
 
+def test_a_failed_prefetch_is_tried_again_when_needed(proxy, pkg, tmp_path):
+    """The background download of stage 2 fails on a local write (a full disk, at ~250 kB
+    in): nobody waited for it, so the later request for stage 2 is not handed that old error
+    but resumes the file with Range."""
+    import errno
+
+    failed = threading.Event()
+
+    def progress(done: int, total: int) -> None:
+        if done > 250_000 and not failed.is_set():
+            failed.set()
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with HttpSource(proxy.url + "digits.p2u/", tmp_path / "c", retry=FAST,
+                    progress=progress) as src:
+        src._worker.join(10)
+        assert failed.is_set() and not src._worker.is_alive()
+        part = (tmp_path / "c" / "stage-2.p2u.part").stat().st_size
+        assert part > 0
+        path = src.fetch(2)
+    assert [r[2] for r in proxy.requests("stage-2.p2u")] == [None, f"bytes={part}-"]
+    assert sha256_file(path) == sha256_file(pkg / "stage-2.p2u")
+
+
 def test_resume_of_a_changed_file_starts_over(site, tmp_path):
     """If-Range: a part whose file changed on the server (new ETag) is fetched whole."""
     root = tmp_path / "site"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import copy
 import itertools
+import os
 import shutil
 import subprocess
 import sys
@@ -248,6 +249,55 @@ def test_bad_stage_file_is_refused(kind, strategy, mlp_pkg, foreign_pkg, mlp_fee
         np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs[strategy][1])
         assert s.apply(mlp_pkg / "stage-2.p2u") == 2  # the good file still applies
         np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs[strategy][2])
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_a_full_disk_keeps_the_last_good_stage(strategy, mlp_pkg, mlp_feed, mlp_refs,
+                                               tmp_path, monkeypatch):
+    """Writing stage 2's weights fails as on a full disk: the error says so, the session keeps
+    answering from stage 1, nothing half-written stays, and stage 2 applies once there is
+    room again."""
+    import errno
+
+    pwrite = reconstruct._pwrite
+    calls = itertools.count()
+
+    def full(fd, buf, offset):
+        if next(calls) == 1:  # the first write lands, the next one finds the disk full
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        pwrite(fd, buf, offset)
+
+    work = tmp_path / "work"
+    with ProgressiveSession(mlp_pkg, strategy=strategy, workdir=work) as s:
+        s.apply(mlp_pkg / "stage-1.p2u")
+        before = sorted(p.relative_to(work) for p in work.rglob("*"))
+        with monkeypatch.context() as m:
+            m.setattr(reconstruct, "_pwrite", full)
+            with pytest.raises(P2UError, match="cannot write .*No space left on device"):
+                s.apply(mlp_pkg / "stage-2.p2u")
+        assert s.stage == 1
+        assert sorted(p.relative_to(work) for p in work.rglob("*")) == before
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs[strategy][1])
+        s.upgrade(background=False)
+        assert s.stage == s.stages - 1
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs[strategy][-1])
+
+
+def test_a_full_disk_at_stage_1_leaves_no_skeleton(mlp_pkg, mlp_feed, mlp_refs, monkeypatch):
+    import errno
+
+    def full(src, dst):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    with ProgressiveSession(mlp_pkg) as s:
+        with monkeypatch.context() as m:
+            m.setattr(runtime, "_link_or_copy", full)
+            with pytest.raises(P2UError, match="skeleton graph .*No space left on device"):
+                s.apply(mlp_pkg / "stage-1.p2u")
+        assert s.stage == 0 and list(s._dir.iterdir()) == []
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs["swap"][0])
+        s.upgrade(background=False)
+        np.testing.assert_array_equal(s.run(None, mlp_feed)[0], mlp_refs["swap"][-1])
 
 
 def test_tampered_base_is_refused(mlp_pkg, tmp_path):
