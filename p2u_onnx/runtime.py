@@ -274,6 +274,28 @@ class BytesSource:
 # ---------------------------------------------------------------- weights on disk and in memory
 
 
+_TRUNCATE_STEP = 4 << 20
+
+
+def _remove_gradually(path: Path) -> None:
+    """Remove a weights file of this session, giving its page cache back 4 MB at a time.
+
+    Unlinking a 400 MB file frees about 100k cached pages in one system call, kernel work that
+    slowed a 20 ms run to 95 ms. Short truncations let the scheduler run inferences between
+    them; they are not taken in turns, since one may wait for the file system's journal (up to
+    0.1 s measured) and a turn would make runs wait too. Best effort, like any cleanup.
+    """
+    try:
+        st = os.stat(path)
+        size = st.st_size if st.st_nlink == 1 else 0  # never shorten a file linked elsewhere
+        while size > _TRUNCATE_STEP:
+            size -= _TRUNCATE_STEP
+            os.truncate(path, size)
+        os.unlink(path)
+    except OSError:
+        pass
+
+
 def _link_or_copy(src: Path, dst: Path) -> None:
     if dst.exists():
         dst.unlink()
@@ -783,6 +805,7 @@ class ProgressiveSession:
         with lowered_priority():  # freeing a session's memory and files: background work
             _release(old)
             if old.directory is not None:
+                _remove_gradually(old.directory / "weights.bin")
                 shutil.rmtree(old.directory, ignore_errors=True)
 
     def _patch_buffers(self, k: int, sf: StageFile) -> None:
@@ -809,4 +832,5 @@ class ProgressiveSession:
         except BaseException:
             new.unlink(missing_ok=True)
             raise
-        old.unlink(missing_ok=True)
+        with lowered_priority():
+            _remove_gradually(old)

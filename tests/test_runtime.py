@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import copy
 import itertools
 import os
@@ -613,6 +614,35 @@ def test_advance_is_atomic(how, tmp_path):
     with pytest.raises(ValueError, match="current weights file"):
         state.advance(s3, tmp_path / "w2.bin")
     assert state.checkpoint() == cp
+
+
+def test_paced_buffers_are_zeroed_in_turns():
+    """A buffer a live session fills in turns is faulted in, slab by slab, each in a turn."""
+    turns = []
+
+    @contextlib.contextmanager
+    def pace():
+        turns.append(1)
+        yield
+
+    out = reconstruct._zeros((3 << 20, 1), np.float32, None, pace)
+    assert out.shape == (3 << 20, 1) and not out.any()
+    assert len(turns) == 12  # 12 MB, 1 MB a turn
+
+
+def test_weights_files_are_removed_gradually_but_never_through_a_link(tmp_path, monkeypatch):
+    own, shared, link = tmp_path / "own.bin", tmp_path / "shared.bin", tmp_path / "link.bin"
+    own.write_bytes(b"\1" * (9 << 20))
+    shared.write_bytes(b"\2" * (9 << 20))
+    os.link(shared, link)
+    sizes = []
+    truncate = os.truncate
+    monkeypatch.setattr(os, "truncate", lambda p, n: (sizes.append(n), truncate(p, n)))
+    runtime._remove_gradually(own)
+    runtime._remove_gradually(link)
+    assert not own.exists() and not link.exists()
+    assert sizes == [5 << 20, 1 << 20]  # the own file shrank 4 MB at a time; the link did not
+    assert shared.read_bytes() == b"\2" * (9 << 20)
 
 
 def test_advance_memory_does_not_grow_with_the_model(tmp_path, monkeypatch):
