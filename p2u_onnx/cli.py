@@ -188,6 +188,10 @@ def run(package, inputs, stage, strategy) -> None:
     with ProgressiveSession(str(package)) as sess:
         from .probe import check_feed, synthesize_inputs
 
+        if stage is not None and not 0 <= stage < sess.stages:
+            raise click.BadParameter(f"stage {stage} does not exist: {package} has stages "
+                                     f"0..{sess.stages - 1}", param_hint="--stage")
+
         if feed:
             check_feed(sess.get_inputs(), feed)
         else:
@@ -213,7 +217,7 @@ def run(package, inputs, stage, strategy) -> None:
                     click.echo(f"  {name}: shape {list(a.shape)} {a.reshape(-1)[:8]}")
 
         report(0)
-        last = sess.stages - 1 if stage is None else min(stage, sess.stages - 1)
+        last = sess.stages - 1 if stage is None else stage
         for k in range(1, last + 1):
             sess.upgrade(until=k, background=False)
             report(k)

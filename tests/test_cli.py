@@ -89,6 +89,10 @@ def test_run_prints_every_stage(model, tmp_path):
         ["stage 0", "stage 1", "stage 2"]
     r = invoke("run", pkg, "--stage", 1)
     assert "stage 1 active" in r.output and "stage 2" not in r.output
+    for bad in (3, -1):
+        r = invoke("run", pkg, "--stage", bad)
+        assert r.exit_code == 2 and f"stage {bad} does not exist" in r.output
+        assert "has stages 0..2" in r.output and "active" not in r.output
 
 
 @pytest.mark.parametrize("array,name,needle", [
