@@ -60,6 +60,7 @@ import shutil
 import sys
 import tempfile
 import threading
+import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -557,6 +558,7 @@ class ProgressiveSession:
         self._apply_lock = threading.RLock()
         self._executor: cf.ThreadPoolExecutor | None = None
         self._closing = self._closed = False
+        self._started = 0  # run() calls that entered a session so far
         self._turns = TurnLock()  # inferences (0) and decode jobs (1) take turns: _pace
         if workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="p2u-"))
@@ -738,6 +740,8 @@ class ProgressiveSession:
                 raise P2UError("the session is closed")
             live = self._live
             live.users += 1
+            self._started += 1
+            self._cond.notify_all()
             return live
 
     def _leave(self, live: _Live) -> None:
@@ -802,9 +806,17 @@ class ProgressiveSession:
             old, self._live = self._live, new
             while old.users:
                 self._cond.wait()
-        # At normal priority: the release holds the GIL (onnxruntime's destructor), so every run
-        # waits for it, and at nice 10 it took 70-85 ms instead of 33-46 (100M model, beside a
-        # run loop) while onnxruntime's spinning threads kept the CPU.
+        # The release holds the GIL (onnxruntime's destructor) for 33-46 ms on a 100M model, so
+        # runs wait for it: started at random, it can hold up both the start of a run and the
+        # end of the one before. Started just after a run entered onnxruntime (which releases
+        # the GIL while it computes), it overlaps that run. Without traffic it starts after
+        # 50 ms. At normal priority: at nice 10 it took 70-85 ms, a priority inversion against
+        # onnxruntime's spinning threads.
+        with self._cond:
+            started = self._started
+            a_run_began = self._cond.wait_for(lambda: self._started != started, 0.05)
+        if a_run_began:
+            time.sleep(0.001)  # lets that run take the GIL and get into onnxruntime
         _release(old)
         with lowered_priority():  # removing its files: background work
             if old.directory is not None:
