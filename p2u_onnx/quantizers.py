@@ -180,7 +180,8 @@ def quantize_base(
     """
     if not 2 <= bits <= 8:
         raise ValueError(f"bits must be 2..8, got {bits}")
-    x = np.asarray(blocks, np.float32)
+    with np.errstate(over="ignore"):  # fp64 values past float32's range: treated as +-Inf
+        x = np.asarray(blocks, np.float32)
     finite = np.isfinite(x)
     xf = x if finite.all() else np.where(finite, x, np.float32(0))
     del finite
