@@ -13,7 +13,7 @@ import onnx
 
 from .encoder import weights_digest
 from .errors import FormatError, IntegrityError, P2UError
-from .format import AtomicFile, load_manifest, read_stage, sha256_file, stage_file_name
+from .format import AtomicFile, check_file_entry, load_manifest, read_stage, stage_file_name
 from .reconstruct import WeightState
 
 __all__ = ["restore", "inspect", "verify", "open_stages"]
@@ -31,22 +31,13 @@ def _stage_index(manifest: dict[str, Any], stage: int | None) -> int:
 
 
 def _check_file(package: Path, f: dict[str, Any]) -> Path:
-    path = package / f["path"]
-    if not path.is_file():
-        raise IntegrityError(f"{path}: missing from the package")
-    size = path.stat().st_size
-    if size != f["size"]:
-        raise IntegrityError(f"{path}: {size} bytes, the manifest says {f['size']} (truncated "
-                             "or altered)")
-    return path
+    return check_file_entry(package / f["path"], f, digest=False)
 
 
 def _check_base_digests(package: Path, manifest: dict[str, Any]) -> None:
     """base.onnx and base.bin are there, with the sizes and sha256 the manifest lists."""
     for f in manifest["base_model"]["files"]:
-        p = _check_file(package, f)
-        if sha256_file(p) != f["sha256"]:
-            raise IntegrityError(f"{p}: sha256 does not match the manifest (altered)")
+        check_file_entry(package / f["path"], f)
 
 
 def open_stages(package: str | os.PathLike, until: int | None = None) -> WeightState:

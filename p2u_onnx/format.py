@@ -46,6 +46,7 @@ __all__ = [
     "load_manifest",
     "save_manifest",
     "stage_file_name",
+    "check_file_entry",
     "sha256_bytes",
     "sha256_file",
     "atomic_write_bytes",
@@ -77,6 +78,22 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22,
                     break
                 h.update(block)
     return h.hexdigest()
+
+
+def check_file_entry(path: str | os.PathLike, entry: dict[str, Any], *,
+                     digest: bool = True) -> Path:
+    """Check that ``path`` is there with the size and (with ``digest``) the sha256 that its
+    manifest entry ``entry`` lists; returns it as a :class:`~pathlib.Path`."""
+    path = Path(path)
+    if not path.is_file():
+        raise IntegrityError(f"{path}: missing from the package")
+    size = path.stat().st_size
+    if size != entry["size"]:
+        raise IntegrityError(f"{path}: {size} bytes, the manifest says {entry['size']} "
+                             "(truncated or altered)")
+    if digest and sha256_file(path) != entry["sha256"]:
+        raise IntegrityError(f"{path}: sha256 does not match the manifest (altered)")
+    return path
 
 
 def sha256_bytes(data: bytes | bytearray | memoryview, chunk: int = 1 << 22,

@@ -78,6 +78,7 @@ from .errors import FormatError, IntegrityError, P2UError, PatchError
 from .format import (
     StageFile,
     atomic_write_bytes,
+    check_file_entry,
     load_manifest,
     parse_manifest,
     read_stage,
@@ -133,15 +134,6 @@ class StageSource(Protocol):
         ...
 
 
-def _check_digest(path: Path, f: dict[str, Any]) -> None:
-    size = path.stat().st_size
-    if size != f["size"]:
-        raise IntegrityError(f"{path}: {size} bytes, the manifest says {f['size']} (truncated "
-                             "or altered)")
-    if sha256_file(path) != f["sha256"]:
-        raise IntegrityError(f"{path}: sha256 does not match the manifest (altered)")
-
-
 def _base_entries(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
     return {Path(f["path"]).name: f for f in manifest["base_model"]["files"]}
 
@@ -195,7 +187,7 @@ def extract_base(stage0: StageInput, manifest: dict[str, Any], workdir: Path) ->
     paths = tuple(d / n for n in _BASE_FILES)
     try:
         for p in paths:
-            _check_digest(p, entries[p.name])
+            check_file_entry(p, entries[p.name])
         return paths  # type: ignore[return-value]
     except (OSError, IntegrityError):
         pass
@@ -220,7 +212,7 @@ class DirectorySource:
         paths = tuple(self.path / n for n in _BASE_FILES)
         if all(p.is_file() for p in paths):
             for p in paths:
-                _check_digest(p, entries[p.name])
+                check_file_entry(p, entries[p.name])
             return paths  # type: ignore[return-value]
         return extract_base(self.fetch(0), self.manifest, workdir)
 
