@@ -67,15 +67,13 @@ def stage_file_name(index: int) -> str:
 
 def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22,
                 pace: Pace | None = None) -> str:
-    """Hex sha256 of the file at ``path``, read ``chunk`` bytes at a time (each one inside
-    ``pace()`` when given: a live session hashes in turns with its inferences)."""
+    """Hex sha256 of the file at ``path``, read ``chunk`` bytes at a time. With ``pace`` (a live
+    session hashing in turns with its inferences) each chunk is hashed inside ``pace()`` and read
+    outside it, so that a read waiting for the disk never holds up a turn."""
     h = hashlib.sha256()
     with open(path, "rb") as f:
-        while True:
+        while block := f.read(chunk):
             with in_turn(pace):
-                block = f.read(chunk)
-                if not block:
-                    break
                 h.update(block)
     return h.hexdigest()
 

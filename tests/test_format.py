@@ -2,10 +2,12 @@
 
 import contextlib
 import hashlib
+import io
 import os
 
 import pytest
 
+from p2u_onnx import format as p2u_format
 from p2u_onnx.errors import FormatError, IntegrityError
 from p2u_onnx.format import StageWriter, read_stage, sha256_bytes, sha256_file
 
@@ -86,22 +88,33 @@ def test_format_1_fixture_still_decodes(tmp_path):
     assert p2u_onnx.verify(fx / "mlp.p2u")["lossless_match"]
 
 
-def test_sha256_in_turns(tmp_path):
-    """Hashing in turns (a live session's stage check) enters ``pace()`` once per chunk and gives
-    hashlib's digest, for files and for bytes."""
+def test_sha256_in_turns(tmp_path, monkeypatch):
+    """Hashing in turns (a live session's stage check) enters ``pace()`` once per chunk, reads
+    the file only between turns, and gives hashlib's digest, for files and for bytes."""
     data = os.urandom(10_000)
     p = tmp_path / "f.bin"
     p.write_bytes(data)
     turns = []
+    in_turn = [False]
 
     @contextlib.contextmanager
     def pace():
         turns.append(1)
+        in_turn[0] = True
         yield
+        in_turn[0] = False
 
+    class Watched(io.FileIO):
+        def read(self, *args):
+            assert not in_turn[0], "a file read inside a turn"
+            return super().read(*args)
+
+    monkeypatch.setattr(p2u_format, "open", lambda path, mode: Watched(path, mode),
+                        raising=False)
     want = hashlib.sha256(data).hexdigest()
     assert sha256_file(p, chunk=4096, pace=pace) == want
-    assert len(turns) == 4  # three chunks, then the read that finds the end
+    assert len(turns) == 3  # one per chunk
+    monkeypatch.undo()
     turns.clear()
     assert sha256_bytes(data, chunk=4096, pace=pace) == want and len(turns) == 3
     assert sha256_bytes(b"") == hashlib.sha256(b"").hexdigest()
