@@ -1,10 +1,19 @@
-"""Give memory that numpy, zstandard or onnxruntime freed back to the system."""
+"""Give memory that numpy, zstandard or onnxruntime freed back to the system, and back an
+onnxruntime session's weights with huge pages so that dropping it is quick."""
 
 from __future__ import annotations
 
 import ctypes
 import functools
-from collections.abc import Callable
+import sys
+from collections.abc import Callable, Iterable
+
+from ._rwlock import Pace, in_turn
+
+HUGE = 2 << 20  # a transparent huge page on x86-64 and arm64 (4 KB base pages)
+_COLLAPSE_STEP = 2 * HUGE  # per madvise call, each in its turn: about 3 ms of copying
+_MADV_COLLAPSE = 25  # Linux 6.1+
+_EINVAL = 22
 
 
 @functools.cache
@@ -26,3 +35,72 @@ def trim_heap() -> None:
     trim = _malloc_trim()
     if trim is not None:
         trim(0)
+
+
+@functools.cache
+def _libc() -> ctypes.CDLL | None:
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
+        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
+        return libc
+    except (OSError, AttributeError):
+        return None
+
+
+def anonymous_regions() -> set[tuple[int, int]]:
+    """Address ranges ``(start, end)`` of this process's private anonymous read-write mappings
+    that can hold a huge page (Linux; empty elsewhere)."""
+    if _libc() is None:
+        return set()
+    regions = set()
+    try:
+        with open("/proc/self/maps") as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) == 5 and fields[1] == "rw-p" and fields[4] == "0":
+                    start, end = (int(x, 16) for x in fields[0].split("-"))
+                    if end - start >= HUGE:
+                        regions.add((start, end))
+    except OSError:
+        return set()
+    return regions
+
+
+_collapse_works = [True]
+
+
+def collapse_to_huge_pages(regions: Iterable[tuple[int, int]], pace: Pace | None = None) -> int:
+    """Back the fully resident parts of ``regions`` with transparent huge pages
+    (``MADV_COLLAPSE``, Linux 6.1+); returns the bytes collapsed. Each call copies at most
+    4 MB, inside ``pace()`` when given.
+
+    Only the contents' backing changes, never their values, so this is safe on memory that
+    others use. What it is for: onnxruntime frees a dropped session's weights in its destructor,
+    which holds the GIL; on 4 KB pages, unmapping the 384 MB of prepacked weights of a 100M
+    model took 32-41 ms, on huge pages 2-3 ms (and inferences ran 0-10% faster). Ranges with
+    a page not yet touched are left alone: collapsing them would make them resident. Best
+    effort: a kernel or configuration without the call makes this a no-op.
+    """
+    libc = _libc()
+    done = 0
+    if libc is None or not _collapse_works[0]:
+        return 0
+    present = ctypes.create_string_buffer(_COLLAPSE_STEP // 4096)
+    for start, end in sorted(regions):
+        a = -(-start // HUGE) * HUGE
+        while a + HUGE <= end:
+            n = min(_COLLAPSE_STEP, (end - a) // HUGE * HUGE)
+            with in_turn(pace):
+                if libc.mincore(a, n, present) != 0 or \
+                        any(b & 1 == 0 for b in present.raw[:n // 4096]):
+                    pass  # not all resident (or gone meanwhile): leave it
+                elif libc.madvise(a, n, _MADV_COLLAPSE) == 0:
+                    done += n
+                elif ctypes.get_errno() == _EINVAL:  # not supported here
+                    _collapse_works[0] = False
+                    return done
+            a += n
+    return done

@@ -297,7 +297,8 @@ class WeightState:
     # -- moving to the next stage
 
     def advance(self, stage_file: StageFile, out_path: str | os.PathLike,
-                pace: Pace | None = None) -> None:
+                pace: Pace | None = None,
+                written: Callable[[int, int, int], None] | None = None) -> None:
         """Move to the next stage, writing its ``weights.bin`` to ``out_path`` as it decodes.
 
         Run by run of blocks on a thread pool, the current values are read (from
@@ -310,6 +311,8 @@ class WeightState:
         ``pace``, when given, makes a context manager that each run of blocks is decoded in
         (``with pace(): ...``): a live session's takes turns with its inferences, so that
         decoding takes the cores between them instead of slowing them down.
+        ``written(fd, offset, length)``, when given, is called as each tensor's bytes are all in
+        the file (``fd`` is only valid during the call).
         """
         plan = self._check_stage(stage_file)
         out = Path(out_path)
@@ -320,7 +323,7 @@ class WeightState:
             fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
             try:
                 os.ftruncate(fd, weights_size(self.manifest))
-                self._run(self.manifest["tensors"], stage_file, plan, fd, pace)
+                self._run(self.manifest["tensors"], stage_file, plan, fd, pace, written)
             finally:
                 os.close(fd)
             os.replace(tmp, out)
@@ -424,10 +427,12 @@ class WeightState:
     def _run(self, tensors: list[dict[str, Any]], stage_file: StageFile | None,
              plan: dict[str, list[tuple[int, int, dict]]],
              target: int | dict[str, np.ndarray],
-             pace: Pace | None = None) -> None:
+             pace: Pace | None = None,
+             written: Callable[[int, int, int], None] | None = None) -> None:
         """Compute the next values of ``tensors`` (their current values where ``plan`` has no
         entries) and store them in ``target``: a file descriptor (tensor order at the manifest
-        offsets) or a dict (block-order arrays by name)."""
+        offsets; ``written`` is told of each tensor there, see :meth:`advance`) or a dict
+        (block-order arrays by name)."""
         fd = None
         if self._file is not None:
             try:
@@ -463,6 +468,8 @@ class WeightState:
                 f.result()
             for x in batch:
                 x.finish(pool if x.held > BATCH_BYTES else None)  # alone: use the pool
+                if written is not None and isinstance(target, int):
+                    written(target, *x.t["weights"])
             held -= size
 
         try:

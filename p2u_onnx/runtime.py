@@ -70,9 +70,10 @@ from typing import Any, ContextManager, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from ._memory import trim_heap
+from ._memory import anonymous_regions, collapse_to_huge_pages, trim_heap
 from ._priority import lowered_priority
 from ._rwlock import Pace, RWLock, TurnLock
+from ._writeback import Writeback
 from .dtypes import FLOAT_TYPES
 from .errors import FormatError, IntegrityError, P2UError, PatchError
 from .format import (
@@ -552,6 +553,7 @@ class ProgressiveSession:
         self._closing = self._closed = False
         self._started = 0  # run() calls that entered a session so far
         self._turns = TurnLock()  # inferences (0) and decode jobs (1) take turns: _pace
+        self._writeback = Writeback()  # work files go to disk as they are decoded
         if workdir is None:
             self._workdir = Path(tempfile.mkdtemp(prefix="p2u-"))
             self._dir = self._workdir
@@ -702,6 +704,7 @@ class ProgressiveSession:
             with self._cond:
                 self._closed = True
             _release(self._live)
+        self._writeback.close()
         self._cleanup()
         self._close_owned()
 
@@ -768,7 +771,7 @@ class ProgressiveSession:
         try:
             _link_or_copy(self._dir / "graph.onnx", d / "graph.onnx")
             _link_or_copy(self._dir / "base.bin", d / "base.bin")
-            self._state.advance(sf, weights, self._pace)
+            self._state.advance(sf, weights, self._pace, self._writeback.add)
             _trim_heap()  # before onnxruntime allocates the new session
             if self._strategy == "inplace":
                 options = _inplace_options(self._options)
@@ -780,10 +783,14 @@ class ProgressiveSession:
                     options.add_initializer(t["tensor"], live.values[-1])
             else:
                 options = self._options
-            with lowered_priority():  # long calls that cannot take turns with runs
+            before = anonymous_regions()
+            with lowered_priority():  # a long call that cannot take turns with runs
                 live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
                                                     providers=self._providers)
-                if self._probe is not None:
+            # huge pages under what the build allocated: its release will be quick
+            collapse_to_huge_pages(anonymous_regions() - before, self._pace)
+            if self._probe is not None:
+                with lowered_priority():
                     self._probe.check(live.session.run, k)
         except BaseException:
             _release(live)
@@ -824,7 +831,7 @@ class ProgressiveSession:
         old = self._state.weights_file
         new = self._dir / f"weights-{k}.bin"
         assert old is not None and old != new
-        self._state.advance(sf, new, self._pace)
+        self._state.advance(sf, new, self._pace, self._writeback.add)
         _trim_heap()  # decoding's temporaries, before the probe runs
         try:
             with self._rw.write():

@@ -321,8 +321,8 @@ def test_stale_swap_is_caught_and_rolled_back(mlp_pkg, mlp_feed, mlp_refs, monke
         stale = s._live.directory / "weights.bin"
         advance = s._state.advance
 
-        def stale_advance(sf, path, pace=None):  # stage 2 decodes, stage-1 weights land
-            advance(sf, path, pace)
+        def stale_advance(sf, path, pace=None, written=None):  # stage-1 weights land
+            advance(sf, path, pace, written)
             shutil.copyfile(stale, path)
 
         with monkeypatch.context() as m:
@@ -547,7 +547,8 @@ def wide_conv() -> onnx.ModelProto:
                                    "tensor", "wide-conv-asymmetric"])
 def test_advance_writes_what_apply_holds(which, tmp_path):
     """Streaming through files gives the same bits as decoding in memory, at every stage, for
-    runs of blocks read in place (contiguous layouts) and tensors assembled in memory."""
+    runs of blocks read in place (contiguous layouts) and tensors assembled in memory; each
+    tensor is reported written once, when its bytes in the file are final."""
     model = {"odd-asymmetric": odd_model, "odd": odd_model, "bf16": synth.bf16_mlp,
              "fp16": lambda: synth.mlp(np.float16), "edge": synth.edge_model,
              "channel": mlp, "tensor": mlp, "wide-conv-asymmetric": wide_conv}[which]()
@@ -561,11 +562,18 @@ def test_advance_writes_what_apply_holds(which, tmp_path):
     streamed = WeightState(manifest, pkg / "base.bin")
     for k, sf in enumerate(_stages(pkg), start=1):
         memory.apply(sf)
-        streamed.advance(sf, tmp_path / f"w{k}.bin")
+        reported = []
+        streamed.advance(sf, tmp_path / f"w{k}.bin",
+                         written=lambda fd, off, n: reported.append(
+                             (off, n, os.pread(fd, n, off))))
         memory.write_weights(tmp_path / f"m{k}.bin")
         assert streamed.stage == k and streamed.weights_file == tmp_path / f"w{k}.bin"
         assert not streamed._blocks  # holds no weights
-        assert (tmp_path / f"w{k}.bin").read_bytes() == (tmp_path / f"m{k}.bin").read_bytes()
+        data = (tmp_path / f"w{k}.bin").read_bytes()
+        assert data == (tmp_path / f"m{k}.bin").read_bytes()
+        assert sorted(r[:2] for r in reported) == \
+            sorted(tuple(t["weights"]) for t in manifest["tensors"])
+        assert all(got == data[off:off + n] for off, n, got in reported)
         for t in manifest["tensors"]:
             np.testing.assert_array_equal(streamed.weight(t["name"]), memory.weight(t["name"]))
     assert p2u_onnx.verify(pkg)["lossless_match"]
