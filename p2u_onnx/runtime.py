@@ -356,6 +356,12 @@ class _MappedWeights:
         if addr in (None, ctypes.c_void_p(-1).value) or (at is not None and addr != at):
             err = ctypes.get_errno()
             raise OSError(err, f"cannot map {path}: {os.strerror(err)}")
+        # Map the file's 2 MB folios (see reconstruct._prefill) whole, one fault each: the
+        # first run after a switch (the probe, runs waiting) took 39 ms on the 100M model with
+        # 4 KB mappings, 22 ms with these. Pages are mapped in 2 MB units, so a sparsely read
+        # tensor (an embedding table) is mapped whole: file pages, which the kernel can drop.
+        # Linux with transparent huge pages; a no-op elsewhere.
+        libc.madvise(addr, self.size, _MADV_HUGEPAGE)
         return addr
 
     def switch(self, path: Path) -> None:
@@ -369,6 +375,7 @@ class _MappedWeights:
 
 
 _MAP_FIXED = 0x10  # Linux, macOS and the BSDs
+_MADV_HUGEPAGE = 14 if sys.platform.startswith("linux") else -1  # -1: no such advice
 
 
 @functools.cache
@@ -378,6 +385,7 @@ def _libc() -> Any:
     libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
                           ctypes.c_int, ctypes.c_int64]
     libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
+    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
     return libc
 
 
@@ -790,8 +798,12 @@ class ProgressiveSession:
             # huge pages under what the build allocated: its release will be quick
             collapse_to_huge_pages(anonymous_regions() - before, self._pace)
             if self._probe is not None:
-                with lowered_priority():
-                    self._probe.check(live.session.run, k)
+                # At normal priority: at a lowered one its thread was descheduled while holding
+                # the GIL between onnxruntime calls, and a run waited 23 ms for the GIL (MiniLM,
+                # stage-0 runs +52-55 ms). Not in a turn: a new session's first run is slow
+                # (its allocations), and the 100M model's 5 ms stage-0 runs waiting for it
+                # came out +60-66 ms.
+                self._probe.check(live.session.run, k)
         except BaseException:
             _release(live)
             shutil.rmtree(d, ignore_errors=True)
