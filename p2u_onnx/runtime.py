@@ -39,7 +39,8 @@ Memory: decoding streams from the current stage's ``weights.bin`` to the next on
 (:meth:`~p2u_onnx.reconstruct.WeightState.advance`), so beyond what onnxruntime holds (and the
 inplace weights) the runtime keeps at most about one tensor of decoded weights during an upgrade
 and none between upgrades. The work dir holds one weights file per live stage (two during an
-upgrade).
+upgrade); a background thread writes each one back to disk as it is decoded, a few MB at a time
+(:mod:`p2u_onnx._writeback`), instead of the kernel's burst 30 s later.
 
 The work dir holds ``base/`` (the base unpacked from ``stage-0.p2u`` when the package has no
 usable ``base.onnx``; kept as a cache in a caller's work dir) and one ``session-*`` directory per
@@ -817,9 +818,10 @@ class ProgressiveSession:
             old, self._live = self._live, new
             while old.users:
                 self._cond.wait()
-        # The release holds the GIL (onnxruntime's destructor) for 33-46 ms on a 100M model, so
-        # runs wait for it: started at random, it can hold up both the start of a run and the
-        # end of the one before. Started just after a run entered onnxruntime (which releases
+        # The release holds the GIL (onnxruntime's destructor): 2-3 ms on a 100M model whose
+        # memory was collapsed into huge pages (_rebuild), 33-46 ms on 4 KB pages (kernels
+        # without MADV_COLLAPSE). Runs wait for it: started at random, it can hold up both the
+        # start of a run and the end of the one before. Started just after a run entered onnxruntime (which releases
         # the GIL while it computes), it overlaps that run. Without traffic it starts after
         # 50 ms. At normal priority: at nice 10 it took 70-85 ms, a priority inversion against
         # onnxruntime's spinning threads.

@@ -76,15 +76,25 @@ def _open_fds() -> int:
     return len(os.listdir("/proc/self/fd"))
 
 
-@linux
-def test_writeback_writes_each_range_in_chunks_then_lets_go(tmp_path, monkeypatch):
-    calls = []
+@pytest.fixture
+def fake_sync(monkeypatch):
+    """Write-back calls recorded as (inode, offset, length, flags); each waits for ``gate``."""
+    calls: list[tuple[int, int, int, int]] = []
+    gate = threading.Event()
+    gate.set()
 
     def sync(fd, offset, length, flags):
         calls.append((os.fstat(fd).st_ino, offset, length, flags))
+        gate.wait(10)
         return 0
 
     monkeypatch.setattr(_writeback, "_sync_file_range", lambda: sync)
+    return calls, gate
+
+
+@linux
+def test_writeback_writes_each_range_in_chunks_then_lets_go(tmp_path, fake_sync):
+    calls, _ = fake_sync
     path = tmp_path / "w.bin"
     path.write_bytes(bytes(10_000))
     fds = _open_fds()
@@ -100,7 +110,8 @@ def test_writeback_writes_each_range_in_chunks_then_lets_go(tmp_path, monkeypatc
     assert all(c[3] == 7 for c in calls)  # wait before, write, wait after
     _wait(lambda: wb._thread is None)  # idle: the thread ended
     assert _open_fds() == fds
-    wb.add(os.open(path, os.O_RDONLY), 0, 10)  # starts a thread again
+    with open(path, "rb") as f:
+        wb.add(f.fileno(), 0, 10)  # starts a thread again
     _wait(lambda: len(calls) == 5)
     wb.close()
     wb.add(0, 0, 10)  # ignored once closed
@@ -108,16 +119,9 @@ def test_writeback_writes_each_range_in_chunks_then_lets_go(tmp_path, monkeypatc
 
 
 @linux
-def test_writeback_close_drops_what_is_pending(tmp_path, monkeypatch):
-    release = threading.Event()
-    calls = []
-
-    def sync(fd, offset, length, flags):
-        calls.append(offset)
-        release.wait(10)
-        return 0
-
-    monkeypatch.setattr(_writeback, "_sync_file_range", lambda: sync)
+def test_writeback_close_drops_what_is_pending(tmp_path, fake_sync):
+    calls, release = fake_sync
+    release.clear()
     path = tmp_path / "w.bin"
     path.write_bytes(bytes(100))
     fds = _open_fds()
@@ -129,7 +133,7 @@ def test_writeback_close_drops_what_is_pending(tmp_path, monkeypatch):
     wb.close()
     release.set()
     _wait(lambda: _open_fds() == fds)
-    assert calls == [0]  # the rest of the first range and all of the second were dropped
+    assert [c[1] for c in calls] == [0]  # the rest of the first range, all of the second: dropped
 
 
 @linux
