@@ -6,7 +6,8 @@ from __future__ import annotations
 import ctypes
 import functools
 import sys
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
+from typing import Any
 
 from ._rwlock import Pace, in_turn
 
@@ -16,12 +17,31 @@ _MADV_COLLAPSE = 25  # Linux 6.1+
 _EINVAL = 22
 
 
+_SIGNATURES: dict[str, tuple[Any, list[Any]]] = {
+    "mmap": (ctypes.c_void_p, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
+                               ctypes.c_int, ctypes.c_int64]),
+    "munmap": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t]),
+    "madvise": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]),
+    "mincore": (ctypes.c_int, [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]),
+    "sync_file_range": (ctypes.c_int, [ctypes.c_int, ctypes.c_int64, ctypes.c_int64,
+                                       ctypes.c_uint]),
+    "malloc_trim": (ctypes.c_int, [ctypes.c_size_t]),
+}
+
+
 @functools.cache
-def _malloc_trim() -> Callable[[int], int] | None:
+def libc() -> Any:
+    """The C library through ctypes (``errno`` kept), with the signatures of the calls this
+    package makes; the ones a platform lacks are absent. None where there is none to load."""
     try:
-        return ctypes.CDLL(None).malloc_trim  # glibc
-    except (OSError, AttributeError):
+        lib = ctypes.CDLL(None, use_errno=True)
+    except (OSError, TypeError):
         return None
+    for name, (restype, argtypes) in _SIGNATURES.items():
+        f = getattr(lib, name, None)
+        if f is not None:
+            f.restype, f.argtypes = restype, argtypes
+    return lib
 
 
 def trim_heap() -> None:
@@ -32,28 +52,19 @@ def trim_heap() -> None:
     weights, a dropped onnxruntime session) stays resident and adds to the next one's peak
     (measured on MiniLM: 0.5 to 0.8 x the fp32 weights).
     """
-    trim = _malloc_trim()
+    trim = getattr(libc(), "malloc_trim", None)  # glibc
     if trim is not None:
         trim(0)
 
 
-@functools.cache
-def _libc() -> ctypes.CDLL | None:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        libc = ctypes.CDLL(None, use_errno=True)
-        libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-        libc.mincore.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_char_p]
-        return libc
-    except (OSError, AttributeError):
-        return None
+def _linux_libc() -> Any:
+    return libc() if sys.platform.startswith("linux") else None
 
 
 def anonymous_regions() -> set[tuple[int, int]]:
     """Address ranges ``(start, end)`` of this process's private anonymous read-write mappings
     that can hold a huge page (Linux; empty elsewhere)."""
-    if _libc() is None:
+    if _linux_libc() is None:
         return set()
     regions = set()
     try:
@@ -84,9 +95,9 @@ def collapse_to_huge_pages(regions: Iterable[tuple[int, int]], pace: Pace | None
     a page not yet touched are left alone: collapsing them would make them resident. Best
     effort: a kernel or configuration without the call makes this a no-op.
     """
-    libc = _libc()
+    lib = _linux_libc()
     done = 0
-    if libc is None or not _collapse_works[0]:
+    if lib is None or not _collapse_works[0]:
         return 0
     present = ctypes.create_string_buffer(_COLLAPSE_STEP // 4096)
     for start, end in sorted(regions):
@@ -94,10 +105,10 @@ def collapse_to_huge_pages(regions: Iterable[tuple[int, int]], pace: Pace | None
         while a + HUGE <= end:
             n = min(_COLLAPSE_STEP, (end - a) // HUGE * HUGE)
             with in_turn(pace):
-                if libc.mincore(a, n, present) != 0 or \
+                if lib.mincore(a, n, present) != 0 or \
                         any(b & 1 == 0 for b in present.raw[:n // 4096]):
                     pass  # not all resident (or gone meanwhile): leave it
-                elif libc.madvise(a, n, _MADV_COLLAPSE) == 0:
+                elif lib.madvise(a, n, _MADV_COLLAPSE) == 0:
                     done += n
                 elif ctypes.get_errno() == _EINVAL:  # not supported here
                     _collapse_works[0] = False

@@ -14,7 +14,7 @@ import sys
 import threading
 from collections.abc import Iterator
 
-__all__ = ["lowered_priority", "BUILD_NICE"]
+__all__ = ["lowered_priority", "lower_this_thread", "BUILD_NICE"]
 
 BUILD_NICE = 10  # added to the thread's nice value while it builds a session
 
@@ -76,3 +76,15 @@ def lowered_priority(by: int = BUILD_NICE) -> Iterator[None]:
             with contextlib.suppress(OSError, ValueError):
                 if os.getpriority(os.PRIO_PROCESS, int(task)) == low:
                     os.setpriority(os.PRIO_PROCESS, int(task), nice)
+
+
+def lower_this_thread(by: int = BUILD_NICE) -> None:
+    """Raise this thread's nice value by ``by`` for good: for a thread that only does
+    background work and starts no threads, so nothing needs to be given back (lowering a
+    priority needs no privilege). Best effort; Linux (elsewhere it may apply to the process,
+    so nothing is done)."""
+    if not sys.platform.startswith("linux"):
+        return
+    with contextlib.suppress(OSError, AttributeError):
+        tid = threading.get_native_id()
+        os.setpriority(os.PRIO_PROCESS, tid, min(19, os.getpriority(os.PRIO_PROCESS, tid) + by))

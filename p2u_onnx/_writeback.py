@@ -10,14 +10,13 @@ finishes each tensor, the same file disturbed no run by more than the decoding d
 from __future__ import annotations
 
 import collections
-import ctypes
-import functools
 import os
 import sys
 import threading
 from typing import Any
 
-from ._priority import BUILD_NICE
+from ._memory import libc
+from ._priority import lower_this_thread
 
 __all__ = ["Writeback"]
 
@@ -27,16 +26,9 @@ PAUSE = 0.02  # seconds after each chunk: at most about 150 MB/s, a few ms of di
 _WAIT_BEFORE, _WRITE, _WAIT_AFTER = 1, 2, 4
 
 
-@functools.cache
 def _sync_file_range() -> Any:
-    if not sys.platform.startswith("linux"):
-        return None
-    try:
-        f = ctypes.CDLL(None, use_errno=True).sync_file_range
-    except (OSError, AttributeError):
-        return None
-    f.argtypes = [ctypes.c_int, ctypes.c_int64, ctypes.c_int64, ctypes.c_uint]
-    return f
+    return getattr(libc(), "sync_file_range", None) if sys.platform.startswith("linux") \
+        else None
 
 
 class Writeback:
@@ -81,12 +73,7 @@ class Writeback:
     def _loop(self) -> None:
         sync = _sync_file_range()
         pause = threading.Event()
-        try:  # background work: this thread only, for good (it starts no threads)
-            tid = threading.get_native_id()
-            nice = os.getpriority(os.PRIO_PROCESS, tid)
-            os.setpriority(os.PRIO_PROCESS, tid, min(19, nice + BUILD_NICE))
-        except OSError:
-            pass
+        lower_this_thread()  # background work, for the thread's life (it starts no threads)
         while True:
             with self._cond:
                 if not self._queue and not self._closed:

@@ -53,7 +53,6 @@ from __future__ import annotations
 import concurrent.futures as cf
 import contextlib
 import ctypes
-import functools
 import hashlib
 import mmap
 import os
@@ -71,7 +70,7 @@ from typing import Any, ContextManager, Protocol
 import numpy as np
 import onnxruntime as ort
 
-from ._memory import anonymous_regions, collapse_to_huge_pages, trim_heap
+from ._memory import anonymous_regions, collapse_to_huge_pages, libc, trim_heap
 from ._priority import lowered_priority
 from ._rwlock import Pace, RWLock, TurnLock
 from ._writeback import Writeback
@@ -275,8 +274,9 @@ _TRUNCATE_STEP = 4 << 20
 def _remove_gradually(path: Path) -> None:
     """Remove a weights file of this session, giving its page cache back 4 MB at a time.
 
-    Unlinking a 400 MB file frees about 100k cached pages in one system call, kernel work that
-    slowed a 20 ms run to 95 ms. Short truncations let the scheduler run inferences between
+    Unlinking a 400 MB file frees about 100k cached pages in one system call: against a loop
+    of the 100M model, the worst run was +24-31 ms above its median, +16-23 with 4 MB steps
+    (+11-21 with nothing removed). Short truncations let the scheduler run inferences between
     them; they are not taken in turns, since one may wait for the file system's journal (up to
     0.1 s measured) and a turn would make runs wait too. Best effort, like any cleanup.
     """
@@ -347,13 +347,13 @@ class _MappedWeights:
         self.buffers = {t["name"]: _tensor_view(raw, t) for t in manifest["tensors"]}
 
     def _map(self, path: Path, at: int | None) -> int:
-        libc = _libc()
+        lib = libc()
         with _opened(path) as fd:
             if os.fstat(fd).st_size < self.size:
                 raise FormatError(f"{path}: shorter than the package's weights "
                                   f"({self.size} bytes)")
             flags = mmap.MAP_PRIVATE | (_MAP_FIXED if at is not None else 0)
-            addr = libc.mmap(at, self.size, mmap.PROT_READ, flags, fd, 0)
+            addr = lib.mmap(at, self.size, mmap.PROT_READ, flags, fd, 0)
         if addr in (None, ctypes.c_void_p(-1).value) or (at is not None and addr != at):
             err = ctypes.get_errno()
             raise OSError(err, f"cannot map {path}: {os.strerror(err)}")
@@ -362,7 +362,7 @@ class _MappedWeights:
         # 4 KB mappings, 22 ms with these. Pages are mapped in 2 MB units, so a sparsely read
         # tensor (an embedding table) is mapped whole: file pages, which the kernel can drop.
         # Linux with transparent huge pages; a no-op elsewhere.
-        libc.madvise(addr, self.size, _MADV_HUGEPAGE)
+        lib.madvise(addr, self.size, _MADV_HUGEPAGE)
         return addr
 
     def switch(self, path: Path) -> None:
@@ -371,23 +371,12 @@ class _MappedWeights:
     def close(self) -> None:
         self.buffers = {}
         if self.addr:
-            _libc().munmap(self.addr, self.size)
+            libc().munmap(self.addr, self.size)
             self.addr = 0
 
 
 _MAP_FIXED = 0x10  # Linux, macOS and the BSDs
 _MADV_HUGEPAGE = 14 if sys.platform.startswith("linux") else -1  # -1: no such advice
-
-
-@functools.cache
-def _libc() -> Any:
-    libc = ctypes.CDLL(None, use_errno=True)
-    libc.mmap.restype = ctypes.c_void_p
-    libc.mmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int, ctypes.c_int,
-                          ctypes.c_int, ctypes.c_int64]
-    libc.munmap.argtypes = [ctypes.c_void_p, ctypes.c_size_t]
-    libc.madvise.argtypes = [ctypes.c_void_p, ctypes.c_size_t, ctypes.c_int]
-    return libc
 
 
 def _inplace_weights(path: Path, manifest: dict[str, Any]) -> _MappedWeights | _CopiedWeights:
@@ -821,10 +810,10 @@ class ProgressiveSession:
         # The release holds the GIL (onnxruntime's destructor): 2-3 ms on a 100M model whose
         # memory was collapsed into huge pages (_rebuild), 33-46 ms on 4 KB pages (kernels
         # without MADV_COLLAPSE). Runs wait for it: started at random, it can hold up both the
-        # start of a run and the end of the one before. Started just after a run entered onnxruntime (which releases
-        # the GIL while it computes), it overlaps that run. Without traffic it starts after
-        # 50 ms. At normal priority: at nice 10 it took 70-85 ms, a priority inversion against
-        # onnxruntime's spinning threads.
+        # start of a run and the end of the one before. Started just after a run entered
+        # onnxruntime (which releases the GIL while it computes), it overlaps that run.
+        # Without traffic it starts after 50 ms. At normal priority: at nice 10 it took
+        # 70-85 ms, a priority inversion against onnxruntime's spinning threads.
         with self._cond:
             started = self._started
             a_run_began = self._cond.wait_for(lambda: self._started != started, 0.05)

@@ -22,7 +22,7 @@ def _resident_pages(a: np.ndarray) -> int:
     start = a.ctypes.data // 4096 * 4096
     n = -(-(a.ctypes.data + a.nbytes - start) // 4096)
     vec = ctypes.create_string_buffer(n)
-    assert _memory._libc().mincore(start, n * 4096, vec) == 0
+    assert _memory.libc().mincore(start, n * 4096, vec) == 0
     return sum(b & 1 for b in vec.raw)
 
 
