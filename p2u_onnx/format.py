@@ -24,10 +24,13 @@ plus the codec that decodes them. Entries must tile the payload exactly (no gaps
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import mmap
 import os
+import re
+import stat
 import struct
 import tempfile
 from collections.abc import Iterable
@@ -51,6 +54,9 @@ __all__ = [
     "sha256_file",
     "atomic_write_bytes",
     "AtomicFile",
+    "check_name",
+    "package_file",
+    "open_regular",
 ]
 
 FORMAT_VERSION = 1
@@ -59,6 +65,65 @@ MANIFEST_NAME = "manifest.json"
 ALIGN = 64
 MAX_HEADER = 64 << 20
 _PREFIX = struct.Struct("<8sII")
+
+
+_PLAIN_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")
+
+
+def check_name(name: object, what: str = "file name") -> str:
+    """``name`` if it is one plain file name (letters, digits, ``._-``, not a dotfile, at most
+    200 characters), else :class:`FormatError`. Every file name a manifest, a stage header or an
+    ONNX external-data ``location`` gives goes through here before it is joined to a folder:
+    absolute paths, ``..``, separators, NUL bytes and non-strings never are."""
+    if not isinstance(name, str) or not _PLAIN_NAME.fullmatch(name):
+        raise FormatError(f"{what} {name!r} is not a plain file name inside the package "
+                          "(absolute paths, '..', '/' and hidden files are refused)")
+    return name
+
+
+def package_file(root: str | os.PathLike, name: object, what: str = "file") -> Path:
+    """``root / name`` for a ``name`` taken from a package, checked before anything touches it.
+
+    The name must pass :func:`check_name`. When the path exists it must be a regular file, not a
+    symbolic link (which could lead outside the package), a FIFO or a device:
+    :class:`IntegrityError` otherwise. A missing file is returned as it is, for the caller to
+    report. Use :func:`open_regular` to read it (the check here is repeated on the descriptor).
+    """
+    p = Path(root) / check_name(name, what)
+    try:
+        st = os.lstat(p)
+    except FileNotFoundError:
+        return p
+    except OSError as e:
+        raise IntegrityError(f"{p}: cannot stat ({e.strerror or e})") from e
+    if stat.S_ISLNK(st.st_mode):
+        raise IntegrityError(f"{p}: a symbolic link; a package holds regular files only")
+    if not stat.S_ISREG(st.st_mode):
+        raise IntegrityError(f"{p}: not a regular file (a package holds regular files only)")
+    return p
+
+
+def open_regular(path: str | os.PathLike) -> BinaryIO:
+    """Open ``path`` for reading without following a symbolic link in its last component and
+    without blocking on a FIFO; refuse anything but a regular file (:class:`IntegrityError`).
+    ``FileNotFoundError`` and other ``OSError`` pass through for the caller to word."""
+    flags = os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0) \
+        | getattr(os, "O_CLOEXEC", 0)
+    try:
+        fd = os.open(path, flags)
+    except OSError as e:
+        if e.errno == errno.ELOOP:
+            raise IntegrityError(f"{path}: a symbolic link; a package holds regular files "
+                                 "only") from e
+        raise
+    try:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise IntegrityError(f"{path}: not a regular file (a package holds regular files "
+                                 "only)")
+        return os.fdopen(fd, "rb")
+    except BaseException:
+        os.close(fd)
+        raise
 
 
 def stage_file_name(index: int) -> str:
