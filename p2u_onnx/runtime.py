@@ -13,7 +13,8 @@ Two strategies:
 
 ``swap`` (default)
     Stage ``k`` is decoded straight into its own directory of the work dir (``weights.bin`` of
-    stage ``k``, hard links of ``graph.onnx`` and ``base.bin``) and a new session is loaded from
+    stage ``k``, hard links of the session's ``graph.onnx`` and its copy of ``base.bin``) and a
+    new session is loaded from
     it by path with the caller's options. The reference to the live session is then swapped;
     runs in flight finish on the old session, which is dropped (and its directory deleted) when
     the last of them returns. Every onnxruntime optimization is kept.
@@ -46,6 +47,14 @@ The work dir holds ``base/`` (the base unpacked from ``stage-0.p2u`` when the pa
 usable ``base.onnx``; kept as a cache in a caller's work dir) and one ``session-*`` directory per
 session (``graph.onnx``, stage directories, inplace weights files), removed on
 :meth:`ProgressiveSession.close`.
+
+A session never writes into, nor links to, a file of the package: it copies ``base.onnx``,
+``base.bin`` and each stage file into its own folder, hashes the copy as it writes it, and
+loads or maps only the copy (a stage file's copy is unlinked as soon as it is mapped). What was
+checked is what is used, and a package file truncated or rewritten meanwhile is either caught
+by the hash (a clean :class:`IntegrityError`) or no longer matters, never a SIGBUS. Session
+folders are named after their owner process (:mod:`p2u_onnx._workdir`); a new session removes
+those of sessions whose process died (killed, crashed, powered off).
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ import hashlib
 import mmap
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -70,9 +80,10 @@ from typing import Any, ContextManager, Protocol
 import numpy as np
 import onnxruntime as ort
 
+from . import _workdir
 from ._memory import anonymous_regions, collapse_to_huge_pages, libc, trim_heap
 from ._priority import lowered_priority
-from ._rwlock import Pace, RWLock, TurnLock
+from ._rwlock import Pace, RWLock, TurnLock, in_turn
 from ._writeback import Writeback
 from .dtypes import FLOAT_TYPES
 from .errors import FormatError, IntegrityError, P2UError, PatchError
@@ -80,7 +91,10 @@ from .format import (
     StageFile,
     atomic_write_bytes,
     check_file_entry,
+    check_name,
     load_manifest,
+    open_regular,
+    package_file,
     parse_manifest,
     read_stage,
     sha256_bytes,
@@ -140,25 +154,108 @@ def _base_entries(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def open_stage(source: StageInput, manifest: dict[str, Any], expected: int,
-               pace: Pace | None = None) -> StageFile:
+               pace: Pace | None = None, *, copy_to: str | os.PathLike | None = None,
+               written: Callable[[int, int, int], None] | None = None) -> StageFile:
     """Read stage file ``source`` and check it is stage ``expected`` of ``manifest``'s package.
 
     The whole file must match the manifest's sha256. When it does not, the error says why:
     truncated, corrupt, foreign (another package), already applied (repeated) or out of order.
     ``pace``: hash in turns (see :func:`~p2u_onnx.format.sha256_file`).
+
+    ``copy_to`` (a folder of the caller's own): a path ``source`` is first copied there and the
+    copy is hashed as it is written; the returned file maps the copy, whose name is removed at
+    once. What was checked is then what is decoded, and the source file may be changed,
+    truncated or removed meanwhile: a mapping of it would die of SIGBUS past a truncation.
+    ``written(fd, offset, length)`` is told of the copy's bytes (a session's write-back).
     """
     stages = manifest["stages"]
     pid = manifest["package_id"]
     want = stages[expected]["files"][0]["sha256"] if 0 <= expected < len(stages) else None
-    if isinstance(source, (bytes, bytearray, memoryview)):
-        digest = sha256_bytes(source, pace=pace)
-    else:
+    in_memory = isinstance(source, (bytes, bytearray, memoryview))
+    folder = None
+    try:
+        if in_memory:
+            digest = sha256_bytes(source, pace=pace)
+        elif copy_to is not None:
+            folder = Path(tempfile.mkdtemp(prefix="incoming-", dir=copy_to))
+            name = Path(source).name
+            copy = folder / (name if _plain(name) else "stage.p2u")  # for the messages
+            digest = _copy_hashed(source, copy, pace, written)
+            name, source = str(source), copy
+        else:
+            try:
+                digest = sha256_file(source, pace=pace)
+            except OSError as e:
+                raise FormatError(f"cannot read stage file {source}: {e.strerror or e}") from e
+        if digest == want:
+            sf = read_stage(source, package_id=pid, stage=expected, verify_payload=False)
+        else:
+            _diagnose(source, pid, expected, want, len(stages))
+        if folder is not None:
+            sf.name = name
+        return sf
+    finally:
+        if folder is not None:
+            _workdir.remove_tree(folder)  # a mapping of the copy outlives its name
+
+
+_COPY_CHUNK = 4 << 20
+
+
+def _plain(name: str) -> bool:
+    try:
+        check_name(name)
+    except FormatError:
+        return False
+    return True
+
+
+def _copy_hashed(source: str | os.PathLike, dest: Path, pace: Pace | None,
+                 written: Callable[[int, int, int], None] | None) -> str:
+    """Copy the regular file ``source`` to the new file ``dest``; returns the sha256 of what
+    was written. Read and written outside ``pace`` (either may wait for the disk), hashed in
+    its turns, :data:`_COPY_CHUNK` bytes at a time."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        src = os.open(source, flags)
+    except OSError as e:
+        raise FormatError(f"cannot read stage file {source}: {e.strerror or e}") from e
+    h = hashlib.sha256()
+    try:
+        if not stat.S_ISREG(os.fstat(src).st_mode):
+            raise IntegrityError(f"{source}: not a regular file")
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                      0o600)
         try:
-            digest = sha256_file(source, pace=pace)
-        except OSError as e:
-            raise FormatError(f"cannot read stage file {source}: {e.strerror or e}") from e
-    if digest == want:
-        return read_stage(source, package_id=pid, stage=expected, verify_payload=False)
+            buf = memoryview(bytearray(_COPY_CHUNK))
+            size = 0
+            while True:
+                try:
+                    n = os.readv(src, [buf])
+                except OSError as e:
+                    raise FormatError(f"cannot read stage file {source}: "
+                                      f"{e.strerror or e}") from e
+                if not n:
+                    break
+                with in_turn(pace):
+                    h.update(buf[:n])
+                pos = 0
+                while pos < n:
+                    pos += os.pwrite(out, buf[pos:n], size + pos)
+                size += n
+            if written is not None:
+                written(out, 0, size)
+        finally:
+            os.close(out)
+    finally:
+        os.close(src)
+    return h.hexdigest()
+
+
+def _diagnose(source: StageInput, pid: str, expected: int, want: str | None,
+              n_stages: int) -> None:
+    """Raise the error that says why ``source`` is not stage ``expected`` (its sha256 is not
+    the manifest's)."""
     try:
         sf = read_stage(source)
     except IntegrityError:
@@ -174,7 +271,7 @@ def open_stage(source: StageInput, manifest: dict[str, Any], expected: int,
                              f"(repeated stage file); the next stage is {expected}")
     if want is None:
         raise IntegrityError(f"{label} holds stage {sf.stage}, but the package has only "
-                             f"stages 0..{len(stages) - 1}")
+                             f"stages 0..{n_stages - 1}")
     if sf.stage > expected:
         raise IntegrityError(f"{label} holds stage {sf.stage}, expected stage {expected} "
                              "(out of order: apply stages one after another)")
@@ -192,7 +289,8 @@ def extract_base(stage0: StageInput, manifest: dict[str, Any], workdir: Path) ->
         return paths  # type: ignore[return-value]
     except (OSError, IntegrityError):
         pass
-    sf = open_stage(stage0, manifest, 0)
+    d.mkdir(parents=True, exist_ok=True)
+    sf = open_stage(stage0, manifest, 0, copy_to=d)  # a private copy: nothing can truncate it
     for p in paths:
         data = extract_file(sf, p.name)
         if hashlib.sha256(data).hexdigest() != entries[p.name]["sha256"]:
@@ -208,12 +306,15 @@ class DirectorySource:
         self.path = Path(path)
         self.manifest = load_manifest(self.path)
 
-    def base_files(self, workdir: Path) -> tuple[Path, Path]:
+    def base_files(self, workdir: Path, *, digest: bool = True) -> tuple[Path, Path]:
+        """The package's base files, checked (sizes only with ``digest=False``: a session
+        hashes the copies it makes), or else the base unpacked from stage 0 into ``workdir``.
+        """
         entries = _base_entries(self.manifest)
-        paths = tuple(self.path / n for n in _BASE_FILES)
+        paths = tuple(package_file(self.path, n, "base file") for n in _BASE_FILES)
         if all(p.is_file() for p in paths):
             for p in paths:
-                check_file_entry(p, entries[p.name])
+                check_file_entry(p, entries[p.name], digest=digest)
             return paths  # type: ignore[return-value]
         return extract_base(self.fetch(0), self.manifest, workdir)
 
@@ -221,7 +322,8 @@ class DirectorySource:
         n = len(self.manifest["stages"])
         if not 0 <= stage < n:
             raise P2UError(f"stage {stage} does not exist: {self.path} has stages 0..{n - 1}")
-        p = self.path / self.manifest["stages"][stage]["files"][0]["path"]
+        p = package_file(self.path, self.manifest["stages"][stage]["files"][0]["path"],
+                         "stage file")
         if not p.is_file():
             raise IntegrityError(f"{p}: missing from the package")
         return p
@@ -230,11 +332,12 @@ class DirectorySource:
         entry = self.manifest.get("probe")
         if not entry:
             return None
+        p = package_file(self.path, entry["path"], "probe file")
         try:
-            return (self.path / entry["path"]).read_bytes()
+            with open_regular(p) as f:
+                return f.read()
         except OSError as e:
-            raise IntegrityError(f"{self.path / entry['path']}: cannot read the probe "
-                                 f"({e.strerror or e})") from e
+            raise IntegrityError(f"{p}: cannot read the probe ({e.strerror or e})") from e
 
 
 class BytesSource:
@@ -483,6 +586,19 @@ def _release(live: _Live) -> None:
         live.weights = None
 
 
+def _session_dir(workdir: str | os.PathLike | None) -> Path:
+    """A new folder for one session: ``p2u-<owner>-<random>`` in the system's temporary
+    folder, or ``session-<owner>-<random>`` in ``workdir`` (see :mod:`p2u_onnx._workdir`).
+    First the folders there of sessions whose process died are removed."""
+    if workdir is None:
+        parent, prefix = Path(tempfile.gettempdir()), "p2u-"
+    else:
+        parent, prefix = Path(workdir), "session-"
+        parent.mkdir(parents=True, exist_ok=True)
+    _workdir.sweep(parent, prefix)
+    return _workdir.make_dir(parent, prefix)
+
+
 def _http_source(url: str, workdir: str | os.PathLike | None) -> StageSource:
     """An :class:`~p2u_onnx.transport.HttpSource` for ``url``; it keeps its downloads in
     ``workdir/http`` when a work dir is given, so a restart continues where it stopped."""
@@ -501,9 +617,11 @@ class ProgressiveSession:
     ``providers`` are passed to onnxruntime as for ``InferenceSession``; ``strategy`` is
     ``"swap"`` or ``"inplace"`` (see the module docs). ``workdir`` is a directory for unpacked
     files (default: a temporary directory removed on :meth:`close`). ``on_stage(k)`` is called
-    after stage ``k >= 1`` became active, in the thread that applied it (an exception it raises
-    reaches the caller of :meth:`apply`; the stage stays active). ``verify=False`` skips the
-    probe check (e.g. on providers whose numerics differ from the CPU's).
+    after stage ``k`` became active, in the thread that applied it (an exception it raises
+    reaches the caller of :meth:`apply`; the stage stays active); for stage 0, at the end of
+    the constructor (an exception it raises closes the session and reaches the caller).
+    ``verify=False`` skips the probe check (e.g. on providers whose numerics differ from the
+    CPU's).
 
     ``fast_base=True`` loads the base with onnxruntime's ``MatMulAddFusion`` off: where it
     turns MatMul+Add into Gemm before DequantizeLinear->MatMul can become ``MatMulNBits``, the
@@ -552,16 +670,16 @@ class ProgressiveSession:
         self._started = 0  # run() calls that entered a session so far
         self._turns = TurnLock()  # inferences (0) and decode jobs (1) take turns: _pace
         self._writeback = Writeback()  # work files go to disk as they are decoded
-        if workdir is None:
-            self._workdir = Path(tempfile.mkdtemp(prefix="p2u-"))
-            self._dir = self._workdir
-        else:
-            self._workdir = Path(workdir)
-            self._workdir.mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="session-", dir=self._workdir))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         try:
-            base_onnx, self._base_bin = self._source.base_files(self._workdir)
+            self._dir = _session_dir(workdir)
+        except OSError as e:
+            self._close_owned()
+            raise P2UError(f"cannot make a work folder in {e.filename or workdir}: "
+                           f"{e.strerror or e}") from e
+        self._workdir = self._dir if workdir is None else Path(workdir)
+        self._cleanup = weakref.finalize(self, _workdir.remove_tree, str(self._dir))
+        try:
+            base_onnx, self._base_bin = self._private_base()
             session = ort.InferenceSession(
                 str(base_onnx), _lean_base_options(sess_options)
                 if self._strategy == "inplace" else sess_options, providers=providers,
@@ -575,6 +693,12 @@ class ProgressiveSession:
             self._close_owned()
             raise
         self._live = _Live(session, 0)
+        if on_stage is not None:
+            try:
+                on_stage(0)
+            except BaseException:
+                self.close()
+                raise
 
     # -- what InferenceSession offers
 
@@ -632,7 +756,8 @@ class ProgressiveSession:
         with self._apply_lock:
             self._check_open()
             k = self.stage + 1
-            sf = open_stage(stage, self._manifest, k, self._pace)
+            sf = open_stage(stage, self._manifest, k, self._pace, copy_to=self._dir,
+                            written=self._writeback.add)
             cp = self._state.checkpoint()
             try:
                 if k == 1:
@@ -655,6 +780,38 @@ class ProgressiveSession:
             if self._on_stage is not None:
                 self._on_stage(k)
             return k
+
+    def _private_base(self) -> tuple[Path, Path]:
+        """``base.onnx`` and ``base.bin`` copied into this session's folder (``base/``), each
+        hashed as it is written and checked against the manifest: the session loads and maps
+        these copies only, never a file of the package (which another process may truncate or
+        rewrite, and which must never be linked from a work folder)."""
+        d = self._dir / "base"
+        if isinstance(self._source, DirectorySource):
+            files = self._source.base_files(self._workdir, digest=False)
+        else:
+            files = self._source.base_files(self._workdir)
+        if all(p.parent == d for p in files):  # unpacked from stage 0 by this session
+            return files
+        d.mkdir(exist_ok=True)
+        entries = _base_entries(self._manifest)
+        out = []
+        for p in files:
+            entry = entries[p.name]
+            copy = d / p.name
+            try:
+                digest = _copy_hashed(p, copy, None, self._writeback.add)
+            except OSError as e:
+                raise P2UError(f"cannot copy {p} into the work folder {d}: "
+                               f"{e.strerror or e}") from e
+            size = os.stat(copy).st_size
+            if size != entry["size"]:
+                raise IntegrityError(f"{p}: {size} bytes, the manifest says {entry['size']} "
+                                     "(truncated or altered)")
+            if digest != entry["sha256"]:
+                raise IntegrityError(f"{p}: sha256 does not match the manifest (altered)")
+            out.append(copy)
+        return out[0], out[1]
 
     def _write_skeleton(self, sf: StageFile) -> None:
         """Stage 1's skeleton graph and a link of the base's data, once: on disk, not in
