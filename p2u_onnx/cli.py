@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._cliutil import CONTEXT, ProgressBar, _fmt_bytes, _friendly
+from ._cliutil import CONTEXT, ProgressBar, _fmt_bytes, _friendly, cleanup_on_sigterm
 from .cli_http import fetch as _fetch_command
 from .cli_http import serve as _serve_command
 from .errors import P2UError
@@ -73,7 +73,7 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
         kw["quality"] = quality
     bits = BitBudget(**kw)
     output = output or model.with_suffix(".p2u")
-    with ProgressBar("encode", quiet) as progress:
+    with ProgressBar("encode", quiet) as progress, cleanup_on_sigterm():
         result = do_encode(model, output, plan, config, bits, overwrite=force,
                            probe=not no_probe, progress=progress)
     if not quiet:
@@ -185,7 +185,7 @@ def run(package, inputs, stage, strategy) -> None:
             feed[name] = np.load(path)
         except (OSError, ValueError) as e:
             raise click.BadParameter(f"{path}: {e}", param_hint="--input") from None
-    with ProgressiveSession(str(package)) as sess:
+    with cleanup_on_sigterm(), ProgressiveSession(str(package)) as sess:
         from .probe import check_feed, synthesize_inputs
 
         if stage is not None and not 0 <= stage < sess.stages:
