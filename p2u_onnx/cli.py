@@ -49,7 +49,9 @@ def main() -> None:
               help="Every tensor gets the plan's base bits (no sensitivity analysis).")
 @click.option("--no-probe", is_flag=True,
               help="Skip recording the probe the runtime uses to check each upgrade.")
-@click.option("-f", "--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("-f", "--force", is_flag=True,
+              help="Replace OUTPUT if it is a p2u package (in one atomic step where the system "
+                   "allows).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @_friendly
 def encode(model, output, stages, granularity, block_size, asymmetric, min_elements, budget,

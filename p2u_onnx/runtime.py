@@ -177,7 +177,7 @@ def open_stage(source: StageInput, manifest: dict[str, Any], expected: int,
         if in_memory:
             digest = sha256_bytes(source, pace=pace)
         elif copy_to is not None:
-            folder = Path(tempfile.mkdtemp(prefix="incoming-", dir=copy_to))
+            folder = _workdir.make_dir(copy_to, "incoming-")
             name = Path(source).name
             copy = folder / (name if _plain(name) else "stage.p2u")  # for the messages
             digest = _copy_hashed(source, copy, pace, written)
@@ -211,7 +211,8 @@ def _plain(name: str) -> bool:
 
 
 def _copy_hashed(source: str | os.PathLike, dest: Path, pace: Pace | None,
-                 written: Callable[[int, int, int], None] | None) -> str:
+                 written: Callable[[int, int, int], None] | None,
+                 what: str = "stage file") -> str:
     """Copy the regular file ``source`` to the new file ``dest``; returns the sha256 of what
     was written. Read and written outside ``pace`` (either may wait for the disk), hashed in
     its turns, :data:`_COPY_CHUNK` bytes at a time."""
@@ -219,7 +220,7 @@ def _copy_hashed(source: str | os.PathLike, dest: Path, pace: Pace | None,
     try:
         src = os.open(source, flags)
     except OSError as e:
-        raise FormatError(f"cannot read stage file {source}: {e.strerror or e}") from e
+        raise FormatError(f"cannot read {what} {source}: {e.strerror or e}") from e
     h = hashlib.sha256()
     try:
         if not stat.S_ISREG(os.fstat(src).st_mode):
@@ -233,8 +234,7 @@ def _copy_hashed(source: str | os.PathLike, dest: Path, pace: Pace | None,
                 try:
                     n = os.readv(src, [buf])
                 except OSError as e:
-                    raise FormatError(f"cannot read stage file {source}: "
-                                      f"{e.strerror or e}") from e
+                    raise FormatError(f"cannot read {what} {source}: {e.strerror or e}") from e
                 if not n:
                     break
                 with in_turn(pace):
@@ -290,6 +290,7 @@ def extract_base(stage0: StageInput, manifest: dict[str, Any], workdir: Path) ->
     except (OSError, IntegrityError):
         pass
     d.mkdir(parents=True, exist_ok=True)
+    _workdir.sweep(d, "incoming-")  # copies left by processes that died
     sf = open_stage(stage0, manifest, 0, copy_to=d)  # a private copy: nothing can truncate it
     for p in paths:
         data = extract_file(sf, p.name)
@@ -800,7 +801,7 @@ class ProgressiveSession:
             entry = entries[p.name]
             copy = d / p.name
             try:
-                digest = _copy_hashed(p, copy, None, self._writeback.add)
+                digest = _copy_hashed(p, copy, None, self._writeback.add, "base file")
             except OSError as e:
                 raise P2UError(f"cannot copy {p} into the work folder {d}: "
                                f"{e.strerror or e}") from e
