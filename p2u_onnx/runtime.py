@@ -75,7 +75,7 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Protocol
+from typing import Any, ContextManager, NoReturn, Protocol
 
 import numpy as np
 import onnxruntime as ort
@@ -103,7 +103,8 @@ from .format import (
 from .probe import Probe
 from .reconstruct import WeightState, extract_file, read_into, weights_size
 
-__all__ = ["BytesSource", "DirectorySource", "ProgressiveSession", "StageSource", "open_stage"]
+__all__ = ["BytesSource", "DirectorySource", "ProgressiveSession", "StageSource", "open_stage",
+           "private_copy"]
 
 StageInput = str | os.PathLike | bytes | bytearray | memoryview
 
@@ -154,49 +155,68 @@ def _base_entries(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def open_stage(source: StageInput, manifest: dict[str, Any], expected: int,
-               pace: Pace | None = None, *, copy_to: str | os.PathLike | None = None,
-               written: Callable[[int, int, int], None] | None = None) -> StageFile:
+               pace: Pace | None = None, *, digest: str | None = None) -> StageFile:
     """Read stage file ``source`` and check it is stage ``expected`` of ``manifest``'s package.
 
     The whole file must match the manifest's sha256. When it does not, the error says why:
     truncated, corrupt, foreign (another package), already applied (repeated) or out of order.
-    ``pace``: hash in turns (see :func:`~p2u_onnx.format.sha256_file`).
-
-    ``copy_to`` (a folder of the caller's own): a path ``source`` is first copied there and the
-    copy is hashed as it is written; the returned file maps the copy, whose name is removed at
-    once. What was checked is then what is decoded, and the source file may be changed,
-    truncated or removed meanwhile: a mapping of it would die of SIGBUS past a truncation.
-    ``written(fd, offset, length)`` is told of the copy's bytes (a session's write-back).
+    ``pace``: hash in turns (see :func:`~p2u_onnx.format.sha256_file`). ``digest``: the sha256
+    of ``source`` when the caller has it (:func:`private_copy` hashes a copy as it writes it).
+    A path ``source`` is memory-mapped: give a file no one else can change (see
+    :func:`private_copy`).
     """
     stages = manifest["stages"]
     pid = manifest["package_id"]
     want = stages[expected]["files"][0]["sha256"] if 0 <= expected < len(stages) else None
-    in_memory = isinstance(source, (bytes, bytearray, memoryview))
-    folder = None
+    if digest is not None:
+        pass
+    elif isinstance(source, (bytes, bytearray, memoryview)):
+        digest = sha256_bytes(source, pace=pace)
+    else:
+        try:
+            digest = sha256_file(source, pace=pace)
+        except OSError as e:
+            raise FormatError(f"cannot read stage file {source}: {e.strerror or e}") from e
+    if digest == want:
+        return read_stage(source, package_id=pid, stage=expected, verify_payload=False)
+    _diagnose(source, pid, expected, want, len(stages))
+
+
+@contextlib.contextmanager
+def private_copy(source: StageInput, folder: str | os.PathLike, pace: Pace | None = None,
+                 written: Callable[[int, int, int], None] | None = None
+                 ) -> Iterator[tuple[StageInput, str | None]]:
+    """``(what to read, its sha256)`` for a stage file given as a path or bytes.
+
+    A path is copied into a new owner-named folder of ``folder`` (a folder of the caller's own)
+    and the copy is hashed as it is written; the block reads and maps only the copy, so what was
+    checked is what is decoded, and the source may be changed, truncated or removed meanwhile (a
+    mapping of it would die of SIGBUS past a truncation). Afterwards the copy is removed, 4 MB
+    at a time at a lowered priority (dropping a 241 MB copy's cached pages at once held
+    everything up for 30-37 ms). ``written(fd, offset, length)`` is told of the copy's bytes
+    (a session's write-back). Bytes are given back as they are, with no digest.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield source, None
+        return
     try:
-        if in_memory:
-            digest = sha256_bytes(source, pace=pace)
-        elif copy_to is not None:
-            folder = _workdir.make_dir(copy_to, "incoming-")
-            name = Path(source).name
-            copy = folder / (name if _plain(name) else "stage.p2u")  # for the messages
+        d = _workdir.make_dir(folder, "incoming-")
+    except OSError as e:
+        raise P2UError(f"cannot copy stage file {source} into the work folder {folder}: "
+                       f"{e.strerror or e}") from e
+    name = Path(source).name
+    copy = d / (name if _plain(name) else "stage.p2u")  # its name shows in messages
+    try:
+        try:
             digest = _copy_hashed(source, copy, pace, written)
-            name, source = str(source), copy
-        else:
-            try:
-                digest = sha256_file(source, pace=pace)
-            except OSError as e:
-                raise FormatError(f"cannot read stage file {source}: {e.strerror or e}") from e
-        if digest == want:
-            sf = read_stage(source, package_id=pid, stage=expected, verify_payload=False)
-        else:
-            _diagnose(source, pid, expected, want, len(stages))
-        if folder is not None:
-            sf.name = name
-        return sf
+        except OSError as e:
+            raise P2UError(f"cannot copy stage file {source} into the work folder {d}: "
+                           f"{e.strerror or e}") from e
+        yield copy, digest
     finally:
-        if folder is not None:
-            _workdir.remove_tree(folder)  # a mapping of the copy outlives its name
+        with lowered_priority():
+            _remove_gradually(copy)
+        _workdir.remove_tree(d)
 
 
 _COPY_CHUNK = 4 << 20
@@ -253,7 +273,7 @@ def _copy_hashed(source: str | os.PathLike, dest: Path, pace: Pace | None,
 
 
 def _diagnose(source: StageInput, pid: str, expected: int, want: str | None,
-              n_stages: int) -> None:
+              n_stages: int) -> NoReturn:
     """Raise the error that says why ``source`` is not stage ``expected`` (its sha256 is not
     the manifest's)."""
     try:
@@ -291,12 +311,14 @@ def extract_base(stage0: StageInput, manifest: dict[str, Any], workdir: Path) ->
         pass
     d.mkdir(parents=True, exist_ok=True)
     _workdir.sweep(d, "incoming-")  # copies left by processes that died
-    sf = open_stage(stage0, manifest, 0, copy_to=d)  # a private copy: nothing can truncate it
-    for p in paths:
-        data = extract_file(sf, p.name)
-        if hashlib.sha256(data).hexdigest() != entries[p.name]["sha256"]:
-            raise IntegrityError(f"{p.name} inside stage 0 does not match the manifest")
-        atomic_write_bytes(p, data)
+    with private_copy(stage0, d) as (source, digest):  # nothing can truncate the copy
+        sf = open_stage(source, manifest, 0, digest=digest)
+        for p in paths:
+            data = extract_file(sf, p.name)
+            if hashlib.sha256(data).hexdigest() != entries[p.name]["sha256"]:
+                raise IntegrityError(f"{p.name} inside stage 0 does not match the manifest")
+            atomic_write_bytes(p, data)
+        del sf
     return paths  # type: ignore[return-value]
 
 
@@ -587,6 +609,16 @@ def _release(live: _Live) -> None:
         live.weights = None
 
 
+def _check_workdir(workdir: str | os.PathLike | None, source: Any) -> None:
+    """Refuse a ``workdir`` inside the package folder: a session never writes there."""
+    if workdir is None or not isinstance(source, DirectorySource):
+        return
+    package, work = os.path.realpath(source.path), os.path.realpath(workdir)
+    if os.path.commonpath([package, work]) == package:
+        raise P2UError(f"the work folder {workdir} is inside the package folder {source.path}: "
+                       "a session never writes into its package; choose another folder")
+
+
 def _session_dir(workdir: str | os.PathLike | None) -> Path:
     """A new folder for one session: ``p2u-<owner>-<random>`` in the system's temporary
     folder, or ``session-<owner>-<random>`` in ``workdir`` (see :mod:`p2u_onnx._workdir`).
@@ -672,7 +704,11 @@ class ProgressiveSession:
         self._turns = TurnLock()  # inferences (0) and decode jobs (1) take turns: _pace
         self._writeback = Writeback()  # work files go to disk as they are decoded
         try:
+            _check_workdir(workdir, self._source)
             self._dir = _session_dir(workdir)
+        except P2UError:
+            self._close_owned()
+            raise
         except OSError as e:
             self._close_owned()
             raise P2UError(f"cannot make a work folder in {e.filename or workdir}: "
@@ -757,29 +793,31 @@ class ProgressiveSession:
         with self._apply_lock:
             self._check_open()
             k = self.stage + 1
-            sf = open_stage(stage, self._manifest, k, self._pace, copy_to=self._dir,
-                            written=self._writeback.add)
-            cp = self._state.checkpoint()
-            try:
-                if k == 1:
-                    self._write_skeleton(sf)
-                if self._strategy == "inplace" and k > 1:
-                    self._patch_buffers(k, sf)
-                else:
-                    self._rebuild(k, sf)
-            except BaseException as e:
-                self._state.rollback(cp)
-                if isinstance(e, OSError):  # a full disk, a read-only work directory...
-                    where = f" ({e.filename})" if e.filename else f" (in {self._dir})"
-                    raise PatchError(f"stage {k} could not be applied: "
-                                     f"{e.strerror or e}{where}") from e
-                if isinstance(e, Exception) and not isinstance(e, P2UError):
-                    raise PatchError(f"stage {k} could not be applied: {e}") from e
-                raise
-            finally:
-                _trim_heap()
-            if self._on_stage is not None:
-                self._on_stage(k)
+            # a private copy, checked as it is written: the package's file is never mapped
+            with private_copy(stage, self._dir, self._pace, self._writeback.add) as (src, digest):
+                sf = open_stage(src, self._manifest, k, self._pace, digest=digest)
+                cp = self._state.checkpoint()
+                try:
+                    if k == 1:
+                        self._write_skeleton(sf)
+                    if self._strategy == "inplace" and k > 1:
+                        self._patch_buffers(k, sf)
+                    else:
+                        self._rebuild(k, sf)
+                except BaseException as e:
+                    self._state.rollback(cp)
+                    if isinstance(e, OSError):  # a full disk, a read-only work directory...
+                        where = f" ({e.filename})" if e.filename else f" (in {self._dir})"
+                        raise PatchError(f"stage {k} could not be applied: "
+                                         f"{e.strerror or e}{where}") from e
+                    if isinstance(e, Exception) and not isinstance(e, P2UError):
+                        raise PatchError(f"stage {k} could not be applied: {e}") from e
+                    raise
+                finally:
+                    _trim_heap()
+                del sf  # its mapping, before the copy is removed
+                if self._on_stage is not None:
+                    self._on_stage(k)
             return k
 
     def _private_base(self) -> tuple[Path, Path]:

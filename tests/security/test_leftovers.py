@@ -134,6 +134,14 @@ def test_session_never_links_or_writes_into_the_package(pkg, feed, refs, strateg
     assert list(work.iterdir()) == []
 
 
+def test_workdir_inside_the_package_is_refused(pkg):
+    before = _snapshot(pkg)
+    for work in (pkg, pkg / "cache"):
+        with pytest.raises(P2UError, match="inside the package folder"):
+            ProgressiveSession(pkg, workdir=work)
+    assert _snapshot(pkg) == before
+
+
 # ---------------------------------------------------------------- dead sessions' folders
 
 _HOLD = """
@@ -251,13 +259,14 @@ assert s.stage == 0 and np.array_equal(out(), refs["s0"])
 # once checked, the stage files are truncated or rewritten: the session decodes what it checked
 shutil.copyfile(os.path.join(intact, "stage-1.p2u"), stage1)
 open_stage = runtime.open_stage
-def then_damage(source, *a, **kw):
-    sf = open_stage(source, *a, **kw)
-    if str(source).endswith("stage-1.p2u"):
-        os.truncate(source, 0)
+def then_damage(source, manifest, k, *a, **kw):
+    sf = open_stage(source, manifest, k, *a, **kw)
+    original = os.path.join(pkg, f"stage-{k}.p2u")
+    if k == 1:
+        os.truncate(original, 0)
     else:  # same size, other bytes
-        with open(source, "r+b") as f:
-            f.write(os.urandom(os.path.getsize(source)))
+        with open(original, "r+b") as f:
+            f.write(os.urandom(os.path.getsize(original)))
     return sf
 runtime.open_stage = then_damage
 for k in (1, 2):
