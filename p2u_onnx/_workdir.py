@@ -1,5 +1,6 @@
 """Work folders named after the process that owns them, so that the next process finds and
-removes the ones a crashed process left behind (device side: the standard library only).
+removes the ones a crashed process left behind (device side: the standard library only); and
+:func:`exchange`, which swaps two folders' names in one step.
 
 A folder made by :func:`make_dir` is called ``<prefix><pid>-<start>-<boot>-<host>-<random>``:
 the owner's process id, its start time (clock ticks after boot, ``/proc/<pid>/stat``), the first
@@ -25,6 +26,8 @@ descriptors (``rmtree.avoids_symlink_attacks``) and unlinks links instead of ent
 
 from __future__ import annotations
 
+import ctypes
+import errno
 import functools
 import hashlib
 import os
@@ -32,9 +35,11 @@ import re
 import secrets
 import shutil
 import stat
+import sys
 from pathlib import Path
 
-__all__ = ["owner_tag", "make_dir", "owner_alive", "sweep", "remove_tree"]
+__all__ = ["owner_tag", "make_dir", "owner_alive", "dead_dirs", "sweep", "remove_tree",
+           "exchange"]
 
 _TAG = r"(\d+)-(\d+)-([0-9a-f]{8})-([0-9a-f]{8})"
 
@@ -163,3 +168,28 @@ def sweep(parent: str | os.PathLike, prefix: str) -> list[Path]:
     for path in dead:
         remove_tree(path)
     return dead
+
+
+_RENAME_EXCHANGE = 2  # Linux renameat2 flag
+_AT_FDCWD = -100
+
+
+def exchange(a: str | os.PathLike, b: str | os.PathLike) -> bool:
+    """Swap the names ``a`` and ``b`` (both must exist) in one step: Linux
+    ``renameat2(RENAME_EXCHANGE)`` (kernel 3.15+, glibc 2.28+; ext4, xfs, btrfs, tmpfs...).
+    False where that is not available (another system, an older C library, a file system
+    without it, such as some network file systems): nothing was changed then."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).renameat2
+    except (OSError, AttributeError):
+        return False
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
+        return True
+    err = ctypes.get_errno()
+    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(err, os.strerror(err), os.fspath(b))

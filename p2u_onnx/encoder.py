@@ -7,13 +7,10 @@ renamed into place only when everything succeeded.
 
 from __future__ import annotations
 
-import ctypes
 import dataclasses
-import errno
 import hashlib
 import os
 import shutil
-import sys
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -239,36 +236,14 @@ def _output_path(output: str | os.PathLike, overwrite: bool) -> Path:
     return out
 
 
-_RENAME_EXCHANGE = 2  # Linux renameat2 flag
-_AT_FDCWD = -100
-
-
-def _exchange(a: Path, b: Path) -> bool:
-    """Swap the names ``a`` and ``b`` in one step (Linux ``renameat2(RENAME_EXCHANGE)``,
-    kernel 3.15+, glibc 2.28+; ext4, xfs, btrfs, tmpfs...); False where it is not available
-    (another system, an older C library, a file system without it)."""
-    if not sys.platform.startswith("linux"):
-        return False
-    try:
-        lib = ctypes.CDLL(None, use_errno=True)
-        fn = lib.renameat2
-    except (OSError, AttributeError):
-        return False
-    fn.restype = ctypes.c_int
-    fn.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
-    if fn(_AT_FDCWD, os.fsencode(a), _AT_FDCWD, os.fsencode(b), _RENAME_EXCHANGE) == 0:
-        return True
-    err = ctypes.get_errno()
-    if err in (errno.EINVAL, errno.ENOSYS, errno.ENOTSUP, errno.EOPNOTSUPP):
-        return False
-    raise OSError(err, os.strerror(err), str(b))
+_exchange = _workdir.exchange  # a module attribute: tests replace it
 
 
 def _install(tmp: Path, out: Path) -> None:
     """Put the finished package ``tmp`` at ``out``.
 
     An existing package is replaced atomically where the system can swap two names in one step
-    (:func:`_exchange`): ``out`` names the old package, then the new one, never nothing and
+    (:func:`~p2u_onnx._workdir.exchange`): ``out`` names the old package, then the new one, never nothing and
     never a mix; the old one is then removed under the temporary name. Elsewhere the old package
     is renamed aside (``<tmp>.old``) and the new one into place: two renames, between which
     ``out`` is missing for a moment; if the process dies there, the next :func:`encode` to

@@ -336,19 +336,20 @@ def _watched(out: Path, work) -> dict[str, int]:
 def slow_renames(monkeypatch):
     """Each rename (and exchange) of a folder is followed by 50 ms: a reader gets the time to
     look at whatever the folder's name shows between two steps."""
-    rename, exchange = os.rename, encoder._exchange
+    rename, exchange, swapped = os.rename, encoder._exchange, []
 
     def slow_rename(a, b):
         rename(a, b)
         time.sleep(0.05)
 
     def slow_exchange(a, b):
-        done = exchange(a, b)
+        swapped.append(exchange(a, b))
         time.sleep(0.05)
-        return done
+        return swapped[-1]
 
     monkeypatch.setattr(os, "rename", slow_rename)
     monkeypatch.setattr(encoder, "_exchange", slow_exchange)
+    return swapped
 
 
 @linux
@@ -361,6 +362,7 @@ def test_force_replaces_atomically(tmp_path, slow_renames):
     seen = _watched(out, lambda: [
         ids.add(p2u_onnx.encode(model, out, plan, overwrite=True).manifest["package_id"])
         for plan in ("4,8,lossless", "4,8", "4,lossless")])
+    assert slow_renames == [True] * 3  # swapped in one step each time
     assert seen["missing"] == 0 and seen["bad"] == 0 and seen["reads"] > 10, seen
     assert len(ids) == 3 and load_manifest(out)["plan"] == ["4", "lossless"]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["m.onnx", "x.p2u"]
