@@ -169,6 +169,8 @@ def read_signature(package: str | os.PathLike) -> bytes | None:
         return _read_capped(path, MAX_SIGNATURE, "signature file")
     except FileNotFoundError:
         return None
+    except FormatError as e:  # too large, a symlink, not a regular file
+        raise TrustError(f"not a valid signature file: {e}") from e
     except OSError as e:
         raise TrustError(f"cannot read {path}: {e.strerror or e}") from e
 
@@ -504,7 +506,7 @@ class VersionState:
     def load(self) -> dict[str, dict[str, Any]]:
         try:
             data = _read_capped(self.path, MAX_MANIFEST, "version state")
-        except FileNotFoundError:
+        except (FileNotFoundError, NotADirectoryError):  # nothing recorded (yet)
             return {}
         except (OSError, FormatError) as e:
             raise TrustError(f"{self.path}: cannot read the version state ({e}); remove it "
