@@ -85,7 +85,8 @@ def _quiet_onnxruntime(severity: int = 4) -> None:
                    "have seen [default: MODEL's file name without .onnx].")
 @click.option("--version", "version", type=click.IntRange(0, 2**63 - 1), default=None,
               help="Release number of this package, higher than the last one published under "
-                   "the same --name [default: the encode time in seconds].")
+                   "the same --name [default: $SOURCE_DATE_EPOCH, else the encode time in "
+                   "seconds].")
 @click.option("-f", "--force", is_flag=True, help="Replace OUTPUT if it exists.")
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress bar or table, and no log lines from onnxruntime.")

@@ -30,7 +30,7 @@ from . import quantizers as qz
 from .codecs import SegmentsCodec, ZstdCodec
 from .config import LOSSLESS, BitBudget, Plan, QuantConfig
 from .dtypes import ONNX_BFLOAT16, dtype_info
-from .errors import P2UError, UnsupportedModelError
+from .errors import P2UError, PlanError, UnsupportedModelError
 from .format import FORMAT_VERSION, AtomicFile, StageWriter, save_manifest, sha256_file, \
     stage_file_name
 from .graph import check_domains, default_opset, iter_slots
@@ -185,7 +185,8 @@ def encode(
     upgrade (see :mod:`p2u_onnx.probe`). ``progress(done, total)`` is called with weight bytes
     processed. ``name`` and ``version`` identify the release for rollback protection (see
     :mod:`p2u_onnx.trust`): a device refuses a lower version of a name it has seen; defaults:
-    the model file's stem (or graph name) and the encode time in seconds. Raises
+    the model file's stem (or graph name) and ``$SOURCE_DATE_EPOCH``, else the encode time in
+    seconds. Raises
     :class:`UnsupportedModelError` for input it cannot convert and :class:`PlanError` for bad
     options; on any error nothing is left at ``output``.
     """
@@ -196,8 +197,9 @@ def encode(
     if out.exists() and not overwrite:
         raise P2UError(f"{out} already exists (use overwrite=True)",
                        cli=f"{out} already exists (use --force)")
-    if version is None:
-        version = int(time.time())
+    if version is None:  # reproducible builds set SOURCE_DATE_EPOCH
+        epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+        version = int(epoch) if epoch.isdigit() else int(time.time())
     _identity("model" if name_arg is None else name_arg, version)  # bad options: before loading
     m, name, converted = _load_source(model)
     ident = _identity(name if name_arg is None else name_arg, version)

@@ -518,9 +518,8 @@ def _http_source(url: str, workdir: str | os.PathLike | None, **trust: Any) -> S
 def _admit_source(source: StageSource, policy: Policy) -> str:
     """Check the pin and signature ``policy`` asks for on a source the caller built; returns
     the name to use in messages."""
-    where = str(getattr(source, "url", None) or getattr(source, "path", None) or "the manifest")
-    if not where.endswith("manifest.json"):
-        where = where.rstrip("/") + "/manifest.json" if where != "the manifest" else where
+    home = getattr(source, "url", None) or getattr(source, "path", None)
+    where = f"{str(home).rstrip('/')}/manifest.json" if home else "manifest.json (bytes)"
     if not policy.authenticates:
         return where
     raw = getattr(source, "manifest_bytes", None)

@@ -26,7 +26,8 @@ Signature (``trust=``)
     ``cryptography`` package (``pip install 'p2u-onnx[sign]'``), imported only then.
 Versions (rollback)
     A manifest names its model (``"name"``) and a ``"version"`` integer that rises with each
-    release (``p2u encode --name --version``; default: the encode time in seconds). A state
+    release (``p2u encode --name --version``; default: ``$SOURCE_DATE_EPOCH``, else the encode
+    time in seconds). A state
     file remembers, per model name, the version last accepted and the digest of its manifest
     (sha256 of its canonical JSON); an older version is refused (rollback), and so is the same
     version with other content (mix-and-match), unless ``allow_rollback=True``, which accepts
@@ -271,9 +272,16 @@ def generate_key(path: str | os.PathLike, *, overwrite: bool = False) -> str:
             f.flush()
             os.fsync(f.fileno())
         os.chmod(tmp, 0o600)  # whatever the umask
-        if not overwrite and path.exists():
-            raise P2UError(f"{path} already exists")
-        os.replace(tmp, path)
+        if overwrite:
+            os.replace(tmp, path)
+        else:  # never replaces a key that appeared meanwhile
+            os.link(tmp, path)
+            os.unlink(tmp)
+    except FileExistsError:
+        with contextlib.suppress(OSError):
+            os.unlink(tmp)
+        raise P2UError(f"{path} already exists (use overwrite=True)",
+                       cli=f"{path} already exists (use --force)") from None
     except OSError as e:
         with contextlib.suppress(OSError):
             os.unlink(tmp)

@@ -396,7 +396,7 @@ def test_http_offline_restart_checks_the_cached_signature(pkgs, keys, tmp_path):
         HttpSource(url, cache, retry=FAST, trust=keys["a"][1])
 
 
-def test_http_rollback_keeps_the_newer_cache(site, pkgs, tmp_path, monkeypatch):
+def test_http_rollback_keeps_the_newer_cache(site, pkgs, keys, tmp_path, monkeypatch):
     """The server now offers v1 where the cache holds v2: refused, and every cached file of v2
     stays, whether the version state remembers v2 or was lost."""
     root, url = site
@@ -414,10 +414,29 @@ def test_http_rollback_keeps_the_newer_cache(site, pkgs, tmp_path, monkeypatch):
     with pytest.raises(TrustError, match="older than version 2 in the cache"):
         HttpSource(url, cache, retry=FAST)
     assert {d: _tree(d) for d in (mirror, cache)} == kept
-    # told otherwise, the older release replaces the mirror's files
+    # told otherwise, the older release replaces the mirror's files, its signature included
     fetch(url, mirror, retry=FAST, allow_rollback=True)
     assert json.loads((mirror / "manifest.json").read_text())["version"] == 1
-    assert api.verify(mirror)["version"] == 1
+    assert (mirror / SIGNATURE_NAME).read_bytes() == (pkgs["v1"] / SIGNATURE_NAME).read_bytes()
+    assert api.verify(mirror, trust=keys["a"][1])["version"] == 1
+
+
+def test_session_checks_a_source_built_by_the_caller(site, pkgs, keys, tmp_path):
+    """An HttpSource or BytesSource made without trust=, given to a session that asks for it:
+    the session checks the source's manifest bytes and signature itself."""
+    root, url = site
+    _publish(root, pkgs["v2"])
+    with HttpSource(url, tmp_path / "c", retry=FAST) as src:
+        with pytest.raises(TrustError, match="not a trusted key"):
+            ProgressiveSession(src, trust=keys["b"][1])
+        with ProgressiveSession(src, trust=keys["a"][1], expect=_pin(pkgs["v2"])) as s:
+            assert s.stage == 0
+    with pytest.raises(TrustError, match="not signed"):
+        ProgressiveSession(_bytes_source(pkgs["v2"], signed=False), trust=keys["a"][1])
+    parsed = BytesSource(json.loads((pkgs["v2"] / "manifest.json").read_text()),
+                         (pkgs["v2"] / "stage-0.p2u").read_bytes())
+    with pytest.raises(P2UError, match="holds no manifest bytes"):
+        ProgressiveSession(parsed, expect=_pin(pkgs["v2"]))
 
 
 def test_http_same_version_other_content(site, pkgs, tmp_path):
@@ -535,7 +554,7 @@ def test_cli_run_keeps_onnxruntime_log_lines_off_stderr(work, tmp_path):
     assert r.stderr == ""
 
 
-def test_cli_encode_name_and_version(work, tmp_path):
+def test_cli_encode_name_and_version(work, tmp_path, monkeypatch):
     out = tmp_path / "n.p2u"
     r = _cli("encode", work / "mlp.onnx", "-o", out, "--stages", "4,8", "--no-probe",
              "--fixed-bits", "--name", "digits-net", "--version", "7", "-q")
@@ -550,3 +569,10 @@ def test_cli_encode_name_and_version(work, tmp_path):
         warnings.simplefilter("ignore")
         d = p2u_onnx.encode(work / "mlp.onnx", tmp_path / "d.p2u", "4,8", probe=False).manifest
     assert d["name"] == "mlp" and abs(d["version"] - dt.datetime.now().timestamp()) < 600
+    monkeypatch.setenv("SOURCE_DATE_EPOCH", "1700000000")  # reproducible builds
+    r = _cli("encode", work / "mlp.onnx", "-o", tmp_path / "e.p2u", "--stages", "4,8",
+             "--no-probe", "-q")
+    assert r.exit_code == 0, r.output
+    assert json.loads((tmp_path / "e.p2u" / "manifest.json").read_text())["version"] == 1700000000
+    _one_line_error(_cli("encode", work / "mlp.onnx", "-o", tmp_path / "f.p2u", "--name", "a\tb"),
+                    "printable characters")
