@@ -231,6 +231,20 @@ def test_malformed_signature_file(pkgs, keys, tmp_path, garbage):
         api.verify(pkg, trust=keys["a"][1])
 
 
+def test_signature_file_that_is_a_symlink_or_fifo(pkgs, keys, tmp_path):
+    """A signature "file" leading outside the package, or a FIFO that would block a reader."""
+    pkg = _copy(pkgs["v2"], tmp_path / "p")
+    outside = tmp_path / "elsewhere.sig"
+    shutil.move(pkg / SIGNATURE_NAME, outside)
+    (pkg / SIGNATURE_NAME).symlink_to(outside)
+    with pytest.raises(TrustError, match="symbolic link"):
+        api.verify(pkg, trust=keys["a"][1])
+    (pkg / SIGNATURE_NAME).unlink()
+    os.mkfifo(pkg / SIGNATURE_NAME)
+    with pytest.raises(TrustError, match="not a regular file"):
+        ProgressiveSession(pkg, trust=keys["a"][1])
+
+
 def test_expired_signature_is_refused(pkgs, keys, tmp_path):
     """Freeze: an old release whose signature expired, replayed. No option accepts it."""
     pkg = _copy(pkgs["v2"], tmp_path / "p")
