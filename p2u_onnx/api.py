@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -15,6 +16,7 @@ from .encoder import weights_digest
 from .errors import FormatError, IntegrityError, P2UError
 from .format import AtomicFile, check_file_entry, load_manifest, read_stage, stage_file_name
 from .reconstruct import WeightState
+from .trust import Policy, TrustSpec, read_manifest_bytes, read_signature
 
 __all__ = ["restore", "inspect", "verify", "open_stages"]
 
@@ -40,10 +42,23 @@ def _check_base_digests(package: Path, manifest: dict[str, Any]) -> None:
         check_file_entry(package / f["path"], f)
 
 
-def open_stages(package: str | os.PathLike, until: int | None = None) -> WeightState:
-    """A :class:`WeightState` advanced through stages 1..``until`` of a package directory."""
+def _checked_manifest(package: Path, expect: str | None, trust: TrustSpec | None
+                      ) -> tuple[dict[str, Any], bytes]:
+    """The manifest of a package folder and its exact bytes; with ``expect`` / ``trust``,
+    checked against the pin (before parsing) and the signature (see :mod:`p2u_onnx.trust`).
+    No version state is read or written here."""
+    raw = read_manifest_bytes(package)
+    manifest = Policy.make(expect, trust).admit(raw, str(package / "manifest.json"),
+                                                lambda: read_signature(package))
+    return manifest, raw
+
+
+def open_stages(package: str | os.PathLike, until: int | None = None, *,
+                manifest: dict[str, Any] | None = None) -> WeightState:
+    """A :class:`WeightState` advanced through stages 1..``until`` of a package directory
+    (``manifest``: the package's, when already read and checked)."""
     package = Path(package)
-    manifest = load_manifest(package)
+    manifest = load_manifest(package) if manifest is None else manifest
     until = _stage_index(manifest, until)
     for f in manifest["base_model"]["files"]:
         _check_file(package, f)
@@ -56,15 +71,16 @@ def open_stages(package: str | os.PathLike, until: int | None = None) -> WeightS
     return state
 
 
-def load_stage_model(package: str | os.PathLike, stage: int | None = None) -> onnx.ModelProto:
+def load_stage_model(package: str | os.PathLike, stage: int | None = None, *,
+                     manifest: dict[str, Any] | None = None) -> onnx.ModelProto:
     """The ONNX model of a stage, all data in memory."""
     package = Path(package)
-    manifest = load_manifest(package)
+    manifest = load_manifest(package) if manifest is None else manifest
     stage = _stage_index(manifest, stage)
     if stage == 0:
         _check_base_digests(package, manifest)
         return onnx.load(str(package / "base.onnx"), load_external_data=True)
-    return _filled_model(open_stages(package, stage))
+    return _filled_model(open_stages(package, stage, manifest=manifest))
 
 
 def _filled_model(state: WeightState) -> onnx.ModelProto:
@@ -96,14 +112,20 @@ def _filled_model(state: WeightState) -> onnx.ModelProto:
 
 
 def restore(package: str | os.PathLike, output: str | os.PathLike,
-            stage: int | None = None) -> Path:
+            stage: int | None = None, *, expect: str | None = None,
+            trust: TrustSpec | None = None) -> Path:
     """Write the model of ``stage`` (default: the last) of ``package`` to ``output``.
 
     >>> restore("model.p2u", "model_s1.onnx", stage=1)  # doctest: +SKIP
 
     Models over 2 GB are written with their tensors in ``<output>.data`` beside it.
+    ``expect`` (``"sha256:<hex>"`` of ``manifest.json``) and ``trust`` (public keys) refuse a
+    package that is not pinned or signed as asked (:class:`~p2u_onnx.errors.TrustError`) before
+    anything is written; versions are not checked or recorded (see :mod:`p2u_onnx.trust`).
     """
-    model = load_stage_model(package, stage)
+    package = Path(package)
+    model = load_stage_model(package, stage,
+                             manifest=_checked_manifest(package, expect, trust)[0])
     out = Path(output)
     # ByteSize() itself fails past 2 GB: count the tensor bytes instead
     size = sum(len(t.raw_data) for t in _all_tensors(model))
@@ -133,13 +155,14 @@ def _all_tensors(model: onnx.ModelProto):
     return (s.tensor for s in iter_slots(model))
 
 
-def inspect(package: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:
+def inspect(package: str | os.PathLike, tensors: bool = False, *, expect: str | None = None,
+            trust: TrustSpec | None = None) -> dict[str, Any]:
     """Per-stage table of a package: bits, bytes, share of the original, max error.
 
     With ``tensors``, also ``tensor_table``: per coded tensor its base bits, layout, size and
-    estimated share of the base's output error.
+    estimated share of the base's output error. ``expect`` / ``trust``: as for :func:`verify`.
     """
-    manifest = load_manifest(package)
+    manifest = _checked_manifest(Path(package), expect, trust)[0]
     src = manifest["source"]
     orig = src.get("weight_bytes") or 1
     rows = []
@@ -152,6 +175,7 @@ def inspect(package: str | os.PathLike, tensors: bool = False) -> dict[str, Any]
         })
     return {
         "package": str(package), "package_id": manifest["package_id"],
+        "name": manifest.get("name"), "version": manifest.get("version"),
         "format_version": manifest["format_version"], "source": src,
         "plan": manifest["plan"], "config": manifest.get("config", {}),
         "base_opset": manifest["base_model"].get("opset"),
@@ -164,14 +188,20 @@ def inspect(package: str | os.PathLike, tensors: bool = False) -> dict[str, Any]
     }
 
 
-def verify(package: str | os.PathLike) -> dict[str, Any]:
+def verify(package: str | os.PathLike, *, expect: str | None = None,
+           trust: TrustSpec | None = None) -> dict[str, Any]:
     """Check every file against the manifest and replay every stage.
 
     For a plan that ends lossless, the restored weights must hash to the source digest. Raises
-    :class:`IntegrityError` / :class:`FormatError` naming the first problem.
+    :class:`IntegrityError` / :class:`FormatError` naming the first problem. ``expect``
+    (``"sha256:<hex>"`` of the exact bytes of ``manifest.json``) pins the package and ``trust``
+    (public keys: ``"ed25519:..."``, ``.pub`` files) asks for a valid signature by one of them
+    (:class:`~p2u_onnx.errors.TrustError`); both are checked first. A local folder's version is
+    neither checked against nor recorded in the device's version state (sessions and fetches
+    do that). The result's ``manifest_sha256`` is what ``expect`` takes.
     """
     package = Path(package)
-    manifest = load_manifest(package)
+    manifest, raw = _checked_manifest(package, expect, trust)
     _check_base_digests(package, manifest)
     try:
         onnx.checker.check_model(str(package / "base.onnx"))
@@ -181,9 +211,12 @@ def verify(package: str | os.PathLike) -> dict[str, Any]:
                package_id=manifest["package_id"], stage=0,
                sha256=manifest["stages"][0]["files"][0]["sha256"])
     last = len(manifest["stages"]) - 1
-    result = {"package": str(package), "stages": last + 1, "lossless_match": None}
+    result = {"package": str(package), "stages": last + 1, "lossless_match": None,
+              "signed": trust is not None, "name": manifest.get("name"),
+              "version": manifest.get("version"),
+              "manifest_sha256": hashlib.sha256(raw).hexdigest()}
     if last >= 1:
-        state = open_stages(package, last)
+        state = open_stages(package, last, manifest=manifest)
         if manifest["plan"][-1] == "lossless":
             digest = weights_digest(_filled_model(state))
             if digest != manifest["source"]["weights_sha256"]:

@@ -55,13 +55,24 @@ def serve(package, host, port, rate, quiet) -> None:
               help="Seconds to wait to connect and between two reads.")
 @click.option("--attempts", type=int, default=6, show_default=True,
               help="Tries per request without progress before giving up.")
+@click.option("--expect", metavar="sha256:HEX",
+              help="Refuse the package unless manifest.json's sha256 is HEX (this pins every "
+                   "file: the manifest lists their sha256).")
+@click.option("--trust", "trust", multiple=True, metavar="PUBKEY",
+              help="Refuse the package unless manifest.json.sig is a valid, unexpired signature "
+                   "by this key: 'ed25519:...' or a .pub file (repeat for several keys).")
+@click.option("--allow-rollback", is_flag=True,
+              help="Accept a package older than the version of its model seen before (the "
+                   "mirror's newer files are then replaced).")
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar.")
 @_friendly
-def fetch(url, output, timeout, attempts, quiet) -> None:
+def fetch(url, output, timeout, attempts, expect, trust, allow_rollback, quiet) -> None:
     """Mirror the package at URL into a directory, checking every file against its manifest.
 
     Resumable: after an interruption run the same command again and it continues where it
-    stopped. The result is a package directory (p2u verify, p2u restore, ProgressiveSession).
+    stopped. The result is a package directory (p2u verify, p2u restore, ProgressiveSession),
+    with the package's signature when it has one. A refused manifest (--expect, --trust, or a
+    version older than one seen before) is never written, and the directory is left as it was.
     """
 
     try:
@@ -80,7 +91,8 @@ def fetch(url, output, timeout, attempts, quiet) -> None:
     with ProgressBar("fetch", quiet) as progress:
         try:
             path = do_fetch(url, output, progress, cancel,
-                            retry=RetryPolicy(attempts=attempts, timeout=timeout))
+                            retry=RetryPolicy(attempts=attempts, timeout=timeout),
+                            expect=expect, trust=trust or None, allow_rollback=allow_rollback)
         except KeyboardInterrupt:
             cancel.set()
             raise

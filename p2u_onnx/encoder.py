@@ -30,7 +30,7 @@ from . import quantizers as qz
 from .codecs import SegmentsCodec, ZstdCodec
 from .config import LOSSLESS, BitBudget, Plan, QuantConfig
 from .dtypes import ONNX_BFLOAT16, dtype_info
-from .errors import P2UError, UnsupportedModelError
+from .errors import P2UError, PlanError, UnsupportedModelError
 from .format import FORMAT_VERSION, AtomicFile, StageWriter, save_manifest, sha256_file, \
     stage_file_name
 from .graph import check_domains, default_opset, iter_slots
@@ -76,6 +76,19 @@ def load_model(source: str | os.PathLike | ModelProto) -> tuple[ModelProto, str]
     if not model.graph.node and not model.graph.initializer:
         raise UnsupportedModelError(f"{path}: not an ONNX model (empty graph)")
     return model, path.stem
+
+
+def _identity(name: object, version: object) -> tuple[str, int]:
+    """The manifest's ``name`` and ``version``, checked (:class:`PlanError` otherwise)."""
+    from .trust import MAX_VERSION
+
+    if not isinstance(name, str) or not name.strip() or len(name) > 200 \
+            or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise PlanError(f"name {name!r}: give 1 to 200 printable characters")
+    if isinstance(version, bool) or not isinstance(version, int) \
+            or not 0 <= version <= MAX_VERSION:
+        raise PlanError(f"version {version!r}: give an integer from 0 to 2**63-1")
+    return name, version
 
 
 def _first_line(e: BaseException) -> str:
@@ -161,6 +174,8 @@ def encode(
     overwrite: bool = False,
     probe: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    name: str | None = None,
+    version: int | None = None,
 ) -> EncodeResult:
     """Encode ``model`` into the package directory ``output``.
 
@@ -168,16 +183,26 @@ def encode(
 
     ``probe`` records, per stage, outputs on synthetic inputs that the runtime checks after each
     upgrade (see :mod:`p2u_onnx.probe`). ``progress(done, total)`` is called with weight bytes
-    processed. Raises
+    processed. ``name`` and ``version`` identify the release for rollback protection (see
+    :mod:`p2u_onnx.trust`): a device refuses a lower version of a name it has seen; defaults:
+    the model file's stem (or graph name) and ``$SOURCE_DATE_EPOCH``, else the encode time in
+    seconds. Raises
     :class:`UnsupportedModelError` for input it cannot convert and :class:`PlanError` for bad
     options; on any error nothing is left at ``output``.
     """
     t0 = time.perf_counter()
+    name_arg = name
     plan = Plan.parse(plan) if isinstance(plan, str) else plan
     out = Path(output)
     if out.exists() and not overwrite:
-        raise P2UError(f"{out} already exists (use overwrite=True / --force)")
+        raise P2UError(f"{out} already exists (use overwrite=True)",
+                       cli=f"{out} already exists (use --force)")
+    if version is None:  # reproducible builds set SOURCE_DATE_EPOCH
+        epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+        version = int(epoch) if epoch.isdigit() else int(time.time())
+    _identity("model" if name_arg is None else name_arg, version)  # bad options: before loading
     m, name, converted = _load_source(model)
+    ident = _identity(name if name_arg is None else name_arg, version)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     loaded = [m]  # handed over, not kept here: _encode_into frees the model's weights
@@ -185,7 +210,8 @@ def encode(
     try:
         try:
             manifest = _encode_into(loaded.pop(), name, tmp, plan, config, progress,
-                                    raise_opset=True, probe=probe, budget=budget, note=converted)
+                                    raise_opset=True, probe=probe, budget=budget, note=converted,
+                                    ident=ident)
         except _OpsetFallback as fb:
             # Keep the model's opset (>= 10): INT8 containers, per-channel (or per-tensor) scales.
             opset = fb.opset
@@ -196,7 +222,8 @@ def encode(
             fallback = f"{fb.reason}; fell back to INT8 codes with {gran} scales at opset {opset}"
             manifest = _encode_into(_load_source(model)[0], name, tmp, plan, config, progress,
                                     raise_opset=False, probe=probe, budget=budget,
-                                    note="; ".join(filter(None, [converted, fallback])))
+                                    note="; ".join(filter(None, [converted, fallback])),
+                                    ident=ident)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -430,7 +457,8 @@ def _load_source(model: str | os.PathLike | ModelProto) -> tuple[ModelProto, str
 
 def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantConfig,
                  progress, *, raise_opset: bool, probe: bool = True,
-                 budget: BitBudget = BitBudget(), note: str | None = None) -> dict[str, Any]:
+                 budget: BitBudget = BitBudget(), note: str | None = None,
+                 ident: tuple[str, int] = ("model", 0)) -> dict[str, Any]:
     passes.lift_constants(m, config.min_elements)
     selected = passes.select_weights(m, config)
     m, selected, taken = _detach_weights(m, selected)
@@ -492,7 +520,7 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
         base_stage = _write_base(m, tmp, coder, coded, ctypes, opset0, target_opset, package_id)
         finished = [base_stage] + [f.result() for f in later]
     return _manifest(m, tmp, name, plan, config, budget, bitplan, selected, coder, finished,
-                     src_digest, package_id, opset0, total, probe, note)
+                     src_digest, package_id, opset0, total, probe, note, ident)
 
 
 def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctypes: dict,
@@ -532,7 +560,7 @@ def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctyp
 def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConfig,
               budget: BitBudget, bitplan, selected, coder: _TensorCoder, finished: list,
               src_digest: str, package_id: str, opset0: int, total: int, probe: bool,
-              note: str | None) -> dict[str, Any]:
+              note: str | None, ident: tuple[str, int] = ("model", 0)) -> dict[str, Any]:
     stage_err, stage_rel = coder.stage_err, coder.stage_rel
     tensors_meta, all_bytes = coder.tensors_meta, coder.all_bytes
     fp32_bytes = sum(int(np.prod(s.shape)) * 4 for s in selected)
@@ -551,6 +579,7 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
         })
     manifest = {
         "format": "p2u", "format_version": FORMAT_VERSION, "package_id": package_id,
+        "name": ident[0], "version": ident[1],
         "source": {"name": name, "weights_sha256": src_digest, "opset": opset0,
                    "weight_bytes": all_bytes, "coded_weight_bytes": weight_bytes, "coded_fp32_bytes": fp32_bytes,
                    "coded_tensors": len(selected)},

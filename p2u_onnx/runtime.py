@@ -80,7 +80,6 @@ from .format import (
     StageFile,
     atomic_write_bytes,
     check_file_entry,
-    load_manifest,
     parse_manifest,
     read_stage,
     sha256_bytes,
@@ -88,6 +87,7 @@ from .format import (
 )
 from .probe import Probe
 from .reconstruct import WeightState, extract_file, read_into, weights_size
+from .trust import Policy, TrustSpec, check_signature, read_manifest_bytes, read_signature
 
 __all__ = ["BytesSource", "DirectorySource", "ProgressiveSession", "StageSource", "open_stage"]
 
@@ -118,6 +118,8 @@ class StageSource(Protocol):
 
     :class:`DirectorySource` reads a package directory, :class:`BytesSource` starts from the
     manifest and the bytes of ``stage-0.p2u``; a transport can implement the same four members.
+    For ``expect=`` / ``trust=`` a source also offers ``manifest_bytes`` (the exact bytes the
+    manifest was parsed from) and ``signature_bytes()`` (``manifest.json.sig``, or None).
     """
 
     manifest: dict[str, Any]
@@ -202,11 +204,21 @@ def extract_base(stage0: StageInput, manifest: dict[str, Any], workdir: Path) ->
 
 
 class DirectorySource:
-    """A package directory (``manifest.json``, ``stage-*.p2u``, optionally ``base.*``)."""
+    """A package directory (``manifest.json``, ``stage-*.p2u``, optionally ``base.*``).
 
-    def __init__(self, path: str | os.PathLike):
+    ``policy`` (a :class:`~p2u_onnx.trust.Policy`): the manifest's pin is checked before it is
+    parsed, its signature after; versions are the session's business.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, policy: Policy | None = None):
         self.path = Path(path)
-        self.manifest = load_manifest(self.path)
+        self.manifest_bytes = read_manifest_bytes(self.path)
+        self.manifest = (policy or Policy()).admit(
+            self.manifest_bytes, str(self.path / "manifest.json"), self.signature_bytes)
+
+    def signature_bytes(self) -> bytes | None:
+        """``manifest.json.sig`` of the package, or None when it is not signed."""
+        return read_signature(self.path)
 
     def base_files(self, workdir: Path) -> tuple[Path, Path]:
         entries = _base_entries(self.manifest)
@@ -241,13 +253,18 @@ class BytesSource:
     """A package known by its manifest and the bytes of ``stage-0.p2u``.
 
     Later stages come through :meth:`ProgressiveSession.apply`, or from ``fetch(stage)`` when
-    given (what a transport passes).
+    given (what a transport passes). A session can pin (``expect=``) only a manifest given as
+    bytes, and check a signature (``trust=``) only when ``signature`` holds the bytes of
+    ``manifest.json.sig``.
     """
 
     def __init__(self, manifest: dict[str, Any] | bytes, stage0: StageInput, *,
                  probe: bytes | None = None,
-                 fetch: Callable[[int], StageInput] | None = None):
+                 fetch: Callable[[int], StageInput] | None = None,
+                 signature: bytes | None = None):
+        self.manifest_bytes = None if isinstance(manifest, dict) else bytes(manifest)
         self.manifest = manifest if isinstance(manifest, dict) else parse_manifest(manifest)
+        self._signature = signature
         self._stage0 = stage0
         self._probe = probe
         self._fetch = fetch
@@ -263,6 +280,9 @@ class BytesSource:
 
     def probe_bytes(self) -> bytes | None:
         return self._probe
+
+    def signature_bytes(self) -> bytes | None:
+        return self._signature
 
 
 # ---------------------------------------------------------------- weights on disk and in memory
@@ -483,15 +503,37 @@ def _release(live: _Live) -> None:
         live.weights = None
 
 
-def _http_source(url: str, workdir: str | os.PathLike | None) -> StageSource:
+def _http_source(url: str, workdir: str | os.PathLike | None, **trust: Any) -> StageSource:
     """An :class:`~p2u_onnx.transport.HttpSource` for ``url``; it keeps its downloads in
-    ``workdir/http`` when a work dir is given, so a restart continues where it stopped."""
+    ``workdir/http`` when a work dir is given, so a restart continues where it stopped.
+    ``trust``: its ``expect``, ``trust`` and ``allow_rollback`` arguments."""
     try:
         from .transport import HttpSource
     except ImportError as e:
         raise P2UError("loading a package from a URL needs httpx: "
                        "pip install 'p2u-onnx[http]'") from e
-    return HttpSource(url, None if workdir is None else Path(workdir) / "http")
+    return HttpSource(url, None if workdir is None else Path(workdir) / "http", **trust)
+
+
+def _admit_source(source: StageSource, policy: Policy) -> str:
+    """Check the pin and signature ``policy`` asks for on a source the caller built; returns
+    the name to use in messages."""
+    home = getattr(source, "url", None) or getattr(source, "path", None)
+    where = f"{str(home).rstrip('/')}/manifest.json" if home else "manifest.json (bytes)"
+    if not policy.authenticates:
+        return where
+    raw = getattr(source, "manifest_bytes", None)
+    if not isinstance(raw, (bytes, bytearray)):
+        raise P2UError(f"{type(source).__name__} holds no manifest bytes to check expect= or "
+                       "trust= against (give BytesSource the bytes of manifest.json)")
+    policy.check_pin(bytes(raw), where)
+    if parse_manifest(bytes(raw), where) != source.manifest:
+        raise IntegrityError(f"{where}: the source's manifest is not the one its bytes hold")
+    if policy.keys:
+        sig = getattr(source, "signature_bytes", None)
+        check_signature(sig() if sig is not None else None, bytes(raw), source.manifest,
+                        policy.keys, where)
+    return where
 
 
 class ProgressiveSession:
@@ -504,6 +546,17 @@ class ProgressiveSession:
     after stage ``k >= 1`` became active, in the thread that applied it (an exception it raises
     reaches the caller of :meth:`apply`; the stage stays active). ``verify=False`` skips the
     probe check (e.g. on providers whose numerics differ from the CPU's).
+
+    ``expect="sha256:<hex>"`` pins the exact bytes of ``manifest.json``; ``trust`` (a public key
+    ``"ed25519:..."``, a ``.pub`` file, or a list of them) asks for a valid, unexpired
+    ``manifest.json.sig`` by one of those keys; both are checked before anything else is read,
+    unpacked or loaded (:class:`~p2u_onnx.errors.TrustError` otherwise). Whatever the source,
+    a package whose model name was seen before with a higher version (or the same version with
+    other content) is refused unless ``allow_rollback=True``; once the base is loaded its version
+    is recorded (see :mod:`p2u_onnx.trust`). For a URL these go to the
+    :class:`~p2u_onnx.transport.HttpSource` made here, which checks before it caches anything;
+    for a source you build, give them to it as well (the session checks pins and signatures
+    again on its ``manifest_bytes``).
 
     ``fast_base=True`` loads the base with onnxruntime's ``MatMulAddFusion`` off: where it
     turns MatMul+Add into Gemm before DequantizeLinear->MatMul can become ``MatMulNBits``, the
@@ -523,16 +576,24 @@ class ProgressiveSession:
                  providers: Sequence[Any] | None = None, strategy: str = "swap",
                  workdir: str | os.PathLike | None = None,
                  on_stage: Callable[[int], None] | None = None, *, verify: bool = True,
-                 fast_base: bool = False):
+                 fast_base: bool = False, expect: str | None = None,
+                 trust: TrustSpec | None = None, allow_rollback: bool = False):
         if strategy not in ("swap", "inplace"):
             raise ValueError(f"strategy must be 'swap' or 'inplace', not {strategy!r}")
         self._owned: Any = None  # a source made here from a URL, closed with the session
+        policy = Policy.make(expect, trust, allow_rollback)
         if isinstance(source, str) and source.startswith(("http://", "https://")):
-            source = self._owned = _http_source(source, workdir)
+            source = self._owned = _http_source(source, workdir, expect=expect, trust=trust,
+                                                allow_rollback=allow_rollback)
         try:
-            self._source: StageSource = DirectorySource(source) \
-                if isinstance(source, (str, os.PathLike)) else source
+            if isinstance(source, (str, os.PathLike)):
+                self._source: StageSource = DirectorySource(source, policy=policy)
+                where = str(Path(source) / "manifest.json")
+            else:
+                self._source = source
+                where = _admit_source(source, Policy() if source is self._owned else policy)
             self._manifest = self._source.manifest
+            policy.check_version(self._manifest, where)
         except BaseException:
             self._close_owned()
             raise
@@ -570,6 +631,7 @@ class ProgressiveSession:
             self._probe = None if probe is None else \
                 Probe(self._manifest["probe"], probe, session.get_inputs())
             self._state = WeightState(self._manifest, self._base_bin)
+            policy.record(self._manifest)  # it passed every check and its base loads
         except BaseException:
             self._cleanup()
             self._close_owned()

@@ -58,8 +58,9 @@ from typing import Any
 import httpx
 
 from . import __version__
-from .errors import FormatError, IntegrityError, P2UError, TransportError
+from .errors import FormatError, IntegrityError, P2UError, TransportError, TrustError
 from .format import MANIFEST_NAME, parse_manifest, read_stage, sha256_file
+from .trust import SIGNATURE_NAME, Policy, TrustSpec, check_signature, package_identity
 
 try:  # POSIX: lock the cache directory while a file is downloaded into it
     import fcntl
@@ -150,8 +151,17 @@ class HttpSource:
     instead of one made here (then its timeouts and headers apply). ``mirror=True`` makes
     :meth:`download` fetch every file the manifest lists (stage 0 besides the base files).
 
-    The manifest is fetched in the constructor, which raises :class:`TransportError` or
-    :class:`~p2u_onnx.errors.FormatError`.
+    ``expect="sha256:<hex>"`` pins the exact bytes of ``manifest.json``; ``trust`` (public
+    keys, see :mod:`p2u_onnx.trust`) asks for a valid, unexpired ``manifest.json.sig`` beside
+    it, fetched with it (and kept in the cache, so that an offline restart is checked too).
+    A manifest whose model name this device (its version state) accepted with a higher version,
+    or with the same version and other content, or whose version is lower than the cached
+    manifest's, is refused unless ``allow_rollback=True``. A refused manifest is never written
+    to the cache, and the cached files stay as they were. An accepted manifest's version is
+    recorded in the version state.
+
+    The manifest is fetched in the constructor, which raises :class:`TransportError`,
+    :class:`~p2u_onnx.errors.FormatError` or :class:`~p2u_onnx.errors.TrustError`.
 
     >>> src = HttpSource("http://127.0.0.1:8000/", cache_dir="cache")  # doctest: +SKIP
     >>> session = ProgressiveSession(src)                                # doctest: +SKIP
@@ -161,7 +171,13 @@ class HttpSource:
                  retry: RetryPolicy | None = None, progress: Progress | None = None,
                  cancel: threading.Event | None = None, prefetch: bool = True,
                  headers: dict[str, str] | None = None, client: httpx.Client | None = None,
-                 mirror: bool = False):
+                 mirror: bool = False, expect: str | None = None,
+                 trust: TrustSpec | None = None, allow_rollback: bool = False):
+        self._policy = Policy.make(expect, trust, allow_rollback)  # bad arguments: no request
+        self._mirror = mirror
+        self._signature: bytes | None = None
+        self._signature_known = False
+        self.manifest_bytes = b""
         self.url = _package_url(url)
         self._retry = retry or RetryPolicy()
         self._progress = progress
@@ -231,6 +247,13 @@ class HttpSource:
         """The verified probe file, or None when the package has none."""
         path = self._need("probe")
         return None if path is None else path.read_bytes()
+
+    def signature_bytes(self) -> bytes | None:
+        """``manifest.json.sig`` as the server (or, offline, the cache) has it, or None."""
+        if not self._signature_known:
+            self._signature = self._get_signature()
+            self._signature_known = True
+        return self._signature
 
     # -- more
 
@@ -542,15 +565,78 @@ class HttpSource:
             except _Retry as e:
                 if e.network:
                     self.offline = True
-                    return cached[1]
+                    return self._admit_offline(cached[0], cached_path)
         if text is None:
             text = self._retrying(url, lambda: self._get_manifest(url))
-        manifest = parse_manifest(text, url)
+        manifest = self._admit(text, url, None if cached is None else cached[1])
         if cached is None or cached[0] != text:
             if cached is not None:
                 self._forget(cached[1], manifest)
             _write_atomic(cached_path, text)
+        self._cache_signature()
+        self._policy.record(manifest)
         return manifest
+
+    def _admit(self, text: bytes, url: str, cached: dict[str, Any] | None) -> dict[str, Any]:
+        """The manifest in ``text`` if it passes the pin, the signature and the version checks
+        (:class:`TrustError` otherwise: nothing is written then)."""
+        policy = self._policy
+        policy.check_pin(text, url)
+        manifest = parse_manifest(text, url)
+        self.manifest_bytes = text
+        if policy.keys or self._mirror:  # a mirror keeps the signature a package has
+            self.signature_bytes()
+        if policy.keys:
+            check_signature(self._signature, text, manifest, policy.keys, url)
+        elif self._signature is not None and not _signs(self._signature, text):
+            self._signature = None  # a stale signature of another release: not mirrored
+        policy.check_version(manifest, url)
+        ident = package_identity(manifest, url)
+        try:
+            old = None if cached is None else package_identity(cached)
+        except FormatError:
+            old = None
+        if ident and old and ident[0] == old[0] and ident[1] < old[1] \
+                and not policy.allow_rollback:
+            msg = (f"{url}: model {ident[0]!r} version {ident[1]} is older than version "
+                   f"{old[1]} in the cache {self.cache_dir} (rollback refused; the cache is "
+                   "kept as it is)")
+            raise TrustError(f"{msg}; pass allow_rollback=True to accept it",
+                             cli=f"{msg}; use --allow-rollback to accept it")
+        return manifest
+
+    def _admit_offline(self, text: bytes, path: Path) -> dict[str, Any]:
+        """The cached manifest, checked as a fresh one would be (signature from the cache)."""
+        self._signature = _read_small(self.cache_dir / SIGNATURE_NAME)
+        self._signature_known = True
+        policy = self._policy
+        policy.check_pin(text, str(path))
+        manifest = parse_manifest(text, str(path))
+        self.manifest_bytes = text
+        if policy.keys:
+            check_signature(self._signature, text, manifest, policy.keys, str(path))
+        policy.check_version(manifest, str(path))
+        policy.record(manifest)
+        return manifest
+
+    def _get_signature(self) -> bytes | None:
+        """``manifest.json.sig`` from the server, or None when it has none (404, 403, 410)."""
+        url = self.url + SIGNATURE_NAME
+        try:
+            return self._retrying(url, lambda: self._get_manifest(url))
+        except TransportError as e:
+            if re.search(r"HTTP (?:403|404|410)\b", str(e)):
+                return None
+            raise
+
+    def _cache_signature(self) -> None:
+        """Keep the accepted manifest's signature beside it in the cache (or none)."""
+        path = self.cache_dir / SIGNATURE_NAME
+        if self._signature is None:
+            if self._signature_known or not _signs(_read_small(path) or b"", self.manifest_bytes):
+                _unlink(path)
+        elif _read_small(path) != self._signature:
+            _write_atomic(path, self._signature)
 
     def _forget(self, old: dict[str, Any], new: dict[str, Any]) -> None:
         """Remove cached files of ``old`` that ``new`` does not list with the same digest."""
@@ -637,17 +723,21 @@ class _Transport(httpx.BaseTransport):
 
 def fetch(url: str, dest_dir: str | os.PathLike, progress: Progress | None = None,
           cancel: threading.Event | None = None, *, retry: RetryPolicy | None = None,
-          headers: dict[str, str] | None = None) -> Path:
+          headers: dict[str, str] | None = None, expect: str | None = None,
+          trust: TrustSpec | None = None, allow_rollback: bool = False) -> Path:
     """Mirror the package at ``url`` into ``dest_dir``; returns ``dest_dir`` as a Path.
 
     Every file the manifest lists arrives checked against it. Interrupted (error, ``cancel``
-    set, process killed), a second call continues where the first stopped.
+    set, process killed), a second call continues where the first stopped. ``expect``,
+    ``trust`` and ``allow_rollback``: as for :class:`HttpSource` (a signature the package has
+    is mirrored with it).
 
     >>> fetch("http://127.0.0.1:8000/", "model.p2u")  # doctest: +SKIP
     PosixPath('model.p2u')
     """
     with HttpSource(url, dest_dir, retry=retry, progress=progress, cancel=cancel,
-                    prefetch=False, headers=headers, mirror=True) as src:
+                    prefetch=False, headers=headers, mirror=True, expect=expect, trust=trust,
+                    allow_rollback=allow_rollback) as src:
         src.download()
     return Path(dest_dir)
 
@@ -718,6 +808,28 @@ def _read_cached_manifest(path: Path) -> tuple[bytes, dict[str, Any]] | None:
         return text, parse_manifest(text, str(path))
     except (OSError, FormatError):
         return None
+
+
+def _read_small(path: Path, cap: int = 64 << 10) -> bytes | None:
+    """Up to ``cap`` bytes of a regular file of the cache, or None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(cap + 1)
+    except OSError:
+        return None
+    return data if len(data) <= cap else None
+
+
+def _signs(signature: bytes, manifest: bytes) -> bool:
+    """Whether ``signature`` is an envelope over these manifest bytes (not verified: a mirror
+    keeps it for whoever checks it with their keys)."""
+    from .trust import _parse_envelope, manifest_sha256
+
+    try:
+        signed, _ = _parse_envelope(signature, SIGNATURE_NAME)
+    except P2UError:
+        return False
+    return signed.get("manifest_sha256") == manifest_sha256(manifest)
 
 
 def _read_meta(path: Path, f: _Entry) -> dict[str, Any] | None:
