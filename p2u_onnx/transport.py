@@ -586,15 +586,15 @@ class HttpSource:
                     min(e.retry_after, self._retry.max_backoff)
                 if time.monotonic() + wait >= end:
                     raise TransportError(f"{e.reason} (gave up: no time left before the "
-                                         f"deadline of {budget:g} s)", url) from e
+                                         f"deadline of {_secs(budget)} s)", url) from e
                 self._sleep(wait, url)
 
     def _deadline_error(self, url: str, size: int | None) -> TransportError:
         budget = self._retry.budget(size)
-        how = f"{self._retry.deadline:g} s" + \
+        how = f"{_secs(self._retry.deadline)} s" + \
             (f" + {size} bytes at {self._retry.min_rate:g} bytes/s" if size else "")
-        return TransportError(f"not complete within its deadline of {budget:g} s ({how}): the "
-                              "server is too slow or stalls on purpose", url)
+        return TransportError(f"not complete within its deadline of {_secs(budget)} s ({how}): "
+                              "the server is too slow or stalls on purpose", url)
 
     @contextlib.contextmanager
     def _open(self, url: str, headers: dict[str, str], end: float,
@@ -616,13 +616,13 @@ class HttpSource:
             if _origin(current) == origin:
                 request = self._client.build_request("GET", current, headers=headers,
                                                      timeout=timeout)
-                r = self._client.send(request, stream=True, follow_redirects=False)
+                r = self._send(request, url)
             else:
                 safe = {k: v for k, v in headers.items() if k.lower() in _SAFE_HEADERS}
                 safe.setdefault("User-Agent", f"p2u-onnx/{__version__}")
                 request = httpx.Request("GET", current, headers=safe,
                                         extensions={"timeout": timeout.as_dict()})
-                r = self._client.send(request, stream=True, follow_redirects=False, auth=None)
+                r = self._send(request, url, auth=None)
             if not r.has_redirect_location:
                 try:
                     yield r
@@ -643,6 +643,13 @@ class HttpSource:
                                      " a downgrade, refused", url)
             current = target
         raise TransportError(f"more than {MAX_REDIRECTS} redirects", url)
+
+    def _send(self, request: httpx.Request, url: str, **kw: Any) -> httpx.Response:
+        try:
+            return self._client.send(request, stream=True, follow_redirects=False, **kw)
+        except httpx.InvalidURL as e:  # httpx parses a redirect's Location even unfollowed
+            raise TransportError(f"redirected to an invalid URL, or not to http(s) ({e})",
+                                 url) from e
 
     # -- the manifest
 
@@ -1039,6 +1046,10 @@ class _Decoder:
 
 def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
     return url.scheme, url.host, url.port
+
+
+def _secs(x: float) -> str:
+    return f"{x:.1f}".removesuffix(".0")
 
 
 def _short(text: str, n: int = 80) -> str:
