@@ -22,10 +22,10 @@ How the files travel:
   (``prefetch``): the link keeps busy while the session applies a stage. The base is fetched as
   ``stage-0.p2u`` (compressed) or as ``base.onnx`` + ``base.bin``, whichever the manifest says is
   fewer bytes.
-* A file arrives in ``NAME.part`` inside the cache directory, with the server's validator in
-  ``NAME.part.json``. It is checked against the manifest's size and sha256, then renamed to
-  ``NAME``. So the cache never holds a file that failed its check, and a cached file is checked
-  again before it is used.
+* A file arrives in ``.p2u/NAME.part`` inside the cache directory, with the server's validator
+  in ``.p2u/NAME.part.json``. It is checked against the manifest's size and sha256, then renamed
+  to ``NAME``. So the cache never holds a file that failed its check, and a cached file is
+  checked again before it is used.
 * An interrupted transfer resumes with ``Range: bytes=N-`` and ``If-Range`` (the strong ETag,
   else Last-Modified). A server whose file changed answers 200, and the file starts over.
 * Failures that may pass are retried with exponential backoff (:class:`RetryPolicy`): connection
@@ -33,9 +33,18 @@ How the files travel:
   new bytes resets the count. Other failures are final at once: 404, 403, a size the manifest
   does not promise. Every error is a :class:`~p2u_onnx.errors.TransportError` naming the URL.
 
+What a hostile server cannot do (docs/security.md): make the client decode or store more than
+the manifest's sizes (``Accept-Encoding: identity``; an encoded file is refused, an encoded
+manifest decoded under :data:`MAX_MANIFEST`; bodies are cut at the promised size); hold it
+forever (every file has an overall deadline, every read ends by it, and the requests for one
+file are bounded in all); lead it out of http(s), from https to http, or carry the caller's
+headers to another origin (redirects are followed here, :data:`MAX_REDIRECTS` hops at most);
+make it write a manifest it refused, or touch a file it did not write.
+
 The cache directory doubles as a mirror: once everything has arrived it is a complete package
-directory (``DirectorySource``, ``p2u verify``, nginx can serve it). Without ``cache_dir``, files go
-to a temporary directory that :meth:`HttpSource.close` removes.
+directory (``DirectorySource``, ``p2u verify``, nginx can serve it; p2u's own files are in the
+hidden ``.p2u/``). It must be new, empty or a mirror already (:mod:`p2u_onnx._mirror`). Without
+``cache_dir``, files go to a temporary directory that :meth:`HttpSource.close` removes.
 """
 
 from __future__ import annotations
@@ -63,8 +72,8 @@ import httpx
 from . import __version__
 from ._mirror import MirrorDir
 from .errors import FormatError, IntegrityError, P2UError, TransportError
-from .format import MANIFEST_NAME, check_name, package_file, parse_manifest, read_stage, \
-    sha256_file
+from .format import MANIFEST_NAME, check_name, open_regular, package_file, parse_manifest, \
+    read_stage, sha256_file
 
 try:  # POSIX: lock the cache directory while a file is downloaded into it
     import fcntl
@@ -180,7 +189,8 @@ class HttpSource:
     are sent with every request to the package's origin (e.g. authorization), never to another
     origin a redirect leads to; ``client`` is an ``httpx.Client`` to use instead of one made here
     (then its headers and transport apply, with the same rule for redirects; :meth:`close` can
-    then not break a stalled read, which ends at ``timeout``). ``mirror=True`` makes
+    then not break a stalled read, which ends at ``timeout``, and the deadline is checked at
+    each chunk rather than each read). ``mirror=True`` makes
     :meth:`download` fetch every file the manifest lists (stage 0 besides the base files).
 
     ``cache_dir`` must be new, empty, or a mirror p2u made (it has a ``.p2u/`` folder, where the
@@ -269,7 +279,10 @@ class HttpSource:
     def probe_bytes(self) -> bytes | None:
         """The verified probe file, or None when the package has none."""
         path = self._need("probe")
-        return None if path is None else path.read_bytes()
+        if path is None:
+            return None
+        with open_regular(path) as fh:
+            return fh.read()
 
     # -- more
 
@@ -606,6 +619,17 @@ class HttpSource:
         client's own headers and credentials) go only to the origin of ``url``; another origin
         receives just the headers about the request itself (``_SAFE_HEADERS``).
         """
+        outer = getattr(_DEADLINE, "end", None)
+        _DEADLINE.end = end  # every read and write of this thread's connections ends by then
+        try:
+            with self._follow(url, headers, end, size) as r:
+                yield r
+        finally:
+            _DEADLINE.end = outer
+
+    @contextlib.contextmanager
+    def _follow(self, url: str, headers: dict[str, str], end: float,
+                size: int | None) -> Iterator[httpx.Response]:
         current = httpx.URL(url)
         origin = _origin(current)
         for _hop in range(MAX_REDIRECTS + 1):
@@ -823,8 +847,9 @@ class _Backend(httpcore.SyncBackend):
         self._lock = threading.Lock()
         self._socks: weakref.WeakSet[socket.socket] = weakref.WeakSet()
 
-    def connect_tcp(self, *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
-        return _Tracked(super().connect_tcp(*args, **kwargs), self)
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
+        return _Tracked(super().connect_tcp(host, port, _clamp(timeout), *args, **kwargs), self)
 
     def track(self, stream: httpcore.NetworkStream) -> None:
         sock = stream.get_extra_info("socket")
@@ -842,8 +867,24 @@ class _Backend(httpcore.SyncBackend):
                 pass
 
 
+_DEADLINE = threading.local()  # .end: monotonic time by which this thread's request must end
+
+
+def _clamp(timeout: float | None) -> float | None:
+    """``timeout`` shortened to what is left before the current request's deadline, so that a
+    server dripping its headers or body byte by byte cannot stretch a request past it."""
+    end = getattr(_DEADLINE, "end", None)
+    if end is None:
+        return timeout
+    left = end - time.monotonic()
+    if left <= 0:
+        raise httpcore.ReadTimeout("the transfer's deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
 class _Tracked(httpcore.NetworkStream):
-    """A network stream whose socket (after TLS too) its backend can shut down."""
+    """A network stream whose socket (after TLS too) its backend can shut down, and whose
+    reads and writes end by the current request's deadline."""
 
     def __init__(self, stream: httpcore.NetworkStream, backend: _Backend):
         self._stream = stream
@@ -851,17 +892,17 @@ class _Tracked(httpcore.NetworkStream):
         backend.track(stream)
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._stream.read(max_bytes, timeout)
+        return self._stream.read(max_bytes, _clamp(timeout))
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
-        self._stream.write(buffer, timeout)
+        self._stream.write(buffer, _clamp(timeout))
 
     def close(self) -> None:
         self._stream.close()
 
     def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
                   timeout: float | None = None) -> httpcore.NetworkStream:
-        return _Tracked(self._stream.start_tls(ssl_context, server_hostname, timeout),
+        return _Tracked(self._stream.start_tls(ssl_context, server_hostname, _clamp(timeout)),
                         self._backend)
 
     def get_extra_info(self, info: str) -> Any:
@@ -874,7 +915,10 @@ def fetch(url: str, dest_dir: str | os.PathLike, progress: Progress | None = Non
     """Mirror the package at ``url`` into ``dest_dir``; returns ``dest_dir`` as a Path.
 
     Every file the manifest lists arrives checked against it. Interrupted (error, ``cancel``
-    set, process killed), a second call continues where the first stopped.
+    set, process killed), a second call continues where the first stopped. ``dest_dir`` must be
+    new, empty or a mirror made by p2u (it has ``.p2u/``): a folder of the user's is refused
+    with :class:`~p2u_onnx.errors.P2UError` before any request, and no file p2u did not write is
+    ever replaced or removed.
 
     >>> fetch("http://127.0.0.1:8000/", "model.p2u")  # doctest: +SKIP
     PosixPath('model.p2u')

@@ -465,6 +465,27 @@ def test_slow_drip_manifest_hits_the_deadline(hostile, pkg, tmp_path):
     assert not (tmp_path / "c" / "manifest.json").exists()
 
 
+def test_dripped_headers_hit_the_deadline(hostile, tmp_path):
+    """The status line, then one header byte every 0.2 s: httpx is still reading headers
+    (each read gets its byte well within the idle timeout), and the deadline ends it."""
+    def headers_forever(h: BaseHTTPRequestHandler) -> None:
+        h.wfile.write(b"HTTP/1.1 200 OK\r\n")
+        give_up = time.monotonic() + 8  # a regression fails the test instead of hanging it
+        try:
+            while not h.server.stop.wait(0.2) and time.monotonic() < give_up:
+                h.wfile.write(b"X")
+                h.wfile.flush()
+        except OSError:
+            pass
+        h.close_connection = True
+
+    hostile.routes["manifest.json"] = headers_forever
+    t = time.monotonic()
+    with pytest.raises(TransportError, match="deadline of 1.5 s"):
+        HttpSource(hostile.url, tmp_path / "c", retry=RetryPolicy(timeout=5.0, deadline=1.5))
+    assert time.monotonic() - t < 3.5
+
+
 def test_deadline_scales_with_the_file_size():
     p = RetryPolicy(deadline=10, min_rate=1000)
     assert p.budget() == 10 and p.budget(5000) == 15
