@@ -190,7 +190,8 @@ class PackageServer(ThreadingHTTPServer):
             try:
                 request.settimeout(1.0)
                 got = b""
-                while b"\r\n\r\n" not in got and len(got) < 65536:
+                end = time.monotonic() + 2.0  # a client that drips its request is not waited for
+                while b"\r\n\r\n" not in got and len(got) < 65536 and time.monotonic() < end:
                     data = request.recv(4096)
                     if not data:
                         break

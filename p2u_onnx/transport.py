@@ -85,7 +85,7 @@ __all__ = ["HttpSource", "RetryPolicy", "fetch"]
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: bytes of the planned files present in the cache, and their sum."""
 
-MAX_MANIFEST = 64 << 20
+MAX_MANIFEST = 16 << 20
 """Bytes of ``manifest.json`` at most; a larger one is refused while it streams in."""
 MAX_FILE = 1 << 40
 """Bytes of one package file at most (1 TiB): a manifest that lists more is refused before
@@ -257,6 +257,10 @@ class HttpSource:
             self._total = sum(f.size for f in planned)
             self._planned_names = {f.name for f in planned}
             self._commit_manifest()  # accepted: only now is it written to the cache
+        except (KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+            self.close()  # a manifest of the wrong shape: one line, never a traceback
+            raise FormatError(f"{self.url}{MANIFEST_NAME}: malformed manifest "
+                              f"({type(e).__name__}: {_short(str(e))})") from None
         except BaseException:
             self.close()
             raise
@@ -1000,7 +1004,7 @@ def _read_cached_manifest(path: Path) -> tuple[bytes, dict[str, Any]] | None:
     try:
         text = path.read_bytes()
         return text, parse_manifest(text, str(path))
-    except (OSError, FormatError):
+    except (OSError, FormatError, KeyError, TypeError, AttributeError, RecursionError):
         return None
 
 

@@ -917,6 +917,46 @@ def test_serve_bounds_concurrent_connections(served):
         held[1].close()
 
 
+def test_serve_survives_a_connection_flood(served):
+    """200 connections at once against max_connections=4: the server's threads stay bounded
+    (4 handlers + at most 8 answering 503), and it serves again once they are gone."""
+    before = threading.active_count()
+    with PackageServer(served, max_connections=4, idle_timeout=5) as srv:
+        addr = srv.server_address[:2]
+        flood = []
+        peak = 0
+        for _ in range(200):
+            try:
+                flood.append(socket.create_connection(addr, timeout=5))
+            except OSError:
+                pass
+            peak = max(peak, threading.active_count())
+        time.sleep(0.5)
+        peak = max(peak, threading.active_count())
+        assert peak - before <= 1 + 4 + 8, peak - before  # + the server's own thread
+        for s in flood:
+            s.close()
+        _wait_for(lambda: _get(srv.url, "/m.p2u/manifest.json")[0] == 200)
+
+
+def test_malformed_manifest_shapes_give_one_line(hostile, pkg, tmp_path):
+    """Manifests of the wrong shape reaching the client: FormatError, never a raw exception,
+    and nothing written."""
+    good = json.loads((pkg / "manifest.json").read_bytes())
+    bad = [dict(good, base_model=None), dict(good, base_model={"files": 3}),
+           dict(good, probe=[1]), dict(good, stages=[{"index": 0, "files": [7]}]),
+           dict(good, stages=[{"index": 0, "files": [{"path": "x", "size": True,
+                                                      "sha256": "0" * 64}]}])]
+    for i, m in enumerate(bad):
+        hostile.routes["manifest.json"] = lambda h, m=m: send(h, 200, json.dumps(m).encode())
+        with pytest.raises(FormatError):
+            HttpSource(hostile.url, tmp_path / f"c{i}", prefetch=False, retry=FAST)
+        assert not (tmp_path / f"c{i}" / "manifest.json").exists()
+    hostile.routes["manifest.json"] = lambda h: send(h, 200, b"[" * 100_000 + b"]" * 100_000)
+    with pytest.raises(FormatError):
+        HttpSource(hostile.url, tmp_path / "deep", prefetch=False, retry=FAST)
+
+
 def test_a_client_rides_out_a_busy_server(served, tmp_path):
     """The p2u client retries the dev server's 503 (Retry-After: 1) and gets the package."""
     with PackageServer(served, max_connections=1, idle_timeout=10) as srv:
