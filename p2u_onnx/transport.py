@@ -123,9 +123,10 @@ class RetryPolicy:
       brought new bytes too.
     * ``deadline`` (600 s) and ``min_rate`` (1024 bytes/s): one file, retries and waits
       included, must be complete within ``deadline + size / min_rate`` seconds (the manifest,
-      whose size is not known in advance, within ``deadline``). The deadline is checked at
-      every chunk and before every retry; a read that stalls ends at ``timeout``. A link slower
-      than ``min_rate`` on average cannot fetch a large file in time: lower it for such links.
+      whose size is not known in advance, within ``deadline``). Every connect, read and write
+      ends by the deadline (a server dripping its headers or body cannot stretch a request),
+      and no retry starts that could not finish before it. A link slower than ``min_rate`` on
+      average cannot fetch a large file in time: lower it for such links.
     """
 
     attempts: int = 6
