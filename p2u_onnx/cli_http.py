@@ -45,6 +45,9 @@ def serve(package, host, port, rate, max_connections, idle_timeout, quiet) -> No
         "directory (no manifest.json: not a package)"
     pace = f", limited to {rate} ({_fmt_bytes(limit)}/s)" if limit else ""
     click.echo(f"serving {what} {package} at {server.url}{pace}; Ctrl-C stops")
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        click.echo("warning: p2u serve is a development server (no TLS, no access control); "
+                   "serve production traffic with nginx or a CDN (docs/delivery.md)", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
