@@ -22,23 +22,32 @@ from ._cliutil import CONTEXT, ProgressBar, _fmt_bytes, _friendly
               help="Port to listen on; 0 picks a free one.")
 @click.option("--rate", default=None,
               help="Bandwidth limit shared by all connections, e.g. 250kbit, 1mbit, 10mbit, 2MB.")
+@click.option("--max-connections", type=click.IntRange(min=1), default=32, show_default=True,
+              help="Connections served at once; more get 503 (Retry-After: 1).")
+@click.option("--idle-timeout", type=click.FloatRange(min=0, min_open=True), default=30.0,
+              show_default=True, help="Seconds a silent connection is kept open.")
 @click.option("-q", "--quiet", is_flag=True, help="Do not log requests.")
 @_friendly
-def serve(package, host, port, rate, quiet) -> None:
+def serve(package, host, port, rate, max_connections, idle_timeout, quiet) -> None:
     """Serve PACKAGE (a package directory) over HTTP, for development and slow-link tests.
 
-    Supports HEAD, Range requests (206, 416), ETag and Last-Modified. In production serve the
-    directory as plain files with any web server, CDN or bucket: no p2u code is needed there.
+    Supports HEAD, Range requests (206, 416), ETag and Last-Modified; serves regular files
+    only (no symbolic links, no dotfiles). In production serve the directory as plain files
+    with nginx, a CDN or a bucket (docs/delivery.md): no p2u code is needed there.
     """
     from .devserver import PackageServer, parse_rate
 
     limit = parse_rate(rate) if rate else None
     log = None if quiet else (lambda line: click.echo(line, err=True))
-    server = PackageServer(package, host, port, rate=limit, log=log)
+    server = PackageServer(package, host, port, rate=limit, log=log,
+                           idle_timeout=idle_timeout, max_connections=max_connections)
     what = "package" if (package / "manifest.json").is_file() else \
         "directory (no manifest.json: not a package)"
     pace = f", limited to {rate} ({_fmt_bytes(limit)}/s)" if limit else ""
     click.echo(f"serving {what} {package} at {server.url}{pace}; Ctrl-C stops")
+    if host not in ("127.0.0.1", "::1", "localhost"):
+        click.echo("warning: p2u serve is a development server (no TLS, no access control); "
+                   "serve production traffic with nginx or a CDN (docs/delivery.md)", err=True)
     try:
         server.serve_forever()
     except KeyboardInterrupt:
