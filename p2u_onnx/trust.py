@@ -532,9 +532,12 @@ class VersionState:
         return models
 
     def check(self, manifest: Mapping[str, Any], where: str, *,
-              allow_rollback: bool = False) -> None:
+              allow_rollback: bool = False, authenticated: bool = True) -> None:
         """:class:`TrustError` if ``manifest`` is older than the version accepted before, or
-        the same version with other content (unless ``allow_rollback``)."""
+        (for an ``authenticated`` manifest: pinned or signed) the same version with other
+        content, unless ``allow_rollback``. Without a pin or a signature anybody can write any
+        version, so a second encode with the same version is taken as a new build, not as
+        an equivocation; a lower version is still refused (a stale mirror)."""
         ident = package_identity(manifest, where)
         if ident is None or allow_rollback:
             return
@@ -548,7 +551,8 @@ class VersionState:
                    f"{self.path})")
             raise TrustError(f"{msg}; pass allow_rollback=True to accept it",
                              cli=f"{msg}; use --allow-rollback to accept it")
-        if version == seen["version"] and _identity_digest(manifest) != seen.get("digest"):
+        if authenticated and version == seen["version"] \
+                and _identity_digest(manifest) != seen.get("digest"):
             msg = (f"{where}: model {name!r} version {version} differs from the version "
                    f"{version} accepted before (same version, other content: mix-and-match, "
                    "or a package encoded again without a higher --version)")
@@ -569,7 +573,7 @@ class VersionState:
                 models = self.load()
                 seen = models.get(name)
                 if seen == entry or (not replace and seen is not None
-                                     and seen["version"] >= version):
+                                     and seen["version"] > version):
                     return False
                 models[name] = entry
                 atomic_write_bytes(self.path, json.dumps(
@@ -645,7 +649,8 @@ class Policy:
 
     def check_version(self, manifest: Mapping[str, Any], where: str,
                       state: VersionState | None = None) -> None:
-        (state or VersionState()).check(manifest, where, allow_rollback=self.allow_rollback)
+        (state or VersionState()).check(manifest, where, allow_rollback=self.allow_rollback,
+                                        authenticated=self.authenticates)
 
     def record(self, manifest: Mapping[str, Any], state: VersionState | None = None) -> bool:
         return (state or VersionState()).record(manifest, replace=self.allow_rollback)
