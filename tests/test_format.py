@@ -15,8 +15,9 @@ from p2u_onnx.format import StageWriter, read_stage, sha256_bytes, sha256_file
 @pytest.fixture
 def stage_file(tmp_path):
     w = StageWriter(tmp_path / "stage-1.p2u", "pkg-a", 1)
-    w.add({"kind": "file", "name": "a"}, b"hello")
-    w.add({"kind": "file", "name": "b"}, b"world!" * 100)
+    raw = {"codec": {"id": "zstd", "level": 3}, "raw_length": 0, "sha256": "0" * 64}
+    w.add({"kind": "file", "name": "a", **raw}, b"hello")
+    w.add({"kind": "file", "name": "b", **raw}, b"world!" * 100)
     w.finish()
     return tmp_path / "stage-1.p2u"
 
