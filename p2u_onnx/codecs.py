@@ -348,6 +348,7 @@ class SegmentsCodec(Codec):
             end = off + length
 
     def decode(self, buf, size: int) -> bytes:
+        self._check_segments(size)
         buf = memoryview(buf)
         if len(buf) < 4:
             raise FormatError("segmented payload is truncated")
@@ -357,7 +358,6 @@ class SegmentsCodec(Codec):
         lengths = struct.unpack_from(f"<{n}Q", buf, 4)
         if 4 + 8 * n + sum(lengths) != len(buf):
             raise FormatError("segmented payload lengths do not add up")
-        self._check_segments(size)
         totals = {k: sum(s[1] for s in self.segments if s[2] == k)
                   for k in ("symbols", "bytes", "planes2", "planes4")}
         pos = 4 + 8 * n

@@ -453,6 +453,11 @@ _CODECS = {"zstd": {"level"}, "int-planes": {"level"}, "int-groups": {"level"},
 _SEGMENT_KINDS = ("symbols", "bytes", "planes2", "planes4")
 
 
+def _member(v: Any, table: Any) -> bool:
+    """``v in table`` for any JSON value (a list or an object is never a key)."""
+    return isinstance(v, (str, int, float)) and v in table
+
+
 def _known_versions() -> str:
     return " and ".join(map(str, READABLE_VERSIONS))
 
@@ -577,7 +582,7 @@ def validate_manifest(m: Any, where: str = MANIFEST_NAME) -> None:
     if not isinstance(m, dict) or m.get("format") != "p2u":
         raise FormatError(f"{where}: not a p2u manifest")
     version = m.get("format_version")
-    if version not in READABLE_VERSIONS or isinstance(version, bool):
+    if not _member(version, READABLE_VERSIONS) or isinstance(version, bool):
         raise FormatError(f"{where}: format version {_show(version)}, this reader knows "
                           f"{_known_versions()}")
     pid = c.get(m, "package_id", "")
@@ -666,7 +671,7 @@ def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
         if c.get(t, "kind", p) not in ("initializer", "constant"):
             raise c.fail(f"{p}.kind", f"is {_show(t['kind'])}, not 'initializer' or 'constant'")
         dtype = c.get(t, "dtype", p)
-        if dtype not in _DTYPES:
+        if not _member(dtype, _DTYPES):
             raise c.fail(f"{p}.dtype", f"is {_show(dtype)}, not one of {', '.join(_DTYPES)}")
         item, scale_item = _DTYPES[dtype]
         shape = c.list(c.get(t, "shape", p), f"{p}.shape", MAX_RANK)
@@ -684,7 +689,7 @@ def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
             c.num(t["est_error"], f"{p}.est_error", none=True)
         b = c.dict(c.get(t, "base", p), f"{p}.base")
         code_type = c.get(b, "code_type", f"{p}.base")
-        if code_type not in _CODE_BITS or isinstance(code_type, bool):
+        if not _member(code_type, _CODE_BITS) or isinstance(code_type, bool):
             raise c.fail(f"{p}.base.code_type", f"is {_show(code_type)}, not one of "
                                                 f"{sorted(_CODE_BITS)} (onnx integer types)")
         per = 8 // _CODE_BITS[code_type]
@@ -720,8 +725,8 @@ def _layout(c: _Checker, lay: dict, shape: list[int], size: int,
     mode = c.get(lay, "mode", p)
     if mode not in _LAYOUTS:
         raise c.fail(f"{p}.mode", f"is {_show(mode)}, not one of {', '.join(_LAYOUTS)}")
-    axis = c.get(lay, "axis", p, 0)
-    block = c.get(lay, "block_size", p, 0)
+    axis = c.get(lay, "axis", p)
+    block = c.get(lay, "block_size", p)
     c.int(axis, f"{p}.axis", 0, MAX_RANK)
     c.int(block, f"{p}.block_size", 0, 1 << 16)
     if mode == "tensor":
@@ -815,7 +820,7 @@ def validate_stage_header(header: Any, version: int = FORMAT_VERSION,
 
 def _codec(c: _Checker, codec: dict, p: str) -> None:
     cid = c.get(codec, "id", p)
-    if cid not in _CODECS or not isinstance(cid, str):
+    if not _member(cid, _CODECS):
         raise c.fail(f"{p}.id", f"is {_show(cid)}, not one of {', '.join(_CODECS)}")
     if "level" in codec:
         c.int(codec["level"], f"{p}.level", -(1 << 17), 22)
