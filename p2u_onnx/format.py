@@ -20,6 +20,13 @@ The header names the package id and the stage index, and lists entries with ONNX
 keys ``location`` (this file's name), ``offset`` (from the start of the file) and ``length``,
 plus the codec that decodes them. Entries must tile the payload exactly (no gaps, no overlaps);
 ``payload_sha256`` covers the payload, so a lone file can be checked without its manifest.
+Format 2 headers also carry ``manifest_binding`` (:func:`manifest_binding`), the digest of the
+manifest they were written for.
+
+Everything read from a package is hostile until checked: :func:`validate_manifest` and
+:func:`validate_stage_header` check the type and range of every key a reader uses (one
+:class:`FormatError` line naming the key path), :func:`check_name` / :func:`package_file` /
+:func:`open_regular` turn names into paths and open them.
 """
 
 from __future__ import annotations
