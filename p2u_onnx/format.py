@@ -597,20 +597,21 @@ def validate_manifest(m: Any, where: str = MANIFEST_NAME) -> None:
         raise c.fail("package_id", f"is {_show(pid)}, not a package id")
     src = c.dict(c.get(m, "source", ""), "source")
     c.hex64(c.get(src, "weights_sha256", "source"), "source.weights_sha256")
-    for key in ("name",):
-        if key in src:
-            c.str(src[key], f"source.{key}")
-    for key in ("opset", "weight_bytes", "coded_weight_bytes", "coded_fp32_bytes",
-                "coded_tensors"):
+    c.str(c.get(src, "name", "source"), "source.name")
+    c.int(c.get(src, "weight_bytes", "source"), "source.weight_bytes")
+    for key in ("opset", "coded_weight_bytes", "coded_fp32_bytes", "coded_tensors"):
         if key in src:
             c.int(src[key], f"source.{key}")
     if "name" in m:
         c.str(m["name"], "name", 200)
     if "version" in m:
         c.int(m["version"], "version", 0, 2**63 - 1)
-    for key in ("config", "allocation"):
-        if key in m and m[key] is not None:
-            c.dict(m[key], key)
+    if "config" in m:
+        c.dict(m["config"], "config")
+    if m.get("allocation") is not None:
+        alloc = c.dict(m["allocation"], "allocation")
+        c.bool(c.get(alloc, "calibrated", "allocation"), "allocation.calibrated")
+        c.num(c.get(alloc, "est_quality", "allocation"), "allocation.est_quality")
     if "notes" in m:
         for i, note in enumerate(c.list(m["notes"], "notes", 1000)):
             c.str(note, f"notes[{i}]", 10000)
@@ -635,11 +636,9 @@ def validate_manifest(m: Any, where: str = MANIFEST_NAME) -> None:
         for j, f in enumerate(files):
             _file_entry(c, f, f"{p}.files[{j}]")
         for key in ("bytes", "cumulative_bytes"):
-            if key in st:
-                c.int(st[key], f"{p}.{key}")
+            c.int(c.get(st, key, p), f"{p}.{key}")
         for key in ("max_abs_error", "max_rel_error"):
-            if key in st:
-                c.num(st[key], f"{p}.{key}", none=True)
+            c.num(c.get(st, key, p), f"{p}.{key}")
     base = c.dict(c.get(m, "base_model", ""), "base_model")
     if "opset" in base:
         c.int(base["opset"], "base_model.opset", 1, 1000)

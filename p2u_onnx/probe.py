@@ -43,6 +43,7 @@ __all__ = ["MAX_SAMPLES", "PROBE_NAME", "Probe", "check_feed", "record_probe", "
 PROBE_NAME = "probe.npz"
 MAX_SAMPLES = 4096  # values kept per output and stage
 MAX_STORED_INPUT_BYTES = 4 << 20  # bigger inputs are synthesized again on the device
+MAX_SYNTH_BYTES = 1 << 28  # ... up to this size (inputs declared bigger: no probe)
 NOISE_FACTOR = 16.0  # tolerance = this x the spread seen between two configurations ...
 REL_FLOOR = {"tensor(float)": 1e-4, "tensor(double)": 1e-4, "tensor(float16)": 4e-3}
 SEPARABLE_GAP = 2.0  # ... and stages closer than this (tolerance-scaled L2) are not told apart
@@ -108,12 +109,17 @@ def synthesize_inputs(inputs: Sequence[ArgInfo], int_high: int = 100) -> dict[st
     >>> synthesize_inputs(session.get_inputs())  # doctest: +SKIP
     """
     feed: dict[str, np.ndarray] = {}
+    total = 0
     for j, arg in enumerate(inputs):
         dtype = _NUMPY_TYPES.get(arg.type)
         if dtype is None:
             raise ValueError(f"input {arg.name!r} of type {arg.type} cannot be synthesized")
         shape = tuple(d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape)
         n = math.prod(shape)
+        total += n * np.dtype(dtype).itemsize
+        if total > MAX_SYNTH_BYTES:  # the shapes come from the package's base.onnx
+            raise ValueError(f"input {arg.name!r} of shape {list(shape)} makes the probe "
+                             f"inputs larger than {MAX_SYNTH_BYTES >> 20} MiB")
         bits = _mix(np.arange(n, dtype=np.uint64) + np.uint64((j + 1) << 40))
         values: np.ndarray
         if np.issubdtype(dtype, np.floating):
@@ -163,15 +169,18 @@ class Probe:
         self.outputs: list[str] = list(entry["outputs"])
         self.stages = {int(s["index"]): s for s in entry["stages"]}
         want = [f"out_{k}_{j}" for k in self.stages for j in range(len(self.outputs))]
-        inputs = [f"input_{i}" for i in range(len(entry["inputs"]))] \
+        stored = [f"input_{i}" for i in range(len(entry["inputs"]))] \
             if entry.get("inputs_stored", True) else []
-        arrays = load_npz(data, want + inputs, str(entry.get("path", PROBE_NAME)))
+        arrays = load_npz(data, want + stored, str(entry.get("path", PROBE_NAME)))
         self._expected = {k: arrays[k] for k in want}
-        self.feed = {name: arrays[k] for name, k in zip(entry["inputs"], inputs)}
+        self.feed = {name: arrays[k] for name, k in zip(entry["inputs"], stored)}
         if not entry.get("inputs_stored", True):
             if inputs is None:
                 raise IntegrityError("probe inputs are not stored; input descriptions needed")
-            self.feed = synthesize_inputs(inputs, int(entry.get("int_high", 100)))
+            try:
+                self.feed = synthesize_inputs(inputs, int(entry.get("int_high", 100)))
+            except ValueError as e:
+                raise IntegrityError(f"probe inputs cannot be made again: {e}") from e
         if feed_digest(self.feed) != entry.get("inputs_sha256"):
             raise IntegrityError("probe inputs differ from the recorded ones (corrupt probe, "
                                  "or inputs synthesized differently)")

@@ -589,14 +589,26 @@ def test_fuzz_manifest_through_inspect_and_verify(built, tmp_path_factory, data)
     shutil.copytree(built["noprobe"], p)
     m = manifest(p)
     # bias towards the tensor table and the stage table, where decoding starts
-    doc = _mutate({"tensors": m["tensors"][:1], "stages": m["stages"]}, data)
-    m.update(doc)
+    if data.draw(st.booleans()):
+        m = _mutate(m, data)
+    else:
+        m.update(_mutate({"tensors": m["tensors"][:1], "stages": m["stages"]}, data))
     write_manifest(p, m)
     for fn in (lambda: api.inspect(p), lambda: api.verify(p)):
         try:
             fn()
         except P2UError as e:
             one_line(e)
+    # the CLI prints every field it shows: one line on stderr or a table, never a traceback
+    from click.testing import CliRunner
+
+    from p2u_onnx.cli import main
+
+    r = CliRunner().invoke(main, ["inspect", "-t", str(p)])
+    assert r.exit_code in (0, 1) and not isinstance(r.exception, Exception) or \
+        isinstance(r.exception, SystemExit), (r.output, r.exception)
+    if r.exit_code == 1:
+        assert r.output.count("\n") == 1 and r.output.startswith("Error:"), r.output
 
 
 def _with_header(raw: bytes, header: dict) -> bytes:
@@ -688,3 +700,38 @@ def test_fuzz_stage_payload(built, data):
             state.apply(read_stage(bytes(raw), manifest=m, verify_payload=False))
     except P2UError as e:
         one_line(e)
+
+
+def test_synthesized_probe_inputs_are_bounded():
+    """A base.onnx declaring a 10**12-value input cannot make the probe allocate it."""
+    class Arg:
+        name, type, shape = "x", "tensor(float)", [10**6, 10**6]
+
+    entry = {"sha256": hashlib.sha256(_npz({})).hexdigest(), "outputs": [], "stages": [],
+             "inputs": ["x"], "inputs_stored": False}
+    refused(lambda: Probe(entry, _npz({}), [Arg()]), IntegrityError, "larger than 256 MiB")
+
+
+def test_probe_with_synthesized_inputs_still_checks_every_stage(tmp_path, monkeypatch):
+    """Inputs too big to store are made again on the device (bounded above): the probe of
+    such a package passes on every stage, and a probe file missing an output is refused."""
+    import p2u_onnx.probe as probe_mod
+
+    monkeypatch.setattr(probe_mod, "MAX_STORED_INPUT_BYTES", 0)
+    p = tmp_path / "m.p2u"
+    p2u_onnx.encode(mlp(), p, "4,8,lossless")
+    m = manifest(p)
+    assert m["probe"]["inputs_stored"] is False
+    seen = []
+    with ProgressiveSession(p, on_stage=seen.append) as s:
+        assert s.upgrade(background=False) == 2
+    assert seen == [1, 2]
+    import io
+
+    with np.load(p / "probe.npz") as z:
+        arrays = {k: z[k] for k in z.files if k != "out_2_0"}
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    (p / "probe.npz").write_bytes(buf.getvalue())
+    reseal(p)
+    refused(lambda: ProgressiveSession(p), IntegrityError, "no array 'out_2_0'")
