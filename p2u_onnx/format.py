@@ -82,6 +82,7 @@ MAX_HEADER = 64 << 20
 MAX_MANIFEST = 64 << 20  # bytes of manifest.json a reader accepts
 MAX_SIZE = 1 << 40  # any size, offset, length or element count a package declares
 MAX_DEPTH = 32  # nesting of JSON arrays and objects in a manifest or stage header
+MAX_JSON_ITEMS = 4 << 20  # values in one (a stage header of a 7B model has about 1.5M)
 MAX_RANK = 32  # dimensions of a tensor
 MAX_STAGES = 1024
 _PREFIX = struct.Struct("<8sII")
@@ -471,7 +472,11 @@ def _known_versions() -> str:
 
 def _load_json(text: bytes, where: str) -> Any:
     """``json.loads`` with every failure (bad syntax, bad UTF-8, nesting too deep for the
-    parser, absurd numbers) as one :class:`FormatError` line; then the nesting is capped."""
+    parser, absurd numbers) as one :class:`FormatError` line; then the nesting is capped.
+    Before parsing, the number of values (commas, an upper bound) is capped too, which bounds
+    the memory the parsed objects take (a few hundred MB at worst for 64 MiB of JSON)."""
+    if text.count(b",") > MAX_JSON_ITEMS:
+        raise FormatError(f"{where}: more than {MAX_JSON_ITEMS} JSON values")
     try:
         value = json.loads(text)
     except RecursionError:
@@ -495,6 +500,8 @@ def _one_line(e: object) -> str:
 
 
 def _show(v: Any) -> str:
+    if isinstance(v, (list, dict)) and len(v) > 8:
+        return f"a {type(v).__name__} of {len(v)} items"
     text = repr(v)
     return text if len(text) <= 60 else text[:57] + "..."
 

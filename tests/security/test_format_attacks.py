@@ -507,6 +507,8 @@ def test_deep_and_huge_json_is_one_line(pkg):
     m["config"] = {"x": [[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[[1]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]]}
     refused(lambda: parse_manifest(json.dumps(m).encode()), FormatError, "nested")
     refused(lambda: parse_manifest(b" " * (65 << 20)), FormatError, "MiB")
+    refused(lambda: parse_manifest(b"[" + b"{}," * (5 << 20) + b"{}]"), FormatError,
+            "JSON values")
 
 
 @pytest.mark.parametrize("change,match", [
