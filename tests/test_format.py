@@ -110,8 +110,7 @@ def test_sha256_in_turns(tmp_path, monkeypatch):
             assert not in_turn[0], "a file read inside a turn"
             return super().read(*args)
 
-    monkeypatch.setattr(p2u_format, "open", lambda path, mode: Watched(path, mode),
-                        raising=False)
+    monkeypatch.setattr(p2u_format, "open_regular", lambda path: Watched(path, "rb"))
     want = hashlib.sha256(data).hexdigest()
     assert sha256_file(p, chunk=4096, pace=pace) == want
     assert len(turns) == 3  # one per chunk
