@@ -200,6 +200,17 @@ def _located(t: ExternalTensor, where: str, allowed: dict[str, int]) -> None:
                           f"{sorted(extra)}")
 
 
+def _disjoint(tensors: list[ExternalTensor], location: str, where: str) -> None:
+    """No two tensors read overlapping bytes of ``location``: what a graph makes onnxruntime
+    load is then bounded by the size of that file."""
+    spans = sorted((t.offset, t.offset + (t.length or 0), t.name) for t in tensors
+                   if t.location == location)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise FormatError(f"{where}: tensors {a!r} and {b!r} read overlapping bytes of "
+                              f"{location}")
+
+
 def _scale_shape(t: dict[str, Any]) -> tuple[int, ...]:
     shape, lay = list(t["shape"]), t["layout"]
     if lay["mode"] == "tensor":
@@ -221,6 +232,7 @@ def check_base_graph(model: bytes | str | os.PathLike, manifest: dict[str, Any],
     for t in ext:
         _located(t, where, {"base.bin": base_bin_size})
         by_name.setdefault(t.name, []).append(t)
+    _disjoint(ext, "base.bin", where)
     for t in manifest["tensors"]:
         b = t["base"]
         ctype = b["code_type"]
@@ -258,8 +270,12 @@ def check_skeleton(model: bytes | bytearray | memoryview, manifest: dict[str, An
     wsize = max((sum(t["weights"]) for t in manifest["tensors"]), default=0)
     spans = {tuple(t["weights"]): t for t in manifest["tensors"]}
     seen: set[str] = set()
-    for e in external_tensors(model):
+    ext = external_tensors(model)
+    for e in ext:
         _located(e, where, {"base.bin": base_bin_size, "weights.bin": wsize})
+    _disjoint(ext, "base.bin", where)
+    _disjoint(ext, "weights.bin", where)
+    for e in ext:
         if e.location != "weights.bin":
             continue
         t = spans.get((e.offset, e.length))
@@ -267,8 +283,8 @@ def check_skeleton(model: bytes | bytearray | memoryview, manifest: dict[str, An
             raise FormatError(f"{where}: tensor {e.name!r} points at weights.bin[{e.offset}:+"
                               f"{e.length}], which is no coded tensor's span in the manifest")
         # (a Constant node's value tensor may be unnamed: its output names it)
-        if (e.name != t["tensor"] and t["kind"] != "constant") or e.data_type != _FLOAT_TYPES[t["dtype"]] or \
-                e.dims != tuple(t["shape"]):
+        if (e.name != t["tensor"] and t["kind"] != "constant") or \
+                e.data_type != _FLOAT_TYPES[t["dtype"]] or e.dims != tuple(t["shape"]):
             raise FormatError(f"{where}: tensor {e.name!r} (type {e.data_type}, dims "
                               f"{list(e.dims)}) sits at the weights span of the manifest's "
                               f"{t['name']!r} ({t['dtype']}, shape {t['shape']}) (manifest and "

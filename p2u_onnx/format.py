@@ -671,6 +671,7 @@ def _file_entry(c: _Checker, f: Any, p: str) -> None:
 def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
     names: set[str] = set()
     spans: list[tuple[int, int, str]] = []
+    base_spans: list[tuple[int, int, str]] = []
     for i, t in enumerate(tensors):
         p = f"tensors[{i}]"
         c.dict(t, p)
@@ -712,15 +713,21 @@ def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
             v = c.get(b, key, f"{p}.base", None if key == "zero_point" else KeyError)
             if v is None and key == "zero_point":
                 continue
-            _, length = c.span(v, f"{p}.base.{key}", base_bin, "base.bin")
+            off, length = c.span(v, f"{p}.base.{key}", base_bin, "base.bin")
             if length != n:
                 raise c.fail(f"{p}.base.{key}", f"holds {length} bytes, the tensor's shape, "
                                                 f"layout and code type need {n}")
+            base_spans.append((off, off + length, f"{p}.base.{key}"))
         off, length = c.span(c.get(t, "weights", p), f"{p}.weights", MAX_SIZE, "2**40")
         if length != size * item:
             raise c.fail(f"{p}.weights", f"holds {length} bytes, a {dtype} tensor of shape "
                                          f"{shape} has {size * item}")
         spans.append((off, off + length, p))
+    # base spans are disjoint: what the tensors declare is bounded by base.bin's size
+    base_spans.sort()
+    for (_, end, p), (start, _, q) in zip(base_spans, base_spans[1:]):
+        if start < end:
+            raise c.fail(q, f"overlaps {p}")
     spans.sort()
     for (_, end, p), (start, _, q) in zip(spans, spans[1:]):
         if start < end:

@@ -737,3 +737,25 @@ def test_probe_with_synthesized_inputs_still_checks_every_stage(tmp_path, monkey
     (p / "probe.npz").write_bytes(buf.getvalue())
     reseal(p)
     refused(lambda: ProgressiveSession(p), IntegrityError, "no array 'out_2_0'")
+
+
+def test_small_packages_cannot_declare_many_tensors_over_the_same_bytes(pkg):
+    """Amplification: tensors sharing base.bin bytes would let a few KB declare GBs of
+    weights (prefill, writes) or make onnxruntime load the same bytes many times."""
+    m = manifest(pkg)
+    t = copy.deepcopy(m["tensors"][0])
+    end = max(sum(x["weights"]) for x in m["tensors"])
+    for i in range(1000):
+        m["tensors"].append({**copy.deepcopy(t), "name": f"copy{i}",
+                             "weights": [end + i * t["weights"][1], t["weights"][1]]})
+    refused(lambda: validate_manifest(m), FormatError, "overlaps tensors[0].base.codes")
+    base = onnx.load(str(pkg / "base.onnx"), load_external_data=False)
+    q = next(x for x in base.graph.initializer if x.name.endswith("__p2u_q"))
+    for i in range(1000):
+        dup = copy.deepcopy(q)
+        dup.name = f"dup{i}"
+        base.graph.initializer.append(dup)
+    (pkg / "base.onnx").write_bytes(base.SerializeToString())
+    reseal(pkg)
+    refused(lambda: api.verify(pkg), FormatError, "overlapping bytes of base.bin")
+    refused(lambda: ProgressiveSession(pkg), FormatError, "overlapping bytes of base.bin")
