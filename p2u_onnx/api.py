@@ -217,7 +217,8 @@ def verify(package: str | os.PathLike) -> dict[str, Any]:
 
     Checks: the manifest (:func:`~p2u_onnx.format.validate_manifest`), base.onnx and base.bin
     (sizes, sha256, external data against the tensor table), that onnx and onnxruntime both
-    load base.onnx, that stage 0 carries the same base files, and every stage file (sha256,
+    load base.onnx, the probe file (size, sha256, its arrays), that stage 0 carries the same
+    base files, and every stage file (sha256,
     header, binding to this manifest), replayed. For a plan that ends lossless, the restored
     weights must hash to the source digest. Raises :class:`IntegrityError` /
     :class:`FormatError` naming the first problem.
@@ -233,9 +234,15 @@ def verify(package: str | os.PathLike) -> dict[str, Any]:
     try:
         import onnxruntime as ort
 
-        ort.InferenceSession(str(base_onnx), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(str(base_onnx), providers=["CPUExecutionProvider"])
     except Exception as e:
         raise _onnx_error(f"{base_onnx}: onnxruntime cannot load it", e) from e
+    if manifest.get("probe"):  # its size and sha256, and every array it must hold
+        from .probe import Probe, read_probe_file
+
+        Probe(manifest["probe"], read_probe_file(package, manifest["probe"]),
+              session.get_inputs())
+    del session
     f0 = manifest["stages"][0]["files"][0]
     sf0 = read_stage(_check_file(package, f0), package_id=manifest["package_id"], stage=0,
                      sha256=f0["sha256"], manifest=manifest)

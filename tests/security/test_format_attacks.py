@@ -494,6 +494,10 @@ def test_probe_file_is_size_capped_and_a_plain_regular_file(ppkg):
     with open(ppkg / "probe.npz", "ab") as f:
         f.write(b"x")
     refused(lambda: read_probe_file(ppkg, m["probe"]), IntegrityError, "manifest says")
+    refused(lambda: api.verify(ppkg), IntegrityError, "manifest says")
+    (ppkg / "probe.npz").write_bytes(b"garbage")
+    reseal(ppkg)
+    refused(lambda: api.verify(ppkg), IntegrityError, "not a valid probe file")
 
 
 # ---------------------------------------------------------------- class 8: malformed input
