@@ -14,8 +14,10 @@ import onnx
 
 from .encoder import weights_digest
 from .errors import FormatError, IntegrityError, P2UError
-from .format import AtomicFile, check_file_entry, load_manifest, read_stage, stage_file_name
-from .reconstruct import WeightState
+from .external import check_base_graph
+from .format import (AtomicFile, check_file_entry, load_manifest, package_file, read_stage,
+                     stage_file_name)
+from .reconstruct import WeightState, extract_file
 from .trust import Policy, TrustSpec, read_manifest_bytes, read_signature
 
 __all__ = ["restore", "inspect", "verify", "open_stages"]
@@ -33,13 +35,27 @@ def _stage_index(manifest: dict[str, Any], stage: int | None) -> int:
 
 
 def _check_file(package: Path, f: dict[str, Any]) -> Path:
-    return check_file_entry(package / f["path"], f, digest=False)
+    return check_file_entry(package_file(package, f["path"]), f, digest=False)
+
+
+def _base_size(manifest: dict[str, Any], name: str) -> int:
+    return next(f["size"] for f in manifest["base_model"]["files"] if f["path"] == name)
 
 
 def _check_base_digests(package: Path, manifest: dict[str, Any]) -> None:
-    """base.onnx and base.bin are there, with the sizes and sha256 the manifest lists."""
+    """base.onnx and base.bin are there, with the sizes and sha256 the manifest lists, and
+    base.onnx's external data points only where the manifest says (checked before onnx or
+    onnxruntime open it)."""
     for f in manifest["base_model"]["files"]:
-        check_file_entry(package / f["path"], f)
+        check_file_entry(package_file(package, f["path"]), f)
+    check_base_graph(package / "base.onnx", manifest, _base_size(manifest, "base.bin"),
+                     str(package / "base.onnx"))
+
+
+def _onnx_error(what: str, e: Exception) -> FormatError:
+    """A raw onnx / onnxruntime / protobuf exception as one line."""
+    text = " ".join(str(e).split())
+    return FormatError(f"{what}: {text[:300] or type(e).__name__}")
 
 
 def _checked_manifest(package: Path, expect: str | None, trust: TrustSpec | None
@@ -62,11 +78,14 @@ def open_stages(package: str | os.PathLike, until: int | None = None, *,
     until = _stage_index(manifest, until)
     for f in manifest["base_model"]["files"]:
         _check_file(package, f)
+    # the tensor table against base.onnx, before anything is decoded
+    check_base_graph(package / "base.onnx", manifest, _base_size(manifest, "base.bin"),
+                     str(package / "base.onnx"))
     state = WeightState(manifest, package / "base.bin")
     for k in range(1, until + 1):
         f = manifest["stages"][k]["files"][0]
         sf = read_stage(_check_file(package, f), package_id=manifest["package_id"], stage=k,
-                        sha256=f["sha256"])
+                        sha256=f["sha256"], manifest=manifest)
         state.apply(sf)
     return state
 
@@ -79,7 +98,10 @@ def load_stage_model(package: str | os.PathLike, stage: int | None = None, *,
     stage = _stage_index(manifest, stage)
     if stage == 0:
         _check_base_digests(package, manifest)
-        return onnx.load(str(package / "base.onnx"), load_external_data=True)
+        try:
+            return onnx.load(str(package / "base.onnx"), load_external_data=True)
+        except Exception as e:  # onnx / protobuf errors on a hostile file
+            raise _onnx_error(f"{package / 'base.onnx'}: cannot be loaded", e) from e
     return _filled_model(open_stages(package, stage, manifest=manifest))
 
 
@@ -88,7 +110,10 @@ def _filled_model(state: WeightState) -> onnx.ModelProto:
     weights from the state, the rest from ``base.bin`` (no weights.bin written and read back)."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    model = onnx.load_model_from_string(state.graph_bytes or b"")
+    try:
+        model = onnx.load_model_from_string(state.graph_bytes or b"")
+    except Exception as e:  # protobuf's DecodeError on a hostile skeleton
+        raise _onnx_error("graph.onnx (stage 1) is not a valid ONNX model", e) from e
     coded = {t["weights"][0]: name for name, t in state.tensors.items()}
     base = state.base_bin
     for t in _all_tensors(model):
@@ -159,20 +184,32 @@ def inspect(package: str | os.PathLike, tensors: bool = False, *, expect: str | 
             trust: TrustSpec | None = None) -> dict[str, Any]:
     """Per-stage table of a package: bits, bytes, share of the original, max error.
 
-    With ``tensors``, also ``tensor_table``: per coded tensor its base bits, layout, size and
+    Each stage row says whether its file is ``present`` in the folder (a regular file of the
+    listed size; not hashed: see :func:`verify`); ``notes`` names the missing ones. With
+    ``tensors``, also ``tensor_table``: per coded tensor its base bits, layout, size and
     estimated share of the base's output error. ``expect`` / ``trust``: as for :func:`verify`.
     """
     manifest = _checked_manifest(Path(package), expect, trust)[0]
     src = manifest["source"]
     orig = src.get("weight_bytes") or 1
     rows = []
+    missing = []
     for st in manifest["stages"]:
+        size = st.get("bytes", st["files"][0]["size"])
+        cum = st.get("cumulative_bytes", size)
+        present = all(_present(Path(package), f) for f in st["files"])
+        if not present:
+            missing.append(st["files"][0]["path"])
         rows.append({
-            "stage": st["index"], "bits": st["bits"], "bytes": st["bytes"],
-            "cumulative_bytes": st["cumulative_bytes"],
-            "share": st["bytes"] / orig, "cumulative_share": st["cumulative_bytes"] / orig,
-            "max_abs_error": st["max_abs_error"], "max_rel_error": st["max_rel_error"],
+            "stage": st["index"], "bits": st.get("bits"), "bytes": size,
+            "cumulative_bytes": cum, "share": size / orig, "cumulative_share": cum / orig,
+            "max_abs_error": st.get("max_abs_error"), "max_rel_error": st.get("max_rel_error"),
+            "present": present,
         })
+    notes = list(manifest.get("notes", []))
+    if missing:
+        notes.append(f"missing from {package}: {', '.join(missing)} (listed by the manifest; "
+                     "those stages cannot be applied from this folder)")
     return {
         "package": str(package), "package_id": manifest["package_id"],
         "name": manifest.get("name"), "version": manifest.get("version"),
@@ -180,7 +217,7 @@ def inspect(package: str | os.PathLike, tensors: bool = False, *, expect: str | 
         "plan": manifest["plan"], "config": manifest.get("config", {}),
         "base_opset": manifest["base_model"].get("opset"),
         "tensors": len(manifest["tensors"]), "stages": rows,
-        "allocation": manifest.get("allocation"), "notes": manifest.get("notes", []),
+        "allocation": manifest.get("allocation"), "notes": notes,
         **({"tensor_table": [
             {"name": t["name"], "bits": t["bits"], "layout": t["layout"], "dtype": t["dtype"],
              "size": int(np.prod(t["shape"], dtype=np.int64)), "est_error": t.get("est_error")}
@@ -188,11 +225,25 @@ def inspect(package: str | os.PathLike, tensors: bool = False, *, expect: str | 
     }
 
 
+def _present(package: Path, f: dict[str, Any]) -> bool:
+    """Whether the file of manifest entry ``f`` is in ``package``: a regular file (not a link)
+    of the listed size."""
+    try:
+        p = package_file(package, f["path"])
+        return os.lstat(p).st_size == f["size"]
+    except (OSError, P2UError):
+        return False
+
+
 def verify(package: str | os.PathLike, *, expect: str | None = None,
            trust: TrustSpec | None = None) -> dict[str, Any]:
     """Check every file against the manifest and replay every stage.
 
-    For a plan that ends lossless, the restored weights must hash to the source digest. Raises
+    Checks: the manifest (:func:`~p2u_onnx.format.validate_manifest`), base.onnx and base.bin
+    (sizes, sha256, external data against the tensor table), that onnx and onnxruntime both
+    load base.onnx, the probe file (size, sha256, its arrays), that stage 0 carries the same
+    base files, and every stage file (sha256, header, binding to this manifest), replayed. For
+    a plan that ends lossless, the restored weights must hash to the source digest. Raises
     :class:`IntegrityError` / :class:`FormatError` naming the first problem. ``expect``
     (``"sha256:<hex>"`` of the exact bytes of ``manifest.json``) pins the package and ``trust``
     (public keys: ``"ed25519:..."``, ``.pub`` files) asks for a valid signature by one of them
@@ -203,13 +254,32 @@ def verify(package: str | os.PathLike, *, expect: str | None = None,
     package = Path(package)
     manifest, raw = _checked_manifest(package, expect, trust)
     _check_base_digests(package, manifest)
+    base_onnx = package / "base.onnx"
     try:
-        onnx.checker.check_model(str(package / "base.onnx"))
+        onnx.checker.check_model(str(base_onnx))
     except Exception as e:
-        raise FormatError(f"{package / 'base.onnx'}: not a valid ONNX model ({e})") from e
-    read_stage(_check_file(package, manifest["stages"][0]["files"][0]),
-               package_id=manifest["package_id"], stage=0,
-               sha256=manifest["stages"][0]["files"][0]["sha256"])
+        raise _onnx_error(f"{base_onnx}: not a valid ONNX model", e) from e
+    try:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(base_onnx), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise _onnx_error(f"{base_onnx}: onnxruntime cannot load it", e) from e
+    if manifest.get("probe"):  # its size and sha256, and every array it must hold
+        from .probe import Probe, read_probe_file
+
+        Probe(manifest["probe"], read_probe_file(package, manifest["probe"]),
+              session.get_inputs())
+    del session
+    f0 = manifest["stages"][0]["files"][0]
+    sf0 = read_stage(_check_file(package, f0), package_id=manifest["package_id"], stage=0,
+                     sha256=f0["sha256"], manifest=manifest)
+    for f in manifest["base_model"]["files"]:
+        data = extract_file(sf0, f["path"], size=f["size"])
+        if hashlib.sha256(data).hexdigest() != f["sha256"]:
+            raise IntegrityError(f"{f['path']} inside {f0['path']} differs from the package's "
+                                 f"{f['path']}")
+        del data
     last = len(manifest["stages"]) - 1
     result = {"package": str(package), "stages": last + 1, "lossless_match": None,
               "signed": trust is not None, "name": manifest.get("name"),
@@ -218,7 +288,12 @@ def verify(package: str | os.PathLike, *, expect: str | None = None,
     if last >= 1:
         state = open_stages(package, last, manifest=manifest)
         if manifest["plan"][-1] == "lossless":
-            digest = weights_digest(_filled_model(state))
+            try:
+                digest = weights_digest(_filled_model(state))
+            except P2UError:
+                raise
+            except Exception as e:  # onnx on a hostile skeleton
+                raise _onnx_error(f"{package}: the restored model cannot be read", e) from e
             if digest != manifest["source"]["weights_sha256"]:
                 raise IntegrityError(f"{package}: the lossless stage does not reproduce the "
                                      "source weights")

@@ -31,8 +31,8 @@ from .codecs import SegmentsCodec, ZstdCodec
 from .config import LOSSLESS, BitBudget, Plan, QuantConfig
 from .dtypes import ONNX_BFLOAT16, dtype_info
 from .errors import P2UError, PlanError, UnsupportedModelError
-from .format import FORMAT_VERSION, AtomicFile, StageWriter, save_manifest, sha256_file, \
-    stage_file_name
+from .format import BINDING_KEY, FORMAT_VERSION, AtomicFile, StageWriter, manifest_binding, \
+    save_manifest, sha256_file, stage_file_name
 from .graph import check_domains, default_opset, iter_slots
 from .reconstruct import GROUPS, PLANES, code_chunk, pack_codes, workers
 
@@ -514,18 +514,16 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
                        zstd.encode(graph_bytes))
     for wr in writers:
         wr.package_id = package_id
-    # The stage files are written (hashed, copied, synced) on threads while the base is built.
-    with ThreadPoolExecutor(max(1, len(writers))) as files:
-        later = [files.submit(wr.finish) for wr in writers]
-        base_stage = _write_base(m, tmp, coder, coded, ctypes, opset0, target_opset, package_id)
-        finished = [base_stage] + [f.result() for f in later]
-    return _manifest(m, tmp, name, plan, config, budget, bitplan, selected, coder, finished,
-                     src_digest, package_id, opset0, total, probe, note, ident)
+    # stage files are finished by _manifest: their headers name the manifest (binding)
+    w0 = _write_base(m, tmp, coder, coded, ctypes, opset0, target_opset, package_id)
+    return _manifest(m, tmp, name, plan, config, budget, bitplan, selected, coder,
+                     [w0, *writers], src_digest, package_id, opset0, total, probe, note, ident)
 
 
 def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctypes: dict,
-                opset0: int, target_opset: int, package_id: str) -> tuple[int, str]:
-    """base.onnx (codes + DequantizeLinear) and stage 0 (base.onnx and base.bin, compressed)."""
+                opset0: int, target_opset: int, package_id: str) -> StageWriter:
+    """base.onnx (codes + DequantizeLinear) and stage 0 (base.onnx and base.bin, compressed;
+    returned unfinished)."""
     # Base: codes + DequantizeLinear, then raise the opset if the code types need it.
     passes.to_base(m, coded)
     if target_opset > opset0:
@@ -554,29 +552,19 @@ def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctyp
         w0.add({"kind": "file", "name": fname, "codec": codec.get_config(),
                 "raw_length": len(data), "sha256": hashlib.sha256(data).hexdigest()},
                codec.encode(data))
-    return w0.finish()
+    return w0
 
 
 def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConfig,
-              budget: BitBudget, bitplan, selected, coder: _TensorCoder, finished: list,
-              src_digest: str, package_id: str, opset0: int, total: int, probe: bool,
-              note: str | None, ident: tuple[str, int] = ("model", 0)) -> dict[str, Any]:
+              budget: BitBudget, bitplan, selected, coder: _TensorCoder,
+              stage_writers: list[StageWriter], src_digest: str, package_id: str, opset0: int,
+              total: int, probe: bool, note: str | None,
+              ident: tuple[str, int] = ("model", 0)) -> dict[str, Any]:
     stage_err, stage_rel = coder.stage_err, coder.stage_rel
     tensors_meta, all_bytes = coder.tensors_meta, coder.all_bytes
     fp32_bytes = sum(int(np.prod(s.shape)) * 4 for s in selected)
     weight_bytes = total
-    stages = []
-    cum = 0
-    for k, bits in enumerate(plan.stages):
-        fname = stage_file_name(k)
-        size, sha = finished[k]
-        cum += size
-        stages.append({
-            "index": k, "bits": bits,
-            "files": [{"path": fname, "size": size, "sha256": sha}],
-            "bytes": size, "cumulative_bytes": cum,
-            "max_abs_error": stage_err[k], "max_rel_error": stage_rel[k],
-        })
+    stages: list[dict[str, Any]] = []  # filled once the stage files are written
     manifest = {
         "format": "p2u", "format_version": FORMAT_VERSION, "package_id": package_id,
         "name": ident[0], "version": ident[1],
@@ -602,6 +590,23 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
             "est_quality": 1 - bitplan.allocation.error / 2,
             "est_bytes": bitplan.allocation.nbytes,
         }
+    # Every stage header names this manifest (all but stages, probe, notes): set every other
+    # key above. The stage files are written (hashed, copied, synced) on threads.
+    binding = manifest_binding(manifest)
+    for wr in stage_writers:
+        wr.extra[BINDING_KEY] = binding
+    with ThreadPoolExecutor(len(stage_writers)) as files:
+        finished = list(files.map(StageWriter.finish, stage_writers))
+    cum = 0
+    for k, bits in enumerate(plan.stages):
+        size, sha = finished[k]
+        cum += size
+        stages.append({
+            "index": k, "bits": bits,
+            "files": [{"path": stage_file_name(k), "size": size, "sha256": sha}],
+            "bytes": size, "cumulative_bytes": cum,
+            "max_abs_error": stage_err[k], "max_rel_error": stage_rel[k],
+        })
     if probe:
         from .probe import record_probe  # imports onnxruntime only here
 

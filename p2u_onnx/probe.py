@@ -43,6 +43,7 @@ __all__ = ["MAX_SAMPLES", "PROBE_NAME", "Probe", "check_feed", "record_probe", "
 PROBE_NAME = "probe.npz"
 MAX_SAMPLES = 4096  # values kept per output and stage
 MAX_STORED_INPUT_BYTES = 4 << 20  # bigger inputs are synthesized again on the device
+MAX_SYNTH_BYTES = 1 << 28  # ... up to this size (inputs declared bigger: no probe)
 NOISE_FACTOR = 16.0  # tolerance = this x the spread seen between two configurations ...
 REL_FLOOR = {"tensor(float)": 1e-4, "tensor(double)": 1e-4, "tensor(float16)": 4e-3}
 SEPARABLE_GAP = 2.0  # ... and stages closer than this (tolerance-scaled L2) are not told apart
@@ -108,12 +109,17 @@ def synthesize_inputs(inputs: Sequence[ArgInfo], int_high: int = 100) -> dict[st
     >>> synthesize_inputs(session.get_inputs())  # doctest: +SKIP
     """
     feed: dict[str, np.ndarray] = {}
+    total = 0
     for j, arg in enumerate(inputs):
         dtype = _NUMPY_TYPES.get(arg.type)
         if dtype is None:
             raise ValueError(f"input {arg.name!r} of type {arg.type} cannot be synthesized")
         shape = tuple(d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape)
         n = math.prod(shape)
+        total += n * np.dtype(dtype).itemsize
+        if total > MAX_SYNTH_BYTES:  # the shapes come from the package's base.onnx
+            raise ValueError(f"input {arg.name!r} of shape {list(shape)} makes the probe "
+                             f"inputs larger than {MAX_SYNTH_BYTES >> 20} MiB")
         bits = _mix(np.arange(n, dtype=np.uint64) + np.uint64((j + 1) << 40))
         values: np.ndarray
         if np.issubdtype(dtype, np.floating):
@@ -162,21 +168,26 @@ class Probe:
         self.entry = entry
         self.outputs: list[str] = list(entry["outputs"])
         self.stages = {int(s["index"]): s for s in entry["stages"]}
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            self._expected = {k: z[k] for k in z.files if k.startswith("out_")}
-            if entry.get("inputs_stored", True):
-                self.feed = {name: z[f"input_{i}"] for i, name in enumerate(entry["inputs"])}
-            else:
-                self.feed = {}
+        want = [f"out_{k}_{j}" for k in self.stages for j in range(len(self.outputs))]
+        stored = [f"input_{i}" for i in range(len(entry["inputs"]))] \
+            if entry.get("inputs_stored", True) else []
+        arrays = load_npz(data, want + stored, str(entry.get("path", PROBE_NAME)))
+        self._expected = {k: arrays[k] for k in want}
+        self.feed = {name: arrays[k] for name, k in zip(entry["inputs"], stored)}
         if not entry.get("inputs_stored", True):
             if inputs is None:
                 raise IntegrityError("probe inputs are not stored; input descriptions needed")
-            self.feed = synthesize_inputs(inputs, int(entry.get("int_high", 100)))
+            try:
+                self.feed = synthesize_inputs(inputs, int(entry.get("int_high", 100)))
+            except ValueError as e:
+                raise IntegrityError(f"probe inputs cannot be made again: {e}") from e
         if feed_digest(self.feed) != entry.get("inputs_sha256"):
             raise IntegrityError("probe inputs differ from the recorded ones (corrupt probe, "
                                  "or inputs synthesized differently)")
 
     def expected(self, stage: int) -> list[np.ndarray]:
+        if any(f"out_{stage}_{j}" not in self._expected for j in range(len(self.outputs))):
+            raise IntegrityError(f"the probe has no recorded outputs for stage {stage}")
         return [self._expected[f"out_{stage}_{j}"] for j in range(len(self.outputs))]
 
     def check(self, run: RunFn, stage: int) -> None:
@@ -204,6 +215,78 @@ class Probe:
             if not d_new < d_old:
                 raise PatchError(f"stage {stage} did not take effect: probe outputs are nearer "
                                  f"to stage {stage - 1} than to stage {stage} (stale weights)")
+
+
+MAX_PROBE_BYTES = 64 << 20  # probe.npz, and the arrays read from it, at most this
+
+
+def read_probe_file(root: str | os.PathLike, entry: Mapping[str, Any]) -> bytes:
+    """The bytes of the probe file named by manifest entry ``entry`` in package folder
+    ``root``: a plain name (:func:`~p2u_onnx.format.package_file`), a regular file, at most
+    :data:`MAX_PROBE_BYTES` and never more than the entry's ``size`` (+1, to tell a longer
+    file) read. Its sha256 is checked by :class:`Probe`."""
+    from .format import open_regular, package_file
+
+    size = entry.get("size")
+    if not isinstance(size, int) or not 0 <= size <= MAX_PROBE_BYTES:
+        raise IntegrityError(f"the probe's size {size!r} is not between 0 and "
+                             f"{MAX_PROBE_BYTES} bytes")
+    with open_regular(package_file(root, entry.get("path"), "probe file")) as f:
+        data = f.read(size + 1)
+    if len(data) != size:
+        raise IntegrityError(f"{entry.get('path')}: {len(data) if len(data) <= size else 'more'}"
+                             f" bytes, the manifest says {size}")
+    return data
+
+
+def load_npz(data: bytes, names: Sequence[str], where: str = PROBE_NAME) -> dict[str, np.ndarray]:
+    """Arrays ``names`` of an ``.npz`` file (a zip of ``.npy`` files), each member's header
+    read and checked before its data is decompressed: a plain numeric dtype, a shape whose
+    bytes fit in what is left of :data:`MAX_PROBE_BYTES` and match the member's size. Only
+    those members are read (no pickles, no other members). :class:`IntegrityError` otherwise."""
+    import zipfile
+
+    out: dict[str, np.ndarray] = {}
+    budget = MAX_PROBE_BYTES
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            for name in names:
+                try:
+                    info = z.getinfo(f"{name}.npy")
+                except KeyError:
+                    raise IntegrityError(f"{where}: has no array {name!r}") from None
+                if info.file_size > budget:
+                    raise IntegrityError(f"{where}: array {name!r} declares {info.file_size} "
+                                         f"bytes, more than the {MAX_PROBE_BYTES} a probe may "
+                                         "hold")
+                with z.open(info) as f:  # reads at most info.file_size bytes
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        raise ValueError(f"npy version {version}")
+                    if dtype.hasobject or dtype.kind not in "biuf" or dtype.subdtype:
+                        raise IntegrityError(f"{where}: array {name!r} has dtype {dtype}")
+                    n = math.prod(shape) * dtype.itemsize
+                    if n > budget or n != info.file_size - f.tell():
+                        raise IntegrityError(f"{where}: array {name!r} of shape {shape} "
+                                             f"({n} bytes) does not fit its member "
+                                             f"({info.file_size} bytes) or the probe's limit")
+                    raw = f.read(n)
+                    if len(raw) != n:
+                        raise IntegrityError(f"{where}: array {name!r} is truncated")
+                budget -= n
+                a = np.frombuffer(raw, dtype)
+                out[name] = a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
+    except IntegrityError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError,
+            NotImplementedError) as e:  # zipfile and numpy's header parser on bad bytes
+        raise IntegrityError(f"{where}: not a valid probe file ({' '.join(str(e).split())[:200]})"
+                             ) from e
+    return out
 
 
 # ---------------------------------------------------------------- encoder side

@@ -85,7 +85,9 @@ from .format import (
     sha256_bytes,
     sha256_file,
 )
-from .probe import Probe
+from .external import check_base_graph, graph_size_limit
+from .format import package_file
+from .probe import Probe, read_probe_file
 from .reconstruct import WeightState, extract_file, read_into, weights_size
 from .trust import Policy, TrustSpec, check_signature, read_manifest_bytes, read_signature
 
@@ -160,7 +162,8 @@ def open_stage(source: StageInput, manifest: dict[str, Any], expected: int,
         except OSError as e:
             raise FormatError(f"cannot read stage file {source}: {e.strerror or e}") from e
     if digest == want:
-        return read_stage(source, package_id=pid, stage=expected, verify_payload=False)
+        return read_stage(source, package_id=pid, stage=expected, verify_payload=False,
+                          manifest=manifest)
     try:
         sf = read_stage(source)
     except IntegrityError:
@@ -196,7 +199,7 @@ def extract_base(stage0: StageInput, manifest: dict[str, Any], workdir: Path) ->
         pass
     sf = open_stage(stage0, manifest, 0)
     for p in paths:
-        data = extract_file(sf, p.name)
+        data = extract_file(sf, p.name, size=entries[p.name]["size"])
         if hashlib.sha256(data).hexdigest() != entries[p.name]["sha256"]:
             raise IntegrityError(f"{p.name} inside stage 0 does not match the manifest")
         atomic_write_bytes(p, data)
@@ -222,7 +225,7 @@ class DirectorySource:
 
     def base_files(self, workdir: Path) -> tuple[Path, Path]:
         entries = _base_entries(self.manifest)
-        paths = tuple(self.path / n for n in _BASE_FILES)
+        paths = tuple(package_file(self.path, n) for n in _BASE_FILES)
         if all(p.is_file() for p in paths):
             for p in paths:
                 check_file_entry(p, entries[p.name])
@@ -233,17 +236,16 @@ class DirectorySource:
         n = len(self.manifest["stages"])
         if not 0 <= stage < n:
             raise P2UError(f"stage {stage} does not exist: {self.path} has stages 0..{n - 1}")
-        p = self.path / self.manifest["stages"][stage]["files"][0]["path"]
-        if not p.is_file():
-            raise IntegrityError(f"{p}: missing from the package")
-        return p
+        p = package_file(self.path, self.manifest["stages"][stage]["files"][0]["path"])
+        # its size first: a huge file is refused before it is hashed
+        return check_file_entry(p, self.manifest["stages"][stage]["files"][0], digest=False)
 
     def probe_bytes(self) -> bytes | None:
         entry = self.manifest.get("probe")
         if not entry:
             return None
         try:
-            return (self.path / entry["path"]).read_bytes()
+            return read_probe_file(self.path, entry)
         except OSError as e:
             raise IntegrityError(f"{self.path / entry['path']}: cannot read the probe "
                                  f"({e.strerror or e})") from e
@@ -623,6 +625,7 @@ class ProgressiveSession:
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         try:
             base_onnx, self._base_bin = self._source.base_files(self._workdir)
+            check_base_graph(base_onnx, self._manifest, os.path.getsize(self._base_bin))
             session = ort.InferenceSession(
                 str(base_onnx), _lean_base_options(sess_options)
                 if self._strategy == "inplace" else sess_options, providers=providers,
@@ -632,9 +635,13 @@ class ProgressiveSession:
                 Probe(self._manifest["probe"], probe, session.get_inputs())
             self._state = WeightState(self._manifest, self._base_bin)
             policy.record(self._manifest)  # it passed every check and its base loads
-        except BaseException:
+        except BaseException as e:
             self._cleanup()
             self._close_owned()
+            if isinstance(e, Exception) and not isinstance(e, (P2UError, OSError, ValueError)):
+                # onnxruntime's own exceptions on a hostile base.onnx: one line
+                raise FormatError("the package's base.onnx cannot be loaded: " +
+                                  " ".join(str(e).split())[:300]) from e
             raise
         self._live = _Live(session, 0)
 
@@ -723,7 +730,9 @@ class ProgressiveSession:
         memory. On a failure (a full disk) neither is left behind."""
         files = [self._dir / "graph.onnx", self._dir / "base.bin"]
         try:
-            files[0].write_bytes(extract_file(sf, "graph.onnx"))
+            graph = extract_file(sf, "graph.onnx", max_size=graph_size_limit(self._manifest))
+            self._state.check_skeleton(graph)
+            files[0].write_bytes(graph)
             _link_or_copy(self._base_bin, files[1])
         except OSError as e:
             for f in files:

@@ -401,9 +401,9 @@ class HttpSource:
 
         entry = plan[0]
         sf = read_stage(self._file(entry), package_id=self.manifest["package_id"], stage=0,
-                        verify_payload=False)  # its sha256 was checked on arrival
+                        verify_payload=False, manifest=self.manifest)  # sha256 checked on arrival
         for f, path in zip(self._base_files, paths):
-            data = extract_file(sf, f.name)
+            data = extract_file(sf, f.name, size=f.size)  # raw_length bounded before decoding
             if len(data) != f.size or _sha256(data) != f.sha256:
                 raise IntegrityError(f"{f.name} inside {entry.name} does not match the manifest")
             self._mirror.write(f.name, data)
