@@ -37,11 +37,20 @@ def main() -> None:
 @click.option("--min-elements", type=int, default=1024, show_default=True,
               help="Smaller float tensors stay exact in the base.")
 @click.option("--budget", type=float, default=None,
-              help="Size of the base: a share of the fp32 weight bytes (e.g. 0.15) or bits per "
-                   "weight (e.g. 4.5), spent where it lowers the output error most "
-                   "[default: 0.135, raised up to 0.20 while the estimated quality is below 0.985].")
+              help="Size of the base: a share of the fp32-equivalent weight bytes (every float "
+                   "weight counted at 4 bytes, so fp16, bf16 and fp64 models get the bits per "
+                   "weight of their fp32 twin; e.g. 0.15) or bits per coded weight (e.g. 4.5), "
+                   "spent where it lowers the output error most [default: 0.135, raised up to "
+                   "--cap while the estimated quality is below 0.985 or below the plain base's].")
 @click.option("--quality", type=float, default=None,
-              help="Smallest base whose estimated output cosine reaches this (e.g. 0.99).")
+              help="Smallest base whose estimated output cosine reaches this (e.g. 0.99); "
+                   "exits non-zero when it cannot within --cap (see --allow-below).")
+@click.option("--cap", type=float, default=0.20, show_default=True,
+              help="Largest base, as a share of the fp32-equivalent weight bytes. Never below "
+                   "the plain base: when the plain base is larger, it is used and a warning "
+                   "says why.")
+@click.option("--allow-below", is_flag=True,
+              help="Accept a base whose estimated quality stays below --quality (a warning).")
 @click.option("--calib", type=click.Path(exists=True, dir_okay=False), default=None,
               help="Real inputs (.npz, one array per model input) to measure sensitivity on "
                    "[default: inputs synthesized from the model's signature].")
@@ -53,7 +62,7 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @_friendly
 def encode(model, output, stages, granularity, block_size, asymmetric, min_elements, budget,
-           quality, calib, fixed_bits, no_probe, force, quiet) -> None:
+           quality, cap, allow_below, calib, fixed_bits, no_probe, force, quiet) -> None:
     """Encode MODEL (.onnx) into a progressive package directory.
 
     By default each tensor's base bits are chosen by their measured effect on the outputs
@@ -66,11 +75,12 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
     plan = Plan.parse(stages)
     config = QuantConfig(granularity=granularity, block_size=block_size,
                          symmetric=not asymmetric, min_elements=min_elements)
-    kw: dict = {"adaptive": not fixed_bits, "calib": calib}
+    kw: dict = {"adaptive": not fixed_bits, "calib": calib, "cap": cap}
     if budget is not None or quality is not None:
         kw["budget"] = budget
     if quality is not None:
         kw["quality"] = quality
+        kw["strict"] = not allow_below
     bits = BitBudget(**kw)
     output = output or model.with_suffix(".p2u")
     with ProgressBar("encode", quiet) as progress:
@@ -79,6 +89,8 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
     if not quiet:
         click.echo(f"wrote {result.path} in {result.seconds:.2f} s")
         _print_table(inspect(result.path))
+    for note in result.warnings:  # even with -q: a missed target is never silent
+        click.echo(f"warning: {note}", err=True)
 
 
 def _print_table(info: dict) -> None:

@@ -57,6 +57,13 @@ class EncodeResult:
     def stage_bytes(self) -> list[int]:
         return [s["bytes"] for s in self.manifest["stages"]]
 
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know about this package (the manifest's ``notes``): a missed
+        quality target, a cap that gave way, a skipped calibration, a missing probe, a
+        package larger than ``zstd -19`` of the model file, a conversion."""
+        return list(self.manifest.get("notes", []))
+
 
 def load_model(source: str | os.PathLike | ModelProto) -> tuple[ModelProto, str]:
     """Load a model with its external data; returns (model, name). Clear errors on bad input."""
@@ -101,6 +108,19 @@ def slot_nbytes(t: TensorProto) -> int:
     if t.data_type in (1, 10, 11, 16):
         return tensor_array(t).nbytes
     return t.ByteSize()
+
+
+def fp32_equivalent_bytes(model: ModelProto) -> int:
+    """Bytes of every constant tensor of ``model`` with floats counted at 4 bytes a value
+    (what budget and cap shares are shares of); other tensors count their own bytes."""
+    total = 0
+    for slot in iter_slots(model):
+        t = slot.tensor
+        if t.data_type in (1, 10, 11, 16):
+            total += 4 * int(np.prod(t.dims, dtype=np.int64))
+        else:
+            total += slot_nbytes(t)
+    return total
 
 
 def digest_slot(digest, slot, raw: bytes | None = None) -> bytes:
@@ -242,6 +262,7 @@ class _TensorCoder:
         self.coded: list[dict] = []
         self.weights_pos = 0
         self.all_bytes = 0
+        self.fp32_bytes = 0  # every weight with floats at 4 bytes (what shares are shares of)
         self.digest = hashlib.sha256()
 
     def digest_slot(self, slot, raw: bytes | None = None) -> bytes:
@@ -253,6 +274,9 @@ class _TensorCoder:
         """
         raw = digest_slot(self.digest, slot, raw)
         self.all_bytes += len(raw)
+        t = slot.tensor
+        self.fp32_bytes += 4 * int(np.prod(t.dims, dtype=np.int64)) \
+            if t.data_type in (1, 10, 11, 16) else len(raw)
         if slot.tensor.raw_data:
             slot.tensor.ClearField("raw_data")
         return raw
@@ -399,8 +423,12 @@ def _bit_plan(m: ModelProto, selected, raws: dict[str, bytes], plan: Plan, confi
     # itself (compressed to about GRAPH_RATIO of its protobuf size)
     chosen = {id(s.slot.tensor) for s in selected}
     fixed = sum(slot_nbytes(sl.tensor) for sl in iter_slots(m) if id(sl.tensor) not in chosen)
-    total = fixed + sum(a.nbytes for a in arrays.values())
-    fixed += int(GRAPH_RATIO * max(m.ByteSize() - fixed, 0))
+    # shares are of the fp32-equivalent bytes: an fp16, bf16 or fp64 model gets the bits per
+    # weight its fp32 twin gets (tensors sent as they are still cost their own bytes)
+    total = fp32_equivalent_bytes(m)
+    # (the structure alone: weights kept in typed fields, float_data..., are still in ``m``)
+    structure = m.ByteSize() - sum(sl.tensor.ByteSize() for sl in iter_slots(m))
+    fixed += int(GRAPH_RATIO * max(structure, 0))
     return plan_bits(m, selected, arrays, plan, config, budget, fixed_bytes=fixed,
                      total_bytes=total)
 
@@ -552,7 +580,8 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
     manifest = {
         "format": "p2u", "format_version": FORMAT_VERSION, "package_id": package_id,
         "source": {"name": name, "weights_sha256": src_digest, "opset": opset0,
-                   "weight_bytes": all_bytes, "coded_weight_bytes": weight_bytes, "coded_fp32_bytes": fp32_bytes,
+                   "weight_bytes": all_bytes,
+                   "fp32_equivalent_bytes": coder.fp32_bytes, "coded_weight_bytes": weight_bytes, "coded_fp32_bytes": fp32_bytes,
                    "coded_tensors": len(selected)},
         "plan": [str(s) for s in plan.stages],
         "config": dataclasses.asdict(config),
@@ -570,8 +599,10 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
         manifest["allocation"] = {
             "calibrated": bitplan.calibrated, "budget": dataclasses.asdict(budget),
             "est_error": bitplan.allocation.error,
-            "est_quality": 1 - bitplan.allocation.error / 2,
+            "est_quality": max(-1.0, 1 - bitplan.allocation.error / 2),
             "est_bytes": bitplan.allocation.nbytes,
+            "target_quality": budget.target_quality,
+            "plain_est_quality": max(-1.0, 1 - (bitplan.allocation.plain_error or 0.0) / 2),
         }
     if probe:
         from .probe import record_probe  # imports onnxruntime only here

@@ -20,9 +20,10 @@ import numpy as np
 from onnx import GraphProto, ModelProto
 
 from . import quantizers as qz
-from .allocate import Allocation, TensorCost, allocate
+from .allocate import Allocation, TensorCost, allocate_from_default
 from .calibrate import Calibration, load_feeds
 from .config import BitBudget, Plan, QuantConfig
+from .errors import PlanError
 from .dtypes import dtype_info
 from .reconstruct import base_blocks
 
@@ -51,7 +52,7 @@ class BitPlan:
 
 def candidates(plan: Plan) -> list[int]:
     low = 2 if plan.base_bits <= 2 else 3
-    return [b for b in (2, 3, 4, 5, 6, 8) if b >= low]
+    return sorted({b for b in (2, 3, 4, 5, 6, 8) if b >= low} | {plan.base_bits})
 
 
 def _sample(blocks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -100,7 +101,7 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
         weights = {s.slot.key: arrays[s.slot.key] for s in selected
                    if s.slot.kind == "initializer" and isinstance(s.slot.container, GraphProto)
                    and s.slot.container is model.graph and s.slot.key == s.slot.name
-                   and arrays[s.slot.key].dtype in (np.float32, np.float16)}
+                   and arrays[s.slot.key].dtype in (np.float32, np.float16, np.float64)}
         feeds = load_feeds(budget.calib, model) if budget.calib else None
         calib = Calibration.build(model, weights, feeds) if weights else None
         if calib is None:
@@ -165,7 +166,46 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
     else:
         spend = budget.budget / 32 * coded_fp32
     # the cap is a promise: keep a margin for the size estimate's error
-    alloc = allocate(costs, budget=spend, max_error=budget.max_error,
-                     cap=CAP_MARGIN * budget.cap * total - fixed_bytes)
+    cap = CAP_MARGIN * budget.cap * total - fixed_bytes
+    default = {c.key: plan.base_bits for c in costs}
+    # without an explicit --quality, the target is also "no worse than the plain base"
+    alloc = allocate_from_default(costs, default, budget=spend, max_error=budget.max_error,
+                                  cap=cap, no_worse=budget.quality is None)
+    notes += _allocation_notes(alloc, plan, budget, total, fixed_bytes, cap)
     return BitPlan(alloc.bits, calib.importance if calib else {}, alloc.errors, alloc,
                    calib is not None, notes, clip)
+
+
+def _quality(error: float) -> float:
+    """Estimated output cosine for a relative squared output error (clipped to [-1, 1])."""
+    return max(-1.0, 1.0 - error / 2)
+
+
+def _allocation_notes(alloc: Allocation, plan: Plan, budget: BitBudget, total: float,
+                      fixed: float, cap: float) -> list[str]:
+    """Warnings about the allocation (a missed target, a cap that had to give way); raises
+    :class:`PlanError` when ``budget.strict`` and the quality target is missed."""
+    notes = []
+    total = max(total, 1.0)
+    q, target = _quality(alloc.error), budget.target_quality
+    share = (alloc.nbytes + fixed) / total
+    if alloc.floored and alloc.nbytes > cap:
+        notes.append(
+            f"the base is plain {plan.base_bits}-bit at about {share:.1%} of the fp32-equivalent "
+            f"bytes, above the {budget.cap:.0%} cap: tensors sent as they are (biases, norms, "
+            f"small tensors) and the graph already take {fixed / total:.1%}, and a smaller base "
+            f"would be worse than plain {plan.base_bits}-bit (--stages {plan.base_bits - 1},... "
+            "gives a smaller plain base)" if plan.base_bits > 2 else
+            f"the base is plain {plan.base_bits}-bit at about {share:.1%} of the "
+            f"fp32-equivalent bytes, above the {budget.cap:.0%} cap")
+    if q < target:
+        best = _quality(alloc.best_error or 0.0)
+        best_share = ((alloc.best_nbytes or 0.0) + fixed) / total
+        msg = (f"estimated base quality {q:.4f} is below the target {target:.4f} "
+               f"({'--quality' if budget.quality is not None else 'default'}) within the "
+               f"{budget.cap:.0%} cap; best reachable {best:.4f} at about {best_share:.1%} "
+               "(every tensor at 8 bits)")
+        if budget.strict:
+            raise PlanError(f"{msg}: raise --cap, lower --quality, or pass --allow-below")
+        notes.append(msg)
+    return notes
