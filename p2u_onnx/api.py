@@ -142,10 +142,16 @@ def inspect(package: str | os.PathLike, tensors: bool = False) -> dict[str, Any]
     manifest = load_manifest(package)
     src = manifest["source"]
     orig = src.get("weight_bytes") or 1
+    # the mix of bits per coded weight at each lossy stage (the plan says the base's default)
+    sizes = [(int(np.prod(t["shape"], dtype=np.int64)), t["bits"]) for t in manifest["tensors"]]
+    n_coded = sum(n for n, _ in sizes)
+    mean0 = sum(n * b for n, b in sizes) / n_coded if n_coded else None
     rows = []
     for st in manifest["stages"]:
+        lossy = mean0 is not None and isinstance(st["bits"], int)
         rows.append({
             "stage": st["index"], "bits": st["bits"], "bytes": st["bytes"],
+            "mean_bits": mean0 + st["bits"] - manifest["stages"][0]["bits"] if lossy else None,
             "cumulative_bytes": st["cumulative_bytes"],
             "share": st["bytes"] / orig, "cumulative_share": st["cumulative_bytes"] / orig,
             "max_abs_error": st["max_abs_error"], "max_rel_error": st["max_rel_error"],

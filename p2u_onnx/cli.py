@@ -51,9 +51,14 @@ def main() -> None:
                    "says why.")
 @click.option("--allow-below", is_flag=True,
               help="Accept a base whose estimated quality stays below --quality (a warning).")
-@click.option("--calib", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Real inputs (.npz, one array per model input) to measure sensitivity on "
-                   "[default: inputs synthesized from the model's signature].")
+@click.option("--inputs", "--calib", "calib", type=click.Path(exists=True, dir_okay=False),
+              default=None,
+              help="Real inputs (.npz, one array per model input) that calibration measures "
+                   "sensitivity on and the probe records [default: inputs synthesized from "
+                   "the model's signature and what its graph implies].")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=D1,D2,...",
+              help="Size of an input whose shape the graph leaves open (repeat per input), "
+                   "e.g. --shape images=1,3,320,320; used by calibration and the probe.")
 @click.option("--fixed-bits", is_flag=True,
               help="Every tensor gets the plan's base bits (no sensitivity analysis).")
 @click.option("--no-probe", is_flag=True,
@@ -62,7 +67,8 @@ def main() -> None:
 @click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
 @_friendly
 def encode(model, output, stages, granularity, block_size, asymmetric, min_elements, budget,
-           quality, cap, allow_below, calib, fixed_bits, no_probe, force, quiet) -> None:
+           quality, cap, allow_below, calib, shapes, fixed_bits, no_probe, force,
+           quiet) -> None:
     """Encode MODEL (.onnx) into a progressive package directory.
 
     By default each tensor's base bits are chosen by their measured effect on the outputs
@@ -75,7 +81,8 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
     plan = Plan.parse(stages)
     config = QuantConfig(granularity=granularity, block_size=block_size,
                          symmetric=not asymmetric, min_elements=min_elements)
-    kw: dict = {"adaptive": not fixed_bits, "calib": calib, "cap": cap}
+    kw: dict = {"adaptive": not fixed_bits, "calib": calib, "cap": cap,
+                "shapes": _parse_shapes(shapes)}
     if budget is not None or quality is not None:
         kw["budget"] = budget
     if quality is not None:
@@ -93,6 +100,22 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
         click.echo(f"warning: {note}", err=True)
 
 
+def _parse_shapes(items: tuple[str, ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``NAME=1,3,320,320`` options as (name, shape) pairs; a bad one is a one-line error."""
+    out = []
+    for item in items:
+        name, sep, dims = item.partition("=")
+        try:
+            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
+        except ValueError:
+            shape = ()
+        if not sep or not name or not shape:
+            raise click.BadParameter(f"{item!r}: expected NAME=D1,D2,... (e.g. "
+                                     "images=1,3,320,320)", param_hint="--shape")
+        out.append((name, shape))
+    return tuple(out)
+
+
 def _print_table(info: dict) -> None:
     src = info["source"]
     click.echo(f"source {src['name']}: {_fmt_bytes(src['weight_bytes'])} of weights, "
@@ -100,7 +123,9 @@ def _print_table(info: dict) -> None:
     click.echo(f"{'stage':>5} {'bits':>9} {'bytes':>10} {'share':>7} {'total':>10} {'share':>7}"
                f" {'max err':>10} {'rel err':>9}")
     for r in info["stages"]:
-        click.echo(f"{r['stage']:>5} {r['bits']!s:>9} {_fmt_bytes(r['bytes']):>10} "
+        mix = r.get("mean_bits")  # the mix of bits per coded weight, not the plan's number
+        bits = f"{mix:.2f}" if isinstance(mix, (int, float)) else str(r["bits"])
+        click.echo(f"{r['stage']:>5} {bits:>9} {_fmt_bytes(r['bytes']):>10} "
                    f"{r['share']:>7.1%} {_fmt_bytes(r['cumulative_bytes']):>10} "
                    f"{r['cumulative_share']:>7.1%} {r['max_abs_error']:>10.3g} "
                    f"{r['max_rel_error']:>9.2e}")
@@ -127,7 +152,7 @@ def inspect(package, as_json, tensors) -> None:
                    f"calibration; estimated base quality (output cosine) "
                    f"{alloc['est_quality']:.4f}")
     for note in info.get("notes", []):
-        click.echo(f"note: {note}")
+        click.echo(f"warning: {note}")
     if tensors:
         total = sum(t["est_error"] or 0 for t in info["tensor_table"]) or 1.0
         click.echo(f"{'bits':>4} {'layout':>14} {'weights':>10} {'est. error':>10}  tensor")
@@ -204,8 +229,11 @@ def run(package, inputs, stage, strategy) -> None:
             raise click.BadParameter(f"stage {stage} does not exist: {package} has stages "
                                      f"0..{sess.stages - 1}", param_hint="--stage")
 
+        probe = getattr(sess, "_probe", None)
         if feed:
             check_feed(sess.get_inputs(), feed)
+        elif probe is not None and probe.feed:
+            feed = dict(probe.feed)  # the inputs the encoder found the model runs on
         else:
             feed = synthesize_inputs(sess.get_inputs())
         names = [o.name for o in sess.get_outputs()]

@@ -35,6 +35,7 @@ from .format import FORMAT_VERSION, AtomicFile, StageWriter, save_manifest, sha2
     stage_file_name
 from .graph import check_domains, default_opset, iter_slots
 from .reconstruct import GROUPS, PLANES, code_chunk, pack_codes, workers
+from .zstd_reference import ZstdReference
 
 __all__ = ["encode", "EncodeResult", "load_model"]
 
@@ -203,9 +204,11 @@ def encode(
     loaded = [m]  # handed over, not kept here: _encode_into frees the model's weights
     del m
     try:
+        zref = ZstdReference(model)  # zstd -19 of the model file, on a thread meanwhile
         try:
             manifest = _encode_into(loaded.pop(), name, tmp, plan, config, progress,
-                                    raise_opset=True, probe=probe, budget=budget, note=converted)
+                                    raise_opset=True, probe=probe, budget=budget, note=converted,
+                                    zref=zref)
         except _OpsetFallback as fb:
             # Keep the model's opset (>= 10): INT8 containers, per-channel (or per-tensor) scales.
             opset = fb.opset
@@ -216,7 +219,8 @@ def encode(
             fallback = f"{fb.reason}; fell back to INT8 codes with {gran} scales at opset {opset}"
             manifest = _encode_into(_load_source(model)[0], name, tmp, plan, config, progress,
                                     raise_opset=False, probe=probe, budget=budget,
-                                    note="; ".join(filter(None, [converted, fallback])))
+                                    note="; ".join(filter(None, [converted, fallback])),
+                                    zref=zref)
         if out.exists():
             old = out.with_name(f".{out.name}.old-{os.getpid()}")
             os.replace(out, old)
@@ -410,10 +414,14 @@ def _bit_plan(m: ModelProto, selected, raws: dict[str, bytes], plan: Plan, confi
               budget: BitBudget):
     """Base bits per tensor (adaptive unless ``budget.adaptive`` is off); ``raws`` holds the
     selected weights' bytes (see :func:`_detach_weights`)."""
+    from .calibrate import probe_inputs
     from .sensitivity import BitPlan, plan_bits
 
+    # the inputs the probe tries: the user's, then what the graph implies (--shape)
+    inputs = probe_inputs(m, budget.calib, budget.shapes)
     if not budget.adaptive or not selected:
-        return BitPlan({s.slot.key: plan.base_bits for s in selected}, {}, {}, None, False, [])
+        return BitPlan({s.slot.key: plan.base_bits for s in selected}, {}, {}, None, False, [],
+                       probe_inputs=inputs)
     arrays = {}
     for s in selected:
         t, raw = s.slot.tensor, raws.get(s.slot.key)
@@ -429,8 +437,10 @@ def _bit_plan(m: ModelProto, selected, raws: dict[str, bytes], plan: Plan, confi
     # (the structure alone: weights kept in typed fields, float_data..., are still in ``m``)
     structure = m.ByteSize() - sum(sl.tensor.ByteSize() for sl in iter_slots(m))
     fixed += int(GRAPH_RATIO * max(structure, 0))
-    return plan_bits(m, selected, arrays, plan, config, budget, fixed_bytes=fixed,
-                     total_bytes=total)
+    bitplan = plan_bits(m, selected, arrays, plan, config, budget, fixed_bytes=fixed,
+                        total_bytes=total)
+    bitplan.probe_inputs = inputs
+    return bitplan
 
 
 def _load_source(model: str | os.PathLike | ModelProto) -> tuple[ModelProto, str, str | None]:
@@ -458,7 +468,8 @@ def _load_source(model: str | os.PathLike | ModelProto) -> tuple[ModelProto, str
 
 def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantConfig,
                  progress, *, raise_opset: bool, probe: bool = True,
-                 budget: BitBudget = BitBudget(), note: str | None = None) -> dict[str, Any]:
+                 budget: BitBudget = BitBudget(), note: str | None = None,
+                 zref: ZstdReference | None = None) -> dict[str, Any]:
     passes.lift_constants(m, config.min_elements)
     selected = passes.select_weights(m, config)
     m, selected, taken = _detach_weights(m, selected)
@@ -520,7 +531,7 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
         base_stage = _write_base(m, tmp, coder, coded, ctypes, opset0, target_opset, package_id)
         finished = [base_stage] + [f.result() for f in later]
     return _manifest(m, tmp, name, plan, config, budget, bitplan, selected, coder, finished,
-                     src_digest, package_id, opset0, total, probe, note)
+                     src_digest, package_id, opset0, total, probe, note, zref)
 
 
 def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctypes: dict,
@@ -560,7 +571,7 @@ def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctyp
 def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConfig,
               budget: BitBudget, bitplan, selected, coder: _TensorCoder, finished: list,
               src_digest: str, package_id: str, opset0: int, total: int, probe: bool,
-              note: str | None) -> dict[str, Any]:
+              note: str | None, zref: ZstdReference | None = None) -> dict[str, Any]:
     stage_err, stage_rel = coder.stage_err, coder.stage_rel
     tensors_meta, all_bytes = coder.tensors_meta, coder.all_bytes
     fp32_bytes = sum(int(np.prod(s.shape)) * 4 for s in selected)
@@ -593,8 +604,7 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
         "stages": stages,
     }
     notes = ([note] if note else []) + bitplan.notes
-    if notes:
-        manifest["notes"] = notes
+    notes += _zstd_notes(manifest, zref)
     if bitplan.allocation is not None:
         manifest["allocation"] = {
             "calibrated": bitplan.calibrated, "budget": dataclasses.asdict(budget),
@@ -608,11 +618,37 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
         from .probe import record_probe  # imports onnxruntime only here
 
         trim_heap()  # what coding freed, before onnxruntime loads each stage
-        entry = record_probe(tmp, manifest)
+        why: list[str] = []
+        entry = record_probe(tmp, manifest, why=why, **bitplan.probe_inputs)
         if entry is not None:
             manifest["probe"] = entry
+        else:
+            notes.append("no probe recorded (live sessions cannot check that an upgrade took "
+                         f"effect): {why[-1] if why else 'the model could not be probed'}; "
+                         "pass --shape or --inputs")
+    if notes:
+        manifest["notes"] = notes
     save_manifest(tmp, manifest)
     return manifest
+
+
+def _zstd_notes(manifest: dict[str, Any], zref: ZstdReference | None) -> list[str]:
+    """Record ``zstd -19`` of the model file in ``source``; warnings when the base or the
+    whole package is larger."""
+    ref = zref.result() if zref is not None else None
+    if ref is None:
+        return []
+    size, compressed, method = ref
+    manifest["source"].update(file_bytes=size, zstd19_bytes=compressed, zstd19_method=method)
+    stages = manifest["stages"]
+    notes = []
+    if stages[0]["bytes"] > compressed:
+        notes.append(f"the base ({stages[0]['bytes']:,} bytes) is larger than zstd -19 of the "
+                     f"model file ({compressed:,} bytes, {method})")
+    if len(stages) > 1 and stages[-1]["cumulative_bytes"] > compressed:
+        notes.append(f"the package ({stages[-1]['cumulative_bytes']:,} bytes, all stages) is "
+                     f"larger than zstd -19 of the model file ({compressed:,} bytes, {method})")
+    return notes
 
 
 def _typed_fields(t: TensorProto) -> bool:

@@ -21,9 +21,9 @@ from onnx import GraphProto, ModelProto
 
 from . import quantizers as qz
 from .allocate import Allocation, TensorCost, allocate_from_default
-from .calibrate import Calibration, load_feeds
+from .calibrate import Calibration, load_feeds, synthesize_feeds
 from .config import BitBudget, Plan, QuantConfig
-from .errors import PlanError
+from .errors import P2UError, PlanError
 from .dtypes import dtype_info
 from .reconstruct import base_blocks
 
@@ -48,6 +48,8 @@ class BitPlan:
     calibrated: bool
     notes: list[str]
     clip: dict[str, bool] = dataclasses.field(default_factory=dict)  # clip search per tensor
+    # keyword arguments for probe.record_probe: the inputs calibration used (spec, feeds)
+    probe_inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
 
 
 def candidates(plan: Plan) -> list[int]:
@@ -95,18 +97,33 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
     coded_bytes = sum(a.nbytes for a in arrays.values())
     if budget.calibrate and coded_bytes > CALIBRATION_LIMIT and not budget.calib:
         notes.append(f"{coded_bytes / 2**30:.1f} GiB of coded weights: bits chosen from weight "
-                     "errors alone (calibration runs the model once per tensor; pass --calib "
+                     "errors alone (calibration runs the model once per tensor; pass --inputs "
                      "to run it anyway)")
     elif budget.calibrate:
         weights = {s.slot.key: arrays[s.slot.key] for s in selected
                    if s.slot.kind == "initializer" and isinstance(s.slot.container, GraphProto)
                    and s.slot.container is model.graph and s.slot.key == s.slot.name
                    and arrays[s.slot.key].dtype in (np.float32, np.float16, np.float64)}
-        feeds = load_feeds(budget.calib, model) if budget.calib else None
-        calib = Calibration.build(model, weights, feeds) if weights else None
+        why: list[str] = []
+        try:
+            feeds = load_feeds(budget.calib, model) if budget.calib else \
+                synthesize_feeds(model, shapes=budget.shapes)
+        except P2UError as e:
+            if budget.calib:
+                raise  # the user's file: a one-line error, not a silent skip
+            feeds, why = None, [str(e)]
+        if feeds is not None and weights:
+            calib = Calibration.build(model, weights, feeds, why)
+        elif feeds is not None:
+            kinds = sorted({str(a.dtype) if a.dtype != np.uint16 else "bfloat16"
+                            for a in arrays.values()})
+            why.append(f"no coded weight it can vary ({', '.join(kinds)} or outside the main "
+                       "graph)")
         if calib is None:
-            notes.append("the model could not be run on calibration inputs: bits chosen from "
-                         "weight errors alone")
+            src = "on the given inputs" if budget.calib else "on synthesized inputs"
+            hint = "" if budget.calib else " (--shape or --inputs give it inputs that work)"
+            notes.append(f"calibration skipped {src}: {'; '.join(why) or 'the model fails'}; "
+                         f"bits chosen from weight errors alone{hint}")
     rng = np.random.default_rng(0)
     costs, gains, clip = [], {}, {}
     per_tensor = {}
