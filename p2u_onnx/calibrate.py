@@ -389,7 +389,7 @@ class Calibration:
                 return fail(str(e))
         try:
             so = ort.SessionOptions()
-            so.log_severity_level = 3
+            so.log_severity_level = 4  # a failure is reported in a note, not on stderr
             sess = ort.InferenceSession(m.SerializeToString(), so,
                                         providers=["CPUExecutionProvider"])
             fetch = outputs + extra

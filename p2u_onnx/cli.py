@@ -105,10 +105,8 @@ def _parse_shapes(items: tuple[str, ...]) -> tuple[tuple[str, tuple[int, ...]], 
     out = []
     for item in items:
         name, sep, dims = item.partition("=")
-        try:
-            shape = tuple(int(d) for d in dims.replace("x", ",").split(",") if d.strip())
-        except ValueError:
-            shape = ()
+        parts = dims.split(",") if "," in dims else dims.split("x")
+        shape = tuple(int(d) for d in parts) if all(d.strip().isdigit() for d in parts) else ()
         if not sep or not name or not shape:
             raise click.BadParameter(f"{item!r}: expected NAME=D1,D2,... (e.g. "
                                      "images=1,3,320,320)", param_hint="--shape")

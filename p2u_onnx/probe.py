@@ -287,7 +287,7 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any], *,
     providers = ["CPUExecutionProvider"]
     exact = ort.SessionOptions()
     exact.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
-    exact.log_severity_level = 3
+    exact.log_severity_level = 4  # failures on the inputs tried are expected: the note says
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     plain.intra_op_num_threads = 1

@@ -209,8 +209,8 @@ def _allocation_notes(alloc: Allocation, plan: Plan, budget: BitBudget, total: f
     if alloc.floored and alloc.nbytes > cap:
         notes.append(
             f"the base is plain {plan.base_bits}-bit at about {share:.1%} of the fp32-equivalent "
-            f"bytes, above the {budget.cap:.0%} cap: tensors sent as they are (biases, norms, "
-            f"small tensors) and the graph already take {fixed / total:.1%}, and a smaller base "
+            f"bytes, above the {budget.cap:.0%} cap, of which tensors sent as they are (biases, "
+            f"norms, small tensors) and the graph take {fixed / total:.1%}: a smaller base "
             f"would be worse than plain {plan.base_bits}-bit (--stages {plan.base_bits - 1},... "
             "gives a smaller plain base)" if plan.base_bits > 2 else
             f"the base is plain {plan.base_bits}-bit at about {share:.1%} of the "

@@ -306,3 +306,154 @@ def test_missing_probe_is_a_warning(tmp_path):
     info = p2u_onnx.inspect(tmp_path / "n.p2u")
     assert any(n.startswith("no probe recorded") for n in info["notes"])
     assert "warning: no probe recorded" in invoke("inspect", tmp_path / "n.p2u").output
+
+
+# ------------------------------------------------------------------ shapes
+
+
+def detector_twin() -> onnx.ModelProto:
+    """A dynamic-shape detector in miniature: image [N, 3, H, W] with symbolic H and W through
+    two stride-2 Convs, a 2x Resize and a Concat with the skip connection (a 1x1 image breaks
+    it); a class id [N] that picks a row of a 4-row table (ids of 4 or more break it); a row
+    weighting [N, W] that shares the image's W."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(11)
+
+    def w(*shape):
+        return (rng.standard_normal(shape) * np.sqrt(2.0 / np.prod(shape[1:]))).astype(np.float32)
+
+    inits = [numpy_helper.from_array(w(16, 3, 3, 3), "c1"), numpy_helper.from_array(w(32, 16, 3, 3), "c2"),
+             numpy_helper.from_array(w(8, 48, 1, 1), "c3"), numpy_helper.from_array(w(4, 8), "table"),
+             numpy_helper.from_array(np.array([1, 1, 2, 2], np.float32), "scales"),
+             numpy_helper.from_array(np.array([1, 2], np.int64), "axes")]
+    nodes = [
+        helper.make_node("Unsqueeze", ["rows", "axes"], ["rows4"]),
+        helper.make_node("Mul", ["image", "rows4"], ["img"]),
+        helper.make_node("Conv", ["img", "c1"], ["f1"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["f1"], ["r1"]),
+        helper.make_node("Conv", ["r1", "c2"], ["f2"], kernel_shape=[3, 3], strides=[2, 2], pads=[1, 1, 1, 1]),
+        helper.make_node("Relu", ["f2"], ["r2"]),
+        helper.make_node("Resize", ["r2", "", "scales"], ["up"], mode="nearest"),
+        helper.make_node("Concat", ["up", "r1"], ["cat"], axis=1),
+        helper.make_node("Conv", ["cat", "c3"], ["f3"], kernel_shape=[1, 1]),
+        helper.make_node("GlobalAveragePool", ["f3"], ["pool"]),
+        helper.make_node("Flatten", ["pool"], ["feat"]),
+        helper.make_node("Cast", ["cls"], ["cls64"], to=TensorProto.INT64),
+        helper.make_node("Gather", ["table", "cls64"], ["emb"], axis=0),
+        helper.make_node("Add", ["feat", "emb"], ["scores"]),
+    ]
+    g = helper.make_graph(nodes, "det", [
+        helper.make_tensor_value_info("image", TensorProto.FLOAT, ["N", 3, "H", "W"]),
+        helper.make_tensor_value_info("cls", TensorProto.INT32, ["N"]),
+        helper.make_tensor_value_info("rows", TensorProto.FLOAT, ["N", "W"])],
+        [helper.make_tensor_value_info("scores", TensorProto.FLOAT, ["N", 8])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    onnx.checker.check_model(m)
+    return m
+
+
+def probe_feed(pkg):
+    from p2u_onnx.format import load_manifest
+    from p2u_onnx.probe import Probe
+
+    manifest = load_manifest(pkg)
+    assert "probe" in manifest, manifest.get("notes")
+    s = ort.InferenceSession(str(pkg / "base.onnx"), providers=["CPUExecutionProvider"])
+    return Probe(manifest["probe"], (pkg / "probe.npz").read_bytes(), s.get_inputs()).feed
+
+
+def test_input_spec_follows_the_graph():
+    from p2u_onnx.calibrate import input_spec, synthesize_feeds
+
+    m = detector_twin()
+    spec = input_spec(m, batch=1)
+    h, w = spec["image"]["shape"][2:]
+    assert spec["image"]["shape"][:2] == [1, 3] and h == w >= 64 and h % 4 == 0
+    assert spec["rows"]["shape"] == [1, w]  # one size per symbol across inputs
+    assert spec["cls"] == {"shape": [1], "high": 4}  # through the Cast, below the table's rows
+    feeds = synthesize_feeds(m, batches=2)
+    s = ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"])
+    for f in feeds:
+        assert f["image"].shape[0] == f["cls"].shape[0] == f["rows"].shape[0] == 4
+        assert f["cls"].max() < 4 and f["cls"].dtype == np.int32
+        s.run(None, f)  # runs
+    # --shape fixes the symbols of every input that shares them
+    spec = input_spec(m, {"image": (2, 3, 96, 128)}, batch=1)
+    assert spec["rows"]["shape"] == [2, 128] and spec["cls"]["shape"] == [2]
+    with pytest.raises(p2u_onnx.P2UError, match="no input 'img'"):
+        input_spec(m, {"img": (1, 3, 8, 8)})
+    with pytest.raises(p2u_onnx.P2UError, match="fixes 3"):
+        input_spec(m, {"image": (1, 4, 8, 8)})
+
+
+def test_spatial_size_fits_windows_and_strides():
+    from onnx import TensorProto, helper, numpy_helper
+
+    from p2u_onnx.calibrate import input_spec
+
+    # five stride-2 convs, then a 7x7 average pool: the image must be at least 7 x 32 = 224
+    nodes, inits, prev = [], [], "x"
+    for i in range(5):
+        inits.append(numpy_helper.from_array(np.zeros((4, 4 if i else 3, 3, 3), np.float32), f"k{i}"))
+        nodes.append(helper.make_node("Conv", [prev, f"k{i}"], [f"c{i}"], strides=[2, 2], pads=[1, 1, 1, 1]))
+        prev = f"c{i}"
+    nodes.append(helper.make_node("AveragePool", [prev], ["y"], kernel_shape=[7, 7]))
+    g = helper.make_graph(nodes, "cls", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    shape = input_spec(m)["x"]["shape"]
+    assert shape[2] == shape[3] == 224
+    x = np.zeros(shape, np.float32)
+    ort.InferenceSession(m.SerializeToString(), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+
+
+def test_dynamic_detector_gets_probe_calibration_and_run(tmp_path):
+    path = tmp_path / "det.onnx"
+    onnx.save(detector_twin(), str(path))
+    pkg = tmp_path / "det.p2u"
+    res = p2u_onnx.encode(path, pkg)
+    assert not any("calibration skipped" in n or "probe" in n for n in res.warnings), res.warnings
+    assert res.manifest["allocation"]["calibrated"]
+    feed = probe_feed(pkg)
+    assert feed["image"].shape[2] == feed["image"].shape[3] >= 64
+    assert feed["rows"].shape[1] == feed["image"].shape[3]
+    assert 0 <= feed["cls"].min() and feed["cls"].max() < 4
+    run(pkg / "base.onnx", feed)
+    # p2u run without --input: the probe's inputs
+    r = invoke("run", pkg)
+    assert r.exit_code == 0, r.output
+    assert f"scores: shape [{feed['image'].shape[0]}, 8]" in r.output
+
+
+def test_shape_option_and_inputs_file(tmp_path):
+    path = tmp_path / "det.onnx"
+    onnx.save(detector_twin(), str(path))
+    r = invoke("encode", path, "-o", tmp_path / "s.p2u", "--shape", "image=1,3,96,96", "-q")
+    assert r.exit_code == 0, r.output
+    feed = probe_feed(tmp_path / "s.p2u")
+    assert feed["image"].shape == (1, 3, 96, 96) and feed["rows"].shape == (1, 96)
+    r = invoke("encode", path, "-o", tmp_path / "bad.p2u", "--shape", "image=1,3,x", "-q")
+    assert r.exit_code != 0 and "NAME=D1,D2" in r.output
+    # real inputs: calibration and the probe use them
+    rng = np.random.default_rng(4)
+    inputs = {"image": rng.random((3, 3, 40, 48), np.float32),
+              "cls": np.array([3, 0, 2], np.int32), "rows": rng.random((3, 48), np.float32)}
+    np.savez(tmp_path / "in.npz", **inputs)
+    r = invoke("encode", path, "-o", tmp_path / "i.p2u", "--inputs", tmp_path / "in.npz", "-q")
+    assert r.exit_code == 0, r.output
+    feed = probe_feed(tmp_path / "i.p2u")
+    for k, v in inputs.items():
+        np.testing.assert_array_equal(feed[k], v)
+
+
+def test_unrunnable_shapes_are_loud(tmp_path):
+    path = tmp_path / "det.onnx"
+    onnx.save(detector_twin(), str(path))
+    # a 2x2 image cannot pass the Resize + Concat: no calibration, no probe, both said
+    res = p2u_onnx.encode(path, tmp_path / "t.p2u",
+                          budget=BitBudget(shapes={"image": (1, 3, 2, 2)}))
+    assert "probe" not in res.manifest
+    assert any(n.startswith("calibration skipped on synthesized inputs") for n in res.warnings)
+    assert any(n.startswith("no probe recorded") and "--shape" in n for n in res.warnings)
