@@ -118,12 +118,18 @@ def synthesize_inputs(inputs: Sequence[ArgInfo], int_high: int = 100,
 
     >>> synthesize_inputs(session.get_inputs())  # doctest: +SKIP
     """
+    from .errors import FormatError
+
+    if spec is not None and not isinstance(spec, Mapping):
+        raise FormatError("probe input spec: not a mapping of input names")
     feed: dict[str, np.ndarray] = {}
     for j, arg in enumerate(inputs):
         dtype = _NUMPY_TYPES.get(arg.type)
         if dtype is None:
             raise ValueError(f"input {arg.name!r} of type {arg.type} cannot be synthesized")
         want = (spec or {}).get(arg.name) or {}
+        if not isinstance(want, Mapping):
+            raise FormatError(f"probe input spec for {arg.name!r}: not a mapping")
         shape = _spec_shape(arg, want)
         n = math.prod(shape)
         bits = _mix(np.arange(n, dtype=np.uint64) + np.uint64((j + 1) << 40)
@@ -150,15 +156,15 @@ def synthesize_inputs(inputs: Sequence[ArgInfo], int_high: int = 100,
 
 
 def _spec_shape(arg: ArgInfo, want: Mapping[str, Any]) -> tuple[int, ...]:
+    from .errors import FormatError
+
     shape = want.get("shape")
     if shape is None:
         return tuple(d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape)
-    from .errors import FormatError
-
-    if not isinstance(shape, (list, tuple)) or not all(
+    if not isinstance(shape, (list, tuple)) or len(shape) > 16 or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape) \
-            or math.prod(shape) > MAX_SYNTH_ELEMENTS or len(shape) > 16:
-        raise FormatError(f"probe input spec for {arg.name!r}: bad shape {shape!r}")
+            or math.prod(shape) > MAX_SYNTH_ELEMENTS:
+        raise FormatError(f"probe input spec for {arg.name!r}: bad shape {str(shape)[:80]}")
     return tuple(shape)
 
 

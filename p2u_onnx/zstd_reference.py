@@ -22,6 +22,7 @@ LEVEL = 19
 EXACT_LIMIT = 8 << 20
 SAMPLES = 8
 SAMPLE_BYTES = 1 << 20
+MODEL_PROTO_LIMIT = 256 << 20  # in-memory models larger than this are not serialized again
 
 
 def _model_files(source: Any) -> list[Path] | bytes | None:
@@ -30,6 +31,8 @@ def _model_files(source: Any) -> list[Path] | bytes | None:
     from onnx import ModelProto
 
     if isinstance(source, ModelProto):
+        if source.ByteSize() > MODEL_PROTO_LIMIT:  # a second copy of a big model: no
+            return None
         try:
             return source.SerializeToString()
         except Exception:  # noqa: BLE001 - over 2 GB: no reference

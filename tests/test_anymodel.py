@@ -457,3 +457,33 @@ def test_unrunnable_shapes_are_loud(tmp_path):
     assert "probe" not in res.manifest
     assert any(n.startswith("calibration skipped on synthesized inputs") for n in res.warnings)
     assert any(n.startswith("no probe recorded") and "--shape" in n for n in res.warnings)
+
+
+def test_probe_inputs_too_big_to_store_are_made_again_on_the_device(tmp_path):
+    from p2u_onnx.runtime import ProgressiveSession
+
+    path = tmp_path / "det.onnx"
+    onnx.save(detector_twin(), str(path))
+    pkg = tmp_path / "big.p2u"
+    res = p2u_onnx.encode(path, pkg, budget=BitBudget(shapes={"image": (1, 3, 640, 640)}))
+    entry = res.manifest["probe"]
+    assert not entry["inputs_stored"] and entry["synth"]["image"]["shape"] == [1, 3, 640, 640]
+    feed = probe_feed(pkg)  # the device makes the same inputs (the digest is checked)
+    assert feed["image"].shape == (1, 3, 640, 640) and feed["rows"].shape == (1, 640)
+    with ProgressiveSession(str(pkg)) as sess:
+        sess.upgrade(background=False)  # each stage checked against the probe
+        assert sess.stage == len(res.manifest["stages"]) - 1
+
+
+def test_hostile_probe_spec_is_refused():
+    from p2u_onnx.errors import FormatError
+    from p2u_onnx.probe import synthesize_inputs
+
+    class Arg:
+        name, type, shape = "x", "tensor(float)", ["N", 64]
+
+    assert synthesize_inputs([Arg()], spec={"x": {"shape": [2, 64]}})["x"].shape == (2, 64)
+    for bad in ({"x": {"shape": [1 << 20, 1 << 20]}}, {"x": {"shape": [-1]}}, {"x": [1]},
+                {"x": {"shape": "12"}}, [1, 2], {"x": {"shape": [1] * 100}}):
+        with pytest.raises(FormatError):
+            synthesize_inputs([Arg()], spec=bad)
