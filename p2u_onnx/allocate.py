@@ -131,11 +131,13 @@ def allocate_from_default(costs: list[TensorCost], default: dict[str, int], *,
                           no_worse: bool = False) -> Allocation:
     """Bits per tensor, never estimated worse than ``default`` (the plain base).
 
-    The free allocation (:func:`allocate`: ``budget``, then up to ``cap`` while the error is
-    above ``max_error``) is kept when it meets ``max_error``: the measurements say its lower
-    tensors are fine. Otherwise the same walk is run from ``default`` upwards (no tensor below
-    its default), and the better of the two estimates wins; that one may be larger than
-    ``cap`` when the default alone is (``floored`` and ``nbytes > cap`` then say so). With
+    Two walks (:func:`allocate`: ``budget``, then up to ``cap`` while the error is above
+    ``max_error``): the free one, whose tensors may go below their default where the
+    measurements say the target is still met, and one from ``default`` upwards (no tensor below
+    its default). Of those that meet ``max_error`` the smaller wins (sizes within the budget
+    count as equal, then the lower error); when neither does, the lower error wins, which is
+    never worse than ``default`` and may be larger than ``cap`` when the default alone is
+    (``floored`` and ``nbytes > cap`` then say so). With
     ``no_worse``, the target is also the default's estimated error.
     """
     _, p_bytes, p_err, _ = _at(costs, lambda c: c.bits.index(default[c.key]))
@@ -145,14 +147,20 @@ def allocate_from_default(costs: list[TensorCost], default: dict[str, int], *,
                                                    key=lambda i: (c.error[i], c.nbytes[i])))
     extra = dict(plain_error=p_err, plain_nbytes=p_bytes, best_error=b_err, best_nbytes=b_bytes)
     free = allocate(costs, budget=budget, max_error=max_error, cap=cap)
-    if free.error <= max_error:
-        return dataclasses.replace(free, **extra)
     floor_costs = []
     for c in costs:
         keep = [i for i, b in enumerate(c.bits) if b >= default[c.key]]
         floor_costs.append(TensorCost(c.key, [c.bits[i] for i in keep],
                                       [c.nbytes[i] for i in keep], [c.error[i] for i in keep]))
     floored = allocate(floor_costs, budget=budget, max_error=max_error, cap=cap)
-    best = free if free.error < floored.error else floored
+    met = [a for a in (free, floored) if a.error <= max_error]
+    if met:
+        # bytes up to the budget are there to be spent: beyond it the smaller base wins,
+        # within it the better one (the free walk skips a default that is off its hull, and
+        # can pass the default's size to reach the default's error)
+        spend = budget or 0.0
+        best = min(met, key=lambda a: (max(a.nbytes, spend), a.error))
+    else:
+        best = free if free.error < floored.error else floored
     return dataclasses.replace(best, **extra, target_met=best.error <= max_error,
                                floored=best is floored)

@@ -28,7 +28,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnx import ModelProto, NodeProto, helper
+from onnx import ModelProto, NodeProto, TensorProto, helper
 
 from .errors import P2UError
 from .graph import Consumer, consumers_by_name
@@ -337,6 +337,10 @@ class Calibration:
     _reference: list[list[np.ndarray]]
     _outputs: list[str]
     _weight: np.ndarray  # per output: PROBABILITY_WEIGHT for probability-like outputs, else 1
+    _bf16: frozenset = frozenset()  # keys of bfloat16 weights: fed as float32, Cast in-graph
+
+    def _feed(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _weight_feed(weights, self._bf16)
 
     @classmethod
     def build(cls, model: ModelProto, weights: Mapping[str, np.ndarray],
@@ -345,7 +349,9 @@ class Calibration:
         """Prepare; returns None when the model does not run on the inputs (and appends the
         reason to ``why``).
 
-        ``weights`` maps slot keys of main-graph initializers to their float values.
+        ``weights`` maps slot keys of main-graph initializers to their values in storage
+        dtype (bfloat16 as uint16 bits: fed as float32 and cast to bfloat16 in the graph, since
+        numpy has no bfloat16).
         """
         def fail(reason: str) -> None:
             if why is not None:
@@ -363,13 +369,26 @@ class Calibration:
         moved = [t for t in g.initializer if t.name in names]
         del g.initializer[:]
         g.initializer.extend(keep)
+        bf16 = frozenset(t.name for t in moved if t.data_type == TensorProto.BFLOAT16)
+        if bf16:
+            keep_in = [vi for vi in g.input if vi.name not in bf16]
+            del g.input[:]
+            g.input.extend(keep_in)
+            casts = [helper.make_node("Cast", [_bf16_input(n)], [n], to=TensorProto.BFLOAT16,
+                                      name=f"{n}__p2u_cast") for n in sorted(bf16)]
+            old = list(g.node)
+            del g.node[:]
+            g.node.extend(casts + old)
         inputs_now = {vi.name for vi in g.input}
         for t in moved:
-            if t.name not in inputs_now:
+            if t.name in bf16:
+                g.input.append(helper.make_tensor_value_info(_bf16_input(t.name),
+                                                             TensorProto.FLOAT, list(t.dims)))
+            elif t.name not in inputs_now:
                 g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         users = consumers_by_name(m).get(id(g), {})
         acts: dict[str, tuple[str, str, Consumer]] = {}
-        for key in names:
+        for key in names - bf16:  # a weight read as bfloat16 itself: no activation statistics
             for c in users.get(key, []):
                 a = _activation_input(c)
                 if a and c.node in g.node:
@@ -393,7 +412,8 @@ class Calibration:
             sess = ort.InferenceSession(m.SerializeToString(), so,
                                         providers=["CPUExecutionProvider"])
             fetch = outputs + extra
-            runs = [sess.run(fetch, {**f, **weights}) for f in feeds]
+            fed = _weight_feed(weights, bf16)
+            runs = [sess.run(fetch, {**f, **fed}) for f in feeds]
         except Exception as e:  # the model does not run on these inputs: no calibration
             text = str(e).strip().splitlines()
             return fail(f"the model fails on them ({text[0][:200] if text else type(e).__name__})")
@@ -414,8 +434,8 @@ class Calibration:
             PROBABILITY_WEIGHT if _made_by_squashing(producer, outputs[i]) and
             _probability_like([r[j] for r in reference]) else 1.0
             for j, i in enumerate(float_out)])
-        return cls(importance, names, sess, dict(weights), list(feeds), reference,
-                   [outputs[i] for i in float_out], weight)
+        return cls(importance, names, sess, fed, list(feeds), reference,
+                   [outputs[i] for i in float_out], weight, bf16)
 
     def output_error(self, overrides: Mapping[str, np.ndarray]) -> float:
         """Relative squared error of the float outputs with ``overrides`` in place: the worst
@@ -424,7 +444,8 @@ class Calibration:
         num = np.zeros(len(self._outputs))
         den = np.zeros(len(self._outputs))
         for feed, ref in zip(self._feeds, self._reference):
-            got = self._session.run(self._outputs, {**feed, **self._weights, **overrides})
+            got = self._session.run(self._outputs,
+                                    {**feed, **self._weights, **self._feed(overrides)})
             for i, (g, r) in enumerate(zip(got, ref)):
                 g = np.asarray(g, np.float64)
                 fin = np.isfinite(r)
@@ -433,6 +454,22 @@ class Calibration:
                 den[i] += float(np.sum(np.where(fin, r * r, 0)))
         ratios = self._weight * num / np.where(den > 0, den, 1)
         return float(ratios.max()) if len(ratios) else 0.0
+
+
+def _bf16_input(name: str) -> str:
+    return f"{name}__p2u_f32"
+
+
+def _weight_feed(weights: Mapping[str, np.ndarray], bf16: frozenset) -> dict[str, np.ndarray]:
+    """Graph-input values for ``weights``: bfloat16 bits widened to float32 (exact)."""
+    out = {}
+    for k, v in weights.items():
+        if k in bf16:
+            bits = np.asarray(v, np.uint16).astype(np.uint32) << 16
+            out[_bf16_input(k)] = bits.view(np.float32)
+        else:
+            out[k] = v
+    return out
 
 
 _SQUASHING = {"Softmax", "Sigmoid", "HardSigmoid"}

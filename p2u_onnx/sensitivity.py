@@ -103,7 +103,8 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
         weights = {s.slot.key: arrays[s.slot.key] for s in selected
                    if s.slot.kind == "initializer" and isinstance(s.slot.container, GraphProto)
                    and s.slot.container is model.graph and s.slot.key == s.slot.name
-                   and arrays[s.slot.key].dtype in (np.float32, np.float16, np.float64)}
+                   and (arrays[s.slot.key].dtype in (np.float32, np.float16, np.float64)
+                        or s.slot.tensor.data_type == 16)}  # bfloat16, as uint16 bits
         why: list[str] = []
         try:
             feeds = load_feeds(budget.calib, model) if budget.calib else \

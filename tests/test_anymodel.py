@@ -68,14 +68,52 @@ def test_fp16_base_loads_and_matches_fp32_quality(digits, tmp_path):
     assert s16 <= 0.20 and s16 >= 0.6 * s32, results
 
 
-def test_fp64_gets_fp32_bits_per_weight(tmp_path):
+def bf16_twin(model: onnx.ModelProto) -> onnx.ModelProto:
+    """Every float initializer of 2 or more dimensions stored as bfloat16 and cast to float
+    where it is read (as mixed-precision exports do)."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    g = m.graph
+    casts = []
+    for t in g.initializer:
+        if t.data_type == TensorProto.FLOAT and len(t.dims) >= 2:
+            u = numpy_helper.to_array(t).astype(np.float32).view(np.uint32)
+            bits = ((u + 0x7FFF + ((u >> 16) & 1)) >> 16).astype(np.uint16)
+            name = t.name
+            t.CopyFrom(helper.make_tensor(f"{name}_bf16", TensorProto.BFLOAT16, list(t.dims),
+                                          bits.tobytes(), raw=True))
+            casts.append(helper.make_node("Cast", [f"{name}_bf16"], [name], to=TensorProto.FLOAT))
+    nodes = casts + list(g.node)
+    del g.node[:]
+    g.node.extend(nodes)
+    return m
+
+
+def fp64_twin(model: onnx.ModelProto) -> onnx.ModelProto:
+    """The same model in float64: weights, inputs and outputs."""
+    from onnx import TensorProto, numpy_helper
+
+    m = onnx.ModelProto()
+    m.CopyFrom(model)
+    for t in m.graph.initializer:
+        if t.data_type == TensorProto.FLOAT:
+            t.CopyFrom(numpy_helper.from_array(numpy_helper.to_array(t).astype(np.float64), t.name))
+    for v in list(m.graph.input) + list(m.graph.output) + list(m.graph.value_info):
+        if v.type.tensor_type.elem_type == TensorProto.FLOAT:
+            v.type.tensor_type.elem_type = TensorProto.DOUBLE
+    return m
+
+
+def test_fp64_and_bf16_get_fp32_bits_per_weight(tmp_path):
     import synth
 
     feed32 = np.random.default_rng(0).standard_normal((64, 64)).astype(np.float32)
+    m32 = synth.mlp(np.float32, din=64, hidden=256)
     bits, cos = {}, {}
-    for label, m, x in (("fp32", synth.mlp(np.float32, din=64, hidden=256), feed32),
-                        ("fp64", synth.mlp(np.float64, din=64, hidden=256),
-                         feed32.astype(np.float64))):
+    for label, m, x in (("fp32", m32, feed32), ("bf16", bf16_twin(m32), feed32),
+                        ("fp64", fp64_twin(m32), feed32.astype(np.float64))):
         path = tmp_path / f"{label}.onnx"
         onnx.save(m, str(path))
         res = p2u_onnx.encode(path, tmp_path / f"{label}.p2u")
@@ -83,10 +121,14 @@ def test_fp64_gets_fp32_bits_per_weight(tmp_path):
         coded = sum(np.prod(t["shape"]) for t in res.manifest["tensors"])
         bits[label] = 8 * res.stage_bytes[0] / coded
         cos[label] = cosine(run(base, {"x": x})[0], run(path, {"x": x})[0])
-    # the fp64 base is not given twice the bits (its share is of fp32-equivalent bytes), and
-    # is as good as the fp32 one
-    assert 0.8 * bits["fp32"] <= bits["fp64"] <= 1.25 * bits["fp32"], bits
-    assert cos["fp64"] >= min(cos["fp32"] - 0.005, 0.99) and cos["fp64"] >= 0.985, cos
+        # bfloat16 weights are calibrated too (fed as float32, cast in the graph)
+        assert res.manifest["allocation"]["calibrated"], res.warnings
+        assert not any("calibration skipped" in n for n in res.warnings)
+    # the fp64 base is not given twice the bits, nor the bf16 base half (shares are of
+    # fp32-equivalent bytes), and both are as good as the fp32 one
+    for label in ("fp64", "bf16"):
+        assert 0.8 * bits["fp32"] <= bits[label] <= 1.25 * bits["fp32"], bits
+        assert cos[label] >= min(cos["fp32"] - 0.005, 0.99) and cos[label] >= 0.985, cos
 
 
 def tiny_classifier(depth: int = 20, seed: int = 3) -> onnx.ModelProto:
