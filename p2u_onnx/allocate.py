@@ -128,17 +128,19 @@ def _at(costs: list[TensorCost], pick) -> tuple[dict[str, int], float, float, di
 
 def allocate_from_default(costs: list[TensorCost], default: dict[str, int], *,
                           budget: float | None, max_error: float, cap: float,
-                          no_worse: bool = False) -> Allocation:
+                          no_worse: bool = False, margin: float = 0.0) -> Allocation:
     """Bits per tensor, never estimated worse than ``default`` (the plain base).
 
     Two walks (:func:`allocate`: ``budget``, then up to ``cap`` while the error is above
     ``max_error``): the free one, whose tensors may go below their default where the
     measurements say the target is still met, and one from ``default`` upwards (no tensor below
-    its default). Of those that meet ``max_error`` the smaller wins (sizes within the budget
-    count as equal, then the lower error); when neither does, the lower error wins, which is
+    its default). Of those that meet ``max_error`` the default's wins unless the free one is
+    clearly smaller (sizes within the budget count as equal; ``margin``: the size estimates'
+    relative error) or, about as large, has at most half the estimated error; when neither
+    meets it, the lower error wins, which is
     never worse than ``default`` and may be larger than ``cap`` when the default alone is
-    (``floored`` and ``nbytes > cap`` then say so). With
-    ``no_worse``, the target is also the default's estimated error.
+    (``floored`` and ``nbytes > cap`` then say so). With ``no_worse``, the target is also the
+    default's estimated error; ``margin`` is the relative error of the size estimates.
     """
     _, p_bytes, p_err, _ = _at(costs, lambda c: c.bits.index(default[c.key]))
     if no_worse:
@@ -154,12 +156,21 @@ def allocate_from_default(costs: list[TensorCost], default: dict[str, int], *,
                                       [c.nbytes[i] for i in keep], [c.error[i] for i in keep]))
     floored = allocate(floor_costs, budget=budget, max_error=max_error, cap=cap)
     met = [a for a in (free, floored) if a.error <= max_error]
-    if met:
-        # bytes up to the budget are there to be spent: beyond it the smaller base wins,
-        # within it the better one (the free walk skips a default that is off its hull, and
-        # can pass the default's size to reach the default's error)
+    if len(met) == 2:
+        # bytes up to the budget are there to be spent. The free walk replaces the default
+        # when it is clearly smaller (by more than the size estimate's error, ``margin``) or,
+        # at about the same size, clearly better (at most half the estimated error); it can
+        # skip a default that is off its hull and pass the default's size to reach its error.
         spend = budget or 0.0
-        best = min(met, key=lambda a: (max(a.nbytes, spend), a.error))
+        s_free, s_floor = max(free.nbytes, spend), max(floored.nbytes, spend)
+        if s_free < s_floor * (1 - margin):
+            best = free
+        elif s_floor < s_free * (1 - margin):
+            best = floored
+        else:
+            best = free if free.error <= 0.5 * floored.error else floored
+    elif met:
+        best = met[0]
     else:
         best = free if free.error < floored.error else floored
     return dataclasses.replace(best, **extra, target_met=best.error <= max_error,

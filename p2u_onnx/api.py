@@ -141,7 +141,8 @@ def inspect(package: str | os.PathLike, tensors: bool = False) -> dict[str, Any]
     """
     manifest = load_manifest(package)
     src = manifest["source"]
-    orig = src.get("weight_bytes") or 1
+    # shares are of the fp32-equivalent bytes (what --budget and --cap are shares of)
+    orig = src.get("fp32_equivalent_bytes") or src.get("weight_bytes") or 1
     # the mix of bits per coded weight at each lossy stage (the plan says the base's default)
     sizes = [(int(np.prod(t["shape"], dtype=np.int64)), t["bits"]) for t in manifest["tensors"]]
     n_coded = sum(n for n, _ in sizes)

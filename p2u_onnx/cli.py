@@ -116,7 +116,10 @@ def _parse_shapes(items: tuple[str, ...]) -> tuple[tuple[str, tuple[int, ...]], 
 
 def _print_table(info: dict) -> None:
     src = info["source"]
-    click.echo(f"source {src['name']}: {_fmt_bytes(src['weight_bytes'])} of weights, "
+    fp32 = src.get("fp32_equivalent_bytes")
+    equiv = f" ({_fmt_bytes(fp32)} as fp32, what shares are of)" \
+        if fp32 and fp32 != src["weight_bytes"] else ""
+    click.echo(f"source {src['name']}: {_fmt_bytes(src['weight_bytes'])} of weights{equiv}, "
                f"{info['tensors']} coded tensors, plan {','.join(info['plan'])}")
     click.echo(f"{'stage':>5} {'bits':>9} {'bytes':>10} {'share':>7} {'total':>10} {'share':>7}"
                f" {'max err':>10} {'rel err':>9}")

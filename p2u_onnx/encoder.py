@@ -604,6 +604,12 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
         "stages": stages,
     }
     notes = ([note] if note else []) + bitplan.notes
+    base_share = stages[0]["bytes"] / max(coder.fp32_bytes, 1)
+    if bitplan.allocation is not None and base_share > budget.cap and not any(
+            "cap" in n for n in bitplan.notes):
+        est = (bitplan.allocation.nbytes + bitplan.fixed_bytes) / max(coder.fp32_bytes, 1)
+        notes.append(f"the base is {base_share:.1%} of the fp32-equivalent bytes, above the "
+                     f"{budget.cap:.0%} cap (its size was estimated at {est:.1%})")
     notes += _zstd_notes(manifest, zref)
     if bitplan.allocation is not None:
         manifest["allocation"] = {

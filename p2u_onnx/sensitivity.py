@@ -50,6 +50,7 @@ class BitPlan:
     clip: dict[str, bool] = dataclasses.field(default_factory=dict)  # clip search per tensor
     # keyword arguments for probe.record_probe: the inputs calibration used (spec, feeds)
     probe_inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fixed_bytes: float = 0.0  # estimated bytes of the base besides the coded weights
 
 
 def candidates(plan: Plan) -> list[int]:
@@ -188,10 +189,11 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
     default = {c.key: plan.base_bits for c in costs}
     # without an explicit --quality, the target is also "no worse than the plain base"
     alloc = allocate_from_default(costs, default, budget=spend, max_error=budget.max_error,
-                                  cap=cap, no_worse=budget.quality is None)
+                                  cap=cap, no_worse=budget.quality is None,
+                                  margin=1 - CAP_MARGIN)
     notes += _allocation_notes(alloc, plan, budget, total, fixed_bytes, cap)
     return BitPlan(alloc.bits, calib.importance if calib else {}, alloc.errors, alloc,
-                   calib is not None, notes, clip)
+                   calib is not None, notes, clip, fixed_bytes=fixed_bytes)
 
 
 def _quality(error: float) -> float:
