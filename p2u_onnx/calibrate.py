@@ -213,8 +213,8 @@ def input_spec(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence
 class _Arg:
     """An input description as :func:`p2u_onnx.probe.synthesize_inputs` reads it."""
 
-    def __init__(self, name: str, type: str, shape: list):
-        self.name, self.type, self.shape = name, type, shape
+    def __init__(self, name: str, type: str, shape: list | None):
+        self.name, self.type, self.shape = name, type, shape  # None: rank unknown
 
 
 def input_args(model: ModelProto) -> list[_Arg]:
@@ -235,7 +235,7 @@ def input_args(model: ModelProto) -> list[_Arg]:
             except Exception:  # noqa: BLE001 - a type numpy has no dtype for
                 kind = f"tensor(type {tt.elem_type})"
         shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
-                 for d in tt.shape.dim]
+                 for d in tt.shape.dim] if tt.HasField("shape") else None
         args.append(_Arg(vi.name, kind, shape))
     return args
 
@@ -303,6 +303,9 @@ def load_feeds(path: str | Path, model: ModelProto) -> list[dict[str, np.ndarray
         raise P2UError(f"{p}: no array for input(s) {', '.join(missing)} (it holds "
                        f"{', '.join(sorted(data)) or 'nothing'})")
     data = {n: data[n] for n in names}
+    for a in args:  # an input of unknown rank takes any
+        if a.shape is None:
+            a.shape = [None] * np.ndim(data[a.name])
     try:
         check_feed(args, data)
     except P2UError as e:

@@ -591,8 +591,8 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
     manifest = {
         "format": "p2u", "format_version": FORMAT_VERSION, "package_id": package_id,
         "source": {"name": name, "weights_sha256": src_digest, "opset": opset0,
-                   "weight_bytes": all_bytes,
-                   "fp32_equivalent_bytes": coder.fp32_bytes, "coded_weight_bytes": weight_bytes, "coded_fp32_bytes": fp32_bytes,
+                   "weight_bytes": all_bytes, "fp32_equivalent_bytes": coder.fp32_bytes,
+                   "coded_weight_bytes": weight_bytes, "coded_fp32_bytes": fp32_bytes,
                    "coded_tensors": len(selected)},
         "plan": [str(s) for s in plan.stages],
         "config": dataclasses.asdict(config),

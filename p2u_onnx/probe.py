@@ -160,7 +160,7 @@ def _spec_shape(arg: ArgInfo, want: Mapping[str, Any]) -> tuple[int, ...]:
 
     shape = want.get("shape")
     if shape is None:
-        return tuple(d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape)
+        return tuple(d if isinstance(d, int) and d >= 0 else 1 for d in (arg.shape or ()))
     if not isinstance(shape, (list, tuple)) or len(shape) > 16 or not all(
             isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape) \
             or math.prod(shape) > MAX_SYNTH_ELEMENTS:

@@ -226,6 +226,7 @@ def _allocation_notes(alloc: Allocation, plan: Plan, budget: BitBudget, total: f
                f"{budget.cap:.0%} cap; best reachable {best:.4f} at about {best_share:.1%} "
                "(every tensor at 8 bits)")
         if budget.strict:
-            raise PlanError(f"{msg}: raise --cap, lower --quality, or pass --allow-below")
+            raise PlanError(f"{msg}: raise --cap (cap=), lower --quality (quality=), or pass "
+                            "--allow-below (strict=False)")
         notes.append(msg)
     return notes
