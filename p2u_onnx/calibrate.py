@@ -127,8 +127,11 @@ def _spatial_size(model: ModelProto, starts: Sequence[str], default: int) -> int
     return int(min(size, max(_MAX_SPATIAL, step)))
 
 
+RETRY_SPATIAL = (224, 640)  # image sizes tried when the implied one does not run
+
+
 def input_spec(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = (),
-               batch: int = 1) -> dict[str, dict[str, Any]]:
+               batch: int = 1, spatial: int | None = None) -> dict[str, dict[str, Any]]:
     """What :func:`p2u_onnx.probe.synthesize_inputs` needs to make inputs the graph runs on.
 
     Per graph input (initializers excluded): ``shape`` (symbolic dimensions resolved, one size
@@ -136,7 +139,8 @@ def input_spec(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence
     inputs of rank 3 or more a spatial size the graph's windows and strides accept, others
     :data:`_DEFAULT_DIMS` ``seq``); ``high`` for integer inputs that index tables (below the
     rows of every table they index); ``fill`` 1 for masks and booleans, 0 for token-type and
-    position ids. ``shapes`` (``--shape``) fixes inputs' shapes, and with them their symbols.
+    position ids. ``shapes`` (``--shape``) fixes inputs' shapes, and with them their symbols;
+    ``spatial`` replaces the implied spatial size (a retry: :data:`RETRY_SPATIAL`).
     Raises :class:`P2UError` for an input that is not a tensor or a ``shapes`` entry that does
     not fit the model.
     """
@@ -171,7 +175,8 @@ def input_spec(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence
     images = [vi.name for vi in inputs
               if _np_type(vi.type.tensor_type.elem_type).kind == "f"
               and len(vi.type.tensor_type.shape.dim) >= 3]
-    spatial = _spatial_size(model, images, _DEFAULT_DIMS["spatial"]) if images else 0
+    if images and spatial is None:
+        spatial = _spatial_size(model, images, _DEFAULT_DIMS["spatial"])
     spec: dict[str, dict[str, Any]] = {}
     # images first: a symbol they share with other inputs gets the spatial size
     for vi in sorted(inputs, key=lambda v: v.name not in images):
@@ -240,15 +245,30 @@ def input_args(model: ModelProto) -> list[_Arg]:
     return args
 
 
+def has_open_images(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = ()
+                    ) -> bool:
+    """Whether some float input of rank 3 or more has a spatial size left to guess."""
+    given = dict(shapes)
+    init = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        tt = vi.type.tensor_type
+        if vi.name in init or vi.name in given or not vi.type.HasField("tensor_type"):
+            continue
+        if len(tt.shape.dim) >= 3 and _np_type(tt.elem_type).kind == "f" and any(
+                not (d.HasField("dim_value") and d.dim_value > 0) for d in tt.shape.dim[1:]):
+            return True
+    return False
+
+
 def synthesize_feeds(model: ModelProto, batches: int = 1, seed: int = 0,
-                     shapes: Mapping[str, Sequence[int]] | Sequence = ()
-                     ) -> list[dict[str, np.ndarray]]:
+                     shapes: Mapping[str, Sequence[int]] | Sequence = (),
+                     spatial: int | None = None) -> list[dict[str, np.ndarray]]:
     """Deterministic inputs from the input signature and what the graph implies (see
     :func:`input_spec`; batch :data:`_DEFAULT_DIMS` ``batch``), made by the probe's
     :func:`p2u_onnx.probe.synthesize_inputs` with unit-normal floats."""
     from .probe import synthesize_inputs
 
-    spec = input_spec(model, shapes, batch=_DEFAULT_DIMS["batch"])
+    spec = input_spec(model, shapes, batch=_DEFAULT_DIMS["batch"], spatial=spatial)
     args = input_args(model)
     try:
         return [synthesize_inputs(args, 100, spec, seed=seed + b, floats="normal")
@@ -265,6 +285,8 @@ def probe_inputs(model: ModelProto, calib: str | None,
     out: dict[str, Any] = {}
     try:
         out["spec"] = input_spec(model, shapes, batch=1)
+        if has_open_images(model, shapes):
+            out["retry"] = [input_spec(model, shapes, batch=1, spatial=s) for s in RETRY_SPATIAL]
     except P2UError:
         if shapes:
             raise

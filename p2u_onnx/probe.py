@@ -265,12 +265,14 @@ def _tolerance(values: np.ndarray, noise: float, out_type: str) -> float:
 def record_probe(package_dir: str | Path, manifest: dict[str, Any], *,
                  spec: Mapping[str, Mapping[str, Any]] | None = None,
                  feed: Mapping[str, np.ndarray] | None = None,
+                 retry: Sequence[Mapping[str, Mapping[str, Any]]] = (),
                  why: list[str] | None = None) -> dict[str, Any] | None:
     """Record ``probe.npz`` in ``package_dir``; returns the manifest entry, or None.
 
     Runs every stage in onnxruntime (CPU, default options; stage 0 with exact low-bit MatMuls)
     on the first inputs the base runs on with finite outputs: ``feed`` (the user's), then
-    :func:`synthesize_inputs` with ``spec`` (what the graph implies), then without it; and each
+    :func:`synthesize_inputs` with ``spec`` (what the graph implies), with each ``retry`` spec
+    (other image sizes), then without a spec; and each
     later stage once more with optimizations off, one thread and no prepacking to measure how
     much results move between configurations. Returns None when the model cannot be probed
     (unsupported input types, no float outputs, a failure on every input tried, non-finite
@@ -317,7 +319,7 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any], *,
             given = {k: v[:1] if np.ndim(v) else v for k, v in given.items()}  # one row
         if sum(np.asarray(v).nbytes for v in given.values()) <= MAX_STORED_INPUT_BYTES:
             tries.append(("given", INT_RANGES[0], given))
-    for label, sp in (("spec", spec), ("plain", None)):
+    for label, sp in [("spec", spec)] + [("spec", r) for r in retry] + [("plain", None)]:
         if label == "spec" and not sp:
             continue
         tries += [(label, high, sp) for high in INT_RANGES]
@@ -337,6 +339,7 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any], *,
             continue
         if all(np.all(np.isfinite(v)) for v in first):
             chosen, used = candidate, (label, int_high)
+            spec = how if label == "spec" else spec
             break
         last = "the outputs are not finite on the inputs tried"
     if chosen is None:

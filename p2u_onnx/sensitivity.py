@@ -21,7 +21,8 @@ from onnx import GraphProto, ModelProto
 
 from . import quantizers as qz
 from .allocate import Allocation, TensorCost, allocate_from_default
-from .calibrate import Calibration, load_feeds, synthesize_feeds
+from .calibrate import (RETRY_SPATIAL, Calibration, has_open_images, load_feeds,
+                        synthesize_feeds)
 from .config import BitBudget, Plan, QuantConfig
 from .errors import P2UError, PlanError
 from .dtypes import dtype_info
@@ -116,6 +117,17 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
             feeds, why = None, [str(e)]
         if feeds is not None and weights:
             calib = Calibration.build(model, weights, feeds, why)
+            # images of a size the graph analysis missed: the usual sizes, once each
+            for size in () if budget.calib or calib is not None else RETRY_SPATIAL:
+                if not has_open_images(model, budget.shapes):
+                    break
+                calib = Calibration.build(model, weights, synthesize_feeds(
+                    model, shapes=budget.shapes, spatial=size), why)
+                if calib is not None:
+                    why.clear()
+                    notes.append(f"calibration ran on {size}x{size} images (the size the "
+                                 "graph implied did not run; --shape sets it)")
+                    break
         elif feeds is not None:
             kinds = sorted({str(a.dtype) if a.dtype != np.uint16 else "bfloat16"
                             for a in arrays.values()})

@@ -529,3 +529,26 @@ def test_hostile_probe_spec_is_refused():
                 {"x": {"shape": "12"}}, [1, 2], {"x": {"shape": [1] * 100}}):
         with pytest.raises(FormatError):
             synthesize_inputs([Arg()], spec=bad)
+
+
+def test_image_size_the_graph_does_not_say_is_retried(tmp_path):
+    from onnx import TensorProto, helper, numpy_helper
+
+    # a patchifying Conv (32x32, stride 32) then a Gemm that expects a 7x7 grid: only a
+    # 224x224 image runs, which nothing in the windows or strides says
+    rng = np.random.default_rng(8)
+    inits = [numpy_helper.from_array((rng.standard_normal((8, 3, 32, 32)) * 0.02).astype(np.float32), "patch"),
+             numpy_helper.from_array((rng.standard_normal((392, 10)) * 0.05).astype(np.float32), "head")]
+    nodes = [helper.make_node("Conv", ["x", "patch"], ["p"], strides=[32, 32]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "head"], ["y"])]
+    g = helper.make_graph(nodes, "vit", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 3, "H", "W"])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    path = tmp_path / "patch.onnx"
+    onnx.save(m, str(path))
+    res = p2u_onnx.encode(path, tmp_path / "p.p2u")
+    assert res.manifest["allocation"]["calibrated"]
+    assert any("calibration ran on 224x224 images" in n for n in res.warnings), res.warnings
+    assert probe_feed(tmp_path / "p.p2u")["x"].shape == (1, 3, 224, 224)
