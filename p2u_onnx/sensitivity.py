@@ -117,8 +117,9 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
             feeds, why = None, [str(e)]
         if feeds is not None and weights:
             calib = Calibration.build(model, weights, feeds, why)
-            # images of a size the graph analysis missed: the usual sizes, once each
-            for size in () if budget.calib or calib is not None else RETRY_SPATIAL:
+            # images of a size the graph analysis missed: 224 once (the probe, one image at a
+            # time, also tries larger ones)
+            for size in () if budget.calib or calib is not None else RETRY_SPATIAL[:1]:
                 if not has_open_images(model, budget.shapes):
                     break
                 calib = Calibration.build(model, weights, synthesize_feeds(
