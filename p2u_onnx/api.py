@@ -191,7 +191,12 @@ def inspect(package: str | os.PathLike, tensors: bool = False, *, expect: str | 
     """
     manifest = _checked_manifest(Path(package), expect, trust)[0]
     src = manifest["source"]
-    orig = src.get("weight_bytes") or 1
+    # shares are of the fp32-equivalent bytes (what --budget and --cap are shares of)
+    orig = src.get("fp32_equivalent_bytes") or src.get("weight_bytes") or 1
+    # the mix of bits per coded weight at each lossy stage (the plan says the base's default)
+    sizes = [(int(np.prod(t["shape"], dtype=np.int64)), t["bits"]) for t in manifest["tensors"]]
+    n_coded = sum(n for n, _ in sizes)
+    mean0 = sum(n * b for n, b in sizes) / n_coded if n_coded else None
     rows = []
     missing = []
     for st in manifest["stages"]:
@@ -200,8 +205,11 @@ def inspect(package: str | os.PathLike, tensors: bool = False, *, expect: str | 
         present = all(_present(Path(package), f) for f in st["files"])
         if not present:
             missing.append(st["files"][0]["path"])
+        lossy = mean0 is not None and isinstance(st.get("bits"), int) \
+            and isinstance(manifest["stages"][0].get("bits"), int)
         rows.append({
             "stage": st["index"], "bits": st.get("bits"), "bytes": size,
+            "mean_bits": mean0 + st["bits"] - manifest["stages"][0]["bits"] if lossy else None,
             "cumulative_bytes": cum, "share": size / orig, "cumulative_share": cum / orig,
             "max_abs_error": st.get("max_abs_error"), "max_rel_error": st.get("max_rel_error"),
             "present": present,

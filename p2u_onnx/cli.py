@@ -68,14 +68,28 @@ def _quiet_onnxruntime(severity: int = 4) -> None:
 @click.option("--min-elements", type=int, default=1024, show_default=True,
               help="Smaller float tensors stay exact in the base.")
 @click.option("--budget", type=float, default=None,
-              help="Size of the base: a share of the fp32 weight bytes (e.g. 0.15) or bits per "
-                   "weight (e.g. 4.5), spent where it lowers the output error most "
-                   "[default: 0.135, raised up to 0.20 while the estimated quality is below 0.985].")
+              help="Size of the base: a share of the fp32-equivalent weight bytes (every float "
+                   "weight counted at 4 bytes, so fp16, bf16 and fp64 models get the bits per "
+                   "weight of their fp32 twin; e.g. 0.15) or bits per coded weight (e.g. 4.5), "
+                   "spent where it lowers the output error most [default: 0.135, raised up to "
+                   "--cap while the estimated quality is below 0.985 or below the plain base's].")
 @click.option("--quality", type=float, default=None,
-              help="Smallest base whose estimated output cosine reaches this (e.g. 0.99).")
-@click.option("--calib", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Real inputs (.npz, one array per model input) to measure sensitivity on "
-                   "[default: inputs synthesized from the model's signature].")
+              help="Smallest base whose estimated output cosine reaches this (e.g. 0.99); "
+                   "exits non-zero when it cannot within --cap (see --allow-below).")
+@click.option("--cap", type=float, default=0.20, show_default=True,
+              help="Largest base, as a share of the fp32-equivalent weight bytes. Never below "
+                   "the plain base: when the plain base is larger, it is used and a warning "
+                   "says why.")
+@click.option("--allow-below", is_flag=True,
+              help="Accept a base whose estimated quality stays below --quality (a warning).")
+@click.option("--inputs", "--calib", "calib", type=click.Path(exists=True, dir_okay=False),
+              default=None,
+              help="Real inputs (.npz, one array per model input) that calibration measures "
+                   "sensitivity on and the probe records [default: inputs synthesized from "
+                   "the model's signature and what its graph implies].")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=D1,D2,...",
+              help="Size of an input whose shape the graph leaves open (repeat per input), "
+                   "e.g. --shape images=1,3,320,320; used by calibration and the probe.")
 @click.option("--fixed-bits", is_flag=True,
               help="Every tensor gets the plan's base bits (no sensitivity analysis).")
 @click.option("--no-probe", is_flag=True,
@@ -92,7 +106,8 @@ def _quiet_onnxruntime(severity: int = 4) -> None:
               help="No progress bar or table, and no log lines from onnxruntime.")
 @_friendly
 def encode(model, output, stages, granularity, block_size, asymmetric, min_elements, budget,
-           quality, calib, fixed_bits, no_probe, name, version, force, quiet) -> None:
+           quality, cap, allow_below, calib, shapes, fixed_bits, no_probe, name, version, force,
+           quiet) -> None:
     """Encode MODEL (.onnx) into a progressive package directory.
 
     By default each tensor's base bits are chosen by their measured effect on the outputs
@@ -105,11 +120,13 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
     plan = Plan.parse(stages)
     config = QuantConfig(granularity=granularity, block_size=block_size,
                          symmetric=not asymmetric, min_elements=min_elements)
-    kw: dict = {"adaptive": not fixed_bits, "calib": calib}
+    kw: dict = {"adaptive": not fixed_bits, "calib": calib, "cap": cap,
+                "shapes": _parse_shapes(shapes)}
     if budget is not None or quality is not None:
         kw["budget"] = budget
     if quality is not None:
         kw["quality"] = quality
+        kw["strict"] = not allow_below
     bits = BitBudget(**kw)
     output = output or model.with_suffix(".p2u")
     if quiet:
@@ -120,16 +137,37 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
     if not quiet:
         click.echo(f"wrote {result.path} in {result.seconds:.2f} s")
         _print_table(inspect(result.path))
+    for note in result.warnings:  # even with -q: a missed target is never silent
+        click.echo(f"warning: {note}", err=True)
+
+
+def _parse_shapes(items: tuple[str, ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``NAME=1,3,320,320`` options as (name, shape) pairs; a bad one is a one-line error."""
+    out = []
+    for item in items:
+        name, sep, dims = item.partition("=")
+        parts = dims.split(",") if "," in dims else dims.split("x")
+        shape = tuple(int(d) for d in parts) if all(d.strip().isdigit() for d in parts) else ()
+        if not sep or not name or not shape:
+            raise click.BadParameter(f"{item!r}: expected NAME=D1,D2,... (e.g. "
+                                     "images=1,3,320,320)", param_hint="--shape")
+        out.append((name, shape))
+    return tuple(out)
 
 
 def _print_table(info: dict) -> None:
     src = info["source"]
-    click.echo(f"source {src['name']}: {_fmt_bytes(src['weight_bytes'])} of weights, "
+    fp32 = src.get("fp32_equivalent_bytes")
+    equiv = f" ({_fmt_bytes(fp32)} as fp32, what shares are of)" \
+        if fp32 and fp32 != src["weight_bytes"] else ""
+    click.echo(f"source {src['name']}: {_fmt_bytes(src['weight_bytes'])} of weights{equiv}, "
                f"{info['tensors']} coded tensors, plan {','.join(info['plan'])}")
     click.echo(f"{'stage':>5} {'bits':>9} {'bytes':>10} {'share':>7} {'total':>10} {'share':>7}"
                f" {'max err':>10} {'rel err':>9}")
     for r in info["stages"]:
-        click.echo(f"{r['stage']:>5} {r['bits']!s:>9} {_fmt_bytes(r['bytes']):>10} "
+        mix = r.get("mean_bits")  # the mix of bits per coded weight, not the plan's number
+        bits = f"{mix:.2f}" if isinstance(mix, (int, float)) else str(r["bits"])
+        click.echo(f"{r['stage']:>5} {bits:>9} {_fmt_bytes(r['bytes']):>10} "
                    f"{r['share']:>7.1%} {_fmt_bytes(r['cumulative_bytes']):>10} "
                    f"{r['cumulative_share']:>7.1%} {r['max_abs_error']:>10.3g} "
                    f"{r['max_rel_error']:>9.2e}")
@@ -156,7 +194,7 @@ def inspect(package, as_json, tensors) -> None:
                    f"calibration; estimated base quality (output cosine) "
                    f"{alloc['est_quality']:.4f}")
     for note in info.get("notes", []):
-        click.echo(f"note: {note}")
+        click.echo(f"warning: {note}")
     if tensors:
         total = sum(t["est_error"] or 0 for t in info["tensor_table"]) or 1.0
         click.echo(f"{'bits':>4} {'layout':>14} {'weights':>10} {'est. error':>10}  tensor")
@@ -254,8 +292,11 @@ def run(package, inputs, stage, strategy, expect, trust, allow_rollback) -> None
             raise click.BadParameter(f"stage {stage} does not exist: {package} has stages "
                                      f"0..{sess.stages - 1}", param_hint="--stage")
 
+        probe = getattr(sess, "_probe", None)
         if feed:
             check_feed(sess.get_inputs(), feed)
+        elif probe is not None and probe.feed:
+            feed = dict(probe.feed)  # the inputs the encoder found the model runs on
         else:
             feed = synthesize_inputs(sess.get_inputs())
         names = [o.name for o in sess.get_outputs()]
