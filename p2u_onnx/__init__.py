@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Any
 
 from .config import BitBudget, Plan, QuantConfig
 from .errors import (FormatError, IntegrityError, P2UError, PatchError, PlanError,
-                     TransportError, UnsupportedModelError)
+                     TransportError, TrustError, UnsupportedModelError)
 
 __version__ = "0.1.0"
 
@@ -25,16 +25,17 @@ __all__ = [
     "encode", "restore", "inspect", "verify", "ProgressiveSession", "Plan", "QuantConfig",
     "BitBudget",
     "P2UError", "PlanError", "UnsupportedModelError", "FormatError", "IntegrityError",
-    "PatchError", "TransportError",
+    "PatchError", "TransportError", "TrustError", "sign_package", "generate_key",
 ]
 
 _LAZY = {"encode": "encoder", "restore": "api", "inspect": "api", "verify": "api",
-         "ProgressiveSession": "runtime"}
+         "ProgressiveSession": "runtime", "sign_package": "trust", "generate_key": "trust"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import inspect, restore, verify
     from .encoder import encode
     from .runtime import ProgressiveSession
+    from .trust import generate_key, sign_package
 
 
 def __getattr__(name: str) -> Any:

@@ -23,7 +23,7 @@ def _friendly(fn):
         try:
             return fn(*args, **kwargs)
         except P2UError as e:
-            raise click.ClickException(str(e)) from None
+            raise click.ClickException(getattr(e, "cli_message", None) or str(e)) from None
         except OSError as e:
             raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) \
                 from None

@@ -6,6 +6,11 @@ tensor at its cheapest candidate and buys, one step at a time, the upgrade that 
 error per byte (walking each tensor's lower convex hull), until the byte budget is spent or the
 estimated error meets the target. Errors of different tensors are taken to add up, which holds
 for small, independent perturbations.
+
+:func:`allocate_from_default` is the policy the encoder uses: the plain base (every tensor at the
+plan's base bits) is the safe default, and a tensor goes below it only when the resulting base
+still meets the error target by measurement. When the target cannot be met within the cap, the
+result is never estimated worse than the plain base, even if that base is larger than the cap.
 """
 
 from __future__ import annotations
@@ -13,7 +18,7 @@ from __future__ import annotations
 import dataclasses
 import heapq
 
-__all__ = ["TensorCost", "allocate", "Allocation"]
+__all__ = ["TensorCost", "allocate", "Allocation", "allocate_from_default"]
 
 
 @dataclasses.dataclass
@@ -30,6 +35,14 @@ class Allocation:
     nbytes: float
     error: float
     errors: dict[str, float]
+    # filled by allocate_from_default: the plain base's estimate, whether the error target was
+    # met, whether no tensor went below its default (floor), and the best error reachable at all
+    plain_error: float | None = None
+    plain_nbytes: float | None = None
+    target_met: bool = True
+    floored: bool = False
+    best_error: float | None = None
+    best_nbytes: float | None = None
 
 
 def _hull(c: TensorCost) -> list[int]:
@@ -101,3 +114,64 @@ def allocate(costs: list[TensorCost], *, budget: float | None = None,
     chosen = {k: by_key[k].bits[hulls[k][pos[k]]] for k in hulls}
     errors = {k: by_key[k].error[hulls[k][pos[k]]] for k in hulls}
     return Allocation(chosen, total, max(err, 0.0), errors)
+
+
+def _at(costs: list[TensorCost], pick) -> tuple[dict[str, int], float, float, dict[str, float]]:
+    bits, nbytes, err, errors = {}, 0.0, 0.0, {}
+    for c in costs:
+        i = pick(c)
+        bits[c.key], errors[c.key] = c.bits[i], c.error[i]
+        nbytes += c.nbytes[i]
+        err += c.error[i]
+    return bits, nbytes, err, errors
+
+
+def allocate_from_default(costs: list[TensorCost], default: dict[str, int], *,
+                          budget: float | None, max_error: float, cap: float,
+                          no_worse: bool = False, margin: float = 0.0) -> Allocation:
+    """Bits per tensor, never estimated worse than ``default`` (the plain base).
+
+    Two walks (:func:`allocate`: ``budget``, then up to ``cap`` while the error is above
+    ``max_error``): the free one, whose tensors may go below their default where the
+    measurements say the target is still met, and one from ``default`` upwards (no tensor below
+    its default). Of those that meet ``max_error`` the default's wins unless the free one is
+    clearly smaller (sizes within the budget count as equal; ``margin``: the size estimates'
+    relative error) or, about as large, has at most half the estimated error; when neither
+    meets it, the lower error wins, which is
+    never worse than ``default`` and may be larger than ``cap`` when the default alone is
+    (``floored`` and ``nbytes > cap`` then say so). With ``no_worse``, the target is also the
+    default's estimated error; ``margin`` is the relative error of the size estimates.
+    """
+    _, p_bytes, p_err, _ = _at(costs, lambda c: c.bits.index(default[c.key]))
+    if no_worse:
+        max_error = min(max_error, p_err)
+    _, b_bytes, b_err, _ = _at(costs, lambda c: min(range(len(c.bits)),
+                                                   key=lambda i: (c.error[i], c.nbytes[i])))
+    extra = dict(plain_error=p_err, plain_nbytes=p_bytes, best_error=b_err, best_nbytes=b_bytes)
+    free = allocate(costs, budget=budget, max_error=max_error, cap=cap)
+    floor_costs = []
+    for c in costs:
+        keep = [i for i, b in enumerate(c.bits) if b >= default[c.key]]
+        floor_costs.append(TensorCost(c.key, [c.bits[i] for i in keep],
+                                      [c.nbytes[i] for i in keep], [c.error[i] for i in keep]))
+    floored = allocate(floor_costs, budget=budget, max_error=max_error, cap=cap)
+    met = [a for a in (free, floored) if a.error <= max_error]
+    if len(met) == 2:
+        # bytes up to the budget are there to be spent. The free walk replaces the default
+        # when it is clearly smaller (by more than the size estimate's error, ``margin``) or,
+        # at about the same size, clearly better (at most half the estimated error); it can
+        # skip a default that is off its hull and pass the default's size to reach its error.
+        spend = budget or 0.0
+        s_free, s_floor = max(free.nbytes, spend), max(floored.nbytes, spend)
+        if s_free < s_floor * (1 - margin):
+            best = free
+        elif s_floor < s_free * (1 - margin):
+            best = floored
+        else:
+            best = free if free.error <= 0.5 * floored.error else floored
+    elif met:
+        best = met[0]
+    else:
+        best = free if free.error < floored.error else floored
+    return dataclasses.replace(best, **extra, target_met=best.error <= max_error,
+                               floored=best is floored)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 import shutil
 import tempfile
@@ -13,8 +14,11 @@ import onnx
 
 from .encoder import weights_digest
 from .errors import FormatError, IntegrityError, P2UError
-from .format import AtomicFile, check_file_entry, load_manifest, read_stage, stage_file_name
-from .reconstruct import WeightState
+from .external import check_base_graph
+from .format import (AtomicFile, check_file_entry, load_manifest, package_file, read_stage,
+                     stage_file_name)
+from .reconstruct import WeightState, extract_file
+from .trust import Policy, TrustSpec, read_manifest_bytes, read_signature
 
 __all__ = ["restore", "inspect", "verify", "open_stages"]
 
@@ -31,40 +35,74 @@ def _stage_index(manifest: dict[str, Any], stage: int | None) -> int:
 
 
 def _check_file(package: Path, f: dict[str, Any]) -> Path:
-    return check_file_entry(package / f["path"], f, digest=False)
+    return check_file_entry(package_file(package, f["path"]), f, digest=False)
+
+
+def _base_size(manifest: dict[str, Any], name: str) -> int:
+    return next(f["size"] for f in manifest["base_model"]["files"] if f["path"] == name)
 
 
 def _check_base_digests(package: Path, manifest: dict[str, Any]) -> None:
-    """base.onnx and base.bin are there, with the sizes and sha256 the manifest lists."""
+    """base.onnx and base.bin are there, with the sizes and sha256 the manifest lists, and
+    base.onnx's external data points only where the manifest says (checked before onnx or
+    onnxruntime open it)."""
     for f in manifest["base_model"]["files"]:
-        check_file_entry(package / f["path"], f)
+        check_file_entry(package_file(package, f["path"]), f)
+    check_base_graph(package / "base.onnx", manifest, _base_size(manifest, "base.bin"),
+                     str(package / "base.onnx"))
 
 
-def open_stages(package: str | os.PathLike, until: int | None = None) -> WeightState:
-    """A :class:`WeightState` advanced through stages 1..``until`` of a package directory."""
+def _onnx_error(what: str, e: Exception) -> FormatError:
+    """A raw onnx / onnxruntime / protobuf exception as one line."""
+    text = " ".join(str(e).split())
+    return FormatError(f"{what}: {text[:300] or type(e).__name__}")
+
+
+def _checked_manifest(package: Path, expect: str | None, trust: TrustSpec | None
+                      ) -> tuple[dict[str, Any], bytes]:
+    """The manifest of a package folder and its exact bytes; with ``expect`` / ``trust``,
+    checked against the pin (before parsing) and the signature (see :mod:`p2u_onnx.trust`).
+    No version state is read or written here."""
+    raw = read_manifest_bytes(package)
+    manifest = Policy.make(expect, trust).admit(raw, str(package / "manifest.json"),
+                                                lambda: read_signature(package))
+    return manifest, raw
+
+
+def open_stages(package: str | os.PathLike, until: int | None = None, *,
+                manifest: dict[str, Any] | None = None) -> WeightState:
+    """A :class:`WeightState` advanced through stages 1..``until`` of a package directory
+    (``manifest``: the package's, when already read and checked)."""
     package = Path(package)
-    manifest = load_manifest(package)
+    manifest = load_manifest(package) if manifest is None else manifest
     until = _stage_index(manifest, until)
     for f in manifest["base_model"]["files"]:
         _check_file(package, f)
+    # the tensor table against base.onnx, before anything is decoded
+    check_base_graph(package / "base.onnx", manifest, _base_size(manifest, "base.bin"),
+                     str(package / "base.onnx"))
     state = WeightState(manifest, package / "base.bin")
     for k in range(1, until + 1):
         f = manifest["stages"][k]["files"][0]
         sf = read_stage(_check_file(package, f), package_id=manifest["package_id"], stage=k,
-                        sha256=f["sha256"])
+                        sha256=f["sha256"], manifest=manifest)
         state.apply(sf)
     return state
 
 
-def load_stage_model(package: str | os.PathLike, stage: int | None = None) -> onnx.ModelProto:
+def load_stage_model(package: str | os.PathLike, stage: int | None = None, *,
+                     manifest: dict[str, Any] | None = None) -> onnx.ModelProto:
     """The ONNX model of a stage, all data in memory."""
     package = Path(package)
-    manifest = load_manifest(package)
+    manifest = load_manifest(package) if manifest is None else manifest
     stage = _stage_index(manifest, stage)
     if stage == 0:
         _check_base_digests(package, manifest)
-        return onnx.load(str(package / "base.onnx"), load_external_data=True)
-    return _filled_model(open_stages(package, stage))
+        try:
+            return onnx.load(str(package / "base.onnx"), load_external_data=True)
+        except Exception as e:  # onnx / protobuf errors on a hostile file
+            raise _onnx_error(f"{package / 'base.onnx'}: cannot be loaded", e) from e
+    return _filled_model(open_stages(package, stage, manifest=manifest))
 
 
 def _filled_model(state: WeightState) -> onnx.ModelProto:
@@ -72,7 +110,10 @@ def _filled_model(state: WeightState) -> onnx.ModelProto:
     weights from the state, the rest from ``base.bin`` (no weights.bin written and read back)."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
-    model = onnx.load_model_from_string(state.graph_bytes or b"")
+    try:
+        model = onnx.load_model_from_string(state.graph_bytes or b"")
+    except Exception as e:  # protobuf's DecodeError on a hostile skeleton
+        raise _onnx_error("graph.onnx (stage 1) is not a valid ONNX model", e) from e
     coded = {t["weights"][0]: name for name, t in state.tensors.items()}
     base = state.base_bin
     for t in _all_tensors(model):
@@ -96,14 +137,20 @@ def _filled_model(state: WeightState) -> onnx.ModelProto:
 
 
 def restore(package: str | os.PathLike, output: str | os.PathLike,
-            stage: int | None = None) -> Path:
+            stage: int | None = None, *, expect: str | None = None,
+            trust: TrustSpec | None = None) -> Path:
     """Write the model of ``stage`` (default: the last) of ``package`` to ``output``.
 
     >>> restore("model.p2u", "model_s1.onnx", stage=1)  # doctest: +SKIP
 
     Models over 2 GB are written with their tensors in ``<output>.data`` beside it.
+    ``expect`` (``"sha256:<hex>"`` of ``manifest.json``) and ``trust`` (public keys) refuse a
+    package that is not pinned or signed as asked (:class:`~p2u_onnx.errors.TrustError`) before
+    anything is written; versions are not checked or recorded (see :mod:`p2u_onnx.trust`).
     """
-    model = load_stage_model(package, stage)
+    package = Path(package)
+    model = load_stage_model(package, stage,
+                             manifest=_checked_manifest(package, expect, trust)[0])
     out = Path(output)
     # ByteSize() itself fails past 2 GB: count the tensor bytes instead
     size = sum(len(t.raw_data) for t in _all_tensors(model))
@@ -133,30 +180,52 @@ def _all_tensors(model: onnx.ModelProto):
     return (s.tensor for s in iter_slots(model))
 
 
-def inspect(package: str | os.PathLike, tensors: bool = False) -> dict[str, Any]:
+def inspect(package: str | os.PathLike, tensors: bool = False, *, expect: str | None = None,
+            trust: TrustSpec | None = None) -> dict[str, Any]:
     """Per-stage table of a package: bits, bytes, share of the original, max error.
 
-    With ``tensors``, also ``tensor_table``: per coded tensor its base bits, layout, size and
-    estimated share of the base's output error.
+    Each stage row says whether its file is ``present`` in the folder (a regular file of the
+    listed size; not hashed: see :func:`verify`); ``notes`` names the missing ones. With
+    ``tensors``, also ``tensor_table``: per coded tensor its base bits, layout, size and
+    estimated share of the base's output error. ``expect`` / ``trust``: as for :func:`verify`.
     """
-    manifest = load_manifest(package)
+    manifest = _checked_manifest(Path(package), expect, trust)[0]
     src = manifest["source"]
-    orig = src.get("weight_bytes") or 1
+    # shares are of the fp32-equivalent bytes (what --budget and --cap are shares of)
+    orig = src.get("fp32_equivalent_bytes") or src.get("weight_bytes") or 1
+    # the mix of bits per coded weight at each lossy stage (the plan says the base's default)
+    sizes = [(int(np.prod(t["shape"], dtype=np.int64)), t["bits"]) for t in manifest["tensors"]]
+    n_coded = sum(n for n, _ in sizes)
+    mean0 = sum(n * b for n, b in sizes) / n_coded if n_coded else None
     rows = []
+    missing = []
     for st in manifest["stages"]:
+        size = st.get("bytes", st["files"][0]["size"])
+        cum = st.get("cumulative_bytes", size)
+        present = all(_present(Path(package), f) for f in st["files"])
+        if not present:
+            missing.append(st["files"][0]["path"])
+        lossy = mean0 is not None and isinstance(st.get("bits"), int) \
+            and isinstance(manifest["stages"][0].get("bits"), int)
         rows.append({
-            "stage": st["index"], "bits": st["bits"], "bytes": st["bytes"],
-            "cumulative_bytes": st["cumulative_bytes"],
-            "share": st["bytes"] / orig, "cumulative_share": st["cumulative_bytes"] / orig,
-            "max_abs_error": st["max_abs_error"], "max_rel_error": st["max_rel_error"],
+            "stage": st["index"], "bits": st.get("bits"), "bytes": size,
+            "mean_bits": mean0 + st["bits"] - manifest["stages"][0]["bits"] if lossy else None,
+            "cumulative_bytes": cum, "share": size / orig, "cumulative_share": cum / orig,
+            "max_abs_error": st.get("max_abs_error"), "max_rel_error": st.get("max_rel_error"),
+            "present": present,
         })
+    notes = list(manifest.get("notes", []))
+    if missing:
+        notes.append(f"missing from {package}: {', '.join(missing)} (listed by the manifest; "
+                     "those stages cannot be applied from this folder)")
     return {
         "package": str(package), "package_id": manifest["package_id"],
+        "name": manifest.get("name"), "version": manifest.get("version"),
         "format_version": manifest["format_version"], "source": src,
         "plan": manifest["plan"], "config": manifest.get("config", {}),
         "base_opset": manifest["base_model"].get("opset"),
         "tensors": len(manifest["tensors"]), "stages": rows,
-        "allocation": manifest.get("allocation"), "notes": manifest.get("notes", []),
+        "allocation": manifest.get("allocation"), "notes": notes,
         **({"tensor_table": [
             {"name": t["name"], "bits": t["bits"], "layout": t["layout"], "dtype": t["dtype"],
              "size": int(np.prod(t["shape"], dtype=np.int64)), "est_error": t.get("est_error")}
@@ -164,28 +233,75 @@ def inspect(package: str | os.PathLike, tensors: bool = False) -> dict[str, Any]
     }
 
 
-def verify(package: str | os.PathLike) -> dict[str, Any]:
+def _present(package: Path, f: dict[str, Any]) -> bool:
+    """Whether the file of manifest entry ``f`` is in ``package``: a regular file (not a link)
+    of the listed size."""
+    try:
+        p = package_file(package, f["path"])
+        return os.lstat(p).st_size == f["size"]
+    except (OSError, P2UError):
+        return False
+
+
+def verify(package: str | os.PathLike, *, expect: str | None = None,
+           trust: TrustSpec | None = None) -> dict[str, Any]:
     """Check every file against the manifest and replay every stage.
 
-    For a plan that ends lossless, the restored weights must hash to the source digest. Raises
-    :class:`IntegrityError` / :class:`FormatError` naming the first problem.
+    Checks: the manifest (:func:`~p2u_onnx.format.validate_manifest`), base.onnx and base.bin
+    (sizes, sha256, external data against the tensor table), that onnx and onnxruntime both
+    load base.onnx, the probe file (size, sha256, its arrays), that stage 0 carries the same
+    base files, and every stage file (sha256, header, binding to this manifest), replayed. For
+    a plan that ends lossless, the restored weights must hash to the source digest. Raises
+    :class:`IntegrityError` / :class:`FormatError` naming the first problem. ``expect``
+    (``"sha256:<hex>"`` of the exact bytes of ``manifest.json``) pins the package and ``trust``
+    (public keys: ``"ed25519:..."``, ``.pub`` files) asks for a valid signature by one of them
+    (:class:`~p2u_onnx.errors.TrustError`); both are checked first. A local folder's version is
+    neither checked against nor recorded in the device's version state (sessions and fetches
+    do that). The result's ``manifest_sha256`` is what ``expect`` takes.
     """
     package = Path(package)
-    manifest = load_manifest(package)
+    manifest, raw = _checked_manifest(package, expect, trust)
     _check_base_digests(package, manifest)
+    base_onnx = package / "base.onnx"
     try:
-        onnx.checker.check_model(str(package / "base.onnx"))
+        onnx.checker.check_model(str(base_onnx))
     except Exception as e:
-        raise FormatError(f"{package / 'base.onnx'}: not a valid ONNX model ({e})") from e
-    read_stage(_check_file(package, manifest["stages"][0]["files"][0]),
-               package_id=manifest["package_id"], stage=0,
-               sha256=manifest["stages"][0]["files"][0]["sha256"])
+        raise _onnx_error(f"{base_onnx}: not a valid ONNX model", e) from e
+    try:
+        import onnxruntime as ort
+
+        session = ort.InferenceSession(str(base_onnx), providers=["CPUExecutionProvider"])
+    except Exception as e:
+        raise _onnx_error(f"{base_onnx}: onnxruntime cannot load it", e) from e
+    if manifest.get("probe"):  # its size and sha256, and every array it must hold
+        from .probe import Probe, read_probe_file
+
+        Probe(manifest["probe"], read_probe_file(package, manifest["probe"]),
+              session.get_inputs())
+    del session
+    f0 = manifest["stages"][0]["files"][0]
+    sf0 = read_stage(_check_file(package, f0), package_id=manifest["package_id"], stage=0,
+                     sha256=f0["sha256"], manifest=manifest)
+    for f in manifest["base_model"]["files"]:
+        data = extract_file(sf0, f["path"], size=f["size"])
+        if hashlib.sha256(data).hexdigest() != f["sha256"]:
+            raise IntegrityError(f"{f['path']} inside {f0['path']} differs from the package's "
+                                 f"{f['path']}")
+        del data
     last = len(manifest["stages"]) - 1
-    result = {"package": str(package), "stages": last + 1, "lossless_match": None}
+    result = {"package": str(package), "stages": last + 1, "lossless_match": None,
+              "signed": trust is not None, "name": manifest.get("name"),
+              "version": manifest.get("version"),
+              "manifest_sha256": hashlib.sha256(raw).hexdigest()}
     if last >= 1:
-        state = open_stages(package, last)
+        state = open_stages(package, last, manifest=manifest)
         if manifest["plan"][-1] == "lossless":
-            digest = weights_digest(_filled_model(state))
+            try:
+                digest = weights_digest(_filled_model(state))
+            except P2UError:
+                raise
+            except Exception as e:  # onnx on a hostile skeleton
+                raise _onnx_error(f"{package}: the restored model cannot be read", e) from e
             if digest != manifest["source"]["weights_sha256"]:
                 raise IntegrityError(f"{package}: the lossless stage does not reproduce the "
                                      "source weights")

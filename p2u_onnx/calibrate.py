@@ -28,12 +28,12 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from onnx import ModelProto, NodeProto, helper
+from onnx import ModelProto, NodeProto, TensorProto, helper
 
 from .errors import P2UError
 from .graph import Consumer, consumers_by_name
 
-__all__ = ["Calibration", "synthesize_feeds", "load_feeds"]
+__all__ = ["Calibration", "synthesize_feeds", "load_feeds", "input_spec", "probe_inputs"]
 
 _DEFAULT_DIMS = {"batch": 4, "seq": 32, "spatial": 64}
 _MAX_ACTIVATION_SAMPLES = 1 << 16  # rows of an activation kept for its statistics
@@ -49,81 +49,295 @@ def _np_type(elem: int) -> np.dtype:
     return np.dtype(helper.tensor_dtype_to_np_dtype(elem))
 
 
+_SHAPE_PASS = {"Cast", "Reshape", "Unsqueeze", "Squeeze", "Flatten", "Identity", "Expand"}
+_WINDOWED = {"Conv", "ConvInteger", "MaxPool", "AveragePool", "LpPool"}
+_MAX_SPATIAL = 1024
+
+
 def _index_limit(model: ModelProto, name: str) -> int | None:
-    """If input ``name`` indexes a table (Gather data), the number of rows it may address."""
-    inits = {t.name: t for t in model.graph.initializer}
-    for node in model.graph.node:
-        if node.op_type == "Gather" and len(node.input) > 1 and node.input[1] == name:
-            table = inits.get(node.input[0])
-            if table is not None and table.dims:
-                axis = next((a.i for a in node.attribute if a.name == "axis"), 0)
-                return int(table.dims[axis])
-    return None
+    """If input ``name`` indexes tables (Gather data; through casts and reshapes), the number
+    of rows every one of them has (the smallest)."""
+    g = model.graph
+    tables = {t.name: list(t.dims) for t in g.initializer}
+    for n in g.node:
+        if n.op_type == "Constant" and n.output:
+            for a in n.attribute:
+                if a.name == "value":
+                    tables[n.output[0]] = list(a.t.dims)
+    users: dict[str, list[NodeProto]] = {}
+    for n in g.node:
+        for i in n.input:
+            users.setdefault(i, []).append(n)
+    limit, todo, seen = None, [name], set()
+    while todo:
+        v = todo.pop()
+        if v in seen:
+            continue
+        seen.add(v)
+        for n in users.get(v, []):
+            if n.op_type == "Gather" and len(n.input) > 1 and n.input[1] == v:
+                dims = tables.get(n.input[0])
+                if dims:
+                    axis = next((a.i for a in n.attribute if a.name == "axis"), 0)
+                    rows = int(dims[axis % len(dims)])
+                    limit = rows if limit is None else min(limit, rows)
+            elif n.op_type in _SHAPE_PASS and n.input and n.input[0] == v:
+                todo.extend(n.output)
+    return limit
 
 
-def synthesize_feeds(model: ModelProto, batches: int = 1, seed: int = 0) -> list[dict[str, np.ndarray]]:
-    """Deterministic inputs from the input signature (see module docstring)."""
-    init_names = {t.name for t in model.graph.initializer}
-    rng = np.random.default_rng(seed)
-    feeds = []
-    for _ in range(batches):
-        feed = {}
-        for vi in model.graph.input:
-            if vi.name in init_names:
-                continue
-            tt = vi.type.tensor_type
-            if not vi.type.HasField("tensor_type"):
-                raise P2UError(f"input {vi.name!r} is not a tensor; pass --calib inputs.npz")
-            dims = []
-            rank = len(tt.shape.dim)
+def _spatial_size(model: ModelProto, starts: Sequence[str], default: int) -> int:
+    """A size for the symbolic spatial dimensions of the inputs ``starts`` that the graph can
+    run on: at least ``default``, at least what every window (Conv and pooling kernels, after
+    the strides before them, less the pads) needs, and a multiple of the largest product of
+    strides (so that upsampled maps match their skip connections)."""
+    g = model.graph
+    dims = {t.name: list(t.dims) for t in g.initializer}
+    factor = {n: 1 for n in starts}
+    need, biggest = default, 1
+    for node in g.node:
+        f = max((factor[i] for i in node.input if i in factor), default=None)
+        if f is None:
+            continue
+        out = f
+        if node.op_type in _WINDOWED:
+            at = {a.name: helper.get_attribute_value(a) for a in node.attribute}
+            kernel = list(at.get("kernel_shape") or [])
+            if not kernel and node.op_type in ("Conv", "ConvInteger") and len(node.input) > 1:
+                kernel = dims.get(node.input[1], [])[2:]
+            dil = list(at.get("dilations") or [1] * len(kernel))
+            pads = list(at.get("pads") or [0] * (2 * len(kernel)))
+            auto = at.get("auto_pad", b"NOTSET")
+            auto = auto.decode() if isinstance(auto, bytes) else str(auto)
+            for i, k in enumerate(kernel):
+                span = (int(k) - 1) * int(dil[i] if i < len(dil) else 1) + 1
+                pad = 0
+                if not auto.startswith("SAME") and len(pads) >= 2 * len(kernel):
+                    pad = int(pads[i]) + int(pads[i + len(kernel)])
+                elif auto.startswith("SAME"):
+                    pad = span - 1
+                need = max(need, f * max(span - pad, 1))
+            strides = [int(x) for x in at.get("strides") or [1]]
+            out = f * max(strides)
+        for o in node.output:
+            factor[o] = max(factor.get(o, 1), out)
+        biggest = max(biggest, out)
+    step = min(biggest, 256)
+    size = -(-need // step) * step
+    return int(min(size, max(_MAX_SPATIAL, step)))
+
+
+RETRY_SPATIAL = (224, 640)  # image sizes tried when the implied one does not run
+
+
+def input_spec(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = (),
+               batch: int = 1, spatial: int | None = None) -> dict[str, dict[str, Any]]:
+    """What :func:`p2u_onnx.probe.synthesize_inputs` needs to make inputs the graph runs on.
+
+    Per graph input (initializers excluded): ``shape`` (symbolic dimensions resolved, one size
+    per symbol across all inputs: the first dimension ``batch``, the other dimensions of float
+    inputs of rank 3 or more a spatial size the graph's windows and strides accept, others
+    :data:`_DEFAULT_DIMS` ``seq``); ``high`` for integer inputs that index tables (below the
+    rows of every table they index); ``fill`` 1 for masks and booleans, 0 for token-type and
+    position ids. ``shapes`` (``--shape``) fixes inputs' shapes, and with them their symbols;
+    ``spatial`` replaces the implied spatial size (a retry: :data:`RETRY_SPATIAL`).
+    Raises :class:`P2UError` for an input that is not a tensor or a ``shapes`` entry that does
+    not fit the model.
+    """
+    g = model.graph
+    init = {t.name for t in g.initializer}
+    inputs = [vi for vi in g.input if vi.name not in init]
+    given = {str(k): tuple(int(d) for d in v) for k, v in dict(shapes).items()}
+    names = [vi.name for vi in inputs]
+    for k in given:
+        if k not in names:
+            raise P2UError(f"--shape {k}: the model has no input {k!r}; its inputs are "
+                           f"{', '.join(map(repr, names))}")
+    sym: dict[str, int] = {}
+    for vi in inputs:
+        if not vi.type.HasField("tensor_type"):
+            raise P2UError(f"input {vi.name!r} is not a tensor; pass --inputs inputs.npz")
+        if vi.name not in given:
+            continue
+        want = given[vi.name]
+        dims = list(vi.type.tensor_type.shape.dim)
+        if vi.type.tensor_type.HasField("shape") and len(dims) != len(want):
+            raise P2UError(f"--shape {vi.name}: {len(want)} dimensions given, the model's input "
+                           f"has {len(dims)}")
+        for d, n in zip(dims, want):
+            if d.HasField("dim_value") and d.dim_value > 0 and d.dim_value != n:
+                raise P2UError(f"--shape {vi.name}: size {n} where the model fixes "
+                               f"{d.dim_value}")
+            if d.HasField("dim_param") and d.dim_param:
+                if sym.setdefault(d.dim_param, n) != n:
+                    raise P2UError(f"--shape: dimension {d.dim_param!r} is given two sizes, "
+                                   f"{sym[d.dim_param]} and {n}")
+    images = [vi.name for vi in inputs
+              if _np_type(vi.type.tensor_type.elem_type).kind == "f"
+              and len(vi.type.tensor_type.shape.dim) >= 3]
+    if images and spatial is None:
+        spatial = _spatial_size(model, images, _DEFAULT_DIMS["spatial"])
+    spec: dict[str, dict[str, Any]] = {}
+    # images first: a symbol they share with other inputs gets the spatial size
+    for vi in sorted(inputs, key=lambda v: v.name not in images):
+        tt = vi.type.tensor_type
+        dtype = _np_type(tt.elem_type)
+        if vi.name in given:
+            shape = list(given[vi.name])
+        else:
+            shape = []
             for i, d in enumerate(tt.shape.dim):
                 if d.HasField("dim_value") and d.dim_value > 0:
-                    dims.append(d.dim_value)
-                elif i == 0:
-                    dims.append(_DEFAULT_DIMS["batch"])
-                elif rank >= 3 and i >= rank - 2:
-                    dims.append(_DEFAULT_DIMS["spatial"])
-                else:
-                    dims.append(_DEFAULT_DIMS["seq"])
-            dtype = _np_type(tt.elem_type)
-            lname = vi.name.lower()
-            if dtype.kind == "b":
-                value = np.ones(dims, bool)
-            elif dtype.kind in "iu":
-                limit = _index_limit(model, vi.name)
-                if "mask" in lname:
-                    value = np.ones(dims, dtype)
-                elif "type" in lname or "segment" in lname or "position" in lname:
-                    value = np.zeros(dims, dtype)
-                elif limit:
-                    value = rng.integers(0, limit, dims).astype(dtype)
-                else:
-                    hi = 256 if dtype.itemsize == 1 or "byte" in lname else 100
-                    value = rng.integers(0, hi, dims).astype(dtype)
-            elif dtype.kind == "f":
-                value = rng.standard_normal(dims).astype(dtype)
-            else:
-                raise P2UError(f"cannot synthesize input {vi.name!r} of type {dtype}; "
-                               "pass --calib inputs.npz")
-            feed[vi.name] = value
-        feeds.append(feed)
-    return feeds
+                    shape.append(int(d.dim_value))
+                    continue
+                if d.HasField("dim_param") and d.dim_param in sym:
+                    shape.append(sym[d.dim_param])
+                    continue
+                size = batch if i == 0 else spatial if vi.name in images \
+                    else _DEFAULT_DIMS["seq"]
+                if d.HasField("dim_param") and d.dim_param:
+                    sym[d.dim_param] = size
+                shape.append(size)
+        entry: dict[str, Any] = {"shape": shape}
+        lname = vi.name.lower()
+        if dtype.kind == "b" or (dtype.kind in "iu" and "mask" in lname):
+            entry["fill"] = 1
+        elif dtype.kind in "iu" and ("type" in lname or "segment" in lname
+                                     or "position" in lname):
+            entry["fill"] = 0
+        elif dtype.kind in "iu":
+            limit = _index_limit(model, vi.name)
+            if limit:
+                entry["high"] = int(limit)
+            elif dtype.itemsize == 1 or "byte" in lname:
+                entry["high"] = 256 if dtype.kind == "u" else 128
+        spec[vi.name] = entry
+    return {name: spec[name] for name in names}
+
+
+class _Arg:
+    """An input description as :func:`p2u_onnx.probe.synthesize_inputs` reads it."""
+
+    def __init__(self, name: str, type: str, shape: list | None):
+        self.name, self.type, self.shape = name, type, shape  # None: rank unknown
+
+
+def input_args(model: ModelProto) -> list[_Arg]:
+    """The model's graph inputs (initializers excluded) as onnxruntime describes them."""
+    from .probe import _NUMPY_TYPES
+
+    by_dtype = {np.dtype(v): k for k, v in _NUMPY_TYPES.items()}
+    init = {t.name for t in model.graph.initializer}
+    args = []
+    for vi in model.graph.input:
+        if vi.name in init:
+            continue
+        tt = vi.type.tensor_type
+        kind = "non-tensor"
+        if vi.type.HasField("tensor_type"):
+            try:
+                kind = by_dtype.get(_np_type(tt.elem_type), f"tensor(type {tt.elem_type})")
+            except Exception:  # noqa: BLE001 - a type numpy has no dtype for
+                kind = f"tensor(type {tt.elem_type})"
+        shape = [d.dim_value if d.HasField("dim_value") else (d.dim_param or None)
+                 for d in tt.shape.dim] if tt.HasField("shape") else None
+        args.append(_Arg(vi.name, kind, shape))
+    return args
+
+
+def has_open_images(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = ()
+                    ) -> bool:
+    """Whether some float input of rank 3 or more has a spatial size left to guess."""
+    given = dict(shapes)
+    init = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        tt = vi.type.tensor_type
+        if vi.name in init or vi.name in given or not vi.type.HasField("tensor_type"):
+            continue
+        if len(tt.shape.dim) >= 3 and _np_type(tt.elem_type).kind == "f" and any(
+                not (d.HasField("dim_value") and d.dim_value > 0) for d in tt.shape.dim[1:]):
+            return True
+    return False
+
+
+def synthesize_feeds(model: ModelProto, batches: int = 1, seed: int = 0,
+                     shapes: Mapping[str, Sequence[int]] | Sequence = (),
+                     spatial: int | None = None) -> list[dict[str, np.ndarray]]:
+    """Deterministic inputs from the input signature and what the graph implies (see
+    :func:`input_spec`; batch :data:`_DEFAULT_DIMS` ``batch``), made by the probe's
+    :func:`p2u_onnx.probe.synthesize_inputs` with unit-normal floats."""
+    from .probe import synthesize_inputs
+
+    spec = input_spec(model, shapes, batch=_DEFAULT_DIMS["batch"], spatial=spatial)
+    args = input_args(model)
+    try:
+        return [synthesize_inputs(args, 100, spec, seed=seed + b, floats="normal")
+                for b in range(batches)]
+    except ValueError as e:
+        raise P2UError(f"{e}; pass --inputs inputs.npz") from None
+
+
+def probe_inputs(model: ModelProto, calib: str | None,
+                 shapes: Mapping[str, Sequence[int]] | Sequence = ()) -> dict[str, Any]:
+    """Keyword arguments for :func:`p2u_onnx.probe.record_probe`: the input spec (batch 1) and
+    the first batch of the user's inputs, if any. Raises :class:`P2UError` for bad ``shapes``
+    or ``calib``."""
+    out: dict[str, Any] = {}
+    try:
+        out["spec"] = input_spec(model, shapes, batch=1)
+        if has_open_images(model, shapes):
+            out["retry"] = [input_spec(model, shapes, batch=1, spatial=s) for s in RETRY_SPATIAL]
+    except P2UError:
+        if shapes:
+            raise
+    if calib:
+        out["feed"] = load_feeds(calib, model)[0]
+    return out
 
 
 def load_feeds(path: str | Path, model: ModelProto) -> list[dict[str, np.ndarray]]:
-    """Inputs from an .npz: keys are input names; arrays with a leading batch axis are split
-    into batches of 8 along it."""
+    """Inputs from an .npz: keys are input names; arrays with a leading batch axis (the length
+    of the first input's) are split into batches of 8 along it. Raises :class:`P2UError` with
+    one line for a file that is not an .npz of arrays fitting the model's inputs."""
+    from .probe import check_feed
+
+    p = Path(path)
     try:
-        data = np.load(path)
-    except (OSError, ValueError) as e:
-        raise P2UError(f"{path}: cannot read calibration inputs ({e})") from e
-    names = [vi.name for vi in model.graph.input
-             if vi.name not in {t.name for t in model.graph.initializer}]
+        with open(p, "rb") as f:
+            magic = f.read(6)
+    except OSError as e:
+        raise P2UError(f"{p}: cannot read the inputs ({e.strerror or e})") from None
+    if not magic.startswith(b"PK\x03\x04"):
+        what = "a single .npy array" if magic.startswith(b"\x93NUMPY") else "not an .npz file"
+        raise P2UError(f"{p}: {what}; expected an .npz with one array per model input "
+                       "(numpy.savez(path, input_name=array, ...))")
+    try:
+        with np.load(p, allow_pickle=False) as z:
+            data = {k: z[k] for k in z.files}
+    except Exception as e:  # noqa: BLE001 - a damaged zip, object arrays...
+        text = str(e).strip().splitlines()
+        raise P2UError(f"{p}: cannot read the inputs "
+                       f"({text[0][:200] if text else type(e).__name__})") from None
+    args = input_args(model)
+    names = [a.name for a in args]
     missing = [n for n in names if n not in data]
     if missing:
-        raise P2UError(f"{path}: no array for input(s) {', '.join(missing)}")
-    n = len(data[names[0]])
-    return [{k: data[k][i:i + 8] for k in names} for i in range(0, n, 8)]
+        raise P2UError(f"{p}: no array for input(s) {', '.join(missing)} (it holds "
+                       f"{', '.join(sorted(data)) or 'nothing'})")
+    data = {n: data[n] for n in names}
+    for a in args:  # an input of unknown rank takes any
+        if a.shape is None:
+            a.shape = [None] * np.ndim(data[a.name])
+    try:
+        check_feed(args, data)
+    except P2UError as e:
+        raise P2UError(f"{p}: {e}") from None
+    n = len(data[names[0]]) if names and np.ndim(data[names[0]]) else 1
+    if n == 0:
+        raise P2UError(f"{p}: the arrays hold no rows")
+    split = [k for k in names if np.ndim(data[k]) and len(data[k]) == n]
+    return [{k: data[k][i:i + 8] if k in split else data[k] for k in names}
+            for i in range(0, n, 8)]
 
 
 def _activation_input(c: Consumer) -> tuple[str, str] | None:
@@ -148,14 +362,26 @@ class Calibration:
     _reference: list[list[np.ndarray]]
     _outputs: list[str]
     _weight: np.ndarray  # per output: PROBABILITY_WEIGHT for probability-like outputs, else 1
+    _bf16: frozenset = frozenset()  # keys of bfloat16 weights: fed as float32, Cast in-graph
+
+    def _feed(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
+        return _weight_feed(weights, self._bf16)
 
     @classmethod
     def build(cls, model: ModelProto, weights: Mapping[str, np.ndarray],
-              feeds: Sequence[Mapping[str, np.ndarray]] | None = None) -> Calibration | None:
-        """Prepare; returns None when the model does not run on the inputs.
+              feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
+              why: list[str] | None = None) -> Calibration | None:
+        """Prepare; returns None when the model does not run on the inputs (and appends the
+        reason to ``why``).
 
-        ``weights`` maps slot keys of main-graph initializers to their float values.
+        ``weights`` maps slot keys of main-graph initializers to their values in storage
+        dtype (bfloat16 as uint16 bits: fed as float32 and cast to bfloat16 in the graph, since
+        numpy has no bfloat16).
         """
+        def fail(reason: str) -> None:
+            if why is not None:
+                why.append(reason)
+
         import onnxruntime as ort
 
         # The caller has taken the weights' bytes out of ``model`` (see encoder): this copy is
@@ -168,13 +394,26 @@ class Calibration:
         moved = [t for t in g.initializer if t.name in names]
         del g.initializer[:]
         g.initializer.extend(keep)
+        bf16 = frozenset(t.name for t in moved if t.data_type == TensorProto.BFLOAT16)
+        if bf16:
+            keep_in = [vi for vi in g.input if vi.name not in bf16]
+            del g.input[:]
+            g.input.extend(keep_in)
+            casts = [helper.make_node("Cast", [_bf16_input(n)], [n], to=TensorProto.BFLOAT16,
+                                      name=f"{n}__p2u_cast") for n in sorted(bf16)]
+            old = list(g.node)
+            del g.node[:]
+            g.node.extend(casts + old)
         inputs_now = {vi.name for vi in g.input}
         for t in moved:
-            if t.name not in inputs_now:
+            if t.name in bf16:
+                g.input.append(helper.make_tensor_value_info(_bf16_input(t.name),
+                                                             TensorProto.FLOAT, list(t.dims)))
+            elif t.name not in inputs_now:
                 g.input.append(helper.make_tensor_value_info(t.name, t.data_type, list(t.dims)))
         users = consumers_by_name(m).get(id(g), {})
         acts: dict[str, tuple[str, str, Consumer]] = {}
-        for key in names:
+        for key in names - bf16:  # a weight read as bfloat16 itself: no activation statistics
             for c in users.get(key, []):
                 a = _activation_input(c)
                 if a and c.node in g.node:
@@ -190,21 +429,23 @@ class Calibration:
         if feeds is None:
             try:
                 feeds = synthesize_feeds(model)
-            except P2UError:
-                return None
+            except P2UError as e:
+                return fail(str(e))
         try:
             so = ort.SessionOptions()
-            so.log_severity_level = 3
+            so.log_severity_level = 4  # a failure is reported in a note, not on stderr
             sess = ort.InferenceSession(m.SerializeToString(), so,
                                         providers=["CPUExecutionProvider"])
             fetch = outputs + extra
-            runs = [sess.run(fetch, {**f, **weights}) for f in feeds]
-        except Exception:  # the model does not run on these inputs: no calibration
-            return None
+            fed = _weight_feed(weights, bf16)
+            runs = [sess.run(fetch, {**f, **fed}) for f in feeds]
+        except Exception as e:  # the model does not run on these inputs: no calibration
+            text = str(e).strip().splitlines()
+            return fail(f"the model fails on them ({text[0][:200] if text else type(e).__name__})")
         float_out = [i for i, o in enumerate(outputs)
                      if all(np.issubdtype(np.asarray(r[i]).dtype, np.floating) for r in runs)]
         if not float_out:
-            return None
+            return fail("the model has no float output to compare")
         importance = {}
         for key, (aname, op, c) in acts.items():
             idx = fetch.index(aname)
@@ -218,8 +459,8 @@ class Calibration:
             PROBABILITY_WEIGHT if _made_by_squashing(producer, outputs[i]) and
             _probability_like([r[j] for r in reference]) else 1.0
             for j, i in enumerate(float_out)])
-        return cls(importance, names, sess, dict(weights), list(feeds), reference,
-                   [outputs[i] for i in float_out], weight)
+        return cls(importance, names, sess, fed, list(feeds), reference,
+                   [outputs[i] for i in float_out], weight, bf16)
 
     def output_error(self, overrides: Mapping[str, np.ndarray]) -> float:
         """Relative squared error of the float outputs with ``overrides`` in place: the worst
@@ -228,7 +469,8 @@ class Calibration:
         num = np.zeros(len(self._outputs))
         den = np.zeros(len(self._outputs))
         for feed, ref in zip(self._feeds, self._reference):
-            got = self._session.run(self._outputs, {**feed, **self._weights, **overrides})
+            got = self._session.run(self._outputs,
+                                    {**feed, **self._weights, **self._feed(overrides)})
             for i, (g, r) in enumerate(zip(got, ref)):
                 g = np.asarray(g, np.float64)
                 fin = np.isfinite(r)
@@ -237,6 +479,22 @@ class Calibration:
                 den[i] += float(np.sum(np.where(fin, r * r, 0)))
         ratios = self._weight * num / np.where(den > 0, den, 1)
         return float(ratios.max()) if len(ratios) else 0.0
+
+
+def _bf16_input(name: str) -> str:
+    return f"{name}__p2u_f32"
+
+
+def _weight_feed(weights: Mapping[str, np.ndarray], bf16: frozenset) -> dict[str, np.ndarray]:
+    """Graph-input values for ``weights``: bfloat16 bits widened to float32 (exact)."""
+    out = {}
+    for k, v in weights.items():
+        if k in bf16:
+            bits = np.asarray(v, np.uint16).astype(np.uint32) << 16
+            out[_bf16_input(k)] = bits.view(np.float32)
+        else:
+            out[k] = v
+    return out
 
 
 _SQUASHING = {"Softmax", "Sigmoid", "HardSigmoid"}

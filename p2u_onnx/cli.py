@@ -23,6 +23,37 @@ def main() -> None:
     """
 
 
+def _trust_options(rollback: bool):
+    """--expect and --trust (and with ``rollback``, --allow-rollback) on a command."""
+
+    def decorate(fn):
+        if rollback:
+            fn = click.option(
+                "--allow-rollback", is_flag=True,
+                help="Accept a package older than the version of its model this device "
+                     "accepted before (or the same version with other content), and remember "
+                     "it as the current one.")(fn)
+        fn = click.option(
+            "--trust", "trust", multiple=True, metavar="PUBKEY",
+            help="Refuse the package unless manifest.json.sig is a valid, unexpired signature "
+                 "by this key: 'ed25519:...' or a .pub file from p2u keygen (repeat for "
+                 "several keys; needs p2u-onnx[sign]).")(fn)
+        return click.option(
+            "--expect", metavar="sha256:HEX",
+            help="Refuse the package unless manifest.json's sha256 is HEX (the manifest lists "
+                 "every file's sha256, so this pins the whole package).")(fn)
+
+    return decorate
+
+
+def _quiet_onnxruntime(severity: int = 4) -> None:
+    """Keep onnxruntime's own log lines off stderr for the sessions of this process: its errors
+    reach the user as p2u's one-line message, its warnings are about graphs p2u made."""
+    import onnxruntime as ort
+
+    ort.set_default_logger_severity(severity)
+
+
 @main.command()
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
@@ -37,25 +68,48 @@ def main() -> None:
 @click.option("--min-elements", type=int, default=1024, show_default=True,
               help="Smaller float tensors stay exact in the base.")
 @click.option("--budget", type=float, default=None,
-              help="Size of the base: a share of the fp32 weight bytes (e.g. 0.15) or bits per "
-                   "weight (e.g. 4.5), spent where it lowers the output error most "
-                   "[default: 0.135, raised up to 0.20 while the estimated quality is below 0.985].")
+              help="Size of the base: a share of the fp32-equivalent weight bytes (every float "
+                   "weight counted at 4 bytes, so fp16, bf16 and fp64 models get the bits per "
+                   "weight of their fp32 twin; e.g. 0.15) or bits per coded weight (e.g. 4.5), "
+                   "spent where it lowers the output error most [default: 0.135, raised up to "
+                   "--cap while the estimated quality is below 0.985 or below the plain base's].")
 @click.option("--quality", type=float, default=None,
-              help="Smallest base whose estimated output cosine reaches this (e.g. 0.99).")
-@click.option("--calib", type=click.Path(exists=True, dir_okay=False), default=None,
-              help="Real inputs (.npz, one array per model input) to measure sensitivity on "
-                   "[default: inputs synthesized from the model's signature].")
+              help="Smallest base whose estimated output cosine reaches this (e.g. 0.99); "
+                   "exits non-zero when it cannot within --cap (see --allow-below).")
+@click.option("--cap", type=float, default=0.20, show_default=True,
+              help="Largest base, as a share of the fp32-equivalent weight bytes. Never below "
+                   "the plain base: when the plain base is larger, it is used and a warning "
+                   "says why.")
+@click.option("--allow-below", is_flag=True,
+              help="Accept a base whose estimated quality stays below --quality (a warning).")
+@click.option("--inputs", "--calib", "calib", type=click.Path(exists=True, dir_okay=False),
+              default=None,
+              help="Real inputs (.npz, one array per model input) that calibration measures "
+                   "sensitivity on and the probe records [default: inputs synthesized from "
+                   "the model's signature and what its graph implies].")
+@click.option("--shape", "shapes", multiple=True, metavar="NAME=D1,D2,...",
+              help="Size of an input whose shape the graph leaves open (repeat per input), "
+                   "e.g. --shape images=1,3,320,320; used by calibration and the probe.")
 @click.option("--fixed-bits", is_flag=True,
               help="Every tensor gets the plan's base bits (no sensitivity analysis).")
 @click.option("--no-probe", is_flag=True,
               help="Skip recording the probe the runtime uses to check each upgrade.")
+@click.option("--name", default=None,
+              help="Model name in the manifest: devices refuse a lower --version of a name they "
+                   "have seen [default: MODEL's file name without .onnx].")
+@click.option("--version", "version", type=click.IntRange(0, 2**63 - 1), default=None,
+              help="Release number of this package, higher than the last one published under "
+                   "the same --name [default: $SOURCE_DATE_EPOCH, else the encode time in "
+                   "seconds].")
 @click.option("-f", "--force", is_flag=True,
               help="Replace OUTPUT if it is a p2u package (in one atomic step where the system "
                    "allows).")
-@click.option("-q", "--quiet", is_flag=True, help="No progress bar or table.")
+@click.option("-q", "--quiet", is_flag=True,
+              help="No progress bar or table, and no log lines from onnxruntime.")
 @_friendly
 def encode(model, output, stages, granularity, block_size, asymmetric, min_elements, budget,
-           quality, calib, fixed_bits, no_probe, force, quiet) -> None:
+           quality, cap, allow_below, calib, shapes, fixed_bits, no_probe, name, version, force,
+           quiet) -> None:
     """Encode MODEL (.onnx) into a progressive package directory.
 
     By default each tensor's base bits are chosen by their measured effect on the outputs
@@ -68,29 +122,54 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
     plan = Plan.parse(stages)
     config = QuantConfig(granularity=granularity, block_size=block_size,
                          symmetric=not asymmetric, min_elements=min_elements)
-    kw: dict = {"adaptive": not fixed_bits, "calib": calib}
+    kw: dict = {"adaptive": not fixed_bits, "calib": calib, "cap": cap,
+                "shapes": _parse_shapes(shapes)}
     if budget is not None or quality is not None:
         kw["budget"] = budget
     if quality is not None:
         kw["quality"] = quality
+        kw["strict"] = not allow_below
     bits = BitBudget(**kw)
     output = output or model.with_suffix(".p2u")
+    if quiet:
+        _quiet_onnxruntime()
     with ProgressBar("encode", quiet) as progress, cleanup_on_sigterm():
         result = do_encode(model, output, plan, config, bits, overwrite=force,
-                           probe=not no_probe, progress=progress)
+                           probe=not no_probe, progress=progress, name=name, version=version)
     if not quiet:
         click.echo(f"wrote {result.path} in {result.seconds:.2f} s")
         _print_table(inspect(result.path))
+    for note in result.warnings:  # even with -q: a missed target is never silent
+        click.echo(f"warning: {note}", err=True)
+
+
+def _parse_shapes(items: tuple[str, ...]) -> tuple[tuple[str, tuple[int, ...]], ...]:
+    """``NAME=1,3,320,320`` options as (name, shape) pairs; a bad one is a one-line error."""
+    out = []
+    for item in items:
+        name, sep, dims = item.partition("=")
+        parts = dims.split(",") if "," in dims else dims.split("x")
+        shape = tuple(int(d) for d in parts) if all(d.strip().isdigit() for d in parts) else ()
+        if not sep or not name or not shape:
+            raise click.BadParameter(f"{item!r}: expected NAME=D1,D2,... (e.g. "
+                                     "images=1,3,320,320)", param_hint="--shape")
+        out.append((name, shape))
+    return tuple(out)
 
 
 def _print_table(info: dict) -> None:
     src = info["source"]
-    click.echo(f"source {src['name']}: {_fmt_bytes(src['weight_bytes'])} of weights, "
+    fp32 = src.get("fp32_equivalent_bytes")
+    equiv = f" ({_fmt_bytes(fp32)} as fp32, what shares are of)" \
+        if fp32 and fp32 != src["weight_bytes"] else ""
+    click.echo(f"source {src['name']}: {_fmt_bytes(src['weight_bytes'])} of weights{equiv}, "
                f"{info['tensors']} coded tensors, plan {','.join(info['plan'])}")
     click.echo(f"{'stage':>5} {'bits':>9} {'bytes':>10} {'share':>7} {'total':>10} {'share':>7}"
                f" {'max err':>10} {'rel err':>9}")
     for r in info["stages"]:
-        click.echo(f"{r['stage']:>5} {r['bits']!s:>9} {_fmt_bytes(r['bytes']):>10} "
+        mix = r.get("mean_bits")  # the mix of bits per coded weight, not the plan's number
+        bits = f"{mix:.2f}" if isinstance(mix, (int, float)) else str(r["bits"])
+        click.echo(f"{r['stage']:>5} {bits:>9} {_fmt_bytes(r['bytes']):>10} "
                    f"{r['share']:>7.1%} {_fmt_bytes(r['cumulative_bytes']):>10} "
                    f"{r['cumulative_share']:>7.1%} {r['max_abs_error']:>10.3g} "
                    f"{r['max_rel_error']:>9.2e}")
@@ -117,7 +196,7 @@ def inspect(package, as_json, tensors) -> None:
                    f"calibration; estimated base quality (output cosine) "
                    f"{alloc['est_quality']:.4f}")
     for note in info.get("notes", []):
-        click.echo(f"note: {note}")
+        click.echo(f"warning: {note}")
     if tensors:
         total = sum(t["est_error"] or 0 for t in info["tensor_table"]) or 1.0
         click.echo(f"{'bits':>4} {'layout':>14} {'weights':>10} {'est. error':>10}  tensor")
@@ -135,41 +214,60 @@ def inspect(package, as_json, tensors) -> None:
               help="Stage to restore, counting from 0 (the base) [default: the last].")
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="ONNX file to write.")
+@_trust_options(rollback=False)
 @_friendly
-def restore(package, stage, output) -> None:
-    """Write the ONNX model of one stage of PACKAGE."""
+def restore(package, stage, output, expect, trust) -> None:
+    """Write the ONNX model of one stage of PACKAGE.
+
+    With --expect / --trust the package is checked before anything is written. Versions are
+    not checked against, nor recorded in, this device's version state (p2u run and p2u fetch do
+    that).
+    """
     from .api import restore as do_restore
 
-    path = do_restore(package, output, stage)
+    path = do_restore(package, output, stage, expect=expect, trust=trust or None)
     click.echo(f"wrote {path}")
 
 
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
+@_trust_options(rollback=False)
 @_friendly
-def verify(package) -> None:
-    """Check every file of PACKAGE and replay every stage (bit-exact check when lossless)."""
+def verify(package, expect, trust) -> None:
+    """Check every file of PACKAGE and replay every stage (bit-exact check when lossless).
+
+    --expect pins the manifest's sha256 (printed on success, to pin it elsewhere); --trust asks
+    for a valid signature. Versions are not checked against, nor recorded in, this device's
+    version state (p2u run and p2u fetch do that).
+    """
     from .api import verify as do_verify
 
-    r = do_verify(package)
+    r = do_verify(package, expect=expect, trust=trust or None)
     tail = ", lossless stage reproduces the source weights" if r["lossless_match"] else ""
     click.echo(f"ok: {r['stages']} stages verified{tail}")
+    who = f"model {r['name']!r} version {r['version']}" if r.get("name") is not None else \
+        "no model name or version (made before they existed)"
+    sig = ", signature valid" if r.get("signed") else ""
+    click.echo(f"manifest sha256:{r['manifest_sha256']} ({who}{sig})")
 
 
 @main.command()
-@click.argument("package", type=click.Path(path_type=Path))
+@click.argument("package")
 @click.option("-i", "--input", "inputs", multiple=True, metavar="NAME=FILE.npy",
               help="An input array (repeat for each input) [default: synthetic inputs].")
 @click.option("-s", "--stage", type=int, default=None,
               help="Stop at this stage [default: the last].")
 @click.option("--strategy", type=click.Choice(["swap", "inplace"]), default="swap",
               show_default=True, help="How stages are patched into the live session.")
+@_trust_options(rollback=True)
 @_friendly
-def run(package, inputs, stage, strategy) -> None:
+def run(package, inputs, stage, strategy, expect, trust, allow_rollback) -> None:
     """Serve PACKAGE in onnxruntime from the base, upgrade it live, print each stage's outputs.
 
     PACKAGE is a package directory or an http(s) URL. For each stage: when it became active
-    (seconds since start) and a summary of every output.
+    (seconds since start) and a summary of every output. A package older than the version of
+    its model accepted before on this device is refused (--allow-rollback accepts it); the
+    version of a package that loads is recorded.
     """
     import time
 
@@ -187,15 +285,21 @@ def run(package, inputs, stage, strategy) -> None:
             feed[name] = np.load(path)
         except (OSError, ValueError) as e:
             raise click.BadParameter(f"{path}: {e}", param_hint="--input") from None
-    with cleanup_on_sigterm(), ProgressiveSession(str(package)) as sess:
+    _quiet_onnxruntime()
+    with cleanup_on_sigterm(), \
+            ProgressiveSession(package, strategy=strategy, expect=expect, trust=trust or None,
+                               allow_rollback=allow_rollback) as sess:
         from .probe import check_feed, synthesize_inputs
 
         if stage is not None and not 0 <= stage < sess.stages:
             raise click.BadParameter(f"stage {stage} does not exist: {package} has stages "
                                      f"0..{sess.stages - 1}", param_hint="--stage")
 
+        probe = getattr(sess, "_probe", None)
         if feed:
             check_feed(sess.get_inputs(), feed)
+        elif probe is not None and probe.feed:
+            feed = dict(probe.feed)  # the inputs the encoder found the model runs on
         else:
             feed = synthesize_inputs(sess.get_inputs())
         names = [o.name for o in sess.get_outputs()]
@@ -233,6 +337,50 @@ def demo(stages) -> None:
     from .demo import run_demo
 
     run_demo(stages, echo=click.echo)
+
+
+@main.command()
+@click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
+              help="Private key file to write (KEY); the public key goes to KEY.pub.")
+@click.option("-f", "--force", is_flag=True, help="Replace KEY and KEY.pub if they exist.")
+@_friendly
+def keygen(output, force) -> None:
+    """Make an Ed25519 key pair to sign packages with (needs p2u-onnx[sign]).
+
+    KEY (mode 0600) signs (p2u sign --key KEY); give KEY.pub, or the line it holds, to devices
+    (--trust KEY.pub, ProgressiveSession(..., trust=...)).
+    """
+    from .trust import generate_key
+
+    public = generate_key(output, overwrite=force)
+    click.echo(f"wrote {output} (private: keep it secret) and {output}.pub")
+    click.echo(f"public key: {public}")
+
+
+@main.command()
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("-k", "--key", "keys", multiple=True, required=True,
+              type=click.Path(dir_okay=False, path_type=Path),
+              help="Private key file from p2u keygen (repeat to sign with several).")
+@click.option("--expires", default="never", show_default=True,
+              help="When the signature stops being accepted: a duration (30d, 12h, 2w), an ISO "
+                   "date or time (UTC), or 'never'. Devices then refuse the package until it is "
+                   "signed again, so a mirror cannot keep serving an old release forever.")
+@_friendly
+def sign(package, keys, expires) -> None:
+    """Sign PACKAGE: write PACKAGE/manifest.json.sig (needs p2u-onnx[sign]).
+
+    The signature covers manifest.json's sha256 (so every file of the package), the model name,
+    the version and the expiry. The package stays plain static files; serve it as before.
+    Run p2u verify PACKAGE first: signing vouches for what is there.
+    """
+    from .trust import sign_package
+
+    path, signed = sign_package(package, keys, expires)
+    until = signed["expires"] or "never"
+    click.echo(f"wrote {path}: model {signed['name']!r} version {signed['version']}, "
+               f"expires {until}")
+    click.echo(f"manifest sha256:{signed['manifest_sha256']}")
 
 
 main.add_command(_serve_command, "serve")

@@ -20,7 +20,7 @@ from typing import Any, ClassVar
 import numpy as np
 import zstandard
 
-from .errors import FormatError
+from .errors import FormatError, IntegrityError
 
 __all__ = ["Codec", "ZstdCodec", "IntPlanesCodec", "IntGroupsCodec", "SegmentsCodec", "get_codec",
            "UnknownCodecError", "grouped_order"]
@@ -67,17 +67,24 @@ def _zstd_entropy(data, level: int) -> bytes:
 
 
 def _zstd_decompress(data, size: int) -> bytes:
-    if not 0 <= size <= MAX_DECODED:
-        raise FormatError(f"implausible decoded size {size}")
+    """The ``size`` bytes a zstd frame decodes to. The frame's own content size is never
+    trusted: it is streamed with a hard limit of ``size + 1`` bytes of output, and anything but
+    exactly ``size`` bytes is refused (:class:`IntegrityError`): a frame that expands past what
+    its entry declares (a decompression bomb) costs at most ``size + 1`` bytes of memory."""
+    if not isinstance(size, int) or not 0 <= size <= MAX_DECODED:
+        raise FormatError(f"implausible decoded size {size!r}")
     dctx = _LOCAL.__dict__.get("dctx")
     if dctx is None:
         dctx = _LOCAL.dctx = zstandard.ZstdDecompressor()
     try:
-        out = dctx.decompress(data, max_output_size=size)
+        with dctx.stream_reader(data, read_across_frames=False, closefd=False) as reader:
+            out = reader.read(size + 1)
     except zstandard.ZstdError as e:
-        raise FormatError(f"compressed data is corrupt: {e}") from e
+        raise IntegrityError(f"compressed data is corrupt: {e}") from e
     if len(out) != size:
-        raise FormatError(f"decoded {len(out)} bytes, expected {size}")
+        what = "more than" if len(out) > size else f"{len(out)} bytes, not"
+        raise IntegrityError(f"compressed data decodes to {what} the {size} bytes its entry "
+                             "declares")
     return out
 
 
@@ -321,7 +328,27 @@ class SegmentsCodec(Codec):
             parts += [_zstd_entropy(np.ascontiguousarray(planes[:, i]), 3) for i in range(width)]
         return struct.pack(f"<I{len(parts)}Q", len(parts), *map(len, parts)) + b"".join(parts)
 
+    def _check_segments(self, size: int) -> None:
+        """Segments in file order, inside ``size`` bytes, planes whole: checked before any
+        stream is decoded, so that no stream can be declared larger than the file."""
+        if not isinstance(size, int) or not 0 <= size <= MAX_DECODED:
+            raise FormatError(f"implausible decoded size {size!r}")
+        end = 0
+        for seg in self.segments:
+            if len(seg) != 3:
+                raise FormatError(f"bad segment {seg!r}")
+            off, length, kind = seg
+            if not (isinstance(off, int) and isinstance(length, int)) or off < end \
+                    or length < 0 or off + length > size \
+                    or kind not in ("symbols", "bytes", "planes2", "planes4") \
+                    or (kind != "symbols" and kind != "bytes" and length % int(kind[-1])):
+                raise FormatError(f"bad segment {off}+{length} {kind!r} in a file of {size} "
+                                  "bytes (out of order, overlapping, past the end or not whole "
+                                  "values)")
+            end = off + length
+
     def decode(self, buf, size: int) -> bytes:
+        self._check_segments(size)
         buf = memoryview(buf)
         if len(buf) < 4:
             raise FormatError("segmented payload is truncated")

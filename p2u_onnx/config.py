@@ -10,6 +10,7 @@ from .errors import PlanError
 __all__ = ["Plan", "QuantConfig", "BitBudget", "LOSSLESS"]
 
 LOSSLESS = "lossless"
+DEFAULT_QUALITY = 0.985  # estimated output cosine a default base reaches (when it can)
 Granularity = Literal["block", "channel", "tensor"]
 
 
@@ -101,33 +102,62 @@ class BitBudget:
     ``budget``: size of the base, as a share of the source's weight bytes (below 1, e.g. 0.15;
     tensors sent as they are count against it) or in bits per coded weight (1 or more), spent
     where it lowers the output error most.
+    Shares (``budget`` below 1 and ``cap``) are shares of the source's fp32-equivalent weight
+    bytes (every float weight counted at 4 bytes), so an fp16, bf16 or fp64 model gets the bits
+    per weight its fp32 twin gets.
+
     ``quality``: estimated cosine between base and original outputs that the base must reach;
-    when the budget does not get there, more is spent, up to ``cap`` (a share). With
-    ``budget=None`` the base is the smallest that reaches ``quality``. ``calibrate``: measure
-    each tensor's effect on the outputs by running the model (synthetic inputs unless ``calib``
-    names an .npz of real ones). ``adaptive=False`` gives every tensor the plan's base bits.
+    when the budget does not get there, more is spent, up to ``cap``. With ``budget=None`` the
+    base is the smallest that reaches ``quality``. Left at None, the target is
+    :data:`DEFAULT_QUALITY` and no worse than the plain base (every tensor at the plan's base
+    bits). A base is never estimated worse than the plain one: when the cap is too small for
+    that, the cap gives way and the encoder says so. A missed target is a warning (a manifest
+    note), or with ``strict`` a :class:`PlanError`. ``calibrate``: measure each tensor's
+    effect on the outputs by running the model (synthetic inputs unless ``calib`` names an .npz
+    of real ones). ``shapes``: sizes for inputs the graph does not fix, as (name, shape) pairs.
+    ``adaptive=False`` gives every tensor the plan's base bits.
 
     The defaults (13.5% of the weight bytes, at least 0.985 estimated, at most 20%) were chosen on MiniLM and
     the third-party models in docs/quality.md.
     """
 
     budget: float | None = 0.135
-    quality: float = 0.985
+    quality: float | None = None
     cap: float = 0.20
     calibrate: bool = True
     calib: str | None = None
     adaptive: bool = True
+    strict: bool = False
+    shapes: tuple[tuple[str, tuple[int, ...]], ...] = ()
 
     def __post_init__(self) -> None:
         if self.budget is not None and not (0 < self.budget < 1 or 1 <= self.budget <= 8):
             raise PlanError(f"--budget must be a share (0..1) or bits per weight (1..8), "
                             f"not {self.budget}")
-        if not 0 < self.quality < 1:
+        if self.quality is not None and not 0 < self.quality < 1:
             raise PlanError(f"--quality must be between 0 and 1, not {self.quality}")
         if not 0 < self.cap <= 1:
-            raise PlanError(f"cap must be a share in (0, 1], not {self.cap}")
+            raise PlanError(f"--cap must be a share in (0, 1], not {self.cap}")
+        if isinstance(self.shapes, dict):
+            object.__setattr__(self, "shapes", tuple(self.shapes.items()))
+        shapes = []
+        for item in self.shapes:
+            try:
+                name, dims = item
+                dims = tuple(int(d) for d in dims)
+            except (TypeError, ValueError):
+                raise PlanError(f"--shape: expected NAME=D1,D2,..., not {item!r}") from None
+            if any(d < 1 for d in dims):
+                raise PlanError(f"--shape {name}: every size must be at least 1, not {dims}")
+            shapes.append((str(name), dims))
+        object.__setattr__(self, "shapes", tuple(shapes))
+
+    @property
+    def target_quality(self) -> float:
+        """The estimated output cosine aimed at: ``quality``, or :data:`DEFAULT_QUALITY`."""
+        return DEFAULT_QUALITY if self.quality is None else self.quality
 
     @property
     def max_error(self) -> float:
-        """Relative squared output error matching ``quality`` (cosine ~ 1 - error / 2)."""
-        return 2 * (1 - self.quality)
+        """Relative squared output error matching the target (cosine ~ 1 - error / 2)."""
+        return 2 * (1 - self.target_quality)

@@ -7,14 +7,24 @@ directory with what :mod:`p2u_onnx.transport` relies on and a static host provid
 * ``GET`` and ``HEAD``; ``ETag`` (strong: mtime and size, as nginx makes it), ``Last-Modified``,
   ``Accept-Ranges: bytes``; ``If-None-Match`` / ``If-Modified-Since`` answer 304;
 * one byte range per request (``bytes=a-b``, ``bytes=a-``, ``bytes=-n``): 206 with
-  ``Content-Range``; a range past the end: 416 with ``Content-Range: bytes */size``; several
-  ranges are answered with the whole file (200), which HTTP allows; ``If-Range`` with a
-  validator that no longer matches also gets the whole file;
+  ``Content-Range``; a range past the end (however large the number) or ``bytes=-0``: 416 with
+  ``Content-Range: bytes */size``; several ranges, a reversed one (``bytes=5-2``) or numbers of
+  more than 30 digits are answered with the whole file (200), which HTTP allows; ``If-Range``
+  with a validator that no longer matches also gets the whole file;
 * an optional bandwidth limit: one token bucket shared by every connection, so ``rate`` is the
   link's total, as on a real slow link.
 
-Dotfiles and partial downloads (``*.part``) are not served, nor anything outside the root.
-Needs only the standard library. Not hardened for the open internet: bind it to 127.0.0.1.
+Limits that keep one client from holding the server: a connection that sends nothing for
+``idle_timeout`` seconds (or does not read what it is sent) is closed; at most
+``max_connections`` connections are served at once, and the next ones get a quick ``503`` with
+``Retry-After: 1`` (the p2u client retries those) and are closed.
+
+It serves regular files only, under the root: every path segment must be a plain name
+(:func:`~p2u_onnx.format.check_name`: no dotfiles, no ``..``), symbolic links are refused
+(wherever they lead), and so are FIFOs and devices; partial downloads (``*.part``) are not
+served. Needs only the standard library. It stays a development server (no TLS, no access
+control, no protection against a client that sends its headers slowly): bind it to 127.0.0.1,
+and serve production traffic with nginx or a CDN (docs/delivery.md).
 
 >>> with PackageServer("model.p2u", rate=parse_rate("1mbit")) as srv:  # doctest: +SKIP
 ...     print(srv.url)  # http://127.0.0.1:PORT/
@@ -25,8 +35,8 @@ from __future__ import annotations
 import email.utils
 import mimetypes
 import os
-import posixpath
 import re
+import stat
 import sys
 import threading
 import time
@@ -36,12 +46,13 @@ from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
-from .errors import P2UError
+from .errors import FormatError, P2UError
+from .format import check_name, open_regular
 
 __all__ = ["PackageServer", "TokenBucket", "parse_rate"]
 
 _RATE = re.compile(r"\s*(\d+(?:\.\d+)?)\s*([kmg]?)(bit|b)?\s*", re.IGNORECASE)
-_RANGE = re.compile(r"bytes=(\d*)-(\d*)")
+_RANGE = re.compile(r"bytes=([0-9]{0,30})-([0-9]{0,30})")
 _TYPES = {".json": "application/json", ".p2u": "application/octet-stream",
           ".onnx": "application/octet-stream", ".bin": "application/octet-stream",
           ".npz": "application/octet-stream"}
@@ -109,20 +120,31 @@ class PackageServer(ThreadingHTTPServer):
     """Serves the files under ``root`` at ``http://host:port/`` (``port=0``: any free port).
 
     ``rate`` (bytes per second, see :func:`parse_rate`) limits the bandwidth of all connections
-    together. ``log(line)`` receives one line per request. Use :meth:`start` (a background
-    thread) or ``serve_forever()``; :meth:`close` stops it. A context manager starts and stops.
+    together. ``log(line)`` receives one line per request. ``idle_timeout``: seconds a
+    connection may stay silent (or not read) before it is closed. ``max_connections``:
+    connections served at once; more get ``503`` with ``Retry-After: 1``. Use :meth:`start` (a
+    background thread) or ``serve_forever()``; :meth:`close` stops it. A context manager starts
+    and stops.
     """
 
     daemon_threads = True
     allow_reuse_address = True
+    request_queue_size = 64
 
     def __init__(self, root: str | os.PathLike, host: str = "127.0.0.1", port: int = 0, *,
-                 rate: float | None = None, log: Callable[[str], None] | None = None):
+                 rate: float | None = None, log: Callable[[str], None] | None = None,
+                 idle_timeout: float = 30.0, max_connections: int = 32):
         self.root = Path(root)
         if not self.root.is_dir():
             raise P2UError(f"{root}: not a directory")
+        if idle_timeout <= 0 or max_connections < 1:
+            raise P2UError("idle_timeout must be positive and max_connections at least 1")
         self.bucket = TokenBucket(rate) if rate else None
         self.log = log
+        self.idle_timeout = float(idle_timeout)
+        self.max_connections = int(max_connections)
+        self._slots = threading.BoundedSemaphore(self.max_connections)
+        self._refusers = threading.BoundedSemaphore(8)  # threads answering 503 at once
         self._thread: threading.Thread | None = None
         try:
             super().__init__((host, port), _Handler)
@@ -130,10 +152,61 @@ class PackageServer(ThreadingHTTPServer):
             raise P2UError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
 
     def handle_error(self, request, client_address) -> None:
+        """One line, never a traceback: a client's bad request must not flood the log."""
         exc = sys.exc_info()[1]
         if isinstance(exc, (ConnectionError, TimeoutError)):
-            return  # a client that went away mid-answer: normal on bad links
-        super().handle_error(request, client_address)
+            return  # a client that went away or went silent mid-answer: normal on bad links
+        line = f"{client_address[0]} error while answering: {type(exc).__name__}: {exc}"
+        if self.log is not None:
+            self.log(line)
+        else:
+            print(line, file=sys.stderr)
+
+    def process_request(self, request, client_address) -> None:
+        """Serve the connection in a thread of its own if a slot is free, else refuse it."""
+        if not self._slots.acquire(blocking=False):
+            self._refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)
+        except BaseException:
+            self._slots.release()
+            raise
+
+    def process_request_thread(self, request, client_address) -> None:
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self._slots.release()
+
+    def _refuse(self, request) -> None:
+        """Answer 503 (after reading the request, so that the client sees the answer and not
+        a reset) in a short-lived thread; when too many are refused at once, just close."""
+        if not self._refusers.acquire(blocking=False):
+            self.shutdown_request(request)
+            return
+
+        def answer() -> None:
+            try:
+                request.settimeout(1.0)
+                got = b""
+                end = time.monotonic() + 2.0  # a client that drips its request is not waited for
+                while b"\r\n\r\n" not in got and len(got) < 65536 and time.monotonic() < end:
+                    data = request.recv(4096)
+                    if not data:
+                        break
+                    got += data
+                body = b"503 Service Unavailable: too many connections\n"
+                request.sendall(b"HTTP/1.1 503 Service Unavailable\r\nRetry-After: 1\r\n"
+                                b"Content-Type: text/plain\r\nConnection: close\r\n"
+                                b"Content-Length: %d\r\n\r\n%s" % (len(body), body))
+            except OSError:
+                pass
+            finally:
+                self.shutdown_request(request)
+                self._refusers.release()
+
+        threading.Thread(target=answer, name="p2u-serve-503", daemon=True).start()
 
     @property
     def url(self) -> str:
@@ -172,6 +245,10 @@ class _Handler(BaseHTTPRequestHandler):
     server_version = "p2u-devserver"
     disable_nagle_algorithm = True  # headers, then body: Nagle + delayed ACK would add 40 ms
 
+    def setup(self) -> None:
+        self.timeout = self.server.idle_timeout  # every read and write on the connection
+        super().setup()
+
     def do_GET(self) -> None:
         self._serve(body=True)
 
@@ -189,8 +266,8 @@ class _Handler(BaseHTTPRequestHandler):
         if path is None:
             return self._error(HTTPStatus.NOT_FOUND)
         try:
-            f = open(path, "rb")  # noqa: SIM115 - closed by the with below
-        except OSError:
+            f = open_regular(path)  # no symbolic link, no FIFO, whatever changed since
+        except (OSError, P2UError):
             return self._error(HTTPStatus.NOT_FOUND)
         with f:
             st = os.fstat(f.fileno())
@@ -226,14 +303,27 @@ class _Handler(BaseHTTPRequestHandler):
                 self._send(f, start, end)
 
     def _resolve(self) -> Path | None:
-        """The file a request path names under the root, or None (no '..', no dotfiles)."""
-        raw = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path)
-        parts = [p for p in posixpath.normpath(raw).split("/") if p]
-        if any(p.startswith(".") or p.endswith((".part", ".part.json")) or "\\" in p
-               or "\0" in p for p in parts):
+        """The regular file a request path names under the root, or None: every segment a
+        plain name (no '..', no dotfiles), no symbolic link on the way (the root itself may be
+        one), the last one a regular file."""
+        try:
+            raw = urllib.parse.unquote(urllib.parse.urlsplit(self.path).path, errors="strict")
+            parts = [check_name(p, "path segment") for p in raw.split("/") if p]
+        except (ValueError, FormatError):
             return None
-        path = self.server.root.joinpath(*parts)
-        return path if path.is_file() else None
+        if not parts or parts[-1].endswith((".part", ".part.json")):
+            return None
+        path = self.server.root
+        for i, part in enumerate(parts):
+            path = path / part
+            try:
+                mode = os.lstat(path).st_mode
+            except OSError:
+                return None
+            last = i == len(parts) - 1
+            if not (stat.S_ISREG(mode) if last else stat.S_ISDIR(mode)):
+                return None  # a symbolic link, a FIFO, a device, or a file used as a folder
+        return path
 
     def _not_modified(self, etag: str, mtime: float) -> bool:
         inm = self.headers.get("If-None-Match")
@@ -244,7 +334,7 @@ class _Handler(BaseHTTPRequestHandler):
         if ims:
             try:
                 since = email.utils.parsedate_to_datetime(ims).timestamp()
-            except (TypeError, ValueError):
+            except (TypeError, ValueError, IndexError, OverflowError):
                 return False
             return int(mtime) <= since
         return False

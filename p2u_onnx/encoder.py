@@ -29,11 +29,12 @@ from . import quantizers as qz
 from .codecs import SegmentsCodec, ZstdCodec
 from .config import LOSSLESS, BitBudget, Plan, QuantConfig
 from .dtypes import ONNX_BFLOAT16, dtype_info
-from .errors import P2UError, UnsupportedModelError
-from .format import FORMAT_VERSION, AtomicFile, StageWriter, save_manifest, sha256_file, \
-    stage_file_name
+from .errors import P2UError, PlanError, UnsupportedModelError
+from .format import BINDING_KEY, FORMAT_VERSION, AtomicFile, StageWriter, manifest_binding, \
+    save_manifest, sha256_file, stage_file_name
 from .graph import check_domains, default_opset, iter_slots
 from .reconstruct import GROUPS, PLANES, code_chunk, pack_codes, workers
+from .zstd_reference import ZstdReference
 
 __all__ = ["encode", "EncodeResult", "load_model"]
 
@@ -56,6 +57,13 @@ class EncodeResult:
     def stage_bytes(self) -> list[int]:
         return [s["bytes"] for s in self.manifest["stages"]]
 
+    @property
+    def warnings(self) -> list[str]:
+        """What the user should know about this package (the manifest's ``notes``): a missed
+        quality target, a cap that gave way, a skipped calibration, a missing probe, a
+        package larger than ``zstd -19`` of the model file, a conversion."""
+        return list(self.manifest.get("notes", []))
+
 
 def load_model(source: str | os.PathLike | ModelProto) -> tuple[ModelProto, str]:
     """Load a model with its external data; returns (model, name). Clear errors on bad input."""
@@ -75,6 +83,19 @@ def load_model(source: str | os.PathLike | ModelProto) -> tuple[ModelProto, str]
     if not model.graph.node and not model.graph.initializer:
         raise UnsupportedModelError(f"{path}: not an ONNX model (empty graph)")
     return model, path.stem
+
+
+def _identity(name: object, version: object) -> tuple[str, int]:
+    """The manifest's ``name`` and ``version``, checked (:class:`PlanError` otherwise)."""
+    from .trust import MAX_VERSION
+
+    if not isinstance(name, str) or not name.strip() or len(name) > 200 \
+            or any(ord(c) < 32 or ord(c) == 127 for c in name):
+        raise PlanError(f"name {name!r}: give 1 to 200 printable characters")
+    if isinstance(version, bool) or not isinstance(version, int) \
+            or not 0 <= version <= MAX_VERSION:
+        raise PlanError(f"version {version!r}: give an integer from 0 to 2**63-1")
+    return name, version
 
 
 def _first_line(e: BaseException) -> str:
@@ -100,6 +121,19 @@ def slot_nbytes(t: TensorProto) -> int:
     if t.data_type in (1, 10, 11, 16):
         return tensor_array(t).nbytes
     return t.ByteSize()
+
+
+def fp32_equivalent_bytes(model: ModelProto) -> int:
+    """Bytes of every constant tensor of ``model`` with floats counted at 4 bytes a value
+    (what budget and cap shares are shares of); other tensors count their own bytes."""
+    total = 0
+    for slot in iter_slots(model):
+        t = slot.tensor
+        if t.data_type in (1, 10, 11, 16):
+            total += 4 * int(np.prod(t.dims, dtype=np.int64))
+        else:
+            total += slot_nbytes(t)
+    return total
 
 
 def digest_slot(digest, slot, raw: bytes | None = None) -> bytes:
@@ -160,6 +194,8 @@ def encode(
     overwrite: bool = False,
     probe: bool = True,
     progress: Callable[[int, int], None] | None = None,
+    name: str | None = None,
+    version: int | None = None,
 ) -> EncodeResult:
     """Encode ``model`` into the package directory ``output``.
 
@@ -167,7 +203,10 @@ def encode(
 
     ``probe`` records, per stage, outputs on synthetic inputs that the runtime checks after each
     upgrade (see :mod:`p2u_onnx.probe`). ``progress(done, total)`` is called with weight bytes
-    processed. Raises
+    processed. ``name`` and ``version`` identify the release for rollback protection (see
+    :mod:`p2u_onnx.trust`): a device refuses a lower version of a name it has seen; defaults:
+    the model file's stem (or graph name) and ``$SOURCE_DATE_EPOCH``, else the encode time in
+    seconds. Raises
     :class:`UnsupportedModelError` for input it cannot convert and :class:`PlanError` for bad
     options; on any error nothing is left at ``output``.
 
@@ -178,9 +217,15 @@ def encode(
     get the usual modes less the umask (0755 / 0644 under umask 022).
     """
     t0 = time.perf_counter()
+    name_arg = name
     plan = Plan.parse(plan) if isinstance(plan, str) else plan
     out = _output_path(output, overwrite)
+    if version is None:  # reproducible builds set SOURCE_DATE_EPOCH
+        epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+        version = int(epoch) if epoch.isdigit() else int(time.time())
+    _identity("model" if name_arg is None else name_arg, version)  # bad options: before loading
     m, name, converted = _load_source(model)
+    ident = _identity(name if name_arg is None else name_arg, version)
     try:  # 0777 less the umask, as the files in it: a web server may serve the package
         tmp = _workdir.make_dir(out.parent, f".{out.name}.", 0o777)
     except OSError as e:
@@ -188,9 +233,11 @@ def encode(
     loaded = [m]  # handed over, not kept here: _encode_into frees the model's weights
     del m
     try:
+        zref = ZstdReference(model)  # zstd -19 of the model file, on a thread meanwhile
         try:
             manifest = _encode_into(loaded.pop(), name, tmp, plan, config, progress,
-                                    raise_opset=True, probe=probe, budget=budget, note=converted)
+                                    raise_opset=True, probe=probe, budget=budget, note=converted,
+                                    ident=ident, zref=zref)
         except _OpsetFallback as fb:
             # Keep the model's opset (>= 10): INT8 containers, per-channel (or per-tensor) scales.
             opset = fb.opset
@@ -201,7 +248,8 @@ def encode(
             fallback = f"{fb.reason}; fell back to INT8 codes with {gran} scales at opset {opset}"
             manifest = _encode_into(_load_source(model)[0], name, tmp, plan, config, progress,
                                     raise_opset=False, probe=probe, budget=budget,
-                                    note="; ".join(filter(None, [converted, fallback])))
+                                    note="; ".join(filter(None, [converted, fallback])),
+                                    ident=ident, zref=zref)
         _install(tmp, out)
     except OSError as e:
         _workdir.remove_tree(tmp)
@@ -230,7 +278,8 @@ def _output_path(output: str | os.PathLike, overwrite: bool) -> Path:
     _recover(out)
     if os.path.lexists(out):
         if not overwrite:
-            raise P2UError(f"{out} already exists (use overwrite=True / --force)")
+            raise P2UError(f"{out} already exists (use overwrite=True)",
+                           cli=f"{out} already exists (use --force)")
         if not (out.is_dir() and ((out / "manifest.json").is_file() or not any(out.iterdir()))):
             raise P2UError(f"{out} is not a p2u package (no manifest.json): not replacing it")
     return out
@@ -306,6 +355,7 @@ class _TensorCoder:
         self.coded: list[dict] = []
         self.weights_pos = 0
         self.all_bytes = 0
+        self.fp32_bytes = 0  # every weight with floats at 4 bytes (what shares are shares of)
         self.digest = hashlib.sha256()
 
     def digest_slot(self, slot, raw: bytes | None = None) -> bytes:
@@ -317,6 +367,9 @@ class _TensorCoder:
         """
         raw = digest_slot(self.digest, slot, raw)
         self.all_bytes += len(raw)
+        t = slot.tensor
+        self.fp32_bytes += 4 * int(np.prod(t.dims, dtype=np.int64)) \
+            if t.data_type in (1, 10, 11, 16) else len(raw)
         if slot.tensor.raw_data:
             slot.tensor.ClearField("raw_data")
         return raw
@@ -450,10 +503,14 @@ def _bit_plan(m: ModelProto, selected, raws: dict[str, bytes], plan: Plan, confi
               budget: BitBudget):
     """Base bits per tensor (adaptive unless ``budget.adaptive`` is off); ``raws`` holds the
     selected weights' bytes (see :func:`_detach_weights`)."""
+    from .calibrate import probe_inputs
     from .sensitivity import BitPlan, plan_bits
 
+    # the inputs the probe tries: the user's, then what the graph implies (--shape)
+    inputs = probe_inputs(m, budget.calib, budget.shapes)
     if not budget.adaptive or not selected:
-        return BitPlan({s.slot.key: plan.base_bits for s in selected}, {}, {}, None, False, [])
+        return BitPlan({s.slot.key: plan.base_bits for s in selected}, {}, {}, None, False, [],
+                       probe_inputs=inputs)
     arrays = {}
     for s in selected:
         t, raw = s.slot.tensor, raws.get(s.slot.key)
@@ -463,10 +520,16 @@ def _bit_plan(m: ModelProto, selected, raws: dict[str, bytes], plan: Plan, confi
     # itself (compressed to about GRAPH_RATIO of its protobuf size)
     chosen = {id(s.slot.tensor) for s in selected}
     fixed = sum(slot_nbytes(sl.tensor) for sl in iter_slots(m) if id(sl.tensor) not in chosen)
-    total = fixed + sum(a.nbytes for a in arrays.values())
-    fixed += int(GRAPH_RATIO * max(m.ByteSize() - fixed, 0))
-    return plan_bits(m, selected, arrays, plan, config, budget, fixed_bytes=fixed,
-                     total_bytes=total)
+    # shares are of the fp32-equivalent bytes: an fp16, bf16 or fp64 model gets the bits per
+    # weight its fp32 twin gets (tensors sent as they are still cost their own bytes)
+    total = fp32_equivalent_bytes(m)
+    # (the structure alone: weights kept in typed fields, float_data..., are still in ``m``)
+    structure = m.ByteSize() - sum(sl.tensor.ByteSize() for sl in iter_slots(m))
+    fixed += int(GRAPH_RATIO * max(structure, 0))
+    bitplan = plan_bits(m, selected, arrays, plan, config, budget, fixed_bytes=fixed,
+                        total_bytes=total)
+    bitplan.probe_inputs = inputs
+    return bitplan
 
 
 def _load_source(model: str | os.PathLike | ModelProto) -> tuple[ModelProto, str, str | None]:
@@ -494,7 +557,9 @@ def _load_source(model: str | os.PathLike | ModelProto) -> tuple[ModelProto, str
 
 def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantConfig,
                  progress, *, raise_opset: bool, probe: bool = True,
-                 budget: BitBudget = BitBudget(), note: str | None = None) -> dict[str, Any]:
+                 budget: BitBudget = BitBudget(), note: str | None = None,
+                 ident: tuple[str, int] = ("model", 0),
+                 zref: ZstdReference | None = None) -> dict[str, Any]:
     passes.lift_constants(m, config.min_elements)
     selected = passes.select_weights(m, config)
     m, selected, taken = _detach_weights(m, selected)
@@ -550,18 +615,17 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
                        zstd.encode(graph_bytes))
     for wr in writers:
         wr.package_id = package_id
-    # The stage files are written (hashed, copied, synced) on threads while the base is built.
-    with ThreadPoolExecutor(max(1, len(writers))) as files:
-        later = [files.submit(wr.finish) for wr in writers]
-        base_stage = _write_base(m, tmp, coder, coded, ctypes, opset0, target_opset, package_id)
-        finished = [base_stage] + [f.result() for f in later]
-    return _manifest(m, tmp, name, plan, config, budget, bitplan, selected, coder, finished,
-                     src_digest, package_id, opset0, total, probe, note)
+    # stage files are finished by _manifest: their headers name the manifest (binding)
+    w0 = _write_base(m, tmp, coder, coded, ctypes, opset0, target_opset, package_id)
+    return _manifest(m, tmp, name, plan, config, budget, bitplan, selected, coder,
+                     [w0, *writers], src_digest, package_id, opset0, total, probe, note, ident,
+                     zref)
 
 
 def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctypes: dict,
-                opset0: int, target_opset: int, package_id: str) -> tuple[int, str]:
-    """base.onnx (codes + DequantizeLinear) and stage 0 (base.onnx and base.bin, compressed)."""
+                opset0: int, target_opset: int, package_id: str) -> StageWriter:
+    """base.onnx (codes + DequantizeLinear) and stage 0 (base.onnx and base.bin, compressed;
+    returned unfinished)."""
     # Base: codes + DequantizeLinear, then raise the opset if the code types need it.
     passes.to_base(m, coded)
     if target_opset > opset0:
@@ -590,33 +654,26 @@ def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctyp
         w0.add({"kind": "file", "name": fname, "codec": codec.get_config(),
                 "raw_length": len(data), "sha256": hashlib.sha256(data).hexdigest()},
                codec.encode(data))
-    return w0.finish()
+    return w0
 
 
 def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConfig,
-              budget: BitBudget, bitplan, selected, coder: _TensorCoder, finished: list,
-              src_digest: str, package_id: str, opset0: int, total: int, probe: bool,
-              note: str | None) -> dict[str, Any]:
+              budget: BitBudget, bitplan, selected, coder: _TensorCoder,
+              stage_writers: list[StageWriter], src_digest: str, package_id: str, opset0: int,
+              total: int, probe: bool, note: str | None,
+              ident: tuple[str, int] = ("model", 0),
+              zref: ZstdReference | None = None) -> dict[str, Any]:
     stage_err, stage_rel = coder.stage_err, coder.stage_rel
     tensors_meta, all_bytes = coder.tensors_meta, coder.all_bytes
     fp32_bytes = sum(int(np.prod(s.shape)) * 4 for s in selected)
     weight_bytes = total
-    stages = []
-    cum = 0
-    for k, bits in enumerate(plan.stages):
-        fname = stage_file_name(k)
-        size, sha = finished[k]
-        cum += size
-        stages.append({
-            "index": k, "bits": bits,
-            "files": [{"path": fname, "size": size, "sha256": sha}],
-            "bytes": size, "cumulative_bytes": cum,
-            "max_abs_error": stage_err[k], "max_rel_error": stage_rel[k],
-        })
+    stages: list[dict[str, Any]] = []  # filled once the stage files are written
     manifest = {
         "format": "p2u", "format_version": FORMAT_VERSION, "package_id": package_id,
+        "name": ident[0], "version": ident[1],
         "source": {"name": name, "weights_sha256": src_digest, "opset": opset0,
-                   "weight_bytes": all_bytes, "coded_weight_bytes": weight_bytes, "coded_fp32_bytes": fp32_bytes,
+                   "weight_bytes": all_bytes, "fp32_equivalent_bytes": coder.fp32_bytes,
+                   "coded_weight_bytes": weight_bytes, "coded_fp32_bytes": fp32_bytes,
                    "coded_tensors": len(selected)},
         "plan": [str(s) for s in plan.stages],
         "config": dataclasses.asdict(config),
@@ -627,25 +684,83 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
         "tensors": tensors_meta,
         "stages": stages,
     }
-    notes = ([note] if note else []) + bitplan.notes
-    if notes:
-        manifest["notes"] = notes
+    zstd19 = _zstd_reference(manifest, zref)  # in "source": before the binding below
     if bitplan.allocation is not None:
         manifest["allocation"] = {
             "calibrated": bitplan.calibrated, "budget": dataclasses.asdict(budget),
             "est_error": bitplan.allocation.error,
-            "est_quality": 1 - bitplan.allocation.error / 2,
+            "est_quality": max(-1.0, 1 - bitplan.allocation.error / 2),
             "est_bytes": bitplan.allocation.nbytes,
+            "target_quality": budget.target_quality,
+            "plain_est_quality": max(-1.0, 1 - (bitplan.allocation.plain_error or 0.0) / 2),
         }
+    # Every stage header names this manifest (all but stages, probe, notes): set every other
+    # key above. The stage files are written (hashed, copied, synced) on threads.
+    binding = manifest_binding(manifest)
+    for wr in stage_writers:
+        wr.extra[BINDING_KEY] = binding
+    with ThreadPoolExecutor(len(stage_writers)) as files:
+        finished = list(files.map(StageWriter.finish, stage_writers))
+    cum = 0
+    for k, bits in enumerate(plan.stages):
+        size, sha = finished[k]
+        cum += size
+        stages.append({
+            "index": k, "bits": bits,
+            "files": [{"path": stage_file_name(k), "size": size, "sha256": sha}],
+            "bytes": size, "cumulative_bytes": cum,
+            "max_abs_error": stage_err[k], "max_rel_error": stage_rel[k],
+        })
+    notes = ([note] if note else []) + bitplan.notes
+    base_share = stages[0]["bytes"] / max(coder.fp32_bytes, 1)
+    if bitplan.allocation is not None and base_share > budget.cap and not any(
+            "cap" in n for n in bitplan.notes):
+        est = (bitplan.allocation.nbytes + bitplan.fixed_bytes) / max(coder.fp32_bytes, 1)
+        notes.append(f"the base is {base_share:.1%} of the fp32-equivalent bytes, above the "
+                     f"{budget.cap:.0%} cap (its size was estimated at {est:.1%})")
+    notes += _zstd_notes(stages, zstd19)
     if probe:
         from .probe import record_probe  # imports onnxruntime only here
 
         trim_heap()  # what coding freed, before onnxruntime loads each stage
-        entry = record_probe(tmp, manifest)
+        why: list[str] = []
+        entry = record_probe(tmp, manifest, why=why, **bitplan.probe_inputs)
         if entry is not None:
             manifest["probe"] = entry
+        else:
+            notes.append("no probe recorded (live sessions cannot check that an upgrade took "
+                         f"effect): {why[-1] if why else 'the model could not be probed'}; "
+                         "pass --shape or --inputs")
+    if notes:
+        manifest["notes"] = notes
     save_manifest(tmp, manifest)
     return manifest
+
+
+def _zstd_reference(manifest: dict[str, Any],
+                    zref: ZstdReference | None) -> tuple[int, str] | None:
+    """Record ``zstd -19`` of the model file in ``source``; returns (its bytes, how measured)."""
+    ref = zref.result() if zref is not None else None
+    if ref is None:
+        return None
+    size, compressed, method = ref
+    manifest["source"].update(file_bytes=size, zstd19_bytes=compressed, zstd19_method=method)
+    return compressed, method
+
+
+def _zstd_notes(stages: list[dict[str, Any]], zstd19: tuple[int, str] | None) -> list[str]:
+    """Warnings when the base or the whole package is larger than zstd -19 of the model."""
+    if zstd19 is None:
+        return []
+    compressed, method = zstd19
+    notes = []
+    if stages[0]["bytes"] > compressed:
+        notes.append(f"the base ({stages[0]['bytes']:,} bytes) is larger than zstd -19 of the "
+                     f"model file ({compressed:,} bytes, {method})")
+    if len(stages) > 1 and stages[-1]["cumulative_bytes"] > compressed:
+        notes.append(f"the package ({stages[-1]['cumulative_bytes']:,} bytes, all stages) is "
+                     f"larger than zstd -19 of the model file ({compressed:,} bytes, {method})")
+    return notes
 
 
 def _typed_fields(t: TensorProto) -> bool:

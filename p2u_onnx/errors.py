@@ -5,10 +5,13 @@
     ├── UnsupportedModelError   input is not an ONNX model p2u can convert
     ├── FormatError             a package or stage file is malformed or of an unknown version
     │   └── IntegrityError      digest mismatch, truncated, foreign or out-of-order stage
+    │       └── TrustError      pin, signature, expiry or version (rollback) refused
     ├── PatchError              a runtime upgrade did not take effect
     └── TransportError          an HTTP fetch failed (carries the URL)
 
-The CLI prints ``str(error)`` on one line and exits non-zero.
+The CLI prints ``str(error)`` on one line and exits non-zero; where the advice differs between
+the Python API and the command line (``overwrite=True`` / ``--force``), an error carries the
+command line's wording in ``cli_message`` and the CLI prints that instead.
 """
 
 from __future__ import annotations
@@ -19,13 +22,22 @@ __all__ = [
     "UnsupportedModelError",
     "FormatError",
     "IntegrityError",
+    "TrustError",
     "PatchError",
     "TransportError",
 ]
 
 
 class P2UError(Exception):
-    """Root of every error raised by p2u_onnx."""
+    """Root of every error raised by p2u_onnx.
+
+    ``cli``: the message as the command line should word it (its options instead of the API's
+    keyword arguments); ``str(error)`` keeps the API's wording.
+    """
+
+    def __init__(self, *args: object, cli: str | None = None):
+        super().__init__(*args)
+        self.cli_message = cli
 
 
 class PlanError(P2UError, ValueError):
@@ -42,6 +54,12 @@ class FormatError(P2UError):
 
 class IntegrityError(FormatError):
     """Bytes do not match what the manifest promises: corrupt, truncated, foreign or reordered."""
+
+
+class TrustError(IntegrityError):
+    """A package is refused by a check its user asked for or that protects their device: the
+    manifest does not match its pin, its signature is missing, bad, by an untrusted key or
+    expired, or its version is older than one accepted before (rollback)."""
 
 
 class PatchError(P2UError):

@@ -20,6 +20,13 @@ The header names the package id and the stage index, and lists entries with ONNX
 keys ``location`` (this file's name), ``offset`` (from the start of the file) and ``length``,
 plus the codec that decodes them. Entries must tile the payload exactly (no gaps, no overlaps);
 ``payload_sha256`` covers the payload, so a lone file can be checked without its manifest.
+Format 2 headers also carry ``manifest_binding`` (:func:`manifest_binding`), the digest of the
+manifest they were written for.
+
+Everything read from a package is hostile until checked: :func:`validate_manifest` and
+:func:`validate_stage_header` check the type and range of every key a reader uses (one
+:class:`FormatError` line naming the key path), :func:`check_name` / :func:`package_file` /
+:func:`open_regular` turn names into paths and open them.
 """
 
 from __future__ import annotations
@@ -57,13 +64,27 @@ __all__ = [
     "check_name",
     "package_file",
     "open_regular",
+    "parse_manifest",
+    "validate_manifest",
+    "validate_stage_header",
+    "manifest_binding",
+    "check_binding",
+    "READABLE_VERSIONS",
 ]
 
-FORMAT_VERSION = 1
+# 2: stage headers carry "manifest_binding" (see manifest_binding); version 1 is still read
+FORMAT_VERSION = 2
+READABLE_VERSIONS = (1, 2)
 MAGIC = b"P2USTAGE"
 MANIFEST_NAME = "manifest.json"
 ALIGN = 64
 MAX_HEADER = 64 << 20
+MAX_MANIFEST = 64 << 20  # bytes of manifest.json a reader accepts
+MAX_SIZE = 1 << 40  # any size, offset, length or element count a package declares
+MAX_DEPTH = 32  # nesting of JSON arrays and objects in a manifest or stage header
+MAX_JSON_ITEMS = 4 << 20  # values in one (a stage header of a 7B model has about 1.5M)
+MAX_RANK = 32  # dimensions of a tensor
+MAX_STAGES = 1024
 _PREFIX = struct.Struct("<8sII")
 
 
@@ -136,7 +157,7 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22,
     session hashing in turns with its inferences) each chunk is hashed inside ``pace()`` and read
     outside it, so that a read waiting for the disk never holds up a turn."""
     h = hashlib.sha256()
-    with open(path, "rb") as f:
+    with open_regular(path) as f:
         while block := f.read(chunk):
             with in_turn(pace):
                 h.update(block)
@@ -146,11 +167,13 @@ def sha256_file(path: str | os.PathLike, chunk: int = 1 << 22,
 def check_file_entry(path: str | os.PathLike, entry: dict[str, Any], *,
                      digest: bool = True) -> Path:
     """Check that ``path`` is there with the size and (with ``digest``) the sha256 that its
-    manifest entry ``entry`` lists; returns it as a :class:`~pathlib.Path`."""
-    path = Path(path)
-    if not path.is_file():
-        raise IntegrityError(f"{path}: missing from the package")
-    size = path.stat().st_size
+    manifest entry ``entry`` lists; returns it as a :class:`~pathlib.Path`. A symbolic link,
+    FIFO or device is refused (:class:`IntegrityError`) without being opened."""
+    path = package_file(Path(path).parent, Path(path).name)
+    try:
+        size = os.lstat(path).st_size
+    except OSError:
+        raise IntegrityError(f"{path}: missing from the package") from None
     if size != entry["size"]:
         raise IntegrityError(f"{path}: {size} bytes, the manifest says {entry['size']} "
                              "(truncated or altered)")
@@ -327,20 +350,23 @@ def read_stage(
     stage: int | None = None,
     sha256: str | None = None,
     verify_payload: bool = True,
+    manifest: dict[str, Any] | None = None,
 ) -> StageFile:
     """Parse and check a stage file given as a path or bytes.
 
     Raises :class:`IntegrityError` when the bytes are truncated, corrupt (payload digest), belong
-    to another package (``package_id``) or are not the expected ``stage``; :class:`FormatError`
-    when the file is not a stage file at all or of an unknown version.
+    to another package (``package_id``), are not the expected ``stage`` or (with ``manifest``)
+    name another manifest (:func:`check_binding`); :class:`FormatError` when the file is not a
+    stage file at all, of an unknown version, or its header is malformed
+    (:func:`validate_stage_header`). A path is opened with :func:`open_regular`.
     """
     in_memory = isinstance(source, (bytes, bytearray, memoryview))
     if in_memory:
-        buf, name = memoryview(source), "<bytes>"
+        buf, name = memoryview(source), "<bytes>"  # type: ignore[arg-type]
     else:
         name = str(source)
         try:
-            with open(source, "rb") as f:
+            with open_regular(source) as f:
                 size = os.fstat(f.fileno()).st_size
                 buf = memoryview(mmap.mmap(f.fileno(), 0, access=mmap.ACCESS_READ)) \
                     if size else memoryview(b"")
@@ -356,28 +382,24 @@ def read_stage(
     magic, version, hlen = _PREFIX.unpack_from(buf, 0)
     if magic != MAGIC:
         raise FormatError(f"{label}: not a p2u stage file (bad magic)")
-    if version != FORMAT_VERSION:
-        raise FormatError(f"{label}: format version {version}, this reader knows {FORMAT_VERSION}")
+    if version not in READABLE_VERSIONS:
+        raise FormatError(f"{label}: format version {version}, this reader knows "
+                          f"{_known_versions()}")
     if hlen > MAX_HEADER:
         raise FormatError(f"{label}: header of {hlen} bytes exceeds the {MAX_HEADER} limit")
     start = _PREFIX.size + hlen
     if len(buf) < start:
         raise IntegrityError(f"{label}: truncated inside its header")
-    try:
-        header = json.loads(bytes(buf[_PREFIX.size:start]))
-        entries = header["entries"]
-        payload_size = int(header["payload_size"])
-        int(header["stage"])
-        str(header["package_id"])
-    except (ValueError, KeyError, TypeError) as e:
-        raise FormatError(f"{label}: header is not valid ({e})") from e
+    header = _load_json(bytes(buf[_PREFIX.size:start]), f"{label}: header")
+    validate_stage_header(header, version, label)
+    payload_size = header["payload_size"]
     if len(buf) != start + payload_size:
         what = "truncated" if len(buf) < start + payload_size else "has trailing bytes"
         raise IntegrityError(
             f"{label}: {what} ({len(buf)} bytes, header promises {start + payload_size})")
     pos = start
-    for e in entries:
-        if not isinstance(e, dict) or e.get("offset") != pos or int(e.get("length", -1)) < 0:
+    for e in header["entries"]:
+        if e["offset"] != pos:
             raise FormatError(f"{label}: entries do not tile the payload")
         pos += e["length"]
     if pos != len(buf):
@@ -389,6 +411,8 @@ def read_stage(
     if stage is not None and header["stage"] != stage:
         raise IntegrityError(
             f"{label}: holds stage {header['stage']}, expected stage {stage} (out of order)")
+    if manifest is not None:
+        check_binding(header, manifest, label)
     if verify_payload and sha256 is None:
         if hashlib.sha256(buf[start:]).hexdigest() != header.get("payload_sha256"):
             raise IntegrityError(f"{label}: payload digest mismatch (corrupt)")
@@ -396,10 +420,12 @@ def read_stage(
 
 
 def load_manifest(package: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``manifest.json`` of a package directory."""
+    """Read and check ``manifest.json`` of a package directory (at most 64 MiB, a regular
+    file, validated by :func:`validate_manifest`)."""
     path = Path(package) / MANIFEST_NAME
     try:
-        text = path.read_bytes()
+        with open_regular(path) as f:
+            text = f.read(MAX_MANIFEST + 1)
     except FileNotFoundError:
         raise FormatError(f"{package}: not a p2u package (no {MANIFEST_NAME})") from None
     except NotADirectoryError:
@@ -411,23 +437,452 @@ def load_manifest(package: str | os.PathLike) -> dict[str, Any]:
 
 
 def parse_manifest(text: bytes, where: str = MANIFEST_NAME) -> dict[str, Any]:
+    """The manifest in ``text`` (JSON), checked by :func:`validate_manifest`; :class:`FormatError`
+    naming the first problem otherwise."""
+    if len(text) > MAX_MANIFEST:
+        raise FormatError(f"{where}: larger than the {MAX_MANIFEST >> 20} MiB a manifest may be")
+    m = _load_json(text, where)
+    validate_manifest(m, where)
+    return m
+
+
+# ---------------------------------------------------------------- validation
+
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+_PACKAGE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
+# onnx code types -> bits per element (see reconstruct._CODE_TYPES)
+_CODE_BITS = {2: 8, 3: 8, 21: 4, 22: 4, 25: 2, 26: 2}
+# float weight dtypes -> (bytes per element, bytes per scale)
+_DTYPES = {"float32": (4, 4), "float16": (2, 2), "bfloat16": (2, 4), "float64": (8, 4)}
+_LAYOUTS = ("tensor", "channel", "block")
+_ENTRY_KINDS = ("file", "refine", "exact")
+_CODECS = {"zstd": {"level"}, "int-planes": {"level"}, "int-groups": {"level"},
+           "segments": {"level", "segments"}}
+_SEGMENT_KINDS = ("symbols", "bytes", "planes2", "planes4")
+
+
+def _member(v: Any, table: Any) -> bool:
+    """``v in table`` for any JSON value (a list or an object is never a key)."""
+    return isinstance(v, (str, int, float)) and v in table
+
+
+def _known_versions() -> str:
+    return " and ".join(map(str, READABLE_VERSIONS))
+
+
+def _load_json(text: bytes, where: str) -> Any:
+    """``json.loads`` with every failure (bad syntax, bad UTF-8, nesting too deep for the
+    parser, absurd numbers) as one :class:`FormatError` line; then the nesting is capped.
+    Before parsing, the number of values (commas, an upper bound) is capped too, which bounds
+    the memory the parsed objects take (a few hundred MB at worst for 64 MiB of JSON)."""
+    if text.count(b",") > MAX_JSON_ITEMS:
+        raise FormatError(f"{where}: more than {MAX_JSON_ITEMS} JSON values")
     try:
-        m = json.loads(text)
-    except ValueError as e:
-        raise FormatError(f"{where}: not valid JSON ({e})") from e
+        value = json.loads(text)
+    except RecursionError:
+        raise FormatError(f"{where}: JSON nested too deeply") from None
+    except (ValueError, TypeError) as e:
+        raise FormatError(f"{where}: not valid JSON ({_one_line(e)})") from None
+    stack = [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if depth > MAX_DEPTH:
+            raise FormatError(f"{where}: JSON nested more than {MAX_DEPTH} levels deep")
+        if isinstance(v, dict):
+            stack.extend((x, depth + 1) for x in v.values())
+        elif isinstance(v, list):
+            stack.extend((x, depth + 1) for x in v)
+    return value
+
+
+def _one_line(e: object) -> str:
+    return " ".join(str(e).split())[:300]
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, (list, dict)) and len(v) > 8:
+        return f"a {type(v).__name__} of {len(v)} items"
+    text = repr(v)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+class _Checker:
+    """Type and range checks that raise one :class:`FormatError` line naming the key path."""
+
+    def __init__(self, where: str):
+        self.where = where
+
+    def fail(self, path: str, problem: str) -> FormatError:
+        return FormatError(f"{self.where}: {path} {problem}")
+
+    def get(self, d: dict, key: str, path: str, default: Any = KeyError) -> Any:
+        if key in d:
+            return d[key]
+        if default is KeyError:
+            raise self.fail(f"{path}.{key}" if path else key, "is missing")
+        return default
+
+    def dict(self, v: Any, path: str) -> dict:
+        if not isinstance(v, dict):
+            raise self.fail(path, f"is {_show(v)}, not an object")
+        return v
+
+    def list(self, v: Any, path: str, max_len: int = MAX_SIZE) -> list:
+        if not isinstance(v, list):
+            raise self.fail(path, f"is {_show(v)}, not a list")
+        if len(v) > max_len:
+            raise self.fail(path, f"has {len(v)} items, more than {max_len}")
+        return v
+
+    def int(self, v: Any, path: str, lo: int = 0, hi: int = MAX_SIZE) -> int:
+        if not isinstance(v, int) or isinstance(v, bool):
+            raise self.fail(path, f"is {_show(v)}, not an integer")
+        if not lo <= v <= hi:
+            raise self.fail(path, f"is {v}, outside {lo}..{hi}")
+        return v
+
+    def num(self, v: Any, path: str, none: bool = False) -> None:
+        if v is None and none:
+            return
+        if not isinstance(v, (int, float)) or isinstance(v, bool):
+            raise self.fail(path, f"is {_show(v)}, not a number")
+
+    def str(self, v: Any, path: str, max_len: int = 4096) -> str:
+        if not isinstance(v, str):
+            raise self.fail(path, f"is {_show(v)}, not a string")
+        if len(v) > max_len:
+            raise self.fail(path, f"is a string of {len(v)} characters, more than {max_len}")
+        return v
+
+    def hex64(self, v: Any, path: str) -> str:
+        if not isinstance(v, str) or not _HEX64.fullmatch(v):
+            raise self.fail(path, f"is {_show(v)}, not a sha256 (64 hex digits)")
+        return v
+
+    def bool(self, v: Any, path: str) -> bool:
+        if not isinstance(v, bool):
+            raise self.fail(path, f"is {_show(v)}, not true or false")
+        return v
+
+    def name(self, v: Any, path: str) -> str:
+        try:
+            return check_name(v, path)
+        except FormatError as e:
+            raise FormatError(f"{self.where}: {e}") from None
+
+    def span(self, v: Any, path: str, limit: int, limit_name: str) -> tuple[int, int]:
+        """``[offset, length]`` inside a file of ``limit`` bytes."""
+        self.list(v, path)
+        if len(v) != 2:
+            raise self.fail(path, f"is {_show(v)}, not [offset, length]")
+        off = self.int(v[0], f"{path}[0]")
+        length = self.int(v[1], f"{path}[1]")
+        if off + length > limit:
+            raise self.fail(path, f"is [{off}, {length}], past the end of {limit_name} "
+                                  f"({limit} bytes)")
+        return off, length
+
+
+def validate_manifest(m: Any, where: str = MANIFEST_NAME) -> None:
+    """Check the type and range of every key a reader uses; :class:`FormatError` naming the key
+    path (``manifest.json: tensors[3].layout.axis is 7, the tensor has 2 axes``) otherwise.
+
+    Beyond types: every file name passes :func:`check_name`; sizes, offsets, lengths and
+    element counts are below 2**40; each tensor's base spans lie inside ``base.bin`` (its size
+    as listed) and hold exactly the bytes its shape, layout and code type need; its ``weights``
+    span holds exactly its values and overlaps no other; tensor names are unique.
+    """
+    c = _Checker(where)
     if not isinstance(m, dict) or m.get("format") != "p2u":
         raise FormatError(f"{where}: not a p2u manifest")
-    if m.get("format_version") != FORMAT_VERSION:
-        raise FormatError(
-            f"{where}: format version {m.get('format_version')}, this reader knows "
-            f"{FORMAT_VERSION}")
-    for key in ("package_id", "stages", "tensors", "source"):
-        if key not in m:
-            raise FormatError(f"{where}: missing {key!r}")
-    for i, st in enumerate(m["stages"]):
-        if st.get("index") != i or not st.get("files"):
-            raise FormatError(f"{where}: stage table is malformed at stage {i}")
-    return m
+    version = m.get("format_version")
+    if not _member(version, READABLE_VERSIONS) or isinstance(version, bool):
+        raise FormatError(f"{where}: format version {_show(version)}, this reader knows "
+                          f"{_known_versions()}")
+    pid = c.get(m, "package_id", "")
+    if not isinstance(pid, str) or not _PACKAGE_ID.fullmatch(pid):
+        raise c.fail("package_id", f"is {_show(pid)}, not a package id")
+    src = c.dict(c.get(m, "source", ""), "source")
+    c.hex64(c.get(src, "weights_sha256", "source"), "source.weights_sha256")
+    c.str(c.get(src, "name", "source"), "source.name")
+    c.int(c.get(src, "weight_bytes", "source"), "source.weight_bytes")
+    for key in ("opset", "coded_weight_bytes", "coded_fp32_bytes", "coded_tensors"):
+        if key in src:
+            c.int(src[key], f"source.{key}")
+    if "name" in m:
+        c.str(m["name"], "name", 200)
+    if "version" in m:
+        c.int(m["version"], "version", 0, 2**63 - 1)
+    if "config" in m:
+        c.dict(m["config"], "config")
+    if m.get("allocation") is not None:
+        alloc = c.dict(m["allocation"], "allocation")
+        c.bool(c.get(alloc, "calibrated", "allocation"), "allocation.calibrated")
+        c.num(c.get(alloc, "est_quality", "allocation"), "allocation.est_quality")
+    if "notes" in m:
+        for i, note in enumerate(c.list(m["notes"], "notes", 1000)):
+            c.str(note, f"notes[{i}]", 10000)
+    stages = c.list(c.get(m, "stages", ""), "stages", MAX_STAGES)
+    if not stages:
+        raise c.fail("stages", "is empty (a package has at least stage 0)")
+    plan = c.list(c.get(m, "plan", ""), "plan", MAX_STAGES)
+    if len(plan) != len(stages):
+        raise c.fail("plan", f"has {len(plan)} stages, the stage table {len(stages)}")
+    for i, bits in enumerate(plan):
+        if not (isinstance(bits, str) and (bits == "lossless" or bits.isdigit() and
+                                           0 < int(bits) <= 64)):
+            raise c.fail(f"plan[{i}]", f"is {_show(bits)}, not a bit count or 'lossless'")
+    for i, st in enumerate(stages):
+        p = f"stages[{i}]"
+        c.dict(st, p)
+        if c.get(st, "index", p) != i or isinstance(st["index"], bool):
+            raise c.fail(f"{p}.index", f"is {_show(st['index'])}, expected {i}")
+        files = c.list(c.get(st, "files", p), f"{p}.files", 16)
+        if not files:
+            raise c.fail(f"{p}.files", "is empty")
+        for j, f in enumerate(files):
+            _file_entry(c, f, f"{p}.files[{j}]")
+        for key in ("bytes", "cumulative_bytes"):
+            c.int(c.get(st, key, p), f"{p}.{key}")
+        for key in ("max_abs_error", "max_rel_error"):
+            c.num(c.get(st, key, p), f"{p}.{key}")
+    base = c.dict(c.get(m, "base_model", ""), "base_model")
+    if "opset" in base:
+        c.int(base["opset"], "base_model.opset", 1, 1000)
+    base_files: dict[str, int] = {}
+    for j, f in enumerate(c.list(c.get(base, "files", "base_model"), "base_model.files", 16)):
+        _file_entry(c, f, f"base_model.files[{j}]")
+        base_files[f["path"]] = f["size"]
+    for name in ("base.onnx", "base.bin"):
+        if name not in base_files:
+            raise c.fail("base_model.files", f"does not list {name}")
+    _tensors(c, c.list(c.get(m, "tensors", ""), "tensors", 1 << 20), base_files["base.bin"])
+    if m.get("probe") is not None:
+        _probe_entry(c, c.dict(m["probe"], "probe"), len(stages))
+
+
+def _file_entry(c: _Checker, f: Any, p: str) -> None:
+    c.dict(f, p)
+    c.name(c.get(f, "path", p), f"{p}.path")
+    c.int(c.get(f, "size", p), f"{p}.size")
+    c.hex64(c.get(f, "sha256", p), f"{p}.sha256")
+
+
+def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
+    names: set[str] = set()
+    spans: list[tuple[int, int, str]] = []
+    base_spans: list[tuple[int, int, str]] = []
+    for i, t in enumerate(tensors):
+        p = f"tensors[{i}]"
+        c.dict(t, p)
+        name = c.str(c.get(t, "name", p), f"{p}.name")
+        if name in names:
+            raise c.fail(f"{p}.name", f"{name!r} is listed twice")
+        names.add(name)
+        c.str(c.get(t, "tensor", p), f"{p}.tensor")
+        if "where" in t:
+            c.str(t["where"], f"{p}.where")
+        if c.get(t, "kind", p) not in ("initializer", "constant"):
+            raise c.fail(f"{p}.kind", f"is {_show(t['kind'])}, not 'initializer' or 'constant'")
+        dtype = c.get(t, "dtype", p)
+        if not _member(dtype, _DTYPES):
+            raise c.fail(f"{p}.dtype", f"is {_show(dtype)}, not one of {', '.join(_DTYPES)}")
+        item, scale_item = _DTYPES[dtype]
+        shape = c.list(c.get(t, "shape", p), f"{p}.shape", MAX_RANK)
+        size = 1
+        for k, d in enumerate(shape):
+            size *= c.int(d, f"{p}.shape[{k}]")
+            if size > MAX_SIZE:
+                raise c.fail(f"{p}.shape", f"{shape} holds more than 2**40 values")
+        n_blocks, padded = _layout(c, c.dict(c.get(t, "layout", p), f"{p}.layout"), shape,
+                                   size, f"{p}.layout")
+        c.int(c.get(t, "bits", p), f"{p}.bits", 1, 16)
+        if "symmetric" in t:
+            c.bool(t["symmetric"], f"{p}.symmetric")
+        if "est_error" in t:
+            c.num(t["est_error"], f"{p}.est_error", none=True)
+        b = c.dict(c.get(t, "base", p), f"{p}.base")
+        code_type = c.get(b, "code_type", f"{p}.base")
+        if not _member(code_type, _CODE_BITS) or isinstance(code_type, bool):
+            raise c.fail(f"{p}.base.code_type", f"is {_show(code_type)}, not one of "
+                                                f"{sorted(_CODE_BITS)} (onnx integer types)")
+        per = 8 // _CODE_BITS[code_type]
+        want = {"codes": -(-size // per), "scale": n_blocks * scale_item,
+                "zero_point": -(-n_blocks // per)}
+        for key, n in want.items():
+            v = c.get(b, key, f"{p}.base", None if key == "zero_point" else KeyError)
+            if v is None and key == "zero_point":
+                continue
+            off, length = c.span(v, f"{p}.base.{key}", base_bin, "base.bin")
+            if length != n:
+                raise c.fail(f"{p}.base.{key}", f"holds {length} bytes, the tensor's shape, "
+                                                f"layout and code type need {n}")
+            base_spans.append((off, off + length, f"{p}.base.{key}"))
+        off, length = c.span(c.get(t, "weights", p), f"{p}.weights", MAX_SIZE, "2**40")
+        if length != size * item:
+            raise c.fail(f"{p}.weights", f"holds {length} bytes, a {dtype} tensor of shape "
+                                         f"{shape} has {size * item}")
+        spans.append((off, off + length, p))
+    # base spans are disjoint: what the tensors declare is bounded by base.bin's size
+    base_spans.sort()
+    for (_, end, p), (start, _, q) in zip(base_spans, base_spans[1:]):
+        if start < end:
+            raise c.fail(q, f"overlaps {p}")
+    spans.sort()
+    for (_, end, p), (start, _, q) in zip(spans, spans[1:]):
+        if start < end:
+            raise c.fail(f"{q}.weights", f"overlaps {p}.weights")
+    # weights.bin holds the tensors back to back, each aligned: no room for more
+    room = sum(e - s for s, e, _ in spans) + ALIGN * len(spans)
+    if spans and spans[-1][1] > room:
+        raise c.fail(f"{spans[-1][2]}.weights", f"ends at byte {spans[-1][1]} of weights.bin, "
+                                                f"past the {room} bytes its tensors need")
+
+
+def _layout(c: _Checker, lay: dict, shape: list[int], size: int,
+            p: str) -> tuple[int, int]:
+    """Checked layout: (number of blocks, values including padding)."""
+    mode = c.get(lay, "mode", p)
+    if mode not in _LAYOUTS:
+        raise c.fail(f"{p}.mode", f"is {_show(mode)}, not one of {', '.join(_LAYOUTS)}")
+    axis = c.get(lay, "axis", p)
+    block = c.get(lay, "block_size", p)
+    c.int(axis, f"{p}.axis", 0, MAX_RANK)
+    c.int(block, f"{p}.block_size", 0, 1 << 16)
+    if mode == "tensor":
+        return 1, max(size, 1)
+    if axis >= len(shape):
+        raise c.fail(f"{p}.axis", f"is {axis}, the tensor has {len(shape)} axes")
+    n = shape[axis]
+    if mode == "channel":
+        return n, n * max(size // n, 1) if n else 0
+    if block < 1:
+        raise c.fail(f"{p}.block_size", f"is {block}, a block layout needs 1 or more")
+    n_blocks = size // n * -(-n // block) if n else 0
+    padded = n_blocks * block
+    if padded > 2 * size + (1 << 16):
+        raise c.fail(f"{p}.block_size", f"is {block}: blocks of that size along an axis of "
+                                        f"{n} would mostly be padding")
+    return n_blocks, padded
+
+
+def _probe_entry(c: _Checker, pr: dict, n_stages: int) -> None:
+    c.name(c.get(pr, "path", "probe"), "probe.path")
+    c.int(c.get(pr, "size", "probe"), "probe.size", 0, MAX_MANIFEST)
+    c.hex64(c.get(pr, "sha256", "probe"), "probe.sha256")
+    for key in ("inputs", "outputs"):
+        for i, v in enumerate(c.list(c.get(pr, key, "probe"), f"probe.{key}", 4096)):
+            c.str(v, f"probe.{key}[{i}]")
+    n_out = len(pr["outputs"])
+    if "inputs_stored" in pr:
+        c.bool(pr["inputs_stored"], "probe.inputs_stored")
+    if "int_high" in pr:
+        c.int(pr["int_high"], "probe.int_high", 0, 1 << 31)
+    if "inputs_sha256" in pr:
+        c.hex64(pr["inputs_sha256"], "probe.inputs_sha256")
+    for i, v in enumerate(c.list(pr.get("samples", []), "probe.samples", 4096)):
+        c.int(v, f"probe.samples[{i}]")
+    for i, st in enumerate(c.list(c.get(pr, "stages", "probe"), "probe.stages", n_stages)):
+        p = f"probe.stages[{i}]"
+        c.dict(st, p)
+        c.int(c.get(st, "index", p), f"{p}.index", 0, n_stages - 1)
+        tol = c.list(c.get(st, "tol", p), f"{p}.tol", 4096)
+        if len(tol) != n_out:
+            raise c.fail(f"{p}.tol", f"has {len(tol)} values for {n_out} outputs")
+        for j, v in enumerate(tol):
+            c.num(v, f"{p}.tol[{j}]")
+        if "gap" in st:
+            c.num(st["gap"], f"{p}.gap", none=True)
+
+
+def validate_stage_header(header: Any, version: int = FORMAT_VERSION,
+                          label: str = "stage file") -> None:
+    """Check a stage header's types and ranges (entries: kind, name, codec, offsets, lengths,
+    blocks, shift); :class:`FormatError` naming the key path otherwise."""
+    c = _Checker(f"{label}: header")
+    c.dict(header, "header")
+    if c.get(header, "format_version", "") != version:
+        raise c.fail("format_version", f"is {_show(header['format_version'])}, the file's "
+                                       f"prefix says {version}")
+    pid = c.get(header, "package_id", "")
+    if not isinstance(pid, str) or not _PACKAGE_ID.fullmatch(pid):
+        raise c.fail("package_id", f"is {_show(pid)}, not a package id")
+    c.int(c.get(header, "stage", ""), "stage", 0, MAX_STAGES)
+    c.int(c.get(header, "payload_size", ""), "payload_size")
+    c.hex64(c.get(header, "payload_sha256", ""), "payload_sha256")
+    if BINDING_KEY in header:  # required by check_binding for format 2
+        c.hex64(c.get(header, BINDING_KEY, ""), BINDING_KEY)
+    for i, e in enumerate(c.list(c.get(header, "entries", ""), "entries", 1 << 24)):
+        p = f"entries[{i}]"
+        c.dict(e, p)
+        kind = c.get(e, "kind", p)
+        if kind not in _ENTRY_KINDS:
+            raise c.fail(f"{p}.kind", f"is {_show(kind)}, not one of {', '.join(_ENTRY_KINDS)}")
+        c.str(c.get(e, "name", p), f"{p}.name")
+        c.int(c.get(e, "offset", p), f"{p}.offset")
+        c.int(c.get(e, "length", p), f"{p}.length")
+        if "location" in e:
+            c.name(e["location"], f"{p}.location")
+        _codec(c, c.dict(c.get(e, "codec", p), f"{p}.codec"), f"{p}.codec")
+        if kind == "file":
+            c.name(e["name"], f"{p}.name")
+            c.int(c.get(e, "raw_length", p), f"{p}.raw_length")
+            c.hex64(c.get(e, "sha256", p), f"{p}.sha256")
+        else:
+            blocks = c.list(c.get(e, "blocks", p), f"{p}.blocks")
+            if len(blocks) != 2:
+                raise c.fail(f"{p}.blocks", f"is {_show(blocks)}, not [first, end]")
+            b0 = c.int(blocks[0], f"{p}.blocks[0]")
+            if c.int(blocks[1], f"{p}.blocks[1]") <= b0:
+                raise c.fail(f"{p}.blocks", f"is {blocks}: an empty or reversed run")
+            c.int(e.get("shift", 0), f"{p}.shift", 0, 64)
+
+
+def _codec(c: _Checker, codec: dict, p: str) -> None:
+    cid = c.get(codec, "id", p)
+    if not _member(cid, _CODECS):
+        raise c.fail(f"{p}.id", f"is {_show(cid)}, not one of {', '.join(_CODECS)}")
+    if "level" in codec:
+        c.int(codec["level"], f"{p}.level", -(1 << 17), 22)
+    if cid == "segments":
+        for i, s in enumerate(c.list(c.get(codec, "segments", p), f"{p}.segments", 1 << 24)):
+            c.list(s, f"{p}.segments[{i}]")
+            if len(s) != 3 or s[2] not in _SEGMENT_KINDS:
+                raise c.fail(f"{p}.segments[{i}]", f"is {_show(s)}, not [offset, length, kind]")
+            c.int(s[0], f"{p}.segments[{i}][0]")
+            c.int(s[1], f"{p}.segments[{i}][1]")
+
+
+# ---------------------------------------------------------------- binding
+
+BINDING_KEY = "manifest_binding"
+_UNBOUND = ("stages", "probe", "notes")
+
+
+def manifest_binding(manifest: dict[str, Any]) -> str:
+    """Hex sha256 of the canonical JSON of ``manifest`` without ``stages``, ``probe`` and
+    ``notes``: every key decoding depends on (tensor table, base files, plan, config, package
+    id, name and version). Format 2 stage headers carry it, so that a manifest changed after
+    its stage files were written is refused (:func:`check_binding`)."""
+    bound = {k: v for k, v in manifest.items() if k not in _UNBOUND}
+    text = json.dumps(bound, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(text.encode()).hexdigest()
+
+
+def check_binding(header: dict[str, Any], manifest: dict[str, Any],
+                  label: str = "stage file") -> None:
+    """:class:`IntegrityError` unless a stage header belongs to exactly this manifest: its
+    format version is the manifest's, and (format 2) its ``manifest_binding`` is
+    :func:`manifest_binding` of the manifest. Format 1 headers carry no binding."""
+    version = header.get("format_version")
+    if version != manifest.get("format_version"):
+        raise IntegrityError(f"{label}: format version {version}, the manifest's is "
+                             f"{manifest.get('format_version')} (mixed packages)")
+    if BINDING_KEY in header or version != 1:
+        if header.get(BINDING_KEY) != manifest_binding(manifest):
+            raise IntegrityError(f"{label}: was written for another manifest (its "
+                                 f"{BINDING_KEY} does not match manifest.json: the tensor "
+                                 "table or settings were altered)")
 
 
 def save_manifest(package: str | os.PathLike, manifest: dict[str, Any]) -> None:

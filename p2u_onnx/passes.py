@@ -158,6 +158,17 @@ def raise_opset(model: ModelProto, target: int, untyped: set[str] = frozenset())
     current = default_opset(model)
     if current >= target:
         return None
+    # A value_info entry that names a graph input or output says nothing the input or output
+    # does not, and may contradict it (float16 conversions with keep_io_types leave an fp16
+    # entry beside a float output): the converter would copy it onto the output.
+    for container, _ in iter_containers(model):
+        if isinstance(container, GraphProto):
+            io = {v.name for v in container.input} | {v.name for v in container.output}
+            keep = [v for v in container.value_info if v.name not in io]
+            if len(keep) != len(container.value_info):
+                del container.value_info[:]
+                container.value_info.extend(keep)
+    io_types = {v.name: v.type for v in list(model.graph.input) + list(model.graph.output)}
     try:
         converted = onnx.version_converter.convert_version(model, target)
     except Exception as e:  # the converter raises plain RuntimeError/ValueError
@@ -167,6 +178,9 @@ def raise_opset(model: ModelProto, target: int, untyped: set[str] = frozenset())
     set_default_opset(model, target)
     del model.functions[:]
     model.functions.extend(functions)
+    for v in list(model.graph.input) + list(model.graph.output):
+        if v.name in io_types and v.type != io_types[v.name]:
+            v.type.CopyFrom(io_types[v.name])  # the model's own signature, not an inferred one
     for container, _ in iter_containers(model):
         if isinstance(container, GraphProto):
             keep = [v for v in container.value_info if v.name not in untyped]

@@ -43,6 +43,7 @@ __all__ = ["MAX_SAMPLES", "PROBE_NAME", "Probe", "check_feed", "record_probe", "
 PROBE_NAME = "probe.npz"
 MAX_SAMPLES = 4096  # values kept per output and stage
 MAX_STORED_INPUT_BYTES = 4 << 20  # bigger inputs are synthesized again on the device
+MAX_SYNTH_BYTES = 1 << 28  # ... up to this size (inputs declared bigger: no probe)
 NOISE_FACTOR = 16.0  # tolerance = this x the spread seen between two configurations ...
 REL_FLOOR = {"tensor(float)": 1e-4, "tensor(double)": 1e-4, "tensor(float16)": 4e-3}
 SEPARABLE_GAP = 2.0  # ... and stages closer than this (tolerance-scaled L2) are not told apart
@@ -98,33 +99,79 @@ def _mix(i: np.ndarray) -> np.ndarray:
         return z ^ (z >> np.uint64(31))
 
 
-def synthesize_inputs(inputs: Sequence[ArgInfo], int_high: int = 100) -> dict[str, np.ndarray]:
-    """Deterministic probe inputs from input descriptions.
+MAX_SYNTH_ELEMENTS = 1 << 26  # largest synthesized input a spec may ask for (per input)
 
-    Symbolic or unknown dimensions become 1. Floats are spread over [-1, 1), integers over
-    [0, ``int_high``) (token ids), booleans alternate. Raises ``ValueError`` for input types
-    the probe cannot make (strings, sequences, maps, bfloat16).
+
+def synthesize_inputs(inputs: Sequence[ArgInfo], int_high: int = 100,
+                      spec: Mapping[str, Mapping[str, Any]] | None = None, *, seed: int = 0,
+                      floats: str = "uniform") -> dict[str, np.ndarray]:
+    """Deterministic inputs from input descriptions: what the probe and calibration run.
+
+    ``spec`` (from :func:`p2u_onnx.calibrate.input_spec`, which reads what the graph implies:
+    table sizes, consistent symbolic dimensions, image sizes) gives per input name a
+    ``shape``, an exclusive upper bound ``high`` for integers and a constant ``fill`` (masks
+    are ones). Without it, symbolic or unknown dimensions become 1. Floats are spread over
+    [-1, 1) (``floats="normal"``: a unit normal), integers over [0, ``int_high``) or
+    [0, min(``high``, ``int_high``)), booleans alternate. ``seed`` 0 gives the values earlier
+    versions gave. Raises ``ValueError`` for input types it cannot make (strings, sequences,
+    maps, bfloat16) and :class:`~p2u_onnx.errors.FormatError` for a spec it will not follow
+    (a package's spec is untrusted: shapes are bounded).
 
     >>> synthesize_inputs(session.get_inputs())  # doctest: +SKIP
     """
+    from .errors import FormatError
+
+    if spec is not None and not isinstance(spec, Mapping):
+        raise FormatError("probe input spec: not a mapping of input names")
     feed: dict[str, np.ndarray] = {}
+    total = 0
     for j, arg in enumerate(inputs):
         dtype = _NUMPY_TYPES.get(arg.type)
         if dtype is None:
             raise ValueError(f"input {arg.name!r} of type {arg.type} cannot be synthesized")
-        shape = tuple(d if isinstance(d, int) and d >= 0 else 1 for d in arg.shape)
+        want = (spec or {}).get(arg.name) or {}
+        if not isinstance(want, Mapping):
+            raise FormatError(f"probe input spec for {arg.name!r}: not a mapping")
+        shape = _spec_shape(arg, want)
         n = math.prod(shape)
-        bits = _mix(np.arange(n, dtype=np.uint64) + np.uint64((j + 1) << 40))
+        total += n * np.dtype(dtype).itemsize
+        if total > MAX_SYNTH_BYTES:  # the shapes come from the package's base.onnx
+            raise ValueError(f"input {arg.name!r} of shape {list(shape)} makes the probe "
+                             f"inputs larger than {MAX_SYNTH_BYTES >> 20} MiB")
+        bits = _mix(np.arange(n, dtype=np.uint64) + np.uint64((j + 1) << 40)
+                    + np.uint64((seed & 0xFF) << 56))
         values: np.ndarray
-        if np.issubdtype(dtype, np.floating):
+        fill = want.get("fill")
+        if isinstance(fill, (int, float)) and not isinstance(fill, bool):
+            values = np.full(n, fill, dtype)
+        elif np.issubdtype(dtype, np.floating):
             unit = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
-            values = (unit * 2.0 - 1.0).astype(dtype)
+            if floats == "normal":  # Box-Muller over two halves of the bits
+                u2 = ((_mix(bits) >> np.uint64(11)).astype(np.float64) + 0.5) * 2.0**-53
+                values = (np.sqrt(-2.0 * np.log1p(-unit)) * np.cos(2 * np.pi * u2)).astype(dtype)
+            else:
+                values = (unit * 2.0 - 1.0).astype(dtype)
         elif dtype is np.bool_:
             values = (bits & np.uint64(1)).astype(np.bool_)
         else:
-            values = (bits % np.uint64(max(1, int_high))).astype(dtype)
+            high = want.get("high")
+            high = int_high if not isinstance(high, int) or high < 1 else min(high, int_high)
+            values = (bits % np.uint64(max(1, int(high)))).astype(dtype)
         feed[arg.name] = values.reshape(shape)
     return feed
+
+
+def _spec_shape(arg: ArgInfo, want: Mapping[str, Any]) -> tuple[int, ...]:
+    from .errors import FormatError
+
+    shape = want.get("shape")
+    if shape is None:
+        return tuple(d if isinstance(d, int) and d >= 0 else 1 for d in (arg.shape or ()))
+    if not isinstance(shape, (list, tuple)) or len(shape) > 16 or not all(
+            isinstance(d, int) and not isinstance(d, bool) and 0 <= d for d in shape) \
+            or math.prod(shape) > MAX_SYNTH_ELEMENTS:
+        raise FormatError(f"probe input spec for {arg.name!r}: bad shape {str(shape)[:80]}")
+    return tuple(shape)
 
 
 def sample(values: np.ndarray) -> np.ndarray:
@@ -162,21 +209,27 @@ class Probe:
         self.entry = entry
         self.outputs: list[str] = list(entry["outputs"])
         self.stages = {int(s["index"]): s for s in entry["stages"]}
-        with np.load(io.BytesIO(data), allow_pickle=False) as z:
-            self._expected = {k: z[k] for k in z.files if k.startswith("out_")}
-            if entry.get("inputs_stored", True):
-                self.feed = {name: z[f"input_{i}"] for i, name in enumerate(entry["inputs"])}
-            else:
-                self.feed = {}
+        want = [f"out_{k}_{j}" for k in self.stages for j in range(len(self.outputs))]
+        stored = [f"input_{i}" for i in range(len(entry["inputs"]))] \
+            if entry.get("inputs_stored", True) else []
+        arrays = load_npz(data, want + stored, str(entry.get("path", PROBE_NAME)))
+        self._expected = {k: arrays[k] for k in want}
+        self.feed = {name: arrays[k] for name, k in zip(entry["inputs"], stored)}
         if not entry.get("inputs_stored", True):
             if inputs is None:
                 raise IntegrityError("probe inputs are not stored; input descriptions needed")
-            self.feed = synthesize_inputs(inputs, int(entry.get("int_high", 100)))
+            try:
+                self.feed = synthesize_inputs(inputs, int(entry.get("int_high", 100)),
+                                              entry.get("synth"))
+            except ValueError as e:
+                raise IntegrityError(f"probe inputs cannot be made again: {e}") from e
         if feed_digest(self.feed) != entry.get("inputs_sha256"):
             raise IntegrityError("probe inputs differ from the recorded ones (corrupt probe, "
                                  "or inputs synthesized differently)")
 
     def expected(self, stage: int) -> list[np.ndarray]:
+        if any(f"out_{stage}_{j}" not in self._expected for j in range(len(self.outputs))):
+            raise IntegrityError(f"the probe has no recorded outputs for stage {stage}")
         return [self._expected[f"out_{stage}_{j}"] for j in range(len(self.outputs))]
 
     def check(self, run: RunFn, stage: int) -> None:
@@ -206,7 +259,84 @@ class Probe:
                                  f"to stage {stage - 1} than to stage {stage} (stale weights)")
 
 
+MAX_PROBE_BYTES = 64 << 20  # probe.npz, and the arrays read from it, at most this
+
+
+def read_probe_file(root: str | os.PathLike, entry: Mapping[str, Any]) -> bytes:
+    """The bytes of the probe file named by manifest entry ``entry`` in package folder
+    ``root``: a plain name (:func:`~p2u_onnx.format.package_file`), a regular file, at most
+    :data:`MAX_PROBE_BYTES` and never more than the entry's ``size`` (+1, to tell a longer
+    file) read. Its sha256 is checked by :class:`Probe`."""
+    from .format import open_regular, package_file
+
+    size = entry.get("size")
+    if not isinstance(size, int) or not 0 <= size <= MAX_PROBE_BYTES:
+        raise IntegrityError(f"the probe's size {size!r} is not between 0 and "
+                             f"{MAX_PROBE_BYTES} bytes")
+    with open_regular(package_file(root, entry.get("path"), "probe file")) as f:
+        data = f.read(size + 1)
+    if len(data) != size:
+        raise IntegrityError(f"{entry.get('path')}: {len(data) if len(data) <= size else 'more'}"
+                             f" bytes, the manifest says {size}")
+    return data
+
+
+def load_npz(data: bytes, names: Sequence[str], where: str = PROBE_NAME) -> dict[str, np.ndarray]:
+    """Arrays ``names`` of an ``.npz`` file (a zip of ``.npy`` files), each member's header
+    read and checked before its data is decompressed: a plain numeric dtype, a shape whose
+    bytes fit in what is left of :data:`MAX_PROBE_BYTES` and match the member's size. Only
+    those members are read (no pickles, no other members). :class:`IntegrityError` otherwise."""
+    import zipfile
+
+    out: dict[str, np.ndarray] = {}
+    budget = MAX_PROBE_BYTES
+    try:
+        with zipfile.ZipFile(io.BytesIO(data)) as z:
+            for name in names:
+                try:
+                    info = z.getinfo(f"{name}.npy")
+                except KeyError:
+                    raise IntegrityError(f"{where}: has no array {name!r}") from None
+                if info.file_size > budget:
+                    raise IntegrityError(f"{where}: array {name!r} declares {info.file_size} "
+                                         f"bytes, more than the {MAX_PROBE_BYTES} a probe may "
+                                         "hold")
+                with z.open(info) as f:  # reads at most info.file_size bytes
+                    version = np.lib.format.read_magic(f)
+                    if version == (1, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_1_0(f)
+                    elif version == (2, 0):
+                        shape, fortran, dtype = np.lib.format.read_array_header_2_0(f)
+                    else:
+                        raise ValueError(f"npy version {version}")
+                    if dtype.hasobject or dtype.kind not in "biuf" or dtype.subdtype:
+                        raise IntegrityError(f"{where}: array {name!r} has dtype {dtype}")
+                    n = math.prod(shape) * dtype.itemsize
+                    if n > budget or n != info.file_size - f.tell():
+                        raise IntegrityError(f"{where}: array {name!r} of shape {shape} "
+                                             f"({n} bytes) does not fit its member "
+                                             f"({info.file_size} bytes) or the probe's limit")
+                    raw = f.read(n)
+                    if len(raw) != n:
+                        raise IntegrityError(f"{where}: array {name!r} is truncated")
+                budget -= n
+                a = np.frombuffer(raw, dtype)
+                out[name] = a.reshape(shape[::-1]).T if fortran else a.reshape(shape)
+    except IntegrityError:
+        raise
+    except (zipfile.BadZipFile, ValueError, OSError, EOFError, RuntimeError,
+            NotImplementedError) as e:  # zipfile and numpy's header parser on bad bytes
+        raise IntegrityError(f"{where}: not a valid probe file ({' '.join(str(e).split())[:200]})"
+                             ) from e
+    return out
+
+
 # ---------------------------------------------------------------- encoder side
+
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return text[0][:200] if text else type(e).__name__
 
 
 def _tolerance(values: np.ndarray, noise: float, out_type: str) -> float:
@@ -215,14 +345,21 @@ def _tolerance(values: np.ndarray, noise: float, out_type: str) -> float:
     return tol if tol > 0 else float(np.finfo(np.float32).tiny)
 
 
-def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str, Any] | None:
+def record_probe(package_dir: str | Path, manifest: dict[str, Any], *,
+                 spec: Mapping[str, Mapping[str, Any]] | None = None,
+                 feed: Mapping[str, np.ndarray] | None = None,
+                 retry: Sequence[Mapping[str, Mapping[str, Any]]] = (),
+                 why: list[str] | None = None) -> dict[str, Any] | None:
     """Record ``probe.npz`` in ``package_dir``; returns the manifest entry, or None.
 
     Runs every stage in onnxruntime (CPU, default options; stage 0 with exact low-bit MatMuls)
-    on :func:`synthesize_inputs`, and each later stage once more with optimizations off, one
-    thread and no prepacking to measure how much results move between configurations. Returns
-    None when the model cannot be probed: unsupported input types, no float outputs, a failure
-    on the synthetic inputs, or non-finite outputs.
+    on the first inputs the base runs on with finite outputs: ``feed`` (the user's), then
+    :func:`synthesize_inputs` with ``spec`` (what the graph implies), with each ``retry`` spec
+    (other image sizes), then without a spec; and each
+    later stage once more with optimizations off, one thread and no prepacking to measure how
+    much results move between configurations. Returns None when the model cannot be probed
+    (unsupported input types, no float outputs, a failure on every input tried, non-finite
+    outputs), and appends the reason to ``why``.
     """
     import shutil
     import tempfile
@@ -233,10 +370,15 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
     from .format import atomic_write_bytes, read_stage, sha256_file
     from .reconstruct import WeightState, extract_file
 
+    def fail(reason: str) -> None:
+        if why is not None:
+            why.append(reason)
+
     pkg = Path(package_dir)
     providers = ["CPUExecutionProvider"]
     exact = ort.SessionOptions()
     exact.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    exact.log_severity_level = 4  # failures on the inputs tried are expected: the note says
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
     plain.intra_op_num_threads = 1
@@ -244,29 +386,49 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
 
     try:
         base = ort.InferenceSession(str(pkg / "base.onnx"), exact, providers=providers)
-    except Exception:  # noqa: BLE001 - any failure means: cannot probe
-        return None
+    except Exception as e:  # noqa: BLE001 - any failure means: cannot probe
+        return fail(f"base.onnx does not load in onnxruntime ({_first_line(e)})")
     outs = [o for o in base.get_outputs() if o.type in REL_FLOOR]
     if not outs:
-        return None
+        return fail("the model has no float output to compare")
     names = [o.name for o in outs]
     types = [o.type for o in outs]
 
-    feed: dict[str, np.ndarray] | None = None
-    int_high = INT_RANGES[0]
-    for int_high in INT_RANGES:
+    args = base.get_inputs()
+    tries: list[tuple[str, int, Any]] = []
+    if feed is not None:
+        given = dict(feed)
+        if sum(np.asarray(v).nbytes for v in given.values()) > MAX_STORED_INPUT_BYTES:
+            given = {k: v[:1] if np.ndim(v) else v for k, v in given.items()}  # one row
+        if sum(np.asarray(v).nbytes for v in given.values()) <= MAX_STORED_INPUT_BYTES:
+            tries.append(("given", INT_RANGES[0], given))
+    for label, sp in [("spec", spec)] + [("spec", r) for r in retry] + [("plain", None)]:
+        if label == "spec" and not sp:
+            continue
+        tries += [(label, high, sp) for high in INT_RANGES]
+    chosen: dict[str, np.ndarray] | None = None
+    used = ("plain", INT_RANGES[0])
+    first: list[np.ndarray] = []
+    last = "no inputs to try"
+    for label, int_high, how in tries:
         try:
-            candidate = synthesize_inputs(base.get_inputs(), int_high)
+            candidate = how if label == "given" else synthesize_inputs(args, int_high, how)
             first = [sample(v) for v in base.run(names, candidate)]
-        except ValueError:
-            return None
-        except Exception:  # noqa: BLE001, S112 - fails on these inputs: try the next range
+        except ValueError as e:
+            return fail(f"cannot synthesize the inputs ({_first_line(e)})")
+        except Exception as e:  # noqa: BLE001 - fails on these inputs: try the next ones
+            last = f"the base fails on {'the given' if label == 'given' else 'synthesized'} " \
+                   f"inputs ({_first_line(e)})"
             continue
         if all(np.all(np.isfinite(v)) for v in first):
-            feed = candidate
+            chosen, used = candidate, (label, int_high)
+            spec = how if label == "spec" else spec
             break
-    if feed is None:
-        return None
+        last = "the outputs are not finite on the inputs tried"
+    if chosen is None:
+        return fail(last)
+    feed = chosen
+    int_high = used[1]
     del base
 
     samples: list[list[np.ndarray]] = [first]
@@ -305,12 +467,12 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
                 del b
                 trim_heap()
                 if not all(np.all(np.isfinite(v)) for v in ya + yb):
-                    return None
+                    return fail(f"stage {k} gives non-finite outputs on the probe inputs")
                 samples.append(ya)
                 tols.append([_tolerance(x, float(np.max(np.abs(x - y), initial=0.0)), t)
                              for x, y, t in zip(ya, yb, types)])
-    except Exception:  # noqa: BLE001 - any failure means: cannot probe
-        return None
+    except Exception as e:  # noqa: BLE001 - any failure means: cannot probe
+        return fail(f"a later stage fails on the probe inputs ({_first_line(e)})")
 
     stored = sum(v.nbytes for v in feed.values()) <= MAX_STORED_INPUT_BYTES
     arrays: dict[str, np.ndarray] = {}
@@ -334,6 +496,8 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any]) -> dict[str,
     return {
         "path": PROBE_NAME, "size": path.stat().st_size, "sha256": sha256_file(path),
         "int_high": int_high, "inputs": input_names, "inputs_stored": stored,
+        **({"synth": {k: dict(v) for k, v in spec.items()}}
+           if used[0] == "spec" and spec and not stored else {}),
         "inputs_sha256": feed_digest(feed), "outputs": names,
         "samples": [int(v.size) for v in first], "stages": stages,
     }

@@ -34,6 +34,7 @@ from .codecs import IntGroupsCodec, IntPlanesCodec, get_codec
 from .dtypes import (ONNX_INT2, ONNX_INT4, ONNX_INT8, ONNX_UINT2, ONNX_UINT4, ONNX_UINT8,
                      DTypeInfo, dtype_info)
 from .errors import FormatError, IntegrityError, P2UError
+from .external import check_skeleton, graph_size_limit
 from .format import AtomicFile, StageFile
 
 __all__ = ["WeightState", "pack_codes", "unpack_codes", "base_codes_of", "extract_file",
@@ -343,9 +344,11 @@ class WeightState:
         :attr:`graph_bytes` (the skeleton graph).
         """
         plan = self._check_stage(stage_file)
-        graph = extract_file(stage_file, "graph.onnx") if any(
-            e["kind"] == "file" and e["name"] == "graph.onnx" for e in stage_file.entries) \
-            else None
+        graph = extract_file(stage_file, "graph.onnx", max_size=graph_size_limit(self.manifest)) \
+            if any(e["kind"] == "file" and e["name"] == "graph.onnx"
+                   for e in stage_file.entries) else None
+        if graph is not None:
+            self.check_skeleton(graph)
         fresh: dict[str, np.ndarray] = {}
         self._run([t for t in self.manifest["tensors"] if t["name"] in plan], stage_file, plan,
                   fresh)
@@ -353,6 +356,11 @@ class WeightState:
         self.stage += 1
         if graph is not None:
             self.graph_bytes = graph
+
+    def check_skeleton(self, graph: bytes) -> None:
+        """Refuse a skeleton graph whose external data does not match the manifest (see
+        :func:`~p2u_onnx.external.check_skeleton`), before anything loads it."""
+        check_skeleton(graph, self.manifest, len(self._base))
 
     def checkpoint(self) -> tuple:
         """Snapshot for :meth:`rollback`: the stage, its weights file, arrays held in memory.
@@ -856,13 +864,28 @@ def _unlink(path: str | os.PathLike) -> None:
         pass
 
 
-def extract_file(stage_file: StageFile, name: str) -> bytes:
-    """Decompress the file entry ``name`` of a stage file and check its sha256."""
+def extract_file(stage_file: StageFile, name: str, size: int | None = None,
+                 max_size: int | None = None) -> bytes:
+    """Decompress the file entry ``name`` of a stage file and check its sha256.
+
+    The entry's declared ``raw_length`` is checked before anything is decoded: it must be
+    ``size`` when given (what the manifest lists), at most ``max_size`` when given, and at most
+    2 GiB for an ``.onnx`` file (protobuf's limit); decoding then never produces more.
+    """
+    label = Path(stage_file.name).name
     for entry in stage_file.entries:
         if entry["kind"] == "file" and entry["name"] == name:
-            data = get_codec(entry["codec"]).decode(stage_file.data(entry),
-                                                    int(entry["raw_length"]))
+            raw = entry["raw_length"]
+            limit = max_size if max_size is not None else \
+                (1 << 31) - 1 if name.endswith(".onnx") else None
+            if size is not None and raw != size:
+                raise IntegrityError(f"{name} inside {label} declares {raw} bytes, the "
+                                     f"manifest lists {size}")
+            if limit is not None and raw > limit:
+                raise IntegrityError(f"{name} inside {label} declares {raw} bytes, more than "
+                                     f"the {limit} it may have")
+            data = get_codec(entry["codec"]).decode(stage_file.data(entry), raw)
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
-                raise IntegrityError(f"{name} inside {Path(stage_file.name).name} is corrupt")
+                raise IntegrityError(f"{name} inside {label} is corrupt")
             return data
-    raise FormatError(f"{Path(stage_file.name).name} has no {name}")
+    raise FormatError(f"{label} has no {name}")

@@ -92,16 +92,16 @@ from .format import (
     atomic_write_bytes,
     check_file_entry,
     check_name,
-    load_manifest,
-    open_regular,
-    package_file,
     parse_manifest,
     read_stage,
     sha256_bytes,
     sha256_file,
 )
-from .probe import Probe
+from .external import check_base_graph, graph_size_limit
+from .format import package_file
+from .probe import Probe, read_probe_file
 from .reconstruct import WeightState, extract_file, read_into, weights_size
+from .trust import Policy, TrustSpec, check_signature, read_manifest_bytes, read_signature
 
 __all__ = ["BytesSource", "DirectorySource", "ProgressiveSession", "StageSource", "open_stage",
            "private_copy"]
@@ -133,6 +133,8 @@ class StageSource(Protocol):
 
     :class:`DirectorySource` reads a package directory, :class:`BytesSource` starts from the
     manifest and the bytes of ``stage-0.p2u``; a transport can implement the same four members.
+    For ``expect=`` / ``trust=`` a source also offers ``manifest_bytes`` (the exact bytes the
+    manifest was parsed from) and ``signature_bytes()`` (``manifest.json.sig``, or None).
     """
 
     manifest: dict[str, Any]
@@ -178,14 +180,15 @@ def open_stage(source: StageInput, manifest: dict[str, Any], expected: int,
         except OSError as e:
             raise FormatError(f"cannot read stage file {source}: {e.strerror or e}") from e
     if digest == want:
-        return read_stage(source, package_id=pid, stage=expected, verify_payload=False)
+        return read_stage(source, package_id=pid, stage=expected, verify_payload=False,
+                          manifest=manifest)
     _diagnose(source, pid, expected, want, len(stages))
 
 
 @contextlib.contextmanager
 def private_copy(source: StageInput, folder: str | os.PathLike, pace: Pace | None = None,
-                 written: Callable[[int, int, int], None] | None = None
-                 ) -> Iterator[tuple[StageInput, str | None]]:
+                 written: Callable[[int, int, int], None] | None = None,
+                 limit: int | None = None) -> Iterator[tuple[StageInput, str | None]]:
     """``(what to read, its sha256)`` for a stage file given as a path or bytes.
 
     A path is copied into a new owner-named folder of ``folder`` (a folder of the caller's own)
@@ -194,7 +197,9 @@ def private_copy(source: StageInput, folder: str | os.PathLike, pace: Pace | Non
     mapping of it would die of SIGBUS past a truncation). Afterwards the copy is removed, 4 MB
     at a time at a lowered priority (dropping a 241 MB copy's cached pages at once held
     everything up for 30-37 ms). ``written(fd, offset, length)`` is told of the copy's bytes
-    (a session's write-back). Bytes are given back as they are, with no digest.
+    (a session's write-back). ``limit``: copy at most this many bytes and one more (a file
+    that goes on is not the stage file; the hash says so). Bytes are given back as they are,
+    with no digest.
     """
     if isinstance(source, (bytes, bytearray, memoryview)):
         yield source, None
@@ -208,7 +213,7 @@ def private_copy(source: StageInput, folder: str | os.PathLike, pace: Pace | Non
     copy = d / (name if _plain(name) else "stage.p2u")  # its name shows in messages
     try:
         try:
-            digest = _copy_hashed(source, copy, pace, written)
+            digest = _copy_hashed(source, copy, pace, written, limit=limit)
         except OSError as e:
             raise P2UError(f"cannot copy stage file {source} into the work folder {d}: "
                            f"{e.strerror or e}") from e
@@ -232,10 +237,11 @@ def _plain(name: str) -> bool:
 
 def _copy_hashed(source: str | os.PathLike, dest: Path, pace: Pace | None,
                  written: Callable[[int, int, int], None] | None,
-                 what: str = "stage file") -> str:
-    """Copy the regular file ``source`` to the new file ``dest``; returns the sha256 of what
-    was written. Read and written outside ``pace`` (either may wait for the disk), hashed in
-    its turns, :data:`_COPY_CHUNK` bytes at a time."""
+                 what: str = "stage file", limit: int | None = None) -> str:
+    """Copy the regular file ``source`` (at most ``limit`` + 1 bytes of it) to the new file
+    ``dest``; returns the sha256 of what was written. Read and written outside ``pace``
+    (either may wait for the disk), hashed in its turns, :data:`_COPY_CHUNK` bytes at a
+    time."""
     flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
     try:
         src = os.open(source, flags)
@@ -250,9 +256,10 @@ def _copy_hashed(source: str | os.PathLike, dest: Path, pace: Pace | None,
         try:
             buf = memoryview(bytearray(_COPY_CHUNK))
             size = 0
-            while True:
+            while limit is None or size <= limit:
+                want = _COPY_CHUNK if limit is None else min(_COPY_CHUNK, limit + 1 - size)
                 try:
-                    n = os.readv(src, [buf])
+                    n = os.readv(src, [buf[:want]])
                 except OSError as e:
                     raise FormatError(f"cannot read {what} {source}: {e.strerror or e}") from e
                 if not n:
@@ -311,10 +318,10 @@ def extract_base(stage0: StageInput, manifest: dict[str, Any], workdir: Path) ->
         pass
     d.mkdir(parents=True, exist_ok=True)
     _workdir.sweep(d, "incoming-")  # copies left by processes that died
-    with private_copy(stage0, d) as (source, digest):  # nothing can truncate the copy
+    with private_copy(stage0, d, limit=_largest_stage(manifest)) as (source, digest):
         sf = open_stage(source, manifest, 0, digest=digest)
         for p in paths:
-            data = extract_file(sf, p.name)
+            data = extract_file(sf, p.name, size=entries[p.name]["size"])
             if hashlib.sha256(data).hexdigest() != entries[p.name]["sha256"]:
                 raise IntegrityError(f"{p.name} inside stage 0 does not match the manifest")
             atomic_write_bytes(p, data)
@@ -323,18 +330,28 @@ def extract_base(stage0: StageInput, manifest: dict[str, Any], workdir: Path) ->
 
 
 class DirectorySource:
-    """A package directory (``manifest.json``, ``stage-*.p2u``, optionally ``base.*``)."""
+    """A package directory (``manifest.json``, ``stage-*.p2u``, optionally ``base.*``).
 
-    def __init__(self, path: str | os.PathLike):
+    ``policy`` (a :class:`~p2u_onnx.trust.Policy`): the manifest's pin is checked before it is
+    parsed, its signature after; versions are the session's business.
+    """
+
+    def __init__(self, path: str | os.PathLike, *, policy: Policy | None = None):
         self.path = Path(path)
-        self.manifest = load_manifest(self.path)
+        self.manifest_bytes = read_manifest_bytes(self.path)
+        self.manifest = (policy or Policy()).admit(
+            self.manifest_bytes, str(self.path / "manifest.json"), self.signature_bytes)
+
+    def signature_bytes(self) -> bytes | None:
+        """``manifest.json.sig`` of the package, or None when it is not signed."""
+        return read_signature(self.path)
 
     def base_files(self, workdir: Path, *, digest: bool = True) -> tuple[Path, Path]:
         """The package's base files, checked (sizes only with ``digest=False``: a session
         hashes the copies it makes), or else the base unpacked from stage 0 into ``workdir``.
         """
         entries = _base_entries(self.manifest)
-        paths = tuple(package_file(self.path, n, "base file") for n in _BASE_FILES)
+        paths = tuple(package_file(self.path, n) for n in _BASE_FILES)
         if all(p.is_file() for p in paths):
             for p in paths:
                 check_file_entry(p, entries[p.name], digest=digest)
@@ -345,35 +362,37 @@ class DirectorySource:
         n = len(self.manifest["stages"])
         if not 0 <= stage < n:
             raise P2UError(f"stage {stage} does not exist: {self.path} has stages 0..{n - 1}")
-        p = package_file(self.path, self.manifest["stages"][stage]["files"][0]["path"],
-                         "stage file")
-        if not p.is_file():
-            raise IntegrityError(f"{p}: missing from the package")
-        return p
+        p = package_file(self.path, self.manifest["stages"][stage]["files"][0]["path"])
+        # its size first: a huge file is refused before it is hashed
+        return check_file_entry(p, self.manifest["stages"][stage]["files"][0], digest=False)
 
     def probe_bytes(self) -> bytes | None:
         entry = self.manifest.get("probe")
         if not entry:
             return None
-        p = package_file(self.path, entry["path"], "probe file")
         try:
-            with open_regular(p) as f:
-                return f.read()
+            return read_probe_file(self.path, entry)
         except OSError as e:
-            raise IntegrityError(f"{p}: cannot read the probe ({e.strerror or e})") from e
+            raise IntegrityError(f"{self.path / entry['path']}: cannot read the probe "
+                                 f"({e.strerror or e})") from e
 
 
 class BytesSource:
     """A package known by its manifest and the bytes of ``stage-0.p2u``.
 
     Later stages come through :meth:`ProgressiveSession.apply`, or from ``fetch(stage)`` when
-    given (what a transport passes).
+    given (what a transport passes). A session can pin (``expect=``) only a manifest given as
+    bytes, and check a signature (``trust=``) only when ``signature`` holds the bytes of
+    ``manifest.json.sig``.
     """
 
     def __init__(self, manifest: dict[str, Any] | bytes, stage0: StageInput, *,
                  probe: bytes | None = None,
-                 fetch: Callable[[int], StageInput] | None = None):
+                 fetch: Callable[[int], StageInput] | None = None,
+                 signature: bytes | None = None):
+        self.manifest_bytes = None if isinstance(manifest, dict) else bytes(manifest)
         self.manifest = manifest if isinstance(manifest, dict) else parse_manifest(manifest)
+        self._signature = signature
         self._stage0 = stage0
         self._probe = probe
         self._fetch = fetch
@@ -389,6 +408,9 @@ class BytesSource:
 
     def probe_bytes(self) -> bytes | None:
         return self._probe
+
+    def signature_bytes(self) -> bytes | None:
+        return self._signature
 
 
 # ---------------------------------------------------------------- weights on disk and in memory
@@ -609,6 +631,14 @@ def _release(live: _Live) -> None:
         live.weights = None
 
 
+def _largest_stage(manifest: dict[str, Any]) -> int | None:
+    """The size of the package's largest stage file (none of its stage files is longer)."""
+    try:
+        return max(int(st["files"][0]["size"]) for st in manifest["stages"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
 def _check_workdir(workdir: str | os.PathLike | None, source: Any) -> None:
     """Refuse a ``workdir`` inside the package folder: a session never writes there."""
     if workdir is None or not isinstance(source, DirectorySource):
@@ -632,15 +662,37 @@ def _session_dir(workdir: str | os.PathLike | None) -> Path:
     return _workdir.make_dir(parent, prefix)
 
 
-def _http_source(url: str, workdir: str | os.PathLike | None) -> StageSource:
+def _http_source(url: str, workdir: str | os.PathLike | None, **trust: Any) -> StageSource:
     """An :class:`~p2u_onnx.transport.HttpSource` for ``url``; it keeps its downloads in
-    ``workdir/http`` when a work dir is given, so a restart continues where it stopped."""
+    ``workdir/http`` when a work dir is given, so a restart continues where it stopped.
+    ``trust``: its ``expect``, ``trust`` and ``allow_rollback`` arguments."""
     try:
         from .transport import HttpSource
     except ImportError as e:
         raise P2UError("loading a package from a URL needs httpx: "
                        "pip install 'p2u-onnx[http]'") from e
-    return HttpSource(url, None if workdir is None else Path(workdir) / "http")
+    return HttpSource(url, None if workdir is None else Path(workdir) / "http", **trust)
+
+
+def _admit_source(source: StageSource, policy: Policy) -> str:
+    """Check the pin and signature ``policy`` asks for on a source the caller built; returns
+    the name to use in messages."""
+    home = getattr(source, "url", None) or getattr(source, "path", None)
+    where = f"{str(home).rstrip('/')}/manifest.json" if home else "manifest.json (bytes)"
+    if not policy.authenticates:
+        return where
+    raw = getattr(source, "manifest_bytes", None)
+    if not isinstance(raw, (bytes, bytearray)):
+        raise P2UError(f"{type(source).__name__} holds no manifest bytes to check expect= or "
+                       "trust= against (give BytesSource the bytes of manifest.json)")
+    policy.check_pin(bytes(raw), where)
+    if parse_manifest(bytes(raw), where) != source.manifest:
+        raise IntegrityError(f"{where}: the source's manifest is not the one its bytes hold")
+    if policy.keys:
+        sig = getattr(source, "signature_bytes", None)
+        check_signature(sig() if sig is not None else None, bytes(raw), source.manifest,
+                        policy.keys, where)
+    return where
 
 
 class ProgressiveSession:
@@ -655,6 +707,17 @@ class ProgressiveSession:
     the constructor (an exception it raises closes the session and reaches the caller).
     ``verify=False`` skips the probe check (e.g. on providers whose numerics differ from the
     CPU's).
+
+    ``expect="sha256:<hex>"`` pins the exact bytes of ``manifest.json``; ``trust`` (a public key
+    ``"ed25519:..."``, a ``.pub`` file, or a list of them) asks for a valid, unexpired
+    ``manifest.json.sig`` by one of those keys; both are checked before anything else is read,
+    unpacked or loaded (:class:`~p2u_onnx.errors.TrustError` otherwise). Whatever the source,
+    a package whose model name was seen before with a higher version (or the same version with
+    other content) is refused unless ``allow_rollback=True``; once the base is loaded its version
+    is recorded (see :mod:`p2u_onnx.trust`). For a URL these go to the
+    :class:`~p2u_onnx.transport.HttpSource` made here, which checks before it caches anything;
+    for a source you build, give them to it as well (the session checks pins and signatures
+    again on its ``manifest_bytes``).
 
     ``fast_base=True`` loads the base with onnxruntime's ``MatMulAddFusion`` off: where it
     turns MatMul+Add into Gemm before DequantizeLinear->MatMul can become ``MatMulNBits``, the
@@ -674,16 +737,24 @@ class ProgressiveSession:
                  providers: Sequence[Any] | None = None, strategy: str = "swap",
                  workdir: str | os.PathLike | None = None,
                  on_stage: Callable[[int], None] | None = None, *, verify: bool = True,
-                 fast_base: bool = False):
+                 fast_base: bool = False, expect: str | None = None,
+                 trust: TrustSpec | None = None, allow_rollback: bool = False):
         if strategy not in ("swap", "inplace"):
             raise ValueError(f"strategy must be 'swap' or 'inplace', not {strategy!r}")
         self._owned: Any = None  # a source made here from a URL, closed with the session
+        policy = Policy.make(expect, trust, allow_rollback)
         if isinstance(source, str) and source.startswith(("http://", "https://")):
-            source = self._owned = _http_source(source, workdir)
+            source = self._owned = _http_source(source, workdir, expect=expect, trust=trust,
+                                                allow_rollback=allow_rollback)
         try:
-            self._source: StageSource = DirectorySource(source) \
-                if isinstance(source, (str, os.PathLike)) else source
+            if isinstance(source, (str, os.PathLike)):
+                self._source: StageSource = DirectorySource(source, policy=policy)
+                where = str(Path(source) / "manifest.json")
+            else:
+                self._source = source
+                where = _admit_source(source, Policy() if source is self._owned else policy)
             self._manifest = self._source.manifest
+            policy.check_version(self._manifest, where)
         except BaseException:
             self._close_owned()
             raise
@@ -717,6 +788,7 @@ class ProgressiveSession:
         self._cleanup = weakref.finalize(self, _workdir.remove_tree, str(self._dir))
         try:
             base_onnx, self._base_bin = self._private_base()
+            check_base_graph(base_onnx, self._manifest, os.path.getsize(self._base_bin))
             session = ort.InferenceSession(
                 str(base_onnx), _lean_base_options(sess_options)
                 if self._strategy == "inplace" else sess_options, providers=providers,
@@ -725,9 +797,14 @@ class ProgressiveSession:
             self._probe = None if probe is None else \
                 Probe(self._manifest["probe"], probe, session.get_inputs())
             self._state = WeightState(self._manifest, self._base_bin)
-        except BaseException:
+            policy.record(self._manifest)  # it passed every check and its base loads
+        except BaseException as e:
             self._cleanup()
             self._close_owned()
+            if isinstance(e, Exception) and not isinstance(e, (P2UError, OSError, ValueError)):
+                # onnxruntime's own exceptions on a hostile base.onnx: one line
+                raise FormatError("the package's base.onnx cannot be loaded: " +
+                                  " ".join(str(e).split())[:300]) from e
             raise
         self._live = _Live(session, 0)
         if on_stage is not None:
@@ -794,7 +871,8 @@ class ProgressiveSession:
             self._check_open()
             k = self.stage + 1
             # a private copy, checked as it is written: the package's file is never mapped
-            with private_copy(stage, self._dir, self._pace, self._writeback.add) as (src, digest):
+            with private_copy(stage, self._dir, self._pace, self._writeback.add,
+                              _largest_stage(self._manifest)) as (src, digest):
                 sf = open_stage(src, self._manifest, k, self._pace, digest=digest)
                 cp = self._state.checkpoint()
                 try:
@@ -839,7 +917,8 @@ class ProgressiveSession:
             entry = entries[p.name]
             copy = d / p.name
             try:
-                digest = _copy_hashed(p, copy, None, self._writeback.add, "base file")
+                digest = _copy_hashed(p, copy, None, self._writeback.add, "base file",
+                                      limit=int(entry["size"]))
             except OSError as e:
                 raise P2UError(f"cannot copy {p} into the work folder {d}: "
                                f"{e.strerror or e}") from e
@@ -857,7 +936,9 @@ class ProgressiveSession:
         memory. On a failure (a full disk) neither is left behind."""
         files = [self._dir / "graph.onnx", self._dir / "base.bin"]
         try:
-            files[0].write_bytes(extract_file(sf, "graph.onnx"))
+            graph = extract_file(sf, "graph.onnx", max_size=graph_size_limit(self._manifest))
+            self._state.check_skeleton(graph)
+            files[0].write_bytes(graph)
             _link_or_copy(self._base_bin, files[1])
         except OSError as e:
             for f in files:

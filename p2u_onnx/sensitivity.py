@@ -20,9 +20,11 @@ import numpy as np
 from onnx import GraphProto, ModelProto
 
 from . import quantizers as qz
-from .allocate import Allocation, TensorCost, allocate
-from .calibrate import Calibration, load_feeds
+from .allocate import Allocation, TensorCost, allocate_from_default
+from .calibrate import (RETRY_SPATIAL, Calibration, has_open_images, load_feeds,
+                        synthesize_feeds)
 from .config import BitBudget, Plan, QuantConfig
+from .errors import P2UError, PlanError
 from .dtypes import dtype_info
 from .reconstruct import base_blocks
 
@@ -47,11 +49,14 @@ class BitPlan:
     calibrated: bool
     notes: list[str]
     clip: dict[str, bool] = dataclasses.field(default_factory=dict)  # clip search per tensor
+    # keyword arguments for probe.record_probe: the inputs calibration used (spec, feeds)
+    probe_inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
+    fixed_bytes: float = 0.0  # estimated bytes of the base besides the coded weights
 
 
 def candidates(plan: Plan) -> list[int]:
     low = 2 if plan.base_bits <= 2 else 3
-    return [b for b in (2, 3, 4, 5, 6, 8) if b >= low]
+    return sorted({b for b in (2, 3, 4, 5, 6, 8) if b >= low} | {plan.base_bits})
 
 
 def _sample(blocks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -94,18 +99,46 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
     coded_bytes = sum(a.nbytes for a in arrays.values())
     if budget.calibrate and coded_bytes > CALIBRATION_LIMIT and not budget.calib:
         notes.append(f"{coded_bytes / 2**30:.1f} GiB of coded weights: bits chosen from weight "
-                     "errors alone (calibration runs the model once per tensor; pass --calib "
+                     "errors alone (calibration runs the model once per tensor; pass --inputs "
                      "to run it anyway)")
     elif budget.calibrate:
         weights = {s.slot.key: arrays[s.slot.key] for s in selected
                    if s.slot.kind == "initializer" and isinstance(s.slot.container, GraphProto)
                    and s.slot.container is model.graph and s.slot.key == s.slot.name
-                   and arrays[s.slot.key].dtype in (np.float32, np.float16)}
-        feeds = load_feeds(budget.calib, model) if budget.calib else None
-        calib = Calibration.build(model, weights, feeds) if weights else None
+                   and (arrays[s.slot.key].dtype in (np.float32, np.float16, np.float64)
+                        or s.slot.tensor.data_type == 16)}  # bfloat16, as uint16 bits
+        why: list[str] = []
+        try:
+            feeds = load_feeds(budget.calib, model) if budget.calib else \
+                synthesize_feeds(model, shapes=budget.shapes)
+        except P2UError as e:
+            if budget.calib:
+                raise  # the user's file: a one-line error, not a silent skip
+            feeds, why = None, [str(e)]
+        if feeds is not None and weights:
+            calib = Calibration.build(model, weights, feeds, why)
+            # images of a size the graph analysis missed: 224 once (the probe, one image at a
+            # time, also tries larger ones)
+            for size in () if budget.calib or calib is not None else RETRY_SPATIAL[:1]:
+                if not has_open_images(model, budget.shapes):
+                    break
+                calib = Calibration.build(model, weights, synthesize_feeds(
+                    model, shapes=budget.shapes, spatial=size), why)
+                if calib is not None:
+                    why.clear()
+                    notes.append(f"calibration ran on {size}x{size} images (the size the "
+                                 "graph implied did not run; --shape sets it)")
+                    break
+        elif feeds is not None:
+            kinds = sorted({str(a.dtype) if a.dtype != np.uint16 else "bfloat16"
+                            for a in arrays.values()})
+            why.append(f"no coded weight it can vary ({', '.join(kinds)} or outside the main "
+                       "graph)")
         if calib is None:
-            notes.append("the model could not be run on calibration inputs: bits chosen from "
-                         "weight errors alone")
+            src = "on the given inputs" if budget.calib else "on synthesized inputs"
+            hint = "" if budget.calib else " (--shape or --inputs give it inputs that work)"
+            notes.append(f"calibration skipped {src}: {'; '.join(why) or 'the model fails'}; "
+                         f"bits chosen from weight errors alone{hint}")
     rng = np.random.default_rng(0)
     costs, gains, clip = [], {}, {}
     per_tensor = {}
@@ -165,7 +198,48 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
     else:
         spend = budget.budget / 32 * coded_fp32
     # the cap is a promise: keep a margin for the size estimate's error
-    alloc = allocate(costs, budget=spend, max_error=budget.max_error,
-                     cap=CAP_MARGIN * budget.cap * total - fixed_bytes)
+    cap = CAP_MARGIN * budget.cap * total - fixed_bytes
+    default = {c.key: plan.base_bits for c in costs}
+    # without an explicit --quality, the target is also "no worse than the plain base"
+    alloc = allocate_from_default(costs, default, budget=spend, max_error=budget.max_error,
+                                  cap=cap, no_worse=budget.quality is None,
+                                  margin=1 - CAP_MARGIN)
+    notes += _allocation_notes(alloc, plan, budget, total, fixed_bytes, cap)
     return BitPlan(alloc.bits, calib.importance if calib else {}, alloc.errors, alloc,
-                   calib is not None, notes, clip)
+                   calib is not None, notes, clip, fixed_bytes=fixed_bytes)
+
+
+def _quality(error: float) -> float:
+    """Estimated output cosine for a relative squared output error (clipped to [-1, 1])."""
+    return max(-1.0, 1.0 - error / 2)
+
+
+def _allocation_notes(alloc: Allocation, plan: Plan, budget: BitBudget, total: float,
+                      fixed: float, cap: float) -> list[str]:
+    """Warnings about the allocation (a missed target, a cap that had to give way); raises
+    :class:`PlanError` when ``budget.strict`` and the quality target is missed."""
+    notes = []
+    total = max(total, 1.0)
+    q, target = _quality(alloc.error), budget.target_quality
+    share = (alloc.nbytes + fixed) / total
+    if alloc.floored and alloc.nbytes > cap:
+        notes.append(
+            f"the base is plain {plan.base_bits}-bit at about {share:.1%} of the fp32-equivalent "
+            f"bytes, above the {budget.cap:.0%} cap, of which tensors sent as they are (biases, "
+            f"norms, small tensors) and the graph take {fixed / total:.1%}: a smaller base "
+            f"would be worse than plain {plan.base_bits}-bit (--stages {plan.base_bits - 1},... "
+            "gives a smaller plain base)" if plan.base_bits > 2 else
+            f"the base is plain {plan.base_bits}-bit at about {share:.1%} of the "
+            f"fp32-equivalent bytes, above the {budget.cap:.0%} cap")
+    if q < target:
+        best = _quality(alloc.best_error or 0.0)
+        best_share = ((alloc.best_nbytes or 0.0) + fixed) / total
+        msg = (f"estimated base quality {q:.4f} is below the target {target:.4f} "
+               f"({'--quality' if budget.quality is not None else 'default'}) within the "
+               f"{budget.cap:.0%} cap; best reachable {best:.4f} at about {best_share:.1%} "
+               "(every tensor at 8 bits)")
+        if budget.strict:
+            raise PlanError(f"{msg}: raise --cap (cap=), lower --quality (quality=), or pass "
+                            "--allow-below (strict=False)")
+        notes.append(msg)
+    return notes

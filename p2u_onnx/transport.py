@@ -22,10 +22,10 @@ How the files travel:
   (``prefetch``): the link keeps busy while the session applies a stage. The base is fetched as
   ``stage-0.p2u`` (compressed) or as ``base.onnx`` + ``base.bin``, whichever the manifest says is
   fewer bytes.
-* A file arrives in ``NAME.part`` inside the cache directory, with the server's validator in
-  ``NAME.part.json``. It is checked against the manifest's size and sha256, then renamed to
-  ``NAME``. So the cache never holds a file that failed its check, and a cached file is checked
-  again before it is used.
+* A file arrives in ``.p2u/NAME.part`` inside the cache directory, with the server's validator
+  in ``.p2u/NAME.part.json``. It is checked against the manifest's size and sha256, then renamed
+  to ``NAME``. So the cache never holds a file that failed its check, and a cached file is
+  checked again before it is used.
 * An interrupted transfer resumes with ``Range: bytes=N-`` and ``If-Range`` (the strong ETag,
   else Last-Modified). A server whose file changed answers 200, and the file starts over.
 * Failures that may pass are retried with exponential backoff (:class:`RetryPolicy`): connection
@@ -33,9 +33,18 @@ How the files travel:
   new bytes resets the count. Other failures are final at once: 404, 403, a size the manifest
   does not promise. Every error is a :class:`~p2u_onnx.errors.TransportError` naming the URL.
 
+What a hostile server cannot do (docs/security.md): make the client decode or store more than
+the manifest's sizes (``Accept-Encoding: identity``; an encoded file is refused, an encoded
+manifest decoded under :data:`MAX_MANIFEST`; bodies are cut at the promised size); hold it
+forever (every file has an overall deadline, every read ends by it, and the requests for one
+file are bounded in all); lead it out of http(s), from https to http, or carry the caller's
+headers to another origin (redirects are followed here, :data:`MAX_REDIRECTS` hops at most);
+make it write a manifest it refused, or touch a file it did not write.
+
 The cache directory doubles as a mirror: once everything has arrived it is a complete package
-directory (``DirectorySource``, ``p2u verify``, nginx can serve it). Without ``cache_dir``, files go
-to a temporary directory that :meth:`HttpSource.close` removes.
+directory (``DirectorySource``, ``p2u verify``, nginx can serve it; p2u's own files are in the
+hidden ``.p2u/``). It must be new, empty or a mirror already (:mod:`p2u_onnx._mirror`). Without
+``cache_dir``, files go to a temporary directory that :meth:`HttpSource.close` removes.
 """
 
 from __future__ import annotations
@@ -46,20 +55,26 @@ import json
 import os
 import re
 import shutil
+import socket
 import tempfile
 import threading
 import time
 import weakref
+import zlib
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpcore
 import httpx
 
 from . import __version__
-from .errors import FormatError, IntegrityError, P2UError, TransportError
-from .format import MANIFEST_NAME, parse_manifest, read_stage, sha256_file
+from ._mirror import MirrorDir
+from .errors import FormatError, IntegrityError, P2UError, TransportError, TrustError
+from .format import MANIFEST_NAME, check_name, open_regular, package_file, parse_manifest, \
+    read_stage, sha256_file
+from .trust import SIGNATURE_NAME, Policy, TrustSpec, check_signature, package_identity
 
 try:  # POSIX: lock the cache directory while a file is downloaded into it
     import fcntl
@@ -71,8 +86,13 @@ __all__ = ["HttpSource", "RetryPolicy", "fetch"]
 Progress = Callable[[int, int], None]
 """``progress(done, total)``: bytes of the planned files present in the cache, and their sum."""
 
-MAX_MANIFEST = 64 << 20
-_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9._-]{0,199}")  # a plain file name: no '/', no dotfile
+MAX_MANIFEST = 16 << 20
+"""Bytes of ``manifest.json`` at most; a larger one is refused while it streams in."""
+MAX_FILE = 1 << 40
+"""Bytes of one package file at most (1 TiB): a manifest that lists more is refused before
+anything is written."""
+MAX_REDIRECTS = 5
+"""Redirect hops followed for one request."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
 _CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
@@ -82,7 +102,9 @@ _HINTS = {
     404: "no such file on the server: the URL must name the package directory",
     410: "the package was removed from the server",
 }
-_LOCK_NAME = ".p2u.lock"
+# Sent to another origin after a redirect: only what the request is about, never the caller's
+# headers (Authorization, API keys, cookies...).
+_SAFE_HEADERS = {"accept-encoding", "range", "if-range", "cache-control", "user-agent"}
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -94,6 +116,18 @@ class RetryPolicy:
     honoured up to ``max_backoff``). ``timeout``: seconds to connect, and at most between two
     reads (a stalled transfer fails after it, then resumes). ``digest_attempts``: complete
     downloads of one file whose sha256 does not match the manifest before giving up.
+
+    Bounds over a whole file, however the server behaves (a server that drips bytes, or gives
+    a few new bytes per attempt, cannot hold a client forever):
+
+    * ``max_attempts_total`` (100): requests for one file, all attempts counted, those that
+      brought new bytes too.
+    * ``deadline`` (600 s) and ``min_rate`` (1024 bytes/s): one file, retries and waits
+      included, must be complete within ``deadline + size / min_rate`` seconds (the manifest,
+      whose size is not known in advance, within ``deadline``). Every connect, read and write
+      ends by the deadline (a server dripping its headers or body cannot stretch a request),
+      and no retry starts that could not finish before it. A link slower than ``min_rate`` on
+      average cannot fetch a large file in time: lower it for such links.
     """
 
     attempts: int = 6
@@ -101,14 +135,22 @@ class RetryPolicy:
     max_backoff: float = 10.0
     timeout: float = 30.0
     digest_attempts: int = 3
+    deadline: float = 600.0
+    min_rate: float = 1024.0
+    max_attempts_total: int = 100
 
     def __post_init__(self) -> None:
-        if self.attempts < 1 or self.digest_attempts < 1:
-            raise ValueError("attempts and digest_attempts must be at least 1")
+        if self.attempts < 1 or self.digest_attempts < 1 or self.max_attempts_total < 1:
+            raise ValueError("attempts, digest_attempts and max_attempts_total must be at "
+                             "least 1")
         if not 0 <= self.backoff <= self.max_backoff:
             raise ValueError("need 0 <= backoff <= max_backoff")
-        if self.timeout <= 0:
-            raise ValueError("timeout must be positive")
+        if self.timeout <= 0 or self.deadline <= 0 or self.min_rate <= 0:
+            raise ValueError("timeout, deadline and min_rate must be positive")
+
+    def budget(self, size: int | None = None) -> float:
+        """Seconds one file of ``size`` bytes may take in all (None: the manifest)."""
+        return self.deadline + (size / self.min_rate if size else 0.0)
 
     def delay(self, failures: int) -> float:
         """Seconds to wait after ``failures`` failures in a row (1, 2, ...)."""
@@ -146,12 +188,28 @@ class HttpSource:
     (as :meth:`cancel` does); waits and transfers then raise :class:`TransportError`.
     ``prefetch=True`` downloads the base, the probe and every stage in order in a background
     thread from construction on; with ``False`` each file is fetched when asked for. ``headers``
-    are sent with every request (e.g. authorization); ``client`` is an ``httpx.Client`` to use
-    instead of one made here (then its timeouts and headers apply). ``mirror=True`` makes
+    are sent with every request to the package's origin (e.g. authorization), never to another
+    origin a redirect leads to; ``client`` is an ``httpx.Client`` to use instead of one made here
+    (then its headers and transport apply, with the same rule for redirects; :meth:`close` can
+    then not break a stalled read, which ends at ``timeout``, and the deadline is checked at
+    each chunk rather than each read). ``mirror=True`` makes
     :meth:`download` fetch every file the manifest lists (stage 0 besides the base files).
 
-    The manifest is fetched in the constructor, which raises :class:`TransportError` or
-    :class:`~p2u_onnx.errors.FormatError`.
+    ``cache_dir`` must be new, empty, or a mirror p2u made (it has a ``.p2u/`` folder, where the
+    lock and the partial files live): p2u never replaces or removes a file it did not write
+    there (see :mod:`p2u_onnx._mirror`). A manifest is written there only once it is accepted.
+
+    ``expect="sha256:<hex>"`` pins the exact bytes of ``manifest.json``; ``trust`` (public
+    keys, see :mod:`p2u_onnx.trust`) asks for a valid, unexpired ``manifest.json.sig`` beside
+    it, fetched with it (and kept in the cache, so that an offline restart is checked too).
+    A manifest whose model name this device (its version state) accepted with a higher version,
+    or with the same version and other content, or whose version is lower than the cached
+    manifest's, is refused unless ``allow_rollback=True``. A refused manifest is never written
+    to the cache, and the cached files stay as they were. An accepted manifest's version is
+    recorded in the version state.
+
+    The manifest is fetched in the constructor, which raises :class:`TransportError`,
+    :class:`~p2u_onnx.errors.FormatError` or :class:`~p2u_onnx.errors.TrustError`.
 
     >>> src = HttpSource("http://127.0.0.1:8000/", cache_dir="cache")  # doctest: +SKIP
     >>> session = ProgressiveSession(src)                                # doctest: +SKIP
@@ -161,7 +219,13 @@ class HttpSource:
                  retry: RetryPolicy | None = None, progress: Progress | None = None,
                  cancel: threading.Event | None = None, prefetch: bool = True,
                  headers: dict[str, str] | None = None, client: httpx.Client | None = None,
-                 mirror: bool = False):
+                 mirror: bool = False, expect: str | None = None,
+                 trust: TrustSpec | None = None, allow_rollback: bool = False):
+        self._policy = Policy.make(expect, trust, allow_rollback)  # bad arguments: no request
+        self._mirroring = mirror
+        self._signature: bytes | None = None
+        self._signature_known = False
+        self.manifest_bytes = b""
         self.url = _package_url(url)
         self._retry = retry or RetryPolicy()
         self._progress = progress
@@ -169,10 +233,11 @@ class HttpSource:
         self._stop = threading.Event()
         self._prefetch = prefetch
         self._own_client = client is None
+        self._transport = _Transport()
         self._client = client if client is not None else httpx.Client(
-            timeout=httpx.Timeout(self._retry.timeout), follow_redirects=True,
+            timeout=httpx.Timeout(self._retry.timeout), follow_redirects=False,
             headers={"User-Agent": f"p2u-onnx/{__version__}", **(headers or {})},
-            transport=_Transport())
+            transport=self._transport)
         self._headers = dict(headers or {}) if client is not None else {}
         if cache_dir is None:
             self.cache_dir = Path(tempfile.mkdtemp(prefix="p2u-http-"))
@@ -180,16 +245,16 @@ class HttpSource:
         else:
             self.cache_dir = Path(cache_dir)
             self._cleanup = None
+        self._worker: threading.Thread | None = None
         self._cond = threading.Condition(threading.Lock())
         self._results: dict[Any, Any] = {}
         self._errors: dict[Any, BaseException] = {}
         self._queue: list[Any] = []
         self._current: Any = None
-        self._worker: threading.Thread | None = None
         self._have: dict[str, int] = {}
         self.offline = False
         try:
-            self.cache_dir.mkdir(parents=True, exist_ok=True)
+            self._mirror = MirrorDir.open(self.cache_dir)  # before any network: refuse early
             self.manifest = self._load_manifest()
             self._stage_files = [[_entry(f, self.url) for f in st["files"]]
                                  for st in self.manifest["stages"]]
@@ -208,6 +273,11 @@ class HttpSource:
             planned = self._planned(mirror)
             self._total = sum(f.size for f in planned)
             self._planned_names = {f.name for f in planned}
+            self._commit_manifest()  # accepted: only now is it written to the cache
+        except (KeyError, TypeError, AttributeError, IndexError, RecursionError) as e:
+            self.close()  # a manifest of the wrong shape: one line, never a traceback
+            raise FormatError(f"{self.url}{MANIFEST_NAME}: malformed manifest "
+                              f"({type(e).__name__}: {_short(str(e))})") from None
         except BaseException:
             self.close()
             raise
@@ -230,7 +300,17 @@ class HttpSource:
     def probe_bytes(self) -> bytes | None:
         """The verified probe file, or None when the package has none."""
         path = self._need("probe")
-        return None if path is None else path.read_bytes()
+        if path is None:
+            return None
+        with open_regular(path) as fh:
+            return fh.read()
+
+    def signature_bytes(self) -> bytes | None:
+        """``manifest.json.sig`` as the server (or, offline, the cache) has it, or None."""
+        if not self._signature_known:
+            self._signature = self._get_signature()
+            self._signature_known = True
+        return self._signature
 
     # -- more
 
@@ -242,21 +322,28 @@ class HttpSource:
         return self.cache_dir
 
     def cancel(self) -> None:
-        """Stop every transfer; waiting calls raise :class:`TransportError`."""
+        """Stop every transfer (a stalled read too, within a second); waiting calls raise
+        :class:`TransportError`."""
         self._cancel.set()
+        self._transport.abort()
 
     @property
     def cancelled(self) -> bool:
         return self._cancel.is_set()
 
     def close(self) -> None:
-        """Stop the background thread, close the connections, remove a temporary cache."""
+        """Stop the background thread, close the connections, remove a temporary cache.
+
+        A download in flight stops within a second: at its next chunk, or, stalled in a read,
+        when its connection is shut down here (with a ``client`` of the caller's, at
+        ``timeout``)."""
         self._stop.set()
+        self._transport.abort()
         worker = self._worker if self._worker is not threading.current_thread() else None
         if worker is not None:
-            worker.join(1.0)  # it stops at its next chunk ...
+            worker.join(1.0)
         if self._own_client:
-            self._client.close()  # ... or, stalled in a read, when its connection closes
+            self._client.close()
         if worker is not None:
             worker.join(self._retry.timeout)
         if self._cleanup is not None:
@@ -314,12 +401,12 @@ class HttpSource:
 
         entry = plan[0]
         sf = read_stage(self._file(entry), package_id=self.manifest["package_id"], stage=0,
-                        verify_payload=False)  # its sha256 was checked on arrival
+                        verify_payload=False, manifest=self.manifest)  # sha256 checked on arrival
         for f, path in zip(self._base_files, paths):
-            data = extract_file(sf, f.name)
+            data = extract_file(sf, f.name, size=f.size)  # raw_length bounded before decoding
             if len(data) != f.size or _sha256(data) != f.sha256:
                 raise IntegrityError(f"{f.name} inside {entry.name} does not match the manifest")
-            _write_atomic(path, data)
+            self._mirror.write(f.name, data)
         return paths  # type: ignore[return-value]
 
     def _need(self, job: Any) -> Any:
@@ -381,15 +468,20 @@ class HttpSource:
     # -- one file: cache, .part, resume, verify, rename
 
     def _cached(self, f: _Entry) -> bool:
-        """Whether the cache holds ``f`` intact (a file that fails the check is removed)."""
-        path = self.cache_dir / f.name
+        """Whether the cache holds ``f`` intact. A file there that does not match is removed
+        when p2u wrote it, and refused (:class:`P2UError`) when it did not: p2u never replaces
+        a file of the user's."""
+        path = package_file(self.cache_dir, f.name, "cached file")
         try:
             if path.stat().st_size == f.size and sha256_file(path) == f.sha256:
                 self._count(f.name, f.size)
                 return True
         except OSError:
             return False
-        _unlink(path)
+        if not self._mirror.owns(f.name):
+            raise P2UError(f"{path} is not the file the manifest lists, and p2u did not write "
+                           "it: it is left as it is (move it away to fetch the package there)")
+        self._mirror.remove(f.name)
         return False
 
     def _file(self, f: _Entry) -> Path:
@@ -401,18 +493,18 @@ class HttpSource:
             if self._cached(f):  # another process finished it while we waited
                 return final
             url = self.url + f.name
-            part = final.with_name(f.name + ".part")
-            meta_path = final.with_name(f.name + ".part.json")
+            part = self._mirror.part(f.name)
+            meta_path = self._mirror.part_meta(f.name)
             bad = 0
 
-            def attempt() -> None:
+            def attempt(end: float) -> None:
                 nonlocal bad
                 meta = _read_meta(meta_path, f)  # what the last attempt left
                 have = part.stat().st_size if meta is not None and part.exists() else 0
                 if have > f.size:
                     have = 0
                 if have < f.size or not part.exists():
-                    self._transfer(url, f, part, meta_path, meta, have)
+                    self._transfer(url, f, part, meta_path, meta, have, end)
                 if sha256_file(part) == f.sha256:
                     return
                 bad += 1
@@ -427,20 +519,23 @@ class HttpSource:
                 raise _Retry(reason)
 
             try:
-                self._retrying(url, attempt)
+                self._retrying(url, attempt, self._retry.budget(f.size))
                 with open(part, "rb+") as fh:
                     os.fsync(fh.fileno())
-                os.replace(part, final)
             except OSError as e:  # a full disk, a read-only cache...
                 raise P2UError(f"cannot write {part}: {e.strerror or e}") from e
+            self._mirror.install(part, f.name)
             _unlink(meta_path)
             return final
 
     def _transfer(self, url: str, f: _Entry, part: Path, meta_path: Path,
-                  meta: dict[str, Any] | None, have: int) -> None:
-        """One GET of ``f`` into ``part`` from byte ``have`` (0: from scratch).
+                  meta: dict[str, Any] | None, have: int, end: float) -> None:
+        """One GET of ``f`` into ``part`` from byte ``have`` (0: from scratch), to finish by
+        ``end`` (monotonic seconds).
 
         ``meta`` is the validator record of the bytes in ``part``; a 200 answer replaces both.
+        Nothing is written before the status, the encoding and the sizes the answer declares are
+        checked against the manifest, and never more than the manifest's size.
 
         Raises :class:`_Retry` when the attempt failed in a way that may pass.
         """
@@ -450,21 +545,32 @@ class HttpSource:
             validator = _strong(meta.get("etag")) or meta.get("last_modified")
             if validator:
                 headers["If-Range"] = validator
+        _check_space(part, f.size - have, url)
         gained = 0
         try:
-            with self._client.stream("GET", url, headers=headers) as r:
+            with self._open(url, headers, end, f.size) as r:
+                if r.status_code not in (200, 206, 416):
+                    raise _status_error(r, url)
+                encoding = r.headers.get("content-encoding", "identity").strip().lower()
+                if encoding != "identity":
+                    raise TransportError(f"the server sent Content-Encoding {encoding} although "
+                                         "identity was asked; serve the files as they are", url)
+                length = _content_length(r, url)
                 if r.status_code == 206 and "Range" in headers:
-                    start, total = _content_range(r, url)
+                    start, last, total = _content_range(r, url)
                     if total is not None and total != f.size:
                         raise _size_error(url, total, f.size)
                     if start != have:
                         raise _Retry(f"server resumed at byte {start}, not {have}")
-                    mode = "ab"
+                    if last >= f.size or (length is not None and length != last + 1 - start):
+                        raise TransportError(
+                            f"the server's Content-Range bytes {start}-{last} does not fit the "
+                            f"file's {f.size} bytes or its Content-Length {length}", url)
+                    limit, mode = last + 1, "ab"
                 elif r.status_code == 200:
-                    length = r.headers.get("content-length")
-                    if length is not None and length.isdigit() and int(length) != f.size:
-                        raise _size_error(url, int(length), f.size)
-                    have, mode = 0, "wb"
+                    if length is not None and length != f.size:
+                        raise _size_error(url, length, f.size)
+                    have, limit, mode = 0, f.size, "wb"
                     meta = {"sha256": f.sha256, "size": f.size,
                             "etag": r.headers.get("etag"),
                             "last_modified": r.headers.get("last-modified")}
@@ -472,24 +578,25 @@ class HttpSource:
                 elif r.status_code == 416:
                     _unlink(part)
                     raise _Retry("HTTP 416 Range Not Satisfiable (the file shrank on the server?)")
-                else:
-                    raise _status_error(r, url)
-                encoding = r.headers.get("content-encoding", "identity").lower()
-                if encoding != "identity":
-                    raise TransportError(f"the server sent Content-Encoding {encoding} although "
-                                         "identity was asked; serve the files as they are", url)
+                else:  # 206 to a request without Range
+                    raise TransportError("the server answered 206 to a request for the whole "
+                                         "file", url)
                 with open(part, mode) as out:
                     self._count(f.name, have)
                     for chunk in r.iter_raw():
                         self._check_halt(url)
-                        if have + len(chunk) > f.size:
+                        if have + len(chunk) > limit:
                             raise TransportError(f"the server sent more than the {f.size} "
                                                  "bytes the manifest promises", url)
                         out.write(chunk)
                         have += len(chunk)
                         gained += len(chunk)
                         self._count(f.name, have)
+                        if time.monotonic() >= end:
+                            raise self._deadline_error(url, f.size)
         except httpx.HTTPError as e:
+            if time.monotonic() >= end:
+                raise self._deadline_error(url, f.size) from e
             raise _network_retry(e, self._retry.timeout, have, f.size, gained) from e
         except _Retry as e:
             e.gained = gained
@@ -497,79 +604,255 @@ class HttpSource:
         if have < f.size:
             raise _Retry(f"connection closed after {have} of {f.size} bytes", gained=gained)
 
-    def _retrying(self, url: str, attempt: Callable[[], Any]) -> Any:
-        """Run ``attempt`` until it succeeds, retrying :class:`_Retry` with backoff."""
-        failures = 0
+    def _retrying(self, url: str, attempt: Callable[[float], Any], budget: float) -> Any:
+        """Run ``attempt(end)`` until it succeeds, retrying :class:`_Retry` with backoff: at
+        most ``attempts`` failures in a row, ``max_attempts_total`` tries in all, and
+        ``budget`` seconds in all (``end``: the monotonic time by which it must finish)."""
+        end = time.monotonic() + budget
+        failures = tries = 0
         while True:
             self._check_halt(url)
+            tries += 1
             try:
-                return attempt()
+                return attempt(end)
             except _Retry as e:
                 failures = 1 if e.gained else failures + 1
                 if failures >= self._retry.attempts:
-                    tries = f"{failures} attempt{'s' if failures > 1 else ''}"
-                    raise TransportError(f"{e.reason} (gave up after {tries})", url) from e
+                    n = f"{failures} attempt{'s' if failures > 1 else ''}"
+                    raise TransportError(f"{e.reason} (gave up after {n})", url) from e
+                if tries >= self._retry.max_attempts_total:
+                    raise TransportError(f"{e.reason} (gave up after {tries} attempts in all)",
+                                         url) from e
                 wait = self._retry.delay(failures) if e.retry_after is None else \
                     min(e.retry_after, self._retry.max_backoff)
+                if time.monotonic() + wait >= end:
+                    raise TransportError(f"{e.reason} (gave up: no time left before the "
+                                         f"deadline of {_secs(budget)} s)", url) from e
                 self._sleep(wait, url)
+
+    def _deadline_error(self, url: str, size: int | None) -> TransportError:
+        budget = self._retry.budget(size)
+        how = f"{_secs(self._retry.deadline)} s" + \
+            (f" + {size} bytes at {self._retry.min_rate:g} bytes/s" if size else "")
+        return TransportError(f"not complete within its deadline of {_secs(budget)} s ({how}): "
+                              "the server is too slow or stalls on purpose", url)
+
+    @contextlib.contextmanager
+    def _open(self, url: str, headers: dict[str, str], end: float,
+              size: int | None = None) -> Iterator[httpx.Response]:
+        """GET ``url``, following at most :data:`MAX_REDIRECTS` redirects, yielding the
+        streamed answer.
+
+        Redirects lead only to http(s), never from https to plain http. ``headers`` (and the
+        client's own headers and credentials) go only to the origin of ``url``; another origin
+        receives just the headers about the request itself (``_SAFE_HEADERS``).
+        """
+        outer = getattr(_DEADLINE, "end", None)
+        _DEADLINE.end = end  # every read and write of this thread's connections ends by then
+        try:
+            with self._follow(url, headers, end, size) as r:
+                yield r
+        finally:
+            _DEADLINE.end = outer
+
+    @contextlib.contextmanager
+    def _follow(self, url: str, headers: dict[str, str], end: float,
+                size: int | None) -> Iterator[httpx.Response]:
+        current = httpx.URL(url)
+        origin = _origin(current)
+        for _hop in range(MAX_REDIRECTS + 1):
+            left = end - time.monotonic()
+            if left <= 0:
+                raise self._deadline_error(url, size)
+            timeout = httpx.Timeout(min(self._retry.timeout, left))
+            if _origin(current) == origin:
+                request = self._client.build_request("GET", current, headers=headers,
+                                                     timeout=timeout)
+                r = self._send(request, url)
+            else:
+                safe = {k: v for k, v in headers.items() if k.lower() in _SAFE_HEADERS}
+                safe.setdefault("User-Agent", f"p2u-onnx/{__version__}")
+                request = httpx.Request("GET", current, headers=safe,
+                                        extensions={"timeout": timeout.as_dict()})
+                r = self._send(request, url, auth=None)
+            if not r.has_redirect_location:
+                try:
+                    yield r
+                finally:
+                    r.close()
+                return
+            location = r.headers.get("location", "")
+            r.close()
+            try:
+                target = current.join(location)
+            except (httpx.InvalidURL, ValueError, TypeError) as e:
+                raise TransportError(f"redirected to an invalid URL {location!r}", url) from e
+            if target.scheme not in ("http", "https") or not target.host:
+                raise TransportError(f"redirected to {_short(location)}: only http:// and "
+                                     "https:// redirects are followed", url)
+            if current.scheme == "https" and target.scheme == "http":
+                raise TransportError(f"redirected from https to plain http ({_short(location)}):"
+                                     " a downgrade, refused", url)
+            current = target
+        raise TransportError(f"more than {MAX_REDIRECTS} redirects", url)
+
+    def _send(self, request: httpx.Request, url: str, **kw: Any) -> httpx.Response:
+        try:
+            return self._client.send(request, stream=True, follow_redirects=False, **kw)
+        except httpx.InvalidURL as e:  # httpx parses a redirect's Location even unfollowed
+            raise TransportError(f"redirected to an invalid URL, or not to http(s) ({e})",
+                                 url) from e
 
     # -- the manifest
 
-    def _get_manifest(self, url: str) -> bytes:
-        headers = {**self._headers, "Cache-Control": "no-cache"}
+    def _get_manifest(self, url: str, end: float) -> bytes:
+        """The manifest's bytes, refused while they stream in once past :data:`MAX_MANIFEST`
+        (a gzip or deflate body the server sends anyway is decoded under the same bound)."""
+        headers = {**self._headers, "Cache-Control": "no-cache", "Accept-Encoding": "identity"}
+        too_big = f"the manifest is larger than the {MAX_MANIFEST}-byte limit (refused)"
         try:
-            with self._client.stream("GET", url, headers=headers) as r:
+            with self._open(url, headers, end) as r:
                 if r.status_code != 200:
                     raise _status_error(r, url)
+                length = _content_length(r, url)
+                if length is not None and length > MAX_MANIFEST:
+                    raise TransportError(f"{too_big}; Content-Length says {length}", url)
+                decode = _Decoder(r.headers.get("content-encoding", "identity"), url)
                 body = bytearray()
-                for chunk in r.iter_bytes():
+                for chunk in r.iter_raw():
                     self._check_halt(url)
-                    body += chunk
+                    body += decode(chunk, MAX_MANIFEST + 1 - len(body))
                     if len(body) > MAX_MANIFEST:
-                        raise TransportError(f"manifest larger than {MAX_MANIFEST} bytes", url)
+                        raise TransportError(too_big, url)
+                    if time.monotonic() >= end:
+                        raise self._deadline_error(url, None)
+                body += decode.finish(MAX_MANIFEST + 1 - len(body))
+                if len(body) > MAX_MANIFEST:
+                    raise TransportError(too_big, url)
                 return bytes(body)
         except httpx.HTTPError as e:
+            if time.monotonic() >= end:
+                raise self._deadline_error(url, None) from e
             raise _network_retry(e, self._retry.timeout) from e
 
     def _load_manifest(self) -> dict[str, Any]:
+        """Fetch and parse the manifest (not yet written: see :meth:`_commit_manifest`)."""
         url = self.url + MANIFEST_NAME
         cached_path = self.cache_dir / MANIFEST_NAME
-        cached = _read_cached_manifest(cached_path)
+        cached = _read_cached_manifest(cached_path) if self._mirror.owns(MANIFEST_NAME) \
+            else None
+        self._cached_manifest = cached
         text = None
         if cached is not None:  # one try: offline, the cached manifest lets the device start
             try:
-                text = self._get_manifest(url)
+                text = self._get_manifest(url, time.monotonic() + self._retry.budget())
             except _Retry as e:
                 if e.network:
                     self.offline = True
-                    return cached[1]
+                    self._manifest_text = cached[0]
+                    return self._admit_offline(cached[0], cached_path)
         if text is None:
-            text = self._retrying(url, lambda: self._get_manifest(url))
-        manifest = parse_manifest(text, url)
-        if cached is None or cached[0] != text:
-            if cached is not None:
-                self._forget(cached[1], manifest)
-            _write_atomic(cached_path, text)
+            text = self._retrying(url, lambda end: self._get_manifest(url, end),
+                                  self._retry.budget())
+        manifest = self._admit(text, url, None if cached is None else cached[1])
+        self._manifest_text = text
         return manifest
 
+    def _commit_manifest(self) -> None:
+        """Write the accepted manifest (and its signature) to the cache, forget the cached files
+        of the one it replaces, and record its version. Called once every check has passed."""
+        cached, text = self._cached_manifest, self._manifest_text
+        if cached is None or cached[0] != text:
+            with self._locked():
+                if cached is not None:
+                    self._forget(cached[1], self.manifest)
+                self._mirror.write(MANIFEST_NAME, text)
+        self._cache_signature()
+        self._policy.record(self.manifest)
+    def _admit(self, text: bytes, url: str, cached: dict[str, Any] | None) -> dict[str, Any]:
+        """The manifest in ``text`` if it passes the pin, the signature and the version checks
+        (:class:`TrustError` otherwise: nothing is written then)."""
+        policy = self._policy
+        policy.check_pin(text, url)
+        manifest = parse_manifest(text, url)
+        self.manifest_bytes = text
+        if policy.keys or self._mirroring:  # a mirror keeps the signature a package has
+            self.signature_bytes()
+        if policy.keys:
+            check_signature(self._signature, text, manifest, policy.keys, url)
+        elif self._signature is not None and not _signs(self._signature, text):
+            self._signature = None  # a stale signature of another release: not mirrored
+        policy.check_version(manifest, url)
+        ident = package_identity(manifest, url)
+        try:
+            old = None if cached is None else package_identity(cached)
+        except FormatError:
+            old = None
+        if ident and old and ident[0] == old[0] and ident[1] < old[1] \
+                and not policy.allow_rollback:
+            msg = (f"{url}: model {ident[0]!r} version {ident[1]} is older than version "
+                   f"{old[1]} in the cache {self.cache_dir} (rollback refused; the cache is "
+                   "kept as it is)")
+            raise TrustError(f"{msg}; pass allow_rollback=True to accept it",
+                             cli=f"{msg}; use --allow-rollback to accept it")
+        return manifest
+
+    def _admit_offline(self, text: bytes, path: Path) -> dict[str, Any]:
+        """The cached manifest, checked as a fresh one would be (signature from the cache)."""
+        self._signature = _read_small(self.cache_dir / SIGNATURE_NAME)
+        self._signature_known = True
+        policy = self._policy
+        policy.check_pin(text, str(path))
+        manifest = parse_manifest(text, str(path))
+        self.manifest_bytes = text
+        if policy.keys:
+            check_signature(self._signature, text, manifest, policy.keys, str(path))
+        policy.check_version(manifest, str(path))
+        return manifest
+
+    def _get_signature(self) -> bytes | None:
+        """``manifest.json.sig`` from the server, or None when it has none (404, 403, 410)."""
+        url = self.url + SIGNATURE_NAME
+        try:
+            return self._retrying(url, lambda end: self._get_manifest(url, end),
+                                  self._retry.budget())
+        except TransportError as e:
+            if re.search(r"HTTP (?:403|404|410)\b", str(e)):
+                return None
+            raise
+
+    def _cache_signature(self) -> None:
+        """Keep the accepted manifest's signature beside it in the cache (or none)."""
+        path = self.cache_dir / SIGNATURE_NAME
+        if self._signature is None:
+            if self._signature_known or not _signs(_read_small(path) or b"", self.manifest_bytes):
+                self._mirror.remove(SIGNATURE_NAME)
+        elif _read_small(path) != self._signature:
+            self._mirror.write(SIGNATURE_NAME, self._signature)
+
     def _forget(self, old: dict[str, Any], new: dict[str, Any]) -> None:
-        """Remove cached files of ``old`` that ``new`` does not list with the same digest."""
-        keep = {(f["path"], f["sha256"]) for f in _listed(new)}
+        """Remove cached files of ``old`` that ``new`` does not list with the same digest
+        (only files p2u wrote; a file of the user's is never removed)."""
+        keep = {(f.get("path"), f.get("sha256")) for f in _listed(new)}
         for f in _listed(old):
-            name = str(f.get("path", ""))
-            if _NAME.fullmatch(name) and (name, f.get("sha256")) not in keep:
-                for p in (name, name + ".part", name + ".part.json"):
-                    _unlink(self.cache_dir / p)
+            name = f.get("path")
+            try:
+                check_name(name)
+            except FormatError:
+                continue
+            if (name, f.get("sha256")) not in keep:
+                self._mirror.remove(name)
 
     # -- helpers
 
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
-        """Hold the cache directory's lock (other processes and threads wait for it)."""
+        """Hold the cache directory's lock, ``.p2u/lock`` (other processes and threads wait
+        for it)."""
         if fcntl is None:  # pragma: no cover
             yield
             return
-        with open(self.cache_dir / _LOCK_NAME, "a+b") as fh:
+        with open(self._mirror.lock_path, "a+b") as fh:
             while True:
                 try:
                     fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -607,7 +890,9 @@ class HttpSource:
 
 
 class _Transport(httpx.BaseTransport):
-    """httpx's own transports, one per scheme, each made on first use.
+    """httpx's own transports, one per scheme, each made on first use, whose connections
+    :meth:`abort` can shut down from another thread (what lets ``close()`` stop a read that
+    stalls).
 
     Loading the CA bundle for TLS takes about 50 ms, which a package on plain http:// (a LAN,
     a device's local server) never needs: that is 50 ms less before the first inference.
@@ -616,6 +901,7 @@ class _Transport(httpx.BaseTransport):
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._made: dict[str, httpx.HTTPTransport] = {}
+        self._backend = _Backend()
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         tls = request.url.scheme == "https"
@@ -626,7 +912,14 @@ class _Transport(httpx.BaseTransport):
                 # from the environment have transports of their own).
                 t = self._made[request.url.scheme] = httpx.HTTPTransport() if tls else \
                     httpx.HTTPTransport(verify=False)
+                pool = getattr(t, "_pool", None)
+                if hasattr(pool, "_network_backend"):  # httpcore's pool: track its sockets
+                    pool._network_backend = self._backend
         return t.handle_request(request)
+
+    def abort(self) -> None:
+        """Shut down every open connection (a read blocked on one returns at once)."""
+        self._backend.abort()
 
     def close(self) -> None:
         with self._lock:
@@ -635,19 +928,95 @@ class _Transport(httpx.BaseTransport):
             self._made.clear()
 
 
+class _Backend(httpcore.SyncBackend):
+    """httpcore's network backend, remembering the sockets it opens for :meth:`abort`."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._lock = threading.Lock()
+        self._socks: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+
+    def connect_tcp(self, host: str, port: int, timeout: float | None = None,
+                    *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
+        return _Tracked(super().connect_tcp(host, port, _clamp(timeout), *args, **kwargs), self)
+
+    def track(self, stream: httpcore.NetworkStream) -> None:
+        sock = stream.get_extra_info("socket")
+        if sock is not None:
+            with self._lock:
+                self._socks.add(sock)
+
+    def abort(self) -> None:
+        with self._lock:
+            socks = list(self._socks)
+        for sock in socks:
+            try:
+                sock.shutdown(socket.SHUT_RDWR)
+            except OSError:
+                pass
+
+
+_DEADLINE = threading.local()  # .end: monotonic time by which this thread's request must end
+
+
+def _clamp(timeout: float | None) -> float | None:
+    """``timeout`` shortened to what is left before the current request's deadline, so that a
+    server dripping its headers or body byte by byte cannot stretch a request past it."""
+    end = getattr(_DEADLINE, "end", None)
+    if end is None:
+        return timeout
+    left = end - time.monotonic()
+    if left <= 0:
+        raise httpcore.ReadTimeout("the transfer's deadline has passed")
+    return left if timeout is None else min(timeout, left)
+
+
+class _Tracked(httpcore.NetworkStream):
+    """A network stream whose socket (after TLS too) its backend can shut down, and whose
+    reads and writes end by the current request's deadline."""
+
+    def __init__(self, stream: httpcore.NetworkStream, backend: _Backend):
+        self._stream = stream
+        self._backend = backend
+        backend.track(stream)
+
+    def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
+        return self._stream.read(max_bytes, _clamp(timeout))
+
+    def write(self, buffer: bytes, timeout: float | None = None) -> None:
+        self._stream.write(buffer, _clamp(timeout))
+
+    def close(self) -> None:
+        self._stream.close()
+
+    def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
+                  timeout: float | None = None) -> httpcore.NetworkStream:
+        return _Tracked(self._stream.start_tls(ssl_context, server_hostname, _clamp(timeout)),
+                        self._backend)
+
+    def get_extra_info(self, info: str) -> Any:
+        return self._stream.get_extra_info(info)
+
+
 def fetch(url: str, dest_dir: str | os.PathLike, progress: Progress | None = None,
           cancel: threading.Event | None = None, *, retry: RetryPolicy | None = None,
-          headers: dict[str, str] | None = None) -> Path:
+          headers: dict[str, str] | None = None, expect: str | None = None,
+          trust: TrustSpec | None = None, allow_rollback: bool = False) -> Path:
     """Mirror the package at ``url`` into ``dest_dir``; returns ``dest_dir`` as a Path.
 
     Every file the manifest lists arrives checked against it. Interrupted (error, ``cancel``
-    set, process killed), a second call continues where the first stopped.
+    set, process killed), a second call continues where the first stopped. ``dest_dir`` must be
+    new, empty or a mirror made by p2u (it has ``.p2u/``): a folder of the user's is refused
+    with :class:`~p2u_onnx.errors.P2UError` before any request, and no file p2u did not write is
+    ever replaced or removed. ``expect``, ``trust`` and ``allow_rollback``: as for
+    :class:`HttpSource` (a signature the package has is mirrored with it).
 
     >>> fetch("http://127.0.0.1:8000/", "model.p2u")  # doctest: +SKIP
     PosixPath('model.p2u')
     """
     with HttpSource(url, dest_dir, retry=retry, progress=progress, cancel=cancel,
-                    prefetch=False, headers=headers, mirror=True) as src:
+                    prefetch=False, headers=headers, mirror=True, expect=expect, trust=trust,
+                    allow_rollback=allow_rollback) as src:
         src.download()
     return Path(dest_dir)
 
@@ -674,11 +1043,18 @@ def _entry(f: Any, url: str) -> _Entry:
     if not isinstance(f, dict):
         raise FormatError(f"{where}: a file entry is not an object")
     name, size, sha = f.get("path"), f.get("size"), f.get("sha256")
-    if not isinstance(name, str) or not _NAME.fullmatch(name) or name == MANIFEST_NAME:
-        raise FormatError(f"{where}: file {name!r} is not a plain file name (refused)")
-    if not isinstance(size, int) or size < 0 or not isinstance(sha, str) \
-            or not _SHA256.fullmatch(sha):
+    try:
+        check_name(name, f"{where}: file")
+    except FormatError as e:
+        raise FormatError(f"{e} (not a plain file name: refused)") from None
+    if name == MANIFEST_NAME:
+        raise FormatError(f"{where}: a file entry names the manifest itself (refused)")
+    if not isinstance(size, int) or isinstance(size, bool) or size < 0 \
+            or not isinstance(sha, str) or not _SHA256.fullmatch(sha):
         raise FormatError(f"{where}: file {name} has no valid size and sha256")
+    if size > MAX_FILE:
+        raise FormatError(f"{where}: file {name} declares {size} bytes, more than the "
+                          f"{MAX_FILE}-byte limit (refused)")
     return _Entry(name, size, sha)
 
 
@@ -716,8 +1092,30 @@ def _read_cached_manifest(path: Path) -> tuple[bytes, dict[str, Any]] | None:
     try:
         text = path.read_bytes()
         return text, parse_manifest(text, str(path))
-    except (OSError, FormatError):
+    except (OSError, FormatError, KeyError, TypeError, AttributeError, RecursionError):
         return None
+
+
+def _read_small(path: Path, cap: int = 64 << 10) -> bytes | None:
+    """Up to ``cap`` bytes of a regular file of the cache, or None."""
+    try:
+        with open(path, "rb") as f:
+            data = f.read(cap + 1)
+    except OSError:
+        return None
+    return data if len(data) <= cap else None
+
+
+def _signs(signature: bytes, manifest: bytes) -> bool:
+    """Whether ``signature`` is an envelope over these manifest bytes (not verified: a mirror
+    keeps it for whoever checks it with their keys)."""
+    from .trust import _parse_envelope, manifest_sha256
+
+    try:
+        signed, _ = _parse_envelope(signature, SIGNATURE_NAME)
+    except P2UError:
+        return False
+    return signed.get("manifest_sha256") == manifest_sha256(manifest)
 
 
 def _read_meta(path: Path, f: _Entry) -> dict[str, Any] | None:
@@ -737,12 +1135,83 @@ def _strong(etag: str | None) -> str | None:
     return etag if etag and not etag.startswith("W/") else None
 
 
-def _content_range(r: httpx.Response, url: str) -> tuple[int, int | None]:
-    m = _CONTENT_RANGE.fullmatch(r.headers.get("content-range", "").strip())
+def _content_range(r: httpx.Response, url: str) -> tuple[int, int, int | None]:
+    """(first, last, total or None) of a 206 answer's Content-Range."""
+    value = r.headers.get("content-range", "")
+    m = _CONTENT_RANGE.fullmatch(value.strip())
     if m is None:
-        raise _Retry(f"206 without a valid Content-Range ({r.headers.get('content-range')!r})")
-    total = None if m.group(3) == "*" else int(m.group(3))
-    return int(m.group(1)), total
+        raise _Retry(f"206 without a valid Content-Range ({_short(value)!r})")
+    first, last = int(m.group(1)), int(m.group(2))
+    if last < first:
+        raise TransportError(f"the server's Content-Range {_short(value)!r} is not valid", url)
+    return first, last, None if m.group(3) == "*" else int(m.group(3))
+
+
+def _content_length(r: httpx.Response, url: str) -> int | None:
+    """The answer's Content-Length (None when absent); a malformed one is refused."""
+    value = r.headers.get("content-length")
+    if value is None:
+        return None
+    value = value.strip()
+    if not value.isascii() or not value.isdigit() or len(value) > 20:
+        raise TransportError(f"the server sent an invalid Content-Length {_short(value)!r}", url)
+    return int(value)
+
+
+def _check_space(part: Path, need: int, url: str) -> None:
+    """Refuse, before writing, a file that cannot fit on the cache's file system."""
+    try:
+        free = shutil.disk_usage(part.parent).free
+    except OSError:
+        return
+    if need > free:
+        raise P2UError(f"{url}: needs {need} more bytes in {part.parent}, which has {free} free")
+
+
+class _Decoder:
+    """Decodes a body the server compressed although ``identity`` was asked (gzip or deflate
+    only), never producing more than the caller allows per call: a compression bomb cannot
+    grow past the limit."""
+
+    def __init__(self, encoding: str, url: str):
+        encoding = encoding.strip().lower()
+        self.url = url
+        if encoding in ("identity", ""):
+            self._z = None
+        elif encoding in ("gzip", "x-gzip", "deflate"):
+            self._z = zlib.decompressobj(31 if "gzip" in encoding else 15)
+        else:
+            raise TransportError(f"the server sent Content-Encoding {_short(encoding)} although "
+                                 "identity was asked; serve the files as they are", url)
+
+    def __call__(self, data: bytes, limit: int) -> bytes:
+        if self._z is None:
+            return data
+        try:
+            out = self._z.decompress(data, max(limit, 1))
+        except zlib.error as e:
+            raise TransportError(f"the server's compressed body is not valid ({e})",
+                                 self.url) from e
+        return out  # with input left over, ``out`` fills ``limit``: the caller sees it is over
+
+    def finish(self, limit: int) -> bytes:
+        if self._z is None:
+            return b""
+        if not self._z.eof:
+            raise TransportError("the server's compressed body is truncated", self.url)
+        return b""
+
+
+def _origin(url: httpx.URL) -> tuple[str, str, int | None]:
+    return url.scheme, url.host, url.port
+
+
+def _secs(x: float) -> str:
+    return f"{x:.1f}".removesuffix(".0")
+
+
+def _short(text: str, n: int = 80) -> str:
+    return text if len(text) <= n else text[:n] + "..."
 
 
 def _size_error(url: str, got: int, want: int) -> TransportError:

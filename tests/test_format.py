@@ -15,8 +15,9 @@ from p2u_onnx.format import StageWriter, read_stage, sha256_bytes, sha256_file
 @pytest.fixture
 def stage_file(tmp_path):
     w = StageWriter(tmp_path / "stage-1.p2u", "pkg-a", 1)
-    w.add({"kind": "file", "name": "a"}, b"hello")
-    w.add({"kind": "file", "name": "b"}, b"world!" * 100)
+    raw = {"codec": {"id": "zstd", "level": 3}, "raw_length": 0, "sha256": "0" * 64}
+    w.add({"kind": "file", "name": "a", **raw}, b"hello")
+    w.add({"kind": "file", "name": "b", **raw}, b"world!" * 100)
     w.finish()
     return tmp_path / "stage-1.p2u"
 
@@ -109,8 +110,7 @@ def test_sha256_in_turns(tmp_path, monkeypatch):
             assert not in_turn[0], "a file read inside a turn"
             return super().read(*args)
 
-    monkeypatch.setattr(p2u_format, "open", lambda path, mode: Watched(path, mode),
-                        raising=False)
+    monkeypatch.setattr(p2u_format, "open_regular", lambda path: Watched(path, "rb"))
     want = hashlib.sha256(data).hexdigest()
     assert sha256_file(p, chunk=4096, pace=pace) == want
     assert len(turns) == 3  # one per chunk

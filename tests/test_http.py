@@ -224,7 +224,7 @@ def test_fetch_mirror_from_nginx(nginx_url, pkg, tmp_path, weights):
     assert verify(out)["lossless_match"]
     for f in pkg.iterdir():
         assert (out / f.name).read_bytes() == f.read_bytes(), f.name
-    assert not list(out.glob("*.part*"))
+    assert not list(out.glob("*.part*")) and not list(out.glob(".p2u/*.part*"))
     assert seen[-1][0] == seen[-1][1] == sum(
         f.stat().st_size for f in pkg.iterdir() if f.name.endswith((".p2u", ".npz")))
     assert_bit_exact(out, weights)
@@ -321,7 +321,7 @@ def test_session_keeps_last_good_stage_on_bad_data(proxy, pkg, feed, original, t
         assert s.stage == 1
         np.testing.assert_array_equal(s.run(None, feed)[0], stage1)
         assert "stage-2.p2u" not in complete_files(cache, s.manifest)
-        assert not (cache / "stage-2.p2u.part").exists()
+        assert not (cache / ".p2u" / "stage-2.p2u.part").exists()
         proxy.faults.clear()
         assert s.upgrade().result(timeout=30) == 2
         np.testing.assert_array_equal(s.run(None, feed)[0], original)
@@ -342,7 +342,7 @@ def test_cancel_then_resume(site, proxy, tmp_path, weights):
         fetch(slow.url + "digits.p2u/", out, progress, cancel)
     have = complete_files(out, manifest)
     assert "stage-2.p2u" not in have and "stage-1.p2u" in have
-    part = (out / "stage-2.p2u.part").stat().st_size
+    part = (out / ".p2u" / "stage-2.p2u.part").stat().st_size
     assert 0 < part < manifest["stages"][2]["files"][0]["size"]
     fetch(proxy.url + "digits.p2u/", out, retry=FAST)
     assert [r[2] for r in proxy.requests("stage-2.p2u")] == [f"bytes={part}-"]
@@ -367,7 +367,7 @@ def test_a_failed_prefetch_is_tried_again_when_needed(proxy, pkg, tmp_path):
                     progress=progress) as src:
         src._worker.join(10)
         assert failed.is_set() and not src._worker.is_alive()
-        part = (tmp_path / "c" / "stage-2.p2u.part").stat().st_size
+        part = (tmp_path / "c" / ".p2u" / "stage-2.p2u.part").stat().st_size
         assert part > 0
         path = src.fetch(2)
     assert [r[2] for r in proxy.requests("stage-2.p2u")] == [None, f"bytes={part}-"]
@@ -383,7 +383,7 @@ def test_resume_of_a_changed_file_starts_over(site, tmp_path):
     with PackageServer(root, rate=parse_rate("8mbit")) as slow, \
             pytest.raises(TransportError, match="cancelled"):
         fetch(slow.url + "digits.p2u/", out, lambda d, t: d > 250_000 and cancel.set(), cancel)
-    assert (out / "stage-2.p2u.part").exists()
+    assert (out / ".p2u" / "stage-2.p2u.part").exists()
     stage2 = root / "digits.p2u" / "stage-2.p2u"
     os.utime(stage2, (time.time() + 5, time.time() + 5))  # same bytes, new validator
     with PackageServer(root) as srv, FaultProxy(srv.url) as p:

@@ -1,0 +1,304 @@
+"""ONNX external data, checked by p2u before onnxruntime sees a graph (device side: no onnx).
+
+A package's ``base.onnx`` and its skeleton graph (``graph.onnx``, carried by stage 1) keep
+their tensors in external-data files. onnxruntime resolves an external ``location`` itself,
+and what it accepts depends on its version (absolute paths, ``..``, symbolic links, its
+in-memory address tag). So p2u reads every tensor of the graph first, with the few lines of
+protobuf wire format below (:func:`external_tensors`: initializers, Constant and other tensor
+attributes, sparse tensors, subgraphs of If/Loop/Scan, function bodies and training graphs),
+and refuses the graph unless every external tensor points where the package says:
+
+* ``base.onnx``: only ``base.bin``, inside it; each coded tensor's integer codes
+  (``<tensor>__p2u_q``), scales (``__p2u_s``) and zero points (``__p2u_zp``) exactly at the
+  manifest's spans, with the element type and dimensions the manifest implies
+  (:func:`check_base_graph`);
+* the skeleton: ``base.bin`` (inside it) or ``weights.bin`` exactly at a coded tensor's
+  ``weights`` span, with that tensor's name, element type and dimensions; every coded tensor
+  is there (:func:`check_skeleton`).
+
+Every failure is one :class:`~p2u_onnx.errors.FormatError` line naming the tensor.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+import os
+from collections.abc import Iterator
+from typing import Any
+
+from .errors import FormatError
+
+__all__ = ["ExternalTensor", "external_tensors", "check_base_graph", "check_skeleton",
+           "graph_size_limit"]
+
+_MAX_NESTING = 64  # subgraphs inside subgraphs
+_FLOAT_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16, "float64": 11}
+_SCALE_TYPES = {"float32": 1, "float16": 10, "bfloat16": 1, "float64": 1}
+_PACKED = {21: 4, 22: 4, 25: 2, 26: 2}  # INT4/UINT4/INT2/UINT2: bits
+_UINT8 = 2
+
+
+@dataclasses.dataclass
+class ExternalTensor:
+    """A tensor of a graph whose data is external (or that names external-data keys)."""
+
+    name: str
+    data_type: int
+    dims: tuple[int, ...]
+    location: str | None
+    offset: int
+    length: int | None
+    keys: dict[str, str]
+
+
+def _varint(buf: memoryview, pos: int, end: int) -> tuple[int, int]:
+    result = shift = 0
+    while True:
+        if pos >= end or shift > 63:
+            raise FormatError("truncated or malformed protobuf")
+        b = buf[pos]
+        pos += 1
+        result |= (b & 0x7F) << shift
+        if not b & 0x80:
+            return result, pos
+        shift += 7
+
+
+def _fields(buf: memoryview, start: int, end: int) -> Iterator[tuple[int, int, Any]]:
+    """(field number, wire type, value) of one message: an int for varints and fixed
+    fields, (start, end) for length-delimited ones."""
+    pos = start
+    while pos < end:
+        key, pos = _varint(buf, pos, end)
+        field, wire = key >> 3, key & 7
+        if wire == 0:
+            value, pos = _varint(buf, pos, end)
+        elif wire == 1:
+            value, pos = int.from_bytes(buf[pos:pos + 8], "little"), pos + 8
+        elif wire == 5:
+            value, pos = int.from_bytes(buf[pos:pos + 4], "little"), pos + 4
+        elif wire == 2:
+            n, pos = _varint(buf, pos, end)
+            value, pos = (pos, pos + n), pos + n
+        else:
+            raise FormatError(f"malformed protobuf (wire type {wire})")
+        if pos > end:
+            raise FormatError("truncated protobuf")
+        yield field, wire, value
+
+
+def _text(buf: memoryview, span: tuple[int, int]) -> str:
+    try:
+        return bytes(buf[span[0]:span[1]]).decode("utf-8")
+    except UnicodeDecodeError:
+        raise FormatError("malformed protobuf (a string is not UTF-8)") from None
+
+
+def _tensor(buf: memoryview, start: int, end: int) -> ExternalTensor | None:
+    dims: list[int] = []
+    name, data_type, location, keys = "", 0, 0, {}
+    for field, wire, v in _fields(buf, start, end):
+        if field == 1:  # dims: packed or not
+            if wire == 2:
+                pos = v[0]
+                while pos < v[1]:
+                    d, pos = _varint(buf, pos, v[1])
+                    dims.append(d - (1 << 64) if d >> 63 else d)
+            else:
+                dims.append(v - (1 << 64) if v >> 63 else v)
+        elif field == 2 and wire == 0:
+            data_type = v
+        elif field == 8 and wire == 2:
+            name = _text(buf, v)
+        elif field == 13 and wire == 2:  # StringStringEntryProto
+            k = val = ""
+            for f2, w2, v2 in _fields(buf, *v):
+                if w2 == 2 and f2 == 1:
+                    k = _text(buf, v2)
+                elif w2 == 2 and f2 == 2:
+                    val = _text(buf, v2)
+            keys[k] = val
+        elif field == 14 and wire == 0:
+            location = v
+    if location != 1 and not keys:
+        return None
+    try:
+        offset = int(keys.get("offset", "0"))
+        length = int(keys["length"]) if "length" in keys else None
+    except ValueError:
+        raise FormatError(f"tensor {name!r}: external-data offset or length is not a "
+                          "number") from None
+    return ExternalTensor(name, data_type, tuple(dims), keys.get("location"), offset, length,
+                          keys)
+
+
+def _walk(buf: memoryview, start: int, end: int, kind: str, depth: int,
+          out: list[ExternalTensor]) -> None:
+    if depth > _MAX_NESTING:
+        raise FormatError(f"graph nests subgraphs more than {_MAX_NESTING} deep")
+    # message kind -> {field: message kind of that field}
+    for field, wire, v in _fields(buf, start, end):
+        if wire != 2:
+            continue
+        sub = _CHILDREN[kind].get(field)
+        if sub == "tensor":
+            t = _tensor(buf, *v)
+            if t is not None:
+                out.append(t)
+        elif sub is not None:
+            _walk(buf, v[0], v[1], sub, depth + 1, out)
+
+
+_CHILDREN: dict[str, dict[int, str]] = {
+    "model": {7: "graph", 25: "function", 20: "training"},
+    "training": {1: "graph", 2: "graph"},
+    "graph": {1: "node", 5: "tensor", 15: "sparse"},
+    "function": {7: "node", 11: "attribute"},
+    "node": {5: "attribute"},
+    "attribute": {5: "tensor", 6: "graph", 10: "tensor", 11: "graph", 22: "sparse",
+                  23: "sparse"},
+    "sparse": {1: "tensor", 2: "tensor"},
+}
+
+
+def external_tensors(model: bytes | bytearray | memoryview) -> list[ExternalTensor]:
+    """Every tensor of a serialized ``ModelProto`` whose data is external, in the main graph,
+    subgraphs, functions and training graphs. :class:`FormatError` for malformed bytes."""
+    buf = memoryview(model).cast("B")
+    out: list[ExternalTensor] = []
+    _walk(buf, 0, len(buf), "model", 0, out)
+    return out
+
+
+def _read(path: str | os.PathLike) -> bytes:
+    from .format import open_regular
+
+    try:
+        with open_regular(path) as f:
+            return f.read()
+    except OSError as e:
+        raise FormatError(f"cannot read {path}: {e.strerror or e}") from e
+
+
+def _numel(dims: tuple[int, ...]) -> int:
+    return math.prod(dims) if all(d >= 0 for d in dims) else -1
+
+
+def _located(t: ExternalTensor, where: str, allowed: dict[str, int]) -> None:
+    """``t`` points inside one of the ``allowed`` files (name -> size) with a length."""
+    if t.location not in allowed:
+        raise FormatError(f"{where}: tensor {t.name!r} keeps its data in {t.location!r}; only "
+                          f"{' or '.join(sorted(allowed))} may be used (refused before loading)")
+    if t.length is None or t.offset < 0 or t.length < 0 or \
+            t.offset + t.length > allowed[t.location]:
+        raise FormatError(f"{where}: tensor {t.name!r} points at {t.location}[{t.offset}:+"
+                          f"{t.length}], outside that file ({allowed[t.location]} bytes)")
+    extra = set(t.keys) - {"location", "offset", "length", "checksum"}
+    if extra:
+        raise FormatError(f"{where}: tensor {t.name!r} has unknown external-data keys "
+                          f"{sorted(extra)}")
+
+
+def _disjoint(tensors: list[ExternalTensor], location: str, where: str) -> None:
+    """No two tensors read overlapping bytes of ``location``: what a graph makes onnxruntime
+    load is then bounded by the size of that file."""
+    spans = sorted((t.offset, t.offset + (t.length or 0), t.name) for t in tensors
+                   if t.location == location)
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:]):
+        if start < end:
+            raise FormatError(f"{where}: tensors {a!r} and {b!r} read overlapping bytes of "
+                              f"{location}")
+
+
+def _scale_shape(t: dict[str, Any]) -> tuple[int, ...]:
+    shape, lay = list(t["shape"]), t["layout"]
+    if lay["mode"] == "tensor":
+        return ()
+    if lay["mode"] == "channel":
+        return (shape[lay["axis"]],)
+    ax = lay["axis"]
+    return tuple(-(-d // lay["block_size"]) if i == ax else d for i, d in enumerate(shape))
+
+
+def check_base_graph(model: bytes | str | os.PathLike, manifest: dict[str, Any],
+                     base_bin_size: int, where: str = "base.onnx") -> None:
+    """Refuse ``base.onnx`` (bytes or path) unless every external tensor lies inside
+    ``base.bin`` and each coded tensor's codes, scales and zero points are exactly at the
+    manifest's spans, with matching element types and dimensions."""
+    data = model if isinstance(model, (bytes, bytearray, memoryview)) else _read(model)
+    ext = external_tensors(data)
+    by_name: dict[str, list[ExternalTensor]] = {}
+    for t in ext:
+        _located(t, where, {"base.bin": base_bin_size})
+        by_name.setdefault(t.name, []).append(t)
+    _disjoint(ext, "base.bin", where)
+    for t in manifest["tensors"]:
+        b = t["base"]
+        ctype = b["code_type"]
+        stem = f"{t['tensor']}__p2u"
+        size = math.prod(t["shape"])
+        parts = [("q", b["codes"], {ctype}, tuple(t["shape"])),
+                 ("s", b["scale"], {_SCALE_TYPES[t["dtype"]]}, _scale_shape(t))]
+        if b.get("zero_point") is not None:
+            parts.append(("zp", b["zero_point"], {ctype}, _scale_shape(t)))
+        for suffix, span, types, dims in parts:
+            name = f"{stem}_{suffix}"
+            found = [e for e in by_name.get(name, []) if (e.offset, e.length) == tuple(span)]
+            if not found:
+                raise FormatError(f"{where}: no tensor {name!r} at base.bin{list(span)} as the "
+                                  f"manifest's tensor {t['name']!r} says (manifest and base "
+                                  "model disagree)")
+            for e in found:
+                ok = e.data_type in types and e.dims == dims
+                # a Gather-read table of packed codes is declared as the same bytes in UINT8
+                if not ok and suffix == "q" and ctype in _PACKED and e.data_type == _UINT8:
+                    ok = len(e.dims) == 2 and _numel(e.dims) == span[1] and \
+                        -(-size // (8 // _PACKED[ctype])) == span[1]
+                if not ok:
+                    raise FormatError(f"{where}: tensor {name!r} is type {e.data_type} with "
+                                      f"dims {list(e.dims)}; the manifest's tensor "
+                                      f"{t['name']!r} implies type {sorted(types)[0]} with "
+                                      f"dims {list(dims)}")
+
+
+def check_skeleton(model: bytes | bytearray | memoryview, manifest: dict[str, Any],
+                   base_bin_size: int, where: str = "graph.onnx") -> None:
+    """Refuse the skeleton graph unless every external tensor lies inside ``base.bin`` or is
+    exactly a coded tensor's ``weights`` span of ``weights.bin`` (same name, element type and
+    dimensions), and every coded tensor is found."""
+    wsize = max((sum(t["weights"]) for t in manifest["tensors"]), default=0)
+    spans = {tuple(t["weights"]): t for t in manifest["tensors"]}
+    seen: set[str] = set()
+    ext = external_tensors(model)
+    for e in ext:
+        _located(e, where, {"base.bin": base_bin_size, "weights.bin": wsize})
+    _disjoint(ext, "base.bin", where)
+    _disjoint(ext, "weights.bin", where)
+    for e in ext:
+        if e.location != "weights.bin":
+            continue
+        t = spans.get((e.offset, e.length))
+        if t is None:
+            raise FormatError(f"{where}: tensor {e.name!r} points at weights.bin[{e.offset}:+"
+                              f"{e.length}], which is no coded tensor's span in the manifest")
+        # (a Constant node's value tensor may be unnamed: its output names it)
+        if (e.name != t["tensor"] and t["kind"] != "constant") or \
+                e.data_type != _FLOAT_TYPES[t["dtype"]] or e.dims != tuple(t["shape"]):
+            raise FormatError(f"{where}: tensor {e.name!r} (type {e.data_type}, dims "
+                              f"{list(e.dims)}) sits at the weights span of the manifest's "
+                              f"{t['name']!r} ({t['dtype']}, shape {t['shape']}) (manifest and "
+                              "graph disagree)")
+        seen.add(t["name"])
+    missing = [t["name"] for t in manifest["tensors"] if t["name"] not in seen]
+    if missing:
+        raise FormatError(f"{where}: no tensor reads the weights of {missing[0]!r} (manifest "
+                          "and graph disagree)")
+
+
+def graph_size_limit(manifest: dict[str, Any]) -> int:
+    """The most bytes a skeleton graph may declare: twice ``base.onnx`` and 64 MiB (both hold
+    the same structure and small tensors; the base has a few more nodes), at most 2 GiB."""
+    base = next((f["size"] for f in manifest["base_model"]["files"]
+                 if f["path"] == "base.onnx"), 0)
+    return min(2 * base + (64 << 20), (1 << 31) - 1)
