@@ -189,6 +189,35 @@ def test_killed_session_folder_is_removed_by_the_next(pkg, tmp_path, monkeypatch
 
 
 @linux
+def test_killed_session_from_a_url_leaves_nothing_for_long(pkg, tmp_path, monkeypatch):
+    """A session from a URL has two temporary folders (its work folder and the download
+    cache): both are named after the process, and the next session removes both."""
+    from p2u_onnx.devserver import PackageServer
+
+    work = tmp_path / "tmp"
+    work.mkdir()
+    monkeypatch.setattr("tempfile.tempdir", str(work))
+    with PackageServer(pkg) as srv:
+        killed = _spawn(_HOLD, srv.url, TMPDIR=str(work))
+        try:
+            _wait_line(killed, "DIR ")
+            left = _ours(work)
+            assert len(left) == 2 and {n.startswith("p2u-http-") for n in left} == {True, False}
+            assert all(f"-{killed.pid}-" in n for n in left)  # both named after their owner
+            killed.send_signal(signal.SIGKILL)
+            assert killed.wait(10) == -signal.SIGKILL
+        finally:
+            if killed.poll() is None:
+                killed.kill()
+            killed.communicate()
+        assert _ours(work) == left  # what the killed process left
+        with ProgressiveSession(srv.url) as s:
+            assert s.upgrade(background=False) == s.stages - 1
+            assert not set(left) & set(_ours(work))  # both removed
+        assert _ours(work) == []
+
+
+@linux
 def test_sweep_tells_reused_pids_and_never_follows_links(tmp_path):
     work, victim = tmp_path / "work", tmp_path / "victim"
     work.mkdir()
