@@ -321,6 +321,24 @@ def test_truncated_stage_file_is_a_clean_error_not_sigbus(pkg, feed, refs, strat
     assert "stage-1.p2u" in error and "truncated" in error, error
 
 
+def test_huge_stage_file_is_not_copied_whole(pkg, tmp_path):
+    """The private copy stops one byte past the package's largest stage file."""
+    huge = tmp_path / "stage-1.p2u"
+    with open(huge, "wb") as f:
+        f.write((pkg / "stage-1.p2u").read_bytes())
+        f.truncate(64 << 30)  # 64 GiB, sparse
+    largest = max(st["files"][0]["size"] for st in load_manifest(pkg)["stages"])
+    work = tmp_path / "work"
+    with ProgressiveSession(pkg, workdir=work) as s:
+        written = []
+        s._writeback.add = lambda fd, off, n: written.append(n)
+        t0 = time.monotonic()
+        with pytest.raises(IntegrityError, match="stage-1.p2u"):
+            s.apply(huge)
+        assert time.monotonic() - t0 < 30 and written == [largest + 1]
+        assert s.stage == 0 and not list(s._dir.glob("incoming-*"))
+
+
 def test_stage_file_that_is_not_a_regular_file_is_refused(pkg, tmp_path):
     if not hasattr(os, "mkfifo"):
         pytest.skip("no FIFOs here")
