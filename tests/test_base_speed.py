@@ -10,7 +10,7 @@ from onnx import TensorProto, helper, numpy_helper
 
 import p2u_onnx
 from p2u_onnx.api import open_stages
-from p2u_onnx.base_speed import gather_then_dequantize, keep_matmul_add
+from p2u_onnx.base_speed import dequantize_at_load, gather_then_dequantize, keep_matmul_add
 from p2u_onnx.reconstruct import pack_codes
 
 RNG = np.random.default_rng(7)
@@ -190,3 +190,113 @@ def test_tables_inside_subgraphs_are_rewritten():
         assert all(n.input[0] != "q" for n in b.g.node if n.op_type == "DequantizeLinear")
     for f, ref in zip(feeds, before):
         assert np.array_equal(_run(model, f)[0], ref[0])
+
+
+# ---------------------------------------------------------------- dequantize_at_load
+
+
+def _weight_model(onnx_type: int, lo: int, hi: int, shape: tuple[int, ...], mode: str,
+                  axis: int = 0, block: int = 0, zero_point: bool = False,
+                  scale_type=np.float32, opset: int = 21, reader: str = "Identity"
+                  ) -> onnx.ModelProto:
+    """DequantizeLinear(codes, scale[, zero point]) read by ``reader`` (Identity: the weight
+    itself is the output)."""
+    codes = RNG.integers(lo, hi + 1, shape)
+    if mode == "tensor":
+        sshape, attrs = (), {}
+    elif mode == "channel":
+        sshape, attrs = (shape[axis],), {"axis": axis}
+    else:
+        sshape = tuple(-(-d // block) if i == axis else d for i, d in enumerate(shape))
+        attrs = {"axis": axis, "block_size": block}
+    scale = RNG.uniform(0.01, 0.1, sshape).astype(scale_type)
+    inits = [_codes_tensor("q", codes, onnx_type), numpy_helper.from_array(scale, "s")]
+    dq_in = ["q", "s"]
+    if zero_point:
+        inits.append(_codes_tensor("zp", RNG.integers(lo, hi + 1, sshape), onnx_type))
+        dq_in.append("zp")
+    elem = helper.np_dtype_to_tensor_dtype(np.dtype(scale_type))
+    nodes = [helper.make_node("DequantizeLinear", dq_in, ["w"], name="dq", **attrs)]
+    inputs, y_shape = [], list(shape)
+    if reader == "Identity":
+        nodes.append(helper.make_node("Identity", ["w"], ["y"]))
+    else:  # MatMul / Gemm(transB=1) / Conv-like readers with an input x
+        x_shape = {"MatMul": [3, shape[0]], "Gemm": [3, shape[1]]}[reader]
+        inputs.append(helper.make_tensor_value_info("x", elem, x_shape))
+        y_shape = [3, shape[1] if reader == "MatMul" else shape[0]]
+        nodes.append(helper.make_node(reader, ["x", "w"], ["y"],
+                                      **({"transB": 1} if reader == "Gemm" else {})))
+    g = helper.make_graph(nodes, "w", inputs, [helper.make_tensor_value_info("y", elem, y_shape)],
+                          inits)
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", opset)])
+
+
+def _session(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+             optimized: str | None = None) -> ort.InferenceSession:
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    if optimized:
+        so.optimized_model_filepath = optimized
+    return ort.InferenceSession(model.SerializeToString(), so,
+                                providers=["CPUExecutionProvider"])
+
+
+@pytest.mark.parametrize("onnx_type,lo,hi,shape,mode,axis,block,zero_point,scale_type,opset", [
+    (TensorProto.INT4, -8, 7, (64, 32, 3, 3), "block", 1, 32, False, np.float32, 21),
+    (TensorProto.INT4, -8, 7, (10, 45), "block", 1, 32, False, np.float32, 21),  # padded
+    (TensorProto.UINT4, 0, 15, (9, 7, 5), "block", 0, 4, True, np.float32, 21),  # odd count
+    (TensorProto.INT4, -8, 7, (30, 20), "channel", 0, 0, False, np.float32, 21),
+    (TensorProto.INT4, -8, 7, (16, 16), "tensor", 0, 0, False, np.float32, 21),
+    (TensorProto.INT8, -128, 127, (1, 512, 64), "block", 2, 32, True, np.float32, 21),
+    (TensorProto.UINT8, 0, 255, (40, 24), "channel", 1, 0, True, np.float32, 13),
+    (TensorProto.INT8, -128, 127, (40, 24), "tensor", 0, 0, False, np.float32, 13),
+    (TensorProto.INT4, -8, 7, (32, 64), "block", 1, 32, False, np.float16, 21),
+    (TensorProto.INT2, -2, 1, (8, 64, 3), "block", 1, 32, False, np.float32, 25),
+    (TensorProto.UINT2, 0, 3, (7, 13), "block", 1, 16, True, np.float32, 25),
+])
+def test_dequantize_at_load_is_exact_and_folded(tmp_path, onnx_type, lo, hi, shape, mode, axis,
+                                                block, zero_point, scale_type, opset):
+    """The rewritten weight equals DequantizeLinear's bit for bit, and onnxruntime computes it
+    once at load: no DequantizeLinear (nor any of the new ops) is left to run."""
+    model = _weight_model(onnx_type, lo, hi, shape, mode, axis, block, zero_point, scale_type,
+                          opset)
+    try:
+        before = _session(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {})[0]
+    except Exception as e:  # an onnxruntime without this type cannot run either graph
+        pytest.skip(f"onnxruntime cannot run {TensorProto.DataType.Name(onnx_type)}: {e}")
+    folded = onnx.ModelProto()
+    folded.CopyFrom(model)
+    assert dequantize_at_load(folded) == 1
+    onnx.checker.check_model(folded, full_check=True)
+    assert "DequantizeLinear" not in [n.op_type for n in folded.graph.node]
+    for level in (ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                  ort.GraphOptimizationLevel.ORT_ENABLE_ALL):
+        after = _session(folded, level).run(None, {})[0]
+        assert after.dtype == before.dtype and after.shape == before.shape
+        assert np.array_equal(after.view(np.uint8), before.view(np.uint8))
+    path = tmp_path / "optimized.onnx"
+    _session(folded, optimized=str(path))
+    assert {n.op_type for n in onnx.load(str(path)).graph.node} <= {"Identity"}
+
+
+def test_low_bit_matmul_weights_keep_their_kernel(tmp_path):
+    """A MatMul weight in 4-bit blocks along axis 0 stays DequantizeLinear (onnxruntime runs
+    it as MatMulNBits); the same codes under Gemm(transB=1) are folded to float at load."""
+    mm = _weight_model(TensorProto.INT4, -8, 7, (64, 48), "block", 0, 32, reader="MatMul")
+    before = mm.SerializeToString()
+    assert dequantize_at_load(mm) == 0
+    assert mm.SerializeToString() == before
+    path = tmp_path / "mm.onnx"
+    _session(mm, optimized=str(path))
+    assert "MatMulNBits" in [n.op_type for n in onnx.load(str(path)).graph.node]
+
+    gemm = _weight_model(TensorProto.INT4, -8, 7, (48, 64), "block", 1, 32, reader="Gemm")
+    x = RNG.standard_normal((3, 64)).astype(np.float32)
+    ref = _session(gemm, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, {"x": x})[0]
+    assert dequantize_at_load(gemm) == 1
+    path = tmp_path / "gemm.onnx"
+    y = _session(gemm, optimized=str(path)).run(None, {"x": x})[0]
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert ops == ["Gemm"], ops
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
