@@ -70,6 +70,7 @@ from typing import Any, ContextManager, Protocol
 import numpy as np
 import onnxruntime as ort
 
+from ._base_session import open_base_session
 from ._memory import anonymous_regions, collapse_to_huge_pages, libc, trim_heap
 from ._priority import lowered_priority
 from ._rwlock import Pace, RWLock, TurnLock
@@ -562,10 +563,10 @@ class ProgressiveSession:
         self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         try:
             base_onnx, self._base_bin = self._source.base_files(self._workdir)
-            session = ort.InferenceSession(
-                str(base_onnx), _lean_base_options(sess_options)
-                if self._strategy == "inplace" else sess_options, providers=providers,
-                disabled_optimizers=list(_BASE_OFF) if fast_base else None)
+            session = open_base_session(
+                base_onnx, _lean_base_options(sess_options)
+                if self._strategy == "inplace" else sess_options, providers,
+                _BASE_OFF if fast_base else None)
             probe = self._source.probe_bytes() if verify else None
             self._probe = None if probe is None else \
                 Probe(self._manifest["probe"], probe, session.get_inputs())

@@ -10,6 +10,8 @@ from onnx import TensorProto, helper, numpy_helper
 
 import p2u_onnx
 from p2u_onnx.api import open_stages
+from p2u_onnx.format import load_manifest
+from p2u_onnx.runtime import ProgressiveSession
 from p2u_onnx.base_speed import dequantize_at_load, gather_then_dequantize, keep_matmul_add
 from p2u_onnx.reconstruct import pack_codes
 
@@ -300,3 +302,108 @@ def test_low_bit_matmul_weights_keep_their_kernel(tmp_path):
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert ops == ["Gemm"], ops
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def _mixed_model() -> onnx.ModelProto:
+    """Conv (channel and block layouts), Gemm(transB=1), GRU and a MatMul: every path."""
+    r = np.random.default_rng(3)
+
+    def w(*shape):
+        return (r.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
+
+    inits = {"c1": w(32, 4, 3, 3), "c1b": w(32), "c2": w(32, 32, 3, 3), "g": w(64, 32),
+             "gb": w(64), "W": w(1, 96, 16), "R": w(1, 96, 32), "B": w(1, 192), "m": w(32, 64),
+             "seq": np.array([4, 1, 16], np.int64), "flat": np.array([4, 32], np.int64)}
+    nodes = [helper.make_node("Conv", ["x", "c1", "c1b"], ["a"], pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["ar"]),
+             helper.make_node("Conv", ["ar", "c2"], ["b"], pads=[1] * 4),
+             helper.make_node("GlobalAveragePool", ["b"], ["p"]),
+             helper.make_node("Flatten", ["p"], ["f"]),
+             helper.make_node("Gemm", ["f", "g", "gb"], ["h"], transB=1),
+             helper.make_node("Reshape", ["h", "seq"], ["s"]),
+             helper.make_node("GRU", ["s", "W", "R", "B"], ["y"], hidden_size=32),
+             helper.make_node("Reshape", ["y", "flat"], ["yf"]),
+             helper.make_node("MatMul", ["yf", "m"], ["out"])]
+    g = helper.make_graph(
+        nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 64])],
+        [numpy_helper.from_array(v, k) for k, v in inits.items()])
+    return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+
+
+@pytest.fixture(scope="module")
+def mixed_pkg(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("mixed")
+    src = tmp / "mixed.onnx"
+    onnx.save(_mixed_model(), str(src))
+    pkg = tmp / "mixed.p2u"
+    p2u_onnx.encode(src, pkg, "4,8,lossless", p2u_onnx.QuantConfig(min_elements=64),
+                    p2u_onnx.BitBudget(adaptive=False))
+    return src, pkg
+
+
+MIXED_FEED = {"x": np.random.default_rng(4).standard_normal((1, 4, 8, 8)).astype(np.float32)}
+
+
+def _options(level=ort.GraphOptimizationLevel.ORT_ENABLE_ALL, exact_nbits=True):
+    so = ort.SessionOptions()
+    so.graph_optimization_level = level
+    so.log_severity_level = 3
+    if exact_nbits:  # float activations in MatMulNBits, to compare at float precision
+        so.add_session_config_entry("session.qdq_matmulnbits_accuracy_level", "0")
+    return so
+
+
+def test_base_computes_stage0_weights_once(mixed_pkg, tmp_path):
+    """The encoded base leaves only the MatMul's DequantizeLinear to onnxruntime (as
+    MatMulNBits); the rest is folded at load, and the outputs are the stage-0 model's: the
+    original graph with the weights open_stages(pkg, 0) decodes."""
+    src, pkg = mixed_pkg
+    base = onnx.load(str(pkg / "base.onnx"), load_external_data=False)
+    dq = [n.input[0] for n in base.graph.node if n.op_type == "DequantizeLinear"]
+    assert dq == ["m__p2u_q"]  # the MatMul weight keeps its low-bit kernel
+    so = _options()
+    so.optimized_model_filepath = str(tmp_path / "optimized.onnx")
+    fast = ort.InferenceSession(str(pkg / "base.onnx"), so, providers=["CPUExecutionProvider"])
+    ops = [n.op_type for n in onnx.load(str(tmp_path / "optimized.onnx")).graph.node]
+    assert "DequantizeLinear" not in ops and "MatMulNBits" in ops and "GRU" in ops
+    assert not {"Cast", "Mul", "BitShift", "Expand", "Unsqueeze"} & set(ops)  # all folded
+    y = fast.run(None, MIXED_FEED)[0]
+
+    state = open_stages(pkg, 0)
+    ref_model = onnx.load(str(src))
+    for t in ref_model.graph.initializer:
+        if t.name in state.tensors:
+            t.CopyFrom(numpy_helper.from_array(state.weight(t.name), t.name))
+    ref = ort.InferenceSession(ref_model.SerializeToString(), _options(),
+                               providers=["CPUExecutionProvider"]).run(None, MIXED_FEED)[0]
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    # the same graph run node by node (nothing folded) agrees as well
+    slow = ort.InferenceSession(str(pkg / "base.onnx"),
+                                _options(ort.GraphOptimizationLevel.ORT_DISABLE_ALL),
+                                providers=["CPUExecutionProvider"]).run(None, MIXED_FEED)[0]
+    assert np.abs(y - slow).max() <= 1e-5 * np.abs(ref).max()
+
+
+@pytest.mark.parametrize("strategy", ["swap", "inplace"])
+def test_stage0_session_is_plain_base_and_upgrades(mixed_pkg, strategy):
+    """ProgressiveSession's stage 0 gives what base.onnx gives in plain onnxruntime (same
+    options); every upgrade passes its probe and the last stage is the original, bit for bit."""
+    src, pkg = mixed_pkg
+    assert load_manifest(pkg).get("probe")
+    so = _options(exact_nbits=False)
+    plain = ort.InferenceSession(str(pkg / "base.onnx"), so,
+                                 providers=["CPUExecutionProvider"]).run(None, MIXED_FEED)[0]
+    with ProgressiveSession(pkg, _options(exact_nbits=False), strategy=strategy) as s:
+        assert s.strategy == strategy
+        np.testing.assert_array_equal(s.run(None, MIXED_FEED)[0], plain)
+        assert s.upgrade(background=False) == s.stages - 1  # each stage checked by the probe
+        final = s.run(None, MIXED_FEED)[0]
+    level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL if strategy == "inplace" else \
+        ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+    so = _options(level, exact_nbits=False)
+    if strategy == "inplace":  # how the inplace strategy runs the float graph
+        so.add_session_config_entry("session.disable_prepacking", "1")
+    original = ort.InferenceSession(str(src), so,
+                                    providers=["CPUExecutionProvider"]).run(None, MIXED_FEED)[0]
+    np.testing.assert_array_equal(final, original)
