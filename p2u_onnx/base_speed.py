@@ -282,10 +282,9 @@ def dequantize_at_load(model: ModelProto) -> int:
     dequantize on every run as plain ops it constant-folds when the session is created; in
     place (main graph and subgraphs). Returns how many were rewritten.
 
-    Left as they are: weights onnxruntime turns into ``MatMulNBits`` (2-D codes in blocks
-    along axis 0, a power-of-two block of 16 or more, float32 scales, read only as input B of
-    ``MatMul``, or of ``Gemm`` without transposes: see :func:`low_bit_matmul`), tables the
-    Gather pass rewrote, and anything whose codes are not initializers of the same graph.
+    Left as they are: weights onnxruntime turns into ``MatMulNBits`` (see
+    :func:`low_bit_matmul`), tables the Gather pass rewrote, and anything whose codes are not
+    initializers of the same graph.
     The folded ops compute what ``DequantizeLinear`` does, ``float(code - zero_point) *
     scale`` rounded once (then to the scale's type), so the session holds the same float
     weights the base graph computes.
@@ -321,26 +320,41 @@ def dequantize_at_load(model: ModelProto) -> int:
     return done
 
 
-def low_bit_matmul(dq: NodeProto, q: TensorProto, s: TensorProto, readers) -> bool:
-    """Whether onnxruntime fuses ``dq`` into ``MatMulNBits`` for every one of its ``readers``
-    (:class:`~p2u_onnx.graph.Consumer` list)."""
+def low_bit_matmul(dq: NodeProto, q: TensorProto, s: TensorProto, readers,
+                   users: dict | None = None, outputs: set[str] = frozenset()) -> bool:
+    """Whether onnxruntime fuses ``dq`` with its one reader (a
+    :class:`~p2u_onnx.graph.Consumer`) into ``MatMulNBits``: 2-D codes of 2, 4 or 8 bits in
+    blocks along axis 0 (a power of two, 16 or more), float32 scales, read once, as input B of
+    a ``MatMul`` or of a ``Gemm`` without transposes. onnxruntime (1.2x) also refuses a
+    MatMul whose only consumer is a ``Relu`` or ``Clip`` that feeds exactly one other node (it
+    keeps that pair for a QuantizeLinear that is not there): ``users`` (readers by name) and
+    ``outputs`` (the graph's outputs) let that be checked."""
     a = _attrs(dq)
     block = a.get("block_size", 0)
     if len(q.dims) != 2 or a.get("axis", 1) not in (0, -2) or block < 16 or block & (block - 1):
         return False
     if q.data_type not in _NBITS_CODES or s.data_type != TensorProto.FLOAT:
         return False
-    for c in readers:
-        n = c.node
-        if n.domain not in ("", "ai.onnx") or c.input_index != 1:
+    if len(readers) != 1:
+        return False
+    c = readers[0]
+    n = c.node
+    if n.domain not in ("", "ai.onnx") or c.input_index != 1:
+        return False
+    if n.op_type == "Gemm":
+        g = _attrs(n)
+        if g.get("transA", 0) or g.get("transB", 0) or g.get("alpha", 1.0) != 1.0 or \
+                g.get("beta", 1.0) != 1.0:
             return False
-        if n.op_type == "Gemm":
-            g = _attrs(n)
-            if g.get("transA", 0) or g.get("transB", 0) or g.get("alpha", 1.0) != 1.0 or \
-                    g.get("beta", 1.0) != 1.0:
+    elif n.op_type != "MatMul":
+        return False
+    if users is not None:
+        after = users.get(n.output[0], [])
+        if len(after) == 1 and after[0].node.op_type in ("Relu", "Clip") and \
+                n.output[0] not in outputs:
+            act = after[0].node
+            if len(users.get(act.output[0], [])) == 1 and act.output[0] not in outputs:
                 return False
-        elif n.op_type != "MatMul":
-            return False
     return True
 
 
@@ -360,7 +374,8 @@ def _fold_plan(dq, inits, users, own, outputs, inputs, opset) -> dict | None:
     readers = users.get(out, [])
     if out in outputs or not readers:
         return None
-    if all(id(c.node) in own for c in readers) and low_bit_matmul(dq, q, s, readers):
+    if all(id(c.node) in own for c in readers) and \
+            low_bit_matmul(dq, q, s, readers, users, outputs):
         return None
     a = _attrs(dq)
     rank = len(q.dims)

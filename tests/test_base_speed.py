@@ -407,3 +407,38 @@ def test_stage0_session_is_plain_base_and_upgrades(mixed_pkg, strategy):
     original = ort.InferenceSession(str(src), so,
                                     providers=["CPUExecutionProvider"]).run(None, MIXED_FEED)[0]
     np.testing.assert_array_equal(final, original)
+
+
+def test_matmul_before_relu_is_folded(tmp_path):
+    """onnxruntime does not fuse a MatMul whose Relu feeds one more node (it keeps the pair
+    for a QuantizeLinear): that weight is folded at load, the last one (Relu -> output) keeps
+    MatMulNBits; nothing is dequantized per run."""
+    r = np.random.default_rng(5)
+    nodes, inits, x = [], [], "x"
+    for i in range(3):
+        codes = r.integers(-8, 8, (64, 64))
+        inits += [_codes_tensor(f"q{i}", codes, TensorProto.INT4),
+                  numpy_helper.from_array(r.uniform(0.01, 0.02, (2, 64)).astype(np.float32),
+                                          f"s{i}")]
+        nodes += [helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}"], [f"w{i}"], axis=0,
+                                   block_size=32),
+                  helper.make_node("MatMul", [x, f"w{i}"], [f"m{i}"]),
+                  helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
+        x = f"r{i}"
+    g = helper.make_graph(nodes, "relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                        ["n", 64])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", 64])],
+                          inits)
+    model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
+    feed = {"x": r.standard_normal((5, 64)).astype(np.float32)}
+    ref = _session(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, feed)[0]
+    assert dequantize_at_load(model) == 2
+    assert [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"] == ["q2"]
+    path = tmp_path / "optimized.onnx"
+    so = _options()
+    so.optimized_model_filepath = str(path)
+    y = ort.InferenceSession(model.SerializeToString(), so,
+                             providers=["CPUExecutionProvider"]).run(None, feed)[0]
+    ops = [n.op_type for n in onnx.load(str(path)).graph.node]
+    assert "DequantizeLinear" not in ops and ops.count("MatMulNBits") == 1, ops
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
