@@ -108,7 +108,9 @@ _COPIED_OPTIONS = ("enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reu
                    "use_deterministic_compute", "use_per_session_threads")
 _COPIED_CONFIG = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning",
                   "session.set_denormal_as_zero", "session.intra_op_thread_affinities",
-                  "session.use_env_allocators", "session.x64quantprecision")
+                  "session.use_env_allocators", "session.x64quantprecision",
+                  # how the base runs its low-bit weights (see docs/runtime.md, base speed)
+                  "session.disable_quant_qdq", "session.qdq_matmulnbits_accuracy_level")
 
 
 # ---------------------------------------------------------------- sources
