@@ -320,10 +320,18 @@ def dequantize_at_load(model: ModelProto) -> int:
     return done
 
 
+# MatMul weights smaller than this (elements) are folded to float even where onnxruntime would
+# run them as MatMulNBits: its fixed cost per call exceeds fp32's below about 256 x 256 (1 row:
+# 64 x 128 1.05x, 128 x 128 1.05x, 256 x 256 0.93x of fp32; 16 rows: 1.15x, 1.08x, 1.04x;
+# onnxruntime 1.32, AVX2), and the float copy costs at most 256 KB.
+SMALL_MATMUL = 1 << 16
+
+
 def low_bit_matmul(dq: NodeProto, q: TensorProto, s: TensorProto, readers,
                    users: dict | None = None, outputs: set[str] = frozenset()) -> bool:
     """Whether onnxruntime fuses ``dq`` with its one reader (a
-    :class:`~p2u_onnx.graph.Consumer`) into ``MatMulNBits``: 2-D codes of 2, 4 or 8 bits in
+    :class:`~p2u_onnx.graph.Consumer`) into ``MatMulNBits``, and it is worth it (at least
+    :data:`SMALL_MATMUL` elements): 2-D codes of 2, 4 or 8 bits in
     blocks along axis 0 (a power of two, 16 or more), float32 scales, read once, as input B of
     a ``MatMul`` or of a ``Gemm`` without transposes. onnxruntime (1.2x) also refuses a
     MatMul whose only consumer is a ``Relu`` or ``Clip`` that feeds exactly one other node (it
@@ -332,6 +340,8 @@ def low_bit_matmul(dq: NodeProto, q: TensorProto, s: TensorProto, readers,
     a = _attrs(dq)
     block = a.get("block_size", 0)
     if len(q.dims) != 2 or a.get("axis", 1) not in (0, -2) or block < 16 or block & (block - 1):
+        return False
+    if q.dims[0] * q.dims[1] < SMALL_MATMUL:
         return False
     if q.data_type not in _NBITS_CODES or s.data_type != TensorProto.FLOAT:
         return False

@@ -2,8 +2,9 @@
 
 For each model: encode it (default options), then time, in one process and interleaved (one
 run of each session in turn, for ``--seconds`` per model), the original model, ``base.onnx``
-in plain onnxruntime and stage 0 of :class:`~p2u_onnx.runtime.ProgressiveSession`; medians
-and their ratios to the original. With ``--old`` the base as encoded without
+in plain onnxruntime and stage 0 of :class:`~p2u_onnx.runtime.ProgressiveSession` (also with
+``session.disable_quant_qdq=1``, "stage 0 float": MatMul weights folded to float at load as
+well); medians and their ratios to the original. With ``--old`` the base as encoded without
 :func:`~p2u_onnx.base_speed.dequantize_at_load` is timed too (what packages written before
 it do). Memory: each session is loaded and run once in a fresh process (Linux): ``peak`` is
 the highest RSS while it loads and runs (``VmHWM``, reset after the imports) and ``steady``
@@ -237,6 +238,10 @@ def bench_model(name: str, src: Path, work: Path, args) -> dict:
     progressive = ProgressiveSession(pkg, _options(args.threads))
     row["load_stage0"] = time.perf_counter() - t
     sessions["stage0"] = progressive
+    so = _options(args.threads)  # every weight folded to float at load, MatMuls too
+    so.add_session_config_entry("session.disable_quant_qdq", "1")
+    float_stage0 = ProgressiveSession(pkg, so)
+    sessions["stage0_float"] = float_stage0
     if args.old:
         old = work / f"{name}-old.p2u"
         try:
@@ -256,6 +261,7 @@ def bench_model(name: str, src: Path, work: Path, args) -> dict:
     row["ms"] = ms
     row["ratio"] = {k: v / ms["original"] for k, v in ms.items()}
     progressive.close()
+    float_stage0.close()
     if not args.no_rss:
         row["rss"] = {"original": rss_of("ort", src, args.threads),
                       "base": rss_of("ort", pkg / "base.onnx", args.threads),
@@ -311,8 +317,9 @@ def main() -> None:
     cols = ["original", "base", "stage0"] + (["old_base"] if args.old else [])
     print(f"\nonnxruntime {ort.__version__}, {args.threads} intra-op thread(s), "
           f"{args.seconds:g} s interleaved per model, medians")
-    head = "| model | MB | orig ms | base.onnx ms | stage 0 ms | base / orig | stage 0 / orig |"
-    sep = "|---|---|---|---|---|---|---|"
+    head = ("| model | MB | orig ms | base.onnx ms | stage 0 ms | base / orig | stage 0 / orig |"
+            " stage 0 float / orig |")
+    sep = "|---|---|---|---|---|---|---|---|"
     if args.old:
         head += " old base / orig |"
         sep += "---|"
@@ -328,7 +335,8 @@ def main() -> None:
         ms, ratio = r["ms"], r["ratio"]
         line = (f"| {r['model']} | {r['mb']:.2f} | {ms['original']:.3f} | "
                 f"{ms.get('base', float('nan')):.3f} | {ms['stage0']:.3f} | "
-                f"{ratio.get('base', float('nan')):.2f} | {ratio['stage0']:.2f} |")
+                f"{ratio.get('base', float('nan')):.2f} | {ratio['stage0']:.2f} | "
+                f"{ratio['stage0_float']:.2f} |")
         if args.old:
             line += f" {ratio.get('old_base', float('nan')):.2f} |"
         rss = r.get("rss") or {}

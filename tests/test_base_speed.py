@@ -105,14 +105,14 @@ def test_tables_with_other_readers_are_left_alone():
 
 def _mlp_with_embedding(batch_dim) -> onnx.ModelProto:
     emb = (RNG.standard_normal((V, H)) * 0.1).astype(np.float32)
-    w = (RNG.standard_normal((H, 128)) * 0.1).astype(np.float32)
-    b = (RNG.standard_normal(128) * 0.1).astype(np.float32)
+    w = (RNG.standard_normal((H, 1024)) * 0.1).astype(np.float32)
+    b = (RNG.standard_normal(1024) * 0.1).astype(np.float32)
     nodes = [helper.make_node("Gather", ["emb", "ids"], ["e"]),
              helper.make_node("MatMul", ["e", "w"], ["m"]),
              helper.make_node("Add", ["m", "b"], ["y"])]
     g = helper.make_graph(
         nodes, "mlp", [helper.make_tensor_value_info("ids", TensorProto.INT64, [batch_dim])],
-        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch_dim, 128])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [batch_dim, 1024])],
         [numpy_helper.from_array(a, n) for a, n in ((emb, "emb"), (w, "w"), (b, "b"))])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -141,7 +141,8 @@ def test_encoded_base_uses_low_bit_kernels(tmp_path):
     y = s.run(None, {"ids": ids})[0]
     state = open_stages(pkg, 0)
     emb, w = state.weight("emb"), state.weight("w")
-    b = numpy_helper.to_array(next(t for t in base.graph.initializer if t.name == "b"))
+    b = numpy_helper.to_array(next(t for t in base.graph.initializer if t.name == "b"),
+                              base_dir=str(pkg))
     expect = emb[ids].astype(np.float64) @ w + b
     assert np.abs(y - expect).max() < 1e-4 * max(1.0, np.abs(expect).max())
 
@@ -284,14 +285,17 @@ def test_dequantize_at_load_is_exact_and_folded(tmp_path, onnx_type, lo, hi, sha
 
 def test_low_bit_matmul_weights_keep_their_kernel(tmp_path):
     """A MatMul weight in 4-bit blocks along axis 0 stays DequantizeLinear (onnxruntime runs
-    it as MatMulNBits); the same codes under Gemm(transB=1) are folded to float at load."""
-    mm = _weight_model(TensorProto.INT4, -8, 7, (64, 48), "block", 0, 32, reader="MatMul")
+    it as MatMulNBits) unless it is small; codes under Gemm(transB=1) are folded at load."""
+    mm = _weight_model(TensorProto.INT4, -8, 7, (256, 256), "block", 0, 32, reader="MatMul")
     before = mm.SerializeToString()
     assert dequantize_at_load(mm) == 0
     assert mm.SerializeToString() == before
     path = tmp_path / "mm.onnx"
     _session(mm, optimized=str(path))
     assert "MatMulNBits" in [n.op_type for n in onnx.load(str(path)).graph.node]
+    # a small one is faster in float, and its float copy costs little
+    small = _weight_model(TensorProto.INT4, -8, 7, (64, 48), "block", 0, 32, reader="MatMul")
+    assert dequantize_at_load(small) == 1
 
     gemm = _weight_model(TensorProto.INT4, -8, 7, (48, 64), "block", 1, 32, reader="Gemm")
     x = RNG.standard_normal((3, 64)).astype(np.float32)
@@ -312,7 +316,7 @@ def _mixed_model() -> onnx.ModelProto:
         return (r.standard_normal(shape) / np.sqrt(np.prod(shape[1:]))).astype(np.float32)
 
     inits = {"c1": w(32, 4, 3, 3), "c1b": w(32), "c2": w(32, 32, 3, 3), "g": w(64, 32),
-             "gb": w(64), "W": w(1, 96, 16), "R": w(1, 96, 32), "B": w(1, 192), "m": w(32, 64),
+             "gb": w(64), "W": w(1, 96, 16), "R": w(1, 96, 32), "B": w(1, 192), "m": w(32, 2048),
              "seq": np.array([4, 1, 16], np.int64), "flat": np.array([4, 32], np.int64)}
     nodes = [helper.make_node("Conv", ["x", "c1", "c1b"], ["a"], pads=[1] * 4),
              helper.make_node("Relu", ["a"], ["ar"]),
@@ -326,7 +330,7 @@ def _mixed_model() -> onnx.ModelProto:
              helper.make_node("MatMul", ["yf", "m"], ["out"])]
     g = helper.make_graph(
         nodes, "mixed", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 4, 8, 8])],
-        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 64])],
+        [helper.make_tensor_value_info("out", TensorProto.FLOAT, [4, 2048])],
         [numpy_helper.from_array(v, k) for k, v in inits.items()])
     return helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
 
@@ -416,9 +420,9 @@ def test_matmul_before_relu_is_folded(tmp_path):
     r = np.random.default_rng(5)
     nodes, inits, x = [], [], "x"
     for i in range(3):
-        codes = r.integers(-8, 8, (64, 64))
+        codes = r.integers(-8, 8, (256, 256))
         inits += [_codes_tensor(f"q{i}", codes, TensorProto.INT4),
-                  numpy_helper.from_array(r.uniform(0.01, 0.02, (2, 64)).astype(np.float32),
+                  numpy_helper.from_array(r.uniform(0.01, 0.02, (8, 256)).astype(np.float32),
                                           f"s{i}")]
         nodes += [helper.make_node("DequantizeLinear", [f"q{i}", f"s{i}"], [f"w{i}"], axis=0,
                                    block_size=32),
@@ -426,11 +430,11 @@ def test_matmul_before_relu_is_folded(tmp_path):
                   helper.make_node("Relu", [f"m{i}"], [f"r{i}"])]
         x = f"r{i}"
     g = helper.make_graph(nodes, "relu", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
-                                                                        ["n", 64])],
-                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", 64])],
+                                                                        ["n", 256])],
+                          [helper.make_tensor_value_info(x, TensorProto.FLOAT, ["n", 256])],
                           inits)
     model = helper.make_model(g, opset_imports=[helper.make_opsetid("", 21)])
-    feed = {"x": r.standard_normal((5, 64)).astype(np.float32)}
+    feed = {"x": r.standard_normal((5, 256)).astype(np.float32)}
     ref = _session(model, ort.GraphOptimizationLevel.ORT_DISABLE_ALL).run(None, feed)[0]
     assert dequantize_at_load(model) == 2
     assert [n.input[0] for n in model.graph.node if n.op_type == "DequantizeLinear"] == ["q2"]
