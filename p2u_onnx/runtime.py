@@ -548,6 +548,7 @@ class ProgressiveSession:
         self._providers = providers
         self._on_stage = on_stage
         self._cond = threading.Condition(threading.Lock())
+        self._watchers = 0  # _swap_in calls waiting on _cond: runs notify only when > 0
         self._rw = RWLock()
         self._apply_lock = threading.RLock()
         self._executor: cf.ThreadPoolExecutor | None = None
@@ -737,13 +738,14 @@ class ProgressiveSession:
             live = self._live
             live.users += 1
             self._started += 1
-            self._cond.notify_all()
+            if self._watchers:
+                self._cond.notify_all()
             return live
 
     def _leave(self, live: _Live) -> None:
         with self._cond:
             live.users -= 1
-            if not live.users:
+            if not live.users and self._watchers:
                 self._cond.notify_all()
 
     def _pace(self) -> ContextManager[None]:
@@ -808,8 +810,12 @@ class ProgressiveSession:
     def _swap_in(self, new: _Live) -> None:
         with self._cond:
             old, self._live = self._live, new
-            while old.users:
-                self._cond.wait()
+            self._watchers += 1
+            try:
+                while old.users:
+                    self._cond.wait()
+            finally:
+                self._watchers -= 1
         # The release holds the GIL (onnxruntime's destructor): 2-3 ms on a 100M model whose
         # memory was collapsed into huge pages (_rebuild), 33-46 ms on 4 KB pages (kernels
         # without MADV_COLLAPSE). Runs wait for it: started at random, it can hold up both the
@@ -819,7 +825,11 @@ class ProgressiveSession:
         # 70-85 ms, a priority inversion against onnxruntime's spinning threads.
         with self._cond:
             started = self._started
-            a_run_began = self._cond.wait_for(lambda: self._started != started, 0.05)
+            self._watchers += 1
+            try:
+                a_run_began = self._cond.wait_for(lambda: self._started != started, 0.05)
+            finally:
+                self._watchers -= 1
         if a_run_began:
             time.sleep(0.001)  # lets that run take the GIL and get into onnxruntime
         _release(old)
