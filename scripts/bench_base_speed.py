@@ -1,14 +1,15 @@
 """How fast the base runs against the original model: plain onnxruntime and ProgressiveSession.
 
-For each model: encode it (default options), then time, in one process and interleaved (one
-run of each session in turn, for ``--seconds`` per model), the original model, ``base.onnx``
-in plain onnxruntime and stage 0 of :class:`~p2u_onnx.runtime.ProgressiveSession` (also with
-``session.disable_quant_qdq=1``, "stage 0 float": MatMul weights folded to float at load as
-well); medians and their ratios to the original. With ``--old`` the base as encoded without
-:func:`~p2u_onnx.base_speed.dequantize_at_load` is timed too (what packages written before
-it do). Memory: each session is loaded and run once in a fresh process (Linux): ``peak`` is
-the highest RSS while it loads and runs (``VmHWM``, reset after the imports) and ``steady``
-the RSS after the run, both above the RSS after the imports. Ratios survive a busy machine better than absolute times.
+For each model: encode it (default options), then time in one process, interleaved for
+``--seconds`` per model, the original model, ``base.onnx`` in plain onnxruntime and stage 0 of
+:class:`~p2u_onnx.runtime.ProgressiveSession`, also with ``session.disable_quant_qdq=1``
+("stage 0 float": the MatMul weights folded to float at load as well). Each round runs every
+session once, in a shuffled order; a ratio is the median over rounds of a session's time over
+the original's in the same round (ratios survive a busy machine better than times). With
+``--old`` the base as encoded without :func:`~p2u_onnx.base_speed.dequantize_at_load` is
+timed too (packages written before it). Memory: each session is loaded and run once in a
+fresh process (Linux): ``peak`` is the highest RSS while it loads and runs (``VmHWM``, reset
+after the imports), ``steady`` the RSS after the run, both above the RSS after the imports.
 
 Models: the bundled ``models/digits_cnn.onnx`` and ``models/digits_mlp_sklearn.onnx``, and
 small synthetic ones made here with onnx.helper (a conv net, a PyTorch-style Gemm MLP, an
@@ -16,7 +17,7 @@ LSTM, a GRU, an fp16 conv net via onnxconverter-common, a MiniLM-like MatMul+Add
 plus ``build/minilm/minilm.onnx`` when it exists (scripts/make_minilm.py).
 
 Usage: ``python scripts/bench_base_speed.py [--seconds 3] [--old] [--threads 1]
-[--only NAME ...] [--json out.json]``
+[--only NAME ...] [--no-rss] [--json out.json]``
 """
 
 from __future__ import annotations
@@ -156,19 +157,27 @@ def _options(threads: int) -> ort.SessionOptions:
     return so
 
 
-def interleaved(runs: dict[str, callable], seconds: float) -> dict[str, float]:
-    """Median ms per callable, running them in turn (after two warm-up rounds)."""
+def interleaved(runs: dict[str, callable], seconds: float, ref: str = "original"
+                ) -> tuple[dict[str, float], dict[str, float]]:
+    """Median ms per callable, and the median over rounds of each one's time over ``ref``'s
+    in the same round: every round runs each callable once, in a shuffled order (after two
+    warm-up rounds), so a load change on the machine hits all of them alike."""
     for _ in range(2):
         for f in runs.values():
             f()
+    names = list(runs)
+    order = np.random.default_rng(1)
     times: dict[str, list[float]] = {k: [] for k in runs}
     end = time.perf_counter() + seconds
     while time.perf_counter() < end or min(len(t) for t in times.values()) < 5:
-        for k, f in runs.items():
+        for k in order.permutation(names):
             t = time.perf_counter()
-            f()
+            runs[k]()
             times[k].append(time.perf_counter() - t)
-    return {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    ms = {k: float(np.median(v)) * 1e3 for k, v in times.items()}
+    base = np.array(times[ref])
+    ratio = {k: float(np.median(np.array(v) / base)) for k, v in times.items()}
+    return ms, ratio
 
 
 _RSS_CHILD = r"""
@@ -256,10 +265,8 @@ def bench_model(name: str, src: Path, work: Path, args) -> dict:
     out = progressive.run(None, feed)[0].astype(np.float64)
     row["stage0_cosine"] = float((ref.ravel() @ out.ravel()) /
                                  (np.linalg.norm(ref) * np.linalg.norm(out) + 1e-30))
-    ms = interleaved({k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()},
-                     args.seconds)
-    row["ms"] = ms
-    row["ratio"] = {k: v / ms["original"] for k, v in ms.items()}
+    row["ms"], row["ratio"] = interleaved(
+        {k: (lambda s=s: s.run(None, feed)) for k, s in sessions.items()}, args.seconds)
     progressive.close()
     float_stage0.close()
     if not args.no_rss:
@@ -316,7 +323,8 @@ def main() -> None:
             print(f"{name}: done", file=sys.stderr)
     cols = ["original", "base", "stage0"] + (["old_base"] if args.old else [])
     print(f"\nonnxruntime {ort.__version__}, {args.threads} intra-op thread(s), "
-          f"{args.seconds:g} s interleaved per model, medians")
+          f"{args.seconds:g} s interleaved per model; ratios: median over rounds of time / "
+          "original's time in the same round")
     head = ("| model | MB | orig ms | base.onnx ms | stage 0 ms | base / orig | stage 0 / orig |"
             " stage 0 float / orig |")
     sep = "|---|---|---|---|---|---|---|---|"
