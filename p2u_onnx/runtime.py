@@ -442,7 +442,9 @@ def _inplace_options(user: ort.SessionOptions | None) -> ort.SessionOptions:
 def _lean_base_options(user: ort.SessionOptions | None) -> ort.SessionOptions:
     """Options like ``user``'s without the memory arena: the base's dequantized weights are
     freed after each run instead of staying cached beside the next stage's weights (inplace,
-    100M parameters: 0.57 -> 0.22 x the fp32 weights once the base has answered)."""
+    100M parameters: 0.57 -> 0.22 x the fp32 weights once the base has answered). Weights the
+    base folds to float at load (:func:`~p2u_onnx.base_speed.dequantize_at_load`: Conv, Gemm,
+    RNN weights) are the session's own, held until stage 1 replaces it."""
     so = _copy_options(user)
     if user is not None:
         so.graph_optimization_level = user.graph_optimization_level

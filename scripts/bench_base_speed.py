@@ -13,7 +13,8 @@ after the imports), ``steady`` the RSS after the run, both above the RSS after t
 
 Models: the bundled ``models/digits_cnn.onnx`` and ``models/digits_mlp_sklearn.onnx``, and
 small synthetic ones made here with onnx.helper (a conv net, a PyTorch-style Gemm MLP, an
-LSTM, a GRU, an fp16 conv net via onnxconverter-common, a MiniLM-like MatMul+Add block),
+LSTM, a GRU, a CRNN with an LSTM cell unrolled by hand, an fp16 conv net via
+onnxconverter-common, a MiniLM-like MatMul+Add block),
 plus ``build/minilm/minilm.onnx`` when it exists (scripts/make_minilm.py).
 
 Usage: ``python scripts/bench_base_speed.py [--seconds 3] [--old] [--threads 1]
@@ -111,6 +112,51 @@ def rnn(op: str) -> onnx.ModelProto:
                   [h.make_tensor_value_info("y", TP.FLOAT, [1, 32])], inits)
 
 
+def crnn_unrolled() -> onnx.ModelProto:
+    """A CRNN-style reader: two convolutions over a 1x1x32x128 strip, then an LSTM cell
+    unrolled over 32 columns by hand (MatMul + Add + Sigmoid/Tanh per step): its two weight
+    matrices are each read by 32 MatMuls."""
+    hid, feat, steps = 256, 128, 32
+    inits = {"c1": _w(16, 1, 3, 3), "c1b": _w(16), "c2": _w(32, 16, 3, 3), "c2b": _w(32),
+             "W": _w(feat, 4 * hid), "R": _w(hid, 4 * hid), "b": _w(4 * hid),
+             "h0": np.zeros((1, hid), np.float32), "fc": _w(hid, 40),
+             "pool": np.array([0, 2, 1, 3], np.int64), "cols": np.array([steps, 1, feat],
+                                                                        np.int64)}
+    nodes = [h.make_node("Conv", ["x", "c1", "c1b"], ["a"], pads=[1] * 4),
+             h.make_node("Relu", ["a"], ["ar"]),
+             h.make_node("MaxPool", ["ar"], ["ap"], kernel_shape=[2, 4], strides=[2, 4]),
+             h.make_node("Conv", ["ap", "c2", "c2b"], ["b2"], pads=[1] * 4),
+             h.make_node("Relu", ["b2"], ["br"]),
+             h.make_node("MaxPool", ["br"], ["bp"], kernel_shape=[4, 1], strides=[4, 1]),
+             # [1, 32, 4, 32] -> columns [32, 1, 128]
+             h.make_node("Transpose", ["bp"], ["t"], perm=[3, 0, 1, 2]),
+             h.make_node("Reshape", ["t", "cols"], ["seq"])]
+    hs, c = "h0", "h0"
+    for i in range(steps):
+        inits[f"i{i}"] = np.array(i, np.int64)
+        p = f"s{i}_"
+        nodes += [h.make_node("Gather", ["seq", f"i{i}"], [p + "x"], axis=0),
+                  h.make_node("MatMul", [p + "x", "W"], [p + "xw"]),
+                  h.make_node("MatMul", [hs, "R"], [p + "hr"]),
+                  h.make_node("Add", [p + "xw", p + "hr"], [p + "s"]),
+                  h.make_node("Add", [p + "s", "b"], [p + "g"]),
+                  h.make_node("Split", [p + "g"], [p + q for q in "ifco"], axis=1,
+                              num_outputs=4),
+                  h.make_node("Sigmoid", [p + "i"], [p + "si"]),
+                  h.make_node("Sigmoid", [p + "f"], [p + "sf"]),
+                  h.make_node("Sigmoid", [p + "o"], [p + "so"]),
+                  h.make_node("Tanh", [p + "c"], [p + "tc"]),
+                  h.make_node("Mul", [p + "sf", c], [p + "fc"]),
+                  h.make_node("Mul", [p + "si", p + "tc"], [p + "ic"]),
+                  h.make_node("Add", [p + "fc", p + "ic"], [p + "cn"]),
+                  h.make_node("Tanh", [p + "cn"], [p + "tcn"]),
+                  h.make_node("Mul", [p + "so", p + "tcn"], [p + "h"])]
+        hs, c = p + "h", p + "cn"
+    nodes.append(h.make_node("MatMul", [hs, "fc"], ["y"]))
+    return _model(nodes, [h.make_tensor_value_info("x", TP.FLOAT, [1, 1, 32, 128])],
+                  [h.make_tensor_value_info("y", TP.FLOAT, [1, 40])], inits, opset=18)
+
+
 def minilm_block() -> onnx.ModelProto:
     """Two transformer-like FFN blocks: MatMul + Add (384 -> 1536 -> 384) on [1, 64, 384],
     with residual adds: the pattern onnxruntime runs as MatMulNBits."""
@@ -136,7 +182,8 @@ def fp16_conv() -> onnx.ModelProto:
 
 
 SYNTHETIC = {"conv": conv_net, "gemm-mlp": gemm_mlp, "lstm": lambda: rnn("LSTM"),
-             "gru": lambda: rnn("GRU"), "minilm-block": minilm_block, "fp16-conv": fp16_conv}
+             "gru": lambda: rnn("GRU"), "crnn-unrolled": crnn_unrolled,
+             "minilm-block": minilm_block, "fp16-conv": fp16_conv}
 
 
 def feeds_for(session: ort.InferenceSession) -> dict[str, np.ndarray]:
