@@ -194,11 +194,12 @@ def _gathered(dq: NodeProto, gather: NodeProto, inits, plan: dict, stem: str) ->
         codes = add("Reshape", [add("Concat", parts, axis=-1),
                                 add("Concat", [lead, const(np.array([width], np.int64))],
                                     axis=0)])
-        if plan["signed"]:  # two's complement of `bits` bits -> int8: (u ^ half) - half
+        if plan["signed"]:  # two's complement of `bits` bits: (u ^ half) - half, in float
             half = 1 << (bits - 1)
-            codes = add("Sub", [add("Cast", [add("BitwiseXor", [codes, const(np.uint8(half))])],
-                                    to=TensorProto.INT8), const(np.int8(half))])
+            codes = add("BitwiseXor", [codes, const(np.uint8(half))])
     values = add("Cast", [codes], to=TensorProto.FLOAT)
+    if bits < 8 and plan["signed"]:  # an exact small integer (no Sub for int8 before 1.2x)
+        values = add("Sub", [values, const(np.float32(1 << (bits - 1)))])
     zp = dq.input[2] if plan["zp"] else None
     s = dq.input[1]
     if plan["mode"] == "block":  # [..., width] -> [..., blocks, block] against [..., blocks, 1]
@@ -277,10 +278,11 @@ def _known_shapes(model: ModelProto) -> dict[str, list[int | None]]:
     return out
 
 
-# Code types onnxruntime's DequantizeLinear -> MatMulNBits fusion takes (2, 4 and 8 bits in
-# onnxruntime 1.32; 4 bits in every version that runs INT4 at all).
-_NBITS_CODES = (TensorProto.INT4, TensorProto.UINT4, TensorProto.INT2, TensorProto.UINT2,
-                TensorProto.INT8, TensorProto.UINT8)
+# Code types left to onnxruntime's DequantizeLinear -> MatMulNBits fusion. It takes 2, 4 and
+# 8 bits in onnxruntime 1.32, but 4 bits only in 1.20 (an 8-bit MatMul weight was dequantized
+# on every run there), so 8-bit codes are folded to float at load; 2-bit codes need opset 25,
+# which only recent versions load.
+_NBITS_CODES = (TensorProto.INT4, TensorProto.UINT4, TensorProto.INT2, TensorProto.UINT2)
 
 
 def dequantize_at_load(model: ModelProto) -> int:
@@ -337,9 +339,10 @@ def low_bit_matmul(dq: NodeProto, q: TensorProto, s: TensorProto, readers,
                    users: dict | None = None, outputs: set[str] = frozenset()) -> bool:
     """Whether onnxruntime fuses ``dq`` with its one reader (a
     :class:`~p2u_onnx.graph.Consumer`) into ``MatMulNBits``, and it is worth it (at least
-    :data:`SMALL_MATMUL` elements): 2-D codes of 2, 4 or 8 bits in
+    :data:`SMALL_MATMUL` elements): 2-D codes of 2 or 4 bits in
     blocks along axis 0 (a power of two, 16 or more), float32 scales, read once, as input B of
-    a ``MatMul`` or of a ``Gemm`` without transposes. onnxruntime (1.2x) also refuses a
+    a ``MatMul`` (onnxruntime 1.32 also fuses 8-bit codes and Gemm without transposes, 1.20
+    neither: those are folded, fast in both). onnxruntime (1.2x) also refuses a
     MatMul whose only consumer is a ``Relu`` or ``Clip`` that feeds exactly one other node (it
     keeps that pair for a QuantizeLinear that is not there): ``users`` (readers by name) and
     ``outputs`` (the graph's outputs) let that be checked."""
@@ -355,14 +358,8 @@ def low_bit_matmul(dq: NodeProto, q: TensorProto, s: TensorProto, readers,
         return False
     c = readers[0]
     n = c.node
-    if n.domain not in ("", "ai.onnx") or c.input_index != 1:
-        return False
-    if n.op_type == "Gemm":
-        g = _attrs(n)
-        if g.get("transA", 0) or g.get("transB", 0) or g.get("alpha", 1.0) != 1.0 or \
-                g.get("beta", 1.0) != 1.0:
-            return False
-    elif n.op_type != "MatMul":
+    # Gemm without transposes is fused in 1.32, not in 1.20: folded, it runs at fp32 speed in both
+    if n.domain not in ("", "ai.onnx") or c.input_index != 1 or n.op_type != "MatMul":
         return False
     if users is not None:
         after = users.get(n.output[0], [])
@@ -461,7 +458,9 @@ def _folded(dq: NodeProto, inits, plan: dict, taken: set[str]
     bits, signed = plan["bits"], plan["signed"]
 
     def codes_of(t: TensorProto, dims: list[int]) -> str:
-        """``t``'s codes as int8 / uint8 values of shape ``dims``."""
+        """``t``'s codes as int8 / uint8 values of shape ``dims``; packed signed codes come
+        out as ``code + 2**(bits - 1)`` (uint8: the sign bit of each field flipped), which
+        the caller takes back in float (onnxruntime before 1.2x has no int8 ``Sub``)."""
         if bits == 8:
             return t.name
         count = int(np.prod(dims, dtype=np.int64))
@@ -470,7 +469,11 @@ def _folded(dq: NodeProto, inits, plan: dict, taken: set[str]
         del t.dims[:]
         t.dims.append(-(-count // per))
         mask = const(np.uint8((1 << bits) - 1))
-        column = add("Reshape", [t.name, const(np.array([-1, 1], np.int64))])
+        packed = t.name
+        if signed:  # two's complement -> offset binary, every field of the byte at once
+            flip = sum((1 << (bits - 1)) << (bits * i) for i in range(per))
+            packed = add("BitwiseXor", [packed, const(np.uint8(flip))])
+        column = add("Reshape", [packed, const(np.array([-1, 1], np.int64))])
         parts = [add("BitwiseAnd", [add("BitShift", [column, const(np.uint8(bits * i))],
                                         direction="RIGHT") if i else column, mask])
                  for i in range(per)]  # low bits first
@@ -478,12 +481,7 @@ def _folded(dq: NodeProto, inits, plan: dict, taken: set[str]
         if count % per:
             flat = add("Slice", [flat, const(np.array([0], np.int64)),
                                  const(np.array([count], np.int64))])
-        codes = add("Reshape", [flat, const(np.array(dims, np.int64))])
-        if signed:  # two's complement of `bits` bits -> int8: (u ^ half) - half
-            half = 1 << (bits - 1)
-            codes = add("Sub", [add("Cast", [add("BitwiseXor", [codes, const(np.uint8(half))])],
-                                    to=TensorProto.INT8), const(np.int8(half))])
-        return codes
+        return add("Reshape", [flat, const(np.array(dims, np.int64))])
 
     def spread(name: str) -> str:
         """A per-tensor, per-channel or per-block tensor broadcast against the weight."""
@@ -526,10 +524,12 @@ def _folded(dq: NodeProto, inits, plan: dict, taken: set[str]
     def widen(name: str) -> str:
         return add("Unsqueeze", [name, along]) if tiled else spread(name)
 
-    if zp is not None:
+    if zp is not None:  # codes and zero point share their type, and so their offset
         zdims = [int(d) for d in s.dims]
         zero = add("Cast", [codes_of(zp, zdims)], to=TensorProto.FLOAT)
         values = add("Sub", [values, widen(zero)])
+    elif bits < 8 and signed:  # offset binary back to two's complement: exact in float
+        values = add("Sub", [values, const(np.float32(1 << (bits - 1)))])
     scale = s.name if s.data_type == TensorProto.FLOAT else \
         add("Cast", [s.name], to=TensorProto.FLOAT)
     values = add("Mul", [values, widen(scale)])

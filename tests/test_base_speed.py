@@ -249,6 +249,9 @@ def _session(model: onnx.ModelProto, level=ort.GraphOptimizationLevel.ORT_ENABLE
     (TensorProto.INT4, -8, 7, (64, 32, 3, 3), "block", 1, 32, False, np.float32, 21),
     (TensorProto.INT4, -8, 7, (10, 45), "block", 1, 32, False, np.float32, 21),  # padded
     (TensorProto.UINT4, 0, 15, (9, 7, 5), "block", 0, 4, True, np.float32, 21),  # odd count
+    (TensorProto.INT4, -8, 7, (16, 64), "block", 1, 32, True, np.float32, 21),
+    (TensorProto.INT4, -8, 7, (5, 7), "channel", 1, 0, True, np.float32, 21),
+    (TensorProto.INT2, -2, 1, (6, 40), "block", 1, 16, True, np.float32, 25),
     (TensorProto.INT4, -8, 7, (30, 20), "channel", 0, 0, False, np.float32, 21),
     (TensorProto.INT4, -8, 7, (16, 16), "tensor", 0, 0, False, np.float32, 21),
     (TensorProto.INT8, -128, 127, (1, 512, 64), "block", 2, 32, True, np.float32, 21),
