@@ -28,7 +28,7 @@ exactness are unchanged. They touch only the base graph, never ``graph.onnx``. W
 costs in memory: the session holds those weights in float (as the original does); while it
 is created, onnxruntime keeps every intermediate of the folded ops until its folding pass
 ends (about 20 bytes per folded 4-bit weight, 13 per 8-bit one; a 12 MB Gemm MLP peaked at
-87 MB, the original at 28 MB), and glibc keeps their pages until ``malloc_trim``
+87-95 MB, the original at 28 MB), and glibc keeps their pages until ``malloc_trim``
 (:func:`~p2u_onnx._base_session.open_base_session` calls it).
 """
 
@@ -198,7 +198,7 @@ def _gathered(dq: NodeProto, gather: NodeProto, inits, plan: dict, stem: str) ->
             half = 1 << (bits - 1)
             codes = add("BitwiseXor", [codes, const(np.uint8(half))])
     values = add("Cast", [codes], to=TensorProto.FLOAT)
-    if bits < 8 and plan["signed"]:  # an exact small integer (no Sub for int8 before 1.2x)
+    if bits < 8 and plan["signed"]:  # exact in float (onnxruntime 1.20 has no int8 Sub)
         values = add("Sub", [values, const(np.float32(1 << (bits - 1)))])
     zp = dq.input[2] if plan["zp"] else None
     s = dq.input[1]
@@ -342,7 +342,7 @@ def low_bit_matmul(dq: NodeProto, q: TensorProto, s: TensorProto, readers,
     :data:`SMALL_MATMUL` elements): 2-D codes of 2 or 4 bits in
     blocks along axis 0 (a power of two, 16 or more), float32 scales, read once, as input B of
     a ``MatMul`` (onnxruntime 1.32 also fuses 8-bit codes and Gemm without transposes, 1.20
-    neither: those are folded, fast in both). onnxruntime (1.2x) also refuses a
+    neither: those are folded, fast in both). onnxruntime 1.32 also refuses a
     MatMul whose only consumer is a ``Relu`` or ``Clip`` that feeds exactly one other node (it
     keeps that pair for a QuantizeLinear that is not there): ``users`` (readers by name) and
     ``outputs`` (the graph's outputs) let that be checked."""
@@ -460,7 +460,7 @@ def _folded(dq: NodeProto, inits, plan: dict, taken: set[str]
     def codes_of(t: TensorProto, dims: list[int]) -> str:
         """``t``'s codes as int8 / uint8 values of shape ``dims``; packed signed codes come
         out as ``code + 2**(bits - 1)`` (uint8: the sign bit of each field flipped), which
-        the caller takes back in float (onnxruntime before 1.2x has no int8 ``Sub``)."""
+        the caller takes back in float (onnxruntime 1.20 has no int8 ``Sub``)."""
         if bits == 8:
             return t.name
         count = int(np.prod(dims, dtype=np.int64))
