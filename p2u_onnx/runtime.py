@@ -549,7 +549,8 @@ class ProgressiveSession:
         self._options = sess_options
         self._providers = providers
         self._on_stage = on_stage
-        self._cond = threading.Condition(threading.Lock())
+        self._gate = threading.Lock()  # _cond's lock: run() takes it without the wrapper
+        self._cond = threading.Condition(self._gate)
         self._watchers = 0  # _swap_in calls waiting on _cond: runs notify only when > 0
         self._rw = RWLock()
         self._apply_lock = threading.RLock()
@@ -734,7 +735,7 @@ class ProgressiveSession:
         return self._live
 
     def _enter(self) -> _Live:
-        with self._cond:
+        with self._gate:
             if self._closed:
                 raise P2UError("the session is closed")
             live = self._live
@@ -745,7 +746,7 @@ class ProgressiveSession:
             return live
 
     def _leave(self, live: _Live) -> None:
-        with self._cond:
+        with self._gate:
             live.users -= 1
             if not live.users and self._watchers:
                 self._cond.notify_all()
