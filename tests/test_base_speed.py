@@ -449,3 +449,23 @@ def test_matmul_before_relu_is_folded(tmp_path):
     ops = [n.op_type for n in onnx.load(str(path)).graph.node]
     assert "DequantizeLinear" not in ops and ops.count("MatMulNBits") == 1, ops
     assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+
+
+def test_stage0_session_gives_the_heap_back(mixed_pkg, monkeypatch):
+    """Folding at load leaves freed temporaries in glibc's heap: the base session is built,
+    then the heap trimmed (once, before the session answers)."""
+    from p2u_onnx import _base_session
+
+    calls = []
+    real = _base_session.ort.InferenceSession
+
+    def built(*a, **k):
+        calls.append("session")
+        return real(*a, **k)
+
+    monkeypatch.setattr(_base_session.ort, "InferenceSession", built)
+    monkeypatch.setattr(_base_session, "trim_heap", lambda: calls.append("trim"))
+    _, pkg = mixed_pkg
+    with ProgressiveSession(pkg) as s:
+        assert calls == ["session", "trim"]
+        s.run(None, MIXED_FEED)
