@@ -310,12 +310,13 @@ def dequantize_at_load(model: ModelProto) -> int:
         outputs = {o.name for o in g.output}
         inputs = {i.name for i in g.input}
         taken = set(inits) | {o for n in g.node for o in n.output} | inputs
+        shared: dict[tuple, str] = {}  # small constants, one initializer per value
         replace: dict[int, list[NodeProto]] = {}
         for dq in g.node:
             plan = _fold_plan(dq, inits, table, own, outputs, inputs, opset)
             if plan is None:
                 continue
-            nodes, tensors = _folded(dq, inits, plan, taken)
+            nodes, tensors = _folded(dq, inits, plan, taken, shared)
             replace[id(dq)] = nodes
             g.initializer.extend(tensors)
             done += 1
@@ -425,12 +426,14 @@ def _fold_plan(dq, inits, users, own, outputs, inputs, opset) -> dict | None:
             "signed": signed}
 
 
-def _folded(dq: NodeProto, inits, plan: dict, taken: set[str]
+def _folded(dq: NodeProto, inits, plan: dict, taken: set[str], shared: dict[tuple, str]
             ) -> tuple[list[NodeProto], list[TensorProto]]:
-    """Nodes (and small int64 initializers) that compute ``dq``'s output from its codes with
-    ops onnxruntime constant-folds: the codes as float (``Cast``; packed codes unpacked from
-    their bytes first), minus the zero point, times the scale broadcast to the weight's shape
-    (``Unsqueeze`` / ``Expand`` / ``Reshape`` / ``Slice``), ``Cast`` to the scale's type."""
+    """Nodes (and the small constants they need, new ones only: ``shared`` maps each value
+    already made in this graph to its initializer) that compute ``dq``'s output from its
+    codes with ops onnxruntime constant-folds: the codes as float (``Cast``; packed codes
+    unpacked from their bytes first), minus the zero point, times the scale broadcast to the
+    weight's shape (``Unsqueeze`` / ``Expand`` / ``Reshape`` / ``Slice``), ``Cast`` to the
+    scale's type."""
     q, s = inits[dq.input[0]], inits[dq.input[1]]
     zp = inits[dq.input[2]] if len(dq.input) > 2 and dq.input[2] else None
     shape = [int(d) for d in q.dims]
@@ -451,9 +454,12 @@ def _folded(dq: NodeProto, inits, plan: dict, taken: set[str]
         return out
 
     def const(value) -> str:
-        name = fresh()
-        tensors.append(numpy_helper.from_array(np.asarray(value), name))
-        return name
+        value = np.asarray(value)
+        key = (value.dtype.str, value.shape, value.tobytes())
+        if key not in shared:
+            shared[key] = fresh()
+            tensors.append(numpy_helper.from_array(value, shared[key]))
+        return shared[key]
 
     bits, signed = plan["bits"], plan["signed"]
 
