@@ -366,7 +366,7 @@ def evaluate(package, original, inputs, synth, batch, stages, repeats, as_json) 
     (row), then the mean; with several outputs the table shows the worst. Latency is measured
     interleaved across stages; 'x orig' is the stage's median over the original's.
     """
-    from .evaluate import evaluate as do_evaluate
+    from .evaluation import evaluate as do_evaluate
 
     if inputs is not None and synth:
         raise click.UsageError("give --inputs or --synth, not both")

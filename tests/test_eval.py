@@ -14,7 +14,7 @@ import synth
 from p2u_onnx import encode
 from p2u_onnx.cli import main
 from p2u_onnx.errors import P2UError
-from p2u_onnx.evaluate import evaluate
+from p2u_onnx.evaluation import evaluate
 
 
 def _two_outputs() -> onnx.ModelProto:
@@ -222,3 +222,12 @@ def test_given_feeds_are_checked(encoded):
         evaluate(pkg, inputs={"x": x[0].astype(np.float64)})
     with pytest.raises(P2UError, match="no value given for input 'x'"):
         evaluate(pkg, inputs=[{}])
+
+
+def test_exported_from_the_package():
+    import p2u_onnx
+    from p2u_onnx import evaluation
+
+    # twice: importing the module must not shadow the function under the same name
+    assert p2u_onnx.evaluate is evaluation.evaluate and p2u_onnx.evaluate is evaluate
+    assert "evaluate" in p2u_onnx.__all__
