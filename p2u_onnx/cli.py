@@ -354,8 +354,9 @@ def sign(package, keys, expires) -> None:
               help="Split the --inputs arrays into feeds of this many rows (first axis).")
 @click.option("-s", "--stage", "stages", type=int, multiple=True,
               help="Evaluate this stage (repeat for several) [default: every stage].")
-@click.option("--repeats", type=click.IntRange(1), default=5, show_default=True,
-              help="Timed runs per feed and stage (after one untimed run for the metrics).")
+@click.option("--repeats", type=click.IntRange(1), default=None,
+              help="Timed runs per feed and stage, after one untimed run for the metrics "
+                   "[default: enough for 20 timed runs per stage, at least one per feed].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_friendly
 def evaluate(package, original, inputs, synth, batch, stages, repeats, as_json) -> None:
@@ -400,7 +401,7 @@ def evaluate(package, original, inputs, synth, batch, stages, repeats, as_json) 
     click.echo(f"{'orig':>5} {'':>8} {'':>10} {'':>7} {'':>7} {'':>8} {'':>9}"
                f"{' ' * 7 if ints else ''} {num(ref['median'], '.3f'):>8} {'1.00':>6}")
     click.echo(f"bytes: to reach the stage; share: of the {r['share_of']}; bits: mean per coded "
-               f"weight; ms: median of {r['repeats']} run(s) per feed")
+               f"weight; ms: median of {r['repeats'] * r['inputs']['feeds']} timed runs")
     for note in r["notes"]:
         click.echo(f"note: {note}")
 

@@ -38,7 +38,7 @@ from .errors import FormatError, P2UError
 
 __all__ = ["evaluate", "load_inputs"]
 
-DEFAULT_REPEATS = 5
+MIN_TIMED_RUNS = 20  # per session, when repeats is not given
 _MAX_PROBE_BYTES = 256 << 20
 
 Feed = dict[str, np.ndarray]
@@ -304,7 +304,7 @@ def _fp32_bytes(src: Mapping[str, Any]) -> tuple[int | None, str]:
 def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = None,
              inputs: str | os.PathLike | Mapping[str, np.ndarray]
              | Sequence[Mapping[str, np.ndarray]] | None = None, *,
-             stages: Sequence[int] | None = None, repeats: int = DEFAULT_REPEATS,
+             stages: Sequence[int] | None = None, repeats: int | None = None,
              synth: bool = False, batch: int | None = None) -> dict[str, Any]:
     """Compare each stage of ``package`` with the original model on the same inputs.
 
@@ -312,8 +312,9 @@ def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = No
     ``inputs``: an ``.npz`` path (see :func:`load_inputs`; ``batch`` rows per feed), one feed
     (a mapping of input names to arrays) or a list of feeds; ``synth=True`` synthesizes them
     as the encoder does; with neither, the package's probe inputs are used. ``stages``: the
-    stage indices to run [default: all]. ``repeats``: timed runs per feed and session (after
-    one untimed run that gives the metrics). Returns a dict (see the module docstring), every
+    stage indices to run [default: all]. ``repeats``: timed runs per feed and session, after
+    one untimed run that gives the metrics [default: enough for :data:`MIN_TIMED_RUNS` per
+    session, at least one per feed]. Returns a dict (see the module docstring), every
     value JSON-serializable; ``notes`` says which reference and inputs were used.
 
     >>> evaluate("model.p2u", inputs="data.npz")["stages"][0]["agreement"]  # doctest: +SKIP
@@ -325,7 +326,7 @@ def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = No
 
     if inputs is not None and synth:
         raise P2UError("give inputs or synth, not both")
-    if repeats < 1:
+    if repeats is not None and repeats < 1:
         raise P2UError(f"repeats must be at least 1, not {repeats}")
     pkg = Path(package)
     manifest = load_manifest(pkg)
@@ -416,6 +417,8 @@ def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = No
             _check(feed, args, f"{source['kind']} inputs" + (f" (feed {i})" if len(feeds) > 1
                                                               else ""))
     source["feeds"] = len(feeds)
+    if repeats is None:
+        repeats = max(1, -(-MIN_TIMED_RUNS // len(feeds)))
     notes.append(f"inputs: {source['kind']}" + (f" {source['path']}" if "path" in source else "")
                  + f" ({len(feeds)} feed{'s' if len(feeds) != 1 else ''})")
 
