@@ -389,6 +389,13 @@ def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = No
 
     # the inputs
     args = ref_sess.get_inputs()
+    for k, sess in sessions.items():
+        theirs = {a.name for a in sess.get_inputs()}
+        if not theirs <= {a.name for a in args}:
+            mine = ", ".join(a.name for a in args)
+            raise P2UError(f"{original or 'the reference'}: its inputs ({mine}) are not those "
+                           f"of the package's stage {k} ({', '.join(sorted(theirs))}): "
+                           "another model?")
     if isinstance(inputs, (str, os.PathLike)):
         feeds, more = load_inputs(inputs, args, batch=batch)
         notes += more
@@ -403,9 +410,8 @@ def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = No
         feeds = synthesize_feeds(ref_proto)
         source = {"kind": "synth"}
     else:
-        base_args = sessions[0].get_inputs() if 0 in sessions else _session(
-            str(pkg / "base.onnx")).get_inputs()
-        probe = _probe_feed(pkg, manifest, base_args)
+        probe = _probe_feed(pkg, manifest, (sessions[0] if 0 in sessions else ref_sess)
+                            .get_inputs())
         if probe is None:
             raise P2UError(f"{pkg}: the package has no probe inputs; pass --inputs FILE.npz "
                            "(one array per model input) or --synth")

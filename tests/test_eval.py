@@ -231,3 +231,25 @@ def test_exported_from_the_package():
     # twice: importing the module must not shadow the function under the same name
     assert p2u_onnx.evaluate is evaluation.evaluate and p2u_onnx.evaluate is evaluate
     assert "evaluate" in p2u_onnx.__all__
+
+
+def test_a_bad_original_is_one_line(encoded, tmp_path):
+    _, pkg, data, _ = encoded
+    junk = tmp_path / "junk.onnx"
+    junk.write_bytes(b"not a model")
+    other = tmp_path / "other.onnx"
+    m = synth.mlp()
+    m.graph.input[0].name = "features"
+    m.graph.node[0].input[0] = "features"
+    onnx.save(m, str(other))
+    for model, needle in [(junk, "not an ONNX model"), (tmp_path / "none.onnx", "cannot read"),
+                          (other, "its inputs (features) are not those of the package's")]:
+        r = invoke("eval", pkg, "--model", model, "--inputs", data)
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+        assert needle in r.output
+    # same inputs, other weights: runs, and says so
+    onnx.save(synth.mlp(), str(other))
+    r = evaluate(pkg, other, data, repeats=1)
+    assert r["reference"]["same_weights_as_source"] is False
+    assert any("differ from the package's source" in n for n in r["notes"])
+    assert r["stages"][-1]["max_abs_error"] > 0
