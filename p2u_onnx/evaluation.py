@@ -133,7 +133,7 @@ def load_inputs(path: str | os.PathLike, args: Sequence[Any], *,
             arr, dims = data[a.name], _dims(a)
             if a.shape is None or fits(arr, dims):
                 continue
-            if arr.ndim == len(dims) + 1 and fits(arr[0], dims):
+            if arr.ndim == len(dims) + 1 and arr.shape[0] and fits(arr[0], dims):
                 splits[a.name] = (arr.shape[0], 0)
             elif arr.ndim == len(dims) and dims and dims[0] and arr.shape[0] % dims[0] == 0 \
                     and fits(arr[:dims[0]], dims):
@@ -217,6 +217,8 @@ class _OutputStats:
             self.shape_mismatch += 1
             return
         self.feeds += 1
+        if ref.size == 0:
+            return
         if ref.dtype.kind == "f":
             self.kind = "float"
             r, g = ref.astype(np.float64), got.astype(np.float64)
@@ -493,6 +495,10 @@ def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = No
             "latency_ratio": med / ref_median if med is not None and ref_median else None,
             "outputs": per,
         })
+        nonfinite = sum(v.get("nonfinite_mismatch", 0) for v in vals)
+        if nonfinite:
+            notes.append(f"stage {k}: {nonfinite} value(s) are NaN or infinite in one output "
+                         "and not in the other (left out of cosine and errors)")
         mism = sum(v.get("shape_mismatch", 0) for v in vals)
         if mism:
             notes.append(f"stage {k}: {mism} output(s) of another shape or type than the "

@@ -253,3 +253,23 @@ def test_a_bad_original_is_one_line(encoded, tmp_path):
     assert r["reference"]["same_weights_as_source"] is False
     assert any("differ from the package's source" in n for n in r["notes"])
     assert r["stages"][-1]["max_abs_error"] > 0
+
+
+def test_output_stats_edge_cases():
+    from p2u_onnx.evaluation import _OutputStats
+
+    s = _OutputStats()  # NaN where both have it counts as equal; one-sided infinities are counted
+    s.add(np.array([[np.nan, 1.0, 2.0]], np.float32), np.array([[np.nan, 1.0, 2.0]], np.float32))
+    s.add(np.array([[np.inf, 1.0, 2.0]], np.float32), np.array([[0.0, 1.0, 2.5]], np.float32))
+    s.add(np.zeros((1, 3), np.float32), np.zeros((1, 4), np.float32))  # another shape
+    r = s.result()
+    assert r["feeds"] == 2 and r["shape_mismatch"] == 1 and r["nonfinite_mismatch"] == 1
+    assert r["max_abs_error"] == 0.5
+    assert r["cosine"] == pytest.approx((1.0 + (1 + 5) / (5 ** 0.5 * 7.25 ** 0.5)) / 2)
+    assert r["agreement"] == 0.5  # argmax 0 (NaN) both times in the reference
+    e = _OutputStats()
+    e.add(np.zeros((0, 5), np.float32), np.zeros((0, 5), np.float32))
+    assert e.result() == {"kind": None, "feeds": 1}
+    i = _OutputStats()
+    i.add(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4]))
+    assert i.result()["exact_match"] == 0.75
