@@ -40,6 +40,7 @@ __all__ = ["evaluate", "load_inputs"]
 
 MIN_TIMED_RUNS = 20  # per session, when repeats is not given
 _MAX_PROBE_BYTES = 256 << 20
+INLINE_LIMIT = (2**31 - 1) - (64 << 20)  # larger restored stages reach onnxruntime as files
 
 Feed = dict[str, np.ndarray]
 
@@ -321,6 +322,31 @@ def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = No
 
     >>> evaluate("model.p2u", inputs="data.npz")["stages"][0]["agreement"]  # doctest: +SKIP
     """
+    import tempfile
+
+    with tempfile.TemporaryDirectory(prefix="p2u-eval-") as tmp:
+        return _evaluate(Path(package), original, inputs, stages, repeats, synth, batch,
+                         Path(tmp))
+
+
+def _model_input(model: Any, tmp: Path, stage: int) -> str | bytes:
+    """What onnxruntime loads ``model`` from: its bytes, or past the protobuf limit a file in
+    ``tmp`` with its tensors beside it."""
+    from .api import _all_tensors
+
+    if sum(len(t.raw_data) for t in _all_tensors(model)) < INLINE_LIMIT:
+        return model.SerializeToString()
+    import onnx
+
+    path = tmp / f"stage-{stage}.onnx"
+    onnx.save_model(model, str(path), save_as_external_data=True,
+                    all_tensors_to_one_file=True, location=f"stage-{stage}.data")
+    return str(path)
+
+
+def _evaluate(pkg: Path, original: str | os.PathLike | None, inputs: Any,
+              stages: Sequence[int] | None, repeats: int | None, synth: bool,
+              batch: int | None, tmp: Path) -> dict[str, Any]:
     import onnx
 
     from .api import load_stage_model
@@ -330,7 +356,6 @@ def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = No
         raise P2UError("give inputs or synth, not both")
     if repeats is not None and repeats < 1:
         raise P2UError(f"repeats must be at least 1, not {repeats}")
-    pkg = Path(package)
     manifest = load_manifest(pkg)
     n_stages = len(manifest["stages"])
     chosen = list(range(n_stages)) if stages is None else sorted({int(k) for k in stages})
@@ -367,7 +392,7 @@ def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = No
             raise P2UError(f"{pkg}: the last stage is not lossless, so the package holds no "
                            "copy of the original; pass --model ORIGINAL.onnx")
         ref_proto = load_stage_model(pkg, last)
-        ref_bytes = ref_proto.SerializeToString()
+        ref_bytes = _model_input(ref_proto, tmp, last)
         ref_sess = _session(ref_bytes)
         reference = {"kind": "lossless-stage", "stage": last}
         notes.append(f"reference: the package's lossless stage {last} (restored in memory)")
@@ -383,7 +408,7 @@ def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = No
             elif k == last and original is None:
                 sessions[k] = _session(ref_bytes)
             else:
-                sessions[k] = _session(load_stage_model(pkg, k).SerializeToString())
+                sessions[k] = _session(_model_input(load_stage_model(pkg, k), tmp, k))
         except P2UError:
             raise
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors
@@ -418,6 +443,7 @@ def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = No
             raise P2UError(f"{pkg}: the package has no probe inputs; pass --inputs FILE.npz "
                            "(one array per model input) or --synth")
         feeds, source = [probe], {"kind": "probe"}
+    ref_proto = ref_bytes = None  # the sessions hold what they need
     if not feeds:
         raise P2UError("no inputs to run")
     if source["kind"] != "npz":

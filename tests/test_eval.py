@@ -273,3 +273,24 @@ def test_output_stats_edge_cases():
     i = _OutputStats()
     i.add(np.array([1, 2, 3, 4]), np.array([1, 2, 0, 4]))
     assert i.result()["exact_match"] == 0.75
+
+
+def test_stages_past_the_protobuf_limit_go_through_files(encoded, monkeypatch):
+    from p2u_onnx import evaluation
+
+    model, pkg, data, _ = encoded
+    small = evaluate(pkg, inputs=data, repeats=1)
+    monkeypatch.setattr(evaluation, "INLINE_LIMIT", 0)
+    saved = []
+    real = evaluation._model_input
+
+    def spy(m, tmp, stage):
+        out = real(m, tmp, stage)
+        saved.append(out)
+        return out
+
+    monkeypatch.setattr(evaluation, "_model_input", spy)
+    big = evaluate(pkg, inputs=data, repeats=1)
+    assert saved and all(isinstance(s, str) and s.endswith(".onnx") for s in saved)
+    for a, b in zip(small["stages"], big["stages"]):
+        assert a["outputs"] == b["outputs"]
