@@ -393,7 +393,11 @@ def _evaluate(pkg: Path, original: str | os.PathLike | None, inputs: Any,
                            "copy of the original; pass --model ORIGINAL.onnx")
         ref_proto = load_stage_model(pkg, last)
         ref_bytes = _model_input(ref_proto, tmp, last)
-        ref_sess = _session(ref_bytes)
+        try:
+            ref_sess = _session(ref_bytes)
+        except Exception as e:  # noqa: BLE001 - onnxruntime's errors
+            raise P2UError(f"stage {last}: onnxruntime cannot load it ({_first_line(e)})") \
+                from None
         reference = {"kind": "lossless-stage", "stage": last}
         notes.append(f"reference: the package's lossless stage {last} (restored in memory)")
 
