@@ -389,8 +389,10 @@ def evaluate(package, original, inputs, synth, batch, stages, repeats, as_json) 
     def exact(v):
         return f" {num(v, '.3f'):>6}" if ints else ""
 
+    exact_head = f" {'exact':>6}" if ints else ""
+
     click.echo(f"{'stage':>5} {'bits':>8} {'bytes':>10} {'share':>7} {'agree':>7} {'cosine':>8}"
-               f" {'max err':>9}{' exact' if ints else ''} {'ms':>8} {'x orig':>6}")
+               f" {'max err':>9}{exact_head} {'ms':>8} {'x orig':>6}")
     for s in r["stages"]:
         bits = s["bits"] if s["mean_bits"] is None else f"{s['mean_bits']:.2f}"
         click.echo(f"{s['stage']:>5} {bits!s:>8} {_fmt_bytes(s['cumulative_bytes']):>10} "
