@@ -355,7 +355,7 @@ def sign(package, keys, expires) -> None:
 @click.option("-s", "--stage", "stages", type=int, multiple=True,
               help="Evaluate this stage (repeat for several) [default: every stage].")
 @click.option("--repeats", type=click.IntRange(1), default=None,
-              help="Timed runs per feed and stage, after one untimed run for the metrics "
+              help="Timed runs per feed and stage, after an untimed pass for the metrics "
                    "[default: enough for 20 timed runs per stage, at least one per feed].")
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @_friendly

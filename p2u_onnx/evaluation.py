@@ -10,9 +10,10 @@ reports, per stage and per output:
   when the output has two or more dimensions, else per feed), then the mean over samples;
 * ``max_abs_error`` and ``rel_error`` (``||stage - original|| / ||original||`` over all values);
 * ``exact_match``: for integer and bool outputs, the share of values equal to the original's;
-* ``latency_ms``: median and 90th percentile of the per-run times, measured interleaved (for
-  each feed, every session runs once in turn, the order rotating each round, so background
-  noise hits all alike), and ``latency_ratio``: the stage's median over the original's;
+* ``latency_ms``: median and 90th percentile of the per-run times, measured after the untimed
+  pass that gives the metrics, interleaved (for each feed, every session runs once in turn, in
+  a new random order each round, so background noise and cache state hit all alike), and
+  ``latency_ratio``: the stage's median over the original's;
 * ``cumulative_bytes`` to reach the stage (from the manifest) and ``share`` of the model's
   fp32-equivalent weight bytes.
 
@@ -316,9 +317,10 @@ def evaluate(package: str | os.PathLike, original: str | os.PathLike | None = No
     (a mapping of input names to arrays) or a list of feeds; ``synth=True`` synthesizes them
     as the encoder does; with neither, the package's probe inputs are used. ``stages``: the
     stage indices to run [default: all]. ``repeats``: timed runs per feed and session, after
-    one untimed run that gives the metrics [default: enough for :data:`MIN_TIMED_RUNS` per
-    session, at least one per feed]. Returns a dict (see the module docstring), every
-    value JSON-serializable; ``notes`` says which reference and inputs were used.
+    an untimed pass over the feeds that gives the metrics [default: enough for
+    :data:`MIN_TIMED_RUNS` per session, at least one per feed]. Returns a dict (see the module
+    docstring), every value JSON-serializable; ``notes`` says which reference and inputs were
+    used.
 
     >>> evaluate("model.p2u", inputs="data.npz")["stages"][0]["agreement"]  # doctest: +SKIP
     """
@@ -460,7 +462,7 @@ def _evaluate(pkg: Path, original: str | os.PathLike | None, inputs: Any,
     notes.append(f"inputs: {source['kind']}" + (f" {source['path']}" if "path" in source else "")
                  + f" ({len(feeds)} feed{'s' if len(feeds) != 1 else ''})")
 
-    # run: for each feed, one untimed run of every session (metrics), then timed rounds
+    # run: every feed through every session once for the metrics, then the timed rounds
     out_names = [o.name for o in ref_sess.get_outputs()]
     order: list[tuple[int | None, Any]] = [(None, ref_sess)] + [(k, sessions[k]) for k in chosen]
     feed_of = {id(s): [a.name for a in s.get_inputs()] for _, s in order}
@@ -478,6 +480,7 @@ def _evaluate(pkg: Path, original: str | os.PathLike | None, inputs: Any,
             who = "the original" if k is None else f"stage {k}"
             raise P2UError(f"{who} fails on feed {i}: {_first_line(e)}") from None
 
+    shuffle = np.random.default_rng(0)  # each round's order: no session always follows another
     for i, feed in enumerate(feeds):
         ref_out = run(None, ref_sess, feed, i)
         for k in chosen:
@@ -488,9 +491,12 @@ def _evaluate(pkg: Path, original: str | os.PathLike | None, inputs: Any,
                 else:
                     skipped.add(n)
         del ref_out
-        for rep in range(repeats):
-            shift = (i * repeats + rep) % len(order)
-            for k, sess in order[shift:] + order[:shift]:
+    # timed apart from the metrics (whose numpy work would leave the sessions that ran last
+    # warmest), each round in a new order
+    for feed in feeds:
+        for _ in range(repeats):
+            for j in shuffle.permutation(len(order)):
+                k, sess = order[j]
                 ins = {n: feed[n] for n in feed_of[id(sess)]}
                 t = time.perf_counter()
                 sess.run(out_names, ins)
