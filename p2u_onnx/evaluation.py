@@ -48,6 +48,15 @@ Feed = dict[str, np.ndarray]
 
 # ---------------------------------------------------------------- inputs
 
+# what to pass instead, as the API and as the command line word it
+_INPUTS_HINT = ("inputs= (an .npz path, or feeds) or synth=True",
+                "--inputs FILE.npz (one array per model input) or --synth")
+
+
+def _with_hint(cls: type[P2UError], text: str, hint: tuple[str, str]) -> P2UError:
+    return cls(f"{text}; pass {hint[0]}", cli=f"{text}; pass {hint[1]}")
+
+
 
 def _first_line(e: BaseException) -> str:
     text = str(e).strip().splitlines()
@@ -194,7 +203,13 @@ def _probe_feed(package: Path, manifest: Mapping[str, Any], args: Sequence[Any])
         data = f.read_bytes()
     except OSError as e:
         raise FormatError(f"{f}: cannot read the probe ({e.strerror or e})") from None
-    return dict(Probe(entry, data, args).feed)
+    try:
+        return dict(Probe(entry, data, args).feed)
+    except P2UError as e:
+        raise _with_hint(type(e), str(e), _INPUTS_HINT) from None
+    except Exception as e:  # noqa: BLE001 - a malformed entry or file: KeyError, ValueError...
+        raise _with_hint(FormatError, f"{f}: not a probe this package's manifest describes "
+                         f"({type(e).__name__}: {_first_line(e)})", _INPUTS_HINT) from None
 
 
 # ---------------------------------------------------------------- metrics
@@ -391,8 +406,9 @@ def _evaluate(pkg: Path, original: str | os.PathLike | None, inputs: Any,
             " (its weights differ from the package's source: another model?)"))
     else:
         if not lossless:
-            raise P2UError(f"{pkg}: the last stage is not lossless, so the package holds no "
-                           "copy of the original; pass --model ORIGINAL.onnx")
+            raise _with_hint(P2UError, f"{pkg}: the last stage is not lossless, so the package "
+                             "holds no copy of the original",
+                             ("original='ORIGINAL.onnx'", "--model ORIGINAL.onnx"))
         ref_proto = load_stage_model(pkg, last)
         ref_bytes = _model_input(ref_proto, tmp, last)
         try:
@@ -446,8 +462,8 @@ def _evaluate(pkg: Path, original: str | os.PathLike | None, inputs: Any,
         probe = _probe_feed(pkg, manifest, (sessions[0] if 0 in sessions else ref_sess)
                             .get_inputs())
         if probe is None:
-            raise P2UError(f"{pkg}: the package has no probe inputs; pass --inputs FILE.npz "
-                           "(one array per model input) or --synth")
+            raise _with_hint(P2UError, f"{pkg}: the package has no probe inputs",
+                             _INPUTS_HINT)
         feeds, source = [probe], {"kind": "probe"}
     ref_proto = ref_bytes = None  # the sessions hold what they need
     if not feeds:

@@ -294,3 +294,32 @@ def test_stages_past_the_protobuf_limit_go_through_files(encoded, monkeypatch):
     assert saved and all(isinstance(s, str) and s.endswith(".onnx") for s in saved)
     for a, b in zip(small["stages"], big["stages"]):
         assert a["outputs"] == b["outputs"]
+
+
+@pytest.mark.parametrize("damage", ["entry", "file"])
+def test_a_damaged_probe_is_one_line(encoded, tmp_path, damage):
+    import shutil
+
+    pkg = tmp_path / "copy.p2u"
+    shutil.copytree(encoded[1], pkg)
+    manifest = json.loads((pkg / "manifest.json").read_text())
+    if damage == "entry":
+        del manifest["probe"]["inputs"]
+        (pkg / "manifest.json").write_text(json.dumps(manifest))
+    else:
+        (pkg / "probe.npz").write_bytes(b"PK\x03\x04 not really")
+    r = invoke("eval", pkg)
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, r.output
+    assert "probe" in r.output and "--synth" in r.output
+    assert invoke("eval", pkg, "--synth", "--repeats", 1).exit_code == 0
+
+
+def test_api_errors_name_keyword_arguments(tmp_path):
+    model = tmp_path / "m.onnx"
+    onnx.save(synth.mlp(), str(model))
+    pkg = tmp_path / "m.p2u"
+    encode(model, pkg, "4,8", probe=False)
+    with pytest.raises(P2UError, match=r"pass original='ORIGINAL.onnx'$"):
+        evaluate(pkg)
+    with pytest.raises(P2UError, match=r"no probe inputs; pass inputs= .* or synth=True$"):
+        evaluate(pkg, model)
