@@ -5,11 +5,13 @@ default session options, as a user's own ``InferenceSession`` would) over the sa
 reports, per stage and per output:
 
 * ``agreement``: top-1 agreement (argmax over the last axis) for float outputs that look like
-  class scores (last dimension > 1), the share of positions whose argmax matches the original;
+  class scores (last dimension > 1), the share of positions whose argmax matches the original
+  (an embedding gets one too, which means little: read its cosine);
 * ``cosine``: cosine similarity of the flattened output per sample (per row of the leading axis
   when the output has two or more dimensions, else per feed), then the mean over samples;
 * ``max_abs_error`` and ``rel_error`` (``||stage - original|| / ||original||`` over all values);
-* ``exact_match``: for integer and bool outputs, the share of values equal to the original's;
+* ``exact_match``: for integer, bool and string outputs, the share of values equal to the
+  original's;
 * ``latency_ms``: median and 90th percentile of the per-run times, measured after the untimed
   pass that gives the metrics, interleaved (for each feed, every session runs once in turn, in
   a new random order each round, so background noise and cache state hit all alike), and
