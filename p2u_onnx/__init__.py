@@ -26,14 +26,17 @@ __all__ = [
     "BitBudget",
     "P2UError", "PlanError", "UnsupportedModelError", "FormatError", "IntegrityError",
     "PatchError", "TransportError", "TrustError", "sign_package", "generate_key",
+    "evaluate",
 ]
 
 _LAZY = {"encode": "encoder", "restore": "api", "inspect": "api", "verify": "api",
-         "ProgressiveSession": "runtime", "sign_package": "trust", "generate_key": "trust"}
+         "ProgressiveSession": "runtime", "sign_package": "trust", "generate_key": "trust",
+         "evaluate": "evaluation"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import inspect, restore, verify
     from .encoder import encode
+    from .evaluation import evaluate
     from .runtime import ProgressiveSession
     from .trust import generate_key, sign_package
 

@@ -383,6 +383,75 @@ def sign(package, keys, expires) -> None:
     click.echo(f"manifest sha256:{signed['manifest_sha256']}")
 
 
+@main.command("eval")
+@click.argument("package", type=click.Path(path_type=Path))
+@click.option("-m", "--model", "original", type=click.Path(dir_okay=False, path_type=Path),
+              default=None, help="The original ONNX model to compare with [default: the "
+                                 "package's last stage, when it is lossless].")
+@click.option("--inputs", type=click.Path(dir_okay=False, path_type=Path), default=None,
+              help="An .npz with one array per model input name: arrays of the input's rank "
+                   "are one feed (or one per fixed-size batch), arrays with one more leading "
+                   "axis one feed per index [default: the package's probe inputs].")
+@click.option("--synth", is_flag=True,
+              help="Synthesize inputs from the model's signature, as the encoder does.")
+@click.option("--batch", type=click.IntRange(1), default=None,
+              help="Split the --inputs arrays into feeds of this many rows (first axis).")
+@click.option("-s", "--stage", "stages", type=int, multiple=True,
+              help="Evaluate this stage (repeat for several) [default: every stage].")
+@click.option("--repeats", type=click.IntRange(1), default=None,
+              help="Timed runs per feed and stage, after an untimed pass for the metrics "
+                   "[default: enough for 20 timed runs per stage, at least one per feed].")
+@click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
+@_friendly
+def evaluate(package, original, inputs, synth, batch, stages, repeats, as_json) -> None:
+    """Check PACKAGE against its original model: per stage, agreement, cosine and max error of
+    the outputs on the same inputs, and latency, in plain onnxruntime (CPU).
+
+    Agreement is top-1 (argmax of the last axis) for class-score outputs; cosine is per sample
+    (row), then the mean; with several outputs the table shows the worst. Latency is measured
+    interleaved across stages; 'x orig' is the stage's median over the original's.
+    """
+    from .evaluation import evaluate as do_evaluate
+
+    if inputs is not None and synth:
+        raise click.UsageError("give --inputs or --synth, not both")
+    if batch is not None and inputs is None:
+        raise click.UsageError("--batch splits the arrays of --inputs")
+    _quiet_onnxruntime()
+    r = do_evaluate(package, original, inputs, stages=stages or None, repeats=repeats,
+                    synth=synth, batch=batch)
+    if as_json:
+        click.echo(json.dumps(r, indent=1))
+        return
+
+    def num(v, fmt):
+        return "-" if v is None else format(v, fmt)
+
+    ref = r["reference_latency_ms"]
+    ints = any(s["exact_match"] is not None for s in r["stages"])  # integer outputs
+
+    def exact(v):
+        return f" {num(v, '.3f'):>6}" if ints else ""
+
+    exact_head = f" {'exact':>6}" if ints else ""
+
+    click.echo(f"{'stage':>5} {'bits':>8} {'bytes':>10} {'share':>7} {'agree':>7} {'cosine':>8}"
+               f" {'max err':>9}{exact_head} {'ms':>8} {'x orig':>6}")
+    for s in r["stages"]:
+        bits = s["bits"] if s["mean_bits"] is None else f"{s['mean_bits']:.2f}"
+        click.echo(f"{s['stage']:>5} {bits!s:>8} {_fmt_bytes(s['cumulative_bytes']):>10} "
+                   f"{num(s['share'], '.1%'):>7} {num(s['agreement'], '.4f'):>7} "
+                   f"{num(s['cosine'], '.5f'):>8} {num(s['max_abs_error'], '.3g'):>9} "
+                   f"{exact(s['exact_match'])} {num(s['latency_ms']['median'], '.3f'):>8} "
+                   f"{num(s['latency_ratio'], '.2f'):>6}")
+    click.echo(f"{'orig':>5} {'':>8} {'':>10} {'':>7} {'':>7} {'':>8} {'':>9}"
+               f"{' ' * 7 if ints else ''} {num(ref['median'], '.3f'):>8} {'1.00':>6}")
+    click.echo(f"bytes: to reach the stage; share: of the {r['share_of']}; bits: mean per coded "
+               f"weight; ms: median of {r['repeats'] * r['inputs']['feeds']} timed runs")
+    for note in r["notes"]:
+        click.echo(f"note: {note}")
+
+
 main.add_command(_serve_command, "serve")
 main.add_command(_fetch_command, "fetch")
 

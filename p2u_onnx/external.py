@@ -237,7 +237,6 @@ def check_base_graph(model: bytes | str | os.PathLike, manifest: dict[str, Any],
         b = t["base"]
         ctype = b["code_type"]
         stem = f"{t['tensor']}__p2u"
-        size = math.prod(t["shape"])
         parts = [("q", b["codes"], {ctype}, tuple(t["shape"])),
                  ("s", b["scale"], {_SCALE_TYPES[t["dtype"]]}, _scale_shape(t))]
         if b.get("zero_point") is not None:
@@ -251,10 +250,12 @@ def check_base_graph(model: bytes | str | os.PathLike, manifest: dict[str, Any],
                                   "model disagree)")
             for e in found:
                 ok = e.data_type in types and e.dims == dims
-                # a Gather-read table of packed codes is declared as the same bytes in UINT8
-                if not ok and suffix == "q" and ctype in _PACKED and e.data_type == _UINT8:
-                    ok = len(e.dims) == 2 and _numel(e.dims) == span[1] and \
-                        -(-size // (8 // _PACKED[ctype])) == span[1]
+                # packed codes read by a Gather (a 2-D table) or unpacked at session load
+                # (1-D) are declared as the same bytes in UINT8
+                if not ok and suffix in ("q", "zp") and ctype in _PACKED \
+                        and e.data_type == _UINT8:
+                    ok = len(e.dims) in (1, 2) and _numel(e.dims) == span[1] and \
+                        -(-_numel(dims) // (8 // _PACKED[ctype])) == span[1]
                 if not ok:
                     raise FormatError(f"{where}: tensor {name!r} is type {e.data_type} with "
                                       f"dims {list(e.dims)}; the manifest's tensor "

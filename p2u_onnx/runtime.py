@@ -81,6 +81,7 @@ import numpy as np
 import onnxruntime as ort
 
 from . import _workdir
+from ._base_session import open_base_session
 from ._memory import anonymous_regions, collapse_to_huge_pages, libc, trim_heap
 from ._priority import lowered_priority
 from ._rwlock import Pace, RWLock, TurnLock, in_turn
@@ -122,7 +123,9 @@ _COPIED_OPTIONS = ("enable_cpu_mem_arena", "enable_mem_pattern", "enable_mem_reu
                    "use_deterministic_compute", "use_per_session_threads")
 _COPIED_CONFIG = ("session.intra_op.allow_spinning", "session.inter_op.allow_spinning",
                   "session.set_denormal_as_zero", "session.intra_op_thread_affinities",
-                  "session.use_env_allocators", "session.x64quantprecision")
+                  "session.use_env_allocators", "session.x64quantprecision",
+                  # how the base runs its low-bit weights (see docs/runtime.md, base speed)
+                  "session.disable_quant_qdq", "session.qdq_matmulnbits_accuracy_level")
 
 
 # ---------------------------------------------------------------- sources
@@ -587,7 +590,9 @@ def _inplace_options(user: ort.SessionOptions | None) -> ort.SessionOptions:
 def _lean_base_options(user: ort.SessionOptions | None) -> ort.SessionOptions:
     """Options like ``user``'s without the memory arena: the base's dequantized weights are
     freed after each run instead of staying cached beside the next stage's weights (inplace,
-    100M parameters: 0.57 -> 0.22 x the fp32 weights once the base has answered)."""
+    100M parameters: 0.57 -> 0.22 x the fp32 weights once the base has answered). Weights the
+    base folds to float at load (:func:`~p2u_onnx.base_speed.dequantize_at_load`: Conv, Gemm,
+    RNN weights) are the session's own, held until stage 1 replaces it."""
     so = _copy_options(user)
     if user is not None:
         so.graph_optimization_level = user.graph_optimization_level
@@ -766,7 +771,9 @@ class ProgressiveSession:
         self._options = sess_options
         self._providers = providers
         self._on_stage = on_stage
-        self._cond = threading.Condition(threading.Lock())
+        self._gate = threading.Lock()  # _cond's lock: run() takes it without the wrapper
+        self._cond = threading.Condition(self._gate)
+        self._watchers = 0  # _swap_in calls waiting on _cond: runs notify only when > 0
         self._rw = RWLock()
         self._apply_lock = threading.RLock()
         self._executor: cf.ThreadPoolExecutor | None = None
@@ -789,10 +796,10 @@ class ProgressiveSession:
         try:
             base_onnx, self._base_bin = self._private_base()
             check_base_graph(base_onnx, self._manifest, os.path.getsize(self._base_bin))
-            session = ort.InferenceSession(
-                str(base_onnx), _lean_base_options(sess_options)
-                if self._strategy == "inplace" else sess_options, providers=providers,
-                disabled_optimizers=list(_BASE_OFF) if fast_base else None)
+            session = open_base_session(
+                base_onnx, _lean_base_options(sess_options)
+                if self._strategy == "inplace" else sess_options, providers,
+                _BASE_OFF if fast_base else None)
             probe = self._source.probe_bytes() if verify else None
             self._probe = None if probe is None else \
                 Probe(self._manifest["probe"], probe, session.get_inputs())
@@ -1005,19 +1012,20 @@ class ProgressiveSession:
         return self._live
 
     def _enter(self) -> _Live:
-        with self._cond:
+        with self._gate:
             if self._closed:
                 raise P2UError("the session is closed")
             live = self._live
             live.users += 1
             self._started += 1
-            self._cond.notify_all()
+            if self._watchers:
+                self._cond.notify_all()
             return live
 
     def _leave(self, live: _Live) -> None:
-        with self._cond:
+        with self._gate:
             live.users -= 1
-            if not live.users:
+            if not live.users and self._watchers:
                 self._cond.notify_all()
 
     def _pace(self) -> ContextManager[None]:
@@ -1082,8 +1090,12 @@ class ProgressiveSession:
     def _swap_in(self, new: _Live) -> None:
         with self._cond:
             old, self._live = self._live, new
-            while old.users:
-                self._cond.wait()
+            self._watchers += 1
+            try:
+                while old.users:
+                    self._cond.wait()
+            finally:
+                self._watchers -= 1
         # The release holds the GIL (onnxruntime's destructor): 2-3 ms on a 100M model whose
         # memory was collapsed into huge pages (_rebuild), 33-46 ms on 4 KB pages (kernels
         # without MADV_COLLAPSE). Runs wait for it: started at random, it can hold up both the
@@ -1093,7 +1105,11 @@ class ProgressiveSession:
         # 70-85 ms, a priority inversion against onnxruntime's spinning threads.
         with self._cond:
             started = self._started
-            a_run_began = self._cond.wait_for(lambda: self._started != started, 0.05)
+            self._watchers += 1
+            try:
+                a_run_began = self._cond.wait_for(lambda: self._started != started, 0.05)
+            finally:
+                self._watchers -= 1
         if a_run_began:
             time.sleep(0.001)  # lets that run take the GIL and get into onnxruntime
         _release(old)
