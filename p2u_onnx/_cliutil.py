@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+import contextlib
 import functools
+import signal
+import threading
+from collections.abc import Iterator
 
 import click
 
@@ -23,6 +27,9 @@ def _friendly(fn):
         except OSError as e:
             raise click.ClickException(f"{e.filename or ''}: {e.strerror or e}".lstrip(": ")) \
                 from None
+        except Terminated:
+            click.echo("Error: terminated (SIGTERM)", err=True)
+            raise click.exceptions.Exit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:
             raise click.ClickException("interrupted") from None
 
@@ -62,3 +69,29 @@ class ProgressBar:
     def __exit__(self, *exc: object) -> None:
         if self.bar is not None:
             self.bar.close()
+
+
+class Terminated(KeyboardInterrupt):
+    """Raised in the main thread by SIGTERM inside :func:`cleanup_on_sigterm`."""
+
+
+@contextlib.contextmanager
+def cleanup_on_sigterm() -> Iterator[None]:
+    """While the block runs, SIGTERM raises :class:`Terminated` in the main thread (as Ctrl-C
+    raises KeyboardInterrupt), so that the code inside unwinds and removes what it was writing
+    (an encode's temporary folder, a session's work folder) before the process ends with
+    status 143. The previous handler is put back afterwards. Only the CLI does this: the
+    library never installs signal handlers (a process that dies leaves its work folders to
+    the next session or encode, which removes them)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+
+    def raise_terminated(signum, frame):
+        raise Terminated()
+
+    previous = signal.signal(signal.SIGTERM, raise_terminated)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, previous)

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import click
 
-from ._cliutil import CONTEXT, ProgressBar, _fmt_bytes, _friendly
+from ._cliutil import CONTEXT, ProgressBar, _fmt_bytes, _friendly, cleanup_on_sigterm
 from .cli_http import fetch as _fetch_command
 from .cli_http import serve as _serve_command
 from .errors import P2UError
@@ -101,7 +101,9 @@ def _quiet_onnxruntime(severity: int = 4) -> None:
               help="Release number of this package, higher than the last one published under "
                    "the same --name [default: $SOURCE_DATE_EPOCH, else the encode time in "
                    "seconds].")
-@click.option("-f", "--force", is_flag=True, help="Replace OUTPUT if it exists.")
+@click.option("-f", "--force", is_flag=True,
+              help="Replace OUTPUT if it is a p2u package (in one atomic step where the system "
+                   "allows).")
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress bar or table, and no log lines from onnxruntime.")
 @_friendly
@@ -131,7 +133,7 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
     output = output or model.with_suffix(".p2u")
     if quiet:
         _quiet_onnxruntime()
-    with ProgressBar("encode", quiet) as progress:
+    with ProgressBar("encode", quiet) as progress, cleanup_on_sigterm():
         result = do_encode(model, output, plan, config, bits, overwrite=force,
                            probe=not no_probe, progress=progress, name=name, version=version)
     if not quiet:
@@ -284,8 +286,9 @@ def run(package, inputs, stage, strategy, expect, trust, allow_rollback) -> None
         except (OSError, ValueError) as e:
             raise click.BadParameter(f"{path}: {e}", param_hint="--input") from None
     _quiet_onnxruntime()
-    with ProgressiveSession(package, strategy=strategy, expect=expect, trust=trust or None,
-                            allow_rollback=allow_rollback) as sess:
+    with cleanup_on_sigterm(), \
+            ProgressiveSession(package, strategy=strategy, expect=expect, trust=trust or None,
+                               allow_rollback=allow_rollback) as sess:
         from .probe import check_feed, synthesize_inputs
 
         if stage is not None and not 0 <= stage < sess.stages:

@@ -11,7 +11,6 @@ import dataclasses
 import hashlib
 import os
 import shutil
-import tempfile
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -23,7 +22,7 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
 
-from . import passes
+from . import _workdir, passes
 from ._memory import trim_heap
 from .base_speed import speed_up_base
 from . import quantizers as qz
@@ -210,22 +209,27 @@ def encode(
     seconds. Raises
     :class:`UnsupportedModelError` for input it cannot convert and :class:`PlanError` for bad
     options; on any error nothing is left at ``output``.
+
+    The package is written into a temporary folder beside ``output`` (named after this process,
+    so that a later run removes it if this one dies) and renamed into place; the parent folder
+    must exist. ``overwrite`` replaces a p2u package (or an empty folder), atomically where the
+    system allows (see :func:`_install`), and refuses anything else. The folder and its files
+    get the usual modes less the umask (0755 / 0644 under umask 022).
     """
     t0 = time.perf_counter()
     name_arg = name
     plan = Plan.parse(plan) if isinstance(plan, str) else plan
-    out = Path(output)
-    if out.exists() and not overwrite:
-        raise P2UError(f"{out} already exists (use overwrite=True)",
-                       cli=f"{out} already exists (use --force)")
+    out = _output_path(output, overwrite)
     if version is None:  # reproducible builds set SOURCE_DATE_EPOCH
         epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
         version = int(epoch) if epoch.isdigit() else int(time.time())
     _identity("model" if name_arg is None else name_arg, version)  # bad options: before loading
     m, name, converted = _load_source(model)
     ident = _identity(name if name_arg is None else name_arg, version)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:  # 0777 less the umask, as the files in it: a web server may serve the package
+        tmp = _workdir.make_dir(out.parent, f".{out.name}.", 0o777)
+    except OSError as e:
+        raise P2UError(f"cannot write package {out}: {e.strerror or e}") from e
     loaded = [m]  # handed over, not kept here: _encode_into frees the model's weights
     del m
     try:
@@ -246,24 +250,84 @@ def encode(
                                     raise_opset=False, probe=probe, budget=budget,
                                     note="; ".join(filter(None, [converted, fallback])),
                                     ident=ident, zref=zref)
-        if out.exists():
-            old = out.with_name(f".{out.name}.old-{os.getpid()}")
-            os.replace(out, old)
-            os.replace(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.replace(tmp, out)
+        _install(tmp, out)
     except OSError as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _workdir.remove_tree(tmp)
         raise P2UError(f"cannot write package {out}: {e.strerror or e}") from e
     except BaseException as e:
-        shutil.rmtree(tmp, ignore_errors=True)
+        _workdir.remove_tree(tmp)
         if type(e) is P2UError and isinstance(e.__cause__, OSError) and str(tmp) in str(e):
             # a file that could not be written: name it inside the package, not the
             # temporary directory that is gone now
             raise P2UError(str(e).replace(str(tmp), str(out))) from e.__cause__
         raise
     return EncodeResult(out, manifest, time.perf_counter() - t0)
+
+
+def _output_path(output: str | os.PathLike, overwrite: bool) -> Path:
+    """The package folder to write, after checking that its parent folder exists and that what
+    is there already (with ``overwrite``) is a p2u package or an empty folder."""
+    out = Path(output)
+    if out.is_symlink():  # replace the package the link leads to, not the link
+        out = Path(os.path.realpath(out))
+    if not out.name or out.name in (".", ".."):
+        raise P2UError(f"cannot write package {output}: give a folder name, e.g. model.p2u")
+    if not out.parent.is_dir():
+        what = "is not a folder" if out.parent.exists() else "does not exist"
+        raise P2UError(f"cannot write package {out}: folder {out.parent} {what}")
+    _recover(out)
+    if os.path.lexists(out):
+        if not overwrite:
+            raise P2UError(f"{out} already exists (use overwrite=True)",
+                           cli=f"{out} already exists (use --force)")
+        if not (out.is_dir() and ((out / "manifest.json").is_file() or not any(out.iterdir()))):
+            raise P2UError(f"{out} is not a p2u package (no manifest.json): not replacing it")
+    return out
+
+
+_exchange = _workdir.exchange  # a module attribute: tests replace it
+
+
+def _install(tmp: Path, out: Path) -> None:
+    """Put the finished package ``tmp`` at ``out``.
+
+    An existing package is replaced atomically where the system can swap two names in one step
+    (:func:`~p2u_onnx._workdir.exchange`): ``out`` names the old package, then the new one, never nothing and
+    never a mix; the old one is then removed under the temporary name. Elsewhere the old package
+    is renamed aside (``<tmp>.old``) and the new one into place: two renames, between which
+    ``out`` is missing for a moment; if the process dies there, the next :func:`encode` to
+    ``out`` puts the old package back (:func:`_recover`).
+    """
+    if not os.path.lexists(out):
+        os.rename(tmp, out)  # an existing folder that appeared meanwhile makes this fail
+        return
+    if _exchange(tmp, out):
+        _workdir.remove_tree(tmp)  # the old package, under the temporary name now
+        return
+    old = tmp.with_name(tmp.name + ".old")
+    try:
+        os.rename(out, old)
+        os.rename(tmp, out)
+    except BaseException:
+        if not os.path.lexists(out) and os.path.isdir(old):
+            os.rename(old, out)
+        raise
+    _workdir.remove_tree(old)
+
+
+def _recover(out: Path) -> None:
+    """Clean up after earlier runs of :func:`encode` to ``out`` that died (killed, crashed,
+    powered off): remove their temporary folders, and put an old package back that a run had
+    renamed aside (:func:`_install`) when ``out`` is missing."""
+    prefix = f".{out.name}."
+    for d in sorted(_workdir.dead_dirs(out.parent, prefix), key=lambda p: p.suffix != ".old"):
+        if d.suffix == ".old" and not os.path.lexists(out) and (d / "manifest.json").is_file():
+            try:
+                os.rename(d, out)
+                continue
+            except OSError:
+                pass
+        _workdir.remove_tree(d)
 
 
 class _Pending:

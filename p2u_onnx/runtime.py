@@ -13,7 +13,8 @@ Two strategies:
 
 ``swap`` (default)
     Stage ``k`` is decoded straight into its own directory of the work dir (``weights.bin`` of
-    stage ``k``, hard links of ``graph.onnx`` and ``base.bin``) and a new session is loaded from
+    stage ``k``, hard links of the session's ``graph.onnx`` and its copy of ``base.bin``) and a
+    new session is loaded from
     it by path with the caller's options. The reference to the live session is then swapped;
     runs in flight finish on the old session, which is dropped (and its directory deleted) when
     the last of them returns. Every onnxruntime optimization is kept.
@@ -46,6 +47,14 @@ The work dir holds ``base/`` (the base unpacked from ``stage-0.p2u`` when the pa
 usable ``base.onnx``; kept as a cache in a caller's work dir) and one ``session-*`` directory per
 session (``graph.onnx``, stage directories, inplace weights files), removed on
 :meth:`ProgressiveSession.close`.
+
+A session never writes into, nor links to, a file of the package: it copies ``base.onnx``,
+``base.bin`` and each stage file into its own folder, hashes the copy as it writes it, and
+loads or maps only the copy (a stage file's copy is unlinked as soon as it is mapped). What was
+checked is what is used, and a package file truncated or rewritten meanwhile is either caught
+by the hash (a clean :class:`IntegrityError`) or no longer matters, never a SIGBUS. Session
+folders are named after their owner process (:mod:`p2u_onnx._workdir`); a new session removes
+those of sessions whose process died (killed, crashed, powered off).
 """
 
 from __future__ import annotations
@@ -57,6 +66,7 @@ import hashlib
 import mmap
 import os
 import shutil
+import stat
 import sys
 import tempfile
 import threading
@@ -65,15 +75,16 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, ContextManager, Protocol
+from typing import Any, ContextManager, NoReturn, Protocol
 
 import numpy as np
 import onnxruntime as ort
 
+from . import _workdir
 from ._base_session import open_base_session
 from ._memory import anonymous_regions, collapse_to_huge_pages, libc, trim_heap
 from ._priority import lowered_priority
-from ._rwlock import Pace, RWLock, TurnLock
+from ._rwlock import Pace, RWLock, TurnLock, in_turn
 from ._writeback import Writeback
 from .dtypes import FLOAT_TYPES
 from .errors import FormatError, IntegrityError, P2UError, PatchError
@@ -81,6 +92,7 @@ from .format import (
     StageFile,
     atomic_write_bytes,
     check_file_entry,
+    check_name,
     parse_manifest,
     read_stage,
     sha256_bytes,
@@ -92,7 +104,8 @@ from .probe import Probe, read_probe_file
 from .reconstruct import WeightState, extract_file, read_into, weights_size
 from .trust import Policy, TrustSpec, check_signature, read_manifest_bytes, read_signature
 
-__all__ = ["BytesSource", "DirectorySource", "ProgressiveSession", "StageSource", "open_stage"]
+__all__ = ["BytesSource", "DirectorySource", "ProgressiveSession", "StageSource", "open_stage",
+           "private_copy"]
 
 StageInput = str | os.PathLike | bytes | bytearray | memoryview
 
@@ -147,17 +160,22 @@ def _base_entries(manifest: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 
 def open_stage(source: StageInput, manifest: dict[str, Any], expected: int,
-               pace: Pace | None = None) -> StageFile:
+               pace: Pace | None = None, *, digest: str | None = None) -> StageFile:
     """Read stage file ``source`` and check it is stage ``expected`` of ``manifest``'s package.
 
     The whole file must match the manifest's sha256. When it does not, the error says why:
     truncated, corrupt, foreign (another package), already applied (repeated) or out of order.
-    ``pace``: hash in turns (see :func:`~p2u_onnx.format.sha256_file`).
+    ``pace``: hash in turns (see :func:`~p2u_onnx.format.sha256_file`). ``digest``: the sha256
+    of ``source`` when the caller has it (:func:`private_copy` hashes a copy as it writes it).
+    A path ``source`` is memory-mapped: give a file no one else can change (see
+    :func:`private_copy`).
     """
     stages = manifest["stages"]
     pid = manifest["package_id"]
     want = stages[expected]["files"][0]["sha256"] if 0 <= expected < len(stages) else None
-    if isinstance(source, (bytes, bytearray, memoryview)):
+    if digest is not None:
+        pass
+    elif isinstance(source, (bytes, bytearray, memoryview)):
         digest = sha256_bytes(source, pace=pace)
     else:
         try:
@@ -167,6 +185,107 @@ def open_stage(source: StageInput, manifest: dict[str, Any], expected: int,
     if digest == want:
         return read_stage(source, package_id=pid, stage=expected, verify_payload=False,
                           manifest=manifest)
+    _diagnose(source, pid, expected, want, len(stages))
+
+
+@contextlib.contextmanager
+def private_copy(source: StageInput, folder: str | os.PathLike, pace: Pace | None = None,
+                 written: Callable[[int, int, int], None] | None = None,
+                 limit: int | None = None) -> Iterator[tuple[StageInput, str | None]]:
+    """``(what to read, its sha256)`` for a stage file given as a path or bytes.
+
+    A path is copied into a new owner-named folder of ``folder`` (a folder of the caller's own)
+    and the copy is hashed as it is written; the block reads and maps only the copy, so what was
+    checked is what is decoded, and the source may be changed, truncated or removed meanwhile (a
+    mapping of it would die of SIGBUS past a truncation). Afterwards the copy is removed, 4 MB
+    at a time at a lowered priority (dropping a 241 MB copy's cached pages at once held
+    everything up for 30-37 ms). ``written(fd, offset, length)`` is told of the copy's bytes
+    (a session's write-back). ``limit``: copy at most this many bytes and one more (a file
+    that goes on is not the stage file; the hash says so). Bytes are given back as they are,
+    with no digest.
+    """
+    if isinstance(source, (bytes, bytearray, memoryview)):
+        yield source, None
+        return
+    try:
+        d = _workdir.make_dir(folder, "incoming-")
+    except OSError as e:
+        raise P2UError(f"cannot copy stage file {source} into the work folder {folder}: "
+                       f"{e.strerror or e}") from e
+    name = Path(source).name
+    copy = d / (name if _plain(name) else "stage.p2u")  # its name shows in messages
+    try:
+        try:
+            digest = _copy_hashed(source, copy, pace, written, limit=limit)
+        except OSError as e:
+            raise P2UError(f"cannot copy stage file {source} into the work folder {d}: "
+                           f"{e.strerror or e}") from e
+        yield copy, digest
+    finally:
+        with lowered_priority():
+            _remove_gradually(copy)
+        _workdir.remove_tree(d)
+
+
+_COPY_CHUNK = 4 << 20
+
+
+def _plain(name: str) -> bool:
+    try:
+        check_name(name)
+    except FormatError:
+        return False
+    return True
+
+
+def _copy_hashed(source: str | os.PathLike, dest: Path, pace: Pace | None,
+                 written: Callable[[int, int, int], None] | None,
+                 what: str = "stage file", limit: int | None = None) -> str:
+    """Copy the regular file ``source`` (at most ``limit`` + 1 bytes of it) to the new file
+    ``dest``; returns the sha256 of what was written. Read and written outside ``pace``
+    (either may wait for the disk), hashed in its turns, :data:`_COPY_CHUNK` bytes at a
+    time."""
+    flags = os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0)
+    try:
+        src = os.open(source, flags)
+    except OSError as e:
+        raise FormatError(f"cannot read {what} {source}: {e.strerror or e}") from e
+    h = hashlib.sha256()
+    try:
+        if not stat.S_ISREG(os.fstat(src).st_mode):
+            raise IntegrityError(f"{source}: not a regular file")
+        out = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0),
+                      0o600)
+        try:
+            buf = memoryview(bytearray(_COPY_CHUNK))
+            size = 0
+            while limit is None or size <= limit:
+                want = _COPY_CHUNK if limit is None else min(_COPY_CHUNK, limit + 1 - size)
+                try:
+                    n = os.readv(src, [buf[:want]])
+                except OSError as e:
+                    raise FormatError(f"cannot read {what} {source}: {e.strerror or e}") from e
+                if not n:
+                    break
+                with in_turn(pace):
+                    h.update(buf[:n])
+                pos = 0
+                while pos < n:
+                    pos += os.pwrite(out, buf[pos:n], size + pos)
+                size += n
+            if written is not None:
+                written(out, 0, size)
+        finally:
+            os.close(out)
+    finally:
+        os.close(src)
+    return h.hexdigest()
+
+
+def _diagnose(source: StageInput, pid: str, expected: int, want: str | None,
+              n_stages: int) -> NoReturn:
+    """Raise the error that says why ``source`` is not stage ``expected`` (its sha256 is not
+    the manifest's)."""
     try:
         sf = read_stage(source)
     except IntegrityError:
@@ -182,7 +301,7 @@ def open_stage(source: StageInput, manifest: dict[str, Any], expected: int,
                              f"(repeated stage file); the next stage is {expected}")
     if want is None:
         raise IntegrityError(f"{label} holds stage {sf.stage}, but the package has only "
-                             f"stages 0..{len(stages) - 1}")
+                             f"stages 0..{n_stages - 1}")
     if sf.stage > expected:
         raise IntegrityError(f"{label} holds stage {sf.stage}, expected stage {expected} "
                              "(out of order: apply stages one after another)")
@@ -200,12 +319,16 @@ def extract_base(stage0: StageInput, manifest: dict[str, Any], workdir: Path) ->
         return paths  # type: ignore[return-value]
     except (OSError, IntegrityError):
         pass
-    sf = open_stage(stage0, manifest, 0)
-    for p in paths:
-        data = extract_file(sf, p.name, size=entries[p.name]["size"])
-        if hashlib.sha256(data).hexdigest() != entries[p.name]["sha256"]:
-            raise IntegrityError(f"{p.name} inside stage 0 does not match the manifest")
-        atomic_write_bytes(p, data)
+    d.mkdir(parents=True, exist_ok=True)
+    _workdir.sweep(d, "incoming-")  # copies left by processes that died
+    with private_copy(stage0, d, limit=_largest_stage(manifest)) as (source, digest):
+        sf = open_stage(source, manifest, 0, digest=digest)
+        for p in paths:
+            data = extract_file(sf, p.name, size=entries[p.name]["size"])
+            if hashlib.sha256(data).hexdigest() != entries[p.name]["sha256"]:
+                raise IntegrityError(f"{p.name} inside stage 0 does not match the manifest")
+            atomic_write_bytes(p, data)
+        del sf
     return paths  # type: ignore[return-value]
 
 
@@ -226,12 +349,15 @@ class DirectorySource:
         """``manifest.json.sig`` of the package, or None when it is not signed."""
         return read_signature(self.path)
 
-    def base_files(self, workdir: Path) -> tuple[Path, Path]:
+    def base_files(self, workdir: Path, *, digest: bool = True) -> tuple[Path, Path]:
+        """The package's base files, checked (sizes only with ``digest=False``: a session
+        hashes the copies it makes), or else the base unpacked from stage 0 into ``workdir``.
+        """
         entries = _base_entries(self.manifest)
         paths = tuple(package_file(self.path, n) for n in _BASE_FILES)
         if all(p.is_file() for p in paths):
             for p in paths:
-                check_file_entry(p, entries[p.name])
+                check_file_entry(p, entries[p.name], digest=digest)
             return paths  # type: ignore[return-value]
         return extract_base(self.fetch(0), self.manifest, workdir)
 
@@ -510,6 +636,37 @@ def _release(live: _Live) -> None:
         live.weights = None
 
 
+def _largest_stage(manifest: dict[str, Any]) -> int | None:
+    """The size of the package's largest stage file (none of its stage files is longer)."""
+    try:
+        return max(int(st["files"][0]["size"]) for st in manifest["stages"])
+    except (KeyError, IndexError, TypeError, ValueError):
+        return None
+
+
+def _check_workdir(workdir: str | os.PathLike | None, source: Any) -> None:
+    """Refuse a ``workdir`` inside the package folder: a session never writes there."""
+    if workdir is None or not isinstance(source, DirectorySource):
+        return
+    package, work = os.path.realpath(source.path), os.path.realpath(workdir)
+    if os.path.commonpath([package, work]) == package:
+        raise P2UError(f"the work folder {workdir} is inside the package folder {source.path}: "
+                       "a session never writes into its package; choose another folder")
+
+
+def _session_dir(workdir: str | os.PathLike | None) -> Path:
+    """A new folder for one session: ``p2u-<owner>-<random>`` in the system's temporary
+    folder, or ``session-<owner>-<random>`` in ``workdir`` (see :mod:`p2u_onnx._workdir`).
+    First the folders there of sessions whose process died are removed."""
+    if workdir is None:
+        parent, prefix = Path(tempfile.gettempdir()), "p2u-"
+    else:
+        parent, prefix = Path(workdir), "session-"
+        parent.mkdir(parents=True, exist_ok=True)
+    _workdir.sweep(parent, prefix)
+    return _workdir.make_dir(parent, prefix)
+
+
 def _http_source(url: str, workdir: str | os.PathLike | None, **trust: Any) -> StageSource:
     """An :class:`~p2u_onnx.transport.HttpSource` for ``url``; it keeps its downloads in
     ``workdir/http`` when a work dir is given, so a restart continues where it stopped.
@@ -550,9 +707,11 @@ class ProgressiveSession:
     ``providers`` are passed to onnxruntime as for ``InferenceSession``; ``strategy`` is
     ``"swap"`` or ``"inplace"`` (see the module docs). ``workdir`` is a directory for unpacked
     files (default: a temporary directory removed on :meth:`close`). ``on_stage(k)`` is called
-    after stage ``k >= 1`` became active, in the thread that applied it (an exception it raises
-    reaches the caller of :meth:`apply`; the stage stays active). ``verify=False`` skips the
-    probe check (e.g. on providers whose numerics differ from the CPU's).
+    after stage ``k`` became active, in the thread that applied it (an exception it raises
+    reaches the caller of :meth:`apply`; the stage stays active); for stage 0, at the end of
+    the constructor (an exception it raises closes the session and reaches the caller).
+    ``verify=False`` skips the probe check (e.g. on providers whose numerics differ from the
+    CPU's).
 
     ``expect="sha256:<hex>"`` pins the exact bytes of ``manifest.json``; ``trust`` (a public key
     ``"ed25519:..."``, a ``.pub`` file, or a list of them) asks for a valid, unexpired
@@ -622,16 +781,20 @@ class ProgressiveSession:
         self._started = 0  # run() calls that entered a session so far
         self._turns = TurnLock()  # inferences (0) and decode jobs (1) take turns: _pace
         self._writeback = Writeback()  # work files go to disk as they are decoded
-        if workdir is None:
-            self._workdir = Path(tempfile.mkdtemp(prefix="p2u-"))
-            self._dir = self._workdir
-        else:
-            self._workdir = Path(workdir)
-            self._workdir.mkdir(parents=True, exist_ok=True)
-            self._dir = Path(tempfile.mkdtemp(prefix="session-", dir=self._workdir))
-        self._cleanup = weakref.finalize(self, shutil.rmtree, str(self._dir), True)
         try:
-            base_onnx, self._base_bin = self._source.base_files(self._workdir)
+            _check_workdir(workdir, self._source)
+            self._dir = _session_dir(workdir)
+        except P2UError:
+            self._close_owned()
+            raise
+        except OSError as e:
+            self._close_owned()
+            raise P2UError(f"cannot make a work folder in {e.filename or workdir}: "
+                           f"{e.strerror or e}") from e
+        self._workdir = self._dir if workdir is None else Path(workdir)
+        self._cleanup = weakref.finalize(self, _workdir.remove_tree, str(self._dir))
+        try:
+            base_onnx, self._base_bin = self._private_base()
             check_base_graph(base_onnx, self._manifest, os.path.getsize(self._base_bin))
             session = open_base_session(
                 base_onnx, _lean_base_options(sess_options)
@@ -651,6 +814,12 @@ class ProgressiveSession:
                                   " ".join(str(e).split())[:300]) from e
             raise
         self._live = _Live(session, 0)
+        if on_stage is not None:
+            try:
+                on_stage(0)
+            except BaseException:
+                self.close()
+                raise
 
     # -- what InferenceSession offers
 
@@ -708,29 +877,66 @@ class ProgressiveSession:
         with self._apply_lock:
             self._check_open()
             k = self.stage + 1
-            sf = open_stage(stage, self._manifest, k, self._pace)
-            cp = self._state.checkpoint()
-            try:
-                if k == 1:
-                    self._write_skeleton(sf)
-                if self._strategy == "inplace" and k > 1:
-                    self._patch_buffers(k, sf)
-                else:
-                    self._rebuild(k, sf)
-            except BaseException as e:
-                self._state.rollback(cp)
-                if isinstance(e, OSError):  # a full disk, a read-only work directory...
-                    where = f" ({e.filename})" if e.filename else f" (in {self._dir})"
-                    raise PatchError(f"stage {k} could not be applied: "
-                                     f"{e.strerror or e}{where}") from e
-                if isinstance(e, Exception) and not isinstance(e, P2UError):
-                    raise PatchError(f"stage {k} could not be applied: {e}") from e
-                raise
-            finally:
-                _trim_heap()
-            if self._on_stage is not None:
-                self._on_stage(k)
+            # a private copy, checked as it is written: the package's file is never mapped
+            with private_copy(stage, self._dir, self._pace, self._writeback.add,
+                              _largest_stage(self._manifest)) as (src, digest):
+                sf = open_stage(src, self._manifest, k, self._pace, digest=digest)
+                cp = self._state.checkpoint()
+                try:
+                    if k == 1:
+                        self._write_skeleton(sf)
+                    if self._strategy == "inplace" and k > 1:
+                        self._patch_buffers(k, sf)
+                    else:
+                        self._rebuild(k, sf)
+                except BaseException as e:
+                    self._state.rollback(cp)
+                    if isinstance(e, OSError):  # a full disk, a read-only work directory...
+                        where = f" ({e.filename})" if e.filename else f" (in {self._dir})"
+                        raise PatchError(f"stage {k} could not be applied: "
+                                         f"{e.strerror or e}{where}") from e
+                    if isinstance(e, Exception) and not isinstance(e, P2UError):
+                        raise PatchError(f"stage {k} could not be applied: {e}") from e
+                    raise
+                finally:
+                    _trim_heap()
+                del sf  # its mapping, before the copy is removed
+                if self._on_stage is not None:
+                    self._on_stage(k)
             return k
+
+    def _private_base(self) -> tuple[Path, Path]:
+        """``base.onnx`` and ``base.bin`` copied into this session's folder (``base/``), each
+        hashed as it is written and checked against the manifest: the session loads and maps
+        these copies only, never a file of the package (which another process may truncate or
+        rewrite, and which must never be linked from a work folder)."""
+        d = self._dir / "base"
+        if isinstance(self._source, DirectorySource):
+            files = self._source.base_files(self._workdir, digest=False)
+        else:
+            files = self._source.base_files(self._workdir)
+        if all(p.parent == d for p in files):  # unpacked from stage 0 by this session
+            return files
+        d.mkdir(exist_ok=True)
+        entries = _base_entries(self._manifest)
+        out = []
+        for p in files:
+            entry = entries[p.name]
+            copy = d / p.name
+            try:
+                digest = _copy_hashed(p, copy, None, self._writeback.add, "base file",
+                                      limit=int(entry["size"]))
+            except OSError as e:
+                raise P2UError(f"cannot copy {p} into the work folder {d}: "
+                               f"{e.strerror or e}") from e
+            size = os.stat(copy).st_size
+            if size != entry["size"]:
+                raise IntegrityError(f"{p}: {size} bytes, the manifest says {entry['size']} "
+                                     "(truncated or altered)")
+            if digest != entry["sha256"]:
+                raise IntegrityError(f"{p}: sha256 does not match the manifest (altered)")
+            out.append(copy)
+        return out[0], out[1]
 
     def _write_skeleton(self, sf: StageFile) -> None:
         """Stage 1's skeleton graph and a link of the base's data, once: on disk, not in

@@ -69,7 +69,7 @@ from typing import Any
 import httpcore
 import httpx
 
-from . import __version__
+from . import __version__, _workdir
 from ._mirror import MirrorDir
 from .errors import FormatError, IntegrityError, P2UError, TransportError, TrustError
 from .format import MANIFEST_NAME, check_name, open_regular, package_file, parse_manifest, \
@@ -239,9 +239,10 @@ class HttpSource:
             headers={"User-Agent": f"p2u-onnx/{__version__}", **(headers or {})},
             transport=self._transport)
         self._headers = dict(headers or {}) if client is not None else {}
-        if cache_dir is None:
-            self.cache_dir = Path(tempfile.mkdtemp(prefix="p2u-http-"))
-            self._cleanup: Any = weakref.finalize(self, shutil.rmtree, str(self.cache_dir), True)
+        if cache_dir is None:  # named after this process: removed by the next one if it dies
+            _workdir.sweep(tempfile.gettempdir(), "p2u-http-")
+            self.cache_dir = _workdir.make_dir(tempfile.gettempdir(), "p2u-http-")
+            self._cleanup: Any = weakref.finalize(self, _workdir.remove_tree, str(self.cache_dir))
         else:
             self.cache_dir = Path(cache_dir)
             self._cleanup = None

@@ -144,7 +144,7 @@ def measure_p2u(url: str, feed, tmp: Path, until_first: bool = False) -> dict:
         "manifest_bytes": mbytes, "stage_bytes": sizes, "probe_bytes": probe,
         "wire_bytes": mbytes + int(ends[-1]),
         "first_inference_s": first,
-        "stage_s": {"0": first, **{str(k): t for k, t in stage_at.items()}},
+        "stage_s": {**{str(k): t for k, t in stage_at.items()}, "0": first},  # first answer
         "arrived_s": {"0": arrived[0], **{str(k): arrived[k + 1] for k in range(1, len(sizes))}},
         "samples": _thin([(t, d + mbytes) for t, d in samples]),
     }

@@ -189,6 +189,7 @@ def run_plan(subject: em.Subject, spec: PlanSpec, work: Path, reference: dict[st
     pkg = work / "packages" / f"{spec.label.replace(' ', '_').replace(',', '-')}.p2u"
 
     def encode() -> None:
+        pkg.parent.mkdir(parents=True, exist_ok=True)  # encode() makes no parent folders
         p2u_onnx.encode(subject.path, pkg, spec.plan, spec.config(), spec.budget(),
                         overwrite=True)
 

@@ -731,7 +731,7 @@ def test_probe_with_synthesized_inputs_still_checks_every_stage(tmp_path, monkey
     seen = []
     with ProgressiveSession(p, on_stage=seen.append) as s:
         assert s.upgrade(background=False) == 2
-    assert seen == [1, 2]
+    assert seen == [0, 1, 2]  # on_stage(0) from the constructor
     import io
 
     with np.load(p / "probe.npz") as z:
