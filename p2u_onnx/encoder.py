@@ -23,11 +23,12 @@ import numpy as np
 import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
 
+from . import palette as pl
 from . import passes
 from ._memory import trim_heap
 from .base_speed import speed_up_base
 from . import quantizers as qz
-from .codecs import SegmentsCodec, ZstdCodec
+from .codecs import SegmentsCodec, ZstdCodec, _zstd_entropy
 from .config import LOSSLESS, BitBudget, Plan, QuantConfig
 from .dtypes import ONNX_BFLOAT16, dtype_info
 from .errors import P2UError, PlanError, UnsupportedModelError
@@ -247,10 +248,12 @@ def encode(
 class _Pending:
     """A slot on its way through :class:`_TensorCoder` (futures for coded tensors)."""
 
-    def __init__(self, slot, sel=None, raw=b"", blocks=None, spans=(), futures=(), nbytes=0):
+    def __init__(self, slot, sel=None, raw=b"", blocks=None, spans=(), futures=(), nbytes=0,
+                 palette=None):
         self.slot, self.sel, self.raw, self.blocks = slot, sel, raw, blocks
         self.spans, self.futures = list(spans), list(futures)
         self.nbytes = nbytes or len(raw)
+        self.palette = palette  # (values, indices) of a tensor with few distinct values
 
     def ready(self) -> bool:
         return all(f is None or f.done() for f in self.futures)
@@ -290,6 +293,7 @@ class _TensorCoder:
         t = slot.tensor
         info = dtype_info(t.data_type)
         w = np.frombuffer(raw, info.storage.newbyteorder("<")).reshape(sel.shape)
+        palette = pl.find(w)  # kept in finish() if smaller than the regular coding
         blocks = np.ascontiguousarray(sel.layout.to_blocks(w))
         nbytes = len(raw)
         del raw, w  # the blocks are the only copy from here on
@@ -307,7 +311,7 @@ class _TensorCoder:
                                     replay=i == 0,
                                     importance=None if imp is None else imp[b0:b1])
                    for i, (b0, b1) in enumerate(spans)]
-        return _Pending(slot, sel, b"", blocks, spans, futures, nbytes)
+        return _Pending(slot, sel, b"", blocks, spans, futures, nbytes, palette)
 
     def _stages(self, key: str) -> list[int | str]:
         """The plan for one tensor: its own base bits, later stages as many bits finer."""
@@ -324,6 +328,10 @@ class _TensorCoder:
                 t.raw_data = p.raw
             return len(p.raw)
         info, layout, key = dtype_info(t.data_type), p.sel.layout, p.slot.key
+        if p.palette is not None:
+            p.futures = [_Done(f.result()) for f in p.futures]
+            if _palette_bytes(p.palette) < _regular_bytes(p, self.ctypes[key], info):
+                return self._finish_palette(p, info)
         codes, scales, zps, abs_max = [], [], [], 0.0
         errs = [0.0] * len(plan.stages)
         for i, ((b0, b1), fut) in enumerate(zip(p.spans, p.futures)):
@@ -379,6 +387,71 @@ class _TensorCoder:
         if self.progress:
             self.progress(self.done, self.total)
         return nbytes
+
+
+    def _finish_palette(self, p: _Pending, info) -> int:
+        """Write a palette tensor (exact in the base: no stage carries anything for it)."""
+        values, idx = p.palette
+        key, shape = p.slot.key, p.sel.shape
+        p.blocks = p.futures = None
+        spans = {"codes": self.bins.add(idx.tobytes(), "symbols"),
+                 "palette": self.bins.add(np.ascontiguousarray(
+                     values, values.dtype.newbyteorder("<")).tobytes(), "bytes")}
+        base = {"kind": pl.KIND, **spans, "code_type": int(TensorProto.UINT8),
+                "size": len(values)}
+        layout_json = pl.layout_json(shape)
+        self.weights_pos += (-self.weights_pos) % ALIGN
+        wspan = [self.weights_pos, p.nbytes]
+        self.weights_pos += p.nbytes
+        self.tensors_meta.append({
+            "name": key, "tensor": p.slot.name, "where": p.slot.path, "kind": p.slot.kind,
+            "dtype": info.name, "shape": list(shape), "layout": layout_json,
+            "bits": 8, "symmetric": self.config.symmetric, "base": base, "weights": wspan,
+            "est_error": 0.0,
+        })
+        self.coded.append({"slot": p.slot, "layout": qz.Layout.from_json(shape, layout_json),
+                           "dtype": info.name, "shape": shape, "code_type": base["code_type"],
+                           "codes": spans["codes"], "palette": spans["palette"],
+                           "palette_size": len(values), "scale": None, "zero_point": None})
+        passes.set_external(p.slot.tensor, "weights.bin", wspan)
+        self.done += p.nbytes
+        if self.progress:
+            self.progress(self.done, self.total)
+        return p.nbytes
+
+
+class _Done:
+    """A finished result standing in for its future."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+    def done(self) -> bool:
+        return True
+
+
+def _palette_bytes(palette) -> int:
+    """Wire bytes of a palette tensor: its indices (entropy-coded as base symbols) + values."""
+    values, idx = palette
+    return len(_zstd_entropy(idx, 3)) + values.nbytes
+
+
+def _regular_bytes(p: _Pending, ctype: int, info) -> int:
+    """Wire bytes of the regular coding of ``p`` over every stage (base codes and scales as
+    stage 0 codes them, every later payload), from its finished chunks."""
+    rs = [f.result() for f in p.futures]
+    total = sum(len(x) for r in rs for x in r.payloads)
+    codes = np.concatenate([r.base.codes for r in rs])
+    total += len(_zstd_entropy(np.frombuffer(pack_codes(p.sel.layout.from_blocks(codes), ctype),
+                                             np.uint8), 3))
+    scales = info.scale_to_storage(np.concatenate([r.base.scale for r in rs]))
+    planes = np.ascontiguousarray(scales).view(np.uint8).reshape(-1, scales.dtype.itemsize)
+    total += sum(len(_zstd_entropy(np.ascontiguousarray(planes[:, i]), 3))
+                 for i in range(planes.shape[1]))
+    return total
 
 
 class _OpsetFallback(Exception):

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import palette as pl
 from . import quantizers as qz
 from ._rwlock import Pace, in_turn
 from .codecs import IntGroupsCodec, IntPlanesCodec, get_codec
@@ -408,6 +409,9 @@ class WeightState:
             name = entry.get("name")
             if not isinstance(name, str) or name not in self.tensors:
                 raise FormatError(f"{label} updates unknown tensor {name!r}")
+            if pl.is_palette(self.tensors[name]):
+                raise FormatError(f"{label} updates {name}, which the base holds exactly "
+                                  "(a palette tensor)")
             try:
                 b0, b1 = (int(b) for b in entry["blocks"])
             except (KeyError, TypeError, ValueError) as e:
@@ -530,6 +534,7 @@ class _Tensor:
         self.out: np.ndarray | None = None
         self.scale = np.zeros(0, np.float32)
         self._base: qz.BaseCodes | None = None
+        self._palette: np.ndarray | None = None  # a palette tensor's values (block order)
 
     def start(self, pool: Executor | None) -> None:
         """Read what every run needs (called in order, before any job of this tensor)."""
@@ -543,7 +548,10 @@ class _Tensor:
             if self.source == "file" and self.assemble:
                 read_into(self._fd(), off, self.layout.from_blocks(self.out),
                           str(self.state._file), pool, self.pace)
-        if self.source == "base":
+        if self.source in ("base", "base-runs") and pl.is_palette(self.t):
+            self._palette = self.layout.to_blocks(
+                pl.decode(self.t, self.state._base).reshape(self.layout.shape))
+        elif self.source == "base":
             _, self._base = base_codes_of(self.t, self.state._base, self.pace)
             self.scale = self._base.scale
         elif self.source == "base-runs":
@@ -569,6 +577,8 @@ class _Tensor:
             _pread_into(self._fd(), _bytes(values), self.t["weights"][0] + b0 * self.run_bytes,
                         str(self.state._file))
             return values
+        if self._palette is not None:
+            return self._palette[b0:b1]
         base = self._base
         assert base is not None
         codes = base.codes[b0:b1] if self.source == "base" else \
@@ -597,7 +607,7 @@ class _Tensor:
         elif self.out is not None:
             write_from(self.target, self.t["weights"][0], self.layout.from_blocks(self.out),
                        pool, self.pace)
-        self.out = self._base = None
+        self.out = self._base = self._palette = None
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype, pool: Executor | None,

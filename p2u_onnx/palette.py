@@ -1,0 +1,136 @@
+"""Palette tensors: weights with few distinct values, exact from the base on (pure numpy).
+
+Clustered and already-quantized models store each weight as one of a few values (a CRNN with
+76). Such a tensor is coded as a *palette* (its distinct bit patterns, at most
+:data:`MAX_PALETTE`) and one ``uint8`` index per weight; the base computes
+``W = Gather(palette, Cast(indices, int32))``, which is bit-exact (NaN payloads and -0.0
+included: the palette holds the original bit patterns), so later stages carry nothing for it.
+
+Manifest entry (``tensors[i]``)::
+
+    "layout": {"mode": "channel", "axis": 0, "block_size": 0}   ("tensor" for rank < 2)
+    "bits": 8,
+    "base": {"kind": "palette", "codes": [offset, length], "palette": [offset, length],
+             "code_type": 2, "size": k}
+
+``codes`` are ``numel`` uint8 indices in C order, ``palette`` ``k`` values of the tensor's
+storage dtype (little-endian; bfloat16 as its 16-bit patterns). :func:`check_entry` validates
+such an entry; :func:`decode` rebuilds the tensor on the device. The encoder uses
+:func:`find` and keeps the palette only where it is smaller than the regular coding (measured
+per tensor).
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+import numpy as np
+
+from .dtypes import ONNX_UINT8, dtype_info
+from .errors import FormatError
+
+__all__ = ["MAX_PALETTE", "KIND", "find", "is_palette", "check_entry", "decode", "layout_json"]
+
+MAX_PALETTE = 256
+KIND = "palette"
+_SAMPLE = 4096  # values looked at first: most dense tensors are rejected on these
+
+
+def _bits(w: np.ndarray) -> np.ndarray:
+    """The values' bit patterns as unsigned integers (flat, C order)."""
+    w = np.ascontiguousarray(w)
+    return w.reshape(-1).view({1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}[
+        w.dtype.itemsize])
+
+
+def find(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
+    """``(palette, indices)`` when ``w`` (storage dtype) has at most :data:`MAX_PALETTE`
+    distinct bit patterns, else None. ``palette`` has ``w``'s dtype (distinct bit patterns,
+    increasing as unsigned integers); ``indices`` is uint8, flat C order, and
+    ``palette[indices]`` is ``w`` bit for bit."""
+    u = _bits(w)
+    if u.size == 0:
+        return None
+    step = max(1, u.size // _SAMPLE)
+    if len(np.unique(u[::step])) > MAX_PALETTE:
+        return None
+    values, inverse = np.unique(u, return_inverse=True)
+    if len(values) > MAX_PALETTE:
+        return None
+    return values.view(w.dtype), inverse.reshape(-1).astype(np.uint8)
+
+
+def layout_json(shape: tuple[int, ...]) -> dict[str, Any]:
+    """The layout a palette tensor is recorded with: runs of whole leading rows (contiguous in
+    C order, so the device rebuilds it run by run), or one block below rank 2."""
+    if len(shape) >= 2:
+        return {"mode": "channel", "axis": 0, "block_size": 0}
+    return {"mode": "tensor", "axis": 0, "block_size": 0}
+
+
+def is_palette(t: dict[str, Any]) -> bool:
+    """Whether tensor-table entry ``t`` is a palette tensor."""
+    base = t.get("base")
+    return isinstance(base, dict) and base.get("kind") == KIND
+
+
+def _span(v: object, what: str) -> tuple[int, int]:
+    if not (isinstance(v, list) and len(v) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) and x >= 0 for x in v)):
+        raise FormatError(f"{what} must be [offset, length] with non-negative integers")
+    return v[0], v[1]
+
+
+def check_entry(t: dict[str, Any], base_size: int | None = None) -> None:
+    """Validate the palette fields of tensor-table entry ``t`` (call it for entries where
+    :func:`is_palette` is true): the kind, code type, palette size, spans (inside
+    ``base.bin`` of ``base_size`` bytes when given) and layout. :class:`FormatError` naming
+    the tensor and the field otherwise."""
+    name = t.get("name")
+    what = f"tensor {name!r}"
+    b = t.get("base")
+    if not isinstance(b, dict) or b.get("kind") != KIND:
+        raise FormatError(f"{what}: base.kind is not {KIND!r}")
+    allowed = {"kind", "codes", "palette", "code_type", "size"}
+    extra = set(b) - allowed
+    if extra:
+        raise FormatError(f"{what}: unknown palette field(s) {sorted(extra)}")
+    try:
+        info = dtype_info(t.get("dtype"))
+    except Exception:
+        raise FormatError(f"{what}: palette tensor has an unknown dtype {t.get('dtype')!r}") \
+            from None
+    shape = t.get("shape")
+    if not (isinstance(shape, list) and all(isinstance(d, int) and not isinstance(d, bool)
+                                            and d >= 0 for d in shape)):
+        raise FormatError(f"{what}: shape must be a list of non-negative integers")
+    numel = int(np.prod(shape, dtype=np.int64)) if shape else 1
+    if b.get("code_type") != ONNX_UINT8:
+        raise FormatError(f"{what}: palette indices must be uint8 (code_type {ONNX_UINT8})")
+    k = b.get("size")
+    if not (isinstance(k, int) and not isinstance(k, bool) and 1 <= k <= MAX_PALETTE):
+        raise FormatError(f"{what}: palette size must be 1..{MAX_PALETTE}, got {k!r}")
+    spans = {}
+    for field, length in (("codes", numel), ("palette", k * info.storage.itemsize)):
+        off, ln = spans[field] = _span(b.get(field), f"{what}: base.{field}")
+        if ln != length:
+            raise FormatError(f"{what}: base.{field} holds {ln} bytes, expected {length}")
+        if base_size is not None and off + ln > base_size:
+            raise FormatError(f"{what}: base.{field} lies beyond the end of base.bin")
+    if t.get("layout") != layout_json(tuple(shape)):
+        raise FormatError(f"{what}: a palette tensor has layout {layout_json(tuple(shape))}")
+
+
+def decode(t: dict[str, Any], base_bin) -> np.ndarray:
+    """The tensor's values (storage dtype, flat C order) from ``base.bin`` (any object sliced
+    by ``base_bin[a:b]`` into bytes). Checks the entry and every index."""
+    check_entry(t, len(base_bin))
+    b = t["base"]
+    info = dtype_info(t["dtype"])
+    (co, cn), (po, pn) = b["codes"], b["palette"]
+    idx = np.frombuffer(base_bin[co:co + cn], np.uint8)
+    pal = np.frombuffer(base_bin[po:po + pn], info.storage.newbyteorder("<"))
+    if idx.size and int(idx.max()) >= len(pal):
+        raise FormatError(f"tensor {t['name']!r}: palette index {int(idx.max())} beyond its "
+                          f"{len(pal)} values")
+    return pal.astype(info.storage)[idx]
