@@ -273,6 +273,7 @@ class _TensorCoder:
         self.weights_pos = 0
         self.all_bytes = 0
         self.digest = hashlib.sha256()
+        self.grids = self.palettes = 0  # tensors coded exactly in the base (see palette.py)
 
     def digest_slot(self, slot, raw: bytes | None = None) -> bytes:
         """Hash the slot into the source digest; returns its raw bytes (read once, or ``raw``
@@ -295,6 +296,12 @@ class _TensorCoder:
         w = np.frombuffer(raw, info.storage.newbyteorder("<")).reshape(sel.shape)
         palette = pl.find(w)  # kept in finish() if smaller than the regular coding
         blocks = np.ascontiguousarray(sel.layout.to_blocks(w))
+        grid = None if palette is not None or not self.config.symmetric else \
+            pl.find_grid(blocks, info)
+        if grid is not None:  # already on a uniform grid: exact base codes, in INT8 containers
+            self.bitplan.bits[slot.key] = grid.bits
+            self.ctypes[slot.key] = passes.code_type(grid.bits, 13)[0]
+            self.grids += 1
         nbytes = len(raw)
         del raw, w  # the blocks are the only copy from here on
         per = max(1, CHUNK_ELEMENTS // sel.layout.block_len)
@@ -309,7 +316,9 @@ class _TensorCoder:
         futures = [self.pool.submit(code_chunk, blocks[b0:b1], info, stages,
                                     symmetric=cfg.symmetric, clip_search=clip,
                                     replay=i == 0,
-                                    importance=None if imp is None else imp[b0:b1])
+                                    importance=None if imp is None else imp[b0:b1],
+                                    base=None if grid is None else qz.BaseCodes(
+                                        grid.codes[b0:b1], grid.scale[b0:b1], None, grid.bits))
                    for i, (b0, b1) in enumerate(spans)]
         return _Pending(slot, sel, b"", blocks, spans, futures, nbytes, palette)
 
@@ -346,7 +355,8 @@ class _TensorCoder:
             for k, bits in enumerate(plan.stages[1:], start=1):
                 if bits != LOSSLESS:
                     shift = int(bits) - plan.base_bits
-                codec = GROUPS if bits == LOSSLESS else PLANES
+                codec = (GROUPS if bits == LOSSLESS else PLANES) if r.codecs is None \
+                    else r.codecs[k - 1]
                 self.writers[k - 1].add({"kind": "exact" if bits == LOSSLESS else "refine",
                                          "name": key, "blocks": [b0, b1], "shift": shift,
                                          "codec": codec.get_config()}, r.payloads[k - 1])
@@ -400,6 +410,7 @@ class _TensorCoder:
         base = {"kind": pl.KIND, **spans, "code_type": int(TensorProto.UINT8),
                 "size": len(values)}
         layout_json = pl.layout_json(shape)
+        self.palettes += 1
         self.weights_pos += (-self.weights_pos) % ALIGN
         wspan = [self.weights_pos, p.nbytes]
         self.weights_pos += p.nbytes
@@ -573,6 +584,11 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
             coder.finish(pending.popleft())
     coded = coder.coded
     src_digest = coder.digest.hexdigest()
+    if coder.palettes or coder.grids:
+        bitplan.notes.append(
+            f"{coder.palettes} tensor(s) with few distinct values coded as palettes and "
+            f"{coder.grids} already on a uniform grid coded with their own steps: exact in "
+            "the base")
     package_id = hashlib.sha256(
         f"{src_digest}|{plan}|{config}|{sorted(bitplan.bits.items())}|{FORMAT_VERSION}"
         .encode()).hexdigest()[:32]

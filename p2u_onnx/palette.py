@@ -29,7 +29,8 @@ import numpy as np
 from .dtypes import ONNX_UINT8, dtype_info
 from .errors import FormatError
 
-__all__ = ["MAX_PALETTE", "KIND", "find", "is_palette", "check_entry", "decode", "layout_json"]
+__all__ = ["MAX_PALETTE", "KIND", "find", "is_palette", "check_entry", "decode", "layout_json",
+           "find_grid"]
 
 MAX_PALETTE = 256
 KIND = "palette"
@@ -134,3 +135,89 @@ def decode(t: dict[str, Any], base_bin) -> np.ndarray:
         raise FormatError(f"tensor {t['name']!r}: palette index {int(idx.max())} beyond its "
                           f"{len(pal)} values")
     return pal.astype(info.storage)[idx]
+
+
+# ---------------------------------------------------------------- uniform grids
+
+
+_GRID_TRIES = 16  # the smallest |weight| of a block is tried as 1..16 grid steps
+_GRID_SAMPLE = 64  # blocks looked at first
+_GRID_LEFT = 4096  # blocks (and steps) tried against the steps found for the others
+
+
+def find_grid(blocks: np.ndarray, info, max_bits: int = 8):
+    """Base codes that are exact for weights already on a uniform grid (fake-quantized:
+    ``scale * integer`` per block, channel or tensor), or None.
+
+    ``blocks`` is ``[n_blocks, block_len]`` in storage dtype (block order). Per block, the grid
+    step is found from the smallest non-zero ``|weight|`` (taken as 1..16 steps) and the largest
+    code, then checked: every weight must equal what DequantizeLinear gives for its code
+    (:func:`~p2u_onnx.quantizers.dequantize_base`, bit for bit but for the sign of zero, which
+    the lossless stage restores) with every code in ``[-2**(bits-1), 2**(bits-1) - 1]``,
+    ``bits <= max_bits``. Returns :class:`~p2u_onnx.quantizers.BaseCodes` (int8 codes, the
+    found steps as scales, the fewest bits that hold the codes); all-zero blocks get scale 0.
+    """
+    from . import quantizers as qz
+
+    n = len(blocks)
+    if n == 0 or blocks.size == 0 or info.compute != np.float32:
+        return None
+    if n > _GRID_SAMPLE and _grid_scales(blocks[:_GRID_SAMPLE], info, max_bits) is None:
+        return None  # most dense tensors stop here
+    found = _grid_scales(blocks, info, max_bits)
+    if found is None:
+        return None
+    scale, codes = found
+    top = int(max(codes.max(), -int(codes.min()) - 1, 0))
+    bits = max(2, int(top).bit_length() + 1)
+    return qz.BaseCodes(codes, scale, None, bits)
+
+
+def _grid_scales(blocks: np.ndarray, info, max_bits: int):
+    """(scales, int8 codes) with every block exact on its grid, or None."""
+    x = info.to_compute(blocks).astype(np.float32, copy=False)
+    if not np.isfinite(x).all():
+        return None
+    lo, hi = -(1 << (max_bits - 1)), (1 << (max_bits - 1)) - 1
+    a = np.abs(x)
+    m = np.where(a > 0, a, np.float32(np.inf)).min(axis=1)
+    scale = np.zeros(len(x), np.float32)
+    codes = np.zeros(x.shape, np.int8)
+    todo = np.flatnonzero(np.isfinite(m))  # all-zero blocks: scale 0, codes 0
+    with np.errstate(divide="ignore", invalid="ignore", over="ignore"):
+        for j in range(1, _GRID_TRIES + 1):
+            if not len(todo):
+                break
+            xs = x[todo]
+            k = np.rint(xs / (m[todo] / np.float32(j))[:, None])
+            # the step as the largest weight over its code, and its float neighbours
+            arg = np.abs(k).argmax(axis=1)
+            rows = np.arange(len(todo))
+            s1 = (xs[rows, arg] / k[rows, arg]).astype(np.float32)
+            left = np.ones(len(todo), bool)
+            for s in (s1, np.nextafter(s1, np.float32(0)), np.nextafter(s1, np.float32(np.inf))):
+                s = np.where(left & (s > 0) & np.isfinite(s), s, np.float32(1))
+                q = np.rint(xs / s[:, None])
+                ok = left & (q.min(axis=1) >= lo) & (q.max(axis=1) <= hi)
+                back = q.astype(np.float32) * s[:, None]  # what dequantize_base computes
+                # equal floats are equal bits but for zeros (finite values only here)
+                ok &= ((back == xs) | (xs == 0)).all(axis=1)
+                hit = np.flatnonzero(ok)
+                scale[todo[hit]] = s[hit]
+                codes[todo[hit]] = q[hit].astype(np.int8)
+                left &= ~ok
+            todo = todo[left]
+        if len(todo) and len(todo) <= _GRID_LEFT:
+            # blocks without a small weight: the steps of the other blocks (a channel's)
+            steps = np.unique(scale[scale > 0])[:_GRID_LEFT]
+            for i in todo if len(steps) else ():
+                q = np.rint(x[i][None, :] / steps[:, None])
+                ok = (q.min(axis=1) >= lo) & (q.max(axis=1) <= hi) & (
+                    (q.astype(np.float32) * steps[:, None] == x[i]) | (x[i] == 0)).all(axis=1)
+                if ok.any():
+                    c = int(np.flatnonzero(ok)[0])
+                    scale[i], codes[i] = steps[c], q[c].astype(np.int8)
+                    todo = todo[todo != i]
+    if len(todo):
+        return None
+    return scale, codes
