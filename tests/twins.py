@@ -23,9 +23,9 @@ def _clustered(ws: dict[str, np.ndarray], n: int, rng: np.random.Generator,
         idx = np.abs(w.reshape(-1, 1) - centres[None, :]).argmin(axis=1)
         return centres[idx].reshape(w.shape).astype(np.float32)
     if shared:
-        allw = np.concatenate([w.reshape(-1) / w.std() for w in ws.values()])
+        allw = np.concatenate([w.reshape(-1) for w in ws.values()])
         c = np.quantile(allw, (np.arange(n) + 0.5) / n).astype(np.float32)
-        return {k: snap(w / w.std(), c) for k, w in ws.items()}
+        return {k: snap(w, c) for k, w in ws.items()}
     return {k: snap(w, np.quantile(w, (np.arange(n) + 0.5) / n).astype(np.float32))
             for k, w in ws.items()}
 
