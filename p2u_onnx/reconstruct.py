@@ -104,6 +104,8 @@ def base_scale_of(t: dict[str, Any], base_bin) -> tuple[qz.Layout, np.ndarray]:
     """Layout and per-block base scales (float32, block order) of tensor-table entry ``t``."""
     layout = qz.Layout.from_json(tuple(t["shape"]), t["layout"])
     info = dtype_info(t["dtype"])
+    if pl.is_palette(t):
+        raise FormatError(f"tensor {t['name']} is a palette tensor: it has no base scales")
     sraw = np.frombuffer(_read(base_bin, t["base"]["scale"]), info.scale_storage)
     if sraw.size != layout.n_blocks:
         raise FormatError(f"tensor {t['name']}: {sraw.size} scales for {layout.n_blocks} blocks")
