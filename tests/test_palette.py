@@ -255,3 +255,26 @@ def test_palette_find():
     assert len(values) == 3 and values[idx].tobytes() == w.reshape(-1).tobytes()
     assert pl.find(np.arange(300, dtype=np.float32)) is None
     assert pl.find(np.zeros(0, np.float32)) is None
+
+
+def test_bfloat16_palette(tmp_path):
+    rng = np.random.default_rng(0)
+    patterns = np.array([0x3F80, 0xBF80, 0x0000, 0x8000, 0x3E00, 0x7FC1], np.uint16)  # NaN too
+    bits = patterns[rng.integers(0, len(patterns), (64, 96))]
+    t = helper.make_tensor("Wb", TensorProto.BFLOAT16, [64, 96], bits.tobytes(), raw=True)
+    nodes = [helper.make_node("Cast", ["Wb"], ["W"], to=TensorProto.FLOAT),
+             helper.make_node("MatMul", ["x", "W"], ["y"])]
+    g = helper.make_graph(nodes, "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT,
+                                                                     ["N", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 96])],
+                          [t])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    encode(m, tmp_path / "p", name="b", version=1, probe=False)
+    (entry,) = load_manifest(tmp_path / "p")["tensors"]
+    assert entry["dtype"] == "bfloat16" and pl.is_palette(entry)
+    assert api.verify(tmp_path / "p")["lossless_match"] is True
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    ref = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "p" / "base.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, ref)
