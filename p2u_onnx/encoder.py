@@ -274,6 +274,7 @@ class _TensorCoder:
         self.all_bytes = 0
         self.digest = hashlib.sha256()
         self.grids = self.palettes = 0  # tensors coded exactly in the base (see palette.py)
+        self.sparse_codes = 0  # tensors whose base codes are mostly zeros (see _codes_kind)
 
     def digest_slot(self, slot, raw: bytes | None = None) -> bytes:
         """Hash the slot into the source digest; returns its raw bytes (read once, or ``raw``
@@ -367,8 +368,11 @@ class _TensorCoder:
         base = qz.BaseCodes(np.concatenate(codes), np.concatenate(scales),
                             None if self.config.symmetric else np.concatenate(zps), bits)
         bins, ctype = self.bins, self.ctypes[key]
+        packed = pack_codes(layout.from_blocks(base.codes), ctype)
+        kind = _codes_kind(base.codes, packed)
+        self.sparse_codes += kind == "bytes"
         spans = {
-            "codes": bins.add(pack_codes(layout.from_blocks(base.codes), ctype), "symbols"),
+            "codes": bins.add(packed, kind),
             "scale": bins.add(np.ascontiguousarray(
                 layout.blocks_to_scales(info.scale_to_storage(base.scale))).tobytes(),
                 f"planes{info.scale_storage.itemsize}"),
@@ -442,6 +446,21 @@ class _Done:
 
     def done(self) -> bool:
         return True
+
+
+SPARSE_CODES = 0.5  # share of zero codes from which a tensor's base codes may go to "bytes"
+SPARSE_LEVEL = 19  # zstd level of base.bin's "bytes" stream when it holds such codes
+
+
+def _codes_kind(codes: np.ndarray, packed: bytes) -> str:
+    """Segment kind of a tensor's packed base codes: ``"symbols"`` (entropy-only zstd), or
+    ``"bytes"`` (zstd with matches, at :data:`SPARSE_LEVEL`) for mostly-zero codes (pruned
+    weights) where that is measurably smaller."""
+    if np.count_nonzero(codes) > (1 - SPARSE_CODES) * codes.size:
+        return "symbols"
+    plain = len(_zstd_entropy(np.frombuffer(packed, np.uint8), 3))
+    runs = len(ZstdCodec(level=SPARSE_LEVEL).encode(packed))
+    return "bytes" if runs <= 0.98 * plain else "symbols"
 
 
 def _palette_bytes(palette) -> int:
@@ -637,7 +656,8 @@ def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctyp
     zstd = ZstdCodec(level=9)
     # Stage 0 on the wire: base.onnx and base.bin, compressed.
     w0 = StageWriter(tmp / stage_file_name(0), package_id, 0)
-    bin_codec = SegmentsCodec(level=9, segments=tuple(coder.bins.segments))
+    bin_codec = SegmentsCodec(level=SPARSE_LEVEL if coder.sparse_codes else 9,
+                              segments=tuple(coder.bins.segments))
     for fname, data, codec in (("base.onnx", base_onnx, zstd),
                                ("base.bin", (tmp / "base.bin").read_bytes(), bin_codec)):
         w0.add({"kind": "file", "name": fname, "codec": codec.get_config(),

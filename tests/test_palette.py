@@ -17,7 +17,7 @@ import twins
 import zstandard
 from onnx import TensorProto, helper, numpy_helper
 
-from p2u_onnx import api, palette as pl, reconstruct
+from p2u_onnx import api, encoder, palette as pl, reconstruct
 from p2u_onnx.config import QuantConfig
 from p2u_onnx.dtypes import dtype_info
 from p2u_onnx.encoder import encode
@@ -55,6 +55,9 @@ def test_every_stage_under_zstd19_and_exact(kind, packages):
     sizes = [(pkg / s["files"][0]["path"]).stat().st_size for s in man["stages"]]
     assert cum == list(np.cumsum(sizes))  # the manifest tells the truth about the files
     assert all(c < z19 for c in cum), (kind, cum, z19)
+    # the whole directory as served, manifest and probe included
+    assert sum(f.stat().st_size for f in pkg.iterdir()
+               if f.name not in ("base.onnx", "base.bin")) < z19
     assert api.verify(pkg)["lossless_match"] is True
     # and the weights of the last stage are the model's, bit for bit
     state = WeightState(man, pkg / "base.bin")
@@ -102,6 +105,16 @@ def test_pruned_refine_is_grouped_by_zeros(packages):
     assert "int-groups" in codecs
 
 
+def test_pruned_base_codes_coded_with_matches(packages):
+    """Mostly-zero base codes go to base.bin's zstd stream with matches (level 19)."""
+    pkg = packages["pruned"][1]
+    man = load_manifest(pkg)
+    (entry,) = [e for e in read_stage(pkg / "stage-0.p2u").entries if e["name"] == "base.bin"]
+    kinds = {off: kind for off, _, kind in entry["codec"]["segments"]}
+    assert entry["codec"]["level"] == encoder.SPARSE_LEVEL
+    assert {kinds[t["base"]["codes"][0]] for t in man["tensors"]} == {"bytes"}
+
+
 def _stage_digests(pkg: Path) -> list[str]:
     man = load_manifest(pkg)
     return [s["files"][0]["sha256"] for s in man["stages"]] + [
@@ -119,6 +132,7 @@ def test_dense_package_unchanged(tmp_path, monkeypatch):
     monkeypatch.setattr(pl, "find", lambda w: None)
     monkeypatch.setattr(pl, "find_grid", lambda blocks, info, max_bits=8: None)
     monkeypatch.setattr(reconstruct, "SPARSE_SHARE", 2.0)
+    monkeypatch.setattr(encoder, "SPARSE_CODES", 2.0)
     encode(m, tmp_path / "off", name="d", version=1)
     assert _stage_digests(tmp_path / "on") == _stage_digests(tmp_path / "off")
 
