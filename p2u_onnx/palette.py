@@ -30,7 +30,7 @@ from .dtypes import ONNX_UINT8, dtype_info
 from .errors import FormatError
 
 __all__ = ["MAX_PALETTE", "KIND", "find", "is_palette", "check_entry", "decode", "layout_json",
-           "find_grid"]
+           "find_grid", "check_tensor_base"]
 
 MAX_PALETTE = 256
 KIND = "palette"
@@ -221,3 +221,19 @@ def _grid_scales(blocks: np.ndarray, info, max_bits: int):
     if len(todo):
         return None
     return scale, codes
+
+
+def check_tensor_base(t: dict[str, Any], base_size: int | None = None) -> bool:
+    """For a manifest validator: check the ``base.kind`` of tensor-table entry ``t``. Returns
+    True for a palette tensor (checked with :func:`check_entry`: it has no scales or zero
+    points), False for the regular kind (no ``kind`` field: codes, scale, zero point, left to
+    the caller); :class:`FormatError` for an unknown kind."""
+    base = t.get("base")
+    if not isinstance(base, dict):
+        raise FormatError(f"tensor {t.get('name')!r}: base must be an object")
+    if "kind" not in base:
+        return False
+    if base["kind"] != KIND:
+        raise FormatError(f"tensor {t.get('name')!r}: unknown base kind {base['kind']!r}")
+    check_entry(t, base_size)
+    return True

@@ -292,3 +292,39 @@ def test_bfloat16_palette(tmp_path):
     ref = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(tmp_path / "p" / "base.onnx")).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, ref)
+
+
+def test_check_tensor_base():
+    t = _palette_entry()
+    assert pl.check_tensor_base(t, 128) is True
+    assert pl.check_tensor_base({"name": "R", "base": {"codes": [0, 1]}}) is False
+    with pytest.raises(FormatError, match="unknown base kind 'lut'"):
+        pl.check_tensor_base({"name": "R", "base": {"kind": "lut"}})
+    with pytest.raises(FormatError, match="base must be an object"):
+        pl.check_tensor_base({"name": "R", "base": [1]})
+
+
+def test_palette_in_function_body(tmp_path):
+    """A palette weight held by a Constant node inside a model-local function."""
+    rng = np.random.default_rng(2)
+    fw = np.array([-0.5, -0.25, 0.0, 0.25, 0.5], np.float32)[rng.integers(0, 5, (64, 64))]
+    fn = helper.make_function(
+        "custom.fn", "Proj", ["inp"], ["outp"],
+        [helper.make_node("Constant", [], ["fw"], value=numpy_helper.from_array(fw, "fw")),
+         helper.make_node("MatMul", ["inp", "fw"], ["outp"])],
+        opset_imports=[helper.make_opsetid("", 17)])
+    g = helper.make_graph([helper.make_node("Proj", ["x"], ["y"], domain="custom.fn")], "g",
+                          [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["N", 64])],
+                          [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["N", 64])])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17),
+                                            helper.make_opsetid("custom.fn", 1)],
+                          functions=[fn])
+    m.ir_version = 8
+    encode(m, tmp_path / "p", name="f", version=1, probe=False)
+    (entry,) = load_manifest(tmp_path / "p")["tensors"]
+    assert pl.is_palette(entry)
+    assert api.verify(tmp_path / "p")["lossless_match"] is True
+    x = rng.standard_normal((3, 64)).astype(np.float32)
+    ref = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
+    got = ort.InferenceSession(str(tmp_path / "p" / "base.onnx")).run(None, {"x": x})[0]
+    np.testing.assert_array_equal(got, ref)
