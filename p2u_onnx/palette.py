@@ -53,8 +53,13 @@ def find(w: np.ndarray) -> tuple[np.ndarray, np.ndarray] | None:
     if u.size == 0:
         return None
     step = max(1, u.size // _SAMPLE)
-    if len(np.unique(u[::step])) > MAX_PALETTE:
+    seen = np.unique(u[::step])
+    if len(seen) > MAX_PALETTE:
         return None
+    # the values the sample saw are usually all there are: one search, not a sort
+    inverse = np.minimum(np.searchsorted(seen, u), len(seen) - 1)
+    if np.array_equal(seen[inverse], u):
+        return seen.view(w.dtype), inverse.astype(np.uint8)
     values, inverse = np.unique(u, return_inverse=True)
     if len(values) > MAX_PALETTE:
         return None
@@ -142,7 +147,8 @@ def decode(t: dict[str, Any], base_bin) -> np.ndarray:
 
 _GRID_TRIES = 16  # the smallest |weight| of a block is tried as 1..16 grid steps
 _GRID_SAMPLE = 64  # blocks looked at first
-_GRID_LEFT = 4096  # blocks (and steps) tried against the steps found for the others
+_GRID_LEFT = 4096  # blocks at most tried against the steps found for the others
+_GRID_NEAR = 128  # ... the steps of that many blocks on either side, and as many others
 
 
 def find_grid(blocks: np.ndarray, info, max_bits: int = 8):
@@ -194,23 +200,33 @@ def _grid_scales(blocks: np.ndarray, info, max_bits: int):
             arg = np.abs(k).argmax(axis=1)
             rows = np.arange(len(todo))
             s1 = (xs[rows, arg] / k[rows, arg]).astype(np.float32)
-            left = np.ones(len(todo), bool)
-            for s in (s1, np.nextafter(s1, np.float32(0)), np.nextafter(s1, np.float32(np.inf))):
-                s = np.where(left & (s > 0) & np.isfinite(s), s, np.float32(1))
-                q = np.rint(xs / s[:, None])
-                ok = left & (q.min(axis=1) >= lo) & (q.max(axis=1) <= hi)
+            left = np.arange(len(todo))  # rows of xs without a step yet
+            for toward in (None, np.float32(0), np.float32(np.inf)):
+                if not len(left):
+                    break
+                s = s1[left] if toward is None else np.nextafter(s1[left], toward)
+                s = np.where((s > 0) & np.isfinite(s), s, np.float32(1))
+                xl = xs[left]
+                q = np.rint(xl / s[:, None])
+                ok = (q.min(axis=1) >= lo) & (q.max(axis=1) <= hi)
                 back = q.astype(np.float32) * s[:, None]  # what dequantize_base computes
                 # equal floats are equal bits but for zeros (finite values only here)
-                ok &= ((back == xs) | (xs == 0)).all(axis=1)
+                ok &= ((back == xl) | (xl == 0)).all(axis=1)
                 hit = np.flatnonzero(ok)
-                scale[todo[hit]] = s[hit]
-                codes[todo[hit]] = q[hit].astype(np.int8)
-                left &= ~ok
+                scale[todo[left[hit]]] = s[hit]
+                codes[todo[left[hit]]] = q[hit].astype(np.int8)
+                left = left[~ok]
             todo = todo[left]
         if len(todo) and len(todo) <= _GRID_LEFT:
-            # blocks without a small weight: the steps of the other blocks (a channel's)
-            steps = np.unique(scale[scale > 0])[:_GRID_LEFT]
-            for i in todo if len(steps) else ():
+            # blocks without a small weight: the steps found for nearby blocks (a channel's
+            # blocks are neighbours in block order), else for any block
+            found = scale > 0
+            anywhere = np.unique(scale[found])[:_GRID_NEAR]
+            for i in todo:
+                near = scale[max(0, i - _GRID_NEAR):i + _GRID_NEAR]
+                steps = np.unique(np.concatenate([near[near > 0], anywhere]))
+                if not len(steps):
+                    continue
                 q = np.rint(x[i][None, :] / steps[:, None])
                 ok = (q.min(axis=1) >= lo) & (q.max(axis=1) <= hi) & (
                     (q.astype(np.float32) * steps[:, None] == x[i]) | (x[i] == 0)).all(axis=1)
