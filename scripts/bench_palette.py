@@ -2,6 +2,7 @@
 compressible weights (clustered, fake-quantized, pruned) and a dense control.
 
     PYTHONPATH=. python scripts/bench_palette.py [--json out.json] [--kinds clustered,dense]
+    PYTHONPATH=. python scripts/bench_palette.py --model captcha_crnn.onnx  # any .onnx file
 
 Prints, per twin: zstd -19 of the .onnx file, each stage's cumulative bytes (stage files),
 the whole package (stage files + manifest + probe), where stage 0's bytes go (base.onnx,
@@ -54,10 +55,25 @@ def _latency(sess, feed, n=30) -> float:
     return float(np.median(ts))
 
 
+def _feeds(sess, kind: str, rng) -> list[dict[str, np.ndarray]]:
+    """256 random inputs for a twin; for a model file, 8 feeds shaped as the probe makes them
+    (symbolic dimensions 1), floats uniform in [0, 1)."""
+    if kind in twins.KINDS:
+        return [{"x": rng.standard_normal((256, 16, 16, 16), np.float32)}]
+    from p2u_onnx.probe import synthesize_inputs
+
+    base = synthesize_inputs(sess.get_inputs())
+    return [{k: rng.random(v.shape, np.float32) if v.dtype == np.float32 else v
+             for k, v in base.items()} for _ in range(8)]
+
+
 def bench(kind: str, work: Path) -> dict:
-    m = twins.twin(kind)
-    src = work / f"{kind}.onnx"
-    src.write_bytes(m.SerializeToString())
+    if kind in twins.KINDS:
+        src = work / f"{kind}.onnx"
+        src.write_bytes(twins.twin(kind).SerializeToString())
+    else:
+        src = Path(kind)
+        kind = src.stem
     raw = src.read_bytes()
     z19 = len(zstandard.ZstdCompressor(level=19).compress(raw))
     pkg = work / f"{kind}.p2u"
@@ -81,15 +97,18 @@ def bench(kind: str, work: Path) -> dict:
         where.append(parts)
     palettes = sum(1 for t in man["tensors"] if t["base"].get("kind") == "palette")
     rng = np.random.default_rng(1)
-    x = rng.standard_normal((256, 16, 16, 16), np.float32)
     so = ort.SessionOptions()
     so.log_severity_level = 3
     orig = ort.InferenceSession(str(src), so, providers=["CPUExecutionProvider"])
     base = ort.InferenceSession(str(pkg / "base.onnx"), so, providers=["CPUExecutionProvider"])
-    y0, y1 = orig.run(None, {"x": x})[0], base.run(None, {"x": x})[0]
-    agree = float((y0.argmax(1) == y1.argmax(1)).mean())
+    feeds = _feeds(orig, kind if src.parent == work else "", rng)
+    y0 = [orig.run(None, f)[0] for f in feeds]
+    y1 = np.concatenate([base.run(None, f)[0].reshape(-1, y.shape[-1])
+                         for f, y in zip(feeds, y0)])
+    y0 = np.concatenate([y.reshape(-1, y.shape[-1]) for y in y0])
+    agree = float((y0.argmax(-1) == y1.argmax(-1)).mean())  # top-1 along the last axis
     cos = float((y0 * y1).sum() / np.sqrt((y0 * y0).sum() * (y1 * y1).sum()))
-    feed = {"x": x[:8]}
+    feed = {k: v[:8] for k, v in feeds[0].items()} if src.parent == work else feeds[0]
     lat = [(_latency(orig, feed), _latency(base, feed)) for _ in range(3)]
     ratio = float(np.median([b / a for a, b in lat]))
     return {"kind": kind, "onnx_bytes": len(raw), "zstd19": z19, "cumulative": cum,
@@ -103,11 +122,13 @@ def bench(kind: str, work: Path) -> dict:
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--kinds", default=",".join(twins.KINDS))
+    ap.add_argument("--model", action="append", default=[],
+                    help="an .onnx file to measure instead of the twins (repeatable)")
     ap.add_argument("--json")
     args = ap.parse_args()
     rows = []
     with tempfile.TemporaryDirectory() as d:
-        for kind in args.kinds.split(","):
+        for kind in args.model or args.kinds.split(","):
             rows.append(bench(kind, Path(d)))
     print(f"{'twin':14} {'onnx':>8} {'zstd-19':>8} {'stage cumulative bytes':>30} "
           f"{'+man/probe':>10} {'<zstd':>5} {'agree':>6} {'cosine':>8} {'lat':>5} {'pal':>5}")
