@@ -603,11 +603,11 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
             coder.finish(pending.popleft())
     coded = coder.coded
     src_digest = coder.digest.hexdigest()
-    if coder.palettes or coder.grids:
-        bitplan.notes.append(
-            f"{coder.palettes} tensor(s) with few distinct values coded as palettes and "
-            f"{coder.grids} already on a uniform grid coded with their own steps: exact in "
-            "the base")
+    exact = [f"{n} tensor(s) {what}" for n, what in (
+        (coder.palettes, "with few distinct values coded as palettes"),
+        (coder.grids, "already on a uniform grid coded on their own steps")) if n]
+    if exact:
+        bitplan.notes.append(" and ".join(exact) + ": exact in the base")
     package_id = hashlib.sha256(
         f"{src_digest}|{plan}|{config}|{sorted(bitplan.bits.items())}|{FORMAT_VERSION}"
         .encode()).hexdigest()[:32]

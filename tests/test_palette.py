@@ -18,7 +18,6 @@ import zstandard
 from onnx import TensorProto, helper, numpy_helper
 
 from p2u_onnx import api, encoder, palette as pl, reconstruct
-from p2u_onnx.config import QuantConfig
 from p2u_onnx.dtypes import dtype_info
 from p2u_onnx.encoder import encode
 from p2u_onnx.errors import FormatError
