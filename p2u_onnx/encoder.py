@@ -627,6 +627,10 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
         later = [files.submit(wr.finish) for wr in writers]
         base_stage = _write_base(m, tmp, coder, coded, ctypes, opset0, target_opset, package_id)
         finished = [base_stage] + [f.result() for f in later]
+    share = finished[0][0] / max(coder.all_bytes, 1)
+    if (coder.palettes or coder.grids) and round(share, 3) > budget.cap:
+        bitplan.notes.append(f"the base is {share:.1%} of the weight bytes, above the "
+                             f"{budget.cap:.0%} cap: its palette and grid tensors are exact")
     return _manifest(m, tmp, name, plan, config, budget, bitplan, selected, coder, finished,
                      src_digest, package_id, opset0, total, probe, note, ident)
 

@@ -94,6 +94,8 @@ def test_palette_and_grid_bases_are_exact(packages):
         sf = read_stage(packages["clustered"][1] / f"stage-{k}.p2u")
         assert [e["kind"] for e in sf.entries] == (["file"] if k == 1 else [])
     fq = load_manifest(packages["fakequant"][1])
+    # an exact base above the cap says so
+    assert any("above the 20% cap" in n for n in fq["notes"]), fq["notes"]
     assert not any(pl.is_palette(t) for t in fq["tensors"])
     assert {t["bits"] for t in fq["tensors"]} == {8}
 
