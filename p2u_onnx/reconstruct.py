@@ -184,7 +184,8 @@ SPARSE_GAIN = 0.98  # ... and kept when at most this share of the plain codes' s
 
 
 def zero_context(previous: np.ndarray) -> np.ndarray:
-    """Context of a grouped ``refine`` entry (uint8): 1 where the current value is zero.
+    """Context of a grouped ``refine`` entry (uint8): 1 where the current value (storage
+    dtype: +0.0 or -0.0; bfloat16 bit patterns: +0.0 only) is zero.
 
     In a pruned tensor the zeros stay zero: their codes, all 0 in one group, cost almost
     nothing, where plain planes pay for where the zeros are at every stage."""
