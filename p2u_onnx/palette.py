@@ -160,14 +160,15 @@ def find_grid(blocks: np.ndarray, info, max_bits: int = 8):
     code, then checked: every weight must equal what DequantizeLinear gives for its code
     (:func:`~p2u_onnx.quantizers.dequantize_base`, bit for bit but for the sign of zero, which
     the lossless stage restores) with every code in ``[-2**(bits-1), 2**(bits-1) - 1]``,
-    ``bits <= max_bits``. Returns :class:`~p2u_onnx.quantizers.BaseCodes` (int8 codes, the
+    ``bits <= max_bits``. Steps are values the base's scale type holds (float16 steps for
+    float16 weights); float64 weights are not looked at. Returns :class:`~p2u_onnx.quantizers.BaseCodes` (int8 codes, the
     found steps as scales, the fewest bits that hold the codes); all-zero blocks get scale 0.
     """
     from . import quantizers as qz
 
     n = len(blocks)
     if n == 0 or blocks.size == 0 or info.compute != np.float32:
-        return None
+        return None  # float64 weights: not looked for
     if n > _GRID_SAMPLE and _grid_scales(blocks[:_GRID_SAMPLE], info, max_bits) is None:
         return None  # most dense tensors stop here
     found = _grid_scales(blocks, info, max_bits)
@@ -177,6 +178,32 @@ def find_grid(blocks: np.ndarray, info, max_bits: int = 8):
     top = int(max(codes.max(), -int(codes.min()) - 1, 0))
     bits = max(2, int(top).bit_length() + 1)
     return qz.BaseCodes(codes, scale, None, bits)
+
+
+def _exact(q: np.ndarray, s: np.ndarray, xl: np.ndarray, stored: np.ndarray, info) -> np.ndarray:
+    """Rows where codes ``q`` times steps ``s`` give the weights (``xl`` in float32,
+    ``stored`` in their storage dtype) as the base computes them, bit for bit but for zeros."""
+    back = q.astype(np.float32) * s[:, None]  # what dequantize_base computes
+    if info.name == "float32":  # equal floats are equal bits but for zeros (all finite here)
+        same = back == xl
+    else:  # rounded to the weights' dtype, as base_blocks does
+        got = np.ascontiguousarray(info.from_compute(back))
+        same = got.view(_UINT[got.dtype.itemsize]) == \
+            np.ascontiguousarray(stored).view(_UINT[stored.dtype.itemsize])
+    return (same | (xl == 0)).all(axis=1)
+
+
+_UINT = {1: np.uint8, 2: np.uint16, 4: np.uint32, 8: np.uint64}
+
+
+def _steps(s: np.ndarray, info, toward=None) -> np.ndarray:
+    """Candidate steps as the base's scales hold them (float16 for float16 weights), or
+    their neighbours in that type toward ``toward``; as float32, invalid ones 1."""
+    st = s.astype(info.scale_storage)
+    if toward is not None:
+        st = np.nextafter(st, st.dtype.type(toward))
+    s = st.astype(np.float32)
+    return np.where((s > 0) & np.isfinite(s), s, np.float32(1))
 
 
 def _grid_scales(blocks: np.ndarray, info, max_bits: int):
@@ -201,17 +228,14 @@ def _grid_scales(blocks: np.ndarray, info, max_bits: int):
             rows = np.arange(len(todo))
             s1 = (xs[rows, arg] / k[rows, arg]).astype(np.float32)
             left = np.arange(len(todo))  # rows of xs without a step yet
-            for toward in (None, np.float32(0), np.float32(np.inf)):
+            for toward in (None, 0, np.inf):
                 if not len(left):
                     break
-                s = s1[left] if toward is None else np.nextafter(s1[left], toward)
-                s = np.where((s > 0) & np.isfinite(s), s, np.float32(1))
+                s = _steps(s1[left], info, toward)
                 xl = xs[left]
                 q = np.rint(xl / s[:, None])
                 ok = (q.min(axis=1) >= lo) & (q.max(axis=1) <= hi)
-                back = q.astype(np.float32) * s[:, None]  # what dequantize_base computes
-                # equal floats are equal bits but for zeros (finite values only here)
-                ok &= ((back == xl) | (xl == 0)).all(axis=1)
+                ok &= _exact(q, s, xl, blocks[todo[left]], info)
                 hit = np.flatnonzero(ok)
                 scale[todo[left[hit]]] = s[hit]
                 codes[todo[left[hit]]] = q[hit].astype(np.int8)
@@ -228,8 +252,9 @@ def _grid_scales(blocks: np.ndarray, info, max_bits: int):
                 if not len(steps):
                     continue
                 q = np.rint(x[i][None, :] / steps[:, None])
-                ok = (q.min(axis=1) >= lo) & (q.max(axis=1) <= hi) & (
-                    (q.astype(np.float32) * steps[:, None] == x[i]) | (x[i] == 0)).all(axis=1)
+                rows = np.broadcast_to(x[i], q.shape)
+                ok = (q.min(axis=1) >= lo) & (q.max(axis=1) <= hi) & _exact(
+                    q, steps, rows, np.broadcast_to(blocks[i], q.shape), info)
                 if ok.any():
                     c = int(np.flatnonzero(ok)[0])
                     scale[i], codes[i] = steps[c], q[c].astype(np.int8)

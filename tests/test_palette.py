@@ -329,3 +329,22 @@ def test_palette_in_function_body(tmp_path):
     ref = ort.InferenceSession(m.SerializeToString()).run(None, {"x": x})[0]
     got = ort.InferenceSession(str(tmp_path / "p" / "base.onnx")).run(None, {"x": x})[0]
     np.testing.assert_array_equal(got, ref)
+
+
+def test_find_grid_float16():
+    """float16 weights fake-quantized in their own type (float16 steps) are found; the codes
+    give the stored values back bit for bit. (bfloat16 rounds most products ``k * step``: only
+    grids that survive that are found.)"""
+    from p2u_onnx.reconstruct import base_blocks
+    rng = np.random.default_rng(4)
+    w = rng.standard_normal((256, 64)).astype(np.float32)
+    for name in ("float16",):
+        info = dtype_info(name)
+        s = info.scale_to_storage(np.abs(w).max(axis=1) / 127).astype(np.float32)
+        k = np.clip(np.rint(w / s[:, None]), -127, 127).astype(np.float32)
+        stored = info.from_compute(k * s[:, None])
+        g = pl.find_grid(stored, info)
+        assert g is not None and g.bits == 8, name
+        got = base_blocks(g, info)
+        assert np.array_equal(got.view(np.uint16)[k != 0], stored.view(np.uint16)[k != 0])
+        assert pl.find_grid(info.from_compute(w), info) is None, name
