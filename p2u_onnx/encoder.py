@@ -23,10 +23,11 @@ import onnx
 from onnx import ModelProto, TensorProto, numpy_helper
 
 from . import _workdir, passes
+from . import palette as pl
 from ._memory import trim_heap
 from .base_speed import speed_up_base
 from . import quantizers as qz
-from .codecs import SegmentsCodec, ZstdCodec
+from .codecs import SegmentsCodec, ZstdCodec, _zstd_entropy
 from .config import LOSSLESS, BitBudget, Plan, QuantConfig
 from .dtypes import ONNX_BFLOAT16, dtype_info
 from .errors import P2UError, PlanError, UnsupportedModelError
@@ -333,10 +334,12 @@ def _recover(out: Path) -> None:
 class _Pending:
     """A slot on its way through :class:`_TensorCoder` (futures for coded tensors)."""
 
-    def __init__(self, slot, sel=None, raw=b"", blocks=None, spans=(), futures=(), nbytes=0):
+    def __init__(self, slot, sel=None, raw=b"", blocks=None, spans=(), futures=(), nbytes=0,
+                 palette=None):
         self.slot, self.sel, self.raw, self.blocks = slot, sel, raw, blocks
         self.spans, self.futures = list(spans), list(futures)
         self.nbytes = nbytes or len(raw)
+        self.palette = palette  # (values, indices) of a tensor with few distinct values
 
     def ready(self) -> bool:
         return all(f is None or f.done() for f in self.futures)
@@ -357,6 +360,8 @@ class _TensorCoder:
         self.all_bytes = 0
         self.fp32_bytes = 0  # every weight with floats at 4 bytes (what shares are shares of)
         self.digest = hashlib.sha256()
+        self.grids = self.palettes = 0  # tensors coded exactly in the base (see palette.py)
+        self.sparse_codes = 0  # tensors whose base codes are mostly zeros (see _codes_kind)
 
     def digest_slot(self, slot, raw: bytes | None = None) -> bytes:
         """Hash the slot into the source digest; returns its raw bytes (read once, or ``raw``
@@ -380,7 +385,14 @@ class _TensorCoder:
         t = slot.tensor
         info = dtype_info(t.data_type)
         w = np.frombuffer(raw, info.storage.newbyteorder("<")).reshape(sel.shape)
+        palette = pl.find(w)  # kept in finish() if smaller than the regular coding
         blocks = np.ascontiguousarray(sel.layout.to_blocks(w))
+        grid = None if palette is not None or not self.config.symmetric else \
+            pl.find_grid(blocks, info)
+        if grid is not None:  # already on a uniform grid: exact base codes, in INT8 containers
+            self.bitplan.bits[slot.key] = grid.bits
+            self.ctypes[slot.key] = passes.code_type(grid.bits, 13)[0]
+            self.grids += 1
         nbytes = len(raw)
         del raw, w  # the blocks are the only copy from here on
         per = max(1, CHUNK_ELEMENTS // sel.layout.block_len)
@@ -395,9 +407,11 @@ class _TensorCoder:
         futures = [self.pool.submit(code_chunk, blocks[b0:b1], info, stages,
                                     symmetric=cfg.symmetric, clip_search=clip,
                                     replay=i == 0,
-                                    importance=None if imp is None else imp[b0:b1])
+                                    importance=None if imp is None else imp[b0:b1],
+                                    base=None if grid is None else qz.BaseCodes(
+                                        grid.codes[b0:b1], grid.scale[b0:b1], None, grid.bits))
                    for i, (b0, b1) in enumerate(spans)]
-        return _Pending(slot, sel, b"", blocks, spans, futures, nbytes)
+        return _Pending(slot, sel, b"", blocks, spans, futures, nbytes, palette)
 
     def _stages(self, key: str) -> list[int | str]:
         """The plan for one tensor: its own base bits, later stages as many bits finer."""
@@ -414,6 +428,10 @@ class _TensorCoder:
                 t.raw_data = p.raw
             return len(p.raw)
         info, layout, key = dtype_info(t.data_type), p.sel.layout, p.slot.key
+        if p.palette is not None:
+            p.futures = [_Done(f.result()) for f in p.futures]
+            if _palette_bytes(p.palette) < _regular_bytes(p, self.ctypes[key], info):
+                return self._finish_palette(p, info)
         codes, scales, zps, abs_max = [], [], [], 0.0
         errs = [0.0] * len(plan.stages)
         for i, ((b0, b1), fut) in enumerate(zip(p.spans, p.futures)):
@@ -428,7 +446,8 @@ class _TensorCoder:
             for k, bits in enumerate(plan.stages[1:], start=1):
                 if bits != LOSSLESS:
                     shift = int(bits) - plan.base_bits
-                codec = GROUPS if bits == LOSSLESS else PLANES
+                codec = (GROUPS if bits == LOSSLESS else PLANES) if r.codecs is None \
+                    else r.codecs[k - 1]
                 self.writers[k - 1].add({"kind": "exact" if bits == LOSSLESS else "refine",
                                          "name": key, "blocks": [b0, b1], "shift": shift,
                                          "codec": codec.get_config()}, r.payloads[k - 1])
@@ -439,8 +458,11 @@ class _TensorCoder:
         base = qz.BaseCodes(np.concatenate(codes), np.concatenate(scales),
                             None if self.config.symmetric else np.concatenate(zps), bits)
         bins, ctype = self.bins, self.ctypes[key]
+        packed = pack_codes(layout.from_blocks(base.codes), ctype)
+        kind = _codes_kind(base.codes, packed)
+        self.sparse_codes += kind == "bytes"
         spans = {
-            "codes": bins.add(pack_codes(layout.from_blocks(base.codes), ctype), "symbols"),
+            "codes": bins.add(packed, kind),
             "scale": bins.add(np.ascontiguousarray(
                 layout.blocks_to_scales(info.scale_to_storage(base.scale))).tobytes(),
                 f"planes{info.scale_storage.itemsize}"),
@@ -469,6 +491,87 @@ class _TensorCoder:
         if self.progress:
             self.progress(self.done, self.total)
         return nbytes
+
+
+    def _finish_palette(self, p: _Pending, info) -> int:
+        """Write a palette tensor (exact in the base: no stage carries anything for it)."""
+        values, idx = p.palette
+        key, shape = p.slot.key, p.sel.shape
+        p.blocks = p.futures = None
+        spans = {"codes": self.bins.add(idx.tobytes(), "symbols"),
+                 "palette": self.bins.add(np.ascontiguousarray(
+                     values, values.dtype.newbyteorder("<")).tobytes(), "bytes")}
+        base = {"kind": pl.KIND, **spans, "code_type": int(TensorProto.UINT8),
+                "size": len(values)}
+        layout_json = pl.layout_json(shape)
+        self.palettes += 1
+        self.weights_pos += (-self.weights_pos) % ALIGN
+        wspan = [self.weights_pos, p.nbytes]
+        self.weights_pos += p.nbytes
+        self.tensors_meta.append({
+            "name": key, "tensor": p.slot.name, "where": p.slot.path, "kind": p.slot.kind,
+            "dtype": info.name, "shape": list(shape), "layout": layout_json,
+            "bits": 8, "symmetric": self.config.symmetric, "base": base, "weights": wspan,
+            "est_error": 0.0,
+        })
+        self.coded.append({"slot": p.slot, "layout": qz.Layout.from_json(shape, layout_json),
+                           "dtype": info.name, "shape": shape, "code_type": base["code_type"],
+                           "codes": spans["codes"], "palette": spans["palette"],
+                           "palette_size": len(values), "scale": None, "zero_point": None})
+        passes.set_external(p.slot.tensor, "weights.bin", wspan)
+        self.done += p.nbytes
+        if self.progress:
+            self.progress(self.done, self.total)
+        return p.nbytes
+
+
+class _Done:
+    """A finished result standing in for its future."""
+
+    def __init__(self, value):
+        self.value = value
+
+    def result(self):
+        return self.value
+
+    def done(self) -> bool:
+        return True
+
+
+SPARSE_CODES = 0.5  # share of zero codes from which a tensor's base codes may go to "bytes"
+SPARSE_LEVEL = 19  # zstd level of base.bin's "bytes" stream when it holds such codes
+
+
+def _codes_kind(codes: np.ndarray, packed: bytes) -> str:
+    """Segment kind of a tensor's packed base codes: ``"symbols"`` (entropy-only zstd), or
+    ``"bytes"`` (zstd with matches, at :data:`SPARSE_LEVEL`) for mostly-zero codes (pruned
+    weights) where that is measurably smaller."""
+    if np.count_nonzero(codes) > (1 - SPARSE_CODES) * codes.size:
+        return "symbols"
+    plain = len(_zstd_entropy(np.frombuffer(packed, np.uint8), 3))
+    runs = len(ZstdCodec(level=SPARSE_LEVEL).encode(packed))
+    return "bytes" if runs <= 0.98 * plain else "symbols"
+
+
+def _palette_bytes(palette) -> int:
+    """Wire bytes of a palette tensor: its indices (entropy-coded as base symbols) + values."""
+    values, idx = palette
+    return len(_zstd_entropy(idx, 3)) + values.nbytes
+
+
+def _regular_bytes(p: _Pending, ctype: int, info) -> int:
+    """Wire bytes of the regular coding of ``p`` over every stage (base codes and scales as
+    stage 0 codes them, every later payload), from its finished chunks."""
+    rs = [f.result() for f in p.futures]
+    total = sum(len(x) for r in rs for x in r.payloads)
+    codes = np.concatenate([r.base.codes for r in rs])
+    total += len(_zstd_entropy(np.frombuffer(pack_codes(p.sel.layout.from_blocks(codes), ctype),
+                                             np.uint8), 3))
+    scales = info.scale_to_storage(np.concatenate([r.base.scale for r in rs]))
+    planes = np.ascontiguousarray(scales).view(np.uint8).reshape(-1, scales.dtype.itemsize)
+    total += sum(len(_zstd_entropy(np.ascontiguousarray(planes[:, i]), 3))
+                 for i in range(planes.shape[1]))
+    return total
 
 
 class _OpsetFallback(Exception):
@@ -601,6 +704,11 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
             coder.finish(pending.popleft())
     coded = coder.coded
     src_digest = coder.digest.hexdigest()
+    exact = [f"{n} tensor(s) {what}" for n, what in (
+        (coder.palettes, "with few distinct values coded as palettes"),
+        (coder.grids, "already on a uniform grid coded on their own steps")) if n]
+    if exact:
+        bitplan.notes.append(" and ".join(exact) + ": exact in the base")
     package_id = hashlib.sha256(
         f"{src_digest}|{plan}|{config}|{sorted(bitplan.bits.items())}|{FORMAT_VERSION}"
         .encode()).hexdigest()[:32]
@@ -648,7 +756,8 @@ def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctyp
     zstd = ZstdCodec(level=9)
     # Stage 0 on the wire: base.onnx and base.bin, compressed.
     w0 = StageWriter(tmp / stage_file_name(0), package_id, 0)
-    bin_codec = SegmentsCodec(level=9, segments=tuple(coder.bins.segments))
+    bin_codec = SegmentsCodec(level=SPARSE_LEVEL if coder.sparse_codes else 9,
+                              segments=tuple(coder.bins.segments))
     for fname, data, codec in (("base.onnx", base_onnx, zstd),
                                ("base.bin", (tmp / "base.bin").read_bytes(), bin_codec)):
         w0.add({"kind": "file", "name": fname, "codec": codec.get_config(),
@@ -716,8 +825,10 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
     if bitplan.allocation is not None and base_share > budget.cap and not any(
             "cap" in n for n in bitplan.notes):
         est = (bitplan.allocation.nbytes + bitplan.fixed_bytes) / max(coder.fp32_bytes, 1)
+        exact = ("; its palette and grid tensors are exact" if coder.palettes or coder.grids
+                 else "")
         notes.append(f"the base is {base_share:.1%} of the fp32-equivalent bytes, above the "
-                     f"{budget.cap:.0%} cap (its size was estimated at {est:.1%})")
+                     f"{budget.cap:.0%} cap (its size was estimated at {est:.1%}){exact}")
     notes += _zstd_notes(stages, zstd19)
     if probe:
         from .probe import record_probe  # imports onnxruntime only here

@@ -237,10 +237,14 @@ def check_base_graph(model: bytes | str | os.PathLike, manifest: dict[str, Any],
         b = t["base"]
         ctype = b["code_type"]
         stem = f"{t['tensor']}__p2u"
-        parts = [("q", b["codes"], {ctype}, tuple(t["shape"])),
-                 ("s", b["scale"], {_SCALE_TYPES[t["dtype"]]}, _scale_shape(t))]
-        if b.get("zero_point") is not None:
-            parts.append(("zp", b["zero_point"], {ctype}, _scale_shape(t)))
+        if b.get("kind") == "palette":  # uint8 indices of the tensor's shape + its values
+            parts = [("idx", b["codes"], {_UINT8}, tuple(t["shape"])),
+                     ("pal", b["palette"], {_FLOAT_TYPES[t["dtype"]]}, (b["size"],))]
+        else:
+            parts = [("q", b["codes"], {ctype}, tuple(t["shape"])),
+                     ("s", b["scale"], {_SCALE_TYPES[t["dtype"]]}, _scale_shape(t))]
+            if b.get("zero_point") is not None:
+                parts.append(("zp", b["zero_point"], {ctype}, _scale_shape(t)))
         for suffix, span, types, dims in parts:
             name = f"{stem}_{suffix}"
             found = [e for e in by_name.get(name, []) if (e.offset, e.length) == tuple(span)]

@@ -702,6 +702,22 @@ def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
         if "est_error" in t:
             c.num(t["est_error"], f"{p}.est_error", none=True)
         b = c.dict(c.get(t, "base", p), f"{p}.base")
+        if "kind" in b:  # a palette tensor: indices and values, no scales (see palette.py)
+            from .palette import check_tensor_base
+
+            try:
+                check_tensor_base(t, base_bin)
+            except FormatError as e:
+                raise c.fail(f"{p}.base", f"is not valid ({e})") from None
+            for key in ("codes", "palette"):
+                off, length = b[key]
+                base_spans.append((off, off + length, f"{p}.base.{key}"))
+            off, length = c.span(c.get(t, "weights", p), f"{p}.weights", MAX_SIZE, "2**40")
+            if length != size * item:
+                raise c.fail(f"{p}.weights", f"holds {length} bytes, a {dtype} tensor of "
+                                             f"shape {shape} has {size * item}")
+            spans.append((off, off + length, p))
+            continue
         code_type = c.get(b, "code_type", f"{p}.base")
         if not _member(code_type, _CODE_BITS) or isinstance(code_type, bool):
             raise c.fail(f"{p}.base.code_type", f"is {_show(code_type)}, not one of "

@@ -212,10 +212,15 @@ def to_base(model: ModelProto, coded: list[dict]) -> None:
         for c in items:
             slot, layout, info = c["slot"], c["layout"], dtype_info(c["dtype"])
             stem = f"{slot.name}__p2u"
-            tensors = [_ext_tensor(f"{stem}_q", c["code_type"], c["shape"], c["codes"]),
-                       _ext_tensor(f"{stem}_s", info.scale_onnx_type, layout.scale_shape,
-                                   c["scale"])]
-            if c["zero_point"] is not None:
+            if c.get("palette") is not None:  # exact: Gather(palette, Cast(indices, int32))
+                tensors = [_ext_tensor(f"{stem}_idx", TensorProto.UINT8, c["shape"], c["codes"]),
+                           _ext_tensor(f"{stem}_pal", info.onnx_type, [c["palette_size"]],
+                                       c["palette"])]
+            else:
+                tensors = [_ext_tensor(f"{stem}_q", c["code_type"], c["shape"], c["codes"]),
+                           _ext_tensor(f"{stem}_s", info.scale_onnx_type, layout.scale_shape,
+                                       c["scale"])]
+            if c.get("palette") is None and c["zero_point"] is not None:
                 tensors.append(_ext_tensor(f"{stem}_zp", c["code_type"], layout.scale_shape,
                                            c["zero_point"]))
             attrs = {}
@@ -237,8 +242,15 @@ def to_base(model: ModelProto, coded: list[dict]) -> None:
                     nodes.append(helper.make_node("Constant", [], [t.name], value=t,
                                                   name=f"{t.name}_const"))
                     inputs.append(t.name)
-            nodes.append(helper.make_node("DequantizeLinear", inputs, [out],
-                                          name=f"{stem}_dq", **attrs))
+            if c.get("palette") is not None:
+                nodes += [helper.make_node("Cast", [inputs[0]], [f"{stem}_idx32"],
+                                           to=TensorProto.INT32, name=f"{stem}_cast_idx"),
+                          helper.make_node("Gather", [inputs[1], f"{stem}_idx32"], [slot.name],
+                                           axis=0, name=f"{stem}_gather")]
+                cast = False
+            else:
+                nodes.append(helper.make_node("DequantizeLinear", inputs, [out],
+                                              name=f"{stem}_dq", **attrs))
             if cast:
                 nodes.append(helper.make_node("Cast", [out], [slot.name],
                                               to=info.onnx_type, name=f"{stem}_cast"))

@@ -28,6 +28,7 @@ from typing import Any
 
 import numpy as np
 
+from . import palette as pl
 from . import quantizers as qz
 from ._rwlock import Pace, in_turn
 from .codecs import IntGroupsCodec, IntPlanesCodec, get_codec
@@ -104,6 +105,8 @@ def base_scale_of(t: dict[str, Any], base_bin) -> tuple[qz.Layout, np.ndarray]:
     """Layout and per-block base scales (float32, block order) of tensor-table entry ``t``."""
     layout = qz.Layout.from_json(tuple(t["shape"]), t["layout"])
     info = dtype_info(t["dtype"])
+    if pl.is_palette(t):
+        raise FormatError(f"tensor {t['name']} is a palette tensor: it has no base scales")
     sraw = np.frombuffer(_read(base_bin, t["base"]["scale"]), info.scale_storage)
     if sraw.size != layout.n_blocks:
         raise FormatError(f"tensor {t['name']}: {sraw.size} scales for {layout.n_blocks} blocks")
@@ -172,45 +175,77 @@ class ChunkCode:
     max_err: list[float]  # per stage, over finite weights
     abs_max: float  # largest finite |weight|
     final: np.ndarray | None  # what the device holds after the last stage (if replayed)
+    codecs: list | None = None  # the codec of each payload (None: PLANES / GROUPS by kind)
 
 
 PLANES = IntPlanesCodec(level=3)
 GROUPS = IntGroupsCodec(level=3)
+SPARSE_SHARE = 0.1  # zeros among the current values from which grouped refine codes are tried
+SPARSE_GAIN = 0.98  # ... and kept when at most this share of the plain codes' size
+
+
+def zero_context(previous: np.ndarray) -> np.ndarray:
+    """Context of a grouped ``refine`` entry (uint8): 1 where the current value (storage
+    dtype: +0.0 or -0.0; bfloat16 bit patterns: +0.0 only) is zero.
+
+    In a pruned tensor the zeros stay zero: their codes, all 0 in one group, cost almost
+    nothing, where plain planes pay for where the zeros are at every stage."""
+    return (np.asarray(previous) == 0).view(np.uint8)
+
+
+def _refine_payload(codes: np.ndarray, prev: np.ndarray) -> tuple[bytes, IntPlanesCodec |
+                                                                   IntGroupsCodec]:
+    """A refine stage's payload: plain planes, or grouped by :func:`zero_context` when many
+    current values are zero and that is measurably smaller."""
+    plain = PLANES.encode(codes)
+    ctx = zero_context(prev)
+    if ctx.size and np.count_nonzero(ctx) >= SPARSE_SHARE * ctx.size:
+        grouped = GROUPS.encode(codes, ctx)
+        if len(grouped) <= SPARSE_GAIN * len(plain):
+            return grouped, GROUPS
+    return plain, PLANES
 
 
 def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symmetric: bool,
                clip_search: bool, replay: bool = True,
-               importance: np.ndarray | None = None) -> ChunkCode:
+               importance: np.ndarray | None = None,
+               base: qz.BaseCodes | None = None) -> ChunkCode:
     """Code a run of blocks ``xs`` ([n, block_len], storage dtype) through every stage.
 
     ``stages`` are total bits per stage with ``"lossless"`` allowed last; the decoder's
     :func:`decode_entry` undoes each payload using the same functions. ``replay`` also runs
     the device's lossless step, so ``final`` can be checked against ``xs``. ``importance``
-    (same shape as ``xs``) weights the base quantizer's error.
+    (same shape as ``xs``) weights the base quantizer's error. ``base``, when given, is used as
+    the base codes instead of quantizing (weights found on a uniform grid: exact codes).
     """
     xc = info.to_compute(xs)
     finite = np.isfinite(xc)
     finite = None if finite.all() else finite
-    base = qz.quantize_base(xc, int(stages[0]), info, symmetric=symmetric,
-                            clip_search=clip_search, importance=importance)
+    if base is None:
+        base = qz.quantize_base(xc, int(stages[0]), info, symmetric=symmetric,
+                                clip_search=clip_search, importance=importance)
     prev = base_blocks(base, info)
     errs = [_max_err(xc, prev, info, finite)]
     payloads = []
+    codecs: list = []
     step = base.scale
     for bits in stages[1:]:
         if bits == "lossless":
             d = qz.lossless_codes(np.ascontiguousarray(xs).reshape(-1), prev.reshape(-1))
             payloads.append(GROUPS.encode(d, lossless_context(info, prev, step)))
+            codecs.append(GROUPS)
             prev = lossless_blocks(prev, d) if replay else None
         else:
             step = qz.stage_scale(base.scale, int(bits) - int(stages[0]))
             codes = qz.refine_codes(xc, info.to_compute(prev), step)
-            payloads.append(PLANES.encode(codes))
+            payload, codec = _refine_payload(codes, prev)
+            payloads.append(payload)
+            codecs.append(codec)
             prev = refine_blocks(info, prev, codes, step)
         errs.append(0.0 if bits == "lossless" else _max_err(xc, prev, info, finite))
     a = xc if finite is None else xc[finite]
     abs_max = float(np.maximum(a.max(), -a.min())) + 0.0 if a.size else 0.0  # max |a|
-    return ChunkCode(base, payloads, errs, abs_max, prev)
+    return ChunkCode(base, payloads, errs, abs_max, prev, codecs)
 
 
 def _max_err(xc, prev, info, finite) -> float:
@@ -233,6 +268,9 @@ def decode_entry(info: DTypeInfo, scale: np.ndarray, previous: np.ndarray,
     codec = get_codec(entry["codec"])
     if kind == "refine" and isinstance(codec, IntPlanesCodec):
         codes = codec.decode(data, previous.size).reshape(previous.shape)
+        return refine_blocks(info, previous, codes, step)
+    if kind == "refine" and isinstance(codec, IntGroupsCodec):  # grouped by zero_context
+        codes = codec.decode(data, zero_context(previous)).reshape(previous.shape)
         return refine_blocks(info, previous, codes, step)
     if kind == "exact" and isinstance(codec, IntGroupsCodec):
         codes = codec.decode(data, lossless_context(info, previous, step))
@@ -416,6 +454,9 @@ class WeightState:
             name = entry.get("name")
             if not isinstance(name, str) or name not in self.tensors:
                 raise FormatError(f"{label} updates unknown tensor {name!r}")
+            if pl.is_palette(self.tensors[name]):
+                raise FormatError(f"{label} updates {name}, which the base holds exactly "
+                                  "(a palette tensor)")
             try:
                 b0, b1 = (int(b) for b in entry["blocks"])
             except (KeyError, TypeError, ValueError) as e:
@@ -538,6 +579,7 @@ class _Tensor:
         self.out: np.ndarray | None = None
         self.scale = np.zeros(0, np.float32)
         self._base: qz.BaseCodes | None = None
+        self._palette: np.ndarray | None = None  # a palette tensor's values (block order)
 
     def start(self, pool: Executor | None) -> None:
         """Read what every run needs (called in order, before any job of this tensor)."""
@@ -551,7 +593,10 @@ class _Tensor:
             if self.source == "file" and self.assemble:
                 read_into(self._fd(), off, self.layout.from_blocks(self.out),
                           str(self.state._file), pool, self.pace)
-        if self.source == "base":
+        if self.source in ("base", "base-runs") and pl.is_palette(self.t):
+            self._palette = self.layout.to_blocks(
+                pl.decode(self.t, self.state._base).reshape(self.layout.shape))
+        elif self.source == "base":
             _, self._base = base_codes_of(self.t, self.state._base, self.pace)
             self.scale = self._base.scale
         elif self.source == "base-runs":
@@ -577,6 +622,8 @@ class _Tensor:
             _pread_into(self._fd(), _bytes(values), self.t["weights"][0] + b0 * self.run_bytes,
                         str(self.state._file))
             return values
+        if self._palette is not None:
+            return self._palette[b0:b1]
         base = self._base
         assert base is not None
         codes = base.codes[b0:b1] if self.source == "base" else \
@@ -605,7 +652,7 @@ class _Tensor:
         elif self.out is not None:
             write_from(self.target, self.t["weights"][0], self.layout.from_blocks(self.out),
                        pool, self.pace)
-        self.out = self._base = None
+        self.out = self._base = self._palette = None
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype, pool: Executor | None,
