@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +38,7 @@ _FLOAT_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16, "float64": 11}
 _SCALE_TYPES = {"float32": 1, "float16": 10, "bfloat16": 1, "float64": 1}
 _PACKED = {21: 4, 22: 4, 25: 2, 26: 2}  # INT4/UINT4/INT2/UINT2: bits
 _UINT8 = 2
+_DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 @dataclasses.dataclass
@@ -118,17 +120,21 @@ def _tensor(buf: memoryview, start: int, end: int) -> ExternalTensor | None:
                     k = _text(buf, v2)
                 elif w2 == 2 and f2 == 2:
                     val = _text(buf, v2)
+            if k in keys:  # loaders differ on which one they take
+                raise FormatError(f"tensor {name!r}: external-data key {k!r} is given twice")
             keys[k] = val
         elif field == 14 and wire == 0:
             location = v
     if location != 1 and not keys:
         return None
-    try:
-        offset = int(keys.get("offset", "0"))
-        length = int(keys["length"]) if "length" in keys else None
-    except ValueError:
-        raise FormatError(f"tensor {name!r}: external-data offset or length is not a "
-                          "number") from None
+    # plain ASCII digits only: int() also takes " 1", "+1", "1_0" and other scripts' digits,
+    # which another loader may read differently from the span checked here
+    for key in ("offset", "length"):
+        if key in keys and not _DIGITS.fullmatch(keys[key]):
+            raise FormatError(f"tensor {name!r}: external-data {key} {keys[key][:40]!r} is "
+                              "not a plain number")
+    offset = int(keys.get("offset", "0"))
+    length = int(keys["length"]) if "length" in keys else None
     return ExternalTensor(name, data_type, tuple(dims), keys.get("location"), offset, length,
                           keys)
 
