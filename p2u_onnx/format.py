@@ -821,8 +821,11 @@ def validate_stage_header(header: Any, version: int = FORMAT_VERSION,
         c.str(c.get(e, "name", p), f"{p}.name")
         c.int(c.get(e, "offset", p), f"{p}.offset")
         c.int(c.get(e, "length", p), f"{p}.length")
-        if "location" in e:
+        if "location" in e:  # this file: an entry never points at another
             c.name(e["location"], f"{p}.location")
+            if e["location"] != stage_file_name(header["stage"]):
+                raise c.fail(f"{p}.location", f"is {_show(e['location'])}, not this stage "
+                                              f"file ({stage_file_name(header['stage'])})")
         _codec(c, c.dict(c.get(e, "codec", p), f"{p}.codec"), f"{p}.codec")
         if kind == "file":
             c.name(e["name"], f"{p}.name")
