@@ -408,3 +408,175 @@ def test_base_onnx_bias_with_a_huge_declared_shape_is_bounded(pkg):
     # restore of stage 0 writes base.onnx as it is (it does not load it): bounded either way
     lines = out.splitlines()
     assert len(lines) == 3 and out.count("REFUSED") >= 2, out
+
+
+# ---------------------------------------------------------------- class 2: one changed digit
+
+
+def _leaves(v, path=()):
+    if isinstance(v, dict):
+        for k, x in v.items():
+            yield from _leaves(x, path + (k,))
+    elif isinstance(v, list) and v:
+        for i, x in enumerate(v):
+            yield from _leaves(x, path + (i,))
+    else:
+        yield path, v
+
+
+def _one_digit(v):
+    """The value with one digit (or character, or truth value) changed."""
+    if isinstance(v, bool):
+        return not v
+    if isinstance(v, int):
+        return v + 1 if v % 10 != 9 else v - 1
+    if isinstance(v, float):
+        return v * 1.5 + 1e-3
+    if isinstance(v, str) and v:
+        for i, ch in enumerate(v):
+            if ch.isdigit():
+                return v[:i] + str((int(ch) + 1) % 10) + v[i + 1:]
+        return v[:-1] + ("b" if v[-1] != "b" else "c")
+    return "x" if v is None else None
+
+
+@pytest.fixture(scope="module")
+def clean_weights(built, tmp_path_factory) -> dict[int, dict[str, bytes]]:
+    d = tmp_path_factory.mktemp("clean")
+    n = len(manifest(built["noprobe"])["stages"])
+    return {k: restored(built["noprobe"], d / f"s{k}.onnx", k) for k in range(1, n)}
+
+
+def test_one_changed_digit_anywhere_in_the_manifest(built, tmp_path, clean_weights):
+    """Every leaf of a --no-probe package's manifest (but its notes), changed by one digit and
+    every sha256 resealed: each restored stage is either refused in one line or bit for bit
+    the untouched package's. Never silently different weights."""
+    m0 = manifest(built["noprobe"])
+    silent, tried = [], 0
+    for path, value in _leaves(m0):
+        if path[0] == "notes":
+            continue
+        # the sha256 and size of a listed file are what reseal rewrites: change the file
+        if path[-1] in ("sha256", "size") and path[0] in ("stages", "base_model", "probe"):
+            continue
+        tried += 1
+        p = tmp_path / f"m{tried}" / "m.p2u"
+        shutil.copytree(built["noprobe"], p)
+        m = copy.deepcopy(m0)
+        parent = m
+        for k in path[:-1]:
+            parent = parent[k]
+        parent[path[-1]] = _one_digit(value)
+        write_manifest(p, m)
+        reseal(p, m)
+        for stage, want in clean_weights.items():
+            try:
+                got = restored(p, p.parent / f"s{stage}.onnx", stage)
+            except P2UError as e:
+                one_line(e)
+                continue
+            if got != want:
+                silent.append((path, stage))
+        shutil.rmtree(p.parent)
+    assert tried > 60, tried
+    assert not silent, silent
+
+
+def _stage_header_attack(p: Path, k: int, change) -> None:
+    """Change stage ``k``'s header only (payload kept); reseal the manifest's stage table."""
+    path = p / f"stage-{k}.p2u"
+    header = read_stage(path.read_bytes(), verify_payload=False).header
+    header = copy.deepcopy(header)
+    change(header)
+    raw_header(path, header)
+    reseal(p)
+
+
+def _refines(h):
+    return [e for e in h["entries"] if e["kind"] != "file"]
+
+
+STAGE_HEADER_ATTACKS = {
+    "shift +1": (1, lambda h: [e.__setitem__("shift", e["shift"] + 1) for e in _refines(h)]),
+    "shift of the lossless stage": (2, lambda h: _refines(h)[0].__setitem__("shift", 0)),
+    "kind refine -> exact": (1, lambda h: _refines(h)[0].__setitem__("kind", "exact")),
+    "codec int-planes -> int-groups": (
+        1, lambda h: _refines(h)[0]["codec"].__setitem__("id", "int-groups")),
+    "codec graph zstd -> segments": (
+        1, lambda h: next(e for e in h["entries"] if e["kind"] == "file")["codec"].update(
+            id="segments", segments=[])),
+    "names of two tensors swapped": (1, lambda h: _swap_names(_refines(h))),
+    "blocks shifted by one": (
+        1, lambda h: _refines(h)[0].__setitem__("blocks", [1, _refines(h)[0]["blocks"][1] + 1])),
+    "stage number": (1, lambda h: h.__setitem__("stage", 2)),
+    "graph.onnx renamed base.onnx": (
+        1, lambda h: next(e for e in h["entries"] if e["kind"] == "file").__setitem__(
+            "name", "base.onnx")),
+    "graph.onnx entry made a refine": (
+        1, lambda h: next(e for e in h["entries"] if e["kind"] == "file").update(
+            kind="refine", blocks=[0, 1], shift=4, codec={"id": "int-planes", "level": 3})),
+    "raw_length of graph.onnx": (
+        1, lambda h: next(e for e in h["entries"] if e["kind"] == "file").__setitem__(
+            "raw_length", 1 << 39)),
+    "location of an entry": (1, lambda h: _refines(h)[0].__setitem__("location", "stage-2.p2u")),
+    "stage 0 base.bin entry renamed": (0, lambda h: h["entries"][1].__setitem__("name",
+                                                                              "graph.onnx")),
+}
+
+
+def _swap_names(entries):
+    a = entries[0]["name"]
+    b = next(e["name"] for e in entries if e["name"] != a)
+    for e in entries:
+        e["name"] = b if e["name"] == a else a if e["name"] == b else e["name"]
+
+
+@pytest.mark.parametrize("what", list(STAGE_HEADER_ATTACKS))
+def test_stage_header_fields_cannot_change_the_weights(pkg, what, clean_weights):
+    """A stage header edited (payload kept) and the manifest's stage table resealed: refused
+    in one line, or (a field decoding does not use) bit for bit the same weights."""
+    k, change = STAGE_HEADER_ATTACKS[what]
+    _stage_header_attack(pkg, k, change)
+    before = snapshot(pkg.parent)
+    n = len(manifest(pkg)["stages"])
+    for stage in range(max(k, 1), n):
+        try:
+            got = restored(pkg, pkg.parent / f"s{stage}.onnx", stage)
+        except P2UError as e:
+            one_line(e)
+            continue
+        assert got == clean_weights[stage], f"{what}: stage {stage} silently differs"
+    if k == 0:  # a folder's session reads base.onnx and base.bin, not stage 0
+        refused(lambda: api.verify(pkg))
+        refused(lambda: ProgressiveSession(BytesSource((pkg / "manifest.json").read_bytes(),
+                                                       (pkg / "stage-0.p2u").read_bytes())))
+    else:
+        session_refuses(pkg)
+    after = snapshot(pkg.parent)
+    assert {f: v for f, v in after.items() if not f.endswith(".onnx")} == \
+        {f: v for f, v in before.items() if not f.endswith(".onnx")}
+
+
+def test_a_stage_that_leaves_a_tensor_out(pkg, clean_weights):
+    """Stage 1 rewritten without the entries of one tensor (payload too): that tensor would
+    silently stay at its base values."""
+    def drop(header, parts):
+        first = next(e["name"] for e, _ in parts if e["kind"] == "refine")
+        return [(e, d) for e, d in parts if e["name"] != first]
+    restage(pkg, 1, drop)
+    every_entry_refuses(pkg, "does not update")
+
+
+def test_a_stage_that_carries_a_second_graph(pkg):
+    """Stage 2 rewritten to carry a graph.onnx of its own: only stage 1 carries the skeleton."""
+    g = next((e, d) for e, d in stage_parts(pkg / "stage-1.p2u")[1] if e["kind"] == "file")
+    restage(pkg, 2, lambda h, parts: parts + [g])
+    every_entry_refuses(pkg, "graph.onnx")
+
+
+def test_duplicated_entries_in_a_stage(pkg):
+    def dup(header, parts):
+        first = next(p for p in parts if p[0]["kind"] == "refine")
+        return [first] + parts
+    restage(pkg, 1, dup)
+    every_entry_refuses(pkg, "block range")
