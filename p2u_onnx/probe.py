@@ -290,6 +290,13 @@ def load_npz(data: bytes, names: Sequence[str], where: str = PROBE_NAME) -> dict
 
     out: dict[str, np.ndarray] = {}
     budget = MAX_PROBE_BYTES
+    # zipfile builds an object per member of the central directory (about 600 bytes each):
+    # 64 MiB of tiny entries would take half a GB. Each entry starts with this signature, so
+    # its count bounds the members (an npz holds one per array).
+    members = data.count(b"PK\x01\x02")
+    if members > max(4096, 2 * len(names)):
+        raise IntegrityError(f"{where}: {members} zip members, far more than the "
+                             f"{len(names)} arrays a probe holds")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             for name in names:
