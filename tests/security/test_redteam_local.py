@@ -580,3 +580,205 @@ def test_duplicated_entries_in_a_stage(pkg):
         return [first] + parts
     restage(pkg, 1, dup)
     every_entry_refuses(pkg, "block range")
+
+
+# ---------------------------------------------------------------- class 5: bombs, every codec
+
+
+def _zstd_bomb(gib: float = 2) -> bytes:
+    """A zstd frame of a few dozen KB that expands to ``gib`` GiB of zeros (no content size)."""
+    import zstandard
+
+    c = zstandard.ZstdCompressor(level=1).compressobj()
+    zeros = bytes(16 << 20)
+    return b"".join(c.compress(zeros) for _ in range(int(gib * 64))) + c.flush()
+
+
+def _every_path_bounded(p: Path, limit: int = 1 << 30) -> str:
+    """verify, restore, sessions from the folder and from bytes, under an address-space
+    limit: each refuses in one line (never MemoryError, never killed)."""
+    out = _rlimited(f"""
+        from pathlib import Path
+        from p2u_onnx import api
+        from p2u_onnx.runtime import BytesSource, ProgressiveSession
+        from p2u_onnx.errors import P2UError
+        p = Path({str(p)!r})
+
+        def folder():
+            with ProgressiveSession(p, verify=False) as s:
+                s.upgrade(background=False)
+
+        def from_bytes():
+            src = BytesSource((p / "manifest.json").read_bytes(),
+                              (p / "stage-0.p2u").read_bytes(),
+                              fetch=lambda k: (p / f"stage-{{k}}.p2u").read_bytes())
+            with ProgressiveSession(src, verify=False) as s:
+                s.upgrade(background=False)
+
+        for fn in (lambda: api.verify(p), lambda: api.restore(p, p.parent / "o.onnx"),
+                   folder, from_bytes):
+            try:
+                fn()
+                print("ACCEPTED")
+            except P2UError as e:
+                assert "\\n" not in str(e), str(e)
+                print("REFUSED", e)
+    """, limit=limit, timeout=120)
+    assert out.count("REFUSED") == 4, out
+    return out
+
+
+def test_zstd_bomb_as_the_skeleton_graph(pkg):
+    bomb = _zstd_bomb()
+
+    def change(header, parts):
+        return [({**e, "raw_length": 4096, "sha256": "0" * 64}, bomb)
+                if e["kind"] == "file" else (e, d) for e, d in parts]
+    restage(pkg, 1, change)
+    out = _every_path_bounded(pkg)
+    assert "more than the 4096 bytes" in out, out
+
+
+def test_zstd_bomb_as_int_planes(pkg):
+    bomb = _zstd_bomb()
+
+    def change(header, parts):
+        e, d = next(x for x in parts if x[0]["kind"] == "refine")
+        planes = struct.pack("<BQ", 1, len(bomb)) + bomb
+        return [(x, planes if x is e else y) for x, y in parts]
+    restage(pkg, 1, change)
+    out = _every_path_bounded(pkg)
+    assert "more than the" in out, out
+
+
+def test_zstd_bomb_as_int_groups(pkg):
+    """The lossless stage's payload: one group that claims every value, a bomb for a plane."""
+    bomb = _zstd_bomb()
+
+    def change(header, parts):
+        e, d = next(x for x in parts if x[0]["kind"] == "exact")
+        n_groups, = struct.unpack_from("<H", d, 0)
+        g, count, _ = struct.unpack_from("<BQQ", d, 2)
+        total = sum(struct.unpack_from("<BQQ", d, 2 + 17 * i)[1] for i in range(n_groups))
+        planes = struct.pack("<BQ", 1, len(bomb)) + bomb
+        data = struct.pack("<H", 1) + struct.pack("<BQQ", g, total, len(planes)) + planes
+        return [(x, data if x is e else y) for x, y in parts]
+    restage(pkg, 2, change)
+    out = _every_path_bounded(pkg)
+    assert "REFUSED" in out
+
+
+def test_zstd_bomb_in_the_segments_of_base_bin(pkg):
+    """Stage 0's base.bin (segments codec): every stream a bomb. Read from bytes."""
+    bomb = _zstd_bomb(1)
+
+    def change(header, parts):
+        out = []
+        for e, d in parts:
+            if e["name"] == "base.bin":
+                d = struct.pack("<I8Q", 8, *([len(bomb)] * 8)) + bomb * 8
+            out.append((e, d))
+        return out
+    restage(pkg, 0, change)
+    os.unlink(pkg / "base.onnx")  # a session must unpack stage 0 (as from bytes)
+    os.unlink(pkg / "base.bin")
+    out = _rlimited(f"""
+        from pathlib import Path
+        from p2u_onnx.runtime import BytesSource, ProgressiveSession
+        from p2u_onnx.errors import P2UError
+        p = Path({str(pkg)!r})
+        for src in (p, BytesSource((p / "manifest.json").read_bytes(),
+                                   (p / "stage-0.p2u").read_bytes())):
+            try:
+                ProgressiveSession(src, verify=False).close()
+                print("ACCEPTED")
+            except P2UError as e:
+                print("REFUSED", e)
+    """)
+    assert out.count("REFUSED") == 2, out
+
+
+def test_stage_header_near_the_header_limit(tmp_path):
+    """A stage file whose header says 64 MiB (the limit) of JSON values, or 4 GiB: refused
+    quickly, in bounded memory."""
+    from p2u_onnx.format import MAX_HEADER
+
+    big = tmp_path / "big.p2u"
+    body = b"[" + b"0," * ((MAX_HEADER - 2) // 2) + b"0]"
+    body = body[:MAX_HEADER - 1] + b"]" if len(body) > MAX_HEADER else body.ljust(MAX_HEADER)
+    big.write_bytes(MAGIC + struct.pack("<II", 2, MAX_HEADER) + body)
+    huge = tmp_path / "huge.p2u"
+    huge.write_bytes(MAGIC + struct.pack("<II", 2, 0xFFFFFFFF) + b"{}")
+    strings = tmp_path / "strings.p2u"
+    s = b'{"a":"' + b"\\u0041" * ((MAX_HEADER - 16) // 6) + b'"}'
+    strings.write_bytes(MAGIC + struct.pack("<II", 2, len(s)) + s)
+    out = _rlimited(f"""
+        import time
+        from p2u_onnx.format import read_stage
+        from p2u_onnx.errors import P2UError
+        for f in ({str(big)!r}, {str(huge)!r}, {str(strings)!r}):
+            t = time.perf_counter()
+            try:
+                read_stage(f)
+                print("ACCEPTED")
+            except P2UError as e:
+                assert "\\n" not in str(e)
+                print("REFUSED", round(time.perf_counter() - t, 2), e)
+    """, limit=1 << 30)
+    lines = out.splitlines()
+    assert len(lines) == 3 and all(ln.startswith("REFUSED") for ln in lines), out
+    assert all(float(ln.split()[1]) < 10 for ln in lines), out
+
+
+def test_probe_npz_bomb_through_a_session(ppkg, tmp_path):
+    """The probe is outside the binding: an attacker replaces probe.npz with a zip bomb and
+    reseals. A session from the folder refuses it in bounded memory."""
+    import zipfile
+
+    from test_format_attacks import _npy_header
+
+    m = manifest(ppkg)
+    with zipfile.ZipFile(ppkg / "probe.npz", "w", zipfile.ZIP_DEFLATED) as z:
+        for name in [f"out_{s['index']}_0" for s in m["probe"]["stages"]] + ["input_0"]:
+            with z.open(f"{name}.npy", "w", force_zip64=True) as f:
+                f.write(_npy_header((1 << 26,)))
+                for _ in range(16):
+                    f.write(bytes(16 << 20))
+    reseal(ppkg)
+    out = _rlimited(f"""
+        from p2u_onnx import api
+        from p2u_onnx.runtime import ProgressiveSession
+        from p2u_onnx.errors import P2UError
+        for fn in (lambda: api.verify({str(ppkg)!r}), lambda: ProgressiveSession({str(ppkg)!r})):
+            try:
+                fn()
+                print("ACCEPTED")
+            except P2UError as e:
+                print("REFUSED", e)
+    """)
+    assert out.count("REFUSED") == 2, out
+
+
+def test_probe_npz_with_a_million_members(ppkg):
+    """A zip whose central directory lists 700k tiny entries (57 MiB, within the probe's
+    64 MiB cap): zipfile's member table took 414 MB and 5 s. Refused before it is built."""
+    import zipfile
+
+    buf = Path(ppkg / "probe.npz")
+    with zipfile.ZipFile(buf, "w", zipfile.ZIP_STORED) as z:
+        for i in range(700_000):
+            z.writestr(f"{i:x}", b"")
+    reseal(ppkg)
+    out = _rlimited(f"""
+        from p2u_onnx import api
+        from p2u_onnx.errors import P2UError
+        try:
+            api.verify({str(ppkg)!r})
+            print("ACCEPTED")
+        except P2UError as e:
+            print("REFUSED", e)
+        # this process's own peak (ru_maxrss would carry over the parent's across exec)
+        print(next(ln.split()[1] for ln in open("/proc/self/status") if ln.startswith("VmHWM")))
+    """)
+    assert out.startswith("REFUSED") and "zip members" in out, out
+    assert int(out.split()[-1]) < 300 << 10, out  # KB: the import of onnx and ort, no more
