@@ -339,9 +339,10 @@ def verify(package: str | os.PathLike, *, expect: str | None = None,
               "manifest_sha256": hashlib.sha256(raw).hexdigest()}
     if last >= 1:
         state = open_stages(package, last, manifest=manifest)
+        model = _filled_model(state)
         if manifest["plan"][-1] == "lossless":
             try:
-                digest = weights_digest(_filled_model(state))
+                digest = weights_digest(model)
             except P2UError:
                 raise
             except Exception as e:  # onnx on a hostile skeleton
@@ -350,6 +351,17 @@ def verify(package: str | os.PathLike, *, expect: str | None = None,
                 raise IntegrityError(f"{package}: the lossless stage does not reproduce the "
                                      "source weights")
             result["lossless_match"] = True
+        # the skeleton graph must load as the base did (a session would fail at stage 1)
+        if sum(len(t.raw_data) for t in _all_tensors(model)) < _PROTOBUF_LIMIT - (64 << 20):
+            loadable = model.SerializeToString()
+            del model, state
+            try:
+                import onnxruntime as ort
+
+                ort.InferenceSession(loadable, providers=["CPUExecutionProvider"])
+            except Exception as e:
+                raise _onnx_error(f"{package}: stage {last} (graph.onnx of stage 1 with its "
+                                  "weights): onnxruntime cannot load it", e) from e
     return result
 
 
