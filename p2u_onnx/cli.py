@@ -242,6 +242,7 @@ def verify(package, expect, trust) -> None:
     """
     from .api import verify as do_verify
 
+    _quiet_onnxruntime()  # its errors reach the user as one line; no log lines of its own
     r = do_verify(package, expect=expect, trust=trust or None)
     tail = ", lossless stage reproduces the source weights" if r["lossless_match"] else ""
     click.echo(f"ok: {r['stages']} stages verified{tail}")
