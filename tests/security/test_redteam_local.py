@@ -151,9 +151,11 @@ def run_cli(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
 
 
 def cli_one_line(r: subprocess.CompletedProcess, match: str | None = None) -> str:
-    out = (r.stdout + r.stderr).strip()
-    assert r.returncode in (1, 2), (r.returncode, out)
-    assert "Traceback" not in out and out.count("\n") == 0, out
+    """Exit code 1 or 2 and one line on stderr (``p2u run`` may have printed stage 0's
+    outputs on stdout before a later stage was refused)."""
+    out = r.stderr.strip()
+    assert r.returncode in (1, 2), (r.returncode, r.stdout + r.stderr)
+    assert "Traceback" not in r.stdout + out and out.count("\n") == 0, r.stdout + out
     assert out.startswith("Error:"), out
     if match:
         assert match in out, out
@@ -782,3 +784,168 @@ def test_probe_npz_with_a_million_members(ppkg):
     """)
     assert out.startswith("REFUSED") and "zip members" in out, out
     assert int(out.split()[-1]) < 300 << 10, out  # KB: the import of onnx and ort, no more
+
+
+# ---------------------------------------------------------------- class 8: one line, everywhere
+
+
+def _graph_of(p: Path) -> onnx.ModelProto:
+    e, d = next(x for x in stage_parts(p / "stage-1.p2u")[1] if x[0]["kind"] == "file")
+    return onnx.load_model_from_string(ZstdCodec().decode(d, e["raw_length"]))
+
+
+def _new_graph(p: Path, raw: bytes) -> None:
+    def change(header, parts):
+        return [({**e, "raw_length": len(raw), "sha256": hashlib.sha256(raw).hexdigest()},
+                 ZstdCodec(level=1).encode(raw)) if e["kind"] == "file" else (e, d)
+                for e, d in parts]
+    restage(p, 1, change)
+
+
+def _graph_unknown_op(p: Path) -> None:
+    g = _graph_of(p)
+    g.graph.node[-1].op_type, g.graph.node[-1].domain = "NoSuchOp", "com.example"
+    g.opset_import.add(domain="com.example", version=1)
+    _new_graph(p, g.SerializeToString())
+
+
+def _graph_bad_shapes(p: Path) -> None:
+    """A skeleton onnxruntime refuses at load with a long, multi-part message."""
+    g = _graph_of(p)
+    g.graph.node.append(helper.make_node("MatMul", [g.graph.input[0].name,
+                                                    g.graph.input[0].name], ["zz"]))
+    g.graph.output.append(helper.make_tensor_value_info("zz", 1, [3, 7, 9]))
+    g.graph.node.append(helper.make_node("Reshape", ["zz", "zz"], ["zz2"]))
+    _new_graph(p, g.SerializeToString())
+
+
+MALFORMED = {
+    "empty manifest": lambda p: (p / "manifest.json").write_bytes(b""),
+    "manifest is a folder": lambda p: ((p / "manifest.json").unlink(),
+                                       (p / "manifest.json").mkdir()),
+    "tensor entry empty": lambda p: write_manifest(p, {**manifest(p), "tensors": [{}]}),
+    "manifest JSON null": lambda p: (p / "manifest.json").write_bytes(b"null"),
+    "manifest not UTF-8": lambda p: (p / "manifest.json").write_bytes(b'{"format": "\xff"}'),
+    "stage 1 truncated": lambda p: ((p / "stage-1.p2u").write_bytes(
+        (p / "stage-1.p2u").read_bytes()[:40]), reseal(p)),
+    "stage 1 empty": lambda p: ((p / "stage-1.p2u").write_bytes(b""), reseal(p)),
+    "stage 1 header not JSON": lambda p: ((p / "stage-1.p2u").write_bytes(
+        MAGIC + struct.pack("<II", 2, 48) + b"{" * 48), reseal(p)),
+    "stage 2 missing": lambda p: (p / "stage-2.p2u").unlink(),
+    "stage 1 is a folder": lambda p: ((p / "stage-1.p2u").unlink(),
+                                      (p / "stage-1.p2u").mkdir()),
+    "base.onnx garbage": lambda p: rebind(p, b"\x0a\xff\xff\xff\xff\x0f" + bytes(64)),
+    "base.onnx empty": lambda p: rebind(p, b""),
+    "base.bin missing": lambda p: (p / "base.bin").unlink(),
+    "graph.onnx garbage": lambda p: _new_graph(p, b"\x3a\x05\x0a\x03abc\xff\xff"),
+    "graph.onnx unknown op": _graph_unknown_op,
+    "graph.onnx bad shapes": _graph_bad_shapes,
+}
+
+
+@pytest.mark.parametrize("case", list(MALFORMED))
+def test_malformed_package_is_one_line_on_every_api_entry_point(pkg, case):
+    MALFORMED[case](pkg)
+    before = snapshot(pkg.parent)
+    calls = {
+        "inspect": lambda: api.inspect(pkg, tensors=True),
+        "verify": lambda: api.verify(pkg),
+        "restore": lambda: api.restore(pkg, pkg.parent / "o.onnx"),
+        "restore 0": lambda: api.restore(pkg, pkg.parent / "o0.onnx", 0),
+        "open_stages": lambda: api.open_stages(pkg),
+        "session": lambda: ProgressiveSession(pkg, verify=False).upgrade(background=False),
+    }
+    refusals = set()
+    for what, fn in calls.items():
+        try:
+            fn()
+        except P2UError as e:
+            one_line(e)
+            refusals.add(what)
+        except Exception as e:  # noqa: BLE001 - the point of the test
+            pytest.fail(f"{case}: {what} raised {type(e).__name__}: {e}")
+    # (restore writes a skeleton onnxruntime cannot load as it is: it loads nothing)
+    # (a session without base.bin in the folder unpacks the base from stage 0)
+    must = {"verify"} if case == "base.bin missing" else {"verify", "session"}
+    assert must <= refusals, (case, refusals)
+    assert {f: v for f, v in snapshot(pkg.parent).items() if not f.endswith(".onnx")} == \
+        {f: v for f, v in before.items() if not f.endswith(".onnx")}
+
+
+@pytest.mark.parametrize("case", ["graph.onnx unknown op", "graph.onnx bad shapes",
+                                  "graph.onnx garbage", "stage 1 truncated"])
+def test_malformed_stage_through_bytes_and_apply(pkg, case, tmp_path):
+    good = {k: (pkg / f"stage-{k}.p2u").read_bytes() for k in range(3)}
+    m_bytes = (pkg / "manifest.json").read_bytes()
+    MALFORMED[case](pkg)
+    bad = (pkg / "stage-1.p2u").read_bytes()
+    # from bytes, with the (resealed) manifest
+    src = BytesSource((pkg / "manifest.json").read_bytes(), good[0])
+    with ProgressiveSession(src, verify=False) as s:
+        for stage in (bad, pkg / "stage-1.p2u"):
+            refused(lambda: s.apply(stage))
+            assert s.stage == 0
+    # the original manifest: the hostile stage does not match its sha256
+    with ProgressiveSession(BytesSource(m_bytes, good[0]), verify=False) as s:
+        refused(lambda: s.apply(bad), IntegrityError)
+        assert s.apply(good[1]) == 1
+
+
+def test_apply_hostile_inputs(pkg, tmp_path):
+    other = tmp_path / "other.p2u"
+    from synth import mlp
+
+    import p2u_onnx
+
+    p2u_onnx.encode(mlp(seed=7) if "seed" in mlp.__code__.co_varnames else mlp(), other,
+                    "4,8,lossless", probe=False)
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    sparse = tmp_path / "sparse.p2u"
+    with open(sparse, "wb") as f:
+        f.truncate(1 << 40)
+    cases = {
+        "empty bytes": b"",
+        "magic only": MAGIC,
+        "garbage": os.urandom(4096),
+        "stage 2 first": (pkg / "stage-2.p2u").read_bytes(),
+        "stage 0 again": (pkg / "stage-0.p2u").read_bytes(),
+        "another package's stage 1": (other / "stage-1.p2u").read_bytes(),
+        "a folder": tmp_path,
+        "a missing file": tmp_path / "missing.p2u",
+        "a FIFO": fifo,
+        "a 1 TiB sparse file": sparse,
+        "a str path": str(pkg / "stage-2.p2u"),
+    }
+    with ProgressiveSession(pkg, verify=False, workdir=tmp_path / "work") as s:
+        for what, x in cases.items():
+            try:
+                s.apply(x)
+                pytest.fail(f"{what} was applied")
+            except P2UError as e:
+                one_line(e)
+            assert s.stage == 0, what
+        assert s.apply(pkg / "stage-1.p2u") == 1
+        refused(lambda: s.apply(pkg / "stage-1.p2u"), IntegrityError, "already applied")
+        assert s.apply((pkg / "stage-2.p2u").read_bytes()) == 2
+        refused(lambda: s.apply(pkg / "stage-2.p2u"), IntegrityError)
+
+
+@pytest.mark.parametrize("case", ["manifest JSON null", "stage 1 truncated", "base.onnx garbage",
+                                  "graph.onnx unknown op", "graph.onnx bad shapes"])
+def test_cli_is_one_line_with_no_onnxruntime_log(pkg, case, tmp_path):
+    """The real command line in a subprocess: exit code 1 or 2, one line, no traceback, no
+    onnxruntime log line, for inspect, verify, restore, run and eval."""
+    MALFORMED[case](pkg)
+    outs = {}
+    for args in (["verify", str(pkg)], ["restore", str(pkg), "-o", str(tmp_path / "o.onnx")],
+                 ["run", str(pkg)], ["eval", str(pkg), "--synth"]):
+        r = run_cli(*args)
+        outs[args[0]] = r
+        if args[0] == "restore" and case.startswith("graph.onnx") and r.returncode == 0:
+            continue  # restore writes the model; it does not load it
+        cli_one_line(r)
+    r = run_cli("inspect", str(pkg))
+    if r.returncode:
+        cli_one_line(r)
+    assert "[E:onnxruntime" not in r.stderr and "[W:onnxruntime" not in r.stderr
