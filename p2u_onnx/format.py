@@ -606,7 +606,8 @@ def validate_manifest(m: Any, where: str = MANIFEST_NAME) -> None:
     c.hex64(c.get(src, "weights_sha256", "source"), "source.weights_sha256")
     c.str(c.get(src, "name", "source"), "source.name")
     c.int(c.get(src, "weight_bytes", "source"), "source.weight_bytes")
-    for key in ("opset", "coded_weight_bytes", "coded_fp32_bytes", "coded_tensors"):
+    for key in ("opset", "coded_weight_bytes", "coded_fp32_bytes", "coded_tensors",
+                "fp32_equivalent_bytes"):
         if key in src:
             c.int(src[key], f"source.{key}")
     if "name" in m:
