@@ -949,3 +949,22 @@ def test_cli_is_one_line_with_no_onnxruntime_log(pkg, case, tmp_path):
     if r.returncode:
         cli_one_line(r)
     assert "[E:onnxruntime" not in r.stderr and "[W:onnxruntime" not in r.stderr
+
+
+@pytest.mark.parametrize("value", ["x", [1], {"a": 1}, None, -5, 1.5])
+def test_inspect_with_a_malformed_optional_source_field(pkg, value):
+    """source.fp32_equivalent_bytes is what inspect divides by: a string made a TypeError."""
+    m = manifest(pkg)
+    m["source"]["fp32_equivalent_bytes"] = value
+    write_manifest(pkg, m)
+    from click.testing import CliRunner
+
+    from p2u_onnx.cli import main
+
+    try:
+        api.inspect(pkg)
+    except P2UError as e:
+        assert "fp32_equivalent_bytes" in one_line(e)
+    r = CliRunner().invoke(main, ["inspect", str(pkg)])
+    assert r.exit_code in (0, 1) and (r.exit_code == 0 or isinstance(r.exception, SystemExit)), \
+        (r.output, r.exception)
