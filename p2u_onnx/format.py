@@ -449,6 +449,7 @@ def parse_manifest(text: bytes, where: str = MANIFEST_NAME) -> dict[str, Any]:
 # ---------------------------------------------------------------- validation
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _PACKAGE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # onnx code types -> bits per element (see reconstruct._CODE_TYPES)
 _CODE_BITS = {2: 8, 3: 8, 21: 4, 22: 4, 25: 2, 26: 2}
@@ -552,6 +553,8 @@ class _Checker:
             raise self.fail(path, f"is {_show(v)}, not a string")
         if len(v) > max_len:
             raise self.fail(path, f"is a string of {len(v)} characters, more than {max_len}")
+        if _CONTROL.search(v):  # names and notes end up in messages and on terminals
+            raise self.fail(path, f"is {_show(v)}, which holds control characters")
         return v
 
     def hex64(self, v: Any, path: str) -> str:

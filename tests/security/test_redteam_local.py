@@ -968,3 +968,22 @@ def test_inspect_with_a_malformed_optional_source_field(pkg, value):
     r = CliRunner().invoke(main, ["inspect", str(pkg)])
     assert r.exit_code in (0, 1) and (r.exit_code == 0 or isinstance(r.exception, SystemExit)), \
         (r.output, r.exception)
+
+
+@pytest.mark.parametrize("key", ["notes", "source.name", "name", "tensors.name"])
+def test_control_characters_in_manifest_strings(pkg, key):
+    """A note or a name with a newline or a terminal escape: inspect printed it as it was
+    (forged lines, escape sequences on the user's terminal), errors carried it."""
+    m = manifest(pkg)
+    evil = "ok\n\x1b[2J\x1b[1;32mverified\x1b[0m"
+    if key == "notes":
+        m["notes"] = [evil]
+    elif key == "source.name":
+        m["source"]["name"] = evil
+    elif key == "name":
+        m["name"] = evil
+    else:
+        m["tensors"][0]["name"] = evil
+    write_manifest(pkg, m)
+    refused(lambda: api.inspect(pkg), FormatError, "control characters")
+    every_entry_refuses(pkg, "control characters", from_bytes=False)
