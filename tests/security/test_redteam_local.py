@@ -843,6 +843,12 @@ MALFORMED = {
 }
 
 
+def _evaluate(p: Path):
+    from p2u_onnx.evaluation import evaluate
+
+    return evaluate(p, None, None, synth=True, repeats=1)
+
+
 @pytest.mark.parametrize("case", list(MALFORMED))
 def test_malformed_package_is_one_line_on_every_api_entry_point(pkg, case):
     MALFORMED[case](pkg)
@@ -854,6 +860,7 @@ def test_malformed_package_is_one_line_on_every_api_entry_point(pkg, case):
         "restore 0": lambda: api.restore(pkg, pkg.parent / "o0.onnx", 0),
         "open_stages": lambda: api.open_stages(pkg),
         "session": lambda: ProgressiveSession(pkg, verify=False).upgrade(background=False),
+        "evaluate": lambda: _evaluate(pkg),
     }
     refusals = set()
     for what, fn in calls.items():
@@ -987,3 +994,23 @@ def test_control_characters_in_manifest_strings(pkg, key):
     write_manifest(pkg, m)
     refused(lambda: api.inspect(pkg), FormatError, "control characters")
     every_entry_refuses(pkg, "control characters", from_bytes=False)
+
+
+def test_cli_turns_an_unforeseen_exception_into_one_line(pkg, monkeypatch):
+    """The last line of defence: any exception that is not p2u's own (a bug, an input nobody
+    foresaw) is still one line and exit code 1 on the command line, never a traceback."""
+    from click.testing import CliRunner
+
+    import p2u_onnx.api as api_mod
+    from p2u_onnx.cli import main
+
+    def boom(*a, **k):
+        raise KeyError("line one\nline two")
+    monkeypatch.setattr(api_mod, "inspect", boom)
+    r = CliRunner().invoke(main, ["inspect", str(pkg)])
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)
+    assert r.output.count("\n") == 1 and r.output.startswith("Error: internal error (KeyError"), \
+        r.output
+    # click's own usage errors are untouched (exit code 2)
+    r = CliRunner().invoke(main, ["restore", str(pkg)])
+    assert r.exit_code == 2, r.output
