@@ -143,6 +143,10 @@ def synthesize_inputs(inputs: Sequence[ArgInfo], int_high: int = 100,
         values: np.ndarray
         fill = want.get("fill")
         if isinstance(fill, (int, float)) and not isinstance(fill, bool):
+            if np.issubdtype(dtype, np.integer) and not (
+                    math.isfinite(fill) and np.iinfo(dtype).min <= fill <= np.iinfo(dtype).max):
+                raise FormatError(f"probe input spec for {arg.name!r}: fill {fill!r} does not "
+                                  f"fit its type {np.dtype(dtype).name}")
             values = np.full(n, fill, dtype)
         elif np.issubdtype(dtype, np.floating):
             unit = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
