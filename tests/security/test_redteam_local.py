@@ -1014,3 +1014,69 @@ def test_cli_turns_an_unforeseen_exception_into_one_line(pkg, monkeypatch):
     # click's own usage errors are untouched (exit code 2)
     r = CliRunner().invoke(main, ["restore", str(pkg)])
     assert r.exit_code == 2, r.output
+
+
+def test_onnxruntime_messages_with_newlines_stay_one_line(pkg):
+    """onnxruntime's messages quote node and tensor names, which the package chooses: a node
+    named with newlines in a skeleton onnxruntime refuses."""
+    g = _graph_of(pkg)
+    g.graph.node[-1].op_type, g.graph.node[-1].domain = "NoSuchOp", "com.example"
+    g.graph.node[-1].name = "evil\nError: forged line\nagain"
+    g.opset_import.add(domain="com.example", version=1)
+    _new_graph(pkg, g.SerializeToString())
+    refused(lambda: api.verify(pkg))
+    session_refuses(pkg)
+    with ProgressiveSession(pkg, verify=False) as s:
+        refused(lambda: s.apply(pkg / "stage-1.p2u"))
+        assert s.stage == 0
+    m = base_model(pkg)
+    m.graph.node[-1].op_type, m.graph.node[-1].domain = "NoSuchOp", "com.example"
+    m.graph.node[-1].name = "evil\nError: forged line"
+    m.opset_import.add(domain="com.example", version=1)
+    rebind(pkg, m.SerializeToString())
+    refused(lambda: api.verify(pkg))
+    refused(lambda: ProgressiveSession(pkg))
+    cli_one_line(run_cli("verify", str(pkg)))
+    cli_one_line(run_cli("run", str(pkg)))
+
+
+@pytest.fixture
+def synth_pkg(tmp_path, monkeypatch) -> Path:
+    """A package of a model with an int64 input whose probe inputs are synthesized on the
+    device (``probe.synth``: outside the binding, like the whole probe entry)."""
+    import p2u_onnx
+    import p2u_onnx.probe as probe_mod
+    from synth import _model, vi, weight
+
+    monkeypatch.setattr(probe_mod, "MAX_STORED_INPUT_BYTES", 0)
+    table = onnx.numpy_helper.from_array(weight((512, 64)), "E")
+    model = _model([helper.make_node("Gather", ["E", "ids"], ["y"])],
+                   [vi("ids", TensorProto.INT64, ("N", 8))],
+                   [vi("y", TensorProto.FLOAT, ("N", 8, 64))], [table])
+    (tmp_path / "root").mkdir()
+    p = tmp_path / "root" / "ids.p2u"
+    p2u_onnx.encode(model, p, "4,8,lossless")
+    assert manifest(p)["probe"]["inputs_stored"] is False
+    return p
+
+
+@pytest.mark.parametrize("spec", [
+    {"ids": {"fill": 2 ** 70}}, {"ids": {"fill": -2 ** 70}}, {"ids": {"fill": 1e300}},
+    {"ids": {"fill": float("nan")}}, {"ids": {"high": 2 ** 70}}, {"ids": {"shape": [2 ** 62]}},
+    {"ids": {"shape": [1 << 13, 1 << 13]}}, {"ids": {"shape": "8"}}, {"ids": []}, [],
+    {"ids": {"fill": "7"}}])
+@pytest.mark.filterwarnings("error::RuntimeWarning")  # numpy's cast warnings reach stderr
+def test_probe_synth_spec_attacks(synth_pkg, spec):
+    """probe.synth is outside the binding: a fill of 2**70 for an int64 input was an
+    OverflowError out of verify (and 1e300 a numpy warning on stderr)."""
+    m = manifest(synth_pkg)
+    m["probe"]["synth"] = spec
+    write_manifest(synth_pkg, m)
+    reseal(synth_pkg)
+    for fn in (lambda: api.verify(synth_pkg), lambda: ProgressiveSession(synth_pkg)):
+        try:
+            with_session = fn()
+            if isinstance(with_session, ProgressiveSession):
+                with_session.close()
+        except P2UError as e:
+            one_line(e)
