@@ -277,8 +277,12 @@ def read_probe_file(root: str | os.PathLike, entry: Mapping[str, Any]) -> bytes:
     if not isinstance(size, int) or not 0 <= size <= MAX_PROBE_BYTES:
         raise IntegrityError(f"the probe's size {size!r} is not between 0 and "
                              f"{MAX_PROBE_BYTES} bytes")
-    with open_regular(package_file(root, entry.get("path"), "probe file")) as f:
-        data = f.read(size + 1)
+    path = package_file(root, entry.get("path"), "probe file")
+    try:
+        with open_regular(path) as f:
+            data = f.read(size + 1)
+    except OSError as e:
+        raise IntegrityError(f"{path}: cannot read the probe ({e.strerror or e})") from e
     if len(data) != size:
         raise IntegrityError(f"{entry.get('path')}: {len(data) if len(data) <= size else 'more'}"
                              f" bytes, the manifest says {size}")
