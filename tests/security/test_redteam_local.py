@@ -1080,3 +1080,33 @@ def test_probe_synth_spec_attacks(synth_pkg, spec):
                 with_session.close()
         except P2UError as e:
             one_line(e)
+
+
+from hypothesis import HealthCheck, given, settings  # noqa: E402
+from hypothesis import strategies as st  # noqa: E402
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_the_unbound_probe_entry(built, tmp_path_factory, data):
+    """The probe entry is outside the binding: any change to it (resealed) is one line or a
+    session that serves its stages; never another exception."""
+    from test_format_attacks import _mutate
+
+    p = tmp_path_factory.mktemp("pf") / "m.p2u"
+    shutil.copytree(built["probe"], p)
+    m = manifest(p)
+    m["probe"] = _mutate({"probe": m["probe"]}, data).get("probe") \
+        if data.draw(st.booleans()) else _mutate(m["probe"], data)
+    write_manifest(p, m)  # (the files are unchanged: every listed sha256 still matches)
+    for fn in (lambda: api.verify(p), lambda: _evaluate(p)):
+        try:
+            fn()
+        except P2UError as e:
+            one_line(e)
+    try:
+        with ProgressiveSession(p) as s:
+            s.upgrade(background=False)
+    except P2UError as e:
+        one_line(e)
