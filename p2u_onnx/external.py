@@ -234,10 +234,16 @@ def check_base_graph(model: bytes | str | os.PathLike, manifest: dict[str, Any],
     manifest's spans, with matching element types and dimensions."""
     data = model if isinstance(model, (bytes, bytearray, memoryview)) else _read(model)
     ext = external_tensors(data)
-    by_name: dict[str, list[ExternalTensor]] = {}
+    # by name and span: a lookup per manifest tensor (a list per name made many tensors of
+    # one name quadratic)
+    by_span: dict[tuple[str, int, int | None], list[ExternalTensor]] = {}
     for t in ext:
         _located(t, where, {"base.bin": base_bin_size})
-        by_name.setdefault(t.name, []).append(t)
+        key = (t.name, t.offset, t.length)
+        if key in by_span:  # (empty spans never overlap: the same one many times)
+            raise FormatError(f"{where}: tensor {t.name!r} is given twice at base.bin"
+                              f"[{t.offset}:+{t.length}]")
+        by_span[key] = [t]
     _disjoint(ext, "base.bin", where)
     for t in manifest["tensors"]:
         b = t["base"]
@@ -249,7 +255,7 @@ def check_base_graph(model: bytes | str | os.PathLike, manifest: dict[str, Any],
             parts.append(("zp", b["zero_point"], {ctype}, _scale_shape(t)))
         for suffix, span, types, dims in parts:
             name = f"{stem}_{suffix}"
-            found = [e for e in by_name.get(name, []) if (e.offset, e.length) == tuple(span)]
+            found = by_span.get((name, span[0], span[1]), [])
             if not found:
                 raise FormatError(f"{where}: no tensor {name!r} at base.bin{list(span)} as the "
                                   f"manifest's tensor {t['name']!r} says (manifest and base "

@@ -454,7 +454,8 @@ class WeightState:
                 pos = b1
             if pos != n:
                 raise FormatError(f"{label} does not cover every block of {name}")
-        missing = [name for name in self.tensors if name not in plan]
+        missing = [name for name, t in self.tensors.items()
+                   if name not in plan and _layout(t).n_blocks]
         if missing:
             raise FormatError(f"{label} does not update tensor {missing[0]} (every stage "
                               "updates every coded tensor)")
