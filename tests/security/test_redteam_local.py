@@ -1110,3 +1110,113 @@ def test_fuzz_the_unbound_probe_entry(built, tmp_path_factory, data):
             s.upgrade(background=False)
     except P2UError as e:
         one_line(e)
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_the_unbound_stage_table(built, tmp_path_factory, data):
+    """The stage table is outside the binding too: mutated, it gives one line or the
+    untouched package's weights through restore, open_stages and a session."""
+    from test_format_attacks import _mutate
+
+    p = tmp_path_factory.mktemp("sf") / "m.p2u"
+    shutil.copytree(built["noprobe"], p)
+    m = manifest(p)
+    m["stages"] = _mutate({"s": m["stages"]}, data).get("s")
+    write_manifest(p, m)
+    for fn in (lambda: api.restore(p, p.parent / "o.onnx"), lambda: api.open_stages(p),
+               lambda: api.inspect(p, tensors=True)):
+        try:
+            fn()
+        except P2UError as e:
+            one_line(e)
+    try:
+        with ProgressiveSession(p) as s:
+            s.upgrade(background=False)
+    except P2UError as e:
+        one_line(e)
+
+
+def test_many_tensors_of_one_name_cannot_make_the_base_check_quadratic(pkg):
+    """20000 manifest tensors that all name the same graph tensor, and as many base.onnx
+    initializers of that one name, each at its own span: the base check ran in O(n**2)
+    (minutes), before any stage file (and so before the binding) is read."""
+    n = 20000
+    m = manifest(pkg)
+    base = base_model(pkg)
+    size = m["base_model"]["files"][1]["size"]
+    t0 = {"name": "", "tensor": "T", "kind": "initializer", "dtype": "float32", "shape": [1],
+          "layout": {"mode": "tensor", "axis": 0, "block_size": 0}, "bits": 8,
+          "symmetric": True, "base": {"code_type": 3, "zero_point": None}}
+    tensors = []
+    for i in range(n):
+        off = size + 8 * i
+        tensors.append({**t0, "name": f"t{i}", "weights": [i * 64, 4],
+                        "base": {**t0["base"], "codes": [off, 1], "scale": [off + 4, 4]}})
+        for suffix, dtype, dims, o, length in (("q", 3, [1], off, 1), ("s", 1, [], off + 4, 4)):
+            t = TensorProto(name=f"T__p2u_{suffix}", data_type=dtype, dims=dims)
+            for k, v in (("location", "base.bin"), ("offset", str(o)), ("length", str(length))):
+                t.external_data.add(key=k, value=v)
+            t.data_location = TensorProto.EXTERNAL
+            base.graph.initializer.append(t)
+    m["tensors"] = tensors
+    with open(pkg / "base.bin", "ab") as f:
+        f.write(bytes(8 * n))
+    (pkg / "base.onnx").write_bytes(base.SerializeToString())
+    write_manifest(pkg, m)
+    reseal(pkg)
+    out = _rlimited(f"""
+        import time
+        from p2u_onnx.external import check_base_graph
+        from p2u_onnx.format import load_manifest
+        from p2u_onnx.errors import P2UError
+        m = load_manifest({str(pkg)!r})
+        t = time.perf_counter()
+        try:
+            check_base_graph({str(pkg / 'base.onnx')!r}, m, m["base_model"]["files"][1]["size"])
+            print("CHECKED", time.perf_counter() - t)
+        except P2UError as e:
+            print("REFUSED", time.perf_counter() - t, e)
+    """, limit=2 << 30, timeout=120)
+    assert float(out.split()[1]) < 10, out
+    session_refuses(pkg)
+
+
+def test_many_empty_tensors_at_one_span(pkg):
+    """The same trick with empty tensors (shape [0]: empty spans never overlap, so thousands
+    can sit at one offset): refused in linear time."""
+    n = 20000
+    m = manifest(pkg)
+    base = base_model(pkg)
+    size = m["base_model"]["files"][1]["size"]
+    t0 = {"tensor": "T", "kind": "initializer", "dtype": "float32", "shape": [0],
+          "layout": {"mode": "channel", "axis": 0, "block_size": 0}, "bits": 8,
+          "symmetric": True, "weights": [0, 0],
+          "base": {"code_type": 3, "zero_point": None, "codes": [size, 0], "scale": [size, 0]}}
+    m["tensors"] = m["tensors"] + [{**t0, "name": f"t{i}"} for i in range(n)]
+    for i in range(n):
+        for suffix, dtype, dims in (("q", 3, [0]), ("s", 1, [0])):
+            t = TensorProto(name=f"T__p2u_{suffix}", data_type=dtype, dims=dims)
+            for k, v in (("location", "base.bin"), ("offset", str(size)), ("length", "0")):
+                t.external_data.add(key=k, value=v)
+            t.data_location = TensorProto.EXTERNAL
+            base.graph.initializer.append(t)
+    (pkg / "base.onnx").write_bytes(base.SerializeToString())
+    write_manifest(pkg, m)
+    reseal(pkg)
+    out = _rlimited(f"""
+        import time
+        from p2u_onnx.external import check_base_graph
+        from p2u_onnx.format import load_manifest
+        from p2u_onnx.errors import P2UError
+        m = load_manifest({str(pkg)!r})
+        t = time.perf_counter()
+        try:
+            check_base_graph({str(pkg / 'base.onnx')!r}, m, m["base_model"]["files"][1]["size"])
+            print("CHECKED", time.perf_counter() - t)
+        except P2UError as e:
+            print("REFUSED", time.perf_counter() - t, e)
+    """, limit=2 << 30, timeout=120)
+    assert out.startswith("REFUSED") and float(out.split()[1]) < 10, out
+    assert "given twice" in out, out
