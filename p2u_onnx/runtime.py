@@ -896,7 +896,8 @@ class ProgressiveSession:
                         raise PatchError(f"stage {k} could not be applied: "
                                          f"{e.strerror or e}{where}") from e
                     if isinstance(e, Exception) and not isinstance(e, P2UError):
-                        raise PatchError(f"stage {k} could not be applied: {e}") from e
+                        text = " ".join(str(e).split())[:300] or type(e).__name__
+                        raise PatchError(f"stage {k} could not be applied: {text}") from e
                     raise
                 finally:
                     _trim_heap()
