@@ -1220,3 +1220,29 @@ def test_many_empty_tensors_at_one_span(pkg):
     """, limit=2 << 30, timeout=120)
     assert out.startswith("REFUSED") and float(out.split()[1]) < 10, out
     assert "given twice" in out, out
+
+
+@pytest.mark.parametrize("strategy", ["swap", "inplace"])
+def test_a_runtime_failure_with_a_multi_line_message_is_one_line(pkg, monkeypatch, strategy):
+    """onnxruntime's messages quote what the package holds and may span lines: a live
+    session's upgrade error is still one line, and the session keeps serving stage 0."""
+    import onnxruntime as ort
+
+    with ProgressiveSession(pkg, verify=False, strategy=strategy) as s:
+        def broken(*a, **k):
+            raise RuntimeError("[ONNXRuntimeError] : 1 : FAIL : node\nError: forged\nline")
+        monkeypatch.setattr(ort, "InferenceSession", broken)
+        msg = refused(lambda: s.apply(pkg / "stage-1.p2u"))
+        assert "forged" in msg and s.stage == 0
+        monkeypatch.undo()
+        assert s.apply(pkg / "stage-1.p2u") == 1
+
+
+@pytest.mark.parametrize("strategy", ["swap", "inplace"])
+def test_hostile_stages_through_each_strategy(pkg, strategy):
+    """Shift and kind attacks through both ways of patching a live session."""
+    _stage_header_attack(pkg, 2, lambda h: _refines(h)[0].__setitem__("shift", 0))
+    with ProgressiveSession(pkg, verify=False, strategy=strategy) as s:
+        assert s.apply(pkg / "stage-1.p2u") == 1
+        refused(lambda: s.apply(pkg / "stage-2.p2u"), FormatError, "shift")
+        assert s.stage == 1
