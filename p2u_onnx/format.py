@@ -85,6 +85,7 @@ MAX_DEPTH = 32  # nesting of JSON arrays and objects in a manifest or stage head
 MAX_JSON_ITEMS = 4 << 20  # values in one (a stage header of a 7B model has about 1.5M)
 MAX_RANK = 32  # dimensions of a tensor
 MAX_STAGES = 1024
+MAX_EXTRA_PADDING = 1 << 22  # values of block padding beyond twice a tensor's own, in total
 _PREFIX = struct.Struct("<8sII")
 
 
@@ -674,6 +675,7 @@ def _file_entry(c: _Checker, f: Any, p: str) -> None:
 
 def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
     names: set[str] = set()
+    extra = 0
     spans: list[tuple[int, int, str]] = []
     base_spans: list[tuple[int, int, str]] = []
     for i, t in enumerate(tensors):
@@ -700,6 +702,12 @@ def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
                 raise c.fail(f"{p}.shape", f"{shape} holds more than 2**40 values")
         n_blocks, padded = _layout(c, c.dict(c.get(t, "layout", p), f"{p}.layout"), shape,
                                    size, f"{p}.layout")
+        # decoding holds whole blocks: padding beyond twice the values is paid for by no byte
+        # of base.bin (blocks of 65536 over one value each), so the package has little of it
+        extra += max(0, padded - 2 * size)
+        if extra > MAX_EXTRA_PADDING:
+            raise c.fail(f"{p}.layout", f"brings the blocks' padding past the "
+                                        f"{MAX_EXTRA_PADDING} values a package may have")
         c.int(c.get(t, "bits", p), f"{p}.bits", 1, 16)
         if "symmetric" in t:
             c.bool(t["symmetric"], f"{p}.symmetric")
