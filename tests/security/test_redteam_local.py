@@ -1246,3 +1246,67 @@ def test_hostile_stages_through_each_strategy(pkg, strategy):
         assert s.apply(pkg / "stage-1.p2u") == 1
         refused(lambda: s.apply(pkg / "stage-2.p2u"), FormatError, "shift")
         assert s.stage == 1
+
+
+def _padding_bomb(p: Path, n: int, block: int = 1 << 16) -> None:
+    """The full attacker: ``n`` coded tensors of one value each, in blocks of ``block``
+    values (each block is decoded and held whole: ``block`` values of memory for 8 bytes of
+    base.bin), with base.onnx, the skeleton and both stage files to match, rebound."""
+    from p2u_onnx.codecs import IntPlanesCodec
+
+    m = manifest(p)
+    base = base_model(p)
+    graph = _graph_of(p)
+    size = m["base_model"]["files"][1]["size"]
+    wend = max(sum(t["weights"]) for t in m["tensors"])
+
+    def ext(name, dtype, dims, loc, off, length):
+        t = TensorProto(name=name, data_type=dtype, dims=dims)
+        for k, v in (("location", loc), ("offset", str(off)), ("length", str(length))):
+            t.external_data.add(key=k, value=v)
+        t.data_location = TensorProto.EXTERNAL
+        return t
+
+    for i in range(n):
+        off = size + 8 * i
+        m["tensors"].append({
+            "name": f"P{i}", "tensor": f"P{i}", "kind": "initializer", "dtype": "float32",
+            "shape": [1], "layout": {"mode": "block", "axis": 0, "block_size": block},
+            "bits": 8, "symmetric": True, "weights": [wend + 4 * i, 4],
+            "base": {"code_type": 3, "zero_point": None, "codes": [off, 1],
+                     "scale": [off + 4, 4]}})
+        base.graph.initializer.extend([ext(f"P{i}__p2u_q", 3, [1], "base.bin", off, 1),
+                                       ext(f"P{i}__p2u_s", 1, [1], "base.bin", off + 4, 4)])
+        graph.graph.initializer.append(ext(f"P{i}", 1, [1], "weights.bin", wend + 4 * i, 4))
+    with open(p / "base.bin", "ab") as f:
+        f.write(bytes(8 * n))
+    (p / "base.onnx").write_bytes(base.SerializeToString())
+    write_manifest(p, m)
+    zeros = IntPlanesCodec().encode(np.zeros(block, np.int64))
+    raw = graph.SerializeToString()
+
+    def change(header, parts):
+        out = [(e, d) for e, d in parts if e["kind"] != "file"]
+        out += [({"kind": "refine", "name": f"P{i}", "blocks": [0, 1], "shift": 4,
+                  "codec": {"id": "int-planes", "level": 3}}, zeros) for i in range(n)]
+        return out + [({"kind": "file", "name": "graph.onnx", "codec": {"id": "zstd"},
+                        "raw_length": len(raw), "sha256": hashlib.sha256(raw).hexdigest()},
+                       ZstdCodec(level=1).encode(raw))]
+    restage(p, 1, change)
+    rebind(p)
+
+
+def test_padding_cannot_multiply_memory(pkg):
+    """4000 one-value tensors in blocks of 65536: 8 bytes of base.bin each, 256 KB of
+    decoded blocks each (1 GB held by restore). Refused, or bounded, in 1 GiB."""
+    _padding_bomb(pkg, 4000)
+    out = _rlimited(f"""
+        from p2u_onnx import api
+        from p2u_onnx.errors import P2UError
+        try:
+            api.restore({str(pkg)!r}, {str(pkg.parent / 'o.onnx')!r}, 1)
+            print("ACCEPTED")
+        except P2UError as e:
+            print("REFUSED", e)
+    """, limit=1 << 30, timeout=300)
+    assert out.startswith("REFUSED") and "padding" in out, out
