@@ -1310,3 +1310,30 @@ def test_padding_cannot_multiply_memory(pkg):
             print("REFUSED", e)
     """, limit=1 << 30, timeout=300)
     assert out.startswith("REFUSED") and "padding" in out, out
+
+
+def test_eval_reads_the_probe_as_every_reader_does(ppkg, tmp_path):
+    """p2u eval took the probe's inputs by its own path: through a symbolic link (a file
+    outside the folder) and blocking forever on a FIFO."""
+    secret = tmp_path / "secret.npz"
+    shutil.move(ppkg / "probe.npz", secret)
+    os.symlink(secret, ppkg / "probe.npz")
+    refused(lambda: _evaluate_probe(ppkg), P2UError, "symbolic link")
+    os.unlink(ppkg / "probe.npz")
+    os.mkfifo(ppkg / "probe.npz")
+    out = _rlimited(f"""
+        from p2u_onnx.evaluation import evaluate
+        from p2u_onnx.errors import P2UError
+        try:
+            evaluate({str(ppkg)!r}, repeats=1)
+            print("ACCEPTED")
+        except P2UError as e:
+            print("REFUSED", e)
+    """, timeout=60)
+    assert out.startswith("REFUSED") and "not a regular file" in out, out
+
+
+def _evaluate_probe(p: Path):
+    from p2u_onnx.evaluation import evaluate
+
+    return evaluate(p, repeats=1)
