@@ -1337,3 +1337,35 @@ def _evaluate_probe(p: Path):
     from p2u_onnx.evaluation import evaluate
 
     return evaluate(p, repeats=1)
+
+
+def test_a_workdir_that_leads_into_the_package_is_refused(built, tmp_path):
+    p = tmp_path / "root" / "m.p2u"
+    shutil.copytree(built["noprobe"], p)
+    os.symlink(p, tmp_path / "alias")
+    before = snapshot(tmp_path / "root")
+    for work in (p / "work", tmp_path / "alias" / "w", tmp_path / "alias"):
+        refused(lambda: ProgressiveSession(p, workdir=work), P2UError, "inside the package")
+    assert snapshot(tmp_path / "root") == before
+
+
+def test_a_read_only_package_of_stage_files_only(built, tmp_path):
+    """No base.onnx or base.bin in the folder: the session unpacks stage 0 into its own work
+    folder, never into the package (which is read-only here)."""
+    p = tmp_path / "root" / "m.p2u"
+    shutil.copytree(built["probe"], p)
+    (p / "base.onnx").unlink()
+    (p / "base.bin").unlink()
+    for f in p.iterdir():
+        os.chmod(f, 0o444)
+    os.chmod(p, 0o555)
+    try:
+        before = snapshot(tmp_path / "root")
+        with ProgressiveSession(p) as s:
+            assert s.upgrade(background=False) == 2
+        with ProgressiveSession(p, workdir=tmp_path / "work") as s:
+            assert s.upgrade(background=False) == 2
+        assert snapshot(tmp_path / "root") == before
+        assert not [x for x in (tmp_path / "work").iterdir() if x.name.startswith("session-")]
+    finally:
+        os.chmod(p, 0o755)
