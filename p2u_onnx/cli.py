@@ -302,7 +302,11 @@ def run(package, inputs, stage, strategy, expect, trust, allow_rollback) -> None
         elif probe is not None and probe.feed:
             feed = dict(probe.feed)  # the inputs the encoder found the model runs on
         else:
-            feed = synthesize_inputs(sess.get_inputs())
+            try:  # the shapes come from the package's base.onnx: bounded there
+                feed = synthesize_inputs(sess.get_inputs())
+            except ValueError as e:
+                raise click.ClickException(f"{package}: cannot make inputs for the model: "
+                                           f"{e} (pass them with --input)") from None
         names = [o.name for o in sess.get_outputs()]
 
         def report(k: int) -> None:
