@@ -1369,3 +1369,21 @@ def test_a_read_only_package_of_stage_files_only(built, tmp_path):
         assert not [x for x in (tmp_path / "work").iterdir() if x.name.startswith("session-")]
     finally:
         os.chmod(p, 0o755)
+
+
+def test_run_and_eval_with_a_huge_declared_input(pkg, tmp_path):
+    """A (rebound) base.onnx and skeleton whose input is declared [10000000, 64]: p2u run
+    and p2u eval --synth synthesize inputs from it: refused in one line, no allocation."""
+    m = base_model(pkg)
+    for d, v in zip(m.graph.input[0].type.tensor_type.shape.dim, (10**7, 64)):
+        d.Clear()
+        d.dim_value = v
+    g = _graph_of(pkg)
+    for d, v in zip(g.graph.input[0].type.tensor_type.shape.dim, (10**7, 64)):
+        d.Clear()
+        d.dim_value = v
+    _new_graph(pkg, g.SerializeToString())
+    rebind(pkg, m.SerializeToString())
+    for args in (["run", str(pkg)], ["eval", str(pkg), "--synth"]):
+        out = cli_one_line(run_cli(*args))
+        assert "internal error" not in out and ("MiB" in out or "bad shape" in out), out
