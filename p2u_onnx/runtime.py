@@ -394,6 +394,10 @@ class BytesSource:
                  fetch: Callable[[int], StageInput] | None = None,
                  signature: bytes | None = None):
         self.manifest_bytes = None if isinstance(manifest, dict) else bytes(manifest)
+        if isinstance(manifest, dict):
+            from .format import validate_manifest
+
+            validate_manifest(manifest, "manifest (dict)")  # as the bytes would be
         self.manifest = manifest if isinstance(manifest, dict) else parse_manifest(manifest)
         self._signature = signature
         self._stage0 = stage0
