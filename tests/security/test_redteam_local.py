@@ -1387,3 +1387,16 @@ def test_run_and_eval_with_a_huge_declared_input(pkg, tmp_path):
     for args in (["run", str(pkg)], ["eval", str(pkg), "--synth"]):
         out = cli_one_line(run_cli(*args))
         assert "internal error" not in out and ("MiB" in out or "bad shape" in out), out
+
+
+@pytest.mark.parametrize("change", [
+    lambda m: m.__setitem__("tensors", None), lambda m: m.pop("stages"),
+    lambda m: m["tensors"][0].__setitem__("shape", [1 << 30, 1 << 30]),
+    lambda m: m["base_model"]["files"][0].__setitem__("path", "../x")])
+def test_bytes_source_with_a_manifest_dict_is_validated(pkg, change):
+    """BytesSource also takes the manifest as a dict (parsed by the caller): it is checked
+    like the bytes are."""
+    m = manifest(pkg)
+    change(m)
+    refused(lambda: ProgressiveSession(BytesSource(m, (pkg / "stage-0.p2u").read_bytes())),
+            FormatError, "manifest (dict)")
