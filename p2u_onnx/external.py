@@ -177,6 +177,14 @@ def external_tensors(model: bytes | bytearray | memoryview) -> list[ExternalTens
     return out
 
 
+def _external(model: bytes | bytearray | memoryview, where: str) -> list[ExternalTensor]:
+    """:func:`external_tensors`, its errors naming the graph (``where``)."""
+    try:
+        return external_tensors(model)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
+
+
 def _read(path: str | os.PathLike) -> bytes:
     from .format import open_regular
 
@@ -233,7 +241,7 @@ def check_base_graph(model: bytes | str | os.PathLike, manifest: dict[str, Any],
     ``base.bin`` and each coded tensor's codes, scales and zero points are exactly at the
     manifest's spans, with matching element types and dimensions."""
     data = model if isinstance(model, (bytes, bytearray, memoryview)) else _read(model)
-    ext = external_tensors(data)
+    ext = _external(data, where)
     # by name and span: a lookup per manifest tensor (a list per name made many tensors of
     # one name quadratic)
     by_span: dict[tuple[str, int, int | None], list[ExternalTensor]] = {}
@@ -283,7 +291,7 @@ def check_skeleton(model: bytes | bytearray | memoryview, manifest: dict[str, An
     wsize = max((sum(t["weights"]) for t in manifest["tensors"]), default=0)
     spans = {tuple(t["weights"]): t for t in manifest["tensors"]}
     seen: set[str] = set()
-    ext = external_tensors(model)
+    ext = _external(model, where)
     for e in ext:
         _located(e, where, {"base.bin": base_bin_size, "weights.bin": wsize})
     _disjoint(ext, "base.bin", where)
