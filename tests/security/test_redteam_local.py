@@ -1400,3 +1400,48 @@ def test_bytes_source_with_a_manifest_dict_is_validated(pkg, change):
     change(m)
     refused(lambda: ProgressiveSession(BytesSource(m, (pkg / "stage-0.p2u").read_bytes())),
             FormatError, "manifest (dict)")
+
+
+def _ext(name, location="base.bin", offset="0", length="16", dtype=1, dims=(4,)):
+    t = TensorProto(name=name, data_type=dtype, dims=list(dims))
+    for k, v in (("location", location), ("offset", offset), ("length", length)):
+        if v is not None:
+            t.external_data.add(key=k, value=v)
+    t.data_location = TensorProto.EXTERNAL
+    return t
+
+
+SKELETON_ATTACKS = {
+    "sparse initializer out of the folder": lambda g: g.graph.sparse_initializer.append(
+        onnx.SparseTensorProto(values=_ext("sv", "../secret.bin"),
+                               indices=_ext("si", dtype=7, length="8", dims=(1,)),
+                               dims=[16])),
+    "constant node in a function": lambda g: g.functions.append(helper.make_function(
+        "evil", "F", [], ["z"], [helper.make_node("Constant", [], ["z"],
+                                                  value=_ext("fz", "/etc/passwd"))],
+        [helper.make_opsetid("", 17)])),
+    "offset with an underscore": lambda g: g.graph.initializer.append(
+        _ext("u", offset="1_0")),
+    "negative length": lambda g: g.graph.initializer.append(_ext("n", length="-16")),
+    "huge offset": lambda g: g.graph.initializer.append(_ext("h", offset=str(1 << 62))),
+    "no length": lambda g: g.graph.initializer.append(_ext("nl", length=None)),
+    "weights.bin at no tensor's span": lambda g: g.graph.initializer.append(
+        _ext("w", "weights.bin", "1", "16")),
+    "overlapping base.bin spans": lambda g: g.graph.initializer.extend(
+        [_ext("o1", offset="0", length="16"), _ext("o2", offset="8", length="16")]),
+    "training graph": lambda g: g.training_info.append(onnx.TrainingInfoProto(
+        initialization=helper.make_graph([], "t", [], [], initializer=[
+            _ext("tr", "../../x")]))),
+}
+
+
+@pytest.mark.parametrize("what", list(SKELETON_ATTACKS))
+def test_skeleton_external_data_attacks(pkg, what):
+    g = _graph_of(pkg)
+    SKELETON_ATTACKS[what](g)
+    _new_graph(pkg, g.SerializeToString())
+    before = snapshot(pkg.parent)
+    refused(lambda: api.verify(pkg), FormatError, "graph.onnx")
+    refused(lambda: api.restore(pkg, pkg.parent / "o.onnx"), FormatError, "graph.onnx")
+    session_refuses(pkg, "graph.onnx")
+    assert snapshot(pkg.parent) == before
