@@ -32,6 +32,13 @@ def _friendly(fn):
             raise click.exceptions.Exit(128 + signal.SIGTERM) from None
         except KeyboardInterrupt:
             raise click.ClickException("interrupted") from None
+        except (click.exceptions.ClickException, click.exceptions.Exit, click.exceptions.Abort):
+            raise
+        except Exception as e:  # a bug or an unforeseen input: still one line, no traceback
+            text = " ".join(str(e).split())[:300]
+            raise click.ClickException(f"internal error ({type(e).__name__}"
+                                       f"{': ' + text if text else ''}); please report it") \
+                from None
 
     return wrapper
 

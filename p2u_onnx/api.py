@@ -98,11 +98,45 @@ def load_stage_model(package: str | os.PathLike, stage: int | None = None, *,
     stage = _stage_index(manifest, stage)
     if stage == 0:
         _check_base_digests(package, manifest)
-        try:
-            return onnx.load(str(package / "base.onnx"), load_external_data=True)
-        except Exception as e:  # onnx / protobuf errors on a hostile file
-            raise _onnx_error(f"{package / 'base.onnx'}: cannot be loaded", e) from e
+        return _base_model(package, fill=True)
     return _filled_model(open_stages(package, stage, manifest=manifest))
+
+
+def _base_model(package: Path, fill: bool) -> onnx.ModelProto:
+    """``base.onnx`` of a checked package (:func:`_check_base_digests`), parsed from bytes;
+    with ``fill``, every external tensor's bytes read from ``base.bin`` by p2u itself. onnx's
+    external-data loader is never used: the spans were checked by p2u, and its hard-link guard
+    refuses a package a user copied with ``cp -al``."""
+    from onnx.external_data_helper import ExternalDataInfo, uses_external_data
+
+    from .format import open_regular
+
+    where = package / "base.onnx"
+    try:
+        with open_regular(where) as f:
+            model = onnx.load_model_from_string(f.read())
+    except OSError as e:
+        raise FormatError(f"cannot read {where}: {e.strerror or e}") from e
+    except Exception as e:  # protobuf's DecodeError on a hostile file
+        raise _onnx_error(f"{where}: cannot be loaded", e) from e
+    if not fill:
+        return model
+    try:
+        with open_regular(package / "base.bin") as f:
+            for t in _all_tensors(model):
+                if not uses_external_data(t):
+                    continue
+                info = ExternalDataInfo(t)  # location and span checked by check_base_graph
+                data = os.pread(f.fileno(), int(info.length), int(info.offset or 0))
+                if len(data) != int(info.length):
+                    raise IntegrityError(f"{package / 'base.bin'} is shorter than "
+                                         f"{where} says (tensor {t.name})")
+                t.raw_data = data
+                del t.external_data[:]
+                t.data_location = onnx.TensorProto.DEFAULT
+    except OSError as e:
+        raise FormatError(f"cannot read {package / 'base.bin'}: {e.strerror or e}") from e
+    return model
 
 
 def _filled_model(state: WeightState) -> onnx.ModelProto:
@@ -152,6 +186,9 @@ def restore(package: str | os.PathLike, output: str | os.PathLike,
     model = load_stage_model(package, stage,
                              manifest=_checked_manifest(package, expect, trust)[0])
     out = Path(output)
+    if not out.parent.is_dir():
+        what = "is not a folder" if out.parent.exists() else "does not exist"
+        raise P2UError(f"cannot write {out}: folder {out.parent} {what}")
     # ByteSize() itself fails past 2 GB: count the tensor bytes instead
     size = sum(len(t.raw_data) for t in _all_tensors(model))
     if size < _PROTOBUF_LIMIT - (64 << 20):
@@ -263,14 +300,21 @@ def verify(package: str | os.PathLike, *, expect: str | None = None,
     manifest, raw = _checked_manifest(package, expect, trust)
     _check_base_digests(package, manifest)
     base_onnx = package / "base.onnx"
-    try:
-        onnx.checker.check_model(str(base_onnx))
-    except Exception as e:
-        raise _onnx_error(f"{base_onnx}: not a valid ONNX model", e) from e
+    # onnx and onnxruntime get the bytes p2u read (the spans were checked above), not the
+    # folder, below protobuf's limit; onnx's checker would open base.bin itself otherwise
+    model = _base_model(package, fill=True)
+    loadable: str | bytes = str(base_onnx)
+    if sum(len(t.raw_data) for t in _all_tensors(model)) < _PROTOBUF_LIMIT - (64 << 20):
+        try:
+            onnx.checker.check_model(model)
+        except Exception as e:
+            raise _onnx_error(f"{base_onnx}: not a valid ONNX model", e) from e
+        loadable = model.SerializeToString()
+    del model
     try:
         import onnxruntime as ort
 
-        session = ort.InferenceSession(str(base_onnx), providers=["CPUExecutionProvider"])
+        session = ort.InferenceSession(loadable, providers=["CPUExecutionProvider"])
     except Exception as e:
         raise _onnx_error(f"{base_onnx}: onnxruntime cannot load it", e) from e
     if manifest.get("probe"):  # its size and sha256, and every array it must hold
@@ -278,7 +322,7 @@ def verify(package: str | os.PathLike, *, expect: str | None = None,
 
         Probe(manifest["probe"], read_probe_file(package, manifest["probe"]),
               session.get_inputs())
-    del session
+    del session, loadable
     f0 = manifest["stages"][0]["files"][0]
     sf0 = read_stage(_check_file(package, f0), package_id=manifest["package_id"], stage=0,
                      sha256=f0["sha256"], manifest=manifest)
@@ -295,9 +339,10 @@ def verify(package: str | os.PathLike, *, expect: str | None = None,
               "manifest_sha256": hashlib.sha256(raw).hexdigest()}
     if last >= 1:
         state = open_stages(package, last, manifest=manifest)
+        model = _filled_model(state)
         if manifest["plan"][-1] == "lossless":
             try:
-                digest = weights_digest(_filled_model(state))
+                digest = weights_digest(model)
             except P2UError:
                 raise
             except Exception as e:  # onnx on a hostile skeleton
@@ -306,6 +351,17 @@ def verify(package: str | os.PathLike, *, expect: str | None = None,
                 raise IntegrityError(f"{package}: the lossless stage does not reproduce the "
                                      "source weights")
             result["lossless_match"] = True
+        # the skeleton graph must load as the base did (a session would fail at stage 1)
+        if sum(len(t.raw_data) for t in _all_tensors(model)) < _PROTOBUF_LIMIT - (64 << 20):
+            loadable = model.SerializeToString()
+            del model, state
+            try:
+                import onnxruntime as ort
+
+                ort.InferenceSession(loadable, providers=["CPUExecutionProvider"])
+            except Exception as e:
+                raise _onnx_error(f"{package}: stage {last} (graph.onnx of stage 1 with its "
+                                  "weights): onnxruntime cannot load it", e) from e
     return result
 
 

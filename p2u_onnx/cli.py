@@ -242,6 +242,7 @@ def verify(package, expect, trust) -> None:
     """
     from .api import verify as do_verify
 
+    _quiet_onnxruntime()  # its errors reach the user as one line; no log lines of its own
     r = do_verify(package, expect=expect, trust=trust or None)
     tail = ", lossless stage reproduces the source weights" if r["lossless_match"] else ""
     click.echo(f"ok: {r['stages']} stages verified{tail}")
@@ -301,7 +302,11 @@ def run(package, inputs, stage, strategy, expect, trust, allow_rollback) -> None
         elif probe is not None and probe.feed:
             feed = dict(probe.feed)  # the inputs the encoder found the model runs on
         else:
-            feed = synthesize_inputs(sess.get_inputs())
+            try:  # the shapes come from the package's base.onnx: bounded there
+                feed = synthesize_inputs(sess.get_inputs())
+            except ValueError as e:
+                raise click.ClickException(f"{package}: cannot make inputs for the model: "
+                                           f"{e} (pass them with --input)") from None
         names = [o.name for o in sess.get_outputs()]
 
         def report(k: int) -> None:

@@ -42,7 +42,6 @@ from .errors import FormatError, P2UError
 __all__ = ["evaluate", "load_inputs"]
 
 MIN_TIMED_RUNS = 20  # per session, when repeats is not given
-_MAX_PROBE_BYTES = 256 << 20
 INLINE_LIMIT = (2**31 - 1) - (64 << 20)  # larger restored stages reach onnxruntime as files
 
 Feed = dict[str, np.ndarray]
@@ -199,12 +198,12 @@ def _probe_feed(package: Path, manifest: Mapping[str, Any], args: Sequence[Any])
         raise FormatError(f"{package}: the manifest's probe path {str(name)[:80]!r} is not a "
                           "file name inside the package")
     f = package / name
-    try:
-        if f.stat().st_size > _MAX_PROBE_BYTES:
-            raise FormatError(f"{f}: larger than {_MAX_PROBE_BYTES >> 20} MiB")
-        data = f.read_bytes()
-    except OSError as e:
-        raise FormatError(f"{f}: cannot read the probe ({e.strerror or e})") from None
+    try:  # as every reader does: a plain regular file (no link, no FIFO), size-capped
+        from .probe import read_probe_file
+
+        data = read_probe_file(package, entry)
+    except P2UError as e:
+        raise _with_hint(type(e), str(e), _INPUTS_HINT) from None
     try:
         return dict(Probe(entry, data, args).feed)
     except P2UError as e:

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 import os
+import re
 from collections.abc import Iterator
 from typing import Any
 
@@ -37,6 +38,7 @@ _FLOAT_TYPES = {"float32": 1, "float16": 10, "bfloat16": 16, "float64": 11}
 _SCALE_TYPES = {"float32": 1, "float16": 10, "bfloat16": 1, "float64": 1}
 _PACKED = {21: 4, 22: 4, 25: 2, 26: 2}  # INT4/UINT4/INT2/UINT2: bits
 _UINT8 = 2
+_DIGITS = re.compile(r"[0-9]{1,20}")
 
 
 @dataclasses.dataclass
@@ -118,17 +120,21 @@ def _tensor(buf: memoryview, start: int, end: int) -> ExternalTensor | None:
                     k = _text(buf, v2)
                 elif w2 == 2 and f2 == 2:
                     val = _text(buf, v2)
+            if k in keys:  # loaders differ on which one they take
+                raise FormatError(f"tensor {name!r}: external-data key {k!r} is given twice")
             keys[k] = val
         elif field == 14 and wire == 0:
             location = v
     if location != 1 and not keys:
         return None
-    try:
-        offset = int(keys.get("offset", "0"))
-        length = int(keys["length"]) if "length" in keys else None
-    except ValueError:
-        raise FormatError(f"tensor {name!r}: external-data offset or length is not a "
-                          "number") from None
+    # plain ASCII digits only: int() also takes " 1", "+1", "1_0" and other scripts' digits,
+    # which another loader may read differently from the span checked here
+    for key in ("offset", "length"):
+        if key in keys and not _DIGITS.fullmatch(keys[key]):
+            raise FormatError(f"tensor {name!r}: external-data {key} {keys[key][:40]!r} is "
+                              "not a plain number")
+    offset = int(keys.get("offset", "0"))
+    length = int(keys["length"]) if "length" in keys else None
     return ExternalTensor(name, data_type, tuple(dims), keys.get("location"), offset, length,
                           keys)
 
@@ -169,6 +175,14 @@ def external_tensors(model: bytes | bytearray | memoryview) -> list[ExternalTens
     out: list[ExternalTensor] = []
     _walk(buf, 0, len(buf), "model", 0, out)
     return out
+
+
+def _external(model: bytes | bytearray | memoryview, where: str) -> list[ExternalTensor]:
+    """:func:`external_tensors`, its errors naming the graph (``where``)."""
+    try:
+        return external_tensors(model)
+    except FormatError as e:
+        raise FormatError(f"{where}: {e}") from None
 
 
 def _read(path: str | os.PathLike) -> bytes:
@@ -227,11 +241,17 @@ def check_base_graph(model: bytes | str | os.PathLike, manifest: dict[str, Any],
     ``base.bin`` and each coded tensor's codes, scales and zero points are exactly at the
     manifest's spans, with matching element types and dimensions."""
     data = model if isinstance(model, (bytes, bytearray, memoryview)) else _read(model)
-    ext = external_tensors(data)
-    by_name: dict[str, list[ExternalTensor]] = {}
+    ext = _external(data, where)
+    # by name and span: a lookup per manifest tensor (a list per name made many tensors of
+    # one name quadratic)
+    by_span: dict[tuple[str, int, int | None], list[ExternalTensor]] = {}
     for t in ext:
         _located(t, where, {"base.bin": base_bin_size})
-        by_name.setdefault(t.name, []).append(t)
+        key = (t.name, t.offset, t.length)
+        if key in by_span:  # (empty spans never overlap: the same one many times)
+            raise FormatError(f"{where}: tensor {t.name!r} is given twice at base.bin"
+                              f"[{t.offset}:+{t.length}]")
+        by_span[key] = [t]
     _disjoint(ext, "base.bin", where)
     for t in manifest["tensors"]:
         b = t["base"]
@@ -247,7 +267,7 @@ def check_base_graph(model: bytes | str | os.PathLike, manifest: dict[str, Any],
                 parts.append(("zp", b["zero_point"], {ctype}, _scale_shape(t)))
         for suffix, span, types, dims in parts:
             name = f"{stem}_{suffix}"
-            found = [e for e in by_name.get(name, []) if (e.offset, e.length) == tuple(span)]
+            found = by_span.get((name, span[0], span[1]), [])
             if not found:
                 raise FormatError(f"{where}: no tensor {name!r} at base.bin{list(span)} as the "
                                   f"manifest's tensor {t['name']!r} says (manifest and base "
@@ -275,7 +295,7 @@ def check_skeleton(model: bytes | bytearray | memoryview, manifest: dict[str, An
     wsize = max((sum(t["weights"]) for t in manifest["tensors"]), default=0)
     spans = {tuple(t["weights"]): t for t in manifest["tensors"]}
     seen: set[str] = set()
-    ext = external_tensors(model)
+    ext = _external(model, where)
     for e in ext:
         _located(e, where, {"base.bin": base_bin_size, "weights.bin": wsize})
     _disjoint(ext, "base.bin", where)

@@ -85,6 +85,7 @@ MAX_DEPTH = 32  # nesting of JSON arrays and objects in a manifest or stage head
 MAX_JSON_ITEMS = 4 << 20  # values in one (a stage header of a 7B model has about 1.5M)
 MAX_RANK = 32  # dimensions of a tensor
 MAX_STAGES = 1024
+MAX_EXTRA_PADDING = 1 << 22  # values of block padding beyond twice a tensor's own, in total
 _PREFIX = struct.Struct("<8sII")
 
 
@@ -449,6 +450,7 @@ def parse_manifest(text: bytes, where: str = MANIFEST_NAME) -> dict[str, Any]:
 # ---------------------------------------------------------------- validation
 
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 _PACKAGE_ID = re.compile(r"[A-Za-z0-9._-]{1,128}")
 # onnx code types -> bits per element (see reconstruct._CODE_TYPES)
 _CODE_BITS = {2: 8, 3: 8, 21: 4, 22: 4, 25: 2, 26: 2}
@@ -552,6 +554,8 @@ class _Checker:
             raise self.fail(path, f"is {_show(v)}, not a string")
         if len(v) > max_len:
             raise self.fail(path, f"is a string of {len(v)} characters, more than {max_len}")
+        if _CONTROL.search(v):  # names and notes end up in messages and on terminals
+            raise self.fail(path, f"is {_show(v)}, which holds control characters")
         return v
 
     def hex64(self, v: Any, path: str) -> str:
@@ -606,7 +610,8 @@ def validate_manifest(m: Any, where: str = MANIFEST_NAME) -> None:
     c.hex64(c.get(src, "weights_sha256", "source"), "source.weights_sha256")
     c.str(c.get(src, "name", "source"), "source.name")
     c.int(c.get(src, "weight_bytes", "source"), "source.weight_bytes")
-    for key in ("opset", "coded_weight_bytes", "coded_fp32_bytes", "coded_tensors"):
+    for key in ("opset", "coded_weight_bytes", "coded_fp32_bytes", "coded_tensors",
+                "fp32_equivalent_bytes"):
         if key in src:
             c.int(src[key], f"source.{key}")
     if "name" in m:
@@ -670,6 +675,7 @@ def _file_entry(c: _Checker, f: Any, p: str) -> None:
 
 def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
     names: set[str] = set()
+    extra = 0
     spans: list[tuple[int, int, str]] = []
     base_spans: list[tuple[int, int, str]] = []
     for i, t in enumerate(tensors):
@@ -696,6 +702,12 @@ def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
                 raise c.fail(f"{p}.shape", f"{shape} holds more than 2**40 values")
         n_blocks, padded = _layout(c, c.dict(c.get(t, "layout", p), f"{p}.layout"), shape,
                                    size, f"{p}.layout")
+        # decoding holds whole blocks: padding beyond twice the values is paid for by no byte
+        # of base.bin (blocks of 65536 over one value each), so the package has little of it
+        extra += max(0, padded - 2 * size)
+        if extra > MAX_EXTRA_PADDING:
+            raise c.fail(f"{p}.layout", f"brings the blocks' padding past the "
+                                        f"{MAX_EXTRA_PADDING} values a package may have")
         c.int(c.get(t, "bits", p), f"{p}.bits", 1, 16)
         if "symmetric" in t:
             c.bool(t["symmetric"], f"{p}.symmetric")
@@ -837,8 +849,11 @@ def validate_stage_header(header: Any, version: int = FORMAT_VERSION,
         c.str(c.get(e, "name", p), f"{p}.name")
         c.int(c.get(e, "offset", p), f"{p}.offset")
         c.int(c.get(e, "length", p), f"{p}.length")
-        if "location" in e:
+        if "location" in e:  # this file: an entry never points at another
             c.name(e["location"], f"{p}.location")
+            if e["location"] != stage_file_name(header["stage"]):
+                raise c.fail(f"{p}.location", f"is {_show(e['location'])}, not this stage "
+                                              f"file ({stage_file_name(header['stage'])})")
         _codec(c, c.dict(c.get(e, "codec", p), f"{p}.codec"), f"{p}.codec")
         if kind == "file":
             c.name(e["name"], f"{p}.name")

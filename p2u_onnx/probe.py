@@ -143,6 +143,10 @@ def synthesize_inputs(inputs: Sequence[ArgInfo], int_high: int = 100,
         values: np.ndarray
         fill = want.get("fill")
         if isinstance(fill, (int, float)) and not isinstance(fill, bool):
+            if np.issubdtype(dtype, np.integer) and not (
+                    math.isfinite(fill) and np.iinfo(dtype).min <= fill <= np.iinfo(dtype).max):
+                raise FormatError(f"probe input spec for {arg.name!r}: fill {fill!r} does not "
+                                  f"fit its type {np.dtype(dtype).name}")
             values = np.full(n, fill, dtype)
         elif np.issubdtype(dtype, np.floating):
             unit = (bits >> np.uint64(11)).astype(np.float64) * 2.0**-53
@@ -273,8 +277,12 @@ def read_probe_file(root: str | os.PathLike, entry: Mapping[str, Any]) -> bytes:
     if not isinstance(size, int) or not 0 <= size <= MAX_PROBE_BYTES:
         raise IntegrityError(f"the probe's size {size!r} is not between 0 and "
                              f"{MAX_PROBE_BYTES} bytes")
-    with open_regular(package_file(root, entry.get("path"), "probe file")) as f:
-        data = f.read(size + 1)
+    path = package_file(root, entry.get("path"), "probe file")
+    try:
+        with open_regular(path) as f:
+            data = f.read(size + 1)
+    except OSError as e:
+        raise IntegrityError(f"{path}: cannot read the probe ({e.strerror or e})") from e
     if len(data) != size:
         raise IntegrityError(f"{entry.get('path')}: {len(data) if len(data) <= size else 'more'}"
                              f" bytes, the manifest says {size}")
@@ -290,6 +298,13 @@ def load_npz(data: bytes, names: Sequence[str], where: str = PROBE_NAME) -> dict
 
     out: dict[str, np.ndarray] = {}
     budget = MAX_PROBE_BYTES
+    # zipfile builds an object per member of the central directory (about 600 bytes each):
+    # 64 MiB of tiny entries would take half a GB. Each entry starts with this signature, so
+    # its count bounds the members (an npz holds one per array).
+    members = data.count(b"PK\x01\x02")
+    if members > max(4096, 2 * len(names)):
+        raise IntegrityError(f"{where}: {members} zip members, far more than the "
+                             f"{len(names)} arrays a probe holds")
     try:
         with zipfile.ZipFile(io.BytesIO(data)) as z:
             for name in names:

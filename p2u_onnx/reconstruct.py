@@ -447,6 +447,22 @@ class WeightState:
         if stage_file.stage != expected:
             raise IntegrityError(f"{label} holds stage {stage_file.stage}, expected stage "
                                  f"{expected}")
+        bits = self.manifest["plan"]
+        if expected >= len(bits):
+            raise IntegrityError(f"{label} holds stage {expected}, but the package has only "
+                                 f"stages 0..{len(bits) - 1}")
+        # what the plan (bound to the stage files) says this stage is: its kind, its shift
+        # (stage k refines every tensor by plan[k] - plan[0] bits; the lossless stage keeps
+        # the last lossy one's) and the files it carries (stage 1: the skeleton graph)
+        lossy = [int(b) for b in bits[:expected + 1] if b != "lossless"]
+        kind = "exact" if bits[expected] == "lossless" else "refine"
+        shift = lossy[-1] - lossy[0] if lossy else 0
+        files = [e["name"] for e in stage_file.entries if e["kind"] == "file"]
+        if files != (["graph.onnx"] if expected == 1 else []):
+            raise FormatError(f"{label} carries files {files}; stage {expected} carries "
+                              f"{'graph.onnx only' if expected == 1 else 'none'}")
+        order = {name: i for i, name in enumerate(self.tensors)}
+        last = 0
         plan: dict[str, list[tuple[int, int, dict]]] = {}
         for entry in stage_file.entries:
             if entry["kind"] == "file":
@@ -457,6 +473,14 @@ class WeightState:
             if pl.is_palette(self.tensors[name]):
                 raise FormatError(f"{label} updates {name}, which the base holds exactly "
                                   "(a palette tensor)")
+            if entry["kind"] != kind or entry.get("shift", 0) != shift:
+                raise FormatError(f"{label}: entry for {name} is {entry['kind']!r} with shift "
+                                  f"{entry.get('shift', 0)}; the plan makes stage {expected} "
+                                  f"{kind!r} with shift {shift}")
+            if order[name] < last:
+                raise FormatError(f"{label}: entries are not in the order of the manifest's "
+                                  f"tensors ({name} comes too late)")
+            last = order[name]
             try:
                 b0, b1 = (int(b) for b in entry["blocks"])
             except (KeyError, TypeError, ValueError) as e:
@@ -471,6 +495,11 @@ class WeightState:
                 pos = b1
             if pos != n:
                 raise FormatError(f"{label} does not cover every block of {name}")
+        missing = [name for name, t in self.tensors.items()  # palettes are exact already
+                   if name not in plan and _layout(t).n_blocks and not pl.is_palette(t)]
+        if missing:
+            raise FormatError(f"{label} does not update tensor {missing[0]} (every stage "
+                              "updates every coded tensor)")
         return plan
 
     def _run(self, tensors: list[dict[str, Any]], stage_file: StageFile | None,

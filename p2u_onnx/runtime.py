@@ -394,6 +394,10 @@ class BytesSource:
                  fetch: Callable[[int], StageInput] | None = None,
                  signature: bytes | None = None):
         self.manifest_bytes = None if isinstance(manifest, dict) else bytes(manifest)
+        if isinstance(manifest, dict):
+            from .format import validate_manifest
+
+            validate_manifest(manifest, "manifest (dict)")  # as the bytes would be
         self.manifest = manifest if isinstance(manifest, dict) else parse_manifest(manifest)
         self._signature = signature
         self._stage0 = stage0
@@ -896,7 +900,8 @@ class ProgressiveSession:
                         raise PatchError(f"stage {k} could not be applied: "
                                          f"{e.strerror or e}{where}") from e
                     if isinstance(e, Exception) and not isinstance(e, P2UError):
-                        raise PatchError(f"stage {k} could not be applied: {e}") from e
+                        text = " ".join(str(e).split())[:300] or type(e).__name__
+                        raise PatchError(f"stage {k} could not be applied: {text}") from e
                     raise
                 finally:
                     _trim_heap()
