@@ -1229,8 +1229,9 @@ def _status_error(r: httpx.Response, url: str) -> Exception:
 
 
 def _retry_after(r: httpx.Response) -> float | None:
-    value = r.headers.get("retry-after", "")
-    return float(value) if value.isdigit() else None
+    value = r.headers.get("retry-after", "").strip()
+    # str.isdigit() is True for "²" too, which float() refuses: ASCII digits only
+    return float(value) if value.isascii() and value.isdigit() and len(value) < 12 else None
 
 
 def _network_retry(e: httpx.HTTPError, timeout: float, have: int = 0, size: int = 0,
