@@ -1098,11 +1098,12 @@ def _read_cached_manifest(path: Path) -> tuple[bytes, dict[str, Any]] | None:
 
 
 def _read_small(path: Path, cap: int = 64 << 10) -> bytes | None:
-    """Up to ``cap`` bytes of a regular file of the cache, or None."""
+    """Up to ``cap`` bytes of a regular file of the cache, or None (also for a symbolic link,
+    a FIFO, which would block, or a device)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read(cap + 1)
-    except OSError:
+    except (OSError, P2UError):
         return None
     return data if len(data) <= cap else None
 
