@@ -777,8 +777,13 @@ class HttpSource:
         policy.check_pin(text, url)
         manifest = parse_manifest(text, url)
         self.manifest_bytes = text
-        if policy.keys or self._mirroring:  # a mirror keeps the signature a package has
+        if policy.keys:
             self.signature_bytes()
+        elif self._mirroring:  # a mirror keeps the signature a package has, when it can get it
+            try:
+                self.signature_bytes()
+            except TransportError:  # not asked for: a server failing on it is no reason to fail
+                self._signature = None
         if policy.keys:
             check_signature(self._signature, text, manifest, policy.keys, url)
         elif self._signature is not None and not _signs(self._signature, text):
