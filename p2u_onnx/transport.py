@@ -320,6 +320,7 @@ class HttpSource:
         manifest lists) now; returns the cache directory."""
         for job in self._jobs:
             self._need(job)
+        self._policy.record(self.manifest)
         return self.cache_dir
 
     def cancel(self) -> None:
@@ -769,7 +770,12 @@ class HttpSource:
                     self._forget(cached[1], self.manifest)
                 self._mirror.write(MANIFEST_NAME, text)
         self._cache_signature()
-        self._policy.record(self.manifest)
+        if self._policy.authenticates:
+            # Unauthenticated, the version is recorded only once the package is used (by
+            # download() here, or by the session, which may check a pin or signature of its
+            # own first): else a hostile server could raise the remembered version of a model
+            # through a source that a session then refuses, and freeze it out of updates.
+            self._policy.record(self.manifest)
     def _admit(self, text: bytes, url: str, cached: dict[str, Any] | None) -> dict[str, Any]:
         """The manifest in ``text`` if it passes the pin, the signature and the version checks
         (:class:`TrustError` otherwise: nothing is written then)."""
