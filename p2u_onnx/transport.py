@@ -501,6 +501,9 @@ class HttpSource:
 
             def attempt(end: float) -> None:
                 nonlocal bad
+                for p in (part, meta_path):  # p2u's own files: a link planted there is dropped
+                    if os.path.islink(p) or (p.exists() and not p.is_file()):
+                        _unlink(p)
                 meta = _read_meta(meta_path, f)  # what the last attempt left
                 have = part.stat().st_size if meta is not None and part.exists() else 0
                 if have > f.size:
@@ -583,7 +586,7 @@ class HttpSource:
                 else:  # 206 to a request without Range
                     raise TransportError("the server answered 206 to a request for the whole "
                                          "file", url)
-                with open(part, mode) as out:
+                with _open_part(part, mode) as out:
                     self._count(f.name, have)
                     for chunk in r.iter_raw():
                         self._check_halt(url)
@@ -864,7 +867,9 @@ class HttpSource:
         if fcntl is None:  # pragma: no cover
             yield
             return
-        with open(self._mirror.lock_path, "a+b") as fh:
+        fd = os.open(self._mirror.lock_path, os.O_RDWR | os.O_CREAT
+                     | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
+        with os.fdopen(fd, "r+b") as fh:
             while True:
                 try:
                     fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
@@ -1131,11 +1136,18 @@ def _signs(signature: bytes, manifest: bytes) -> bool:
     return signed.get("manifest_sha256") == manifest_sha256(manifest)
 
 
+def _open_part(part: Path, mode: str) -> Any:
+    """``part`` opened for writing (``"wb"`` or ``"ab"``), never through a symbolic link."""
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= os.O_APPEND if mode == "ab" else os.O_TRUNC
+    return os.fdopen(os.open(part, flags, 0o666), mode)
+
+
 def _read_meta(path: Path, f: _Entry) -> dict[str, Any] | None:
     """The validator record of a partial file, if it is for this very file."""
     try:
-        meta = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        meta = json.loads(_read_small(path) or b"")
+    except ValueError:
         return None
     if not isinstance(meta, dict) or meta.get("sha256") != f.sha256 or meta.get("size") != f.size:
         _unlink(path)

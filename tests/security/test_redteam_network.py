@@ -989,3 +989,15 @@ def test_redirected_stage_with_other_bytes_is_refused(hostile, other, tmp_path):
     with HttpSource(hostile.url, tmp_path / "c", prefetch=False, retry=QUICK) as src:
         refused(lambda: src.fetch(1), TransportError, "sha256")
     assert not (tmp_path / "c" / "stage-1.p2u").exists()
+
+
+def test_fifos_planted_in_the_mirror_state_folder_never_block(hostile, pkg, tmp_path):
+    fetch(hostile.url, tmp_path / "m", retry=QUICK)
+    state = tmp_path / "m" / ".p2u"
+    (state / "written" / "stage-1.p2u").unlink()
+    os.mkfifo(state / "written" / "stage-1.p2u")
+    (tmp_path / "m" / "stage-2.p2u").unlink()
+    os.mkfifo(state / "stage-2.p2u.part.json")
+    os.mkfifo(state / "stage-2.p2u.part")
+    err = _in_thread(lambda: fetch(hostile.url, tmp_path / "m", retry=QUICK), 10)
+    assert err is None or one_line(err)
