@@ -50,10 +50,12 @@ hidden ``.p2u/``). It must be new, empty or a mirror already (:mod:`p2u_onnx._mi
 from __future__ import annotations
 
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import selectors
 import shutil
 import socket
 import tempfile
@@ -233,7 +235,7 @@ class HttpSource:
         self._stop = threading.Event()
         self._prefetch = prefetch
         self._own_client = client is None
-        self._transport = _Transport()
+        self._transport = _Transport(self._halted)
         self._client = client if client is not None else httpx.Client(
             timeout=httpx.Timeout(self._retry.timeout), follow_redirects=False,
             headers={"User-Agent": f"p2u-onnx/{__version__}", **(headers or {})},
@@ -752,7 +754,7 @@ class HttpSource:
             try:
                 text = self._get_manifest(url, time.monotonic() + self._retry.budget())
             except _Retry as e:
-                if e.network:
+                if e.network and not self._halted():
                     self.offline = True
                     self._manifest_text = cached[0]
                     return self._admit_offline(cached[0], cached_path)
@@ -915,10 +917,10 @@ class _Transport(httpx.BaseTransport):
     a device's local server) never needs: that is 50 ms less before the first inference.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, halted: Callable[[], bool] | None = None) -> None:
         self._lock = threading.Lock()
         self._made: dict[str, httpx.HTTPTransport] = {}
-        self._backend = _Backend()
+        self._backend = _Backend(halted)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         tls = request.url.scheme == "https"
@@ -946,16 +948,73 @@ class _Transport(httpx.BaseTransport):
 
 
 class _Backend(httpcore.SyncBackend):
-    """httpcore's network backend, remembering the sockets it opens for :meth:`abort`."""
+    """httpcore's network backend, remembering the sockets it opens for :meth:`abort`.
 
-    def __init__(self) -> None:
+    Connecting and reading wait in slices of :data:`_SLICE` seconds and stop when ``halted()``
+    says so (the source was closed or cancelled, the caller's ``cancel`` event too) or after
+    :meth:`abort`: a connection attempt that hangs (a full accept queue, a black-holed address)
+    or a server that never answers cannot hold ``close()`` past a second."""
+
+    def __init__(self, halted: Callable[[], bool] | None = None) -> None:
         super().__init__()
         self._lock = threading.Lock()
         self._socks: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._halted = halted
+        self._aborted = threading.Event()
+
+    def stopped(self) -> bool:
+        return self._aborted.is_set() or (self._halted is not None and self._halted())
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                    *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
-        return _Tracked(super().connect_tcp(host, port, _clamp(timeout), *args, **kwargs), self)
+                    local_address: str | None = None, socket_options: Any = None,
+                    ) -> httpcore.NetworkStream:
+        timeout = _clamp(timeout)
+        if _SyncStream is None:  # pragma: no cover - another httpcore layout
+            return _Tracked(super().connect_tcp(host, port, timeout, local_address,
+                                                socket_options), self)
+        end = None if timeout is None else time.monotonic() + timeout
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise httpcore.ConnectError(str(e)) from e
+        last: OSError | None = None
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                if local_address is not None:
+                    sock.bind((local_address, 0))
+                for option in socket_options or ():
+                    sock.setsockopt(*option)
+                self._connect(sock, address, end)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return _Tracked(_SyncStream(sock), self)
+            except OSError as e:
+                sock.close()
+                last = e
+            except BaseException:
+                sock.close()
+                raise
+        raise httpcore.ConnectError(str(last or "no address"))
+
+    def _connect(self, sock: socket.socket, address: Any, end: float | None) -> None:
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            raise OSError(err, os.strerror(err))
+        with selectors.DefaultSelector() as sel:
+            sel.register(sock, selectors.EVENT_WRITE)
+            while err:
+                if self.stopped():
+                    raise httpcore.ConnectError("cancelled")
+                left = _SLICE if end is None else min(_SLICE, end - time.monotonic())
+                if left <= 0:
+                    raise httpcore.ConnectTimeout("no connection before the timeout")
+                if sel.select(left):
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        raise OSError(err, os.strerror(err))
+                    break
+        sock.setblocking(True)
 
     def track(self, stream: httpcore.NetworkStream) -> None:
         sock = stream.get_extra_info("socket")
@@ -964,6 +1023,7 @@ class _Backend(httpcore.SyncBackend):
                 self._socks.add(sock)
 
     def abort(self) -> None:
+        self._aborted.set()
         with self._lock:
             socks = list(self._socks)
         for sock in socks:
@@ -972,6 +1032,12 @@ class _Backend(httpcore.SyncBackend):
             except OSError:
                 pass
 
+
+_SLICE = 0.25  # seconds: how often a wait to connect or to read checks for close()/cancel
+try:
+    from httpcore._backends.sync import SyncStream as _SyncStream
+except ImportError:  # pragma: no cover
+    _SyncStream = None  # type: ignore[assignment,misc]
 
 _DEADLINE = threading.local()  # .end: monotonic time by which this thread's request must end
 
@@ -998,7 +1064,19 @@ class _Tracked(httpcore.NetworkStream):
         backend.track(stream)
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._stream.read(max_bytes, _clamp(timeout))
+        timeout = _clamp(timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:  # in slices: a halted source stops waiting within one
+            if self._backend.stopped():
+                raise httpcore.ReadError("cancelled")
+            left = _SLICE if end is None else min(_SLICE, end - time.monotonic())
+            if left <= 0:
+                raise httpcore.ReadTimeout("timed out")
+            try:
+                return self._stream.read(max_bytes, left)
+            except httpcore.ReadTimeout:
+                if end is not None and time.monotonic() >= end:
+                    raise
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._stream.write(buffer, _clamp(timeout))
