@@ -444,7 +444,10 @@ def check_signature(signature: bytes | None, raw: bytes, manifest: Mapping[str, 
     message = _canonical(signed) if _canonical_ok(signed) else None
     known = [s for s in sigs if s["keyid"] in keys]
     if not known:
-        ids = ", ".join(sorted({s["keyid"][:16] for s in sigs}))[:200]
+        # keyids are the signature file's text: no newline or terminal escape may reach the
+        # one-line error
+        ids = ", ".join(sorted({"".join(c if c.isprintable() else "?" for c in s["keyid"][:16])
+                                for s in sigs}))[:200]
         raise TrustError(f"{where}: signed by key {ids}, which is not a trusted key "
                          f"(trusted: {', '.join(k[:16] for k in keys)})")
     good = False

@@ -1001,3 +1001,50 @@ def test_fifos_planted_in_the_mirror_state_folder_never_block(hostile, pkg, tmp_
     os.mkfifo(state / "stage-2.p2u.part")
     err = _in_thread(lambda: fetch(hostile.url, tmp_path / "m", retry=QUICK), 10)
     assert err is None or one_line(err)
+
+
+@pytest.mark.parametrize("keyid", ["evil\nError: all good", "\x1b[2J\x1b[Hforged", "a\r" * 50])
+def test_signature_keyids_cannot_forge_lines_in_the_error(pkgs, keys, tmp_path, keyid):
+    """A keyid is server-controlled text: a newline or a terminal escape in it must not reach
+    the one-line error (a fake second line, a cleared screen)."""
+    pkg = _copy(pkgs["v2"], tmp_path / "p")
+    _write_env(pkg, {"signed": _signed_of(pkg), "signatures": [{"keyid": keyid, "sig": "00"}]})
+    for call in _local_entry_points(pkg, tmp_path, trust=keys["a"][1]):
+        text = refused(call, TrustError, "not a trusted key")
+        assert "\x1b" not in text and "\r" not in text, repr(text)
+    r = _cli("verify", pkg, "--trust", keys["a"][1])
+    assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, repr(r.output)
+
+
+def test_credentials_in_the_url_never_appear_in_errors(hostile, tmp_path):
+    port = hostile.server_address[1]
+    hostile.routes["manifest.json"] = lambda h: send(h, 404, b"")
+    url = f"http://user:hunter2@127.0.0.1:{port}/"
+    text = refused(lambda: HttpSource(url, tmp_path / "c", retry=QUICK, prefetch=False),
+                   TransportError, "404")
+    assert "hunter2" not in text, text
+    assert hostile.requests("manifest.json")[0]["authorization"].startswith("Basic ")
+    r = _cli("fetch", url, "-o", tmp_path / "cli")
+    assert r.exit_code == 1 and "hunter2" not in r.output, r.output
+
+
+def test_an_oversized_signature_is_not_downloaded_past_its_cap(pkgs, keys, tmp_path):
+    with Hostile(pkgs["v2"]) as srv:
+        sent: list[int] = []
+
+        def big(h) -> None:
+            send(h, 200, b"", {"Content-Length": str(8 << 20)}, length=8 << 20)
+            n = 0
+            try:
+                while n < (8 << 20):
+                    h.wfile.write(b" " * 65536)
+                    n += 65536
+            except OSError:
+                pass
+            sent.append(n)
+            h.close_connection = True
+
+        srv.routes[SIGNATURE_NAME] = big
+        refused(lambda: fetch(srv.url, tmp_path / "m", retry=QUICK, trust=keys["a"][1]),
+                P2UError, "signature|larger")
+    assert not (tmp_path / "m" / "manifest.json").exists()
