@@ -49,6 +49,7 @@ hidden ``.p2u/``). It must be new, empty or a mirror already (:mod:`p2u_onnx._mi
 
 from __future__ import annotations
 
+import base64
 import contextlib
 import errno
 import hashlib
@@ -228,7 +229,10 @@ class HttpSource:
         self._signature: bytes | None = None
         self._signature_known = False
         self.manifest_bytes = b""
-        self.url = _package_url(url)
+        self.url = _package_url(url)  # without user:password, which no message may show
+        basic = _basic_auth(url)  # user:password in the URL: HTTP basic auth, to its origin only
+        if basic is not None and not any(k.lower() == "authorization" for k in headers or {}):
+            headers = {**(headers or {}), "Authorization": basic}
         self._retry = retry or RetryPolicy()
         self._progress = progress
         self._cancel = cancel if cancel is not None else threading.Event()
@@ -1127,10 +1131,22 @@ def _package_url(url: str) -> str:
         raise TransportError(f"not a valid URL ({e})", str(url)) from e
     if parsed.scheme not in ("http", "https") or not parsed.host:
         raise TransportError("not an http:// or https:// URL", str(url))
-    text = str(parsed.copy_with(query=None, fragment=None))
+    text = str(parsed.copy_with(query=None, fragment=None, userinfo=b""))
     if text.endswith("/" + MANIFEST_NAME):
         text = text[: -len(MANIFEST_NAME)]
     return text if text.endswith("/") else text + "/"
+
+
+def _basic_auth(url: str) -> str | None:
+    """An ``Authorization: Basic`` value for the user and password a URL holds, or None."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return None
+    if not parsed.userinfo:
+        return None
+    pair = f"{parsed.username}:{parsed.password}".encode()
+    return "Basic " + base64.b64encode(pair).decode()
 
 
 def _entry(f: Any, url: str) -> _Entry:
