@@ -77,7 +77,7 @@ from ._mirror import MirrorDir
 from .errors import FormatError, IntegrityError, P2UError, TransportError, TrustError
 from .format import MANIFEST_NAME, check_name, open_regular, package_file, parse_manifest, \
     read_stage, sha256_file
-from .trust import SIGNATURE_NAME, Policy, TrustSpec, check_signature, package_identity
+from .trust import MAX_SIGNATURE, SIGNATURE_NAME, Policy, TrustSpec, check_signature, package_identity
 
 try:  # POSIX: lock the cache directory while a file is downloaded into it
     import fcntl
@@ -716,29 +716,30 @@ class HttpSource:
 
     # -- the manifest
 
-    def _get_manifest(self, url: str, end: float) -> bytes:
-        """The manifest's bytes, refused while they stream in once past :data:`MAX_MANIFEST`
-        (a gzip or deflate body the server sends anyway is decoded under the same bound)."""
+    def _get_manifest(self, url: str, end: float, cap: int = MAX_MANIFEST,
+                      what: str = "the manifest") -> bytes:
+        """The manifest's bytes, refused while they stream in once past ``cap`` bytes (a gzip
+        or deflate body the server sends anyway is decoded under the same bound)."""
         headers = {**self._headers, "Cache-Control": "no-cache", "Accept-Encoding": "identity"}
-        too_big = f"the manifest is larger than the {MAX_MANIFEST}-byte limit (refused)"
+        too_big = f"{what} is larger than the {cap}-byte limit (refused)"
         try:
             with self._open(url, headers, end) as r:
                 if r.status_code != 200:
                     raise _status_error(r, url)
                 length = _content_length(r, url)
-                if length is not None and length > MAX_MANIFEST:
+                if length is not None and length > cap:
                     raise TransportError(f"{too_big}; Content-Length says {length}", url)
                 decode = _Decoder(r.headers.get("content-encoding", "identity"), url)
                 body = bytearray()
                 for chunk in r.iter_raw():
                     self._check_halt(url)
-                    body += decode(chunk, MAX_MANIFEST + 1 - len(body))
-                    if len(body) > MAX_MANIFEST:
+                    body += decode(chunk, cap + 1 - len(body))
+                    if len(body) > cap:
                         raise TransportError(too_big, url)
                     if time.monotonic() >= end:
                         raise self._deadline_error(url, None)
-                body += decode.finish(MAX_MANIFEST + 1 - len(body))
-                if len(body) > MAX_MANIFEST:
+                body += decode.finish(cap + 1 - len(body))
+                if len(body) > cap:
                     raise TransportError(too_big, url)
                 return bytes(body)
         except httpx.HTTPError as e:
@@ -835,7 +836,8 @@ class HttpSource:
         """``manifest.json.sig`` from the server, or None when it has none (404, 403, 410)."""
         url = self.url + SIGNATURE_NAME
         try:
-            return self._retrying(url, lambda end: self._get_manifest(url, end),
+            return self._retrying(url, lambda end: self._get_manifest(
+                url, end, MAX_SIGNATURE, "the signature file"),
                                   self._retry.budget())
         except TransportError as e:
             if re.search(r"HTTP (?:403|404|410)\b", str(e)):
