@@ -564,7 +564,8 @@ class HttpSource:
                     raise _status_error(r, url)
                 encoding = r.headers.get("content-encoding", "identity").strip().lower()
                 if encoding != "identity":
-                    raise TransportError(f"the server sent Content-Encoding {encoding} although "
+                    raise TransportError(f"the server sent Content-Encoding {_short(encoding)} "
+                                         "although "
                                          "identity was asked; serve the files as they are", url)
                 length = _content_length(r, url)
                 if r.status_code == 206 and "Range" in headers:
@@ -1332,6 +1333,9 @@ def _secs(x: float) -> str:
 
 
 def _short(text: str, n: int = 80) -> str:
+    """``text`` (a server's) cut at ``n`` characters, with every character that is not
+    printable (newlines, NEL, terminal escapes) shown as '?': it goes into one-line errors."""
+    text = "".join(c if c.isprintable() else "?" for c in text[:n + 1])
     return text if len(text) <= n else text[:n] + "..."
 
 
@@ -1341,7 +1345,7 @@ def _size_error(url: str, got: int, want: int) -> TransportError:
 
 
 def _status_error(r: httpx.Response, url: str) -> Exception:
-    reason = f"HTTP {r.status_code} {r.reason_phrase}".strip()
+    reason = f"HTTP {r.status_code} {_short(r.reason_phrase)}".strip()
     if r.status_code in _RETRY_STATUS:
         return _Retry(reason, retry_after=_retry_after(r))
     hint = _HINTS.get(r.status_code)

@@ -1051,3 +1051,42 @@ def test_an_oversized_signature_is_not_downloaded_past_its_cap(pkgs, keys, tmp_p
         refused(lambda: fetch(srv.url, tmp_path / "m", retry=QUICK, trust=keys["a"][1]),
                 P2UError, "signature file is larger than the 65536-byte")
     assert not (tmp_path / "m" / "manifest.json").exists()
+
+
+@pytest.mark.parametrize("where", ["reason", "encoding", "location", "content-range"])
+def test_server_text_cannot_forge_lines_or_escapes_in_errors(hostile, pkg, tmp_path, where):
+    """Header values and reason phrases may carry obs-text: \\x85 (NEL, a line break to
+    str.splitlines) and \\x9b (CSI, a terminal escape) must not reach the one-line error."""
+    evil = b"x\x85Error: fake\x9b2J"
+    size = (pkg / "stage-1.p2u").stat().st_size
+
+    def answer(h) -> None:
+        if where == "reason":
+            head = b"HTTP/1.1 418 " + evil + b"\r\nContent-Length: 0\r\n"
+        elif where == "encoding":
+            head = b"HTTP/1.1 200 OK\r\nContent-Encoding: " + evil + b"\r\nContent-Length: 0\r\n"
+        elif where == "location":
+            head = b"HTTP/1.1 302 Found\r\nLocation: ftp://" + evil + b"\r\nContent-Length: 0\r\n"
+        else:
+            head = (b"HTTP/1.1 206 Partial\r\nContent-Range: bytes " + evil +
+                    b"\r\nContent-Length: %d\r\n" % size)
+        h.wfile.write(head + b"Connection: close\r\n\r\n")
+        h.close_connection = True
+
+    hostile.routes["stage-1.p2u"] = answer
+    with HttpSource(hostile.url, tmp_path / "c", retry=QUICK, prefetch=False) as src:
+        if where == "content-range":  # asked for a resume: leave a partial file first
+            src._mirror.part("stage-1.p2u").write_bytes((pkg / "stage-1.p2u").read_bytes()[:10])
+            src._mirror.part_meta("stage-1.p2u").write_text(json.dumps(
+                {"sha256": hashlib.sha256((pkg / "stage-1.p2u").read_bytes()).hexdigest(),
+                 "size": size, "etag": '"v1"'}))
+        text = refused(lambda: src.fetch(1))
+    assert len(text.splitlines()) == 1 and "\x9b" not in text, repr(text)
+
+
+def test_serve_log_lines_carry_no_terminal_escapes(served):
+    lines: list[str] = []
+    with PackageServer(served, log=lines.append) as srv:
+        _raw(srv.url, b"GET /\x1b[2J\x1b[31mowned\x85x HTTP/1.1\r\nHost: x\r\n"
+                      b"Connection: close\r\n\r\n")
+    assert lines and not any("\x1b" in ln or "\x85" in ln for ln in lines), lines
