@@ -307,9 +307,9 @@ def test_trust_asked_and_the_server_withholds_the_signature(pkgs, keys, tmp_path
     with Hostile(pkgs["v2"]) as srv:
         srv.routes[SIGNATURE_NAME] = lambda h: send(h, status, b"nope")
         for call in (lambda: fetch(srv.url, tmp_path / "m", retry=QUICK, trust=keys["a"][1]),
-                     lambda: ProgressiveSession(srv.url, workdir=tmp_path / "w",
-                                                trust=keys["a"][1])):
-            _, err = _timed(call, 20)  # the session's default RetryPolicy: 15.5 s of backoff
+                     lambda: ProgressiveSession(HttpSource(srv.url, retry=QUICK,
+                                                           trust=keys["a"][1]))):
+            _, err = _timed(call, 10)
             text = one_line(err)
             assert ("not signed" in text) if status != 500 else ("500" in text), text
     assert not (tmp_path / "m" / "manifest.json").exists() and _state() == {}
@@ -482,10 +482,8 @@ def test_state_folder_a_file_or_unwritable_is_a_warning_not_a_crash(pkgs, tmp_pa
 def test_state_lock_file_symlink_creates_nothing_outside(pkgs, tmp_path, _version_state):
     target = tmp_path / "created-outside"
     (_version_state / "versions.json.lock").symlink_to(target)
-    try:
-        ProgressiveSession(pkgs["v2"]).close()
-    except P2UError as e:
-        one_line(e)
+    with pytest.warns(RuntimeWarning, match="cannot record version"):
+        ProgressiveSession(pkgs["v2"]).close()  # accepted; the state is not written through
     assert not target.exists()
 
 
@@ -867,9 +865,10 @@ def test_serve_hostile_paths_get_a_clean_404(served, path):
 
 def test_serve_absolute_url_in_the_request_line(served):
     with PackageServer(served) as srv:
-        out = _raw(srv.url, b"GET http://evil.example/../leak.txt HTTP/1.1\r\nHost: x\r\n\r\n")
+        close = b"Host: x\r\nConnection: close\r\n\r\n"
+        out = _raw(srv.url, b"GET http://evil.example/../leak.txt HTTP/1.1\r\n" + close)
         assert b"secret key" not in out and out.startswith(b"HTTP/1.1 404"), out[:200]
-        out = _raw(srv.url, b"GET file:///etc/passwd HTTP/1.1\r\nHost: x\r\n\r\n")
+        out = _raw(srv.url, b"GET file:///etc/passwd HTTP/1.1\r\n" + close)
         assert b"root:" not in out and out.startswith(b"HTTP/1.1 404"), out[:200]
 
 
