@@ -1089,3 +1089,22 @@ def test_serve_log_lines_carry_no_terminal_escapes(served):
         _raw(srv.url, b"GET /\x1b[2J\x1b[31mowned\x85x HTTP/1.1\r\nHost: x\r\n"
                       b"Connection: close\r\n\r\n")
     assert lines and not any("\x1b" in ln or "\x85" in ln for ln in lines), lines
+
+
+def test_close_while_hashing_a_large_file(hostile, tmp_path):
+    """Checking a cached file of 1 GiB takes about 2 s: close() stops it within a second."""
+    from p2u_onnx.transport import _Entry
+
+    src = HttpSource(hostile.url, tmp_path / "c", prefetch=False, retry=QUICK)
+    big = tmp_path / "c" / "stage-9.p2u"
+    with open(big, "wb") as fh:
+        fh.truncate(1 << 30)  # sparse: no disk used
+    entry = _Entry("stage-9.p2u", 1 << 30, "0" * 64)
+    started = threading.Event()
+
+    def go(s):
+        started.set()
+        s._cached(entry)
+
+    _close_within_a_second(src, go, started.is_set)
+    assert big.exists()  # the user's file: not p2u's to remove
