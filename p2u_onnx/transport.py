@@ -59,6 +59,7 @@ import re
 import selectors
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -1099,8 +1100,36 @@ class _Tracked(httpcore.NetworkStream):
 
     def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
                   timeout: float | None = None) -> httpcore.NetworkStream:
-        return _Tracked(self._stream.start_tls(ssl_context, server_hostname, _clamp(timeout)),
-                        self._backend)
+        timeout = _clamp(timeout)
+        sock = getattr(self._stream, "_sock", None)
+        if _SyncStream is None or type(sock) is not socket.socket:  # pragma: no cover
+            return _Tracked(self._stream.start_tls(ssl_context, server_hostname, timeout),
+                            self._backend)
+        # The handshake in slices, as reads are: a halted source stops waiting within one.
+        end = None if timeout is None else time.monotonic() + timeout
+        try:
+            tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname,
+                                          do_handshake_on_connect=False)
+            while True:
+                if self._backend.stopped():
+                    raise httpcore.ConnectError("cancelled")
+                left = _SLICE if end is None else min(_SLICE, end - time.monotonic())
+                if left <= 0:
+                    raise httpcore.ConnectTimeout("TLS handshake timed out")
+                tls.settimeout(left)
+                try:
+                    tls.do_handshake()
+                    break
+                except (socket.timeout, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    continue
+            tls.settimeout(None)
+        except OSError as e:
+            sock.close()
+            raise httpcore.ConnectError(str(e)) from e
+        except BaseException:
+            sock.close()
+            raise
+        return _Tracked(_SyncStream(tls), self._backend)
 
     def get_extra_info(self, info: str) -> Any:
         return self._stream.get_extra_info(info)

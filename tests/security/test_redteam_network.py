@@ -1108,3 +1108,130 @@ def test_close_while_hashing_a_large_file(hostile, tmp_path):
 
     _close_within_a_second(src, go, started.is_set)
     assert big.exists()  # the user's file: not p2u's to remove
+
+
+def test_close_during_a_tls_handshake_that_never_ends(tmp_path):
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(8)
+    conns: list = []
+    accepted = threading.Event()
+
+    def accept() -> None:
+        try:
+            c, _ = lst.accept()  # then says nothing: no ServerHello
+            conns.append(c)
+            accepted.set()
+        except OSError:
+            pass
+
+    threading.Thread(target=accept, daemon=True).start()
+    cancel = threading.Event()
+    box: list = []
+    url = f"https://127.0.0.1:{lst.getsockname()[1]}/"
+    t = threading.Thread(target=lambda: box.append(_safe(lambda: HttpSource(
+        url, tmp_path / "c", cancel=cancel, retry=RetryPolicy(timeout=20)))), daemon=True)
+    t.start()
+    try:
+        assert accepted.wait(10)
+        time.sleep(0.3)
+        t0 = time.monotonic()
+        cancel.set()
+        t.join(3)
+        took = time.monotonic() - t0
+        assert not t.is_alive() and took < 1.0, took
+        one_line(box[0])
+    finally:
+        lst.close()
+        for c in conns:
+            c.close()
+
+
+def test_offline_restart_with_an_expired_cached_signature(pkgs, keys, tmp_path):
+    mirror = _cached_mirror(pkgs, keys, tmp_path)
+    past = (dt.datetime.now(dt.timezone.utc) - dt.timedelta(seconds=1)).isoformat()
+    m = json.loads((mirror / "manifest.json").read_text())
+    _sign_raw(mirror, keys["a"][0], {**_signed_of(mirror), "expires": past,
+                                     "version": m["version"]})
+    refused(lambda: _offline(mirror, keys, trust=keys["a"][1]), TrustError, "expired")
+
+
+@pytest.mark.parametrize("garbage", [b"hello\r\n\r\n", b"HTTP/9.9 200 OK\r\n\r\n",
+                                     b"\x16\x03\x01\x00\xa5\x01\x00\x00",  # TLS on http
+                                     b"HTTP/1.1 200 OK\r\nContent-Length: 5\r\nContent-Length:"
+                                     b" 6\r\n\r\nhello!"])
+def test_servers_speaking_garbage_are_one_line_and_bounded(hostile, tmp_path, garbage):
+    def answer(h) -> None:
+        h.wfile.write(garbage)
+        h.close_connection = True
+
+    hostile.routes["manifest.json"] = answer
+    _, err = _timed(lambda: HttpSource(hostile.url, tmp_path / "c", retry=QUICK,
+                                       prefetch=False), 10)
+    one_line(err)
+
+
+def test_captive_portal_html_for_the_manifest(hostile, tmp_path):
+    html = b"<html><body>Please log in" + b" " * 1000 + b"</body></html>"
+    hostile.routes["manifest.json"] = lambda h: send(h, 200, html,
+                                                     {"Content-Type": "text/html"})
+    refused(lambda: HttpSource(hostile.url, tmp_path / "c", retry=QUICK, prefetch=False))
+    assert not (tmp_path / "c" / "manifest.json").exists()
+
+
+def test_cli_trust_refusals_are_one_line_everywhere(pkgs, keys, tmp_path):
+    unsigned = _copy(pkgs["v2"], tmp_path / "u")
+    (unsigned / SIGNATURE_NAME).unlink()
+    out = tmp_path / "r.onnx"
+    for cmd in (["verify", unsigned], ["restore", unsigned, "-o", out], ["run", unsigned]):
+        r = _cli(*cmd, "--trust", keys["a"][1])
+        assert r.exit_code == 1 and "not signed" in r.output, r.output
+        assert len([x for x in r.output.splitlines() if x.strip()]) == 1, r.output
+    assert not out.exists()
+    with Hostile(pkgs["v2"]) as srv:
+        srv.routes[SIGNATURE_NAME] = lambda h: send(h, 404, b"")
+        for cmd in (["run", srv.url], ["fetch", srv.url, "-o", tmp_path / "m"]):
+            r = _cli(*cmd, "--trust", keys["a"][1])
+            assert r.exit_code == 1 and "not signed" in r.output, r.output
+            assert len([x for x in r.output.splitlines() if x.strip()]) == 1, r.output
+
+
+def test_a_slow_tls_handshake_still_completes(pkg, tmp_path, monkeypatch):
+    """The sliced handshake (what lets cancel stop it) resumes across slices: a server that
+    waits 0.7 s before its ServerHello is still fetched from, over our own transport."""
+    import ssl
+
+    from test_network import _self_signed
+
+    cert, key = _self_signed(tmp_path)
+    server_ctx = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    server_ctx.load_cert_chain(cert, key)
+    client_ctx = ssl.create_default_context(cafile=str(cert))
+    real = httpx.HTTPTransport
+    monkeypatch.setattr(httpx, "HTTPTransport", lambda *a, **k: real(verify=client_ctx))
+    body = (pkg / "manifest.json").read_bytes()
+    lst = socket.socket()
+    lst.bind(("127.0.0.1", 0))
+    lst.listen(4)
+
+    def serve() -> None:
+        try:
+            conn, _ = lst.accept()
+        except OSError:
+            return
+        time.sleep(0.7)
+        with server_ctx.wrap_socket(conn, server_side=True) as tls:
+            req = b""
+            while b"\r\n\r\n" not in req:
+                req += tls.recv(4096)
+            tls.sendall(b"HTTP/1.1 200 OK\r\nContent-Length: %d\r\nConnection: close\r\n\r\n"
+                        % len(body) + body)
+
+    threading.Thread(target=serve, daemon=True).start()
+    try:
+        src = HttpSource(f"https://127.0.0.1:{lst.getsockname()[1]}/", tmp_path / "c",
+                         prefetch=False, retry=RetryPolicy(attempts=1, timeout=5))
+        assert src.manifest_bytes == body
+        src.close()
+    finally:
+        lst.close()
