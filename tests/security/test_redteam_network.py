@@ -1235,3 +1235,20 @@ def test_a_slow_tls_handshake_still_completes(pkg, tmp_path, monkeypatch):
         src.close()
     finally:
         lst.close()
+
+
+def test_an_endless_stream_of_1xx_answers_ends_at_the_deadline(hostile, tmp_path):
+    def informational_forever(h) -> None:
+        try:
+            while not h.server.stop.is_set():
+                h.wfile.write(b"HTTP/1.1 102 Processing\r\n\r\n" * 64)
+                time.sleep(0.01)
+        except OSError:
+            pass
+        h.close_connection = True
+
+    hostile.routes["manifest.json"] = informational_forever
+    pol = RetryPolicy(attempts=2, backoff=0.01, max_backoff=0.02, timeout=3, deadline=2)
+    _, err = _timed(lambda: HttpSource(hostile.url, tmp_path / "c", retry=pol,
+                                       prefetch=False), 6)
+    assert "deadline" in one_line(err)
