@@ -1163,12 +1163,14 @@ def fetch(url: str, dest_dir: str | os.PathLike, progress: Progress | None = Non
 
 def _package_url(url: str) -> str:
     """The package directory's URL, ending in '/'."""
+    # a URL refused here is shown without user:password and on one line
+    shown = _short(re.sub(r"//[^/?#@]*@", "//", str(url)), 200)
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError) as e:
-        raise TransportError(f"not a valid URL ({e})", str(url)) from e
+        raise TransportError(f"not a valid URL ({_short(str(e), 200)})", shown) from e
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise TransportError("not an http:// or https:// URL", str(url))
+        raise TransportError("not an http:// or https:// URL", shown)
     text = str(parsed.copy_with(query=None, fragment=None, userinfo=b""))
     if text.endswith("/" + MANIFEST_NAME):
         text = text[: -len(MANIFEST_NAME)]

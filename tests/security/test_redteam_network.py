@@ -1252,3 +1252,13 @@ def test_an_endless_stream_of_1xx_answers_ends_at_the_deadline(hostile, tmp_path
     _, err = _timed(lambda: HttpSource(hostile.url, tmp_path / "c", retry=pol,
                                        prefetch=False), 6)
     assert "deadline" in one_line(err)
+
+
+@pytest.mark.parametrize("url", ["http://x\n/", "http://user:pa\nss@127.0.0.1:1/", "http://[::1",
+                                 "ftp://user:secret@x/", "http:///x"])
+def test_a_refused_url_is_shown_on_one_line_without_its_password(url, tmp_path):
+    text = refused(lambda: HttpSource(url, tmp_path / "c", retry=QUICK), TransportError)
+    assert "secret" not in text and "pa\nss" not in text and "pa?ss" not in text, text
+    for cmd in (["fetch", url, "-o", tmp_path / "o"], ["run", url]):
+        r = _cli(*cmd)
+        assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, repr(r.output)
