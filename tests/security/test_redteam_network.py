@@ -1262,3 +1262,24 @@ def test_a_refused_url_is_shown_on_one_line_without_its_password(url, tmp_path):
     for cmd in (["fetch", url, "-o", tmp_path / "o"], ["run", url]):
         r = _cli(*cmd)
         assert r.exit_code == 1 and len(r.output.strip().splitlines()) == 1, repr(r.output)
+
+
+@pytest.mark.parametrize("value", ["bytes 10-" + "9" * 5000 + "/" + "9" * 5000,
+                                   "bytes 10-20/" + "9" * 4400, "bytes \u0661\u0660-20/30",
+                                   "bytes 10-20/30, bytes 0-1/2"])
+def test_content_range_with_huge_or_odd_numbers(hostile, pkg, tmp_path, value):
+    """Python's int() refuses more than 4300 digits with a ValueError: never a raw one."""
+    data = (pkg / "stage-1.p2u").read_bytes()
+
+    def answer(h) -> None:
+        h.wfile.write(b"HTTP/1.1 206 Partial\r\nContent-Range: " + value.encode("utf-8") +
+                      b"\r\nContent-Length: 10\r\nConnection: close\r\n\r\n" + b"\0" * 10)
+        h.close_connection = True
+
+    hostile.routes["stage-1.p2u"] = answer
+    with HttpSource(hostile.url, tmp_path / "c", retry=QUICK, prefetch=False) as src:
+        src._mirror.part("stage-1.p2u").write_bytes(data[:10])
+        src._mirror.part_meta("stage-1.p2u").write_text(json.dumps(
+            {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "etag": '"v1"'}))
+        _, err = _timed(lambda: src.fetch(1), 10)
+        one_line(err)
