@@ -99,8 +99,8 @@ MAX_REDIRECTS = 5
 """Redirect hops followed for one request."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
-# ASCII digits, at most 20 (int() of more than 4300 digits is a ValueError, not a refusal)
-_CONTENT_RANGE = re.compile(r"bytes\s+([0-9]{1,20})-([0-9]{1,20})/([0-9]{1,20}|\*)")
+# ASCII digits, at most 40 (int() of more than 4300 digits is a ValueError, not a refusal)
+_CONTENT_RANGE = re.compile(r"bytes\s+([0-9]{1,40})-([0-9]{1,40})/([0-9]{1,40}|\*)")
 _HINTS = {
     401: "the server wants credentials (pass headers=...)",
     403: "the server refuses: are the files readable by the web server?",
