@@ -91,7 +91,8 @@ _PIN = re.compile(r"sha256:([0-9a-fA-F]{64})")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
 _EXPIRY = re.compile(r"(\d{1,6})\s*([mhdw])")
-_NAME_BAD = re.compile(r"[\x00-\x1f\x7f]")
+# control characters (C0, DEL, C1: terminal escapes) and lone surrogates (not encodable)
+_NAME_BAD = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 TrustSpec = str | os.PathLike | Iterable[str | os.PathLike]
 """What ``trust=`` takes: a public key string, a ``.pub`` file, or a list of them."""

@@ -1283,3 +1283,19 @@ def test_content_range_with_huge_or_odd_numbers(hostile, pkg, tmp_path, value):
             {"sha256": hashlib.sha256(data).hexdigest(), "size": len(data), "etag": '"v1"'}))
         _, err = _timed(lambda: src.fetch(1), 10)
         one_line(err)
+
+
+@pytest.mark.parametrize("patch", [b'"version": ' + b"9" * 5000, b'"version": 1e999999',
+                                   b'"version": -0.0', b'"name": "\\ud800"'])
+def test_manifest_numbers_and_strings_python_cannot_take(hostile, pkg, tmp_path, patch):
+    m = json.loads((pkg / "manifest.json").read_bytes())
+    key = patch.split(b":")[0].strip(b'"').decode()
+    m.pop(key, None)
+    body = json.dumps(m).encode()
+    body = body[:-1] + b", " + patch + b"}"
+    hostile.routes["manifest.json"] = lambda h: send(h, 200, body)
+    refused(lambda: HttpSource(hostile.url, tmp_path / "c", retry=QUICK, prefetch=False))
+    pkg2 = tmp_path / "p"
+    shutil.copytree(pkg, pkg2)
+    (pkg2 / "manifest.json").write_bytes(body)
+    refused(lambda: ProgressiveSession(pkg2))
