@@ -874,18 +874,25 @@ class HttpSource:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Hold the cache directory's lock, ``.p2u/lock`` (other processes and threads wait
-        for it)."""
+        for it, at most as long as the whole package may take to download: a process that
+        holds it forever cannot hang this one)."""
         if fcntl is None:  # pragma: no cover
             yield
             return
         fd = os.open(self._mirror.lock_path, os.O_RDWR | os.O_CREAT
                      | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
+        wait = self._retry.budget(getattr(self, "_total", None))
+        end = time.monotonic() + wait
         with os.fdopen(fd, "r+b") as fh:
             while True:
                 try:
                     fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    if time.monotonic() >= end:
+                        raise P2UError(f"{self.cache_dir}: another process has held the cache's "
+                                       f"lock ({self._mirror.lock_path}) for {_secs(wait)} s; "
+                                       "giving up") from None
                     self._sleep(0.05, self.url)
             try:
                 yield

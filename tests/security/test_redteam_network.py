@@ -1299,3 +1299,14 @@ def test_manifest_numbers_and_strings_python_cannot_take(hostile, pkg, tmp_path,
     shutil.copytree(pkg, pkg2)
     (pkg2 / "manifest.json").write_bytes(body)
     refused(lambda: ProgressiveSession(pkg2))
+
+
+def test_a_lock_held_forever_by_another_process_is_bounded(hostile, tmp_path):
+    pol = RetryPolicy(attempts=2, backoff=0.01, max_backoff=0.02, timeout=3, deadline=1,
+                      min_rate=1e9)
+    src = HttpSource(hostile.url, tmp_path / "c", prefetch=False, retry=pol)
+    with open(tmp_path / "c" / ".p2u" / "lock", "a+b") as fh:
+        fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
+        _, err = _timed(lambda: src.fetch(1), 5)
+    assert "lock" in one_line(err)
+    src.close()
