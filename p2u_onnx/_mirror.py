@@ -28,7 +28,7 @@ import threading
 from pathlib import Path
 
 from .errors import P2UError
-from .format import MANIFEST_NAME, check_name
+from .format import MANIFEST_NAME, check_name, open_regular
 
 STATE = ".p2u"
 _LEGACY_LOCK = ".p2u.lock"
@@ -101,9 +101,10 @@ class MirrorDir:
     def owns(self, name: str) -> bool:
         """Whether ``root/name`` is a file p2u wrote (and nobody changed since)."""
         try:
-            rec = json.loads((self._written / check_name(name)).read_bytes())
+            with open_regular(self._written / check_name(name)) as fh:  # no FIFO, no link
+                rec = json.loads(fh.read(4096))
             st = os.lstat(self.root / name)
-        except (OSError, ValueError):
+        except (OSError, ValueError, P2UError):
             return False
         return stat.S_ISREG(st.st_mode) and rec == [st.st_ino, st.st_size, st.st_mtime_ns]
 

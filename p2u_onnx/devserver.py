@@ -256,8 +256,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._serve(body=False)
 
     def log_message(self, format: str, *args: object) -> None:
-        if self.server.log is not None:
-            self.server.log(f"{self.address_string()} {format % args}")
+        if self.server.log is not None:  # the request line is the client's: no escapes
+            line = "".join(c if c.isprintable() else "?" for c in format % args)
+            self.server.log(f"{self.address_string()} {line}")
 
     # -- the one path through
 

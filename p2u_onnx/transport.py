@@ -49,13 +49,17 @@ hidden ``.p2u/``). It must be new, empty or a mirror already (:mod:`p2u_onnx._mi
 
 from __future__ import annotations
 
+import base64
 import contextlib
+import errno
 import hashlib
 import json
 import os
 import re
+import selectors
 import shutil
 import socket
+import ssl
 import tempfile
 import threading
 import time
@@ -74,7 +78,7 @@ from ._mirror import MirrorDir
 from .errors import FormatError, IntegrityError, P2UError, TransportError, TrustError
 from .format import MANIFEST_NAME, check_name, open_regular, package_file, parse_manifest, \
     read_stage, sha256_file
-from .trust import SIGNATURE_NAME, Policy, TrustSpec, check_signature, package_identity
+from .trust import MAX_SIGNATURE, SIGNATURE_NAME, Policy, TrustSpec, check_signature, package_identity
 
 try:  # POSIX: lock the cache directory while a file is downloaded into it
     import fcntl
@@ -95,7 +99,8 @@ MAX_REDIRECTS = 5
 """Redirect hops followed for one request."""
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _RETRY_STATUS = {408, 425, 429, 500, 502, 503, 504}
-_CONTENT_RANGE = re.compile(r"bytes\s+(\d+)-(\d+)/(\d+|\*)")
+# ASCII digits, at most 40 (int() of more than 4300 digits is a ValueError, not a refusal)
+_CONTENT_RANGE = re.compile(r"bytes\s+([0-9]{1,40})-([0-9]{1,40})/([0-9]{1,40}|\*)")
 _HINTS = {
     401: "the server wants credentials (pass headers=...)",
     403: "the server refuses: are the files readable by the web server?",
@@ -226,14 +231,17 @@ class HttpSource:
         self._signature: bytes | None = None
         self._signature_known = False
         self.manifest_bytes = b""
-        self.url = _package_url(url)
+        self.url = _package_url(url)  # without user:password, which no message may show
+        basic = _basic_auth(url)  # user:password in the URL: HTTP basic auth, to its origin only
+        if basic is not None and not any(k.lower() == "authorization" for k in headers or {}):
+            headers = {**(headers or {}), "Authorization": basic}
         self._retry = retry or RetryPolicy()
         self._progress = progress
         self._cancel = cancel if cancel is not None else threading.Event()
         self._stop = threading.Event()
         self._prefetch = prefetch
         self._own_client = client is None
-        self._transport = _Transport()
+        self._transport = _Transport(self._halted)
         self._client = client if client is not None else httpx.Client(
             timeout=httpx.Timeout(self._retry.timeout), follow_redirects=False,
             headers={"User-Agent": f"p2u-onnx/{__version__}", **(headers or {})},
@@ -320,6 +328,7 @@ class HttpSource:
         manifest lists) now; returns the cache directory."""
         for job in self._jobs:
             self._need(job)
+        self._policy.record(self.manifest)
         return self.cache_dir
 
     def cancel(self) -> None:
@@ -474,7 +483,7 @@ class HttpSource:
         a file of the user's."""
         path = package_file(self.cache_dir, f.name, "cached file")
         try:
-            if path.stat().st_size == f.size and sha256_file(path) == f.sha256:
+            if path.stat().st_size == f.size and sha256_file(path, pace=self._pace) == f.sha256:
                 self._count(f.name, f.size)
                 return True
         except OSError:
@@ -500,13 +509,16 @@ class HttpSource:
 
             def attempt(end: float) -> None:
                 nonlocal bad
+                for p in (part, meta_path):  # p2u's own files: a link planted there is dropped
+                    if os.path.islink(p) or (p.exists() and not p.is_file()):
+                        _unlink(p)
                 meta = _read_meta(meta_path, f)  # what the last attempt left
                 have = part.stat().st_size if meta is not None and part.exists() else 0
                 if have > f.size:
                     have = 0
                 if have < f.size or not part.exists():
                     self._transfer(url, f, part, meta_path, meta, have, end)
-                if sha256_file(part) == f.sha256:
+                if sha256_file(part, pace=self._pace) == f.sha256:
                     return
                 bad += 1
                 _unlink(part)
@@ -554,7 +566,8 @@ class HttpSource:
                     raise _status_error(r, url)
                 encoding = r.headers.get("content-encoding", "identity").strip().lower()
                 if encoding != "identity":
-                    raise TransportError(f"the server sent Content-Encoding {encoding} although "
+                    raise TransportError(f"the server sent Content-Encoding {_short(encoding)} "
+                                         "although "
                                          "identity was asked; serve the files as they are", url)
                 length = _content_length(r, url)
                 if r.status_code == 206 and "Range" in headers:
@@ -582,7 +595,7 @@ class HttpSource:
                 else:  # 206 to a request without Range
                     raise TransportError("the server answered 206 to a request for the whole "
                                          "file", url)
-                with open(part, mode) as out:
+                with _open_part(part, mode) as out:
                     self._count(f.name, have)
                     for chunk in r.iter_raw():
                         self._check_halt(url)
@@ -706,29 +719,30 @@ class HttpSource:
 
     # -- the manifest
 
-    def _get_manifest(self, url: str, end: float) -> bytes:
-        """The manifest's bytes, refused while they stream in once past :data:`MAX_MANIFEST`
-        (a gzip or deflate body the server sends anyway is decoded under the same bound)."""
+    def _get_manifest(self, url: str, end: float, cap: int = MAX_MANIFEST,
+                      what: str = "the manifest") -> bytes:
+        """The manifest's bytes, refused while they stream in once past ``cap`` bytes (a gzip
+        or deflate body the server sends anyway is decoded under the same bound)."""
         headers = {**self._headers, "Cache-Control": "no-cache", "Accept-Encoding": "identity"}
-        too_big = f"the manifest is larger than the {MAX_MANIFEST}-byte limit (refused)"
+        too_big = f"{what} is larger than the {cap}-byte limit (refused)"
         try:
             with self._open(url, headers, end) as r:
                 if r.status_code != 200:
                     raise _status_error(r, url)
                 length = _content_length(r, url)
-                if length is not None and length > MAX_MANIFEST:
+                if length is not None and length > cap:
                     raise TransportError(f"{too_big}; Content-Length says {length}", url)
                 decode = _Decoder(r.headers.get("content-encoding", "identity"), url)
                 body = bytearray()
                 for chunk in r.iter_raw():
                     self._check_halt(url)
-                    body += decode(chunk, MAX_MANIFEST + 1 - len(body))
-                    if len(body) > MAX_MANIFEST:
+                    body += decode(chunk, cap + 1 - len(body))
+                    if len(body) > cap:
                         raise TransportError(too_big, url)
                     if time.monotonic() >= end:
                         raise self._deadline_error(url, None)
-                body += decode.finish(MAX_MANIFEST + 1 - len(body))
-                if len(body) > MAX_MANIFEST:
+                body += decode.finish(cap + 1 - len(body))
+                if len(body) > cap:
                     raise TransportError(too_big, url)
                 return bytes(body)
         except httpx.HTTPError as e:
@@ -748,7 +762,7 @@ class HttpSource:
             try:
                 text = self._get_manifest(url, time.monotonic() + self._retry.budget())
             except _Retry as e:
-                if e.network:
+                if e.network and not self._halted():
                     self.offline = True
                     self._manifest_text = cached[0]
                     return self._admit_offline(cached[0], cached_path)
@@ -769,7 +783,12 @@ class HttpSource:
                     self._forget(cached[1], self.manifest)
                 self._mirror.write(MANIFEST_NAME, text)
         self._cache_signature()
-        self._policy.record(self.manifest)
+        if self._policy.authenticates:
+            # Unauthenticated, the version is recorded only once the package is used (by
+            # download() here, or by the session, which may check a pin or signature of its
+            # own first): else a hostile server could raise the remembered version of a model
+            # through a source that a session then refuses, and freeze it out of updates.
+            self._policy.record(self.manifest)
     def _admit(self, text: bytes, url: str, cached: dict[str, Any] | None) -> dict[str, Any]:
         """The manifest in ``text`` if it passes the pin, the signature and the version checks
         (:class:`TrustError` otherwise: nothing is written then)."""
@@ -777,8 +796,13 @@ class HttpSource:
         policy.check_pin(text, url)
         manifest = parse_manifest(text, url)
         self.manifest_bytes = text
-        if policy.keys or self._mirroring:  # a mirror keeps the signature a package has
+        if policy.keys:
             self.signature_bytes()
+        elif self._mirroring:  # a mirror keeps the signature a package has, when it can get it
+            try:
+                self.signature_bytes()
+            except TransportError:  # not asked for: a server failing on it is no reason to fail
+                self._signature = None
         if policy.keys:
             check_signature(self._signature, text, manifest, policy.keys, url)
         elif self._signature is not None and not _signs(self._signature, text):
@@ -815,7 +839,8 @@ class HttpSource:
         """``manifest.json.sig`` from the server, or None when it has none (404, 403, 410)."""
         url = self.url + SIGNATURE_NAME
         try:
-            return self._retrying(url, lambda end: self._get_manifest(url, end),
+            return self._retrying(url, lambda end: self._get_manifest(
+                url, end, MAX_SIGNATURE, "the signature file"),
                                   self._retry.budget())
         except TransportError as e:
             if re.search(r"HTTP (?:403|404|410)\b", str(e)):
@@ -849,16 +874,25 @@ class HttpSource:
     @contextlib.contextmanager
     def _locked(self) -> Iterator[None]:
         """Hold the cache directory's lock, ``.p2u/lock`` (other processes and threads wait
-        for it)."""
+        for it, at most as long as the whole package may take to download: a process that
+        holds it forever cannot hang this one)."""
         if fcntl is None:  # pragma: no cover
             yield
             return
-        with open(self._mirror.lock_path, "a+b") as fh:
+        fd = os.open(self._mirror.lock_path, os.O_RDWR | os.O_CREAT
+                     | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0), 0o666)
+        wait = self._retry.budget(getattr(self, "_total", None))
+        end = time.monotonic() + wait
+        with os.fdopen(fd, "r+b") as fh:
             while True:
                 try:
                     fcntl.flock(fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
                     break
                 except BlockingIOError:
+                    if time.monotonic() >= end:
+                        raise P2UError(f"{self.cache_dir}: another process has held the cache's "
+                                       f"lock ({self._mirror.lock_path}) for {_secs(wait)} s; "
+                                       "giving up") from None
                     self._sleep(0.05, self.url)
             try:
                 yield
@@ -872,6 +906,12 @@ class HttpSource:
             self._have[name] = have
             done = sum(self._have.values())
         self._progress(min(done, self._total), self._total)
+
+    def _pace(self) -> contextlib.AbstractContextManager[None]:
+        """Called per hashed chunk (4 MiB): a closed or cancelled source stops hashing a large
+        file at once, not after it (about 2 s per GB)."""
+        self._check_halt(self.url)
+        return contextlib.nullcontext()
 
     def _halted(self) -> bool:
         return self._cancel.is_set() or self._stop.is_set()
@@ -899,10 +939,10 @@ class _Transport(httpx.BaseTransport):
     a device's local server) never needs: that is 50 ms less before the first inference.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, halted: Callable[[], bool] | None = None) -> None:
         self._lock = threading.Lock()
         self._made: dict[str, httpx.HTTPTransport] = {}
-        self._backend = _Backend()
+        self._backend = _Backend(halted)
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
         tls = request.url.scheme == "https"
@@ -930,16 +970,73 @@ class _Transport(httpx.BaseTransport):
 
 
 class _Backend(httpcore.SyncBackend):
-    """httpcore's network backend, remembering the sockets it opens for :meth:`abort`."""
+    """httpcore's network backend, remembering the sockets it opens for :meth:`abort`.
 
-    def __init__(self) -> None:
+    Connecting and reading wait in slices of :data:`_SLICE` seconds and stop when ``halted()``
+    says so (the source was closed or cancelled, the caller's ``cancel`` event too) or after
+    :meth:`abort`: a connection attempt that hangs (a full accept queue, a black-holed address)
+    or a server that never answers cannot hold ``close()`` past a second."""
+
+    def __init__(self, halted: Callable[[], bool] | None = None) -> None:
         super().__init__()
         self._lock = threading.Lock()
         self._socks: weakref.WeakSet[socket.socket] = weakref.WeakSet()
+        self._halted = halted
+        self._aborted = threading.Event()
+
+    def stopped(self) -> bool:
+        return self._aborted.is_set() or (self._halted is not None and self._halted())
 
     def connect_tcp(self, host: str, port: int, timeout: float | None = None,
-                    *args: Any, **kwargs: Any) -> httpcore.NetworkStream:
-        return _Tracked(super().connect_tcp(host, port, _clamp(timeout), *args, **kwargs), self)
+                    local_address: str | None = None, socket_options: Any = None,
+                    ) -> httpcore.NetworkStream:
+        timeout = _clamp(timeout)
+        if _SyncStream is None:  # pragma: no cover - another httpcore layout
+            return _Tracked(super().connect_tcp(host, port, timeout, local_address,
+                                                socket_options), self)
+        end = None if timeout is None else time.monotonic() + timeout
+        try:
+            infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)
+        except OSError as e:
+            raise httpcore.ConnectError(str(e)) from e
+        last: OSError | None = None
+        for family, kind, proto, _, address in infos:
+            sock = socket.socket(family, kind, proto)
+            try:
+                if local_address is not None:
+                    sock.bind((local_address, 0))
+                for option in socket_options or ():
+                    sock.setsockopt(*option)
+                self._connect(sock, address, end)
+                sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+                return _Tracked(_SyncStream(sock), self)
+            except OSError as e:
+                sock.close()
+                last = e
+            except BaseException:
+                sock.close()
+                raise
+        raise httpcore.ConnectError(str(last or "no address"))
+
+    def _connect(self, sock: socket.socket, address: Any, end: float | None) -> None:
+        sock.setblocking(False)
+        err = sock.connect_ex(address)
+        if err not in (0, errno.EINPROGRESS, errno.EAGAIN, errno.EWOULDBLOCK):
+            raise OSError(err, os.strerror(err))
+        with selectors.DefaultSelector() as sel:
+            sel.register(sock, selectors.EVENT_WRITE)
+            while err:
+                if self.stopped():
+                    raise httpcore.ConnectError("cancelled")
+                left = _SLICE if end is None else min(_SLICE, end - time.monotonic())
+                if left <= 0:
+                    raise httpcore.ConnectTimeout("no connection before the timeout")
+                if sel.select(left):
+                    err = sock.getsockopt(socket.SOL_SOCKET, socket.SO_ERROR)
+                    if err:
+                        raise OSError(err, os.strerror(err))
+                    break
+        sock.setblocking(True)
 
     def track(self, stream: httpcore.NetworkStream) -> None:
         sock = stream.get_extra_info("socket")
@@ -948,6 +1045,7 @@ class _Backend(httpcore.SyncBackend):
                 self._socks.add(sock)
 
     def abort(self) -> None:
+        self._aborted.set()
         with self._lock:
             socks = list(self._socks)
         for sock in socks:
@@ -956,6 +1054,12 @@ class _Backend(httpcore.SyncBackend):
             except OSError:
                 pass
 
+
+_SLICE = 0.25  # seconds: how often a wait to connect or to read checks for close()/cancel
+try:
+    from httpcore._backends.sync import SyncStream as _SyncStream
+except ImportError:  # pragma: no cover
+    _SyncStream = None  # type: ignore[assignment,misc]
 
 _DEADLINE = threading.local()  # .end: monotonic time by which this thread's request must end
 
@@ -982,7 +1086,19 @@ class _Tracked(httpcore.NetworkStream):
         backend.track(stream)
 
     def read(self, max_bytes: int, timeout: float | None = None) -> bytes:
-        return self._stream.read(max_bytes, _clamp(timeout))
+        timeout = _clamp(timeout)
+        end = None if timeout is None else time.monotonic() + timeout
+        while True:  # in slices: a halted source stops waiting within one
+            if self._backend.stopped():
+                raise httpcore.ReadError("cancelled")
+            left = _SLICE if end is None else min(_SLICE, end - time.monotonic())
+            if left <= 0:
+                raise httpcore.ReadTimeout("timed out")
+            try:
+                return self._stream.read(max_bytes, left)
+            except httpcore.ReadTimeout:
+                if end is not None and time.monotonic() >= end:
+                    raise
 
     def write(self, buffer: bytes, timeout: float | None = None) -> None:
         self._stream.write(buffer, _clamp(timeout))
@@ -992,8 +1108,36 @@ class _Tracked(httpcore.NetworkStream):
 
     def start_tls(self, ssl_context: Any, server_hostname: str | None = None,
                   timeout: float | None = None) -> httpcore.NetworkStream:
-        return _Tracked(self._stream.start_tls(ssl_context, server_hostname, _clamp(timeout)),
-                        self._backend)
+        timeout = _clamp(timeout)
+        sock = getattr(self._stream, "_sock", None)
+        if _SyncStream is None or type(sock) is not socket.socket:  # pragma: no cover
+            return _Tracked(self._stream.start_tls(ssl_context, server_hostname, timeout),
+                            self._backend)
+        # The handshake in slices, as reads are: a halted source stops waiting within one.
+        end = None if timeout is None else time.monotonic() + timeout
+        try:
+            tls = ssl_context.wrap_socket(sock, server_hostname=server_hostname,
+                                          do_handshake_on_connect=False)
+            while True:
+                if self._backend.stopped():
+                    raise httpcore.ConnectError("cancelled")
+                left = _SLICE if end is None else min(_SLICE, end - time.monotonic())
+                if left <= 0:
+                    raise httpcore.ConnectTimeout("TLS handshake timed out")
+                tls.settimeout(left)
+                try:
+                    tls.do_handshake()
+                    break
+                except (socket.timeout, ssl.SSLWantReadError, ssl.SSLWantWriteError):
+                    continue
+            tls.settimeout(None)
+        except OSError as e:
+            sock.close()
+            raise httpcore.ConnectError(str(e)) from e
+        except BaseException:
+            sock.close()
+            raise
+        return _Tracked(_SyncStream(tls), self._backend)
 
     def get_extra_info(self, info: str) -> Any:
         return self._stream.get_extra_info(info)
@@ -1027,16 +1171,30 @@ def fetch(url: str, dest_dir: str | os.PathLike, progress: Progress | None = Non
 
 def _package_url(url: str) -> str:
     """The package directory's URL, ending in '/'."""
+    # a URL refused here is shown without user:password and on one line
+    shown = _short(re.sub(r"//[^/?#@]*@", "//", str(url)), 200)
     try:
         parsed = httpx.URL(url)
     except (httpx.InvalidURL, TypeError) as e:
-        raise TransportError(f"not a valid URL ({e})", str(url)) from e
+        raise TransportError(f"not a valid URL ({_short(str(e), 200)})", shown) from e
     if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise TransportError("not an http:// or https:// URL", str(url))
-    text = str(parsed.copy_with(query=None, fragment=None))
+        raise TransportError("not an http:// or https:// URL", shown)
+    text = str(parsed.copy_with(query=None, fragment=None, userinfo=b""))
     if text.endswith("/" + MANIFEST_NAME):
         text = text[: -len(MANIFEST_NAME)]
     return text if text.endswith("/") else text + "/"
+
+
+def _basic_auth(url: str) -> str | None:
+    """An ``Authorization: Basic`` value for the user and password a URL holds, or None."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, TypeError):
+        return None
+    if not parsed.userinfo:
+        return None
+    pair = f"{parsed.username}:{parsed.password}".encode()
+    return "Basic " + base64.b64encode(pair).decode()
 
 
 def _entry(f: Any, url: str) -> _Entry:
@@ -1098,11 +1256,12 @@ def _read_cached_manifest(path: Path) -> tuple[bytes, dict[str, Any]] | None:
 
 
 def _read_small(path: Path, cap: int = 64 << 10) -> bytes | None:
-    """Up to ``cap`` bytes of a regular file of the cache, or None."""
+    """Up to ``cap`` bytes of a regular file of the cache, or None (also for a symbolic link,
+    a FIFO, which would block, or a device)."""
     try:
-        with open(path, "rb") as f:
+        with open_regular(path) as f:
             data = f.read(cap + 1)
-    except OSError:
+    except (OSError, P2UError):
         return None
     return data if len(data) <= cap else None
 
@@ -1119,11 +1278,18 @@ def _signs(signature: bytes, manifest: bytes) -> bool:
     return signed.get("manifest_sha256") == manifest_sha256(manifest)
 
 
+def _open_part(part: Path, mode: str) -> Any:
+    """``part`` opened for writing (``"wb"`` or ``"ab"``), never through a symbolic link."""
+    flags = os.O_WRONLY | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_CLOEXEC", 0)
+    flags |= os.O_APPEND if mode == "ab" else os.O_TRUNC
+    return os.fdopen(os.open(part, flags, 0o666), mode)
+
+
 def _read_meta(path: Path, f: _Entry) -> dict[str, Any] | None:
     """The validator record of a partial file, if it is for this very file."""
     try:
-        meta = json.loads(path.read_bytes())
-    except (OSError, ValueError):
+        meta = json.loads(_read_small(path) or b"")
+    except ValueError:
         return None
     if not isinstance(meta, dict) or meta.get("sha256") != f.sha256 or meta.get("size") != f.size:
         _unlink(path)
@@ -1212,6 +1378,9 @@ def _secs(x: float) -> str:
 
 
 def _short(text: str, n: int = 80) -> str:
+    """``text`` (a server's) cut at ``n`` characters, with every character that is not
+    printable (newlines, NEL, terminal escapes) shown as '?': it goes into one-line errors."""
+    text = "".join(c if c.isprintable() else "?" for c in text[:n + 1])
     return text if len(text) <= n else text[:n] + "..."
 
 
@@ -1221,7 +1390,7 @@ def _size_error(url: str, got: int, want: int) -> TransportError:
 
 
 def _status_error(r: httpx.Response, url: str) -> Exception:
-    reason = f"HTTP {r.status_code} {r.reason_phrase}".strip()
+    reason = f"HTTP {r.status_code} {_short(r.reason_phrase)}".strip()
     if r.status_code in _RETRY_STATUS:
         return _Retry(reason, retry_after=_retry_after(r))
     hint = _HINTS.get(r.status_code)
@@ -1229,8 +1398,9 @@ def _status_error(r: httpx.Response, url: str) -> Exception:
 
 
 def _retry_after(r: httpx.Response) -> float | None:
-    value = r.headers.get("retry-after", "")
-    return float(value) if value.isdigit() else None
+    value = r.headers.get("retry-after", "").strip()
+    # str.isdigit() is True for "²" too, which float() refuses: ASCII digits only
+    return float(value) if value.isascii() and value.isdigit() and len(value) < 12 else None
 
 
 def _network_retry(e: httpx.HTTPError, timeout: float, have: int = 0, size: int = 0,

@@ -91,7 +91,8 @@ _PIN = re.compile(r"sha256:([0-9a-fA-F]{64})")
 _HEX64 = re.compile(r"[0-9a-f]{64}")
 _HEX = re.compile(r"(?:[0-9a-f]{2})+")
 _EXPIRY = re.compile(r"(\d{1,6})\s*([mhdw])")
-_NAME_BAD = re.compile(r"[\x00-\x1f\x7f]")
+# control characters (C0, DEL, C1: terminal escapes) and lone surrogates (not encodable)
+_NAME_BAD = re.compile(r"[\x00-\x1f\x7f-\x9f\ud800-\udfff]")
 
 TrustSpec = str | os.PathLike | Iterable[str | os.PathLike]
 """What ``trust=`` takes: a public key string, a ``.pub`` file, or a list of them."""
@@ -216,7 +217,13 @@ def _parse_public(text: str, where: str) -> bytes:
 def load_trusted_keys(trust: TrustSpec) -> dict[str, bytes]:
     """``{keyid: raw public key}`` from a key string, a ``.pub`` file (one key per line, ``#``
     comments) or a list of them. A bad key or file is a :class:`P2UError` naming it."""
-    items = [trust] if isinstance(trust, (str, os.PathLike)) else list(trust)
+    if isinstance(trust, (str, os.PathLike)):
+        items = [trust]
+    elif isinstance(trust, Iterable) and not isinstance(trust, (bytes, bytearray, Mapping)):
+        items = list(trust)
+    else:
+        raise P2UError(f"trust: expected a public key string, a .pub file or a list of them, "
+                       f"not {type(trust).__name__}")
     keys: dict[str, bytes] = {}
     for item in items:
         if isinstance(item, str) and item.strip().startswith(KEY_PREFIX):
@@ -415,6 +422,10 @@ def _check_signed_fields(signed: dict[str, Any], where: str) -> None:
         raise TrustError(f"{bad} (manifest_sha256)")
     if signed.get("expires") is not None and not isinstance(signed["expires"], str):
         raise TrustError(f"{bad} (expires)")
+    # exact types: 2.0 == 2 and True == 1 in Python, so a float or a bool would compare equal
+    # to the manifest's integer version
+    if type(signed.get("name")) is not str or type(signed.get("version")) is not int:
+        raise TrustError(f"{bad} (name must be a string and version an integer)")
 
 
 def check_signature(signature: bytes | None, raw: bytes, manifest: Mapping[str, Any],
@@ -434,7 +445,10 @@ def check_signature(signature: bytes | None, raw: bytes, manifest: Mapping[str, 
     message = _canonical(signed) if _canonical_ok(signed) else None
     known = [s for s in sigs if s["keyid"] in keys]
     if not known:
-        ids = ", ".join(sorted({s["keyid"][:16] for s in sigs}))[:200]
+        # keyids are the signature file's text: no newline or terminal escape may reach the
+        # one-line error
+        ids = ", ".join(sorted({"".join(c if c.isprintable() else "?" for c in s["keyid"][:16])
+                                for s in sigs}))[:200]
         raise TrustError(f"{where}: signed by key {ids}, which is not a trusted key "
                          f"(trusted: {', '.join(k[:16] for k in keys)})")
     good = False
@@ -594,7 +608,11 @@ class VersionState:
         if fcntl is None:  # pragma: no cover
             yield
             return
-        with open(self.directory / (STATE_NAME + ".lock"), "a+b") as fh:
+        # O_NOFOLLOW: a link planted as the lock file creates nothing elsewhere
+        fd = os.open(self.directory / (STATE_NAME + ".lock"),
+                     os.O_RDWR | os.O_CREAT | getattr(os, "O_NOFOLLOW", 0)
+                     | getattr(os, "O_CLOEXEC", 0), 0o600)
+        with os.fdopen(fd, "r+b") as fh:
             fcntl.flock(fh.fileno(), fcntl.LOCK_EX)
             try:
                 yield
