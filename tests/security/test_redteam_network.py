@@ -1310,3 +1310,34 @@ def test_a_lock_held_forever_by_another_process_is_bounded(hostile, tmp_path):
         _, err = _timed(lambda: src.fetch(1), 5)
     assert "lock" in one_line(err)
     src.close()
+
+
+def test_serve_survives_garbage_requests_and_logs_one_clean_line_each(served):
+    import random
+
+    rnd = random.Random(14)
+    lines: list[str] = []
+    garbage = [bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 300))) + b"\r\n\r\n"
+               for _ in range(25)]
+    garbage += [b"GET /m.p2u/manifest.json HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",
+                b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+                b"GET /m.p2u/manifest.json HTTP/1.1\r\nRange: bytes=0-1\r\nRange: bytes=2-3\r\n\r\n",
+                b"DELETE /m.p2u/manifest.json HTTP/1.1\r\n\r\n",
+                b"GET /m.p2u/manifest.json HTTP/2.0\r\n\r\n",
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64]
+    with PackageServer(served, log=lines.append, idle_timeout=0.5,
+                       max_connections=64) as srv:
+        def one(g: bytes) -> None:
+            try:
+                _raw(srv.url, g)
+            except OSError:
+                pass
+
+        threads = [threading.Thread(target=one, args=(g,)) for g in garbage]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert _get(srv.url, "/m.p2u/manifest.json")[0] == 200
+    assert all(ln.isprintable() for ln in lines), [ln for ln in lines if not ln.isprintable()]
+    assert not [ln for ln in lines if "Traceback" in ln]
