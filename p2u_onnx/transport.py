@@ -242,6 +242,10 @@ class HttpSource:
         self._prefetch = prefetch
         self._own_client = client is None
         self._transport = _Transport(self._halted)
+        for k, v in (headers or {}).items():  # httpx would raise a bare UnicodeEncodeError
+            if not (isinstance(k, str) and isinstance(v, str) and k.isascii() and v.isascii()):
+                raise P2UError(f"headers: {_short(repr(k), 40)} must be an ASCII string with an "
+                               "ASCII string value")
         self._client = client if client is not None else httpx.Client(
             timeout=httpx.Timeout(self._retry.timeout), follow_redirects=False,
             headers={"User-Agent": f"p2u-onnx/{__version__}", **(headers or {})},

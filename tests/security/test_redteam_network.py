@@ -1341,3 +1341,10 @@ def test_serve_survives_garbage_requests_and_logs_one_clean_line_each(served):
         assert _get(srv.url, "/m.p2u/manifest.json")[0] == 200
     assert all(ln.isprintable() for ln in lines), [ln for ln in lines if not ln.isprintable()]
     assert not [ln for ln in lines if "Traceback" in ln]
+
+
+@pytest.mark.parametrize("kw", [{"headers": {"X-Key": "\u00e9"}}, {"headers": {"\u00e9": "x"}},
+                                {"trust": ""}, {"trust": [None]}, {"expect": b"sha256:00"}])
+def test_bad_arguments_are_one_line_before_any_request(hostile, tmp_path, kw):
+    refused(lambda: HttpSource(hostile.url, tmp_path / "c", retry=QUICK, prefetch=False, **kw))
+    assert hostile.log == []
