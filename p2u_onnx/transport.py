@@ -54,6 +54,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import selectors
@@ -150,8 +151,9 @@ class RetryPolicy:
                              "least 1")
         if not 0 <= self.backoff <= self.max_backoff:
             raise ValueError("need 0 <= backoff <= max_backoff")
-        if self.timeout <= 0 or self.deadline <= 0 or self.min_rate <= 0:
-            raise ValueError("timeout, deadline and min_rate must be positive")
+        if not all(0 < x < math.inf for x in (self.timeout, self.deadline, self.min_rate)) \
+                or not 0 <= self.max_backoff < math.inf:  # NaN fails these too
+            raise ValueError("timeout, deadline and min_rate must be positive and finite")
 
     def budget(self, size: int | None = None) -> float:
         """Seconds one file of ``size`` bytes may take in all (None: the manifest)."""

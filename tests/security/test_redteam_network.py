@@ -1348,3 +1348,13 @@ def test_serve_survives_garbage_requests_and_logs_one_clean_line_each(served):
 def test_bad_arguments_are_one_line_before_any_request(hostile, tmp_path, kw):
     refused(lambda: HttpSource(hostile.url, tmp_path / "c", retry=QUICK, prefetch=False, **kw))
     assert hostile.log == []
+
+
+@pytest.mark.parametrize("opt", [["--attempts", "0"], ["--timeout", "-1"], ["--timeout", "nan"],
+                                 ["--timeout", "inf"]])
+def test_cli_fetch_bad_retry_options_are_usage_errors(opt, tmp_path):
+    r = _cli("fetch", "http://127.0.0.1:1/", "-o", tmp_path / "o", *opt)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert isinstance(r.exception, SystemExit)
+    with pytest.raises(ValueError):
+        RetryPolicy(timeout=float("nan"))
