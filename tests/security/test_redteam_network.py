@@ -1358,3 +1358,12 @@ def test_cli_fetch_bad_retry_options_are_usage_errors(opt, tmp_path):
     assert isinstance(r.exception, SystemExit)
     with pytest.raises(ValueError):
         RetryPolicy(timeout=float("nan"))
+
+
+@pytest.mark.parametrize("opt", [["--port", "70000"], ["--port", "-1"], ["--idle-timeout", "nan"],
+                                 ["--idle-timeout", "inf"], ["--host", "bad host\n"]])
+def test_cli_serve_bad_options_are_one_line(opt, tmp_path):
+    """(A NaN idle timeout used to start a server whose every connection then failed.)"""
+    r = _cli("serve", tmp_path, *opt)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)
+    assert len(r.output.strip().splitlines()) == 1, repr(r.output)
