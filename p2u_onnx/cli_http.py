@@ -96,11 +96,14 @@ def fetch(url, output, timeout, attempts, expect, trust, allow_rollback, quiet) 
         if not name or name == "manifest.json":
             raise click.UsageError("cannot name the directory after this URL: give -o DIR")
         output = Path(name)
+    try:
+        retry = RetryPolicy(attempts=attempts, timeout=timeout)
+    except ValueError as e:  # --attempts 0, --timeout -1 or nan: a usage error, one line
+        raise click.UsageError(f"--attempts / --timeout: {e}") from None
     cancel = threading.Event()
     with ProgressBar("fetch", quiet) as progress:
         try:
-            path = do_fetch(url, output, progress, cancel,
-                            retry=RetryPolicy(attempts=attempts, timeout=timeout),
+            path = do_fetch(url, output, progress, cancel, retry=retry,
                             expect=expect, trust=trust or None, allow_rollback=allow_rollback)
         except KeyboardInterrupt:
             cancel.set()

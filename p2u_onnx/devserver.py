@@ -33,6 +33,7 @@ and serve production traffic with nginx or a CDN (docs/delivery.md).
 from __future__ import annotations
 
 import email.utils
+import math
 import mimetypes
 import os
 import re
@@ -137,8 +138,11 @@ class PackageServer(ThreadingHTTPServer):
         self.root = Path(root)
         if not self.root.is_dir():
             raise P2UError(f"{root}: not a directory")
-        if idle_timeout <= 0 or max_connections < 1:
-            raise P2UError("idle_timeout must be positive and max_connections at least 1")
+        if not 0 < idle_timeout < math.inf or max_connections < 1:  # NaN fails too
+            raise P2UError("idle_timeout must be positive and finite and max_connections at "
+                           "least 1")
+        if not 0 <= port <= 65535:
+            raise P2UError(f"port {port} is not between 0 and 65535")
         self.bucket = TokenBucket(rate) if rate else None
         self.log = log
         self.idle_timeout = float(idle_timeout)
@@ -149,7 +153,8 @@ class PackageServer(ThreadingHTTPServer):
         try:
             super().__init__((host, port), _Handler)
         except OSError as e:
-            raise P2UError(f"cannot listen on {host}:{port}: {e.strerror or e}") from e
+            shown = "".join(c if c.isprintable() else "?" for c in str(host))[:100]
+            raise P2UError(f"cannot listen on {shown}:{port}: {e.strerror or e}") from e
 
     def handle_error(self, request, client_address) -> None:
         """One line, never a traceback: a client's bad request must not flood the log."""

@@ -54,6 +54,7 @@ import contextlib
 import errno
 import hashlib
 import json
+import math
 import os
 import re
 import selectors
@@ -150,8 +151,9 @@ class RetryPolicy:
                              "least 1")
         if not 0 <= self.backoff <= self.max_backoff:
             raise ValueError("need 0 <= backoff <= max_backoff")
-        if self.timeout <= 0 or self.deadline <= 0 or self.min_rate <= 0:
-            raise ValueError("timeout, deadline and min_rate must be positive")
+        if not all(0 < x < math.inf for x in (self.timeout, self.deadline, self.min_rate)) \
+                or not 0 <= self.max_backoff < math.inf:  # NaN fails these too
+            raise ValueError("timeout, deadline and min_rate must be positive and finite")
 
     def budget(self, size: int | None = None) -> float:
         """Seconds one file of ``size`` bytes may take in all (None: the manifest)."""
@@ -242,6 +244,10 @@ class HttpSource:
         self._prefetch = prefetch
         self._own_client = client is None
         self._transport = _Transport(self._halted)
+        for k, v in (headers or {}).items():  # httpx would raise a bare UnicodeEncodeError
+            if not (isinstance(k, str) and isinstance(v, str) and k.isascii() and v.isascii()):
+                raise P2UError(f"headers: {_short(repr(k), 40)} must be an ASCII string with an "
+                               "ASCII string value")
         self._client = client if client is not None else httpx.Client(
             timeout=httpx.Timeout(self._retry.timeout), follow_redirects=False,
             headers={"User-Agent": f"p2u-onnx/{__version__}", **(headers or {})},

@@ -226,6 +226,8 @@ def load_trusted_keys(trust: TrustSpec) -> dict[str, bytes]:
                        f"not {type(trust).__name__}")
     keys: dict[str, bytes] = {}
     for item in items:
+        if isinstance(item, str) and not item.strip():
+            raise P2UError("trust: an empty string is neither a public key nor a .pub file")
         if isinstance(item, str) and item.strip().startswith(KEY_PREFIX):
             raws = [_parse_public(item, "trust key")]
         elif isinstance(item, (str, os.PathLike)):

@@ -1310,3 +1310,60 @@ def test_a_lock_held_forever_by_another_process_is_bounded(hostile, tmp_path):
         _, err = _timed(lambda: src.fetch(1), 5)
     assert "lock" in one_line(err)
     src.close()
+
+
+def test_serve_survives_garbage_requests_and_logs_one_clean_line_each(served):
+    import random
+
+    rnd = random.Random(14)
+    lines: list[str] = []
+    garbage = [bytes(rnd.randrange(256) for _ in range(rnd.randrange(1, 300))) + b"\r\n\r\n"
+               for _ in range(25)]
+    garbage += [b"GET /m.p2u/manifest.json HTTP/1.1\r\n" + b"X: y\r\n" * 200 + b"\r\n",
+                b"GET /" + b"a" * 70000 + b" HTTP/1.1\r\n\r\n",
+                b"GET /m.p2u/manifest.json HTTP/1.1\r\nRange: bytes=0-1\r\nRange: bytes=2-3\r\n\r\n",
+                b"DELETE /m.p2u/manifest.json HTTP/1.1\r\n\r\n",
+                b"GET /m.p2u/manifest.json HTTP/2.0\r\n\r\n",
+                b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03" + b"\x00" * 64]
+    with PackageServer(served, log=lines.append, idle_timeout=0.5,
+                       max_connections=64) as srv:
+        def one(g: bytes) -> None:
+            try:
+                _raw(srv.url, g)
+            except OSError:
+                pass
+
+        threads = [threading.Thread(target=one, args=(g,)) for g in garbage]
+        for t in threads:
+            t.start()
+        for t in threads:
+            t.join(10)
+        assert _get(srv.url, "/m.p2u/manifest.json")[0] == 200
+    assert all(ln.isprintable() for ln in lines), [ln for ln in lines if not ln.isprintable()]
+    assert not [ln for ln in lines if "Traceback" in ln]
+
+
+@pytest.mark.parametrize("kw", [{"headers": {"X-Key": "\u00e9"}}, {"headers": {"\u00e9": "x"}},
+                                {"trust": ""}, {"trust": [None]}, {"expect": b"sha256:00"}])
+def test_bad_arguments_are_one_line_before_any_request(hostile, tmp_path, kw):
+    refused(lambda: HttpSource(hostile.url, tmp_path / "c", retry=QUICK, prefetch=False, **kw))
+    assert hostile.log == []
+
+
+@pytest.mark.parametrize("opt", [["--attempts", "0"], ["--timeout", "-1"], ["--timeout", "nan"],
+                                 ["--timeout", "inf"]])
+def test_cli_fetch_bad_retry_options_are_usage_errors(opt, tmp_path):
+    r = _cli("fetch", "http://127.0.0.1:1/", "-o", tmp_path / "o", *opt)
+    assert r.exit_code == 2 and "Traceback" not in r.output, r.output
+    assert isinstance(r.exception, SystemExit)
+    with pytest.raises(ValueError):
+        RetryPolicy(timeout=float("nan"))
+
+
+@pytest.mark.parametrize("opt", [["--port", "70000"], ["--port", "-1"], ["--idle-timeout", "nan"],
+                                 ["--idle-timeout", "inf"], ["--host", "bad host\n"]])
+def test_cli_serve_bad_options_are_one_line(opt, tmp_path):
+    """(A NaN idle timeout used to start a server whose every connection then failed.)"""
+    r = _cli("serve", tmp_path, *opt)
+    assert r.exit_code == 1 and isinstance(r.exception, SystemExit), (r.output, r.exception)
+    assert len(r.output.strip().splitlines()) == 1, repr(r.output)
