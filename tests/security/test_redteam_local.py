@@ -1490,3 +1490,37 @@ def test_devices_and_sockets_in_the_package(ppkg, kind, name):
     assert len(lines) == 5, out
     # verify and the session refuse; inspect only reads the manifest; restore needs no probe
     assert lines[1].startswith("REFUSED") and lines[3].startswith("REFUSED"), out
+
+
+def test_refused_sessions_leave_no_work_folder(pkg, tmp_path):
+    """Sessions refused at every point (manifest, base, probe, stage 1, stage 2) and
+    sessions closed normally: none of this process's work folders is left in the system's
+    temporary folder or in a given workdir."""
+    bad = {}
+    for case in ("tensor entry empty", "base.onnx garbage", "graph.onnx unknown op",
+                 "stage 1 truncated"):
+        q = tmp_path / case.replace(" ", "_") / "m.p2u"
+        shutil.copytree(pkg, q)
+        MALFORMED[case](q)
+        bad[case] = q
+    out = _rlimited(f"""
+        import os, tempfile
+        from pathlib import Path
+        from p2u_onnx.runtime import ProgressiveSession
+        from p2u_onnx.errors import P2UError
+        work = Path({str(tmp_path / 'work')!r})
+        for p in {[str(q) for q in bad.values()] + [str(pkg)]!r}:
+            for wd in (None, work):
+                try:
+                    with ProgressiveSession(p, verify=False, workdir=wd) as s:
+                        s.upgrade(background=False)
+                    print("SERVED", p)
+                except P2UError as e:
+                    print("REFUSED", e)
+        mine = f"p2u-{{os.getpid()}}-"
+        left = [n for n in os.listdir(tempfile.gettempdir()) if n.startswith(mine)]
+        left += [n for n in os.listdir(work) if n.startswith("session-")] if work.exists() else []
+        print("LEFT", left)
+    """, timeout=180)
+    assert out.count("REFUSED") == 8 and out.count("SERVED") == 2, out
+    assert "LEFT []" in out, out
