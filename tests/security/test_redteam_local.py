@@ -1543,3 +1543,33 @@ def test_refused_sessions_leave_no_work_folder(pkg, tmp_path):
     """, timeout=180)
     assert out.count("REFUSED") == 8 and out.count("SERVED") == 2, out
     assert "LEFT []" in out, out
+
+
+@settings(max_examples=40, deadline=None, derandomize=True,
+          suppress_health_check=list(HealthCheck))
+@given(data=st.data())
+def test_fuzz_stage_headers_resealed_through_every_reader(built, tmp_path_factory, data):
+    """A stage header mutated (structure-aware) and the manifest's stage table resealed:
+    restore, open_stages and a live session give one line or the untouched weights."""
+    from test_format_attacks import _mutate, _with_header
+
+    p = tmp_path_factory.mktemp("hf") / "m.p2u"
+    shutil.copytree(built["noprobe"], p)
+    k = data.draw(st.sampled_from([0, 1, 2]))
+    raw = (p / f"stage-{k}.p2u").read_bytes()
+    header = _mutate(read_stage(raw).header, data)
+    (p / f"stage-{k}.p2u").write_bytes(_with_header(raw, header))
+    reseal(p)
+    for fn in (lambda: api.restore(p, p.parent / "o.onnx"), lambda: api.open_stages(p),
+               lambda: api.verify(p)):
+        try:
+            fn()
+        except P2UError as e:
+            one_line(e)
+    try:
+        src = BytesSource((p / "manifest.json").read_bytes(), (p / "stage-0.p2u").read_bytes(),
+                          fetch=lambda j: (p / f"stage-{j}.p2u").read_bytes())
+        with ProgressiveSession(src, verify=False) as s:
+            s.upgrade(background=False)
+    except P2UError as e:
+        one_line(e)
