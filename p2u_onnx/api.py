@@ -98,15 +98,15 @@ def load_stage_model(package: str | os.PathLike, stage: int | None = None, *,
     stage = _stage_index(manifest, stage)
     if stage == 0:
         _check_base_digests(package, manifest)
-        return _base_model(package, fill=True)
+        return _base_model(package)
     return _filled_model(open_stages(package, stage, manifest=manifest))
 
 
-def _base_model(package: Path, fill: bool) -> onnx.ModelProto:
-    """``base.onnx`` of a checked package (:func:`_check_base_digests`), parsed from bytes;
-    with ``fill``, every external tensor's bytes read from ``base.bin`` by p2u itself. onnx's
-    external-data loader is never used: the spans were checked by p2u, and its hard-link guard
-    refuses a package a user copied with ``cp -al``."""
+def _base_model(package: Path) -> onnx.ModelProto:
+    """``base.onnx`` of a checked package (:func:`_check_base_digests`), parsed from bytes,
+    every external tensor's bytes read from ``base.bin`` by p2u itself. onnx's external-data
+    loader is never used: the spans were checked by p2u, and its hard-link guard refuses a
+    package a user copied with ``cp -al``."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     from .format import open_regular
@@ -119,8 +119,6 @@ def _base_model(package: Path, fill: bool) -> onnx.ModelProto:
         raise FormatError(f"cannot read {where}: {e.strerror or e}") from e
     except Exception as e:  # protobuf's DecodeError on a hostile file
         raise _onnx_error(f"{where}: cannot be loaded", e) from e
-    if not fill:
-        return model
     try:
         with open_regular(package / "base.bin") as f:
             for t in _all_tensors(model):
