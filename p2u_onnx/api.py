@@ -98,15 +98,15 @@ def load_stage_model(package: str | os.PathLike, stage: int | None = None, *,
     stage = _stage_index(manifest, stage)
     if stage == 0:
         _check_base_digests(package, manifest)
-        return _base_model(package, fill=True)
+        return _base_model(package)
     return _filled_model(open_stages(package, stage, manifest=manifest))
 
 
-def _base_model(package: Path, fill: bool) -> onnx.ModelProto:
-    """``base.onnx`` of a checked package (:func:`_check_base_digests`), parsed from bytes;
-    with ``fill``, every external tensor's bytes read from ``base.bin`` by p2u itself. onnx's
-    external-data loader is never used: the spans were checked by p2u, and its hard-link guard
-    refuses a package a user copied with ``cp -al``."""
+def _base_model(package: Path) -> onnx.ModelProto:
+    """``base.onnx`` of a checked package (:func:`_check_base_digests`), parsed from bytes,
+    every external tensor's bytes read from ``base.bin`` by p2u itself. onnx's external-data
+    loader is never used: the spans were checked by p2u, and its hard-link guard refuses a
+    package a user copied with ``cp -al``."""
     from onnx.external_data_helper import ExternalDataInfo, uses_external_data
 
     from .format import open_regular
@@ -119,8 +119,6 @@ def _base_model(package: Path, fill: bool) -> onnx.ModelProto:
         raise FormatError(f"cannot read {where}: {e.strerror or e}") from e
     except Exception as e:  # protobuf's DecodeError on a hostile file
         raise _onnx_error(f"{where}: cannot be loaded", e) from e
-    if not fill:
-        return model
     try:
         with open_regular(package / "base.bin") as f:
             for t in _all_tensors(model):
@@ -300,29 +298,26 @@ def verify(package: str | os.PathLike, *, expect: str | None = None,
     manifest, raw = _checked_manifest(package, expect, trust)
     _check_base_digests(package, manifest)
     base_onnx = package / "base.onnx"
-    # onnx and onnxruntime get the bytes p2u read (the spans were checked above), not the
-    # folder, below protobuf's limit; onnx's checker would open base.bin itself otherwise
-    model = _base_model(package, fill=True)
-    loadable: str | bytes = str(base_onnx)
-    if sum(len(t.raw_data) for t in _all_tensors(model)) < _PROTOBUF_LIMIT - (64 << 20):
+    with tempfile.TemporaryDirectory(prefix="p2u-verify-") as tmp:
+        # onnx and onnxruntime load private copies of what p2u checked, never the package's
+        # files: onnx's hard-link guard refuses a package a user copied with cp -al
+        copy = _private_copies(package, manifest, Path(tmp))
         try:
-            onnx.checker.check_model(model)
+            onnx.checker.check_model(str(copy))
         except Exception as e:
             raise _onnx_error(f"{base_onnx}: not a valid ONNX model", e) from e
-        loadable = model.SerializeToString()
-    del model
-    try:
-        import onnxruntime as ort
+        try:
+            import onnxruntime as ort
 
-        session = ort.InferenceSession(loadable, providers=["CPUExecutionProvider"])
-    except Exception as e:
-        raise _onnx_error(f"{base_onnx}: onnxruntime cannot load it", e) from e
-    if manifest.get("probe"):  # its size and sha256, and every array it must hold
-        from .probe import Probe, read_probe_file
+            session = ort.InferenceSession(str(copy), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise _onnx_error(f"{base_onnx}: onnxruntime cannot load it", e) from e
+        if manifest.get("probe"):  # its size and sha256, and every array it must hold
+            from .probe import Probe, read_probe_file
 
-        Probe(manifest["probe"], read_probe_file(package, manifest["probe"]),
-              session.get_inputs())
-    del session, loadable
+            Probe(manifest["probe"], read_probe_file(package, manifest["probe"]),
+                  session.get_inputs())
+        del session
     f0 = manifest["stages"][0]["files"][0]
     sf0 = read_stage(_check_file(package, f0), package_id=manifest["package_id"], stage=0,
                      sha256=f0["sha256"], manifest=manifest)
@@ -351,18 +346,41 @@ def verify(package: str | os.PathLike, *, expect: str | None = None,
                 raise IntegrityError(f"{package}: the lossless stage does not reproduce the "
                                      "source weights")
             result["lossless_match"] = True
+        del state
         # the skeleton graph must load as the base did (a session would fail at stage 1)
-        if sum(len(t.raw_data) for t in _all_tensors(model)) < _PROTOBUF_LIMIT - (64 << 20):
-            loadable = model.SerializeToString()
-            del model, state
+        with tempfile.TemporaryDirectory(prefix="p2u-verify-") as tmp:
             try:
                 import onnxruntime as ort
 
-                ort.InferenceSession(loadable, providers=["CPUExecutionProvider"])
+                path = Path(tmp) / "stage.onnx"
+                onnx.save_model(model, str(path), save_as_external_data=True,
+                                all_tensors_to_one_file=True, location="stage.data")
+                del model
+                ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+            except OSError as e:
+                raise P2UError(f"cannot write into {tmp}: {e.strerror or e}") from e
             except Exception as e:
                 raise _onnx_error(f"{package}: stage {last} (graph.onnx of stage 1 with its "
                                   "weights): onnxruntime cannot load it", e) from e
     return result
+
+
+def _private_copies(package: Path, manifest: dict[str, Any], folder: Path) -> Path:
+    """``base.onnx`` and ``base.bin`` of a package (sizes and digests already checked) copied
+    into ``folder``, so that nothing opens the package's own files; returns the copy of
+    ``base.onnx``."""
+    from .format import open_regular
+
+    for f in manifest["base_model"]["files"]:
+        if f["path"] not in ("base.onnx", "base.bin"):
+            continue
+        try:
+            with open_regular(package / f["path"]) as src, open(folder / f["path"], "wb") as dst:
+                shutil.copyfileobj(src, dst, 1 << 22)
+        except OSError as e:
+            raise FormatError(f"cannot copy {package / f['path']} into {folder}: "
+                              f"{e.strerror or e}") from e
+    return folder / "base.onnx"
 
 
 def stage_path(package: str | os.PathLike, index: int) -> Path:
