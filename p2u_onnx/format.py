@@ -420,9 +420,9 @@ def read_stage(
     return StageFile(buf, header, name)
 
 
-def load_manifest(package: str | os.PathLike) -> dict[str, Any]:
-    """Read and check ``manifest.json`` of a package directory (at most 64 MiB, a regular
-    file, validated by :func:`validate_manifest`)."""
+def read_manifest_bytes(package: str | os.PathLike) -> bytes:
+    """The exact bytes of ``package/manifest.json`` (a regular file, at most 64 MiB), not yet
+    parsed: what a pin is checked against."""
     path = Path(package) / MANIFEST_NAME
     try:
         with open_regular(path) as f:
@@ -434,7 +434,15 @@ def load_manifest(package: str | os.PathLike) -> dict[str, Any]:
                           f"that holds {MANIFEST_NAME} and the stage files)") from None
     except OSError as e:
         raise FormatError(f"cannot read {path}: {e.strerror or e}") from e
-    return parse_manifest(text, str(path))
+    if len(text) > MAX_MANIFEST:
+        raise FormatError(f"{path}: manifest larger than {MAX_MANIFEST} bytes (refused)")
+    return text
+
+
+def load_manifest(package: str | os.PathLike) -> dict[str, Any]:
+    """Read and check ``manifest.json`` of a package directory (at most 64 MiB, a regular
+    file, validated by :func:`validate_manifest`)."""
+    return parse_manifest(read_manifest_bytes(package), str(Path(package) / MANIFEST_NAME))
 
 
 def parse_manifest(text: bytes, where: str = MANIFEST_NAME) -> dict[str, Any]:

@@ -55,7 +55,8 @@ from pathlib import Path
 from typing import Any
 
 from .errors import FormatError, P2UError, TrustError
-from .format import MANIFEST_NAME, atomic_write_bytes, open_regular, parse_manifest
+from .format import MANIFEST_NAME, atomic_write_bytes, open_regular, parse_manifest, \
+    read_manifest_bytes
 
 try:  # POSIX: one writer of the state file at a time
     import fcntl
@@ -148,20 +149,6 @@ def _read_capped(path: Path, cap: int, what: str) -> bytes:
     if len(data) > cap:
         raise FormatError(f"{path}: {what} larger than {cap} bytes (refused)")
     return data
-
-
-def read_manifest_bytes(package: str | os.PathLike) -> bytes:
-    """The exact bytes of ``package/manifest.json`` (a regular file, at most 64 MiB)."""
-    path = Path(package) / MANIFEST_NAME
-    try:
-        return _read_capped(path, MAX_MANIFEST, "manifest")
-    except FileNotFoundError:
-        raise FormatError(f"{package}: not a p2u package (no {MANIFEST_NAME})") from None
-    except NotADirectoryError:
-        raise FormatError(f"{package}: not a p2u package (a file; a package is the directory "
-                          f"that holds {MANIFEST_NAME} and the stage files)") from None
-    except OSError as e:
-        raise FormatError(f"cannot read {path}: {e.strerror or e}") from e
 
 
 def read_signature(package: str | os.PathLike) -> bytes | None:
