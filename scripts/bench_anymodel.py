@@ -63,9 +63,6 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 WORK = ROOT / "build" / "bench_anymodel"
 
-# The version state (rollback protection) of these throw-away encodes stays in build/.
-os.environ.setdefault("P2U_STATE_DIR", str(WORK / "state"))
-
 import onnxruntime as ort  # noqa: E402
 
 import p2u_onnx  # noqa: E402
@@ -284,6 +281,8 @@ def bench_model(name: str, seconds: float, keep: bool) -> dict[str, Any]:
             v for k, v in files.items() if k.startswith("stage-") and k.endswith(".p2u"))
         row["package_bytes_without_probe"] = wire
         row["probe_bytes"] = files.get("probe.npz", 0)
+        if "probe.npz" not in files:
+            row["errors"].append("the package has no probe.npz (no staleness check on upgrades)")
         row["package_bytes"] = wire + row["probe_bytes"]
         row["package_vs_zstd"] = row["package_bytes"] / row["zstd19_bytes"]
         row["package_without_probe_vs_zstd"] = wire / row["zstd19_bytes"]
@@ -437,6 +436,8 @@ def main(argv: list[str] | None = None) -> int:
                     help="latency measurement time per model, after warm-up (default 2.5)")
     ap.add_argument("--keep", action="store_true", help="keep the packages under build/")
     args = ap.parse_args(argv)
+    # the version state (rollback protection) of these throw-away encodes stays in build/
+    os.environ.setdefault("P2U_STATE_DIR", str(WORK / "state"))
     names = args.models.split(",") if args.models else tp.list_models()
     unknown = [n for n in names if n not in tp.list_models()]
     if unknown:
