@@ -159,3 +159,13 @@ def test_markdown_has_one_row_per_model_and_the_missed_targets():
     assert "UserWarning: x<br>note: n" in md
     assert "| b | no package: encode: P2UError: bad |" in md
     assert "| a | none |" in md
+
+
+def test_tensor_bytes_map_matches_a_constant_lifted_to_an_initializer():
+    w = numpy_helper.from_array(np.arange(6, dtype=np.float32).reshape(2, 3), "w")
+    const = helper.make_node("Constant", [], ["w"], value=w)
+    ident = helper.make_node("Identity", ["w"], ["y"])
+    out = [helper.make_tensor_value_info("y", TensorProto.FLOAT, [2, 3])]
+    as_constant = helper.make_model(helper.make_graph([const, ident], "g", [], out))
+    as_initializer = helper.make_model(helper.make_graph([ident], "g", [], out, initializer=[w]))
+    assert bench._tensor_bytes_map(as_constant) == bench._tensor_bytes_map(as_initializer)
