@@ -180,7 +180,7 @@ def latency_ratios(orig, stage0, plain, feeds, seconds: float) -> tuple[float | 
     """Median per-round ratios (stage 0 / original, base.onnx / original) of interleaved runs.
 
     Each round runs the original, stage 0 and base.onnx once each on the same feed (feeds in
-    turn); rounds go on for about ``seconds`` (at least 5, at most 500) after one warm-up run
+    turn); rounds go on for about ``seconds`` (at least 3, at most 500) after one warm-up run
     of each.
     """
     sessions = [s for s in (orig, stage0, plain) if s is not None]
@@ -189,7 +189,7 @@ def latency_ratios(orig, stage0, plain, feeds, seconds: float) -> tuple[float | 
     r0, r1 = [], []
     t_end = time.perf_counter() + seconds
     rounds = 0
-    while rounds < 5 or (time.perf_counter() < t_end and rounds < 500):
+    while rounds < 3 or (time.perf_counter() < t_end and rounds < 500):
         f = feeds[rounds % len(feeds)]
         times = []
         for s in (orig, stage0, plain):
