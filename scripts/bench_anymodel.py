@@ -47,6 +47,7 @@ import json
 import logging
 import math
 import os
+import re
 import shutil
 import statistics
 import sys
@@ -219,23 +220,37 @@ class _Capture(logging.Handler):
 
 @contextlib.contextmanager
 def captured():
-    """Collect what the encoder prints (stdout, stderr), warns and logs at WARNING or above."""
+    """Collect what the encoder prints, warns and logs at WARNING or above.
+
+    Python's stdout and stderr, ``warnings``, ``logging`` and file descriptor 2 (where
+    onnxruntime's own C++ log lines go) are all captured; the lines are appended to the list
+    this yields when the block ends.
+    """
     out, err = io.StringIO(), io.StringIO()
     handler = _Capture()
     root = logging.getLogger()
     root.addHandler(handler)
     lines: list[str] = []
+    caught: list = []
+    sys.stderr.flush()
+    saved_fd = os.dup(2)
+    fd_file = tempfile.TemporaryFile()
+    os.dup2(fd_file.fileno(), 2)
     try:
         with warnings.catch_warnings(record=True) as caught, \
                 contextlib.redirect_stdout(out), contextlib.redirect_stderr(err):
             warnings.simplefilter("always")
             yield lines
     finally:
+        os.dup2(saved_fd, 2)
+        os.close(saved_fd)
+        fd_file.seek(0)
+        fd_text = re.sub(r"\x1b\[[0-9;]*m", "", fd_file.read().decode("utf-8", "replace"))
+        fd_file.close()
         root.removeHandler(handler)
-        for w in caught if "caught" in locals() else []:
-            lines.append(f"{w.category.__name__}: {w.message}")
+        lines.extend(f"{w.category.__name__}: {w.message}" for w in caught)
         lines.extend(handler.lines)
-        lines.extend(ln.strip() for ln in (out.getvalue() + err.getvalue()).splitlines()
+        lines.extend(ln.strip() for ln in (out.getvalue() + err.getvalue() + fd_text).splitlines()
                      if ln.strip())
 
 

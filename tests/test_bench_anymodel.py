@@ -169,3 +169,19 @@ def test_tensor_bytes_map_matches_a_constant_lifted_to_an_initializer():
     as_constant = helper.make_model(helper.make_graph([const, ident], "g", [], out))
     as_initializer = helper.make_model(helper.make_graph([ident], "g", [], out, initializer=[w]))
     assert bench._tensor_bytes_map(as_constant) == bench._tensor_bytes_map(as_initializer)
+
+
+def test_captured_collects_prints_warnings_logs_and_fd2():
+    import logging
+    import os
+    import warnings
+
+    with bench.captured() as lines:
+        print("printed")
+        warnings.warn("warned")
+        logging.getLogger("x").warning("logged")
+        os.write(2, b"\x1b[1;31mnative line\x1b[m\n")
+    assert "UserWarning: warned" in lines
+    assert "log warning: logged" in lines
+    assert "printed" in lines
+    assert "native line" in lines
