@@ -424,8 +424,8 @@ class _TensorCoder:
         if p.sel is None:
             if len(p.raw) >= EXTERNALIZE_BYTES and not _typed_fields(t):
                 passes.set_external(t, "base.bin", self.bins.add(p.raw))
-            elif not _typed_fields(t) and p.raw:
-                t.raw_data = p.raw
+            elif not _typed_fields(t) and p.raw and any(t.dims) and all(t.dims):
+                t.raw_data = p.raw  # (an empty tensor was hashed as its serialized self)
             return len(p.raw)
         info, layout, key = dtype_info(t.data_type), p.sel.layout, p.slot.key
         if p.palette is not None:

@@ -552,3 +552,37 @@ def test_image_size_the_graph_does_not_say_is_retried(tmp_path):
     assert res.manifest["allocation"]["calibrated"]
     assert any("calibration ran on 224x224 images" in n for n in res.warnings), res.warnings
     assert probe_feed(tmp_path / "p.p2u")["x"].shape == (1, 3, 224, 224)
+
+
+def test_an_empty_integer_initializer_stays_empty(tmp_path):
+    """A 0-element INT64 initializer (a Concat operand in some exports) was written back into
+    base.onnx with the bytes it was hashed as (its serialized TensorProto): onnxruntime refused
+    the base and no stage was bit-exact."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "W")
+    empty = numpy_helper.from_array(np.zeros((0,), np.int64), "empty")
+    shape = numpy_helper.from_array(np.array([1, 32], np.int64), "shape")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y0"]),
+         helper.make_node("Concat", ["shape", "empty"], ["newshape"], axis=0),
+         helper.make_node("Reshape", ["y0", "newshape"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [w, empty, shape])
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    src = tmp_path / "m.onnx"
+    onnx.save(model, str(src))
+    pkg = tmp_path / "m.p2u"
+    p2u_onnx.encode(src, pkg, "4,lossless")
+    assert p2u_onnx.verify(pkg)["lossless_match"] is True
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    base = ort.InferenceSession(str(pkg / "base.onnx"), providers=["CPUExecutionProvider"])
+    assert base.run(None, {"x": x})[0].shape == (1, 32)
+    out = tmp_path / "r.onnx"
+    p2u_onnx.restore(pkg, out)
+    restored = {t.name: t for t in onnx.load(str(out)).graph.initializer}
+    assert numpy_helper.to_array(restored["empty"]).shape == (0,)
+    got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    assert np.array_equal(got[0], want[0])
