@@ -48,7 +48,10 @@ def test_collapse_keeps_values_and_leaves_untouched_memory_alone():
     assert _resident_pages(untouched) < 4
     done = _memory.collapse_to_huge_pages(regions)
     np.testing.assert_array_equal(touched, np.arange(8 << 20, dtype=np.int32))
-    assert _resident_pages(untouched) < 4  # not made resident
+    # not made resident. The 2 MB at each end are left out: when the two arrays are adjacent
+    # in one mapping, the kernel's own khugepaged may collapse the huge page that straddles
+    # them (numpy advises MADV_HUGEPAGE for large arrays), faulting in up to 511 pages there
+    assert _resident_pages(untouched[_memory.HUGE:-_memory.HUGE]) < 4
     assert done % _memory.HUGE == 0 and done <= touched.nbytes
     if done:  # the kernel has MADV_COLLAPSE (Linux 6.1+) and transparent huge pages
         assert done >= touched.nbytes - 2 * _memory.HUGE
