@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import dataclasses
 import hashlib
+import math
 import os
 import shutil
 import time
@@ -424,7 +425,7 @@ class _TensorCoder:
         if p.sel is None:
             if len(p.raw) >= EXTERNALIZE_BYTES and not _typed_fields(t):
                 passes.set_external(t, "base.bin", self.bins.add(p.raw))
-            elif not _typed_fields(t) and p.raw and any(t.dims) and all(t.dims):
+            elif not _typed_fields(t) and p.raw and math.prod(t.dims) > 0:  # [] is a scalar
                 t.raw_data = p.raw  # (an empty tensor was hashed as its serialized self)
             return len(p.raw)
         info, layout, key = dtype_info(t.data_type), p.sel.layout, p.slot.key

@@ -586,3 +586,28 @@ def test_an_empty_integer_initializer_stays_empty(tmp_path):
     got = ort.InferenceSession(str(out), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})
     assert np.array_equal(got[0], want[0])
+
+
+def test_scalar_initializers_keep_their_value(tmp_path):
+    """A scalar (dims []) holds one value: it is written back, not taken for an empty tensor."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(1)
+    w = numpy_helper.from_array(rng.standard_normal((64, 32)).astype(np.float32), "W")
+    two = numpy_helper.from_array(np.array(2.0, np.float32), "two")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y0"]),
+         helper.make_node("Mul", ["y0", "two"], ["y"])],
+        "g", [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 64])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 32])], [w, two])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    pkg = tmp_path / "m.p2u"
+    p2u_onnx.encode(src, pkg, "4,lossless")
+    assert p2u_onnx.verify(pkg)["lossless_match"] is True
+    x = rng.standard_normal((1, 64)).astype(np.float32)
+    base = ort.InferenceSession(str(pkg / "base.onnx"), providers=["CPUExecutionProvider"])
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(None, {"x": x})
+    got = base.run(None, {"x": x})[0].ravel()
+    cos = float(got @ want[0].ravel() / np.linalg.norm(got) / np.linalg.norm(want[0]))
+    assert cos > 0.97 and 0.8 < np.linalg.norm(got) / np.linalg.norm(want[0]) < 1.25
