@@ -43,6 +43,7 @@ __all__ = ["MAX_SAMPLES", "PROBE_NAME", "Probe", "check_feed", "record_probe", "
 PROBE_NAME = "probe.npz"
 MAX_SAMPLES = 4096  # values kept per output and stage
 MAX_STORED_INPUT_BYTES = 4 << 20  # bigger inputs are synthesized again on the device
+STORED_SYNTH_INPUT_BYTES = 64 << 10  # synthesized inputs above this are not stored either
 MAX_SYNTH_BYTES = 1 << 28  # ... up to this size (inputs declared bigger: no probe)
 NOISE_FACTOR = 16.0  # tolerance = this x the spread seen between two configurations ...
 REL_FLOOR = {"tensor(float)": 1e-4, "tensor(double)": 1e-4, "tensor(float16)": 4e-3}
@@ -489,7 +490,11 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any], *,
     except Exception as e:  # noqa: BLE001 - any failure means: cannot probe
         return fail(f"a later stage fails on the probe inputs ({_first_line(e)})")
 
-    stored = sum(v.nbytes for v in feed.values()) <= MAX_STORED_INPUT_BYTES
+    # Synthesized inputs are made again on the device (deterministic, exact arithmetic), so
+    # only the user's own inputs and small synthesized ones ride in probe.npz: stored
+    # synthesized inputs were most of some packages (a 534 KB probe beside 1.1 MB of stages)
+    stored = used[0] == "given" or \
+        sum(v.nbytes for v in feed.values()) <= STORED_SYNTH_INPUT_BYTES
     arrays: dict[str, np.ndarray] = {}
     input_names = list(feed)
     if stored:

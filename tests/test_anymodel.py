@@ -611,3 +611,26 @@ def test_scalar_initializers_keep_their_value(tmp_path):
     got = base.run(None, {"x": x})[0].ravel()
     cos = float(got @ want[0].ravel() / np.linalg.norm(got) / np.linalg.norm(want[0]))
     assert cos > 0.97 and 0.8 < np.linalg.norm(got) / np.linalg.norm(want[0]) < 1.25
+
+
+def test_large_synthesized_probe_inputs_are_made_again_not_stored(tmp_path):
+    """Synthesized probe inputs over 64 KiB are not stored in probe.npz (the device makes them
+    again); the package is smaller for it and every upgrade is still checked."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(2)
+    w = numpy_helper.from_array(rng.standard_normal((32768, 8)).astype(np.float32), "W")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "W"], ["y"])], "g",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [1, 32768])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 8])], [w])
+    src = tmp_path / "m.onnx"
+    onnx.save(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), str(src))
+    pkg = tmp_path / "m.p2u"
+    p2u_onnx.encode(src, pkg, "4,8,lossless")
+    probe = p2u_onnx.inspect(pkg)  # the manifest is valid
+    entry = __import__("json").loads((pkg / "manifest.json").read_text())["probe"]
+    assert entry["inputs_stored"] is False and probe["stages"]
+    assert (pkg / "probe.npz").stat().st_size < 8 << 10  # outputs only: 128 KiB of inputs left out
+    with p2u_onnx.ProgressiveSession(pkg) as s:
+        assert s.upgrade(background=False) == 2

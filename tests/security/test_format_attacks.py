@@ -724,6 +724,7 @@ def test_probe_with_synthesized_inputs_still_checks_every_stage(tmp_path, monkey
     import p2u_onnx.probe as probe_mod
 
     monkeypatch.setattr(probe_mod, "MAX_STORED_INPUT_BYTES", 0)
+    monkeypatch.setattr(probe_mod, "STORED_SYNTH_INPUT_BYTES", 0)
     p = tmp_path / "m.p2u"
     p2u_onnx.encode(mlp(), p, "4,8,lossless")
     m = manifest(p)

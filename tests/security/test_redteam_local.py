@@ -1068,6 +1068,7 @@ def synth_pkg(tmp_path, monkeypatch) -> Path:
     from synth import _model, vi, weight
 
     monkeypatch.setattr(probe_mod, "MAX_STORED_INPUT_BYTES", 0)
+    monkeypatch.setattr(probe_mod, "STORED_SYNTH_INPUT_BYTES", 0)
     table = onnx.numpy_helper.from_array(weight((512, 64)), "E")
     model = _model([helper.make_node("Gather", ["E", "ids"], ["y"])],
                    [vi("ids", TensorProto.INT64, ("N", 8))],
