@@ -295,12 +295,9 @@ def probe_inputs(model: ModelProto, calib: str | None,
     return out
 
 
-def load_feeds(path: str | Path, model: ModelProto) -> list[dict[str, np.ndarray]]:
-    """Inputs from an .npz: keys are input names; arrays with a leading batch axis (the length
-    of the first input's) are split into batches of 8 along it. Raises :class:`P2UError` with
-    one line for a file that is not an .npz of arrays fitting the model's inputs."""
-    from .probe import check_feed
-
+def check_npz_file(path: str | Path) -> Path:
+    """``path`` if it starts like an .npz (a zip); else :class:`P2UError`, one line saying
+    what it is instead (a lone .npy, anything else) and what is expected."""
     p = Path(path)
     try:
         with open(p, "rb") as f:
@@ -311,6 +308,16 @@ def load_feeds(path: str | Path, model: ModelProto) -> list[dict[str, np.ndarray
         what = "a single .npy array" if magic.startswith(b"\x93NUMPY") else "not an .npz file"
         raise P2UError(f"{p}: {what}; expected an .npz with one array per model input "
                        "(numpy.savez(path, input_name=array, ...))")
+    return p
+
+
+def load_feeds(path: str | Path, model: ModelProto) -> list[dict[str, np.ndarray]]:
+    """Inputs from an .npz: keys are input names; arrays with a leading batch axis (the length
+    of the first input's) are split into batches of 8 along it. Raises :class:`P2UError` with
+    one line for a file that is not an .npz of arrays fitting the model's inputs."""
+    from .probe import check_feed
+
+    p = check_npz_file(path)
     try:
         with np.load(p, allow_pickle=False) as z:
             data = {k: z[k] for k in z.files}

@@ -83,16 +83,9 @@ def load_inputs(path: str | os.PathLike, args: Sequence[Any], *,
     """
     from .probe import _NUMPY_TYPES
 
-    p = Path(path)
-    try:
-        with open(p, "rb") as f:
-            magic = f.read(4)
-    except OSError as e:
-        raise P2UError(f"{p}: cannot read the inputs ({e.strerror or e})") from None
-    if magic != b"PK\x03\x04":
-        what = "a single .npy array" if magic == b"\x93NUM" else "not an .npz file"
-        raise P2UError(f"{p}: {what}; expected an .npz with one array per model input "
-                       "(numpy.savez(path, input_name=array, ...))")
+    from .calibrate import check_npz_file
+
+    p = check_npz_file(path)
     data: dict[str, np.ndarray] = {}
     try:
         z = np.load(p, allow_pickle=False)
