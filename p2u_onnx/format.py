@@ -729,31 +729,10 @@ def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
                 check_tensor_base(t, base_bin)
             except FormatError as e:
                 raise c.fail(f"{p}.base", f"is not valid ({e})") from None
-            for key in ("codes", "palette"):
-                off, length = b[key]
-                base_spans.append((off, off + length, f"{p}.base.{key}"))
-            off, length = c.span(c.get(t, "weights", p), f"{p}.weights", MAX_SIZE, "2**40")
-            if length != size * item:
-                raise c.fail(f"{p}.weights", f"holds {length} bytes, a {dtype} tensor of "
-                                             f"shape {shape} has {size * item}")
-            spans.append((off, off + length, p))
-            continue
-        code_type = c.get(b, "code_type", f"{p}.base")
-        if not _member(code_type, _CODE_BITS) or isinstance(code_type, bool):
-            raise c.fail(f"{p}.base.code_type", f"is {_show(code_type)}, not one of "
-                                                f"{sorted(_CODE_BITS)} (onnx integer types)")
-        per = 8 // _CODE_BITS[code_type]
-        want = {"codes": -(-size // per), "scale": n_blocks * scale_item,
-                "zero_point": -(-n_blocks // per)}
-        for key, n in want.items():
-            v = c.get(b, key, f"{p}.base", None if key == "zero_point" else KeyError)
-            if v is None and key == "zero_point":
-                continue
-            off, length = c.span(v, f"{p}.base.{key}", base_bin, "base.bin")
-            if length != n:
-                raise c.fail(f"{p}.base.{key}", f"holds {length} bytes, the tensor's shape, "
-                                                f"layout and code type need {n}")
-            base_spans.append((off, off + length, f"{p}.base.{key}"))
+            base_spans += [(b[k][0], b[k][0] + b[k][1], f"{p}.base.{k}")
+                           for k in ("codes", "palette")]
+        else:
+            _base_spans(c, b, size, n_blocks, scale_item, base_bin, p, base_spans)
         off, length = c.span(c.get(t, "weights", p), f"{p}.weights", MAX_SIZE, "2**40")
         if length != size * item:
             raise c.fail(f"{p}.weights", f"holds {length} bytes, a {dtype} tensor of shape "
@@ -773,6 +752,29 @@ def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
     if spans and spans[-1][1] > room:
         raise c.fail(f"{spans[-1][2]}.weights", f"ends at byte {spans[-1][1]} of weights.bin, "
                                                 f"past the {room} bytes its tensors need")
+
+
+
+def _base_spans(c: _Checker, b: dict, size: int, n_blocks: int, scale_item: int,
+                base_bin: int, p: str, base_spans: list[tuple[int, int, str]]) -> None:
+    """Check a regular tensor's codes, scale and zero point spans (inside base.bin, exactly as
+    long as the shape, layout and code type need) and add them to ``base_spans``."""
+    code_type = c.get(b, "code_type", f"{p}.base")
+    if not _member(code_type, _CODE_BITS) or isinstance(code_type, bool):
+        raise c.fail(f"{p}.base.code_type", f"is {_show(code_type)}, not one of "
+                                            f"{sorted(_CODE_BITS)} (onnx integer types)")
+    per = 8 // _CODE_BITS[code_type]
+    want = {"codes": -(-size // per), "scale": n_blocks * scale_item,
+            "zero_point": -(-n_blocks // per)}
+    for key, n in want.items():
+        v = c.get(b, key, f"{p}.base", None if key == "zero_point" else KeyError)
+        if v is None and key == "zero_point":
+            continue
+        off, length = c.span(v, f"{p}.base.{key}", base_bin, "base.bin")
+        if length != n:
+            raise c.fail(f"{p}.base.{key}", f"holds {length} bytes, the tensor's shape, "
+                                            f"layout and code type need {n}")
+        base_spans.append((off, off + length, f"{p}.base.{key}"))
 
 
 def _layout(c: _Checker, lay: dict, shape: list[int], size: int,
