@@ -34,6 +34,8 @@ ends (about 20 bytes per folded 4-bit weight, 13 per 8-bit one; a 12 MB Gemm MLP
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+
 import numpy as np
 import onnx
 from onnx import GraphProto, ModelProto, NodeProto, TensorProto, helper, numpy_helper
@@ -69,16 +71,8 @@ def gather_then_dequantize(model: ModelProto) -> int:
     Returns how many Gathers were rewritten.
     """
     opset = default_opset(model)
-    users = consumers_by_name(model)
     done = 0
-    # Deepest graphs first: rewriting a graph's node list copies the subgraphs inside it.
-    graphs = [(g, path) for g, path in iter_containers(model) if isinstance(g, GraphProto)]
-    for g, _ in sorted(graphs, key=lambda gp: -gp[1].count("/")):
-        inits = {t.name: t for t in g.initializer}
-        own = {id(n) for n in g.node}
-        table = users.get(id(g), {})
-        outputs = {o.name for o in g.output}
-        inputs = {i.name for i in g.input}
+    for g, inits, own, table, outputs, inputs in _graphs_deepest_first(model):
         replace: dict[int, list[NodeProto]] = {}
         drop: set[int] = set()
         for dq in g.node:
@@ -96,15 +90,32 @@ def gather_then_dequantize(model: ModelProto) -> int:
                 per = 8 // plan["bits"]
                 q.data_type = TensorProto.UINT8
                 q.dims[1] //= per
-        if drop:
-            nodes = []
-            for n in g.node:
-                if id(n) in drop:
-                    continue
-                nodes.extend(replace.get(id(n), [n]))
-            del g.node[:]
-            g.node.extend(nodes)
+        _splice(g, replace, drop)
     return done
+
+
+def _graphs_deepest_first(model: ModelProto) -> Iterator[tuple]:
+    """Every graph of ``model``, deepest first (rewriting a graph's node list copies the
+    subgraphs inside it), as ``(graph, initializers by name, ids of its own nodes, readers of
+    each name (:func:`~p2u_onnx.graph.consumers_by_name`), output names, input names)``."""
+    users = consumers_by_name(model)
+    graphs = [(g, path) for g, path in iter_containers(model) if isinstance(g, GraphProto)]
+    for g, _ in sorted(graphs, key=lambda gp: -gp[1].count("/")):
+        yield (g, {t.name: t for t in g.initializer}, {id(n) for n in g.node},
+               users.get(id(g), {}), {o.name for o in g.output}, {i.name for i in g.input})
+
+
+def _splice(g: GraphProto, replace: dict[int, list[NodeProto]], drop: set[int] = frozenset()
+            ) -> None:
+    """Replace nodes of ``g`` by id (``replace``), remove others (``drop``), keeping order."""
+    if not replace and not drop:
+        return
+    nodes = []
+    for n in g.node:
+        if id(n) not in drop:
+            nodes.extend(replace.get(id(n), [n]))
+    del g.node[:]
+    g.node.extend(nodes)
 
 
 def _lookup_plan(dq, inits, users, own, outputs, inputs, opset) -> dict | None:
@@ -300,15 +311,8 @@ def dequantize_at_load(model: ModelProto) -> int:
     opset = default_opset(model)
     if opset < 13:  # Unsqueeze/Slice with input axes; DequantizeLinear axis: 13+
         return 0
-    users = consumers_by_name(model)
     done = 0
-    graphs = [(g, path) for g, path in iter_containers(model) if isinstance(g, GraphProto)]
-    for g, _ in sorted(graphs, key=lambda gp: -gp[1].count("/")):
-        inits = {t.name: t for t in g.initializer}
-        own = {id(n) for n in g.node}
-        table = users.get(id(g), {})
-        outputs = {o.name for o in g.output}
-        inputs = {i.name for i in g.input}
+    for g, inits, own, table, outputs, inputs in _graphs_deepest_first(model):
         taken = set(inits) | {o for n in g.node for o in n.output} | inputs
         shared: dict[tuple, str] = {}  # small constants, one initializer per value
         replace: dict[int, list[NodeProto]] = {}
@@ -320,12 +324,7 @@ def dequantize_at_load(model: ModelProto) -> int:
             replace[id(dq)] = nodes
             g.initializer.extend(tensors)
             done += 1
-        if replace:
-            nodes = []
-            for n in g.node:
-                nodes.extend(replace.get(id(n), [n]))
-            del g.node[:]
-            g.node.extend(nodes)
+        _splice(g, replace)
     return done
 
 
