@@ -11,7 +11,7 @@ from pathlib import Path
 
 import click
 
-from ._cliutil import CONTEXT, ProgressBar, _fmt_bytes, _friendly
+from ._cliutil import CONTEXT, ProgressBar, _fmt_bytes, _friendly, cleanup_on_sigterm
 
 
 @click.command(context_settings=CONTEXT)
@@ -49,7 +49,8 @@ def serve(package, host, port, rate, max_connections, idle_timeout, quiet) -> No
         click.echo("warning: p2u serve is a development server (no TLS, no access control); "
                    "serve production traffic with nginx or a CDN (docs/delivery.md)", err=True)
     try:
-        server.serve_forever()
+        with cleanup_on_sigterm():  # SIGTERM (a service manager's stop) as Ctrl-C: exit 0
+            server.serve_forever()
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
     finally:
@@ -101,7 +102,7 @@ def fetch(url, output, timeout, attempts, expect, trust, allow_rollback, quiet) 
     except ValueError as e:  # --attempts 0, --timeout -1 or nan: a usage error, one line
         raise click.UsageError(f"--attempts / --timeout: {e}") from None
     cancel = threading.Event()
-    with ProgressBar("fetch", quiet) as progress:
+    with ProgressBar("fetch", quiet) as progress, cleanup_on_sigterm():
         try:
             path = do_fetch(url, output, progress, cancel, retry=retry,
                             expect=expect, trust=trust or None, allow_rollback=allow_rollback)

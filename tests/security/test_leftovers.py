@@ -580,3 +580,55 @@ def test_on_stage_is_called_for_stage_0(pkg, tmp_path):
     with pytest.raises(RuntimeError, match="stage 0"):
         ProgressiveSession(pkg, workdir=work, on_stage=refuse)
     assert list(work.iterdir()) == []  # the half-made session cleaned up after itself
+
+
+@linux
+def test_sigterm_stops_p2u_serve_cleanly(pkg):
+    proc = _spawn("from p2u_onnx.cli import main; import sys; main(sys.argv[1:])",
+                  "serve", pkg, "--port", "0", "-q")
+    try:
+        url = _wait_line(proc, "serving package").split(" at ")[1].split(";")[0]
+        assert url.startswith("http://127.0.0.1:")
+        proc.send_signal(signal.SIGTERM)
+        _, err = proc.communicate(timeout=30)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 0, err  # a service manager's stop is a normal stop
+    assert "stopped" in err and "Traceback" not in err
+
+
+_SLOW_FETCH = """
+import sys, time
+from p2u_onnx import transport
+from p2u_onnx.cli import main
+real = transport.fetch
+def slow(url, dest, *a, **kw):
+    print("FETCHING", flush=True)
+    time.sleep(60)
+    return real(url, dest, *a, **kw)
+transport.fetch = slow
+main(sys.argv[1:])
+"""
+
+
+@linux
+def test_sigterm_during_p2u_fetch_exits_143_and_the_fetch_resumes(pkg, tmp_path):
+    from p2u_onnx.devserver import PackageServer
+
+    with PackageServer(pkg, "127.0.0.1", 0) as srv:
+        url = srv.url
+        out = tmp_path / "mirror.p2u"
+        proc = _spawn(_SLOW_FETCH, "fetch", url, "-o", out, "-q")
+        try:
+            _wait_line(proc, "FETCHING")
+            proc.send_signal(signal.SIGTERM)
+            _, err = proc.communicate(timeout=30)
+        finally:
+            if proc.poll() is None:
+                proc.kill()
+        assert proc.returncode == 128 + signal.SIGTERM, err
+        assert "terminated" in err and "Traceback" not in err
+        result = CliRunner().invoke(cli, ["fetch", url, "-o", str(out), "-q"])
+        assert result.exit_code == 0, result.output
+    assert (out / "manifest.json").read_bytes() == (pkg / "manifest.json").read_bytes()
