@@ -71,8 +71,12 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpcore
-import httpx
+try:
+    import httpcore
+    import httpx
+except ImportError as e:  # the device-only install without its [http] extra
+    raise ImportError(f"p2u_onnx.transport (packages at a URL) needs httpx, not installed ({e}): "
+                      "pip install 'p2u-onnx-runtime[http]' on a device", name=e.name) from e
 
 from . import __version__, _workdir
 from ._mirror import MirrorDir
