@@ -372,7 +372,7 @@ def report(results: list[dict], reboots: list[dict], rate: str, period: float) -
             continue
         stages = ", ".join(f"{k}: {_s(t)}" for k, t in sorted(r["stages"].items(),
                                                                key=lambda kv: int(kv[0])))
-        used = r.get("strategy", "?")
+        used = r.get("strategy") or r["asked"]
         shown = r["asked"] if used == r["asked"] else f"{r['asked']} ({used})"
         out.append(f"| {r['model']} | {shown} | {r['cap']} | {_s(r['first'])} | {stages} | "
                    f"{_ms(r.get('lat_med'))} / {_ms(r.get('lat_max'))} | "

@@ -105,6 +105,11 @@ def test_bench_board_quick(tmp_path):
         if name == "auto" and row["status"] == "not in this build":
             assert "auto: not in this build" in r.stdout
             continue
+        if "RLIMIT_AS" in row["cap"] and name != "inplace" and not row["fit"]:
+            # a machine without a usable cgroup: the address-space cap counts what
+            # onnxruntime and glibc reserve; only the inplace strategy is held to it
+            assert row["status"].startswith("failed") and row["status"] in r.stdout
+            continue
         assert row["fit"] is True and row["exact"] is True, row
         assert row["reached"] == max(int(k) for k in row["stages"])
         assert row["first"] < row["stages"][str(row["reached"])]
