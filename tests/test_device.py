@@ -152,3 +152,64 @@ def test_runtime_wheel_holds_the_device_modules(tmp_path):
     plain = [q for q in requires if "extra ==" not in q]
     assert [q.split(">")[0] for q in plain] == ["numpy", "onnxruntime", "zstandard"], requires
     assert any(q.startswith("httpx") and 'extra == "http"' in q for q in requires), requires
+
+
+# ---------------------------------------------------------------- manifest limit on a board
+
+
+def test_manifest_limit_is_lowered_by_the_environment(tmp_path, monkeypatch):
+    """P2U_MAX_MANIFEST lowers the bytes of manifest.json and the JSON values a reader takes
+    (parsing a hostile manifest at the defaults takes hundreds of MB); a real package still
+    loads under it, and a bad value is one line naming the variable."""
+    import json
+
+    import onnx
+
+    import synth
+    from p2u_onnx import P2UError, ProgressiveSession
+    from p2u_onnx.errors import FormatError
+    from p2u_onnx.format import MAX_JSON_ITEMS, MAX_MANIFEST, json_limits, load_manifest
+
+    assert json_limits() == (MAX_MANIFEST, MAX_JSON_ITEMS)
+    monkeypatch.setenv("P2U_MAX_MANIFEST", "64MiB")
+    assert json_limits() == (MAX_MANIFEST, MAX_JSON_ITEMS)
+    monkeypatch.setenv("P2U_MAX_MANIFEST", "1GiB")
+    with pytest.raises(P2UError, match="P2U_MAX_MANIFEST='1GiB' is not a size"):
+        json_limits()
+    monkeypatch.setenv("P2U_MAX_MANIFEST", "4MiB")
+    assert json_limits() == (4 << 20, (4 << 20) // 16)
+
+    onnx.save(synth.mlp(), str(tmp_path / "m.onnx"))
+    import p2u_onnx
+
+    p2u_onnx.encode(tmp_path / "m.onnx", tmp_path / "m.p2u")
+    with ProgressiveSession(tmp_path / "m.p2u") as s:  # a real manifest: a few KB
+        assert s.stages == len(load_manifest(tmp_path / "m.p2u")["stages"])
+
+    big = tmp_path / "big.p2u"
+    big.mkdir()
+    (big / "manifest.json").write_bytes(b" " * ((4 << 20) + 1) + b"{}")
+    with pytest.raises(FormatError, match=r"larger than 4194304 bytes \(P2U_MAX_MANIFEST\)"):
+        ProgressiveSession(big)
+    # many values in few bytes: refused before json builds them
+    (big / "manifest.json").write_bytes(json.dumps([{}] * 300_000).encode())
+    with pytest.raises(FormatError, match=r"more than 262144 JSON values \(P2U_MAX_MANIFEST\)"):
+        load_manifest(big)
+    monkeypatch.delenv("P2U_MAX_MANIFEST")
+    with pytest.raises(FormatError, match="not a p2u manifest"):  # parsed, then refused
+        load_manifest(big)
+
+
+def test_manifest_limit_over_http(tmp_path, monkeypatch):
+    """The HTTP client stops reading a manifest past the lowered limit."""
+    from p2u_onnx.devserver import PackageServer
+    from p2u_onnx.errors import TransportError
+    from p2u_onnx.transport import HttpSource
+
+    pkg = tmp_path / "p"
+    pkg.mkdir()
+    (pkg / "manifest.json").write_bytes(b" " * (600 << 10) + b"{}")
+    monkeypatch.setenv("P2U_MAX_MANIFEST", "512KiB")
+    with PackageServer(pkg) as server:
+        with pytest.raises(TransportError, match="larger than the 524288-byte limit"):
+            HttpSource(server.url, tmp_path / "cache")
