@@ -26,7 +26,6 @@ importing the package.
 from __future__ import annotations
 
 import importlib.abc
-import importlib.machinery
 import sys
 from typing import Any
 
@@ -78,12 +77,3 @@ def install_finder() -> None:
     """Append :class:`_MissingFinder` to ``sys.meta_path`` once."""
     if not any(isinstance(f, _MissingFinder) for f in sys.meta_path):
         sys.meta_path.append(_MissingFinder())
-
-
-def is_device_only() -> bool:
-    """True when this p2u_onnx lacks the encoder (the device-only distribution)."""
-    try:
-        return importlib.machinery.PathFinder.find_spec(
-            "p2u_onnx.encoder", sys.modules["p2u_onnx"].__path__) is None
-    except (KeyError, AttributeError, ImportError):
-        return False

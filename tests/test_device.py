@@ -128,8 +128,6 @@ def test_installed_check_refuses_a_full_environment(tmp_path):
     assert "AssertionError" in r.stderr and ("p2u-onnx-runtime" in r.stderr or "onnx" in r.stderr)
 
 
-@pytest.mark.skipif(shutil.which("pip") is None and not (Path(sys.executable).parent / "pip").exists(),
-                    reason="no pip")
 def test_runtime_wheel_holds_the_device_modules(tmp_path):
     """Building runtime/ gives a wheel of the device modules only, requiring numpy,
     onnxruntime and zstandard (httpx only as the http extra)."""
