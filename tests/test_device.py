@@ -211,3 +211,32 @@ def test_manifest_limit_over_http(tmp_path, monkeypatch):
     with PackageServer(pkg) as server:
         with pytest.raises(TransportError, match="larger than the 524288-byte limit"):
             HttpSource(server.url, tmp_path / "cache")
+
+
+def test_a_session_from_a_folder_imports_no_encoder_dependency(tmp_path):
+    """With onnx, click and tqdm installed and importable (this environment), a live upgrade
+    from a folder still leaves them out of sys.modules: nothing on the device path even tries."""
+    import onnx
+
+    import synth
+
+    onnx.save(synth.mlp(), str(tmp_path / "m.onnx"))
+    import p2u_onnx
+
+    p2u_onnx.encode(tmp_path / "m.onnx", tmp_path / "m.p2u")
+    code = """
+import sys
+import numpy as np
+from p2u_onnx import ProgressiveSession
+with ProgressiveSession(sys.argv[1], strategy="inplace") as s:
+    s.run(None, {"x": np.ones((2, 64), np.float32)})
+    s.upgrade().result()
+    assert s.stage == s.stages - 1
+print(sorted(m for m in sys.modules if m.split(".")[0] in ("onnx", "click", "tqdm")
+             or m in ("p2u_onnx.encoder", "p2u_onnx.api", "p2u_onnx.cli")))
+"""
+    r = subprocess.run([sys.executable, "-c", code, str(tmp_path / "m.p2u")], capture_output=True,
+                       text=True, timeout=120, env={**os.environ, "PYTHONPATH": str(ROOT),
+                                                     "P2U_STATE_DIR": str(tmp_path / "st")})
+    assert r.returncode == 0, r.stderr
+    assert r.stdout.strip() == "[]"
