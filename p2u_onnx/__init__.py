@@ -8,18 +8,22 @@ Encode a model into a low-bit base plus updates, restore any stage, or serve it 
     p2u_onnx.restore("model.p2u", "model_s1.onnx", stage=1)
 
 The encoder needs onnx; the device side (:mod:`p2u_onnx.runtime`) needs only numpy,
-onnxruntime and zstandard, so names here are imported lazily.
+onnxruntime and zstandard, so names here are imported lazily. The device-only distribution
+``p2u-onnx-runtime`` holds the device side alone (:mod:`p2u_onnx._device`).
 """
 
 from __future__ import annotations
 
 from typing import TYPE_CHECKING, Any
 
+from ._device import install_finder
 from .config import BitBudget, Plan, QuantConfig
 from .errors import (FormatError, IntegrityError, P2UError, PatchError, PlanError,
                      TransportError, TrustError, UnsupportedModelError)
 
 __version__ = "0.1.0"
+
+install_finder()  # the device-only install refuses the encoder's modules in one line
 
 __all__ = [
     "encode", "restore", "inspect", "verify", "ProgressiveSession", "Plan", "QuantConfig",

@@ -83,6 +83,7 @@ MAX_MANIFEST = 64 << 20  # bytes of manifest.json a reader accepts
 MAX_SIZE = 1 << 40  # any size, offset, length or element count a package declares
 MAX_DEPTH = 32  # nesting of JSON arrays and objects in a manifest or stage header
 MAX_JSON_ITEMS = 4 << 20  # values in one (a stage header of a 7B model has about 1.5M)
+MANIFEST_LIMIT_ENV = "P2U_MAX_MANIFEST"  # lowers both on a small device: json_limits()
 MAX_RANK = 32  # dimensions of a tensor
 MAX_STAGES = 1024
 MAX_EXTRA_PADDING = 1 << 22  # values of block padding beyond twice a tensor's own, in total
@@ -420,13 +421,38 @@ def read_stage(
     return StageFile(buf, header, name)
 
 
+def json_limits() -> tuple[int, int]:
+    """The largest ``manifest.json`` (bytes) and the most values in one JSON document (a
+    manifest or a stage header) this process accepts: :data:`MAX_MANIFEST` and
+    :data:`MAX_JSON_ITEMS`, or less where ``$P2U_MAX_MANIFEST`` says so (bytes, or with a
+    ``KiB``/``MiB`` suffix; it only lowers them), and then at most one value per 16 bytes of
+    it. A hostile but well-formed manifest (``[{"a":{},"b":{}},...]``) took 771 MiB to parse
+    at the defaults, 49 MiB at ``P2U_MAX_MANIFEST=4MiB``: a small board sets it."""
+    text = os.environ.get(MANIFEST_LIMIT_ENV, "").strip()
+    if not text:
+        return MAX_MANIFEST, MAX_JSON_ITEMS
+    m = re.fullmatch(r"(\d{1,12})\s*(KiB|MiB|)", text)
+    if m is None or int(m.group(1)) == 0:
+        raise P2UError(f"{MANIFEST_LIMIT_ENV}={text[:40]!r} is not a size: write e.g. 4MiB, "
+                       "512KiB or 4194304 (bytes)")
+    limit = int(m.group(1)) << {"": 0, "KiB": 10, "MiB": 20}[m.group(2)]
+    limit = min(limit, MAX_MANIFEST)
+    return limit, min(MAX_JSON_ITEMS, max(1, limit // 16))
+
+
+def _over(limit: int) -> str:
+    """Names the knob in a refusal when it set ``limit``."""
+    return f" ({MANIFEST_LIMIT_ENV})" if limit < MAX_MANIFEST else ""
+
+
 def read_manifest_bytes(package: str | os.PathLike) -> bytes:
     """The exact bytes of ``package/manifest.json`` (a regular file, at most 64 MiB), not yet
     parsed: what a pin is checked against."""
     path = Path(package) / MANIFEST_NAME
+    limit = json_limits()[0]
     try:
         with open_regular(path) as f:
-            text = f.read(MAX_MANIFEST + 1)
+            text = f.read(limit + 1)
     except FileNotFoundError:
         raise FormatError(f"{package}: not a p2u package (no {MANIFEST_NAME})") from None
     except NotADirectoryError:
@@ -434,8 +460,8 @@ def read_manifest_bytes(package: str | os.PathLike) -> bytes:
                           f"that holds {MANIFEST_NAME} and the stage files)") from None
     except OSError as e:
         raise FormatError(f"cannot read {path}: {e.strerror or e}") from e
-    if len(text) > MAX_MANIFEST:
-        raise FormatError(f"{path}: manifest larger than {MAX_MANIFEST} bytes (refused)")
+    if len(text) > limit:
+        raise FormatError(f"{path}: manifest larger than {limit} bytes{_over(limit)} (refused)")
     return text
 
 
@@ -448,8 +474,10 @@ def load_manifest(package: str | os.PathLike) -> dict[str, Any]:
 def parse_manifest(text: bytes, where: str = MANIFEST_NAME) -> dict[str, Any]:
     """The manifest in ``text`` (JSON), checked by :func:`validate_manifest`; :class:`FormatError`
     naming the first problem otherwise."""
-    if len(text) > MAX_MANIFEST:
-        raise FormatError(f"{where}: larger than the {MAX_MANIFEST >> 20} MiB a manifest may be")
+    limit = json_limits()[0]
+    if len(text) > limit:
+        raise FormatError(f"{where}: larger than the {limit / (1 << 20):g} MiB a manifest may "
+                          f"be{_over(limit)}")
     m = _load_json(text, where)
     validate_manifest(m, where)
     return m
@@ -485,8 +513,9 @@ def _load_json(text: bytes, where: str) -> Any:
     parser, absurd numbers) as one :class:`FormatError` line; then the nesting is capped.
     Before parsing, the number of values (commas, an upper bound) is capped too, which bounds
     the memory the parsed objects take (a few hundred MB at worst for 64 MiB of JSON)."""
-    if text.count(b",") > MAX_JSON_ITEMS:
-        raise FormatError(f"{where}: more than {MAX_JSON_ITEMS} JSON values")
+    items = json_limits()[1]
+    if text.count(b",") > items:
+        raise FormatError(f"{where}: more than {items} JSON values{_over(items << 4)}")
     try:
         value = json.loads(text)
     except RecursionError:

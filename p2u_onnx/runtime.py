@@ -679,7 +679,7 @@ def _http_source(url: str, workdir: str | os.PathLike | None, **trust: Any) -> S
         from .transport import HttpSource
     except ImportError as e:
         raise P2UError("loading a package from a URL needs httpx: "
-                       "pip install 'p2u-onnx[http]'") from e
+                       "pip install 'p2u-onnx-runtime[http]' on a device") from e
     return HttpSource(url, None if workdir is None else Path(workdir) / "http", **trust)
 
 

@@ -71,14 +71,18 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-import httpcore
-import httpx
+try:
+    import httpcore
+    import httpx
+except ImportError as e:  # the device-only install without its [http] extra
+    raise ImportError(f"p2u_onnx.transport (packages at a URL) needs httpx, not installed ({e}): "
+                      "pip install 'p2u-onnx-runtime[http]' on a device", name=e.name) from e
 
 from . import __version__, _workdir
 from ._mirror import MirrorDir
 from .errors import FormatError, IntegrityError, P2UError, TransportError, TrustError
-from .format import MANIFEST_NAME, check_name, open_regular, package_file, parse_manifest, \
-    read_stage, sha256_file
+from .format import MANIFEST_NAME, check_name, json_limits, open_regular, package_file, \
+    parse_manifest, read_stage, sha256_file
 from .trust import MAX_SIGNATURE, SIGNATURE_NAME, Policy, TrustSpec, check_signature, package_identity
 
 try:  # POSIX: lock the cache directory while a file is downloaded into it
@@ -730,6 +734,7 @@ class HttpSource:
         """The manifest's bytes, refused while they stream in once past ``cap`` bytes (a gzip
         or deflate body the server sends anyway is decoded under the same bound)."""
         headers = {**self._headers, "Cache-Control": "no-cache", "Accept-Encoding": "identity"}
+        cap = min(cap, json_limits()[0])  # $P2U_MAX_MANIFEST on a small device
         too_big = f"{what} is larger than the {cap}-byte limit (refused)"
         try:
             with self._open(url, headers, end) as r:
