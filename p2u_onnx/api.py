@@ -15,8 +15,8 @@ import onnx
 from .encoder import weights_digest
 from .errors import FormatError, IntegrityError, P2UError
 from .external import check_base_graph
-from .format import (AtomicFile, check_file_entry, load_manifest, package_file, read_stage,
-                     stage_file_name)
+from .format import (AtomicFile, check_file_entry, is_update, load_manifest, package_file,
+                     read_stage, stage_file_name)
 from .reconstruct import WeightState, extract_file
 from .trust import Policy, TrustSpec, read_manifest_bytes, read_signature
 
@@ -181,8 +181,21 @@ def restore(package: str | os.PathLike, output: str | os.PathLike,
     anything is written; versions are not checked or recorded (see :mod:`p2u_onnx.trust`).
     """
     package = Path(package)
-    model = load_stage_model(package, stage,
-                             manifest=_checked_manifest(package, expect, trust)[0])
+    manifest = _checked_manifest(package, expect, trust)[0]
+    if is_update(manifest):
+        raise P2UError(f"{package} is an update: it applies to "
+                       f"{_pred_text(manifest['predecessor'])}; give that with --from")
+    return _write_model(load_stage_model(package, stage, manifest=manifest), output)
+
+
+def _pred_text(pred: dict[str, Any]) -> str:
+    from .updates import _describe_pred
+
+    return _describe_pred(pred)
+
+
+def _write_model(model: onnx.ModelProto, output: str | os.PathLike) -> Path:
+    """Write ``model`` to ``output`` atomically (over 2 GB: tensors in ``<output>.data``)."""
     out = Path(output)
     if not out.parent.is_dir():
         what = "is not a folder" if out.parent.exists() else "does not exist"
