@@ -325,6 +325,7 @@ def verify_update(update: str | os.PathLike, base_from=None, *, from_stage: int 
     result = {"package": str(package), "stages": len(manifest["stages"]),
               "predecessor": manifest["predecessor"], "lossless_match": None,
               "replayed": False, "signed": trust is not None,
+              "name": manifest.get("name"), "version": manifest.get("version"),
               "manifest_sha256": hashlib.sha256(raw).hexdigest()}
     if base_from is None:
         return result
@@ -560,9 +561,7 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                        "files": [{"path": stage_file_name(k), "size": size, "sha256": sha}],
                        "bytes": size, "cumulative_bytes": cum,
                        "max_abs_error": err[k], "max_rel_error": rel[k]})
-    notes = [f"update against {_describe_pred(pred)}: {counts['same']} tensor(s) unchanged, "
-             f"{counts['delta']} changed, {counts['new']} new",
-             "no probe recorded (updates carry none yet)"]
+    notes = ["no probe recorded (updates carry none yet)"]
     manifest["notes"] = notes
     save_manifest(tmp, manifest)
     return manifest
