@@ -160,13 +160,31 @@ def _package_held(package: Path, manifest: dict[str, Any], stage: int | None,
                 manifest.get("name"), manifest.get("version"), model)
 
 
+def _named_stage(nxt, item) -> int | None:
+    """The stage of package ``item`` that update ``nxt`` is bound to (a lossy binding to that
+    package), else None (its last stage)."""
+    from .format import load_manifest
+
+    if isinstance(nxt, Held) or isinstance(item, (Held, ModelProto)):
+        return None
+    try:
+        if not (Path(nxt).is_dir() and Path(item).is_dir()):
+            return None
+        pred = load_manifest(nxt).get("predecessor") or {}
+        if "stage" in pred and pred.get("package_id") == load_manifest(item)["package_id"]:
+            return int(pred["stage"])
+    except (P2UError, OSError, TypeError):
+        return None
+    return None
+
+
 def held_state(source: str | os.PathLike | ModelProto | Held | Sequence, stage: int | None = None,
                *, expect: str | None = None, trust=None,
                config: QuantConfig = UPDATE_CONFIG) -> Held:
     """What a device holds, from ``source``: a model (``.onnx`` path or ``ModelProto``: the
     exact model), a full package folder (at ``stage``, default its last), or a sequence whose
     first item is one of those and whose next items are update packages applied in turn (each
-    to its last stage; ``stage`` then applies to the last update). ``expect`` / ``trust`` pin or
+    to the stage the next one is bound to, else its last; ``stage`` applies to the last item). ``expect`` / ``trust`` pin or
     check the signature of the package (the first item of a sequence)."""
     if isinstance(source, Held):
         return source
@@ -175,9 +193,12 @@ def held_state(source: str | os.PathLike | ModelProto | Held | Sequence, stage: 
             raise P2UError("no predecessor given")
         if len(source) == 1:
             return held_state(source[0], stage, expect=expect, trust=trust, config=config)
-        held = held_state(source[0], None, expect=expect, trust=trust, config=config)
-        for i, upd in enumerate(source[1:], start=1):
-            held = apply_update(upd, held, stage if i == len(source) - 1 else None)
+        items = list(source)
+        held = held_state(items[0], _named_stage(items[1], items[0]), expect=expect,
+                          trust=trust, config=config)
+        for i, upd in enumerate(items[1:], start=1):
+            held = apply_update(upd, held, stage if i == len(items) - 1 else
+                                _named_stage(items[i + 1], upd))
         return held
     if isinstance(source, ModelProto):
         m = ModelProto()
