@@ -1020,7 +1020,7 @@ class ProgressiveSession:
             (d / "base.bin").write_bytes(parts["base.bin"])
             old = self._state
             state = WeightState(manifest, d / "base.bin",
-                                predecessor=lambda t: old.weight(t["name"]))
+                                predecessor=lambda t: old.weight(t["name"], self._pace))
             state.check_skeleton(parts["graph.onnx"])
             (d / "graph.onnx").write_bytes(parts["graph.onnx"])
             del parts

@@ -119,6 +119,18 @@ def check_predecessor(manifest: dict[str, Any], held: Held, where: str = "update
 # ---------------------------------------------------------------- held states
 
 
+def held_names(held: Held) -> frozenset[str]:
+    """The tensors of ``held`` an update may start from: every device bound to it holds them
+    as coded weights. For a lossy stage of a package, that package's tensors. For an exact
+    model, whatever way a device reached it: the tensors a full package of it codes by default
+    (1024 values or more, no vectors), which an update's own selection includes too."""
+    if not held.exact or held.model is None:
+        return held.names
+    keys = {s.slot.key for s in passes.select_weights(held.model, QuantConfig())}
+    return held.names & keys
+
+
+
 def _model_held(model: ModelProto, label: str, config: QuantConfig) -> Held:
     """An exact held state of a model (its constants lifted as the encoder lifts them)."""
     from .encoder import tensor_array, weights_digest
@@ -466,6 +478,7 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
     fp32_bytes = fp32_equivalent_bytes(m)
     weight_bytes = sum(slot_nbytes(s.tensor) for s in iter_slots(m))
     selected = passes.select_weights(m, config)
+    usable = held_names(held)
     n = len(plan.stages)
     writers = [StageWriter(tmp / stage_file_name(k), package_id, k,
                            version=UPDATE_FORMAT_VERSION) for k in range(n)]
@@ -481,7 +494,7 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
             info = dtype_info(t.data_type)
             x = np.ascontiguousarray(tensor_array(t).reshape(s.shape))
             r = None
-            if s.slot.key in held.names:
+            if s.slot.key in usable:
                 try:
                     r = held.get(s.slot.key)
                 except KeyError:

@@ -125,14 +125,18 @@ def test_unchanged_tensors_cost_nothing(tmp_path):
     p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
     m = encode_update(p2, tmp_path / "u.p2u", p1).manifest
     kinds = {t["name"]: t["update"] for t in m["tensors"]}
-    assert kinds == {"W1": "same", "b1": "same", "W2": "delta"}
+    # b1 is not a coded weight of every device holding v1 (a full package keeps vectors in
+    # its graph): it is coded anew, W1 costs nothing
+    assert kinds == {"W1": "same", "b1": "new", "W2": "delta"}
     w2_fp32 = 256 * 32 * 4
     total = m["stages"][-1]["cumulative_bytes"]
     assert total < 1.2 * w2_fp32  # the unchanged W1 (64 kB) costs nothing
     same = next(t for t in m["tensors"] if t["name"] == "W1")
     assert "base" not in same and "bits" not in same
     last = read_stage(tmp_path / "u.p2u" / "stage-1.p2u")
-    assert {e["name"] for e in last.entries} == {"W2"}
+    assert {e["name"] for e in last.entries} == {"W2", "b1"}
+    # the exact stage of the small new vector is plain planes (smaller than groups there)
+    assert {e["name"]: e["codec"]["id"] for e in last.entries}["b1"] == "int-planes"
     new = apply_update(tmp_path / "u.p2u", held_state(p1))
     assert new.exact and weights_digest(new.model) == weights_digest(v2)
     # at stage 0 the unchanged tensor is already v2's, bit for bit
@@ -292,6 +296,16 @@ def test_refusals(tmp_path):
     pub = generate_key(tmp_path / "k")
     with pytest.raises(TrustError):
         verify_update(tmp_path / "u.p2u", p1, trust=pub)
+    from p2u_onnx.trust import sign_package
+
+    sign_package(tmp_path / "u.p2u", tmp_path / "k")
+    assert verify_update(tmp_path / "u.p2u", p1, trust=pub)["lossless_match"]
+    out = restore_update(tmp_path / "u.p2u", tmp_path / "s.onnx", p1, trust=pub)
+    assert weights_digest(onnx.load(str(out))) == weights_digest(v2)
+    other = generate_key(tmp_path / "k2")
+    with pytest.raises(TrustError):
+        restore_update(tmp_path / "u.p2u", tmp_path / "t.onnx", p1, trust=other)
+    assert not (tmp_path / "t.onnx").exists()
 
 
 def test_cli_update_commands(tmp_path):
@@ -359,7 +373,10 @@ def live_pair(tmp_path_factory):
     encode_update(paths[1], d / "u12.p2u", d / "v1.p2u", plan="2,6,lossless", name="live",
                   version=2)
     encode_update(paths[2], d / "u23.p2u", paths[1], name="live", version=3)
-    encode_update(paths[2], d / "u13.p2u", d / "v1.p2u", name="live", version=3)
+    # v1 -> v3 made from the .onnx file: it applies to a session that reached v1 through
+    # the full package (the same exact model; the update uses only tensors every such device
+    # holds as coded weights)
+    encode_update(paths[2], d / "u13.p2u", paths[0], name="live", version=3)
     outs = [_run(m, X) for m in v]
     return d, v, outs
 
