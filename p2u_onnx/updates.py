@@ -56,7 +56,7 @@ __all__ = ["Held", "held_state", "apply_update", "encode_update", "restore_updat
 # The default plan of an update (delta tensors; new tensors start at NEW_BITS and refine by as
 # many bits per stage), and the delta's block size: chosen by measurement, docs/updates-format.md
 UPDATE_PLAN = "2,lossless"
-DELTA_BLOCK = 128
+DELTA_BLOCK = 256
 NEW_BITS = 4
 # which tensors are coded (the rest ride whole in the skeleton): smaller ones than in a full
 # package, and vectors, since a delta of them costs less than their float bytes
