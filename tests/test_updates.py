@@ -466,6 +466,14 @@ def test_live_update_bytes_url_and_bad_stage(live_pair, tmp_path):
             assert s.stage == 2 and np.array_equal(s.run(None, {"x": X})[0], outs[0])
             s.update(f"{url}/u13.p2u/", expect=pin, allow_rollback=True)
             assert np.array_equal(s.run(None, {"x": X})[0], outs[2])
+        # p2u fetch mirrors an update like any package; it restores from the mirror
+        from p2u_onnx.transport import fetch
+
+        mirror = fetch(f"{url}/u13.p2u/", tmp_path / "mirror", expect=pin, allow_rollback=True)
+        assert {"manifest.json", "stage-0.p2u", "stage-1.p2u"} <= {p.name for p in
+                                                                   mirror.iterdir()}
+        out = restore_update(mirror, tmp_path / "m.onnx", d / "v1.p2u")
+        assert weights_digest(onnx.load(str(out))) == weights_digest(v[2])
 
 
 def test_session_refuses_an_update_package(live_pair):
