@@ -123,10 +123,15 @@ def held_names(held: Held) -> frozenset[str]:
     """The tensors of ``held`` an update may start from: every device bound to it holds them
     as coded weights. For a lossy stage of a package, that package's tensors. For an exact
     model, whatever way a device reached it: the tensors a full package of it codes by default
-    (1024 values or more, no vectors), which an update's own selection includes too."""
+    (1024 values or more, no vectors), which an update's own selection includes too, and the
+    float initializers of the main graph (in its skeleton otherwise)."""
     if not held.exact or held.model is None:
         return held.names
     keys = {s.slot.key for s in passes.select_weights(held.model, QuantConfig())}
+    # ... and the float initializers of its main graph, which a device finds in its skeleton
+    # when its package did not code them (external.main_initializers)
+    keys |= {s.key for s in iter_slots(held.model) if s.kind == "initializer"
+             and s.path == "main" and s.key == s.name and s.tensor.data_type in (1, 10, 11, 16)}
     return held.names & keys
 
 
@@ -158,9 +163,33 @@ def _package_held(package: Path, manifest: dict[str, Any], stage: int | None,
         if digest != manifest["source"]["weights_sha256"]:
             raise IntegrityError(f"{package}: the lossless stage does not reproduce the "
                                  "source weights")
-    names = frozenset(t["name"] for t in manifest["tensors"])
-    return Held(state.weight, names, digest, manifest["package_id"], k, label,
+    get, names = _with_model(state, manifest, model)
+    return Held(get, names, digest, manifest["package_id"], k, label,
                 manifest.get("name"), manifest.get("version"), model)
+
+
+def _with_model(state: WeightState, manifest: dict[str, Any], model: ModelProto | None,
+                config: QuantConfig = UPDATE_CONFIG):
+    """(get, names) of a package's state: its coded tensors, and when the state's model is at
+    hand (an exact state), also the model's other tensors an update may code."""
+    from .encoder import tensor_array
+
+    names = {t["name"] for t in manifest["tensors"]}
+    if model is None:
+        return state.weight, frozenset(names)
+    m = ModelProto()
+    m.CopyFrom(model)
+    passes.lift_constants(m, config.min_elements)
+    extra = {s.slot.key: s for s in passes.select_weights(m, config)
+             if s.slot.key not in names}
+
+    def get(name: str) -> np.ndarray:
+        if name in names:
+            return state.weight(name)
+        s = extra[name]
+        return tensor_array(s.slot.tensor).reshape(s.shape)
+
+    return get, frozenset(names | set(extra))
 
 
 def _named_stage(nxt, item) -> int | None:
@@ -292,8 +321,8 @@ def apply_update(update: str | os.PathLike, held: Held, stage: int | None = None
         if digest != manifest["source"]["weights_sha256"]:
             raise IntegrityError(f"{package}: the lossless stage does not reproduce the new "
                                  "model's weights")
-    names = frozenset(t["name"] for t in manifest["tensors"])
-    return Held(state.weight, names, digest, manifest["package_id"], k, str(package),
+    get, names = _with_model(state, manifest, model if exact else None)
+    return Held(get, names, digest, manifest["package_id"], k, str(package),
                 manifest.get("name"), manifest.get("version"), model)
 
 

@@ -125,18 +125,14 @@ def test_unchanged_tensors_cost_nothing(tmp_path):
     p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
     m = encode_update(p2, tmp_path / "u.p2u", p1).manifest
     kinds = {t["name"]: t["update"] for t in m["tensors"]}
-    # b1 is not a coded weight of every device holding v1 (a full package keeps vectors in
-    # its graph): it is coded anew, W1 costs nothing
-    assert kinds == {"W1": "same", "b1": "new", "W2": "delta"}
+    assert kinds == {"W1": "same", "b1": "same", "W2": "delta"}
     w2_fp32 = 256 * 32 * 4
     total = m["stages"][-1]["cumulative_bytes"]
     assert total < 1.2 * w2_fp32  # the unchanged W1 (64 kB) costs nothing
     same = next(t for t in m["tensors"] if t["name"] == "W1")
     assert "base" not in same and "bits" not in same
     last = read_stage(tmp_path / "u.p2u" / "stage-1.p2u")
-    assert {e["name"] for e in last.entries} == {"W2", "b1"}
-    # the exact stage of the small new vector is plain planes (smaller than groups there)
-    assert {e["name"]: e["codec"]["id"] for e in last.entries}["b1"] == "int-planes"
+    assert {e["name"] for e in last.entries} == {"W2"}
     new = apply_update(tmp_path / "u.p2u", held_state(p1))
     assert new.exact and weights_digest(new.model) == weights_digest(v2)
     # at stage 0 the unchanged tensor is already v2's, bit for bit
@@ -152,6 +148,9 @@ def test_graph_changes_added_removed_reshaped(tmp_path):
     m = encode_update(paths[1], tmp_path / "u12.p2u", paths[0]).manifest
     kinds = {t["name"]: t["update"] for t in m["tensors"]}
     assert kinds["W2"] == "new" and kinds["W3"] == "new" and kinds["W1"] == "delta"
+    # the exact stage of the small new W3 is plain planes (smaller than groups there)
+    last = read_stage(tmp_path / "u12.p2u" / "stage-1.p2u")
+    assert {e["name"]: e["codec"]["id"] for e in last.entries}["W3"] == "int-planes"
     out = restore_update(tmp_path / "u12.p2u", tmp_path / "r2.onnx", paths[0])
     assert np.array_equal(_run(onnx.load(str(out)), X), _run(v2, X))
     m = encode_update(paths[2], tmp_path / "u23.p2u", paths[1]).manifest
@@ -482,3 +481,22 @@ def test_session_refuses_an_update_package(live_pair):
     d, _, _ = live_pair
     with pytest.raises(P2UError, match="is an update package: open a session on the model"):
         ProgressiveSession(d / "u12.p2u")
+
+
+def test_live_update_reads_tensors_the_package_kept_in_its_graph(tmp_path):
+    """A full package keeps vectors in its graph (inline, or in base.bin when big): an update
+    made from the .onnx file starts those from the session's skeleton."""
+    from p2u_onnx.runtime import ProgressiveSession
+
+    v1 = _mlp(hidden=1024)  # b1: 4 kB, in base.bin of the full package
+    v2 = _moved(v1, only=("b1", "W2"))
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    pkg = encode(p1, tmp_path / "v1.p2u", "4,lossless", budget=FAST, name="kept", version=1)
+    m = encode_update(p2, tmp_path / "u.p2u", p1, name="kept", version=2).manifest
+    assert {t["name"]: t["update"] for t in m["tensors"]} == \
+        {"W1": "same", "b1": "delta", "W2": "delta"}
+    assert "b1" not in {t["name"] for t in load_manifest(pkg.path)["tensors"]}
+    with ProgressiveSession(pkg.path, workdir=tmp_path / "w") as s:
+        s.upgrade(background=False)
+        s.update(tmp_path / "u.p2u")
+        assert np.array_equal(s.run(None, {"x": X})[0], _run(v2, X))
