@@ -62,6 +62,10 @@ NEW_BITS = 4
 # package, and vectors, since a delta of them costs less than their float bytes
 UPDATE_CONFIG = QuantConfig(min_elements=256, quantize_vectors=True)
 ALIGN = 64
+# a tensor whose change is this large relative to its values (||new - held|| / ||new||) was
+# replaced (a retrained head), not tuned: its first stage gets NEW_BITS, as a new tensor would
+# (measured: a digits head retrained alone reached 0.9852 at 2 bits, v2's 0.9907 at 4)
+REPLACED = 0.5
 
 
 @dataclasses.dataclass
@@ -426,6 +430,16 @@ class _Bin:
         return span
 
 
+def _relative_change(x: np.ndarray, r: np.ndarray, info) -> float:
+    """||x - r|| / ||x|| over the finite values (0 for a zero tensor)."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = info.to_compute(x).astype(np.float64).reshape(-1)
+        d = a - info.to_compute(r).astype(np.float64).reshape(-1)
+    ok = np.isfinite(a) & np.isfinite(d)
+    norm = float(np.sqrt(np.sum(a[ok] ** 2)))
+    return float(np.sqrt(np.sum(d[ok] ** 2))) / norm if norm > 0 else 0.0
+
+
 def _delta_layout(layout, block: int):
     """The delta's blocks: along the axis the tensor's own blocks run (or its last axis), of
     ``block`` values (one block per row when the axis is shorter)."""
@@ -545,6 +559,8 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
             else:
                 layout = _delta_layout(s.layout, delta_block) if kind == "delta" else s.layout
                 b0 = int(plan.stages[0]) if kind == "delta" else new_bits
+                if kind == "delta" and _relative_change(x, r, info) > REPLACED:
+                    b0 = max(b0, new_bits)  # replaced rather than tuned: as many bits as new
                 stages = [st if st == LOSSLESS else int(st) - plan.base_bits + b0
                           for st in plan.stages]
                 blocks = np.ascontiguousarray(layout.to_blocks(x))

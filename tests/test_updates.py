@@ -135,6 +135,17 @@ def test_unchanged_tensors_cost_nothing(tmp_path):
     assert {e["name"] for e in last.entries} == {"W2"}
     new = apply_update(tmp_path / "u.p2u", held_state(p1))
     assert new.exact and weights_digest(new.model) == weights_digest(v2)
+    assert next(t for t in m["tensors"] if t["name"] == "W2")["bits"] == 2  # tuned: 2 bits
+    # a head replaced (retrained from scratch) gets the bits of a new tensor at stage 0
+    v3 = _mlp(hidden=256)
+    v3.graph.initializer[2].CopyFrom(numpy_helper.from_array(
+        synth.weight((256, 32), rng=np.random.default_rng(99)), "W2"))
+    p3 = _save(v3, tmp_path / "v3.onnx")
+    m3 = encode_update(p3, tmp_path / "u3.p2u", p1).manifest
+    w2 = next(t for t in m3["tensors"] if t["name"] == "W2")
+    assert (w2["update"], w2["bits"]) == ("delta", 4)
+    assert weights_digest(apply_update(tmp_path / "u3.p2u", held_state(p1)).model) == \
+        weights_digest(v3)
     # at stage 0 the unchanged tensor is already v2's, bit for bit
     s0 = apply_update(tmp_path / "u.p2u", held_state(p1), 0)
     assert np.array_equal(s0.get("W1"), numpy_helper.to_array(v2.graph.initializer[0]))
