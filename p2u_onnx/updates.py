@@ -47,6 +47,7 @@ from .format import (BINDING_KEY, UPDATE_FORMAT_VERSION, AtomicFile, StageWriter
                      check_file_entry, describe_predecessor, is_update, manifest_binding,
                      package_file, read_stage, save_manifest, stage_file_name)
 from .format import check_predecessor as _check_pred
+from .format import check_update_stage0
 from .graph import iter_slots
 from .reconstruct import GROUPS, PLANES, WeightState, code_chunk, extract_file, pack_codes
 
@@ -289,6 +290,7 @@ def update_state(package: str | os.PathLike, held: Held, stage: int | None = Non
     k = _stage_index(manifest, stage)
     check_predecessor(manifest, held, str(package))
     sf0 = _stage_file(package, manifest, 0)
+    check_update_stage0(sf0, f"stage 0 of {package}")
     files = {f["path"]: f for f in manifest["base_model"]["files"]}
     parts = {}
     for name in ("base.bin", "graph.onnx"):
