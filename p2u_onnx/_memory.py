@@ -80,13 +80,41 @@ def anonymous_regions() -> set[tuple[int, int]]:
     return regions
 
 
+def new_ranges(before: Iterable[tuple[int, int]],
+               after: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of the address ranges ``after`` that no range of ``before`` covers.
+
+    The kernel merges a new anonymous mapping with a neighbour of the same kind, so a region
+    listed after an allocation may be an old one grown: the set difference of the two lists
+    would count all of it (in a process with other models loaded, hundreds of MB that were
+    never this call's); this keeps only the new part.
+    """
+    old = sorted(before)
+    out = []
+    for start, end in sorted(after):
+        pos = start
+        for a, b in old:
+            if b <= pos or a >= end:
+                continue
+            if a > pos:
+                out.append((pos, a))
+            pos = max(pos, b)
+            if pos >= end:
+                break
+        if pos < end:
+            out.append((pos, end))
+    return [(a, b) for a, b in out if b - a >= HUGE]
+
+
 _collapse_works = [True]
 
 
-def collapse_to_huge_pages(regions: Iterable[tuple[int, int]], pace: Pace | None = None) -> int:
+def collapse_to_huge_pages(regions: Iterable[tuple[int, int]], pace: Pace | None = None,
+                           limit: int | None = None) -> int:
     """Back the fully resident parts of ``regions`` with transparent huge pages
     (``MADV_COLLAPSE``, Linux 6.1+); returns the bytes collapsed. Each call copies at most
-    4 MB, inside ``pace()`` when given.
+    4 MB, inside ``pace()`` when given. ``limit``: walk at most this many bytes (the caller's
+    bound on what it allocated), so that the cost never grows with the rest of the process.
 
     Only the contents' backing changes, never their values, so this is safe on memory that
     others use. What it is for: onnxruntime frees a dropped session's weights in its destructor,
@@ -100,10 +128,15 @@ def collapse_to_huge_pages(regions: Iterable[tuple[int, int]], pace: Pace | None
     if lib is None or not _collapse_works[0]:
         return 0
     present = ctypes.create_string_buffer(_COLLAPSE_STEP // 4096)
+    budget = limit if limit is not None else -1
     for start, end in sorted(regions):
         a = -(-start // HUGE) * HUGE
         while a + HUGE <= end:
             n = min(_COLLAPSE_STEP, (end - a) // HUGE * HUGE)
+            if limit is not None:
+                if budget < n:
+                    return done
+                budget -= n
             with in_turn(pace):
                 if lib.mincore(a, n, present) != 0 or \
                         any(b & 1 == 0 for b in present.raw[:n // 4096]):

@@ -82,9 +82,9 @@ import onnxruntime as ort
 
 from . import _workdir
 from ._base_session import open_base_session
-from ._memory import anonymous_regions, collapse_to_huge_pages, libc, trim_heap
+from ._memory import anonymous_regions, collapse_to_huge_pages, libc, new_ranges, trim_heap
 from ._priority import lowered_priority
-from ._rwlock import Pace, RWLock, TurnLock, in_turn
+from ._rwlock import Pace, RWLock, TurnLock, in_turn, sharing
 from ._writeback import Writeback
 from .dtypes import FLOAT_TYPES
 from .errors import FormatError, IntegrityError, P2UError, PatchError
@@ -612,6 +612,14 @@ def _ortvalue(buf: np.ndarray, dtype: str) -> ort.OrtValue:
 
 # ---------------------------------------------------------------- the session
 
+#: Default share of the time the decoder has the cores while runs wait for it (see
+#: :class:`~p2u_onnx._rwlock.TurnLock`): under a saturating load an upgrade takes about
+#: 1 / share times as long as on an idle device.
+DECODER_SHARE = 0.5
+#: Default longest turn of the decoder, in seconds: the most a run waits for it (plus the
+#: decode job in progress, a few ms).
+DECODER_TURN = 0.03
+
 
 @dataclass(eq=False)
 class _Live:
@@ -747,7 +755,8 @@ class ProgressiveSession:
                  workdir: str | os.PathLike | None = None,
                  on_stage: Callable[[int], None] | None = None, *, verify: bool = True,
                  fast_base: bool = False, expect: str | None = None,
-                 trust: TrustSpec | None = None, allow_rollback: bool = False):
+                 trust: TrustSpec | None = None, allow_rollback: bool = False,
+                 decoder_share: float = DECODER_SHARE, decoder_turn: float = DECODER_TURN):
         if strategy not in ("swap", "inplace"):
             raise ValueError(f"strategy must be 'swap' or 'inplace', not {strategy!r}")
         self._owned: Any = None  # a source made here from a URL, closed with the session
@@ -783,7 +792,8 @@ class ProgressiveSession:
         self._executor: cf.ThreadPoolExecutor | None = None
         self._closing = self._closed = False
         self._started = 0  # run() calls that entered a session so far
-        self._turns = TurnLock()  # inferences (0) and decode jobs (1) take turns: _pace
+        # inferences (0) and decode jobs (1) take turns, the decoder with its share: _pace
+        self._turns = TurnLock(decoder_share, decoder_turn)
         self._writeback = Writeback()  # work files go to disk as they are decoded
         try:
             _check_workdir(workdir, self._source)
@@ -1072,11 +1082,15 @@ class ProgressiveSession:
             else:
                 options = self._options
             before = anonymous_regions()
-            with lowered_priority():  # a long call that cannot take turns with runs
+            # a long call that cannot take turns with runs: at a lowered priority, and alone
+            # on the cores in the decoder's turns
+            with lowered_priority(), sharing(self._turns):
                 live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
                                                     providers=self._providers)
-            # huge pages under what the build allocated: its release will be quick
-            collapse_to_huge_pages(anonymous_regions() - before, self._pace)
+            # huge pages under what the build allocated (the address ranges new since before
+            # it, never more than the model's share): its release will be quick
+            collapse_to_huge_pages(new_ranges(before, anonymous_regions()), self._pace,
+                                   limit=2 * weights_size(self._manifest) + (64 << 20))
             if self._probe is not None:
                 # At normal priority: at a lowered one its thread was descheduled while holding
                 # the GIL between onnxruntime calls, and a run waited 23 ms for the GIL (MiniLM,
