@@ -148,3 +148,96 @@ def collapse_to_huge_pages(regions: Iterable[tuple[int, int]], pace: Pace | None
                     return done
             a += n
     return done
+
+
+# ---------------------------------------------------------------- memory left to this process
+
+_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return None if value >= _UNLIMITED else value
+
+
+def _stat_value(path: str, key: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == key:
+                    return int(fields[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_dirs() -> list[tuple[str, str, str, str]]:
+    """``(folder, limit file, usage file, reclaimable stat key)`` of this process's memory
+    cgroup and its parents, v2 and v1, as mounted here (in a container the process's own
+    cgroup may be mounted at the hierarchy's root)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            root, files = "/sys/fs/cgroup", ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            root = "/sys/fs/cgroup/memory"
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p and p != ".."]
+        for i in range(len(parts), -1, -1):
+            d = "/".join([root, *parts[:i]])
+            out.append((d, *files))
+    return out
+
+
+def memory_left() -> tuple[int | None, str]:
+    """Bytes this process can still allocate before a limit stops it, and which limit that
+    is: the tightest of its memory cgroup (``memory.max`` minus usage, v2, or v1's
+    ``memory.limit_in_bytes``; page cache that can be dropped counts as free), the machine's
+    ``MemAvailable`` and ``RLIMIT_AS`` minus the address space in use. ``(None, "")`` when
+    none can be read (not Linux)."""
+    found: list[tuple[int, str]] = []
+    seen = set()
+    for d, limit_file, usage_file, key in _cgroup_dirs():
+        if d in seen:
+            continue
+        seen.add(d)
+        limit = _read_int(f"{d}/{limit_file}")
+        usage = _read_int(f"{d}/{usage_file}")
+        if limit is None or usage is None:
+            continue
+        usage -= _stat_value(f"{d}/memory.stat", key)
+        found.append((max(0, limit - usage), f"cgroup {limit_file} {limit >> 20} MiB"))
+    avail = _stat_value("/proc/meminfo", "MemAvailable:")
+    if avail:
+        found.append((avail * 1024, "MemAvailable"))
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            vm = _stat_value("/proc/self/status", "VmSize:") * 1024
+            found.append((max(0, soft - vm), f"RLIMIT_AS {soft >> 20} MiB"))
+    except (ImportError, OSError, ValueError):
+        pass
+    if not found:
+        return None, ""
+    return min(found)

@@ -31,10 +31,11 @@ Two strategies:
     scopes) falls back to ``swap`` (see :attr:`ProgressiveSession.strategy`).
 
 ``run()`` is thread-safe; its result comes entirely from one stage. While a stage decodes,
-inferences and decode jobs (a few milliseconds of work each) take turns (a phase-fair
-:class:`~p2u_onnx._rwlock.TurnLock`): a run waits at most for the jobs in progress and then has
-the cores to itself, instead of sharing them with the decoder; with no inferences running the
-decoder takes every turn and decodes at full speed.
+inferences and the decoder take turns (:class:`~p2u_onnx._rwlock.TurnLock`) instead of sharing
+the cores: under load the decoder has them at least ``decoder_share`` of the time (default
+0.5), in turns of at most ``decoder_turn`` seconds (default 0.03; a run waits at most that plus
+the decode job in progress); the session build, one long call, takes the decoder's turns too.
+With no inferences running the decoder decodes at full speed.
 
 Memory: decoding streams from the current stage's ``weights.bin`` to the next one's
 (:meth:`~p2u_onnx.reconstruct.WeightState.advance`), so beyond what onnxruntime holds (and the
@@ -63,6 +64,7 @@ import concurrent.futures as cf
 import contextlib
 import ctypes
 import hashlib
+import logging
 import mmap
 import os
 import shutil
@@ -82,7 +84,8 @@ import onnxruntime as ort
 
 from . import _workdir
 from ._base_session import open_base_session
-from ._memory import anonymous_regions, collapse_to_huge_pages, libc, new_ranges, trim_heap
+from ._memory import (anonymous_regions, collapse_to_huge_pages, libc, memory_left, new_ranges,
+                      trim_heap)
 from ._priority import lowered_priority
 from ._rwlock import Pace, RWLock, TurnLock, in_turn, sharing
 from ._writeback import Writeback
@@ -612,6 +615,39 @@ def _ortvalue(buf: np.ndarray, dtype: str) -> ort.OrtValue:
 
 # ---------------------------------------------------------------- the session
 
+_log = logging.getLogger(__name__)
+
+#: Memory a swap upgrade adds to the process, as a multiple of the package's float weights
+#: (``scripts/bench_runtime.py``: peak RSS 2.19-2.27x above the process before the session,
+#: against 1.18-1.31x for inplace), plus a margin for onnxruntime and the decoder.
+SWAP_PEAK = 2.3
+_MARGIN = 64 << 20
+
+
+def swap_need(manifest: dict[str, Any]) -> int:
+    """Bytes of memory a swap upgrade of this package may need at its peak (an estimate)."""
+    base = sum(int(f.get("size", 0)) for f in manifest["base_model"]["files"]
+               if Path(f["path"]).name == "base.bin")
+    return int(SWAP_PEAK * weights_size(manifest)) + base + _MARGIN
+
+
+def choose_strategy(manifest: dict[str, Any],
+                    providers: Sequence[Any] | None = None) -> tuple[str, str]:
+    """``strategy="auto"``: ``"inplace"`` when the memory left to this process (see
+    :func:`~p2u_onnx._memory.memory_left`) would not hold a swap upgrade
+    (:func:`swap_need`), else ``"swap"``; and why, in words."""
+    need = swap_need(manifest)
+    if not _cpu_only(providers):
+        return "swap", "swap: auto, inplace needs the CPU execution provider only"
+    left, which = memory_left()
+    if left is None:
+        return "swap", "swap: auto, no memory limit could be read"
+    verdict = "would not hold" if left < need else "holds"
+    text = (f"auto, {left >> 20} MiB left ({which}) {verdict} a swap upgrade "
+            f"(about {need >> 20} MiB)")
+    return ("inplace", "inplace: " + text) if left < need else ("swap", "swap: " + text)
+
+
 #: Default share of the time the decoder has the cores while runs wait for it (see
 #: :class:`~p2u_onnx._rwlock.TurnLock`): under a saturating load an upgrade takes about
 #: 1 / share times as long as on an idle device.
@@ -717,7 +753,12 @@ class ProgressiveSession:
 
     ``source`` is a package directory or a :class:`StageSource`. ``sess_options`` and
     ``providers`` are passed to onnxruntime as for ``InferenceSession``; ``strategy`` is
-    ``"swap"`` or ``"inplace"`` (see the module docs). ``workdir`` is a directory for unpacked
+    ``"swap"``, ``"inplace"`` (see the module docs) or ``"auto"``: inplace when the memory left
+    to the process (cgroup limit minus usage, ``MemAvailable``, ``RLIMIT_AS``) would not hold
+    a swap upgrade, else swap (:func:`choose_strategy`; :attr:`strategy_reason` says why).
+    ``decoder_share`` and ``decoder_turn``: while runs and an upgrade compete for the cores,
+    the decoder has them to itself at least this share of the time, in turns of at most this
+    many seconds (the most a run waits for it); see :class:`~p2u_onnx._rwlock.TurnLock`. ``workdir`` is a directory for unpacked
     files (default: a temporary directory removed on :meth:`close`). ``on_stage(k)`` is called
     after stage ``k`` became active, in the thread that applied it (an exception it raises
     reaches the caller of :meth:`apply`; the stage stays active); for stage 0, at the end of
@@ -757,8 +798,8 @@ class ProgressiveSession:
                  fast_base: bool = False, expect: str | None = None,
                  trust: TrustSpec | None = None, allow_rollback: bool = False,
                  decoder_share: float = DECODER_SHARE, decoder_turn: float = DECODER_TURN):
-        if strategy not in ("swap", "inplace"):
-            raise ValueError(f"strategy must be 'swap' or 'inplace', not {strategy!r}")
+        if strategy not in ("swap", "inplace", "auto"):
+            raise ValueError(f"strategy must be 'swap', 'inplace' or 'auto', not {strategy!r}")
         self._owned: Any = None  # a source made here from a URL, closed with the session
         policy = Policy.make(expect, trust, allow_rollback)
         if isinstance(source, str) and source.startswith(("http://", "https://")):
@@ -779,8 +820,15 @@ class ProgressiveSession:
         if strategy == "inplace" and not _cpu_only(providers):
             raise P2UError("the inplace strategy needs the CPU execution provider only; "
                            "use strategy='swap' with other providers")
+        self._strategy_reason = f"{strategy}: asked"
+        if strategy == "auto":
+            strategy, self._strategy_reason = choose_strategy(self._manifest, providers)
         self._strategy = "inplace" if strategy == "inplace" and _inplace_ready(self._manifest) \
             else "swap"
+        if strategy == "inplace" and self._strategy == "swap":
+            self._strategy_reason += ("; swap instead: onnxruntime's add_initializer cannot "
+                                      "reach every coded weight of this package")
+        _log.info("%s: strategy %s", where, self._strategy_reason)
         self._options = sess_options
         self._providers = providers
         self._on_stage = on_stage
@@ -875,6 +923,12 @@ class ProgressiveSession:
     def strategy(self) -> str:
         """The strategy in use: ``"swap"`` when ``"inplace"`` was asked but cannot be used."""
         return self._strategy
+
+    @property
+    def strategy_reason(self) -> str:
+        """Why :attr:`strategy` is in use, e.g. ``"inplace: auto, 412 MiB left (cgroup
+        memory.max 640 MiB) would not hold a swap upgrade (about 990 MiB)"``."""
+        return self._strategy_reason
 
     @property
     def manifest(self) -> dict[str, Any]:
