@@ -33,7 +33,7 @@ Two strategies:
 ``run()`` is thread-safe; its result comes entirely from one stage. While a stage decodes,
 inferences and the decoder take turns (:class:`~p2u_onnx._rwlock.TurnLock`) instead of sharing
 the cores: under load the decoder has them at least ``decoder_share`` of the time (default
-0.5), in turns of at most ``decoder_turn`` seconds (default 0.03; a run waits at most that plus
+0.5), in turns of at most ``decoder_turn`` seconds (default 0.04; a run waits at most that plus
 the decode job in progress); the session build, one long call, takes the decoder's turns too.
 With no inferences running the decoder decodes at full speed.
 
@@ -654,7 +654,7 @@ def choose_strategy(manifest: dict[str, Any],
 DECODER_SHARE = 0.5
 #: Default longest turn of the decoder, in seconds: the most a run waits for it (plus the
 #: decode job in progress, a few ms).
-DECODER_TURN = 0.03
+DECODER_TURN = 0.04
 
 
 @dataclass(eq=False)

@@ -24,7 +24,7 @@ Usage::
 
     python scripts/bench_load.py [--models minilm,minilm-int8,synthetic-100M]
         [--strategies swap,inplace] [--process small,large] [--repeat 3]
-        [--share 0.5] [--turn 0.03] [--json out.json]
+        [--share 0.5] [--turn 0.04] [--json out.json]
 """
 
 from __future__ import annotations
@@ -186,7 +186,7 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=3)
     ap.add_argument("--settle", type=float, default=1.5)
     ap.add_argument("--share", type=float, default=0.5)
-    ap.add_argument("--turn", type=float, default=0.03)
+    ap.add_argument("--turn", type=float, default=0.04)
     ap.add_argument("--json", type=Path)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
