@@ -11,10 +11,13 @@ a fresh subprocess repeats, interleaved:
   on until it completes.
 
 It prints, per configuration (medians over ``--repeat`` repeats; ranges min-max):
-idle upgrade time, upgrade time under load, their ratio (target <= 3), an idle inference
-(median of 20 runs, the slowest of stage 0 and the last stage), a run under the load without
-an upgrade (median, of the same two stages), and the median and worst run while the upgrade
-ran; the worst run's excess over one loaded inference (target <= 50 ms).
+idle upgrade time, upgrade time under load, their ratio (target <= 3), the decoder's share of
+the time runs and decoder competed (counted by the session's lock), an idle inference
+(median of 20 runs, the slower of stage 0 and the last stage), a run under the load without
+an upgrade (median, the slower of the two stages), and the median, 99th percentile and worst
+run while the upgrade ran; the worst run's excess over one loaded inference (target <= 50 ms).
+Also the load average of the machine over the run (the machine may be shared: compare rows
+measured together).
 
 ``--process large`` first loads other models into the same process (plain onnxruntime
 sessions of the 100M model and of MiniLM, plus 1 GiB of touched numpy arrays), the way an
@@ -32,6 +35,7 @@ from __future__ import annotations
 import argparse
 import inspect
 import json
+import os
 import statistics
 import subprocess
 import sys
@@ -117,7 +121,7 @@ def worker(pkg: str, feed_path: str, strategy: str, repeat: int, threads: int, s
     if "decoder_share" in inspect.signature(ProgressiveSession).parameters:
         opts.update(decoder_share=share, decoder_turn=turn)  # (older versions: their pacing)
     out: dict = {"idle": [], "loaded": [], "idle_inference": [], "loaded_run": [],
-                 "during_median": [], "during_worst": [], "contested_share": [],
+                 "during_median": [], "during_worst": [], "during_p99": [], "contested_share": [],
                  "process_rss_mib": rss / 2**20, "strategy_used": None}
     for _ in range(repeat):
         # idle
@@ -159,6 +163,7 @@ def worker(pkg: str, feed_path: str, strategy: str, repeat: int, threads: int, s
             out["loaded_run"].append(max(statistics.median(before), statistics.median(after)))
             out["during_median"].append(statistics.median(during))
             out["during_worst"].append(max(during))
+            out["during_p99"].append(float(np.percentile(during, 99)))
             out["contested_share"].append(c[1] / max(1e-9, c[0] + c[1]))
     del held
     return out
@@ -198,9 +203,9 @@ def main() -> None:
                                           if "large" in a.process else set())), a.plan)
     print("| model | process (RSS before) | strategy | idle upgrade [s] | upgrade under load [s] "
           "| ratio (range) | decoder share of contested time | idle inference [ms] | "
-          "loaded run, no upgrade [ms] | run during upgrade, median [ms] | worst [ms] (range) "
-          "| worst - loaded run [ms] | met (<= 3x, <= +50 ms) |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+          "loaded run, no upgrade [ms] | run during upgrade, median [ms] | p99 [ms] | worst [ms] (range) "
+          "| worst - loaded run [ms] | met (<= 3x, <= +50 ms) | load avg (5 min) |")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     rows = []
     for name in names:
         if name not in models:
@@ -223,7 +228,8 @@ def main() -> None:
                     print(f"{name} {process} {strategy}: failed\n{r.stderr[-2000:]}", flush=True)
                     continue
                 res = json.loads(r.stdout.strip().splitlines()[-1])
-                res.update(model=name, process=process, strategy=strategy)
+                res.update(model=name, process=process, strategy=strategy,
+                           loadavg=os.getloadavg()[1])
                 rows.append(res)
                 ratio = [b / i for b, i in zip(res["loaded"], res["idle"])]
                 excess = [w - l for w, l in zip(res["during_worst"], res["loaded_run"])]
@@ -234,9 +240,11 @@ def main() -> None:
                       f"{_med(res['idle_inference']) * 1e3:.0f} | "
                       f"{_med(res['loaded_run']) * 1e3:.0f} | "
                       f"{_med(res['during_median']) * 1e3:.0f} | "
+                      f"{_med(res['during_p99']) * 1e3:.0f} | "
                       f"{_med(res['during_worst']) * 1e3:.0f} ({_rng(res['during_worst'], 1e3, '.0f')}) | "
                       f"{_med(excess) * 1e3:+.0f} | "
-                      f"{'yes' if _med(ratio) <= 3 and _med(excess) <= 0.05 else 'no'} |",
+                      f"{'yes' if _med(ratio) <= 3 and _med(excess) <= 0.05 else 'no'} | "
+                      f"{os.getloadavg()[1]:.1f} |",
                       flush=True)
     if a.json:
         a.json.write_text(json.dumps(rows, indent=1))
