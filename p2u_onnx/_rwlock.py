@@ -111,7 +111,7 @@ class TurnLock:
     decodes at full speed, and one that is not upgrading serves at full speed.
     """
 
-    def __init__(self, share: float = 0.5, turn: float = 0.04, grace: float = 0.002,
+    def __init__(self, share: float = 0.5, turn: float = 0.04, grace: float = 0.005,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not 0.0 < share <= 1.0:
             raise ValueError(f"the decoder's share must be in (0, 1], not {share!r}")
