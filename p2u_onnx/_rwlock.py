@@ -113,9 +113,9 @@ class TurnLock:
 
     def __init__(self, share: float = 0.5, turn: float = 0.04, grace: float = 0.005,
                  clock: Callable[[], float] = time.monotonic) -> None:
-        if not 0.0 < share <= 1.0:
+        if not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
             raise ValueError(f"the decoder's share must be in (0, 1], not {share!r}")
-        if not 0.0 < turn <= 60.0:
+        if not isinstance(turn, (int, float)) or not 0.0 < turn <= 60.0:
             raise ValueError(f"the decoder's turn must be in (0, 60] seconds, not {turn!r}")
         self.share, self.turn, self.grace = float(share), float(turn), float(grace)
         self._clock = clock

@@ -758,8 +758,8 @@ class ProgressiveSession:
     a swap upgrade, else swap (:func:`choose_strategy`; :attr:`strategy_reason` says why).
     ``decoder_share`` and ``decoder_turn``: while runs and an upgrade compete for the cores,
     the decoder has them to itself at least this share of the time, in turns of at most this
-    many seconds (the most a run waits for it); see :class:`~p2u_onnx._rwlock.TurnLock`. ``workdir`` is a directory for unpacked
-    files (default: a temporary directory removed on :meth:`close`). ``on_stage(k)`` is called
+    many seconds (the most a run waits for it); see :class:`~p2u_onnx._rwlock.TurnLock`.
+    ``workdir`` is a directory for unpacked files (default: a temporary directory removed on :meth:`close`). ``on_stage(k)`` is called
     after stage ``k`` became active, in the thread that applied it (an exception it raises
     reaches the caller of :meth:`apply`; the stage stays active); for stage 0, at the end of
     the constructor (an exception it raises closes the session and reaches the caller).
@@ -800,6 +800,7 @@ class ProgressiveSession:
                  decoder_share: float = DECODER_SHARE, decoder_turn: float = DECODER_TURN):
         if strategy not in ("swap", "inplace", "auto"):
             raise ValueError(f"strategy must be 'swap', 'inplace' or 'auto', not {strategy!r}")
+        turns = TurnLock(decoder_share, decoder_turn)  # checks them first
         self._owned: Any = None  # a source made here from a URL, closed with the session
         policy = Policy.make(expect, trust, allow_rollback)
         if isinstance(source, str) and source.startswith(("http://", "https://")):
@@ -841,7 +842,7 @@ class ProgressiveSession:
         self._closing = self._closed = False
         self._started = 0  # run() calls that entered a session so far
         # inferences (0) and decode jobs (1) take turns, the decoder with its share: _pace
-        self._turns = TurnLock(decoder_share, decoder_turn)
+        self._turns = turns
         self._writeback = Writeback()  # work files go to disk as they are decoded
         try:
             _check_workdir(workdir, self._source)

@@ -192,6 +192,8 @@ def main() -> None:
     ap.add_argument("--settle", type=float, default=1.5)
     ap.add_argument("--share", type=float, default=0.5)
     ap.add_argument("--turn", type=float, default=0.04)
+    ap.add_argument("--timeout", type=float, default=1800,
+                    help="seconds per configuration (all its repeats)")
     ap.add_argument("--json", type=Path)
     ap.add_argument("--worker", help=argparse.SUPPRESS)
     a = ap.parse_args()
@@ -222,8 +224,14 @@ def main() -> None:
                 args = dict(pkg=str(pkg), feed_path=str(feed), strategy=strategy,
                             repeat=a.repeat, threads=a.threads, settle=a.settle,
                             share=a.share, turn=a.turn, extra=extra)
-                r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)],
-                                   capture_output=True, text=True, check=False)
+                try:
+                    r = subprocess.run([sys.executable, __file__, "--worker", json.dumps(args)],
+                                       capture_output=True, text=True, check=False,
+                                       timeout=a.timeout)
+                except subprocess.TimeoutExpired:
+                    print(f"| {name} | {process} | {strategy} | did not finish within "
+                          f"{a.timeout:.0f} s |", flush=True)
+                    continue
                 if r.returncode:
                     print(f"{name} {process} {strategy}: failed\n{r.stderr[-2000:]}", flush=True)
                     continue

@@ -122,6 +122,10 @@ def test_share_settings_are_checked():
         TurnLock(0.0)
     with pytest.raises(ValueError, match="turn"):
         TurnLock(0.5, turn=-1)
+    with pytest.raises(ValueError, match="share must be in"):
+        TurnLock("half")  # type: ignore[arg-type]
+    with pytest.raises(ValueError, match="share must be in"):
+        TurnLock(float("nan"))
 
 
 # ---------------------------------------------------------------- sessions under load
