@@ -155,8 +155,10 @@ def worker(pkg: str, feed_path: str, strategy: str, repeat: int, threads: int, s
             stop.set()
             for w in workers:
                 w.join()
-            before = [d for t, d in log if t + d < t0 and t >= t0 - settle + 0.2]
-            after = [d for t, d in log if t > t1]
+            # runs before the upgrade (the first one of each thread aside) and after it
+            before = [d for t, d in log[threads:] if t + d < t0] or [d for t, d in log
+                                                                      if t + d < t0]
+            after = [d for t, d in log if t > t1] or [d for t, d in log if t + d > t1]
             during = [d for t, d in log if t < t1 and t + d > t0]
             c = getattr(s._turns, "contested", [0.0, 0.0])
             out["loaded"].append(t1 - t0)
