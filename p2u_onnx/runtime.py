@@ -1138,8 +1138,9 @@ class ProgressiveSession:
                 options = self._options
             before = anonymous_regions()
             # a long call that cannot take turns with runs: at a lowered priority, and alone
-            # on the cores in the decoder's turns
-            with lowered_priority(), sharing(self._turns):
+            # on the cores in the decoder's turns (taken by a thread at normal priority, which
+            # lets the runs in on time)
+            with sharing(self._turns), lowered_priority():
                 live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
                                                     providers=self._providers)
             # huge pages under what the build allocated (the address ranges new since before
