@@ -80,13 +80,41 @@ def anonymous_regions() -> set[tuple[int, int]]:
     return regions
 
 
+def new_ranges(before: Iterable[tuple[int, int]],
+               after: Iterable[tuple[int, int]]) -> list[tuple[int, int]]:
+    """The parts of the address ranges ``after`` that no range of ``before`` covers.
+
+    The kernel merges a new anonymous mapping with a neighbour of the same kind, so a region
+    listed after an allocation may be an old one grown: the set difference of the two lists
+    would count all of it (in a process with other models loaded, hundreds of MB that were
+    never this call's); this keeps only the new part.
+    """
+    old = sorted(before)
+    out = []
+    for start, end in sorted(after):
+        pos = start
+        for a, b in old:
+            if b <= pos or a >= end:
+                continue
+            if a > pos:
+                out.append((pos, a))
+            pos = max(pos, b)
+            if pos >= end:
+                break
+        if pos < end:
+            out.append((pos, end))
+    return [(a, b) for a, b in out if b - a >= HUGE]
+
+
 _collapse_works = [True]
 
 
-def collapse_to_huge_pages(regions: Iterable[tuple[int, int]], pace: Pace | None = None) -> int:
+def collapse_to_huge_pages(regions: Iterable[tuple[int, int]], pace: Pace | None = None,
+                           limit: int | None = None) -> int:
     """Back the fully resident parts of ``regions`` with transparent huge pages
     (``MADV_COLLAPSE``, Linux 6.1+); returns the bytes collapsed. Each call copies at most
-    4 MB, inside ``pace()`` when given.
+    4 MB, inside ``pace()`` when given. ``limit``: walk at most this many bytes (the caller's
+    bound on what it allocated), so that the cost never grows with the rest of the process.
 
     Only the contents' backing changes, never their values, so this is safe on memory that
     others use. What it is for: onnxruntime frees a dropped session's weights in its destructor,
@@ -100,10 +128,15 @@ def collapse_to_huge_pages(regions: Iterable[tuple[int, int]], pace: Pace | None
     if lib is None or not _collapse_works[0]:
         return 0
     present = ctypes.create_string_buffer(_COLLAPSE_STEP // 4096)
+    budget = limit if limit is not None else -1
     for start, end in sorted(regions):
         a = -(-start // HUGE) * HUGE
         while a + HUGE <= end:
             n = min(_COLLAPSE_STEP, (end - a) // HUGE * HUGE)
+            if limit is not None:
+                if budget < n:
+                    return done
+                budget -= n
             with in_turn(pace):
                 if lib.mincore(a, n, present) != 0 or \
                         any(b & 1 == 0 for b in present.raw[:n // 4096]):
@@ -115,3 +148,96 @@ def collapse_to_huge_pages(regions: Iterable[tuple[int, int]], pace: Pace | None
                     return done
             a += n
     return done
+
+
+# ---------------------------------------------------------------- memory left to this process
+
+_UNLIMITED = 1 << 60  # cgroup v1 writes "no limit" as a number near 2**63
+
+
+def _read_int(path: str) -> int | None:
+    try:
+        with open(path) as f:
+            text = f.read().strip()
+    except OSError:
+        return None
+    if text == "max":
+        return None
+    try:
+        value = int(text)
+    except ValueError:
+        return None
+    return None if value >= _UNLIMITED else value
+
+
+def _stat_value(path: str, key: str) -> int:
+    try:
+        with open(path) as f:
+            for line in f:
+                fields = line.split()
+                if len(fields) >= 2 and fields[0] == key:
+                    return int(fields[1])
+    except (OSError, ValueError):
+        pass
+    return 0
+
+
+def _cgroup_dirs() -> list[tuple[str, str, str, str]]:
+    """``(folder, limit file, usage file, reclaimable stat key)`` of this process's memory
+    cgroup and its parents, v2 and v1, as mounted here (in a container the process's own
+    cgroup may be mounted at the hierarchy's root)."""
+    try:
+        with open("/proc/self/cgroup") as f:
+            lines = f.read().splitlines()
+    except OSError:
+        return []
+    out = []
+    for line in lines:
+        _, controllers, path = line.split(":", 2)
+        if controllers == "":  # v2
+            root, files = "/sys/fs/cgroup", ("memory.max", "memory.current", "inactive_file")
+        elif "memory" in controllers.split(","):
+            root = "/sys/fs/cgroup/memory"
+            files = ("memory.limit_in_bytes", "memory.usage_in_bytes", "total_inactive_file")
+        else:
+            continue
+        parts = [p for p in path.split("/") if p and p != ".."]
+        for i in range(len(parts), -1, -1):
+            d = "/".join([root, *parts[:i]])
+            out.append((d, *files))
+    return out
+
+
+def memory_left() -> tuple[int | None, str]:
+    """Bytes this process can still allocate before a limit stops it, and which limit that
+    is: the tightest of its memory cgroup (``memory.max`` minus usage, v2, or v1's
+    ``memory.limit_in_bytes``; page cache that can be dropped counts as free), the machine's
+    ``MemAvailable`` and ``RLIMIT_AS`` minus the address space in use. ``(None, "")`` when
+    none can be read (not Linux)."""
+    found: list[tuple[int, str]] = []
+    seen = set()
+    for d, limit_file, usage_file, key in _cgroup_dirs():
+        if d in seen:
+            continue
+        seen.add(d)
+        limit = _read_int(f"{d}/{limit_file}")
+        usage = _read_int(f"{d}/{usage_file}")
+        if limit is None or usage is None:
+            continue
+        usage -= _stat_value(f"{d}/memory.stat", key)
+        found.append((max(0, limit - usage), f"cgroup {limit_file} {limit >> 20} MiB"))
+    avail = _stat_value("/proc/meminfo", "MemAvailable:")
+    if avail:
+        found.append((avail * 1024, "MemAvailable"))
+    try:
+        import resource
+
+        soft = resource.getrlimit(resource.RLIMIT_AS)[0]
+        if soft != resource.RLIM_INFINITY:
+            vm = _stat_value("/proc/self/status", "VmSize:") * 1024
+            found.append((max(0, soft - vm), f"RLIMIT_AS {soft >> 20} MiB"))
+    except (ImportError, OSError, ValueError):
+        pass
+    if not found:
+        return None, ""
+    return min(found)

@@ -1,14 +1,16 @@
 """Locks for a live session: :class:`RWLock` (many readers at once, one writer alone, writers
-served first) and :class:`TurnLock` (two kinds of work take turns)."""
+served first) and :class:`TurnLock` (inferences and a decoder take turns, the decoder with a
+set share of the time)."""
 
 from __future__ import annotations
 
 import contextlib
 import threading
-from collections.abc import Callable
+import time
+from collections.abc import Callable, Iterator
 from typing import Any, ContextManager
 
-__all__ = ["RWLock", "TurnLock", "Pace", "in_turn"]
+__all__ = ["RWLock", "TurnLock", "Pace", "in_turn", "sharing"]
 
 #: Makes the context manager one step of background work runs in (a live session's
 #: ``_pace``: a decode-job turn of its :class:`TurnLock`).
@@ -92,29 +94,122 @@ class _Writing:
 
 
 class TurnLock:
-    """Two kinds of work (0 and 1) take turns: work of one kind shares the lock, the two kinds
-    exclude each other.
+    """Two kinds of work take turns: inferences (kind 0) and a decoder's jobs (kind 1). Work of
+    one kind shares the lock; the two kinds exclude each other.
 
-    Phase-fair: while one kind waits, new arrivals of the kind holding the lock wait too; when
-    the last holder leaves, every waiter of the other kind enters at once. Neither kind starves,
-    and each waits at most one turn of the other. A session's inferences (kind 0) and its
-    decoder's jobs (kind 1) use it so that decoding takes the cores between inferences instead
-    of slowing them down.
+    The decoder's share is a setting. While both kinds have work, the decoder holds the lock
+    at least ``share`` of the time (counted in :attr:`contested`), in turns of at most ``turn``
+    seconds (plus the job in progress): the longest a run waits for it. A decoder turn is a
+    lease: in a gap of up to ``grace`` seconds between two of its jobs inferences stay out, so
+    that a decoder made of many short jobs is not charged a round of inferences per job. When
+    the decoder waits and is owed time, new inferences wait too, and it gets the lock as soon
+    as the runs in flight finish; its turn lasts until it has had its share or ``turn`` ran
+    out. When one round of inferences takes longer than ``turn * (1 - share) / share``, the
+    decoder's share is ``turn / (turn + one round)``: ``turn`` bounds the latency, ``share``
+    the upgrade time. Neither kind starves (a kind whose turn ends hands the lock to every
+    waiter of the other). Time when only one kind has work is not counted: an idle session
+    decodes at full speed, and one that is not upgrading serves at full speed.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, share: float = 0.5, turn: float = 0.04, grace: float = 0.005,
+                 clock: Callable[[], float] = time.monotonic) -> None:
+        if not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
+            raise ValueError(f"the decoder's share must be in (0, 1], not {share!r}")
+        if not isinstance(turn, (int, float)) or not 0.0 < turn <= 60.0:
+            raise ValueError(f"the decoder's turn must be in (0, 60] seconds, not {turn!r}")
+        self.share, self.turn, self.grace = float(share), float(turn), float(grace)
+        self._clock = clock
         self._lock = threading.Lock()
         self._cond = threading.Condition(self._lock)
         self._kind = 0
         self._holders = 0
         self._waiting = [0, 0]
-        self._turns = [0, 0]  # turns granted to each kind, so that waiters see theirs
+        self._grants = [0, 0]  # turns handed to each kind's waiters, so that waiters see theirs
+        self._lease_end = 0.0  # the decoder's turn lasts until then
+        self._idle_since = 0.0  # when the last job of the decoder's turn ended
+        self._balance = 0.0  # < 0: the decoder is owed time (seconds weighted by the share)
+        self._floor = -(1.0 - self.share) * self.turn  # at most one turn owed
+        self._mark = clock()
+        #: seconds each kind held the lock (the decoder: its turn) while the other waited
+        self.contested = [0.0, 0.0]
         self._holds = [_Holding(self, 0), _Holding(self, 1)]
 
     def hold(self, kind: int) -> ContextManager[None]:
         """A context manager that holds the lock for work of ``kind`` (0 or 1); made once,
         it holds no state of its own."""
         return self._holds[kind]
+
+    def expired(self) -> bool:
+        """Whether the decoder should let waiting inferences in now: its turn ran out, or it
+        had its share (for a holder that is not one short job, see :func:`sharing`)."""
+        with self._lock:
+            now = self._clock()
+            self._account(now)
+            return bool(self._waiting[0]) and (now >= self._lease_end or not self._owed())
+
+    # -- internals, called with self._lock held
+
+    def _owed(self) -> bool:
+        return self._balance < 0 or self.share >= 1.0
+
+    def _leased(self, now: float) -> bool:
+        """A gap between two jobs of the decoder's turn, which goes on."""
+        return self._kind == 1 and not self._holders and now < self._lease_end \
+            and now - self._idle_since < self.grace and self._owed()
+
+    def _account(self, now: float) -> None:
+        dt, self._mark = now - self._mark, now
+        if dt <= 0:
+            return
+        if self._kind == 1 and (self._holders or self._leased(now)):
+            if self._waiting[0]:
+                self.contested[1] += dt
+                if self._balance < 0:
+                    self._balance = min(0.0, self._balance + (1.0 - self.share) * dt)
+        elif self._holders and self._waiting[1]:  # inferences hold, the decoder waits
+            self.contested[0] += dt
+            self._balance = max(self._floor, self._balance - self.share * dt)
+
+    def _grant(self, kind: int, now: float) -> None:
+        """Hand the free lock to every waiter of ``kind``."""
+        self._kind = kind
+        self._holders += self._waiting[kind]
+        self._waiting[kind] = 0
+        self._grants[kind] += 1
+        if kind == 1:
+            self._lease_end = now + self.turn
+        self._cond.notify_all()
+
+    def _admit(self, kind: int, now: float) -> bool:
+        """Whether a new arrival of ``kind`` enters now (it is counted as a holder)."""
+        if kind == 0:
+            if self._holders:
+                ok = self._kind == 0 and (not self._waiting[1] or not self._owed())
+            else:
+                ok = not self._leased(now) and not self._waiting[1]
+            if ok:
+                self._kind = 0
+                self._holders += 1
+            return ok
+        if self._holders and self._kind == 0:
+            return False
+        if self._holders or self._leased(now):  # the decoder's turn goes on
+            if self._waiting[0] and (now >= self._lease_end or not self._owed()):
+                return False
+        elif self._waiting[0]:  # its turn is over and inferences wait: theirs
+            self._grant(0, now)
+            return False
+        else:  # a new turn
+            self._kind = 1
+            self._lease_end = now + self.turn
+        self._holders += 1
+        return True
+
+    def _timeout(self, now: float) -> float | None:
+        """How long a waiting inference sleeps before the decoder's lease may have ended."""
+        if self._kind == 1 and not self._holders:
+            return max(0.0, min(self._lease_end, self._idle_since + self.grace) - now) + 1e-4
+        return None
 
 
 class _Holding:
@@ -126,24 +221,81 @@ class _Holding:
 
     def __enter__(self) -> None:
         t, kind = self._turns, self._kind
-        other = 1 - kind
         with t._lock:
-            if not t._waiting[other] and (not t._holders or t._kind == kind):
-                t._kind = kind
+            if not kind and t._kind == 0 and not t._waiting[1]:  # no decoder: the usual case
                 t._holders += 1
-            else:
-                t._waiting[kind] += 1
-                turn = t._turns[kind]
-                while t._turns[kind] == turn:
-                    t._cond.wait()
+                return
+            now = t._clock()
+            t._account(now)
+            if t._admit(kind, now):
+                return
+            t._waiting[kind] += 1
+            grant = t._grants[kind]
+            try:
+                while True:
+                    t._cond.wait(t._timeout(now) if not kind else None)
+                    if t._grants[kind] != grant:
+                        return  # granted: counted as a holder
+                    now = t._clock()
+                    t._account(now)
+                    if not t._holders and t._kind != kind and not t._leased(now):
+                        t._grant(kind, now)  # the other kind's turn ended meanwhile
+                        return
+                    t._waiting[kind] -= 1
+                    if t._admit(kind, now):
+                        return
+                    t._waiting[kind] += 1
+            except BaseException:
+                if t._grants[kind] == grant:
+                    t._waiting[kind] -= 1
+                else:
+                    t._holders -= 1
+                raise
 
     def __exit__(self, *exc: object) -> None:
         t, kind = self._turns, self._kind
-        other = 1 - kind
         with t._lock:
+            if not t._waiting[0] and not t._waiting[1]:
+                t._holders -= 1
+                if kind and not t._holders:
+                    t._idle_since = t._mark = t._clock()
+                return
+            now = t._clock()
+            t._account(now)
             t._holders -= 1
-            if not t._holders and t._waiting[other]:
-                t._kind, t._holders = other, t._waiting[other]
-                t._waiting[other] = 0
-                t._turns[other] += 1
-                t._cond.notify_all()
+            if t._holders:
+                return
+            if kind == 0:
+                t._grant(1 if t._waiting[1] else 0, now)
+            else:
+                t._idle_since = now
+                if t._waiting[0] and (now >= t._lease_end or not t._owed()):
+                    t._grant(0, now)
+                else:
+                    t._cond.notify_all()
+
+
+@contextlib.contextmanager
+def sharing(turns: TurnLock | None, poll: float = 0.002) -> Iterator[None]:
+    """Run the body (one long call that cannot take turns, e.g. building an onnxruntime
+    session) with the decoder's share of the cores: a helper thread takes the decoder's turns
+    for it and holds each until it ends, so that inferences wait during them and the body has
+    the cores; between them the body runs beside the inferences."""
+    if turns is None:
+        yield
+        return
+    done = threading.Event()
+
+    def hold() -> None:
+        while not done.is_set():
+            with turns.hold(1):
+                while not done.wait(poll) and not turns.expired():
+                    pass
+
+    helper = threading.Thread(target=hold, name="p2u-turns", daemon=True)
+    helper.start()
+    try:
+        yield
+    finally:
+        done.set()
+        helper.join()

@@ -320,8 +320,9 @@ def verify(package, expect, trust, base_from, from_stage) -> None:
               help="An input array (repeat for each input) [default: synthetic inputs].")
 @click.option("-s", "--stage", type=int, default=None,
               help="Stop at this stage [default: the last].")
-@click.option("--strategy", type=click.Choice(["swap", "inplace"]), default="swap",
-              show_default=True, help="How stages are patched into the live session.")
+@click.option("--strategy", type=click.Choice(["swap", "inplace", "auto"]), default="swap",
+              show_default=True, help="How stages are patched into the live session (auto: "
+              "inplace when the memory left would not hold a swap).")
 @_trust_options(rollback=True)
 @_friendly
 def run(package, inputs, stage, strategy, expect, trust, allow_rollback) -> None:
@@ -370,6 +371,8 @@ def run(package, inputs, stage, strategy, expect, trust, allow_rollback) -> None
                 raise click.ClickException(f"{package}: cannot make inputs for the model: "
                                            f"{e} (pass them with --input)") from None
         names = [o.name for o in sess.get_outputs()]
+        if strategy == "auto":
+            click.echo(f"strategy {sess.strategy_reason}", err=True)
 
         def report(k: int) -> None:
             try:

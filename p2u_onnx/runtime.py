@@ -31,10 +31,11 @@ Two strategies:
     scopes) falls back to ``swap`` (see :attr:`ProgressiveSession.strategy`).
 
 ``run()`` is thread-safe; its result comes entirely from one stage. While a stage decodes,
-inferences and decode jobs (a few milliseconds of work each) take turns (a phase-fair
-:class:`~p2u_onnx._rwlock.TurnLock`): a run waits at most for the jobs in progress and then has
-the cores to itself, instead of sharing them with the decoder; with no inferences running the
-decoder takes every turn and decodes at full speed.
+inferences and the decoder take turns (:class:`~p2u_onnx._rwlock.TurnLock`) instead of sharing
+the cores: under load the decoder has them at least ``decoder_share`` of the time (default
+0.5), in turns of at most ``decoder_turn`` seconds (default 0.04; a run waits at most that plus
+the decode job in progress); the session build, one long call, takes the decoder's turns too.
+With no inferences running the decoder decodes at full speed.
 
 Memory: decoding streams from the current stage's ``weights.bin`` to the next one's
 (:meth:`~p2u_onnx.reconstruct.WeightState.advance`), so beyond what onnxruntime holds (and the
@@ -63,6 +64,7 @@ import concurrent.futures as cf
 import contextlib
 import ctypes
 import hashlib
+import logging
 import mmap
 import os
 import shutil
@@ -82,9 +84,10 @@ import onnxruntime as ort
 
 from . import _workdir
 from ._base_session import open_base_session
-from ._memory import anonymous_regions, collapse_to_huge_pages, libc, trim_heap
+from ._memory import (anonymous_regions, collapse_to_huge_pages, libc, memory_left, new_ranges,
+                      trim_heap)
 from ._priority import lowered_priority
-from ._rwlock import Pace, RWLock, TurnLock, in_turn
+from ._rwlock import Pace, RWLock, TurnLock, in_turn, sharing
 from ._writeback import Writeback
 from .dtypes import FLOAT_TYPES
 from .errors import FormatError, IntegrityError, P2UError, PatchError
@@ -615,6 +618,47 @@ def _ortvalue(buf: np.ndarray, dtype: str) -> ort.OrtValue:
 
 # ---------------------------------------------------------------- the session
 
+_log = logging.getLogger(__name__)
+
+#: Memory a swap upgrade adds to the process, as a multiple of the package's float weights
+#: (``scripts/bench_runtime.py``: peak RSS 2.19-2.27x above the process before the session,
+#: against 1.18-1.31x for inplace), plus a margin for onnxruntime and the decoder.
+SWAP_PEAK = 2.3
+_MARGIN = 64 << 20
+
+
+def swap_need(manifest: dict[str, Any]) -> int:
+    """Bytes of memory a swap upgrade of this package may need at its peak (an estimate)."""
+    base = sum(int(f.get("size", 0)) for f in manifest["base_model"]["files"]
+               if Path(f["path"]).name == "base.bin")
+    return int(SWAP_PEAK * weights_size(manifest)) + base + _MARGIN
+
+
+def choose_strategy(manifest: dict[str, Any],
+                    providers: Sequence[Any] | None = None) -> tuple[str, str]:
+    """``strategy="auto"``: ``"inplace"`` when the memory left to this process (see
+    :func:`~p2u_onnx._memory.memory_left`) would not hold a swap upgrade
+    (:func:`swap_need`), else ``"swap"``; and why, in words."""
+    need = swap_need(manifest)
+    if not _cpu_only(providers):
+        return "swap", "swap: auto, inplace needs the CPU execution provider only"
+    left, which = memory_left()
+    if left is None:
+        return "swap", "swap: auto, no memory limit could be read"
+    verdict = "would not hold" if left < need else "holds"
+    text = (f"auto, {left >> 20} MiB left ({which}) {verdict} a swap upgrade "
+            f"(about {need >> 20} MiB)")
+    return ("inplace", "inplace: " + text) if left < need else ("swap", "swap: " + text)
+
+
+#: Default share of the time the decoder has the cores while runs wait for it (see
+#: :class:`~p2u_onnx._rwlock.TurnLock`): under a saturating load an upgrade takes about
+#: 1 / share times as long as on an idle device.
+DECODER_SHARE = 0.5
+#: Default longest turn of the decoder, in seconds: the most a run waits for it (plus the
+#: decode job in progress, a few ms).
+DECODER_TURN = 0.04
+
 
 @dataclass(eq=False)
 class _Live:
@@ -712,8 +756,13 @@ class ProgressiveSession:
 
     ``source`` is a package directory or a :class:`StageSource`. ``sess_options`` and
     ``providers`` are passed to onnxruntime as for ``InferenceSession``; ``strategy`` is
-    ``"swap"`` or ``"inplace"`` (see the module docs). ``workdir`` is a directory for unpacked
-    files (default: a temporary directory removed on :meth:`close`). ``on_stage(k)`` is called
+    ``"swap"``, ``"inplace"`` (see the module docs) or ``"auto"``: inplace when the memory left
+    to the process (cgroup limit minus usage, ``MemAvailable``, ``RLIMIT_AS``) would not hold
+    a swap upgrade, else swap (:func:`choose_strategy`; :attr:`strategy_reason` says why).
+    ``decoder_share`` and ``decoder_turn``: while runs and an upgrade compete for the cores,
+    the decoder has them to itself at least this share of the time, in turns of at most this
+    many seconds (the most a run waits for it); see :class:`~p2u_onnx._rwlock.TurnLock`.
+    ``workdir`` is a directory for unpacked files (default: a temporary directory removed on :meth:`close`). ``on_stage(k)`` is called
     after stage ``k`` became active, in the thread that applied it (an exception it raises
     reaches the caller of :meth:`apply`; the stage stays active); for stage 0, at the end of
     the constructor (an exception it raises closes the session and reaches the caller).
@@ -750,9 +799,11 @@ class ProgressiveSession:
                  workdir: str | os.PathLike | None = None,
                  on_stage: Callable[[int], None] | None = None, *, verify: bool = True,
                  fast_base: bool = False, expect: str | None = None,
-                 trust: TrustSpec | None = None, allow_rollback: bool = False):
-        if strategy not in ("swap", "inplace"):
-            raise ValueError(f"strategy must be 'swap' or 'inplace', not {strategy!r}")
+                 trust: TrustSpec | None = None, allow_rollback: bool = False,
+                 decoder_share: float = DECODER_SHARE, decoder_turn: float = DECODER_TURN):
+        if strategy not in ("swap", "inplace", "auto"):
+            raise ValueError(f"strategy must be 'swap', 'inplace' or 'auto', not {strategy!r}")
+        turns = TurnLock(decoder_share, decoder_turn)  # checks them first
         self._owned: Any = None  # a source made here from a URL, closed with the session
         policy = Policy.make(expect, trust, allow_rollback)
         if isinstance(source, str) and source.startswith(("http://", "https://")):
@@ -776,8 +827,15 @@ class ProgressiveSession:
         if strategy == "inplace" and not _cpu_only(providers):
             raise P2UError("the inplace strategy needs the CPU execution provider only; "
                            "use strategy='swap' with other providers")
+        self._strategy_reason = f"{strategy}: asked"
+        if strategy == "auto":
+            strategy, self._strategy_reason = choose_strategy(self._manifest, providers)
         self._strategy = "inplace" if strategy == "inplace" and _inplace_ready(self._manifest) \
             else "swap"
+        if strategy == "inplace" and self._strategy == "swap":
+            self._strategy_reason += ("; swap instead: onnxruntime's add_initializer cannot "
+                                      "reach every coded weight of this package")
+        _log.info("%s: strategy %s", where, self._strategy_reason)
         self._options = sess_options
         self._verify = verify
         self._providers = providers
@@ -790,7 +848,8 @@ class ProgressiveSession:
         self._executor: cf.ThreadPoolExecutor | None = None
         self._closing = self._closed = False
         self._started = 0  # run() calls that entered a session so far
-        self._turns = TurnLock()  # inferences (0) and decode jobs (1) take turns: _pace
+        # inferences (0) and decode jobs (1) take turns, the decoder with its share: _pace
+        self._turns = turns
         self._writeback = Writeback()  # work files go to disk as they are decoded
         try:
             _check_workdir(workdir, self._source)
@@ -872,6 +931,12 @@ class ProgressiveSession:
     def strategy(self) -> str:
         """The strategy in use: ``"swap"`` when ``"inplace"`` was asked but cannot be used."""
         return self._strategy
+
+    @property
+    def strategy_reason(self) -> str:
+        """Why :attr:`strategy` is in use, e.g. ``"inplace: auto, 412 MiB left (cgroup
+        memory.max 640 MiB) would not hold a swap upgrade (about 990 MiB)"``."""
+        return self._strategy_reason
 
     @property
     def manifest(self) -> dict[str, Any]:
@@ -1251,11 +1316,16 @@ class ProgressiveSession:
             else:
                 options = self._options
             before = anonymous_regions()
-            with lowered_priority():  # a long call that cannot take turns with runs
+            # a long call that cannot take turns with runs: at a lowered priority, and alone
+            # on the cores in the decoder's turns (taken by a thread at normal priority, which
+            # lets the runs in on time)
+            with sharing(self._turns), lowered_priority():
                 live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
                                                     providers=self._providers)
-            # huge pages under what the build allocated: its release will be quick
-            collapse_to_huge_pages(anonymous_regions() - before, self._pace)
+            # huge pages under what the build allocated (the address ranges new since before
+            # it, never more than the model's share): its release will be quick
+            collapse_to_huge_pages(new_ranges(before, anonymous_regions()), self._pace,
+                                   limit=2 * weights_size(self._manifest) + (64 << 20))
             if self._probe is not None:
                 # At normal priority: at a lowered one its thread was descheduled while holding
                 # the GIL between onnxruntime calls, and a run waited 23 ms for the GIL (MiniLM,
