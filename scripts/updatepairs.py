@@ -7,7 +7,7 @@ fine-tuned on a retrieval task). This module needs numpy, onnxruntime and scikit
 (torch is needed to *make* the models, not to score them), so the benchmark runs without torch.
 
 A :class:`Pair` names the predecessor ``v1``, the new version ``v2`` and the task metric of
-``v2`` (higher is better). Every metric takes a path to an ONNX file and returns one float.
+``v2`` (higher is better). Every metric takes an ONNX file's path (or a serialized model) and returns one float.
 """
 
 from __future__ import annotations
@@ -35,25 +35,26 @@ DIGITS_V3 = UPDATES_DIR / "digits_cnn_v3.onnx"
 HEAD_V1 = UPDATES_DIR / "digits8_cnn.onnx"
 HEAD_V2 = UPDATES_DIR / "digits10_head.onnx"
 
-Metric = Callable[[Path], float]
+Metric = Callable[[Path | bytes], float]
 
 
-def session(path: Path | str):
-    """A one-thread CPU onnxruntime session (timings comparable run to run)."""
+def session(model: Path | str | bytes):
+    """A one-thread CPU onnxruntime session of a model file or serialized model."""
     import onnxruntime as ort
 
     so = ort.SessionOptions()
     so.intra_op_num_threads = 1
     so.log_severity_level = 3
-    return ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    src = model if isinstance(model, bytes) else str(model)
+    return ort.InferenceSession(src, so, providers=["CPUExecutionProvider"])
 
 
-def digits_accuracy(path: Path | str) -> float:
+def digits_accuracy(path: Path | str | bytes) -> float:
     """Top-1 accuracy on the held-out digits split (all ten classes, 540 images)."""
     return realmodels.digits_accuracy(session(path))
 
 
-def digits8_accuracy(path: Path | str) -> float:
+def digits8_accuracy(path: Path | str | bytes) -> float:
     """Top-1 accuracy on the held-out images of digits 0..7 (the 8-class predecessor)."""
     x, y = realmodels.digits_test_set()
     keep = y < 8
@@ -127,7 +128,7 @@ def stdlib_signature_pairs() -> tuple[tuple[tuple[str, str], ...], tuple[tuple[s
     return tuple(train), tuple(held)
 
 
-def minilm_signature_metrics(path: Path | str) -> dict[str, float]:
+def minilm_signature_metrics(path: Path | str | bytes) -> dict[str, float]:
     """Recall@1 and MRR of docstring -> signature retrieval over the held-out pairs."""
     _, held = stdlib_signature_pairs()
     sess = session(path)
@@ -142,7 +143,7 @@ def minilm_signature_metrics(path: Path | str) -> dict[str, float]:
             "n_pairs": float(len(held))}
 
 
-def minilm_mrr(path: Path | str) -> float:
+def minilm_mrr(path: Path | str | bytes) -> float:
     """MRR of docstring -> signature retrieval on the held-out pairs (the MiniLM metric)."""
     return minilm_signature_metrics(path)["mrr"]
 
