@@ -26,12 +26,14 @@ __all__ = [
     "BitBudget",
     "P2UError", "PlanError", "UnsupportedModelError", "FormatError", "IntegrityError",
     "PatchError", "TransportError", "TrustError", "sign_package", "generate_key",
-    "evaluate",
+    "evaluate", "encode_update", "restore_update", "verify_update", "apply_update",
+    "held_state",
 ]
 
 _LAZY = {"encode": "encoder", "restore": "api", "inspect": "api", "verify": "api",
          "ProgressiveSession": "runtime", "sign_package": "trust", "generate_key": "trust",
-         "evaluate": "evaluation"}
+         "evaluate": "evaluation", "encode_update": "updates", "restore_update": "updates",
+         "verify_update": "updates", "apply_update": "updates", "held_state": "updates"}
 
 if TYPE_CHECKING:  # pragma: no cover
     from .api import inspect, restore, verify
@@ -39,6 +41,7 @@ if TYPE_CHECKING:  # pragma: no cover
     from .evaluation import evaluate
     from .runtime import ProgressiveSession
     from .trust import generate_key, sign_package
+    from .updates import apply_update, encode_update, held_state, restore_update, verify_update
 
 
 def __getattr__(name: str) -> Any:

@@ -15,8 +15,8 @@ import onnx
 from .encoder import weights_digest
 from .errors import FormatError, IntegrityError, P2UError
 from .external import check_base_graph
-from .format import (AtomicFile, check_file_entry, load_manifest, package_file, read_stage,
-                     stage_file_name)
+from .format import (AtomicFile, check_file_entry, is_update, load_manifest, package_file,
+                     read_stage, stage_file_name)
 from .reconstruct import WeightState, extract_file
 from .trust import Policy, TrustSpec, read_manifest_bytes, read_signature
 
@@ -181,8 +181,21 @@ def restore(package: str | os.PathLike, output: str | os.PathLike,
     anything is written; versions are not checked or recorded (see :mod:`p2u_onnx.trust`).
     """
     package = Path(package)
-    model = load_stage_model(package, stage,
-                             manifest=_checked_manifest(package, expect, trust)[0])
+    manifest = _checked_manifest(package, expect, trust)[0]
+    if is_update(manifest):
+        raise P2UError(f"{package} is an update: it applies to "
+                       f"{_pred_text(manifest['predecessor'])}; give that with --from")
+    return _write_model(load_stage_model(package, stage, manifest=manifest), output)
+
+
+def _pred_text(pred: dict[str, Any]) -> str:
+    from .updates import _describe_pred
+
+    return _describe_pred(pred)
+
+
+def _write_model(model: onnx.ModelProto, output: str | os.PathLike) -> Path:
+    """Write ``model`` to ``output`` atomically (over 2 GB: tensors in ``<output>.data``)."""
     out = Path(output)
     if not out.parent.is_dir():
         what = "is not a folder" if out.parent.exists() else "does not exist"
@@ -229,7 +242,8 @@ def inspect(package: str | os.PathLike, tensors: bool = False, *, expect: str | 
     # shares are of the fp32-equivalent bytes (what --budget and --cap are shares of)
     orig = src.get("fp32_equivalent_bytes") or src.get("weight_bytes") or 1
     # the mix of bits per coded weight at each lossy stage (the plan says the base's default)
-    sizes = [(int(np.prod(t["shape"], dtype=np.int64)), t["bits"]) for t in manifest["tensors"]]
+    sizes = [(int(np.prod(t["shape"], dtype=np.int64)), t["bits"]) for t in manifest["tensors"]
+             if "bits" in t]  # (an update's unchanged tensors have none)
     n_coded = sum(n for n, _ in sizes)
     mean0 = sum(n * b for n, b in sizes) / n_coded if n_coded else None
     rows = []
@@ -261,8 +275,13 @@ def inspect(package: str | os.PathLike, tensors: bool = False, *, expect: str | 
         "base_opset": manifest["base_model"].get("opset"),
         "tensors": len(manifest["tensors"]), "stages": rows,
         "allocation": manifest.get("allocation"), "notes": notes,
+        **({"predecessor": manifest["predecessor"],
+            "predecessor_text": _pred_text(manifest["predecessor"]),
+            "update_kinds": {k: sum(t["update"] == k for t in manifest["tensors"])
+                             for k in ("same", "delta", "new")}}
+           if is_update(manifest) else {}),
         **({"tensor_table": [
-            {"name": t["name"], "bits": t["bits"], "layout": t["layout"], "dtype": t["dtype"],
+            {"name": t["name"], "bits": t.get("bits", 0), "update": t.get("update"), "layout": t["layout"], "dtype": t["dtype"],
              "size": int(np.prod(t["shape"], dtype=np.int64)), "est_error": t.get("est_error")}
             for t in manifest["tensors"]]} if tensors else {}),
     }
@@ -296,6 +315,10 @@ def verify(package: str | os.PathLike, *, expect: str | None = None,
     """
     package = Path(package)
     manifest, raw = _checked_manifest(package, expect, trust)
+    if is_update(manifest):  # its files only; replaying needs the predecessor
+        from .updates import verify_update
+
+        return verify_update(package, expect=expect, trust=trust)
     _check_base_digests(package, manifest)
     base_onnx = package / "base.onnx"
     with tempfile.TemporaryDirectory(prefix="p2u-verify-") as tmp:

@@ -46,6 +46,19 @@ def _trust_options(rollback: bool):
     return decorate
 
 
+def _from_options(help_text: str):
+    """--from (repeatable) and --from-stage on a command."""
+
+    def decorate(fn):
+        fn = click.option("--from-stage", "from_stage", type=int, default=None,
+                          help="Stage of the --from package the device holds [default: the "
+                               "one the update names, else its last].")(fn)
+        return click.option("--from", "base_from", multiple=True,
+                            type=click.Path(path_type=Path), help=help_text)(fn)
+
+    return decorate
+
+
 def _quiet_onnxruntime(severity: int = 4) -> None:
     """Keep onnxruntime's own log lines off stderr for the sessions of this process: its errors
     reach the user as p2u's one-line message, its warnings are about graphs p2u made."""
@@ -58,8 +71,10 @@ def _quiet_onnxruntime(severity: int = 4) -> None:
 @click.argument("model", type=click.Path(dir_okay=False, path_type=Path))
 @click.option("-o", "--output", type=click.Path(path_type=Path), default=None,
               help="Package directory to write [default: MODEL with suffix .p2u].")
-@click.option("--stages", default="4,8,lossless", show_default=True,
-              help="Bits per stage, rising; 'lossless' may end the plan (e.g. 4,8 or 2,4,8,lossless).")
+@click.option("--stages", default=None,
+              help="Bits per stage, rising; 'lossless' may end the plan (e.g. 4,8 or "
+                   "2,4,8,lossless) [default: 4,8,lossless; with --from: 2,lossless, the bits "
+                   "of the changed tensors' deltas].")
 @click.option("--granularity", type=click.Choice(["block", "channel", "tensor"]), default="block",
               show_default=True, help="Scale per block of weights, per output channel or per tensor.")
 @click.option("--block-size", type=int, default=32, show_default=True,
@@ -106,18 +121,38 @@ def _quiet_onnxruntime(severity: int = 4) -> None:
                    "allows).")
 @click.option("-q", "--quiet", is_flag=True,
               help="No progress bar or table, and no log lines from onnxruntime.")
+@_from_options("Write an update against what a device holds: the previous model (.onnx) or "
+               "package (at its last stage, or --from-stage); repeat to name a chain "
+               "(--from v1.p2u --from v2-from-v1.p2u).")
 @_friendly
 def encode(model, output, stages, granularity, block_size, asymmetric, min_elements, budget,
            quality, cap, allow_below, calib, shapes, fixed_bits, no_probe, name, version, force,
-           quiet) -> None:
+           quiet, base_from, from_stage) -> None:
     """Encode MODEL (.onnx) into a progressive package directory.
 
     By default each tensor's base bits are chosen by their measured effect on the outputs
-    (inputs synthesized from the model's signature, or --calib), within --budget.
+    (inputs synthesized from the model's signature, or --calib), within --budget. With
+    --from, an update package: unchanged tensors cost nothing, changed ones are coded as
+    deltas against what the device holds, the last stage restores every bit.
     """
     from .api import inspect
     from .config import BitBudget, Plan, QuantConfig
     from .encoder import encode as do_encode
+
+    if base_from:
+        from .updates import UPDATE_PLAN, encode_update
+
+        output = output or model.with_suffix(".p2u")
+        result = encode_update(model, output, list(base_from), from_stage=from_stage,
+                               plan=stages or UPDATE_PLAN, overwrite=force, name=name,
+                               version=version)
+        if not quiet:
+            click.echo(f"wrote {result.path} in {result.seconds:.2f} s")
+            _print_table(inspect(result.path))
+        return
+    if from_stage is not None:
+        raise P2UError("--from-stage needs --from")
+    stages = stages or "4,8,lossless"
 
     plan = Plan.parse(stages)
     config = QuantConfig(granularity=granularity, block_size=block_size,
@@ -164,6 +199,11 @@ def _print_table(info: dict) -> None:
         if fp32 and fp32 != src["weight_bytes"] else ""
     click.echo(f"source {src['name']}: {_fmt_bytes(src['weight_bytes'])} of weights{equiv}, "
                f"{info['tensors']} coded tensors, plan {','.join(info['plan'])}")
+    if info.get("predecessor"):
+        kinds = info.get("update_kinds", {})
+        click.echo(f"update of {info['predecessor_text']}: " +
+                   ", ".join(f"{n} {k}" for k, n in kinds.items()) +
+                   " tensor(s); errors are against the new model")
     click.echo(f"{'stage':>5} {'bits':>9} {'bytes':>10} {'share':>7} {'total':>10} {'share':>7}"
                f" {'max err':>10} {'rel err':>9}")
     for r in info["stages"]:
@@ -215,8 +255,10 @@ def inspect(package, as_json, tensors) -> None:
 @click.option("-o", "--output", type=click.Path(dir_okay=False, path_type=Path), required=True,
               help="ONNX file to write.")
 @_trust_options(rollback=False)
+@_from_options("For an update package: what the device holds before it (a model or package, "
+               "then any updates it took, in order).")
 @_friendly
-def restore(package, stage, output, expect, trust) -> None:
+def restore(package, stage, output, expect, trust, base_from, from_stage) -> None:
     """Write the ONNX model of one stage of PACKAGE.
 
     With --expect / --trust the package is checked before anything is written. Versions are
@@ -225,6 +267,13 @@ def restore(package, stage, output, expect, trust) -> None:
     """
     from .api import restore as do_restore
 
+    if base_from:
+        from .updates import restore_update
+
+        path = restore_update(package, output, list(base_from), stage, from_stage=from_stage,
+                              expect=expect, trust=trust or None)
+        click.echo(f"wrote {path}")
+        return
     path = do_restore(package, output, stage, expect=expect, trust=trust or None)
     click.echo(f"wrote {path}")
 
@@ -232,8 +281,10 @@ def restore(package, stage, output, expect, trust) -> None:
 @main.command()
 @click.argument("package", type=click.Path(path_type=Path))
 @_trust_options(rollback=False)
+@_from_options("For an update package: what the device holds before it; every stage is then "
+               "replayed from it [default: files and headers checked only].")
 @_friendly
-def verify(package, expect, trust) -> None:
+def verify(package, expect, trust, base_from, from_stage) -> None:
     """Check every file of PACKAGE and replay every stage (bit-exact check when lossless).
 
     --expect pins the manifest's sha256 (printed on success, to pin it elsewhere); --trust asks
@@ -243,7 +294,18 @@ def verify(package, expect, trust) -> None:
     from .api import verify as do_verify
 
     _quiet_onnxruntime()  # its errors reach the user as one line; no log lines of its own
-    r = do_verify(package, expect=expect, trust=trust or None)
+    if base_from or from_stage is not None:
+        from .updates import verify_update
+
+        r = verify_update(package, list(base_from) or None, from_stage=from_stage,
+                          expect=expect, trust=trust or None)
+    else:
+        r = do_verify(package, expect=expect, trust=trust or None)
+    if r.get("predecessor") is not None and not r.get("replayed"):
+        click.echo(f"ok: {r['stages']} stage files of the update match its manifest (not "
+                   "replayed: give --from to replay them from the predecessor)")
+        click.echo(f"manifest sha256:{r['manifest_sha256']}")
+        return
     tail = ", lossless stage reproduces the source weights" if r["lossless_match"] else ""
     click.echo(f"ok: {r['stages']} stages verified{tail}")
     who = f"model {r['name']!r} version {r['version']}" if r.get("name") is not None else \

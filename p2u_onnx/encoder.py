@@ -198,6 +198,8 @@ def encode(
     progress: Callable[[int, int], None] | None = None,
     name: str | None = None,
     version: int | None = None,
+    base_from: Any = None,
+    from_stage: int | None = None,
 ) -> EncodeResult:
     """Encode ``model`` into the package directory ``output``.
 
@@ -217,7 +219,18 @@ def encode(
     must exist. ``overwrite`` replaces a p2u package (or an empty folder), atomically where the
     system allows (see :func:`_install`), and refuses anything else. The folder and its files
     get the usual modes less the umask (0755 / 0644 under umask 022).
+
+    ``base_from`` (a model, a package, or a chain: see :func:`p2u_onnx.updates.held_state`)
+    writes an update package against that state instead (:func:`p2u_onnx.updates
+    .encode_update`; ``plan`` then defaults to the update plan, ``config`` and ``budget`` are
+    not used).
     """
+    if base_from is not None:
+        from .updates import UPDATE_PLAN, encode_update
+
+        return encode_update(model, output, base_from, from_stage=from_stage,
+                             plan=UPDATE_PLAN if plan == Plan() else plan, overwrite=overwrite,
+                             name=name, version=version)
     t0 = time.perf_counter()
     name_arg = name
     plan = Plan.parse(plan) if isinstance(plan, str) else plan

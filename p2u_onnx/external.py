@@ -324,6 +324,8 @@ def check_skeleton(model: bytes | bytearray | memoryview, manifest: dict[str, An
 def graph_size_limit(manifest: dict[str, Any]) -> int:
     """The most bytes a skeleton graph may declare: twice ``base.onnx`` and 64 MiB (both hold
     the same structure and small tensors; the base has a few more nodes), at most 2 GiB."""
-    base = next((f["size"] for f in manifest["base_model"]["files"]
-                 if f["path"] == "base.onnx"), 0)
+    files = {f["path"]: f["size"] for f in manifest["base_model"]["files"]}
+    if "graph.onnx" in files:  # an update package lists its skeleton's exact size
+        return min(files["graph.onnx"], (1 << 31) - 1)
+    base = files.get("base.onnx", 0)
     return min(2 * base + (64 << 20), (1 << 31) - 1)

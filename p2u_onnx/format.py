@@ -70,11 +70,16 @@ __all__ = [
     "manifest_binding",
     "check_binding",
     "READABLE_VERSIONS",
+    "UPDATE_FORMAT_VERSION",
+    "is_update",
 ]
 
 # 2: stage headers carry "manifest_binding" (see manifest_binding); version 1 is still read
 FORMAT_VERSION = 2
-READABLE_VERSIONS = (1, 2)
+# 3: an update package (manifest key "predecessor"): a reader of versions 1-2 refuses it by its
+# version number instead of misreading it as a full package (docs/updates-format.md)
+UPDATE_FORMAT_VERSION = 3
+READABLE_VERSIONS = (1, 2, 3)
 MAGIC = b"P2USTAGE"
 MANIFEST_NAME = "manifest.json"
 ALIGN = 64
@@ -262,8 +267,10 @@ class StageWriter:
     Payload parts are spooled to a temporary file so huge stages never sit in memory twice.
     """
 
-    def __init__(self, path: str | os.PathLike, package_id: str, stage: int, **extra: Any):
+    def __init__(self, path: str | os.PathLike, package_id: str, stage: int, *,
+                 version: int = FORMAT_VERSION, **extra: Any):
         self.path = Path(path)
+        self.version = version
         self.package_id = package_id
         self.stage = stage
         self.extra = extra
@@ -285,7 +292,7 @@ class StageWriter:
         entries = [dict(e, location=self.path.name, offset=e["offset"] + start)
                    for e in self.entries]
         head = {
-            "format_version": FORMAT_VERSION,
+            "format_version": self.version,
             "package_id": self.package_id,
             "stage": self.stage,
             **self.extra,
@@ -307,7 +314,7 @@ class StageWriter:
         self._spool.seek(0)
         digest = hashlib.sha256()
         with AtomicFile(self.path) as f:
-            for block in (_PREFIX.pack(MAGIC, FORMAT_VERSION, len(head)), head):
+            for block in (_PREFIX.pack(MAGIC, self.version, len(head)), head):
                 f.write(block)
                 digest.update(block)
             while block := self._spool.read(1 << 22):
@@ -614,6 +621,12 @@ def validate_manifest(m: Any, where: str = MANIFEST_NAME) -> None:
     pid = c.get(m, "package_id", "")
     if not isinstance(pid, str) or not _PACKAGE_ID.fullmatch(pid):
         raise c.fail("package_id", f"is {_show(pid)}, not a package id")
+    update = version == UPDATE_FORMAT_VERSION
+    if update:
+        _predecessor(c, c.dict(c.get(m, "predecessor", ""), "predecessor"))
+    elif "predecessor" in m:
+        raise c.fail("predecessor", f"is only valid in an update package (format version "
+                                    f"{UPDATE_FORMAT_VERSION}), this one says {version}")
     src = c.dict(c.get(m, "source", ""), "source")
     c.hex64(c.get(src, "weights_sha256", "source"), "source.weights_sha256")
     c.str(c.get(src, "name", "source"), "source.name")
@@ -666,10 +679,14 @@ def validate_manifest(m: Any, where: str = MANIFEST_NAME) -> None:
     for j, f in enumerate(c.list(c.get(base, "files", "base_model"), "base_model.files", 16)):
         _file_entry(c, f, f"base_model.files[{j}]")
         base_files[f["path"]] = f["size"]
-    for name in ("base.onnx", "base.bin"):
+    # an update has no runnable base: stage 0 carries base.bin (codes) and graph.onnx
+    for name in ("base.bin", "graph.onnx") if update else ("base.onnx", "base.bin"):
         if name not in base_files:
             raise c.fail("base_model.files", f"does not list {name}")
-    _tensors(c, c.list(c.get(m, "tensors", ""), "tensors", 1 << 20), base_files["base.bin"])
+    if update and "base.onnx" in base_files:
+        raise c.fail("base_model.files", "lists base.onnx: an update package has no base model")
+    _tensors(c, c.list(c.get(m, "tensors", ""), "tensors", 1 << 20), base_files["base.bin"],
+             update)
     if m.get("probe") is not None:
         _probe_entry(c, c.dict(m["probe"], "probe"), len(stages))
 
@@ -681,7 +698,44 @@ def _file_entry(c: _Checker, f: Any, p: str) -> None:
     c.hex64(c.get(f, "sha256", p), f"{p}.sha256")
 
 
-def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
+_PREDECESSOR_KEYS = ("weights_sha256", "package_id", "stage", "name", "version")
+_UPDATE_KINDS = ("same", "delta", "new")
+
+
+def is_update(manifest: dict[str, Any]) -> bool:
+    """Whether a (validated) manifest is an update package's: it applies to a predecessor."""
+    return manifest.get("format_version") == UPDATE_FORMAT_VERSION
+
+
+def _predecessor(c: _Checker, pred: dict) -> None:
+    """An update's binding: the exact model (``weights_sha256``) or stage ``stage`` of package
+    ``package_id``; ``name`` and ``version`` only label it. Unknown keys are refused: a binding
+    a reader half understands would bind to nothing."""
+    for key in pred:
+        if key not in _PREDECESSOR_KEYS:
+            raise c.fail(f"predecessor.{_show(key)}", f"is not a known key (known: "
+                                                      f"{', '.join(_PREDECESSOR_KEYS)})")
+    if "weights_sha256" in pred:
+        c.hex64(pred["weights_sha256"], "predecessor.weights_sha256")
+        if "stage" in pred:
+            raise c.fail("predecessor.stage", "is given with weights_sha256 (an exact "
+                                              "predecessor has no stage)")
+    elif "stage" not in pred or "package_id" not in pred:
+        raise c.fail("predecessor", "names neither weights_sha256 (the exact model) nor "
+                                    "package_id and stage (a lossy stage of a package)")
+    if "package_id" in pred:
+        p = pred["package_id"]
+        if not isinstance(p, str) or not _PACKAGE_ID.fullmatch(p):
+            raise c.fail("predecessor.package_id", f"is {_show(p)}, not a package id")
+    if "stage" in pred:
+        c.int(pred["stage"], "predecessor.stage", 0, MAX_STAGES - 1)
+    if "name" in pred:
+        c.str(pred["name"], "predecessor.name", 200)
+    if "version" in pred:
+        c.int(pred["version"], "predecessor.version", 0, 2**63 - 1)
+
+
+def _tensors(c: _Checker, tensors: list, base_bin: int, update: bool = False) -> None:
     names: set[str] = set()
     extra = 0
     spans: list[tuple[int, int, str]] = []
@@ -716,13 +770,28 @@ def _tensors(c: _Checker, tensors: list, base_bin: int) -> None:
         if extra > MAX_EXTRA_PADDING:
             raise c.fail(f"{p}.layout", f"brings the blocks' padding past the "
                                         f"{MAX_EXTRA_PADDING} values a package may have")
-        c.int(c.get(t, "bits", p), f"{p}.bits", 1, 16)
+        kind = c.get(t, "update", p) if update else None
+        if update and not _member(kind, _UPDATE_KINDS):
+            raise c.fail(f"{p}.update", f"is {_show(kind)}, not one of {', '.join(_UPDATE_KINDS)}")
+        if not update and "update" in t:
+            raise c.fail(f"{p}.update", "is only valid in an update package")
         if "symmetric" in t:
             c.bool(t["symmetric"], f"{p}.symmetric")
         if "est_error" in t:
             c.num(t["est_error"], f"{p}.est_error", none=True)
-        b = c.dict(c.get(t, "base", p), f"{p}.base")
-        if "kind" in b:  # a palette tensor: indices and values, no scales (see palette.py)
+        if kind == "same":  # the predecessor's value, bit for bit: nothing in base.bin
+            for key in ("base", "bits"):
+                if key in t:
+                    raise c.fail(f"{p}.{key}", "is given for an unchanged tensor (update "
+                                               "'same' has no codes)")
+        else:
+            c.int(c.get(t, "bits", p), f"{p}.bits", 1, 16)
+        b = {} if kind == "same" else c.dict(c.get(t, "base", p), f"{p}.base")
+        if kind == "same":
+            pass
+        elif "kind" in b and update:
+            raise c.fail(f"{p}.base.kind", "is given in an update package (no palettes)")
+        elif "kind" in b:  # a palette tensor: indices and values, no scales (see palette.py)
             from .palette import check_tensor_base
 
             try:

@@ -39,6 +39,7 @@ from .external import check_skeleton, graph_size_limit
 from .format import AtomicFile, StageFile
 
 __all__ = ["WeightState", "pack_codes", "unpack_codes", "base_codes_of", "extract_file",
+           "delta_blocks",
            "code_chunk", "ChunkCode", "workers", "weights_size", "read_into", "write_from",
            "copy_tiled"]
 
@@ -151,6 +152,14 @@ def base_blocks(base: qz.BaseCodes, info: DTypeInfo) -> np.ndarray:
     return info.from_compute(qz.dequantize_base(base).astype(info.compute))
 
 
+def delta_blocks(info: DTypeInfo, origin: np.ndarray, base: qz.BaseCodes) -> np.ndarray:
+    """First stage of an update for a changed tensor (storage dtype, block order): the value
+    the device holds (``origin``) plus the dequantized delta codes, summed in the compute dtype
+    and rounded once to the storage dtype."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        return info.from_compute(info.to_compute(origin) + qz.dequantize_base(base))
+
+
 def refine_blocks(info: DTypeInfo, previous: np.ndarray, codes: np.ndarray,
                   step: np.ndarray) -> np.ndarray:
     """Next lossy stage of a run of blocks (storage dtype in and out)."""
@@ -209,7 +218,8 @@ def _refine_payload(codes: np.ndarray, prev: np.ndarray) -> tuple[bytes, IntPlan
 def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symmetric: bool,
                clip_search: bool, replay: bool = True,
                importance: np.ndarray | None = None,
-               base: qz.BaseCodes | None = None) -> ChunkCode:
+               base: qz.BaseCodes | None = None,
+               origin: np.ndarray | None = None) -> ChunkCode:
     """Code a run of blocks ``xs`` ([n, block_len], storage dtype) through every stage.
 
     ``stages`` are total bits per stage with ``"lossless"`` allowed last; the decoder's
@@ -217,14 +227,21 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
     the device's lossless step, so ``final`` can be checked against ``xs``. ``importance``
     (same shape as ``xs``) weights the base quantizer's error. ``base``, when given, is used as
     the base codes instead of quantizing (weights found on a uniform grid: exact codes).
+    ``origin`` (same shape and dtype as ``xs``), when given, is what the device already holds
+    (an update): the base codes then quantize the delta ``xs - origin`` and stage 0 is
+    :func:`delta_blocks`; later stages are unchanged.
     """
     xc = info.to_compute(xs)
     finite = np.isfinite(xc)
     finite = None if finite.all() else finite
     if base is None:
-        base = qz.quantize_base(xc, int(stages[0]), info, symmetric=symmetric,
+        target = xc
+        if origin is not None:
+            with np.errstate(over="ignore", invalid="ignore"):
+                target = xc - info.to_compute(origin)
+        base = qz.quantize_base(target, int(stages[0]), info, symmetric=symmetric,
                                 clip_search=clip_search, importance=importance)
-    prev = base_blocks(base, info)
+    prev = base_blocks(base, info) if origin is None else delta_blocks(info, origin, base)
     errs = [_max_err(xc, prev, info, finite)]
     payloads = []
     codecs: list = []
@@ -302,8 +319,12 @@ class WeightState:
     PosixPath('w1.bin')
     """
 
-    def __init__(self, manifest: dict[str, Any], base_bin: str | os.PathLike | bytes):
+    def __init__(self, manifest: dict[str, Any], base_bin: str | os.PathLike | bytes,
+                 predecessor: Callable[[dict[str, Any]], np.ndarray] | None = None):
         self.manifest = manifest
+        # an update package: its unchanged and changed tensors start from what the device
+        # holds, ``predecessor(t)`` (t's shape, storage dtype) for tensor-table entry t
+        self._predecessor = predecessor
         self._base_path: str | None = None
         self._base: Any  # sliceable bytes of base.bin
         if isinstance(base_bin, (str, os.PathLike)):
@@ -317,6 +338,7 @@ class WeightState:
         self._file: Path | None = None  # weights file of the current stage
         self._blocks: dict[str, np.ndarray] = {}  # values held in memory (block order)
         self.graph_bytes: bytes | None = None
+        self._update = manifest.get("predecessor") is not None
 
     @property
     def base_bin(self) -> np.ndarray:
@@ -395,6 +417,25 @@ class WeightState:
         if graph is not None:
             self.graph_bytes = graph
 
+    def predecessor_blocks(self, t: dict[str, Any]) -> np.ndarray:
+        """The predecessor's value of update tensor ``t`` in block order (a copy), after
+        checking its dtype and shape against the tensor table."""
+        name = t["name"]
+        if self._predecessor is None:
+            raise FormatError(f"tensor {name} comes from the predecessor of this update, and "
+                              "no predecessor was given")
+        try:
+            r = np.asarray(self._predecessor(t))
+        except KeyError:
+            raise IntegrityError(f"the predecessor holds no tensor {name} (this update "
+                                 "was made against another model)") from None
+        info = dtype_info(t["dtype"])
+        if r.dtype != info.storage or tuple(r.shape) != tuple(t["shape"]):
+            raise IntegrityError(f"the predecessor's {name} is {r.dtype} {list(r.shape)}, the "
+                                 f"update expects {t['dtype']} {list(t['shape'])} (this update "
+                                 "was made against another model)")
+        return np.ascontiguousarray(_layout(t).to_blocks(r))
+
     def check_skeleton(self, graph: bytes) -> None:
         """Refuse a skeleton graph whose external data does not match the manifest (see
         :func:`~p2u_onnx.external.check_skeleton`), before anything loads it."""
@@ -458,9 +499,10 @@ class WeightState:
         kind = "exact" if bits[expected] == "lossless" else "refine"
         shift = lossy[-1] - lossy[0] if lossy else 0
         files = [e["name"] for e in stage_file.entries if e["kind"] == "file"]
-        if files != (["graph.onnx"] if expected == 1 else []):
+        graph_stage = 0 if self._update else 1  # an update's skeleton rides with stage 0
+        if files != (["graph.onnx"] if expected == graph_stage else []):
             raise FormatError(f"{label} carries files {files}; stage {expected} carries "
-                              f"{'graph.onnx only' if expected == 1 else 'none'}")
+                              f"{'graph.onnx only' if expected == graph_stage else 'none'}")
         order = {name: i for i, name in enumerate(self.tensors)}
         last = 0
         plan: dict[str, list[tuple[int, int, dict]]] = {}
@@ -473,6 +515,9 @@ class WeightState:
             if pl.is_palette(self.tensors[name]):
                 raise FormatError(f"{label} updates {name}, which the base holds exactly "
                                   "(a palette tensor)")
+            if self.tensors[name].get("update") == "same":
+                raise FormatError(f"{label} updates {name}, which the update keeps unchanged "
+                                  "from its predecessor")
             if entry["kind"] != kind or entry.get("shift", 0) != shift:
                 raise FormatError(f"{label}: entry for {name} is {entry['kind']!r} with shift "
                                   f"{entry.get('shift', 0)}; the plan makes stage {expected} "
@@ -496,7 +541,8 @@ class WeightState:
             if pos != n:
                 raise FormatError(f"{label} does not cover every block of {name}")
         missing = [name for name, t in self.tensors.items()  # palettes are exact already
-                   if name not in plan and _layout(t).n_blocks and not pl.is_palette(t)]
+                   if name not in plan and _layout(t).n_blocks and not pl.is_palette(t)
+                   and t.get("update") != "same"]
         if missing:
             raise FormatError(f"{label} does not update tensor {missing[0]} (every stage "
                               "updates every coded tensor)")
@@ -602,6 +648,7 @@ class _Tensor:
         self.run_bytes = self.layout.block_len * self.info.storage.itemsize
         contiguous = _runs_are_contiguous(self.layout)
         self.source = "memory" if self.name in state._blocks else "file" if fd is not None \
+            else "pred" if t.get("update") in ("same", "delta") \
             else "base-runs" if contiguous else "base"
         self.assemble = not contiguous and (isinstance(target, int) or self.source == "file")
         self.held = self.n * self.run_bytes if self.assemble else 0
@@ -609,6 +656,7 @@ class _Tensor:
         self.scale = np.zeros(0, np.float32)
         self._base: qz.BaseCodes | None = None
         self._palette: np.ndarray | None = None  # a palette tensor's values (block order)
+        self._origin: np.ndarray | None = None  # an update's predecessor value (block order)
 
     def start(self, pool: Executor | None) -> None:
         """Read what every run needs (called in order, before any job of this tensor)."""
@@ -622,7 +670,12 @@ class _Tensor:
             if self.source == "file" and self.assemble:
                 read_into(self._fd(), off, self.layout.from_blocks(self.out),
                           str(self.state._file), pool, self.pace)
-        if self.source in ("base", "base-runs") and pl.is_palette(self.t):
+        if self.source == "pred":
+            self._origin = self.state.predecessor_blocks(self.t)
+            if self.t["update"] == "delta":
+                _, self._base = base_codes_of(self.t, self.state._base, self.pace)
+                self.scale = self._base.scale
+        elif self.source in ("base", "base-runs") and pl.is_palette(self.t):
             self._palette = self.layout.to_blocks(
                 pl.decode(self.t, self.state._base).reshape(self.layout.shape))
         elif self.source == "base":
@@ -653,6 +706,15 @@ class _Tensor:
             return values
         if self._palette is not None:
             return self._palette[b0:b1]
+        if self._origin is not None:
+            if self._base is None:  # unchanged: the predecessor's value
+                return self._origin[b0:b1]
+            b = self._base
+            values = delta_blocks(self.info, self._origin[b0:b1], qz.BaseCodes(
+                b.codes[b0:b1], b.scale[b0:b1],
+                None if b.zero_point is None else b.zero_point[b0:b1], b.bits))
+            _zero_padding(self.layout, values, b0)
+            return values
         base = self._base
         assert base is not None
         codes = base.codes[b0:b1] if self.source == "base" else \
@@ -681,7 +743,7 @@ class _Tensor:
         elif self.out is not None:
             write_from(self.target, self.t["weights"][0], self.layout.from_blocks(self.out),
                        pool, self.pace)
-        self.out = self._base = self._palette = None
+        self.out = self._base = self._palette = self._origin = None
 
 
 def _zeros(shape: tuple[int, ...], dtype: np.dtype, pool: Executor | None,

@@ -1,0 +1,588 @@
+"""Model updates: a new version shipped as a progressive update against the version a device
+holds (encoder side and restore; needs onnx). Format and coding: docs/updates-format.md.
+
+An *update package* is a package directory whose manifest (format version 3) names its
+``predecessor``: the exact model a device must hold (``{"weights_sha256": ...}``) or a lossy
+stage of a package (``{"package_id": ..., "stage": K}``). Per coded tensor of the new model:
+
+* ``same``: bit-identical to the predecessor's tensor of the same key: no bytes at all;
+* ``delta``: same dtype and shape, changed: stage 0 codes ``new - held`` on a grid of its own
+  (per block scales, in ``base.bin``), later stages refine on finer grids, the last restores
+  every bit (the usual ``refine`` / ``exact`` entries);
+* ``new``: added, reshaped or retyped: coded as in a full package.
+
+Stage 0 (``stage-0.p2u``) carries ``base.bin`` (delta and new codes) and ``graph.onnx`` (the new
+model's skeleton: its structure and small tensors). What a device holds after stage k is a
+function of what it held before and stages 0..k, so the encoder replays it exactly and the next
+update can be coded against it (chains v1 -> v2 -> v3).
+
+A :class:`Held` is such a state on the encoder / restore side: the coded tensors by key and the
+state's identity. :func:`held_state` makes one from a model file, a full package (at a stage)
+or a chain of updates; :func:`apply_update` moves one through an update;
+:func:`encode_update` writes an update; :func:`restore_update` / :func:`verify_update` /
+:func:`inspect` (in :mod:`p2u_onnx.api`) read one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import os
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import onnx
+from onnx import ModelProto
+
+from . import _workdir, passes
+from .codecs import SegmentsCodec, ZstdCodec
+from .config import LOSSLESS, Plan, QuantConfig
+from .dtypes import dtype_info
+from .errors import FormatError, IntegrityError, P2UError, PlanError
+from .format import (BINDING_KEY, UPDATE_FORMAT_VERSION, AtomicFile, StageWriter,
+                     check_file_entry, is_update, manifest_binding, package_file, read_stage,
+                     save_manifest, sha256_file, stage_file_name)
+from .graph import iter_slots
+from .reconstruct import GROUPS, PLANES, WeightState, code_chunk, extract_file, pack_codes
+
+__all__ = ["Held", "held_state", "apply_update", "encode_update", "restore_update",
+           "verify_update", "UPDATE_PLAN", "DELTA_BLOCK", "binding_of", "check_predecessor"]
+
+# The default plan of an update (delta tensors; new tensors start at NEW_BITS and refine by as
+# many bits per stage), and the delta's block size: chosen by measurement, docs/updates-format.md
+UPDATE_PLAN = "2,lossless"
+DELTA_BLOCK = 128
+NEW_BITS = 4
+# which tensors are coded (the rest ride whole in the skeleton): smaller ones than in a full
+# package, and vectors, since a delta of them costs less than their float bytes
+UPDATE_CONFIG = QuantConfig(min_elements=256, quantize_vectors=True)
+ALIGN = 64
+
+
+@dataclasses.dataclass
+class Held:
+    """A state of a model a device can hold, which an update applies to.
+
+    ``tensors(name)`` gives a coded tensor's value (its shape, storage dtype; bfloat16 as
+    uint16), ``names`` the keys it holds. ``weights_sha256`` is the digest of the whole model
+    when the state is exact (None for a lossy stage); ``package_id`` / ``stage`` the package
+    and stage it came from (None for a plain model file). ``model`` is the model of the state
+    when one was built (restores write it).
+    """
+
+    get: Callable[[str], np.ndarray]
+    names: frozenset[str]
+    weights_sha256: str | None
+    package_id: str | None
+    stage: int | None
+    label: str
+    name: str | None = None
+    version: int | None = None
+    model: ModelProto | None = None
+
+    @property
+    def exact(self) -> bool:
+        return self.weights_sha256 is not None
+
+    def describe(self) -> str:
+        if self.exact:
+            return f"{self.label} (exact model, weights {self.weights_sha256[:12]})"
+        return f"{self.label} (package {str(self.package_id)[:12]} at stage {self.stage})"
+
+
+def binding_of(held: Held) -> dict[str, Any]:
+    """The ``predecessor`` an update coded against ``held`` names."""
+    pred: dict[str, Any] = {"weights_sha256": held.weights_sha256} if held.exact else \
+        {"package_id": held.package_id, "stage": held.stage}
+    if held.name is not None:
+        pred["name"] = held.name
+    if held.version is not None:
+        pred["version"] = held.version
+    return pred
+
+
+def _describe_pred(pred: dict[str, Any]) -> str:
+    who = f"{pred['name']} v{pred.get('version')} " if "name" in pred else ""
+    if "weights_sha256" in pred:
+        return f"{who}exact model (weights {pred['weights_sha256'][:12]})"
+    return f"{who}package {pred['package_id'][:12]} at stage {pred['stage']}"
+
+
+def check_predecessor(manifest: dict[str, Any], held: Held, where: str = "update") -> None:
+    """:class:`IntegrityError` (one line naming both states) unless ``held`` is the state the
+    update ``manifest`` applies to."""
+    pred = manifest["predecessor"]
+    if "weights_sha256" in pred:
+        ok = held.weights_sha256 == pred["weights_sha256"]
+    else:
+        ok = held.package_id == pred["package_id"] and held.stage == pred["stage"]
+    if not ok:
+        raise IntegrityError(f"{where} applies to {_describe_pred(pred)}, not to "
+                             f"{held.describe()}")
+
+
+# ---------------------------------------------------------------- held states
+
+
+def _model_held(model: ModelProto, label: str, config: QuantConfig) -> Held:
+    """An exact held state of a model (its constants lifted as the encoder lifts them)."""
+    from .encoder import tensor_array, weights_digest
+
+    passes.lift_constants(model, config.min_elements)
+    digest = weights_digest(model)
+    arrays = {s.slot.key: tensor_array(s.slot.tensor).reshape(s.shape)
+              for s in passes.select_weights(model, config)}
+    return Held(arrays.__getitem__, frozenset(arrays), digest, None, None, label, model=model)
+
+
+def _package_held(package: Path, manifest: dict[str, Any], stage: int | None,
+                  label: str) -> Held:
+    """The state of a full package at ``stage`` (default: its last)."""
+    from .api import _filled_model, _stage_index, open_stages
+    from .encoder import weights_digest
+
+    k = _stage_index(manifest, stage)
+    state = open_stages(package, k, manifest=manifest)
+    exact = k == len(manifest["plan"]) - 1 and manifest["plan"][-1] == LOSSLESS
+    digest, model = None, None
+    if exact:
+        model = _filled_model(state)
+        digest = weights_digest(model)
+        if digest != manifest["source"]["weights_sha256"]:
+            raise IntegrityError(f"{package}: the lossless stage does not reproduce the "
+                                 "source weights")
+    names = frozenset(t["name"] for t in manifest["tensors"])
+    return Held(state.weight, names, digest, manifest["package_id"], k, label,
+                manifest.get("name"), manifest.get("version"), model)
+
+
+def _named_stage(nxt, item) -> int | None:
+    """The stage of package ``item`` that update ``nxt`` is bound to (a lossy binding to that
+    package), else None (its last stage)."""
+    from .format import load_manifest
+
+    if isinstance(nxt, Held) or isinstance(item, (Held, ModelProto)):
+        return None
+    try:
+        if not (Path(nxt).is_dir() and Path(item).is_dir()):
+            return None
+        pred = load_manifest(nxt).get("predecessor") or {}
+        if "stage" in pred and pred.get("package_id") == load_manifest(item)["package_id"]:
+            return int(pred["stage"])
+    except (P2UError, OSError, TypeError):
+        return None
+    return None
+
+
+def held_state(source: str | os.PathLike | ModelProto | Held | Sequence, stage: int | None = None,
+               *, expect: str | None = None, trust=None,
+               config: QuantConfig = UPDATE_CONFIG) -> Held:
+    """What a device holds, from ``source``: a model (``.onnx`` path or ``ModelProto``: the
+    exact model), a full package folder (at ``stage``, default its last), or a sequence whose
+    first item is one of those and whose next items are update packages applied in turn (each
+    to the stage the next one is bound to, else its last; ``stage`` applies to the last item). ``expect`` / ``trust`` pin or
+    check the signature of the package (the first item of a sequence)."""
+    if isinstance(source, Held):
+        return source
+    if isinstance(source, (list, tuple)):
+        if not source:
+            raise P2UError("no predecessor given")
+        if len(source) == 1:
+            return held_state(source[0], stage, expect=expect, trust=trust, config=config)
+        items = list(source)
+        held = held_state(items[0], _named_stage(items[1], items[0]), expect=expect,
+                          trust=trust, config=config)
+        for i, upd in enumerate(items[1:], start=1):
+            held = apply_update(upd, held, stage if i == len(items) - 1 else
+                                _named_stage(items[i + 1], upd))
+        return held
+    if isinstance(source, ModelProto):
+        m = ModelProto()
+        m.CopyFrom(source)
+        return _model_held(m, m.graph.name or "model", config)
+    path = Path(source)
+    if path.is_dir():
+        from .api import _checked_manifest
+
+        manifest = _checked_manifest(path, expect, trust)[0]
+        if is_update(manifest):
+            raise P2UError(f"{path} is an update package: give the model or package it "
+                           "applies to first, then this update (--from A --from UPDATE)")
+        return _package_held(path, manifest, stage, str(path))
+    from .encoder import load_model
+
+    if stage is not None:
+        raise P2UError(f"--from-stage {stage}: {path} is a model file, not a package (it has "
+                       "no stages)")
+    return _model_held(load_model(path)[0], str(path), config)
+
+
+# ---------------------------------------------------------------- applying an update
+
+
+def _open_update(package: Path, expect: str | None, trust) -> dict[str, Any]:
+    from .api import _checked_manifest
+
+    manifest = _checked_manifest(package, expect, trust)[0]
+    if not is_update(manifest):
+        raise P2UError(f"{package} is a full package, not an update: it needs no --from "
+                       "(restore it as it is)")
+    return manifest
+
+
+def _stage_file(package: Path, manifest: dict[str, Any], k: int):
+    f = manifest["stages"][k]["files"][0]
+    path = check_file_entry(package_file(package, f["path"]), f, digest=False)
+    return read_stage(path, package_id=manifest["package_id"], stage=k, sha256=f["sha256"],
+                      manifest=manifest)
+
+
+def update_state(package: str | os.PathLike, held: Held, stage: int | None = None, *,
+                 manifest: dict[str, Any] | None = None) -> WeightState:
+    """A :class:`WeightState` of an update package moved through stages 0..``stage`` (default:
+    the last) from ``held``, after checking the binding (:func:`check_predecessor`)."""
+    from .api import _stage_index
+
+    package = Path(package)
+    manifest = _open_update(package, None, None) if manifest is None else manifest
+    k = _stage_index(manifest, stage)
+    check_predecessor(manifest, held, str(package))
+    sf0 = _stage_file(package, manifest, 0)
+    files = {f["path"]: f for f in manifest["base_model"]["files"]}
+    parts = {}
+    for name in ("base.bin", "graph.onnx"):
+        data = extract_file(sf0, name, size=files[name]["size"])
+        if hashlib.sha256(data).hexdigest() != files[name]["sha256"]:
+            raise IntegrityError(f"{name} inside stage 0 of {package} differs from what the "
+                                 "manifest lists")
+        parts[name] = data
+    state = WeightState(manifest, parts["base.bin"], predecessor=lambda t: held.get(t["name"]))
+    state.check_skeleton(parts["graph.onnx"])
+    state.graph_bytes = parts["graph.onnx"]
+    for i in range(1, k + 1):
+        state.apply(_stage_file(package, manifest, i))
+    return state
+
+
+def apply_update(update: str | os.PathLike, held: Held, stage: int | None = None, *,
+                 expect: str | None = None, trust=None) -> Held:
+    """The state a device holding ``held`` reaches at ``stage`` (default: the last) of the
+    update package ``update``. Refused (one line) when the update was made for another state,
+    is not an update, or its files do not match its manifest; at the last stage of a lossless
+    plan, the restored weights must hash to the new model's digest."""
+    from .api import _filled_model, _stage_index
+    from .encoder import weights_digest
+
+    package = Path(update)
+    manifest = _open_update(package, expect, trust)
+    k = _stage_index(manifest, stage)
+    state = update_state(package, held, k, manifest=manifest)
+    model = _filled_model(state)
+    exact = k == len(manifest["plan"]) - 1 and manifest["plan"][-1] == LOSSLESS
+    digest = None
+    if exact:
+        digest = weights_digest(model)
+        if digest != manifest["source"]["weights_sha256"]:
+            raise IntegrityError(f"{package}: the lossless stage does not reproduce the new "
+                                 "model's weights")
+    names = frozenset(t["name"] for t in manifest["tensors"])
+    return Held(state.weight, names, digest, manifest["package_id"], k, str(package),
+                manifest.get("name"), manifest.get("version"), model)
+
+
+def restore_update(update: str | os.PathLike, output: str | os.PathLike,
+                   base_from, stage: int | None = None, *, from_stage: int | None = None,
+                   expect: str | None = None, trust=None) -> Path:
+    """Write the model an update package gives at ``stage`` (default: the last, bit-exact)
+    applied to ``base_from`` (anything :func:`held_state` takes; a full package is taken at the
+    stage the update names when it names one) to ``output``.
+
+    >>> restore_update("v2-from-v1.p2u", "v2.onnx", "v1.p2u")  # doctest: +SKIP
+    """
+    package = Path(update)
+    manifest = _open_update(package, expect, trust)
+    held = held_state(base_from, _pred_stage(manifest, base_from, from_stage))
+    new = apply_update(package, held, stage, expect=expect, trust=trust)
+    from .api import _write_model
+
+    return _write_model(new.model, output)
+
+
+def _pred_stage(manifest: dict[str, Any], base_from, from_stage: int | None) -> int | None:
+    """The stage to take a full package given as predecessor at: the one the update names
+    (lossy binding to that package), else ``from_stage`` (default: its last)."""
+    if from_stage is not None:
+        return from_stage
+    pred = manifest["predecessor"]
+    last = base_from[-1] if isinstance(base_from, (list, tuple)) and base_from else base_from
+    if "stage" in pred and isinstance(last, (str, os.PathLike)) and Path(last).is_dir():
+        try:
+            from .format import load_manifest
+
+            if load_manifest(last)["package_id"] == pred["package_id"]:
+                return int(pred["stage"])
+        except P2UError:
+            return None
+    return None
+
+
+def verify_update(update: str | os.PathLike, base_from=None, *, from_stage: int | None = None,
+                  expect: str | None = None, trust=None) -> dict[str, Any]:
+    """Check an update package: every stage file against the manifest (sha256, header,
+    binding); with ``base_from``, also replay every stage from it, check the lossless stage
+    reproduces the new model's digest and that onnxruntime loads the result."""
+    from .api import _checked_manifest
+
+    package = Path(update)
+    manifest, raw = _checked_manifest(package, expect, trust)
+    if not is_update(manifest):
+        raise P2UError(f"{package} is a full package, not an update: verify it without --from")
+    for k in range(len(manifest["stages"])):
+        _stage_file(package, manifest, k)
+    result = {"package": str(package), "stages": len(manifest["stages"]),
+              "predecessor": manifest["predecessor"], "lossless_match": None,
+              "replayed": False, "signed": trust is not None,
+              "name": manifest.get("name"), "version": manifest.get("version"),
+              "manifest_sha256": hashlib.sha256(raw).hexdigest()}
+    if base_from is None:
+        return result
+    held = held_state(base_from, _pred_stage(manifest, base_from, from_stage))
+    new = apply_update(package, held, None)
+    result["replayed"] = True
+    result["lossless_match"] = True if new.exact else None
+    import tempfile
+
+    import onnxruntime as ort
+
+    from .api import _onnx_error
+
+    with tempfile.TemporaryDirectory(prefix="p2u-verify-") as tmp:
+        path = Path(tmp) / "v.onnx"
+        onnx.save_model(new.model, str(path))
+        try:
+            ort.InferenceSession(str(path), providers=["CPUExecutionProvider"])
+        except Exception as e:
+            raise _onnx_error(f"{package}: the updated model: onnxruntime cannot load it", e) \
+                from e
+    return result
+
+
+# ---------------------------------------------------------------- encoding an update
+
+
+class _Bin:
+    """Appends aligned blobs to base.bin; records the segments for SegmentsCodec."""
+
+    def __init__(self, f):
+        self.f, self.pos = f, 0
+        self.segments: list[tuple[int, int, str]] = []
+
+    def add(self, data: bytes, kind: str) -> list[int]:
+        pad = (-self.pos) % ALIGN
+        if pad:
+            self.f.write(b"\0" * pad)
+            self.pos += pad
+        self.f.write(data)
+        span = [self.pos, len(data)]
+        if data:
+            self.segments.append((self.pos, len(data), kind))
+        self.pos += len(data)
+        return span
+
+
+def _delta_layout(layout, block: int):
+    """The delta's blocks: along the axis the tensor's own blocks run (or its last axis), of
+    ``block`` values (one block per row when the axis is shorter)."""
+    from .quantizers import Layout
+
+    shape = layout.shape
+    if len(shape) < 2:
+        return Layout(shape, "tensor")
+    axis = layout.axis if layout.mode == "block" else len(shape) - 1
+    if shape[axis] < block:
+        return Layout(shape, "channel", 0 if axis != 0 else 1)
+    return Layout(shape, "block", axis, block)
+
+
+def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLike,
+                  base_from, *, from_stage: int | None = None,
+                  plan: Plan | str = UPDATE_PLAN, delta_block: int = DELTA_BLOCK,
+                  new_bits: int = NEW_BITS, config: QuantConfig = UPDATE_CONFIG,
+                  overwrite: bool = False, name: str | None = None,
+                  version: int | None = None, expect: str | None = None,
+                  trust=None):
+    """Encode ``model`` (v2) as an update package against ``base_from`` (v1: anything
+    :func:`held_state` takes; a full package at ``from_stage``, default its last stage).
+
+    >>> encode_update("v2.onnx", "v2-from-v1.p2u", "v1.p2u")  # doctest: +SKIP
+
+    ``plan``: the delta tensors' bits per stage (``"3,lossless"``: stage 0 codes every changed
+    tensor's delta with 3 bits per value on blocks of ``delta_block``, stage 1 restores every
+    bit); new tensors start at ``new_bits`` and refine as many bits per stage. Returns an
+    :class:`~p2u_onnx.encoder.EncodeResult`.
+    """
+    from .encoder import EncodeResult, _identity, _install, _output_path, load_model, \
+        weights_digest
+
+    t0 = time.perf_counter()
+    plan = Plan.parse(plan) if isinstance(plan, str) else plan
+    if not 2 <= new_bits <= 8:
+        raise PlanError(f"new_bits must be 2..8, got {new_bits}")
+    if delta_block < 8 or delta_block & (delta_block - 1):
+        raise PlanError(f"delta_block must be a power of two >= 8, got {delta_block}")
+    if not plan.stages[-1] == LOSSLESS and len(plan.stages) < 1:
+        raise PlanError("an update plan needs a stage")
+    out = _output_path(output, overwrite)
+    held = held_state(base_from, from_stage, expect=expect, trust=trust, config=config)
+    m, mname = load_model(model)
+    passes.lift_constants(m, config.min_elements)
+    if version is None:
+        epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
+        version = int(epoch) if epoch.isdigit() else int(time.time())
+    ident = _identity(mname if name is None else name, version)
+    digest = weights_digest(m)
+    pred = binding_of(held)
+    package_id = hashlib.sha256(
+        f"{digest}|{json.dumps(pred, sort_keys=True)}|{plan}|{config}|{delta_block}|"
+        f"{new_bits}|{UPDATE_FORMAT_VERSION}".encode()).hexdigest()[:32]
+    try:
+        tmp = _workdir.make_dir(out.parent, f".{out.name}.", 0o777)
+    except OSError as e:
+        raise P2UError(f"cannot write package {out}: {e.strerror or e}") from e
+    try:
+        manifest = _encode_into(m, mname, tmp, held, plan, config, delta_block, new_bits,
+                                package_id, pred, digest, ident)
+        _install(tmp, out)
+    except BaseException:
+        _workdir.remove_tree(tmp)
+        raise
+    return EncodeResult(out, manifest, time.perf_counter() - t0)
+
+
+def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
+                 config: QuantConfig, delta_block: int, new_bits: int, package_id: str,
+                 pred: dict[str, Any], digest: str, ident: tuple[str, int]) -> dict[str, Any]:
+    from .encoder import fp32_equivalent_bytes, slot_nbytes, tensor_array
+    from . import quantizers as qz
+
+    fp32_bytes = fp32_equivalent_bytes(m)
+    weight_bytes = sum(slot_nbytes(s.tensor) for s in iter_slots(m))
+    selected = passes.select_weights(m, config)
+    n = len(plan.stages)
+    writers = [StageWriter(tmp / stage_file_name(k), package_id, k,
+                           version=UPDATE_FORMAT_VERSION) for k in range(n)]
+    err = [0.0] * n
+    rel = [0.0] * n
+    tensors: list[dict[str, Any]] = []
+    counts = {"same": 0, "delta": 0, "new": 0}
+    wpos = 0
+    with AtomicFile(tmp / "base.bin") as bf:
+        bins = _Bin(bf)
+        for s in selected:
+            t = s.slot.tensor
+            info = dtype_info(t.data_type)
+            x = np.ascontiguousarray(tensor_array(t).reshape(s.shape))
+            r = None
+            if s.slot.key in held.names:
+                try:
+                    r = held.get(s.slot.key)
+                except KeyError:
+                    r = None
+                if r is not None and (r.dtype != info.storage or r.shape != x.shape):
+                    r = None
+            kind = "new" if r is None else \
+                "same" if np.array_equal(x.view(np.uint8), np.ascontiguousarray(r).view(
+                    np.uint8)) else "delta"
+            counts[kind] += 1
+            wpos += (-wpos) % ALIGN
+            row: dict[str, Any] = {
+                "name": s.slot.key, "tensor": s.slot.name, "where": s.slot.path,
+                "kind": s.slot.kind, "dtype": info.name, "shape": list(s.shape),
+                "update": kind, "weights": [wpos, x.nbytes]}
+            wpos += x.nbytes
+            if kind == "same":
+                row["layout"] = qz.Layout(s.shape, "tensor").to_json()
+            else:
+                layout = _delta_layout(s.layout, delta_block) if kind == "delta" else s.layout
+                b0 = int(plan.stages[0]) if kind == "delta" else new_bits
+                stages = [st if st == LOSSLESS else int(st) - plan.base_bits + b0
+                          for st in plan.stages]
+                blocks = np.ascontiguousarray(layout.to_blocks(x))
+                origin = None if r is None else np.ascontiguousarray(layout.to_blocks(r))
+                code = code_chunk(blocks, info, stages, symmetric=True,
+                                  clip_search=True, origin=origin)
+                if plan.lossless and not np.array_equal(
+                        np.ascontiguousarray(code.final).view(np.uint8),
+                        blocks.view(np.uint8)):
+                    raise P2UError(f"internal error: the update does not restore {s.slot.key}")
+                for k, e in enumerate(code.max_err):
+                    err[k] = max(err[k], e)
+                    if code.abs_max > 0:
+                        rel[k] = max(rel[k], e / code.abs_max)
+                shift = 0
+                for k, bits in enumerate(plan.stages[1:], start=1):
+                    if bits != LOSSLESS:
+                        shift = int(bits) - plan.base_bits
+                    codec = (GROUPS if bits == LOSSLESS else PLANES) if code.codecs is None \
+                        else code.codecs[k - 1]
+                    writers[k].add({"kind": "exact" if bits == LOSSLESS else "refine",
+                                    "name": s.slot.key, "blocks": [0, layout.n_blocks],
+                                    "shift": shift, "codec": codec.get_config()},
+                                   code.payloads[k - 1])
+                ctype, _ = passes.code_type(b0, 99)
+                packed = pack_codes(layout.from_blocks(code.base.codes), ctype)
+                row.update({
+                    "layout": layout.to_json(), "bits": b0, "symmetric": True,
+                    "base": {"codes": bins.add(packed, "symbols"),
+                             "scale": bins.add(np.ascontiguousarray(layout.blocks_to_scales(
+                                 info.scale_to_storage(code.base.scale))).tobytes(),
+                                 f"planes{info.scale_storage.itemsize}"),
+                             "zero_point": None, "code_type": ctype}})
+            passes.set_external(t, "weights.bin", row["weights"])
+            tensors.append(row)
+        segments = tuple(bins.segments)
+    graph = m.SerializeToString()
+    base_bin = (tmp / "base.bin").read_bytes()
+    bin_codec = SegmentsCodec(level=19, segments=segments)
+    gz = ZstdCodec(level=19)
+    for fname, data, codec in (("base.bin", base_bin, bin_codec), ("graph.onnx", graph, gz)):
+        writers[0].add({"kind": "file", "name": fname, "codec": codec.get_config(),
+                        "raw_length": len(data), "sha256": hashlib.sha256(data).hexdigest()},
+                       codec.encode(data))
+    stages: list[dict[str, Any]] = []
+    manifest: dict[str, Any] = {
+        "format": "p2u", "format_version": UPDATE_FORMAT_VERSION, "package_id": package_id,
+        "name": ident[0], "version": ident[1],
+        "predecessor": pred,
+        "source": {"name": mname, "weights_sha256": digest, "weight_bytes": weight_bytes,
+                   "fp32_equivalent_bytes": fp32_bytes, "coded_tensors": len(selected)},
+        "plan": [str(s) for s in plan.stages],
+        "config": {**dataclasses.asdict(config), "delta_block": delta_block,
+                   "new_bits": new_bits},
+        "base_model": {"files": [
+            {"path": "base.bin", "size": len(base_bin), "sha256": hashlib.sha256(
+                base_bin).hexdigest()},
+            {"path": "graph.onnx", "size": len(graph), "sha256": hashlib.sha256(
+                graph).hexdigest()}]},
+        "tensors": tensors,
+        "stages": stages,
+    }
+    (tmp / "base.bin").unlink()  # it travels inside stage 0 only
+    binding = manifest_binding(manifest)
+    cum = 0
+    for k, wr in enumerate(writers):
+        wr.extra[BINDING_KEY] = binding
+        size, sha = wr.finish()
+        cum += size
+        stages.append({"index": k, "bits": plan.stages[k],
+                       "files": [{"path": stage_file_name(k), "size": size, "sha256": sha}],
+                       "bytes": size, "cumulative_bytes": cum,
+                       "max_abs_error": err[k], "max_rel_error": rel[k]})
+    notes = ["no probe recorded (updates carry none yet)"]
+    manifest["notes"] = notes
+    save_manifest(tmp, manifest)
+    return manifest

@@ -1,0 +1,344 @@
+"""Model updates (issue 17): update packages coded against what a device holds.
+
+Real bytes on small synthetic models: every stage restored from the predecessor, the last
+bit-exact, unchanged tensors free, graph changes, chains, lossy predecessors, refusals.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+
+import numpy as np
+import onnx
+import onnxruntime as ort
+import pytest
+from click.testing import CliRunner
+from onnx import TensorProto, helper, numpy_helper
+
+from p2u_onnx import api
+from p2u_onnx.cli import main
+from p2u_onnx.config import BitBudget
+from p2u_onnx.encoder import encode, weights_digest
+from p2u_onnx.errors import FormatError, IntegrityError, P2UError, TrustError
+from p2u_onnx.format import (READABLE_VERSIONS, load_manifest, parse_manifest, read_stage,
+                             validate_manifest)
+from p2u_onnx.updates import (apply_update, encode_update, held_state, restore_update,
+                              verify_update)
+
+import synth
+
+FAST = BitBudget(adaptive=False)
+
+
+def _mlp(seed: int = 0, hidden: int = 128, dout: int = 32, extra: bool = False,
+         dtype=np.float32) -> onnx.ModelProto:
+    """x @ W1 + b1 -> Relu -> @ W2 (-> Relu -> @ W3 with ``extra``), weights from ``seed``."""
+    rng = np.random.default_rng(seed)
+    et = helper.np_dtype_to_tensor_dtype(np.dtype(dtype))
+    inits = [numpy_helper.from_array(synth.weight((64, hidden), dtype=dtype, rng=rng), "W1"),
+             numpy_helper.from_array(synth.weight((hidden,), dtype=dtype, rng=rng), "b1"),
+             numpy_helper.from_array(synth.weight((hidden, dout), dtype=dtype, rng=rng), "W2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Add", ["h", "b1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "W2"], ["y" if not extra else "z"])]
+    out = dout
+    if extra:
+        inits.append(numpy_helper.from_array(synth.weight((dout, 48), dtype=dtype, rng=rng),
+                                             "W3"))
+        nodes += [helper.make_node("Relu", ["z"], ["z1"]),
+                  helper.make_node("MatMul", ["z1", "W3"], ["y"])]
+        out = 48
+    return synth._model(nodes, [synth.vi("x", et, ("N", 64))], [synth.vi("y", et, ("N", out))],
+                        inits)
+
+
+def _moved(m: onnx.ModelProto, scale: float = 0.01, only: tuple[str, ...] | None = None,
+           seed: int = 5) -> onnx.ModelProto:
+    """A fine-tune of ``m``: every float initializer (or those in ``only``) moved slightly."""
+    rng = np.random.default_rng(seed)
+    out = onnx.ModelProto()
+    out.CopyFrom(m)
+    for t in out.graph.initializer:
+        if only is not None and t.name not in only:
+            continue
+        a = numpy_helper.to_array(t)
+        if a.dtype.kind != "f":
+            continue
+        with np.errstate(invalid="ignore", over="ignore"):  # NaN and Inf stay as they are
+            moved = (a + rng.standard_normal(a.shape) * scale * (np.abs(a) + 0.01)).astype(a.dtype)
+        moved = np.where(np.isfinite(a), moved, a)
+        t.CopyFrom(numpy_helper.from_array(moved, t.name))
+    return out
+
+
+def _save(m: onnx.ModelProto, path) -> str:
+    onnx.save(m, str(path))
+    return str(path)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray) -> np.ndarray:
+    s = ort.InferenceSession(model.SerializeToString(), providers=["CPUExecutionProvider"])
+    return s.run(None, {"x": x})[0]
+
+
+def _err(a: onnx.ModelProto, b: onnx.ModelProto) -> float:
+    """Largest |difference| over the float initializers both models have."""
+    bt = {t.name: numpy_helper.to_array(t) for t in b.graph.initializer}
+    worst = 0.0
+    for t in a.graph.initializer:
+        x = numpy_helper.to_array(t)
+        if t.name in bt and x.dtype.kind == "f" and x.shape == bt[t.name].shape:
+            worst = max(worst, float(np.max(np.abs(x.astype(np.float64) - bt[t.name]))))
+    return worst
+
+
+X = synth.weight((5, 64), 1.0, rng=np.random.default_rng(3))
+
+
+def test_finetune_update_every_stage_and_exact(tmp_path):
+    v1, v2 = _mlp(), _moved(_mlp())
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    r = encode_update(p2, tmp_path / "u.p2u", p1, plan="2,6,lossless")
+    m = r.manifest
+    assert m["format_version"] == 3
+    assert m["predecessor"] == {"weights_sha256": weights_digest(v1)}
+    assert {t["update"] for t in m["tensors"]} == {"delta"}
+    held = held_state(p1)
+    errs = []
+    for k in range(3):
+        errs.append(_err(apply_update(tmp_path / "u.p2u", held, k).model, v2))
+    assert errs[0] < _err(v1, v2) / 2 and errs[1] < errs[0] / 4 and errs[2] == 0.0
+    out = restore_update(tmp_path / "u.p2u", tmp_path / "r.onnx", p1)
+    assert weights_digest(onnx.load(str(out))) == weights_digest(v2)
+    assert np.array_equal(_run(onnx.load(str(out)), X), _run(v2, X))
+    # the coarse stage is a small share of v2's fp32 bytes (the skeleton carries b1 here)
+    fp32 = 4 * sum(int(np.prod(t.dims)) for t in v2.graph.initializer)
+    assert m["stages"][0]["bytes"] < 0.12 * fp32
+    assert m["stages"][0]["max_abs_error"] == pytest.approx(errs[0], rel=1e-6)
+
+
+def test_unchanged_tensors_cost_nothing(tmp_path):
+    v1 = _mlp(hidden=256)
+    v2 = _moved(v1, only=("W2",))  # a new head: only the last layer changes
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    m = encode_update(p2, tmp_path / "u.p2u", p1).manifest
+    kinds = {t["name"]: t["update"] for t in m["tensors"]}
+    assert kinds == {"W1": "same", "b1": "same", "W2": "delta"}
+    w2_fp32 = 256 * 32 * 4
+    total = m["stages"][-1]["cumulative_bytes"]
+    assert total < 1.2 * w2_fp32  # the unchanged W1 (64 kB) costs nothing
+    same = next(t for t in m["tensors"] if t["name"] == "W1")
+    assert "base" not in same and "bits" not in same
+    last = read_stage(tmp_path / "u.p2u" / "stage-1.p2u")
+    assert {e["name"] for e in last.entries} == {"W2"}
+    new = apply_update(tmp_path / "u.p2u", held_state(p1))
+    assert new.exact and weights_digest(new.model) == weights_digest(v2)
+    # at stage 0 the unchanged tensor is already v2's, bit for bit
+    s0 = apply_update(tmp_path / "u.p2u", held_state(p1), 0)
+    assert np.array_equal(s0.get("W1"), numpy_helper.to_array(v2.graph.initializer[0]))
+
+
+def test_graph_changes_added_removed_reshaped(tmp_path):
+    v1 = _mlp(dout=32)
+    v2 = _mlp(seed=9, dout=16, extra=True)  # W2 reshaped, W3 and two nodes added
+    v3 = _moved(_mlp(seed=9, dout=16))  # W3 removed again
+    paths = [_save(m, tmp_path / f"v{i}.onnx") for i, m in enumerate((v1, v2, v3), 1)]
+    m = encode_update(paths[1], tmp_path / "u12.p2u", paths[0]).manifest
+    kinds = {t["name"]: t["update"] for t in m["tensors"]}
+    assert kinds["W2"] == "new" and kinds["W3"] == "new" and kinds["W1"] == "delta"
+    out = restore_update(tmp_path / "u12.p2u", tmp_path / "r2.onnx", paths[0])
+    assert np.array_equal(_run(onnx.load(str(out)), X), _run(v2, X))
+    m = encode_update(paths[2], tmp_path / "u23.p2u", paths[1]).manifest
+    assert {t["name"] for t in m["tensors"]} == {"W1", "W2"}  # (b1 rides in the skeleton)
+    out = restore_update(tmp_path / "u23.p2u", tmp_path / "r3.onnx", paths[1])
+    assert weights_digest(onnx.load(str(out))) == weights_digest(v3)
+
+
+@pytest.mark.parametrize("dtype", [np.float16, np.float64])
+def test_other_dtypes_bit_exact(tmp_path, dtype):
+    v1 = _mlp(dtype=dtype)
+    v2 = _moved(v1, scale=0.05)
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    encode_update(p2, tmp_path / "u.p2u", p1)
+    new = apply_update(tmp_path / "u.p2u", held_state(p1))
+    assert weights_digest(new.model) == weights_digest(v2)
+
+
+def test_awkward_values_and_bfloat16(tmp_path):
+    """NaN payloads, infinities, -0.0, subnormals in both versions; a bfloat16 model."""
+    v1 = synth.edge_model()
+    v2 = _moved(v1, scale=0.02)
+    awk = next(t for t in v2.graph.initializer if t.name == "Awk")
+    a = numpy_helper.to_array(awk).copy()
+    a.reshape(-1)[11:20] = [np.nan, -0.0, np.inf, 1e-42, -np.inf, 0.0, 5.0, -7.0, 3e38]
+    awk.CopyFrom(numpy_helper.from_array(a, "Awk"))
+    p1, p2 = _save(v1, tmp_path / "e1.onnx"), _save(v2, tmp_path / "e2.onnx")
+    encode_update(p2, tmp_path / "ue.p2u", p1)
+    new = apply_update(tmp_path / "ue.p2u", held_state(p1))
+    assert weights_digest(new.model) == weights_digest(v2)
+    feed = synth.edge_feed()
+    s = ort.InferenceSession(new.model.SerializeToString(), providers=["CPUExecutionProvider"])
+    r = ort.InferenceSession(v2.SerializeToString(), providers=["CPUExecutionProvider"])
+    feed["W"] = numpy_helper.to_array(v2.graph.initializer[0])
+    for a_, b_ in zip(s.run(None, feed), r.run(None, feed)):
+        assert np.array_equal(a_, b_, equal_nan=True)
+    b1 = synth.bf16_mlp()
+    b2 = _moved(b1, scale=0.0)  # numpy has no bf16: move the bit patterns instead
+    t = b2.graph.initializer[0]
+    bits = np.frombuffer(t.raw_data, np.uint16).copy()
+    bits[::7] += 3
+    t.raw_data = bits.tobytes()
+    q1, q2 = _save(b1, tmp_path / "b1.onnx"), _save(b2, tmp_path / "b2.onnx")
+    encode_update(q2, tmp_path / "ub.p2u", q1)
+    assert weights_digest(apply_update(tmp_path / "ub.p2u", held_state(q1)).model) == \
+        weights_digest(b2)
+
+
+def test_from_full_package_exact_and_lossy_stage(tmp_path):
+    v1, v2 = _mlp(hidden=256), _moved(_mlp(hidden=256))
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    pkg = encode(p1, tmp_path / "v1.p2u", "4,8,lossless", budget=FAST, probe=False,
+                 name="mlp", version=1).path
+    pm = load_manifest(pkg)
+    # exact: the last stage of the package is v1 itself, bound by its digest
+    m = encode_update(p2, tmp_path / "ux.p2u", pkg).manifest
+    assert m["predecessor"] == {"weights_sha256": pm["source"]["weights_sha256"],
+                                "name": "mlp", "version": 1}
+    out = restore_update(tmp_path / "ux.p2u", tmp_path / "a.onnx", pkg)
+    assert weights_digest(onnx.load(str(out))) == weights_digest(v2)
+    # ... which a device that holds v1 from its .onnx file holds too
+    out = restore_update(tmp_path / "ux.p2u", tmp_path / "b.onnx", p1)
+    assert weights_digest(onnx.load(str(out))) == weights_digest(v2)
+    # lossy: devices that stopped at stage 0 of the package
+    m = encode_update(p2, tmp_path / "u0.p2u", pkg, from_stage=0).manifest
+    assert m["predecessor"]["package_id"] == pm["package_id"] and \
+        m["predecessor"]["stage"] == 0 and "weights_sha256" not in m["predecessor"]
+    out = restore_update(tmp_path / "u0.p2u", tmp_path / "c.onnx", pkg)  # stage 0 taken
+    assert weights_digest(onnx.load(str(out))) == weights_digest(v2)
+    with pytest.raises(IntegrityError, match="at stage 0, not to .* at stage 1"):
+        restore_update(tmp_path / "u0.p2u", tmp_path / "d.onnx", pkg, from_stage=1)
+    with pytest.raises(IntegrityError, match="at stage 0, not to .*exact model"):
+        restore_update(tmp_path / "u0.p2u", tmp_path / "d.onnx", p1)
+
+
+def test_chain_and_federated_rounds(tmp_path):
+    v = [_mlp()]
+    for i in range(3):
+        v.append(_moved(v[-1], seed=10 + i))
+    paths = [_save(m, tmp_path / f"v{i}.onnx") for i, m in enumerate(v)]
+    encode_update(paths[1], tmp_path / "u01.p2u", paths[0])
+    # v2 against v1 as a device reached it through u01: same digest, so the same binding
+    encode_update(paths[2], tmp_path / "u12.p2u", [paths[0], tmp_path / "u01.p2u"])
+    for source in ([paths[0], tmp_path / "u01.p2u"], paths[1]):
+        out = restore_update(tmp_path / "u12.p2u", tmp_path / "r.onnx", source)
+        assert weights_digest(onnx.load(str(out))) == weights_digest(v[2])
+    # federated: clients follow each round at its first update stage; the next round is coded
+    # against exactly that state (package id + stage 0), so errors do not pile up
+    held = held_state(paths[0])
+    errs = []
+    for r in (1, 2, 3):
+        u = tmp_path / f"round{r}.p2u"
+        m = encode_update(paths[r], u, held).manifest
+        if r > 1:
+            pred = m["predecessor"]
+            assert (pred["package_id"], pred["stage"]) == (held.package_id, 0)
+            assert "weights_sha256" not in pred
+        held = apply_update(u, held, 0)
+        errs.append(_err(held.model, v[r]))
+    assert max(errs) < 2 * min(errs)
+    # the server restores the last round exactly from the clients' lossy chain
+    exact = apply_update(tmp_path / "round3.p2u",
+                         held_state([paths[0], tmp_path / "round1.p2u",
+                                     tmp_path / "round2.p2u"], 0))
+    assert weights_digest(exact.model) == weights_digest(v[3])
+
+
+def test_refusals(tmp_path):
+    v1, v2 = _mlp(), _moved(_mlp())
+    other = _mlp(seed=42)
+    p1, p2, po = (_save(m, tmp_path / n) for m, n in ((v1, "v1.onnx"), (v2, "v2.onnx"),
+                                                       (other, "o.onnx")))
+    encode_update(p2, tmp_path / "u.p2u", p1)
+    full = encode(p2, tmp_path / "v2.p2u", "4,lossless", budget=FAST, probe=False).path
+    with pytest.raises(IntegrityError, match="applies to exact model .* not to .*o.onnx"):
+        restore_update(tmp_path / "u.p2u", tmp_path / "x.onnx", po)
+    with pytest.raises(P2UError, match="is a full package, not an update"):
+        restore_update(full, tmp_path / "x.onnx", p1)
+    with pytest.raises(P2UError, match="is an update: it applies to .*give that with --from"):
+        api.restore(tmp_path / "u.p2u", tmp_path / "x.onnx")
+    with pytest.raises(P2UError, match="is an update package: give the model"):
+        held_state(tmp_path / "u.p2u")
+    with pytest.raises(P2UError, match="is a model file, not a package"):
+        held_state(p1, 0)
+    # a stage file of another update, dropped into this one
+    encode_update(po, tmp_path / "u2.p2u", p1)
+    broken = tmp_path / "broken.p2u"
+    shutil.copytree(tmp_path / "u.p2u", broken)
+    shutil.copy(tmp_path / "u2.p2u" / "stage-1.p2u", broken / "stage-1.p2u")
+    with pytest.raises(IntegrityError):
+        restore_update(broken, tmp_path / "x.onnx", p1)
+    assert not (tmp_path / "x.onnx").exists()
+    # pinning and signing apply to updates too
+    good = api.verify(tmp_path / "u.p2u")["manifest_sha256"]
+    with pytest.raises(TrustError):
+        restore_update(tmp_path / "u.p2u", tmp_path / "x.onnx", p1, expect="sha256:" + "0" * 64)
+    out = restore_update(tmp_path / "u.p2u", tmp_path / "x.onnx", p1, expect="sha256:" + good)
+    assert out.exists()
+    pytest.importorskip("cryptography")
+    from p2u_onnx.trust import generate_key
+
+    pub = generate_key(tmp_path / "k")
+    with pytest.raises(TrustError):
+        verify_update(tmp_path / "u.p2u", p1, trust=pub)
+
+
+def test_cli_update_commands(tmp_path):
+    v1, v2 = _mlp(), _moved(_mlp())
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    run = CliRunner().invoke
+    r = run(main, ["encode", p2, "-o", str(tmp_path / "u.p2u"), "--from", p1, "-q"])
+    assert r.exit_code == 0, r.output
+    r = run(main, ["inspect", str(tmp_path / "u.p2u")])
+    assert r.exit_code == 0 and "update of exact model" in r.output and "2 delta" in r.output
+    r = run(main, ["verify", str(tmp_path / "u.p2u"), "--from", p1])
+    assert r.exit_code == 0 and "lossless stage reproduces" in r.output, r.output
+    r = run(main, ["verify", str(tmp_path / "u.p2u")])
+    assert r.exit_code == 0 and "not replayed" in r.output
+    r = run(main, ["restore", str(tmp_path / "u.p2u"), "--from", p1, "-o",
+                   str(tmp_path / "r.onnx")])
+    assert r.exit_code == 0 and weights_digest(onnx.load(str(tmp_path / "r.onnx"))) == \
+        weights_digest(v2)
+    r = run(main, ["restore", str(tmp_path / "u.p2u"), "--from", p2, "-o",
+                   str(tmp_path / "w.onnx")])
+    assert r.exit_code == 1 and r.output.count("\n") == 1 and "applies to" in r.output
+    assert not (tmp_path / "w.onnx").exists()
+    r = run(main, ["restore", str(tmp_path / "u.p2u"), "-o", str(tmp_path / "w.onnx")])
+    assert r.exit_code == 1 and "give that with --from" in r.output
+
+
+def test_readers_refuse_what_they_do_not_know(tmp_path, monkeypatch):
+    v1, v2 = _mlp(), _moved(_mlp())
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    encode_update(p2, tmp_path / "u.p2u", p1)
+    raw = (tmp_path / "u.p2u" / "manifest.json").read_bytes()
+    # a reader of format 1-2 only refuses an update by its version number
+    import p2u_onnx.format as fmt
+
+    monkeypatch.setattr(fmt, "READABLE_VERSIONS", (1, 2))
+    with pytest.raises(FormatError, match="format version 3, this reader knows 1 and 2"):
+        parse_manifest(raw)
+    with pytest.raises(FormatError, match="format version 3, this reader knows 1 and 2"):
+        read_stage(tmp_path / "u.p2u" / "stage-0.p2u")
+    monkeypatch.setattr(fmt, "READABLE_VERSIONS", READABLE_VERSIONS)
+    # a full package's manifest that names a predecessor is refused, not half read
+    full = encode(p1, tmp_path / "v1.p2u", "4,lossless", budget=FAST, probe=False).path
+    m = load_manifest(full)
+    m["predecessor"] = {"weights_sha256": "a" * 64}
+    with pytest.raises(FormatError, match="predecessor is only valid in an update"):
+        validate_manifest(m)
+    m = json.loads(raw)
+    m["tensors"][0]["update"] = "same"
+    with pytest.raises(FormatError, match="is given for an unchanged tensor"):
+        validate_manifest(m)
