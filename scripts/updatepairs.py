@@ -67,8 +67,8 @@ def digits8_accuracy(path: Path | str | bytes) -> float:
 # --------------------------------------------------------------------------------------------
 
 MINILM_HELDOUT_PAIRS = 512
-MINILM_DOC_TOKENS = 96
-MINILM_SIG_TOKENS = 48
+MINILM_DOC_TOKENS = 64
+MINILM_SIG_TOKENS = 32
 
 
 @functools.lru_cache(maxsize=1)
