@@ -72,6 +72,8 @@ __all__ = [
     "READABLE_VERSIONS",
     "UPDATE_FORMAT_VERSION",
     "is_update",
+    "check_predecessor",
+    "describe_predecessor",
 ]
 
 # 2: stage headers carry "manifest_binding" (see manifest_binding); version 1 is still read
@@ -705,6 +707,39 @@ _UPDATE_KINDS = ("same", "delta", "new")
 def is_update(manifest: dict[str, Any]) -> bool:
     """Whether a (validated) manifest is an update package's: it applies to a predecessor."""
     return manifest.get("format_version") == UPDATE_FORMAT_VERSION
+
+
+def describe_predecessor(pred: dict[str, Any]) -> str:
+    """A validated ``predecessor`` binding in words, for messages."""
+    who = f"{pred['name']} v{pred.get('version')} " if "name" in pred else ""
+    if "weights_sha256" in pred:
+        return f"{who}exact model (weights {pred['weights_sha256'][:12]})"
+    return f"{who}package {pred['package_id'][:12]} at stage {pred['stage']}"
+
+
+def describe_state(weights_sha256: str | None, package_id: str | None, stage: int | None,
+                   label: str = "the model held") -> str:
+    if weights_sha256 is not None:
+        return f"{label} (exact model, weights {weights_sha256[:12]})"
+    return f"{label} (package {str(package_id)[:12]} at stage {stage})"
+
+
+def check_predecessor(manifest: dict[str, Any], weights_sha256: str | None,
+                      package_id: str | None, stage: int | None, where: str = "update",
+                      label: str = "the model held") -> None:
+    """:class:`IntegrityError` (one line naming both states) unless the state a device holds
+    (the digest of its exact weights, or None for a lossy stage; the package and stage it came
+    from) is the one the update ``manifest`` is bound to (its ``predecessor``)."""
+    pred = manifest.get("predecessor")
+    if pred is None:
+        raise P2UError(f"{where} is a full package, not an update")
+    if "weights_sha256" in pred:
+        ok = weights_sha256 is not None and weights_sha256 == pred["weights_sha256"]
+    else:
+        ok = package_id == pred["package_id"] and stage == pred["stage"]
+    if not ok:
+        raise IntegrityError(f"{where} applies to {describe_predecessor(pred)}, not to "
+                             f"{describe_state(weights_sha256, package_id, stage, label)}")
 
 
 def _predecessor(c: _Checker, pred: dict) -> None:

@@ -397,6 +397,31 @@ class WeightState:
         self.stage += 1
         self._file, self._blocks = out, {}
 
+    def materialize(self, out_path: str | os.PathLike, pace: Pace | None = None,
+                    written: Callable[[int, int, int], None] | None = None) -> None:
+        """Write the current values to ``out_path`` (a new ``weights.bin``) and read them from
+        there from now on: an update's stage 0, computed from the predecessor and the delta
+        codes, without keeping the predecessor. The stage does not change; on any error the
+        file is removed and the state is unchanged. ``pace`` / ``written``: as for
+        :meth:`advance`."""
+        out = Path(out_path)
+        tmp = ""
+        try:
+            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
+            try:
+                _prefill(fd, weights_size(self.manifest), pace)
+                self._run(self.manifest["tensors"], None, {}, fd, pace, written)
+            finally:
+                os.close(fd)
+            os.replace(tmp, out)
+        except BaseException as e:
+            if tmp:
+                _unlink(tmp)
+            if isinstance(e, OSError):
+                raise P2UError(f"cannot write {out}: {e.strerror or e}") from e
+            raise
+        self._file, self._blocks = out, {}
+
     def apply(self, stage_file: StageFile) -> None:
         """Move to the next stage, keeping its decoded weights in memory.
 

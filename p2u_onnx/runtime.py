@@ -93,6 +93,8 @@ from .format import (
     atomic_write_bytes,
     check_file_entry,
     check_name,
+    check_predecessor,
+    is_update,
     parse_manifest,
     read_stage,
     sha256_bytes,
@@ -763,6 +765,9 @@ class ProgressiveSession:
                 self._source = source
                 where = _admit_source(source, Policy() if source is self._owned else policy)
             self._manifest = self._source.manifest
+            if is_update(self._manifest):
+                raise P2UError(f"{where} is an update package: open a session on the model it "
+                               "applies to, then call update() with it")
             policy.check_version(self._manifest, where)
         except BaseException:
             self._close_owned()
@@ -773,6 +778,7 @@ class ProgressiveSession:
         self._strategy = "inplace" if strategy == "inplace" and _inplace_ready(self._manifest) \
             else "swap"
         self._options = sess_options
+        self._verify = verify
         self._providers = providers
         self._on_stage = on_stage
         self._gate = threading.Lock()  # _cond's lock: run() takes it without the wrapper
@@ -887,7 +893,7 @@ class ProgressiveSession:
                 sf = open_stage(src, self._manifest, k, self._pace, digest=digest)
                 cp = self._state.checkpoint()
                 try:
-                    if k == 1:
+                    if k == 1 and not is_update(self._manifest):  # (an update: at stage 0)
                         self._write_skeleton(sf)
                     if self._strategy == "inplace" and k > 1:
                         self._patch_buffers(k, sf)
@@ -909,6 +915,156 @@ class ProgressiveSession:
                 if self._on_stage is not None:
                     self._on_stage(k)
             return k
+
+    def held(self) -> tuple[str | None, str, int]:
+        """What this session holds, as an update's ``predecessor`` names it: (the digest of the
+        exact weights at the last stage of a lossless plan, else None; package id; stage)."""
+        m, k = self._manifest, self.stage
+        exact = k == len(m["plan"]) - 1 and m["plan"][-1] == "lossless"
+        return (m["source"]["weights_sha256"] if exact else None), m["package_id"], k
+
+    def update(self, source: str | os.PathLike | StageSource, until: int | None = None,
+               background: bool = False, *, expect: str | None = None,
+               trust: TrustSpec | None = None,
+               allow_rollback: bool = False) -> cf.Future[int] | int:
+        """Move this session live to the new model of an update package, stage by stage up to
+        ``until`` (default: its last).
+
+        ``source``: the update package's folder, URL or a :class:`StageSource`
+        (:class:`BytesSource` for bytes). The update must be bound to what this session holds
+        (:meth:`held`); a full package, an update made for another model or stage, a stage file
+        that does not match, a pin or signature that fails, a lower version of the model
+        (unless ``allow_rollback``) or a probe that does not show the update's stage are
+        refused, and the session keeps serving what it had. Stage 0 of the update (the new
+        skeleton and the coarse deltas) is decoded from the weights this session holds into
+        a new session, which is checked and swapped in: each run is answered entirely by the
+        old or the new model. Later stages are applied as :meth:`upgrade` applies them (the
+        update becomes this session's package). An ``inplace`` session continues with
+        ``swap``. Returns the stage reached, or a ``Future`` of it with ``background``.
+        """
+        self._check_open()
+        src, where, policy = self._update_source(source, expect, trust, allow_rollback)
+        manifest = src.manifest
+        check_predecessor(manifest, *self.held(), where=where, label="this session's model")
+        last = len(manifest["stages"]) - 1
+        target = last if until is None else int(until)
+        if not 0 <= target <= last:
+            raise P2UError(f"stage {target} does not exist: this update has stages 0..{last}")
+        if not background:
+            return self._update_to(src, where, policy, target)
+        with self._cond:
+            if self._closing:
+                raise P2UError("the session is closed")
+            if self._executor is None:
+                self._executor = cf.ThreadPoolExecutor(1, thread_name_prefix="p2u-upgrade")
+            return self._executor.submit(self._update_to, src, where, policy, target)
+
+    def _update_source(self, source: Any, expect: str | None, trust: TrustSpec | None,
+                       allow_rollback: bool) -> tuple[StageSource, str, Policy]:
+        policy = Policy.make(expect, trust, allow_rollback)
+        if isinstance(source, str) and source.startswith(("http://", "https://")):
+            src: Any = _http_source(source, self._workdir, expect=expect, trust=trust,
+                                    allow_rollback=allow_rollback)
+            where = f"{source.rstrip('/')}/manifest.json"
+        elif isinstance(source, (str, os.PathLike)):
+            src = DirectorySource(source, policy=policy)
+            where = str(Path(source) / "manifest.json")
+        else:
+            src = source
+            where = _admit_source(source, policy)
+        try:
+            if not is_update(src.manifest):
+                raise P2UError(f"{where} is a full package, not an update: open a new session "
+                               "on it")
+            policy.check_version(src.manifest, where)
+        except BaseException:
+            if src is not source and hasattr(src, "close"):
+                src.close()
+            raise
+        return src, where, policy
+
+    def _update_to(self, src: StageSource, where: str, policy: Policy, target: int) -> int:
+        with self._apply_lock:
+            self._check_open()
+            # again under the lock: an upgrade may have moved the session meanwhile
+            check_predecessor(src.manifest, *self.held(), where=where,
+                              label="this session's model")
+            self._apply_update_base(src)
+            policy.record(src.manifest)
+            if self._on_stage is not None:
+                self._on_stage(0)
+            return self._upgrade_to(target)
+
+    def _apply_update_base(self, src: StageSource) -> None:
+        """Stage 0 of an update: its skeleton and base codes, decoded from the weights this
+        session holds into a new session, checked and swapped in. On any error nothing
+        changes."""
+        manifest = src.manifest
+        entries = _base_entries(manifest)
+        d = Path(tempfile.mkdtemp(prefix="update-0-", dir=self._dir))
+        live = _Live(None, 0, d)
+        try:
+            stage0 = getattr(src, "_stage0", None)
+            stage0 = src.fetch(0) if stage0 is None else stage0
+            with private_copy(stage0, self._dir, self._pace, self._writeback.add,
+                              _largest_stage(manifest)) as (copy, digest):
+                sf = open_stage(copy, manifest, 0, self._pace, digest=digest)
+                parts = {}
+                for name in ("base.bin", "graph.onnx"):
+                    data = extract_file(sf, name, size=entries[name]["size"])
+                    if hashlib.sha256(data).hexdigest() != entries[name]["sha256"]:
+                        raise IntegrityError(f"{name} inside stage 0 of the update does not "
+                                             "match its manifest")
+                    parts[name] = data
+                del sf
+            (d / "base.bin").write_bytes(parts["base.bin"])
+            old = self._state
+            state = WeightState(manifest, d / "base.bin",
+                                predecessor=lambda t: old.weight(t["name"]))
+            state.check_skeleton(parts["graph.onnx"])
+            (d / "graph.onnx").write_bytes(parts["graph.onnx"])
+            del parts
+            state.materialize(d / "weights.bin", self._pace, self._writeback.add)
+            _trim_heap()
+            probe = None
+            if self._verify and manifest.get("probe"):
+                data = src.probe_bytes()
+                if data is None:
+                    raise IntegrityError("the update lists a probe its source does not have")
+            with lowered_priority():
+                live.session = ort.InferenceSession(str(d / "graph.onnx"), self._options,
+                                                    providers=self._providers)
+            if self._verify and manifest.get("probe"):
+                probe = Probe(manifest["probe"], data, live.session.get_inputs())
+                probe.check(live.session.run, 0)
+        except BaseException as e:
+            _release(live)
+            shutil.rmtree(d, ignore_errors=True)
+            if isinstance(e, OSError):
+                raise PatchError(f"the update could not be applied: {e.strerror or e}") from e
+            if isinstance(e, Exception) and not isinstance(e, P2UError):
+                text = " ".join(str(e).split())[:300] or type(e).__name__
+                raise PatchError(f"the update could not be applied: {text}") from e
+            raise
+        old_file = self._state.weights_file if self._strategy == "inplace" else None
+        self._swap_in(live)
+        # the update is this session's package from now on: its later stages are decoded from
+        # the new weights file, with the new skeleton and base data
+        for name in ("graph.onnx", "base.bin"):
+            _link_or_copy(d / name, self._dir / name)
+        self._base_bin = self._dir / "base.bin"
+        self._state = WeightState(manifest, self._base_bin)
+        self._state._file = d / "weights.bin"  # stage 0, already written (materialize)
+        self._manifest = manifest
+        self._probe = probe
+        if self._owned is not None and self._owned is not src:
+            self._owned.close()
+        self._owned = src if hasattr(src, "close") else None
+        self._source = src
+        self._strategy = "swap"
+        if old_file is not None:
+            with lowered_priority():
+                _remove_gradually(old_file)
 
     def _private_base(self) -> tuple[Path, Path]:
         """``base.onnx`` and ``base.bin`` copied into this session's folder (``base/``), each

@@ -275,15 +275,19 @@ class HttpSource:
                                  for st in self.manifest["stages"]]
             base = {Path(f["path"]).name: _entry(f, self.url)
                     for f in self.manifest["base_model"]["files"]}
-            self._base_files = [base[n] for n in ("base.onnx", "base.bin") if n in base]
-            if len(self._base_files) != 2:
+            # an update package has no base of its own: its stage 0 applies to what the
+            # device holds (ProgressiveSession.update fetches it as a stage)
+            update = self.manifest.get("predecessor") is not None
+            self._base_files = [] if update else \
+                [base[n] for n in ("base.onnx", "base.bin") if n in base]
+            if len(self._base_files) != 2 and not update:
                 raise FormatError(f"{self.url}{MANIFEST_NAME}: the base must be base.onnx + "
                                   "base.bin")
             probe = self.manifest.get("probe")
             self._probe = _entry(probe, self.url) if probe else None
-            self._base_route = self._base_plan()
-            self._jobs = ["base", "probe", *range(1, len(self._stage_files))]
-            if mirror:
+            self._base_route = self._stage_files[0] if update else self._base_plan()
+            self._jobs = [0 if update else "base", "probe", *range(1, len(self._stage_files))]
+            if mirror and not update:
                 self._jobs.append(0)
             planned = self._planned(mirror)
             self._total = sum(f.size for f in planned)

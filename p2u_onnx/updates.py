@@ -44,8 +44,9 @@ from .config import LOSSLESS, Plan, QuantConfig
 from .dtypes import dtype_info
 from .errors import FormatError, IntegrityError, P2UError, PlanError
 from .format import (BINDING_KEY, UPDATE_FORMAT_VERSION, AtomicFile, StageWriter,
-                     check_file_entry, is_update, manifest_binding, package_file, read_stage,
-                     save_manifest, sha256_file, stage_file_name)
+                     check_file_entry, describe_predecessor, is_update, manifest_binding,
+                     package_file, read_stage, save_manifest, stage_file_name)
+from .format import check_predecessor as _check_pred
 from .graph import iter_slots
 from .reconstruct import GROUPS, PLANES, WeightState, code_chunk, extract_file, pack_codes
 
@@ -106,23 +107,13 @@ def binding_of(held: Held) -> dict[str, Any]:
 
 
 def _describe_pred(pred: dict[str, Any]) -> str:
-    who = f"{pred['name']} v{pred.get('version')} " if "name" in pred else ""
-    if "weights_sha256" in pred:
-        return f"{who}exact model (weights {pred['weights_sha256'][:12]})"
-    return f"{who}package {pred['package_id'][:12]} at stage {pred['stage']}"
+    return describe_predecessor(pred)
 
 
 def check_predecessor(manifest: dict[str, Any], held: Held, where: str = "update") -> None:
     """:class:`IntegrityError` (one line naming both states) unless ``held`` is the state the
-    update ``manifest`` applies to."""
-    pred = manifest["predecessor"]
-    if "weights_sha256" in pred:
-        ok = held.weights_sha256 == pred["weights_sha256"]
-    else:
-        ok = held.package_id == pred["package_id"] and held.stage == pred["stage"]
-    if not ok:
-        raise IntegrityError(f"{where} applies to {_describe_pred(pred)}, not to "
-                             f"{held.describe()}")
+    update ``manifest`` applies to (:func:`p2u_onnx.format.check_predecessor`)."""
+    _check_pred(manifest, held.weights_sha256, held.package_id, held.stage, where, held.label)
 
 
 # ---------------------------------------------------------------- held states
@@ -414,7 +405,7 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
                   new_bits: int = NEW_BITS, config: QuantConfig = UPDATE_CONFIG,
                   overwrite: bool = False, name: str | None = None,
                   version: int | None = None, expect: str | None = None,
-                  trust=None):
+                  trust=None, probe: bool = True):
     """Encode ``model`` (v2) as an update package against ``base_from`` (v1: anything
     :func:`held_state` takes; a full package at ``from_stage``, default its last stage).
 
@@ -422,7 +413,9 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
 
     ``plan``: the delta tensors' bits per stage (``"3,lossless"``: stage 0 codes every changed
     tensor's delta with 3 bits per value on blocks of ``delta_block``, stage 1 restores every
-    bit); new tensors start at ``new_bits`` and refine as many bits per stage. Returns an
+    bit); new tensors start at ``new_bits`` and refine as many bits per stage. ``probe``
+    records each stage's outputs on synthesized inputs, which a live session checks
+    (:meth:`~p2u_onnx.runtime.ProgressiveSession.update`). Returns an
     :class:`~p2u_onnx.encoder.EncodeResult`.
     """
     from .encoder import EncodeResult, _identity, _install, _output_path, load_model, \
@@ -455,7 +448,7 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
         raise P2UError(f"cannot write package {out}: {e.strerror or e}") from e
     try:
         manifest = _encode_into(m, mname, tmp, held, plan, config, delta_block, new_bits,
-                                package_id, pred, digest, ident)
+                                package_id, pred, digest, ident, probe)
         _install(tmp, out)
     except BaseException:
         _workdir.remove_tree(tmp)
@@ -465,7 +458,8 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
 
 def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                  config: QuantConfig, delta_block: int, new_bits: int, package_id: str,
-                 pred: dict[str, Any], digest: str, ident: tuple[str, int]) -> dict[str, Any]:
+                 pred: dict[str, Any], digest: str, ident: tuple[str, int],
+                 probe: bool = True) -> dict[str, Any]:
     from .encoder import fp32_equivalent_bytes, slot_nbytes, tensor_array
     from . import quantizers as qz
 
@@ -582,7 +576,86 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                        "files": [{"path": stage_file_name(k), "size": size, "sha256": sha}],
                        "bytes": size, "cumulative_bytes": cum,
                        "max_abs_error": err[k], "max_rel_error": rel[k]})
-    notes = ["no probe recorded (updates carry none yet)"]
-    manifest["notes"] = notes
+    save_manifest(tmp, manifest)  # (the probe is outside the binding: it comes last)
+    why: list[str] = []
+    entry = _record_probe(tmp, manifest, held, why) if probe else None
+    if entry is not None:
+        manifest["probe"] = entry
+    else:
+        manifest["notes"] = ["no probe recorded (a live session cannot check that the update "
+                             f"took effect): {why[-1] if why else 'not asked for'}"]
     save_manifest(tmp, manifest)
     return manifest
+
+
+def _record_probe(tmp: Path, manifest: dict[str, Any], held: Held,
+                  why: list[str]) -> dict[str, Any] | None:
+    """``probe.npz`` of an update: each stage's outputs, restored from ``held``, on inputs
+    synthesized from the model's signature (as :func:`p2u_onnx.probe.record_probe` does for a
+    full package), with the tolerances measured between two onnxruntime configurations."""
+    import io
+    import math
+
+    import onnxruntime as ort
+
+    from .format import atomic_write_bytes, sha256_file
+    from .probe import (INT_RANGES, PROBE_NAME, REL_FLOOR, STORED_SYNTH_INPUT_BYTES,
+                        _tolerance, feed_digest, sample, synthesize_inputs)
+
+    plain = ort.SessionOptions()
+    plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    plain.intra_op_num_threads = 1
+    plain.add_session_config_entry("session.disable_prepacking", "1")
+    quiet = ort.SessionOptions()
+    quiet.log_severity_level = 4
+    cpu = ["CPUExecutionProvider"]
+    samples: list[list[np.ndarray]] = []
+    tols: list[list[float]] = []
+    feed = names = types = None
+    int_high = INT_RANGES[0]
+    try:
+        for k in range(len(manifest["stages"])):
+            model = apply_update(tmp, held, k).model.SerializeToString()
+            a = ort.InferenceSession(model, quiet, providers=cpu)
+            if feed is None:
+                outs = [o for o in a.get_outputs() if o.type in REL_FLOOR]
+                if not outs:
+                    why.append("the model has no float output to compare")
+                    return None
+                names, types = [o.name for o in outs], [o.type for o in outs]
+                for int_high in INT_RANGES:
+                    feed = synthesize_inputs(a.get_inputs(), int_high)
+                    ya = [sample(v) for v in a.run(names, feed)]
+                    if all(np.all(np.isfinite(v)) for v in ya):
+                        break
+            ya = [sample(v) for v in a.run(names, feed)]
+            yb = [sample(v) for v in ort.InferenceSession(model, plain, providers=cpu)
+                  .run(names, feed)]
+            if not all(np.all(np.isfinite(v)) for v in ya + yb):
+                why.append(f"stage {k} gives non-finite outputs on the probe inputs")
+                return None
+            samples.append(ya)
+            tols.append([_tolerance(x, float(np.max(np.abs(x - y), initial=0.0)), t)
+                         for x, y, t in zip(ya, yb, types)])
+    except Exception as e:  # noqa: BLE001 - any failure means: cannot probe
+        why.append(f"the model cannot be probed ({' '.join(str(e).split())[:200]})")
+        return None
+    stored = sum(v.nbytes for v in feed.values()) <= STORED_SYNTH_INPUT_BYTES
+    arrays = {f"input_{i}": feed[n] for i, n in enumerate(feed)} if stored else {}
+    for k, ys in enumerate(samples):
+        arrays.update({f"out_{k}_{j}": y for j, y in enumerate(ys)})
+    buf = io.BytesIO()
+    np.savez_compressed(buf, **arrays)
+    path = tmp / PROBE_NAME
+    atomic_write_bytes(path, buf.getvalue())
+    stages = []
+    for k, ys in enumerate(samples):
+        st: dict[str, Any] = {"index": k, "tol": tols[k]}
+        if k:
+            st["gap"] = math.sqrt(sum(float(np.sum(((a.astype(np.float64) - b) / t) ** 2))
+                                      for a, b, t in zip(ys, samples[k - 1], tols[k])))
+        stages.append(st)
+    return {"path": PROBE_NAME, "size": path.stat().st_size, "sha256": sha256_file(path),
+            "int_high": int_high, "inputs": list(feed), "inputs_stored": stored,
+            "inputs_sha256": feed_digest(feed), "outputs": names,
+            "samples": [int(v.size) for v in samples[0]], "stages": stages}

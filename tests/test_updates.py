@@ -342,3 +342,118 @@ def test_readers_refuse_what_they_do_not_know(tmp_path, monkeypatch):
     m["tensors"][0]["update"] = "same"
     with pytest.raises(FormatError, match="is given for an unchanged tensor"):
         validate_manifest(m)
+
+
+# ---------------------------------------------------------------- live sessions
+
+
+@pytest.fixture(scope="module")
+def live_pair(tmp_path_factory):
+    """v1 as a full package, v2 and v3 as a chain of updates (names and versions set)."""
+    d = tmp_path_factory.mktemp("live")
+    v = [_mlp(hidden=256)]
+    v.append(_moved(v[0], seed=21))
+    v.append(_moved(v[1], seed=22))
+    paths = [_save(m, d / f"v{i}.onnx") for i, m in enumerate(v)]
+    encode(paths[0], d / "v1.p2u", "4,8,lossless", budget=FAST, name="live", version=1)
+    encode_update(paths[1], d / "u12.p2u", d / "v1.p2u", plan="2,6,lossless", name="live",
+                  version=2)
+    encode_update(paths[2], d / "u23.p2u", paths[1], name="live", version=3)
+    encode_update(paths[2], d / "u13.p2u", d / "v1.p2u", name="live", version=3)
+    outs = [_run(m, X) for m in v]
+    return d, v, outs
+
+
+def _serving(s, outs, seen, stop):
+    """Run the session until ``stop``; ``seen`` gets, per run, the index of the state in
+    ``outs`` whose outputs it gave bit for bit (-1: none of them)."""
+    while not stop.is_set():
+        y = s.run(None, {"x": X})[0]
+        seen.append(next((i for i, o in enumerate(outs) if np.array_equal(y, o)), -1))
+
+
+def test_live_update_folder_stage_by_stage(live_pair, tmp_path):
+    import threading
+
+    from p2u_onnx.runtime import ProgressiveSession
+
+    d, v, outs = live_pair
+    with ProgressiveSession(d / "v1.p2u", workdir=tmp_path / "w") as s:
+        s.upgrade(background=False)
+        assert np.array_equal(s.run(None, {"x": X})[0], outs[0])
+        # a foreign update (made for v2) and a full package are refused; v1 keeps serving
+        with pytest.raises(IntegrityError, match="applies to .*not to this session's model"):
+            s.update(d / "u23.p2u")
+        with pytest.raises(P2UError, match="is a full package, not an update"):
+            s.update(d / "v1.p2u")
+        assert s.stage == 2 and np.array_equal(s.run(None, {"x": X})[0], outs[0])
+        # the outputs of every state the session may serve: v1, the update's stages 0 and 1, v2
+        held = held_state(d / "v1.p2u")
+        states = [outs[0]] + [_run(apply_update(d / "u12.p2u", held, k).model, X)
+                              for k in (0, 1)] + [outs[1]]
+        stop, seen = threading.Event(), []
+        t = threading.Thread(target=_serving, args=(s, states, seen, stop))
+        t.start()
+        try:
+            assert s.update(d / "u12.p2u", until=0) == 0
+            y0 = s.run(None, {"x": X})[0]
+            assert s.manifest["package_id"] == load_manifest(d / "u12.p2u")["package_id"]
+            assert float(np.abs(y0 - outs[1]).max()) < float(np.abs(outs[0] - outs[1]).max())
+            assert s.upgrade(background=False) == 2
+        finally:
+            stop.set()
+            t.join()
+        assert np.array_equal(s.run(None, {"x": X})[0], outs[1])
+        # every run was answered by exactly one state, in order
+        assert seen and -1 not in seen and seen == sorted(seen), seen[:50]
+        # the chain goes on: an update made against v2 (exact) applies to v2 reached this way
+        assert s.update(d / "u23.p2u") == 1
+        assert np.array_equal(s.run(None, {"x": X})[0], outs[2])
+        # a lower version of the model is refused (rollback)
+        with pytest.raises(P2UError):
+            s.update(d / "u12.p2u")
+
+
+def test_live_update_bytes_url_and_bad_stage(live_pair, tmp_path):
+    from http_helpers import nginx
+
+    from p2u_onnx.runtime import BytesSource, ProgressiveSession
+
+    d, v, outs = live_pair
+    u = d / "u13.p2u"
+    with ProgressiveSession(d / "v1.p2u", workdir=tmp_path / "w", allow_rollback=True) as s:
+        s.upgrade(background=False)
+        # stage 1 of the update is corrupt: stage 0 serves, then the bad stage is refused
+        src = BytesSource((u / "manifest.json").read_bytes(), (u / "stage-0.p2u").read_bytes(),
+                          probe=(u / "probe.npz").read_bytes(),
+                          fetch=lambda k: b"P2USTAGE" + b"\0" * 100)
+        with pytest.raises(IntegrityError):
+            s.update(src, allow_rollback=True)
+        assert s.stage == 0
+        y0 = s.run(None, {"x": X})[0]
+        good = BytesSource((u / "manifest.json").read_bytes(), (u / "stage-0.p2u").read_bytes(),
+                           fetch=lambda k: (u / f"stage-{k}.p2u").read_bytes())
+        s.apply(good.fetch(1))
+        assert np.array_equal(s.run(None, {"x": X})[0], outs[2])
+        assert not np.array_equal(y0, outs[2])
+    # over HTTP, from a URL, pinned
+    site = tmp_path / "site"
+    shutil.copytree(u, site / "u13.p2u")
+    pin = "sha256:" + api.verify(u)["manifest_sha256"]
+    with nginx(site, tmp_path / "nginx") as url:
+        with ProgressiveSession(d / "v1.p2u", workdir=tmp_path / "w2",
+                                allow_rollback=True) as s:
+            s.upgrade(background=False)
+            with pytest.raises(TrustError):
+                s.update(f"{url}/u13.p2u/", expect="sha256:" + "0" * 64, allow_rollback=True)
+            assert s.stage == 2 and np.array_equal(s.run(None, {"x": X})[0], outs[0])
+            s.update(f"{url}/u13.p2u/", expect=pin, allow_rollback=True)
+            assert np.array_equal(s.run(None, {"x": X})[0], outs[2])
+
+
+def test_session_refuses_an_update_package(live_pair):
+    from p2u_onnx.runtime import ProgressiveSession
+
+    d, _, _ = live_pair
+    with pytest.raises(P2UError, match="is an update package: open a session on the model"):
+        ProgressiveSession(d / "u12.p2u")
