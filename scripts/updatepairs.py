@@ -67,8 +67,8 @@ def digits8_accuracy(path: Path | str | bytes) -> float:
 # --------------------------------------------------------------------------------------------
 
 MINILM_HELDOUT_PAIRS = 512
-MINILM_DOC_TOKENS = 64
-MINILM_SIG_TOKENS = 32
+MINILM_DOC_TOKENS = 48
+MINILM_SIG_TOKENS = 24
 
 
 @functools.lru_cache(maxsize=1)
@@ -146,6 +146,17 @@ def minilm_signature_metrics(path: Path | str | bytes) -> dict[str, float]:
 def minilm_mrr(path: Path | str | bytes) -> float:
     """MRR of docstring -> signature retrieval on the held-out pairs (the MiniLM metric)."""
     return minilm_signature_metrics(path)["mrr"]
+
+
+def check_feed(model: Path | str | bytes) -> dict[str, np.ndarray]:
+    """A small real input for the model's inputs (digits images, or MiniLM token ids), to
+    compare a live session's outputs with the model's."""
+    names = [i.name for i in session(model).get_inputs()]
+    if names == ["image"]:
+        return {"image": realmodels.digits_test_set()[0][:64]}
+    _, held = stdlib_signature_pairs()
+    ids, mask = realmodels.minilm_tokenize([d for d, _ in held[:8]], max_len=MINILM_DOC_TOKENS)
+    return {"input_ids": ids, "attention_mask": mask}
 
 
 # --------------------------------------------------------------------------------------------
