@@ -70,6 +70,11 @@ def test_pair_stages_and_anchors(bench):
         anchors["zstd -19 of v2"]["wire_bytes"] < fp32
     assert anchors["ZipNN delta vs v1"]["wire_bytes"] < anchors["ZipNN of v2"]["wire_bytes"]
     assert 0 < pair["full"]["base"] < pair["full"]["total"] < fp32
+    parts = upd["stage0_parts"]
+    assert parts["manifest"] + parts["stage_files"] + parts["probe"] == stages[0]["bytes"]
+    # the live update is recorded: its outputs equal v2's, or the error it met is named
+    live = upd["live"]
+    assert ("error" in live and live["error"]) or live["outputs_equal_v2"] is True
     md = (out / "results.md").read_text()
     assert "digits v1->v2" in md and "### Targets" in md
 
