@@ -330,8 +330,12 @@ def run_fedavg(rounds: list[Path], work: Path, plan: str | None, metric) -> dict
         cur = ua.split_model(path)
         m = metric(path)
         full = full_package(path, work / "fedavg" / f"round-{r:02d}-full.p2u")
+        from p2u_onnx.api import load_stage_model
+
+        base_metric = metric(load_stage_model(full["path"], 0).SerializeToString())
         row: dict[str, Any] = {
             "round": r, "fp32_bytes": fp32, "metric": m, "full_base": full["base"],
+            "full_base_metric": base_metric,
             "full_total": full["total"],
             "zstd19": ua.zstd19(path).wire_bytes,
             "zipnn": ua.zipnn_full(cur).wire_bytes}
@@ -363,7 +367,8 @@ def run_fedavg(rounds: list[Path], work: Path, plan: str | None, metric) -> dict
                         "follow_predecessor": fo["predecessor"]})
         out["rounds"].append(row)
         prev_split = cur
-        msg = (f"round {r:2d}: accuracy {m:.4f}; full base {row['full_base']} B, full package "
+        msg = (f"round {r:2d}: accuracy {m:.4f}; full base {row['full_base']} B (accuracy "
+               f"{base_metric:.4f}), full package "
                f"{row['full_total']} B, ZipNN delta {row['ZipNN delta vs v1']} B, XOR "
                f"{row['XOR + byte grouping + zstd -19']} B")
         if api is not None:
@@ -515,7 +520,7 @@ def markdown(pairs: list[dict[str, Any]], fed: dict[str, Any] | None,
     if fed and fed["rounds"]:
         rr = fed["rounds"]
         L.append("\n### Federated rounds\n")
-        L.append("| round | accuracy | full base stage | full package | zstd -19 | ZipNN | "
+        L.append("| round | accuracy | full base stage (accuracy) | full package | zstd -19 | ZipNN | "
                  "ZipNN delta | XOR + zstd | fp32 diff + zstd | p2u exact update | "
                  "follower stage 0 (% of base) | follower accuracy (rel.) | follower weight error |")
         L.append("|---" * 13 + "|")
@@ -524,7 +529,8 @@ def markdown(pairs: list[dict[str, Any]], fed: dict[str, Any] | None,
                  f"{r['follow_metric']:.4f} ({r['follow_metric_rel']:.2%}) | "
                  f"{r['follow_weight_rel_error']:.2e}") if "follow_bytes" in r else "– | – | –"
             ex = f"{r['exact_update']:,}" if "exact_update" in r else "–"
-            L.append(f"| {r['round']} | {r['metric']:.4f} | {r['full_base']:,} | "
+            L.append(f"| {r['round']} | {r['metric']:.4f} | {r['full_base']:,} "
+                     f"({r['full_base_metric']:.4f}) | "
                      f"{r['full_total']:,} | {r['zstd19']:,} | {r['zipnn']:,} | "
                      f"{r['ZipNN delta vs v1']:,} | {r['XOR + byte grouping + zstd -19']:,} | "
                      f"{r['fp32 difference + zstd -19']:,} | {ex} | {f} |")
