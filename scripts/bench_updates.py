@@ -320,6 +320,7 @@ def run_fedavg(rounds: list[Path], work: Path, plan: str | None, metric) -> dict
     log(f"\n== federated: {len(rounds) - 1} rounds ({rounds[0].parent})")
     api, why = _updates_api()
     out: dict[str, Any] = {"folder": str(rounds[0].parent), "rounds": [], "update_error": why}
+    rounds_info = up.fedavg_info(rounds[0].parent).get("rounds", [])
     follower = None
     if api is not None:
         follower = api.held_state(str(rounds[0]))
@@ -365,6 +366,9 @@ def run_fedavg(rounds: list[Path], work: Path, plan: str | None, metric) -> dict
                         "follow_apply_s": s0["apply_s"], "follow_encode_s": fo["encode_s"],
                         "follow_stage_file": fo["stage0_parts"]["stage_files"],
                         "follow_predecessor": fo["predecessor"]})
+        info_r = rounds_info[r] if r < len(rounds_info) else {}
+        if api is not None and info_r.get("clients"):
+            row["uplink"] = run_uplink(api, rounds[r - 1], path, info_r, work, plan, metric)
         out["rounds"].append(row)
         prev_split = cur
         msg = (f"round {r:2d}: accuracy {m:.4f}; full base {row['full_base']} B (accuracy "
@@ -378,7 +382,73 @@ def run_fedavg(rounds: list[Path], work: Path, plan: str | None, metric) -> dict
                     f"({row['follow_metric_rel']:.2%}), weight error "
                     f"{row['follow_weight_rel_error']:.2e}")
         log(msg)
+        ul = row.get("uplink")
+        if ul:
+            log(f"   uplink: {ul['clients']} clients, stage 0 {np.mean(ul['stage0_bytes']):.0f} B "
+                f"each, exact {np.mean(ul['exact_bytes']):.0f} B (XOR + zstd "
+                f"{np.mean(ul['xor_bytes']):.0f} B); server FedAvg of stage 0 uploads: accuracy "
+                f"{ul['aggregate_stage0_metric']:.4f} vs {ul['round_metric']:.4f}, weight error "
+                f"{ul['aggregate_stage0_rel_error']:.2e}; of exact uploads = the round's model: "
+                f"{ul['aggregate_exact_equals_round']}")
     return out
+
+
+def _with_weights(model_path: Path, weights: dict[str, np.ndarray]) -> bytes:
+    """``model_path`` with its main-graph float initializers replaced by ``weights``
+    (keys as :func:`update_anchors.split_model` names them)."""
+    from onnx import numpy_helper
+
+    m = onnx.load(str(model_path))
+    for t in m.graph.initializer:
+        key = f"0/{t.name}"
+        if key in weights:
+            t.CopyFrom(numpy_helper.from_array(weights[key].astype(np.float32), t.name))
+    return m.SerializeToString()
+
+
+def run_uplink(api, global_prev: Path, global_new: Path, info: dict[str, Any], work: Path,
+               plan: str | None, metric) -> dict[str, Any]:
+    """The federated uplink of one round: each client encodes its local model as an update
+    against the global model it received (exact); the server either restores every upload
+    exactly or reads only stage 0 of each, and averages (FedAvg, client weights of the run).
+    Returns the bytes per client and the accuracy of both aggregates."""
+    folder = global_new.parent
+    held = api.held_state(str(global_prev))
+    prev = ua.split_model(global_prev)
+    w = info["client_weights"]
+    s0_bytes, exact_bytes, xor_bytes = [], [], []
+    agg0: dict[str, np.ndarray] = {}
+    agg_exact: dict[str, np.ndarray] = {}
+    for c, (rel, wc) in enumerate(zip(info["clients"], w)):
+        cpath = folder / rel
+        out = work / "fedavg" / f"{global_new.stem}-client-{c}.p2u"
+        if out.exists():
+            shutil.rmtree(out)
+        api.encode_update(str(cpath), str(out), held, version=2,
+                          **({} if plan is None else {"plan": plan}))
+        wires = wire_bytes(out)
+        s0_bytes.append(wires[0])
+        exact_bytes.append(sum(wires))
+        local = ua.split_model(cpath)
+        xor_bytes.append(ua.xor_zstd(prev, local).wire_bytes)
+        got0 = _weights(api.apply_update(str(out), held, 0).model.SerializeToString())
+        gotx = api.apply_update(str(out), held)
+        if not gotx.exact:
+            raise RuntimeError(f"{out}: the last stage is not exact")
+        gotx_w = _weights(gotx.model.SerializeToString())
+        for k in local.weights:
+            agg0[k] = agg0.get(k, 0.0) + wc * got0[k].astype(np.float64)
+            agg_exact[k] = agg_exact.get(k, 0.0) + wc * gotx_w[k].astype(np.float64)
+    new = ua.split_model(global_new).weights
+    same = all(np.array_equal(agg_exact[k].astype(np.float32), new[k]) for k in new)
+    m_new = metric(global_new)
+    m0 = metric(_with_weights(global_new, agg0))
+    return {"clients": len(info["clients"]), "stage0_bytes": s0_bytes, "exact_bytes": exact_bytes,
+            "xor_bytes": xor_bytes, "fp32_bytes": global_new.stat().st_size,
+            "aggregate_stage0_metric": m0, "round_metric": m_new,
+            "aggregate_stage0_rel_error": rel_error(
+                {k: v.astype(np.float32) for k, v in agg0.items()}, new),
+            "aggregate_exact_equals_round": bool(same)}
 
 
 # ------------------------------------------------------------------------------------------
@@ -543,6 +613,22 @@ def markdown(pairs: list[dict[str, Any]], fed: dict[str, Any] | None,
                  f"{tot['XOR + byte grouping + zstd -19']:,} | "
                  f"{tot['fp32 difference + zstd -19']:,} | {tot['exact_update']:,} | "
                  f"{tot['follow_bytes']:,} | | |")
+    ups = [r for r in (fed or {}).get("rounds", []) if r.get("uplink")]
+    if ups:
+        L.append("\n### Federated uplink (clients send their local model as an update against "
+                 "the global model they received)\n")
+        L.append("| round | clients | stage 0 per client (% of fp32) | exact per client | "
+                 "XOR + zstd per client | server FedAvg of stage 0 uploads: accuracy (round's) "
+                 "| weight error | FedAvg of exact uploads = round's model |")
+        L.append("|---" * 8 + "|")
+        for r in ups:
+            u = r["uplink"]
+            s0 = float(np.mean(u["stage0_bytes"]))
+            L.append(f"| {r['round']} | {u['clients']} | {s0:,.0f} ({s0 / u['fp32_bytes']:.1%}) | "
+                     f"{np.mean(u['exact_bytes']):,.0f} | {np.mean(u['xor_bytes']):,.0f} | "
+                     f"{u['aggregate_stage0_metric']:.4f} ({u['round_metric']:.4f}) | "
+                     f"{u['aggregate_stage0_rel_error']:.2e} | "
+                     f"{'yes' if u['aggregate_exact_equals_round'] else 'no'} |")
     L.append("\n### Targets\n")
     L.append("| target | subject | figure | status |")
     L.append("|---|---|---|---|")

@@ -22,7 +22,9 @@ deterministic kernels. Written:
     clients that hold the other 90%, split by label with a Dirichlet(0.5) draw (non-IID); each
     client runs one local epoch of SGD from the global model, the server averages the weights
     by client size and ships the new global model. ``rounds.json`` has each round's test
-    accuracy. (13 models of 490 KB: made here, not committed.)
+    accuracy. Each client's local model of each round is kept too (``clients/``), for the
+    uplink: a client sends its model as an update against the global model it received.
+    (13 + 60 models of 490 KB: made here, not committed.)
 
 The accuracy of every model on ``models/digits_test.npz`` is printed (onnxruntime, fp32).
 
@@ -234,7 +236,7 @@ def make_fedavg(x_tr: np.ndarray, y_tr: np.ndarray, rounds: int, clients: int = 
 
     ship(0)
     for r in range(1, rounds + 1):
-        states, sizes = [], []
+        states, sizes, client_files = [], [], []
         for c, idx in enumerate(split):
             local = FoldedDigitsCNN()
             local.load_state_dict(glob.state_dict())
@@ -242,11 +244,18 @@ def make_fedavg(x_tr: np.ndarray, y_tr: np.ndarray, rounds: int, clients: int = 
                   strength=0.5)
             states.append(local.state_dict())
             sizes.append(len(idx))
+            cpath = folder / "clients" / f"round-{r:02d}-client-{c}.onnx"
+            export(local, cpath, f"Digits CNN, client {c}'s local model in FedAvg round {r} "
+                   "(trained from the round's global model); made by "
+                   "scripts/make_update_pairs.py")
+            client_files.append(f"clients/{cpath.name}")
         w = np.array(sizes, dtype=np.float64) / sum(sizes)
         avg = {k: sum(float(wi) * s[k].double() for wi, s in zip(w, states)).float()
                for k in states[0]}
         glob.load_state_dict(avg)
         ship(r)
+        info["rounds"][-1]["clients"] = client_files
+        info["rounds"][-1]["client_weights"] = [float(x) for x in w]
     (folder / "rounds.json").write_text(json.dumps(info, indent=1) + "\n")
 
 

@@ -204,6 +204,12 @@ def pairs(include_minilm: bool = True) -> list[Pair]:
     return out
 
 
+def fedavg_info(folder: Path = FEDAVG_DIR) -> dict:
+    """``rounds.json`` of a federated run (empty dict when there is none)."""
+    meta = folder / "rounds.json"
+    return json.loads(meta.read_text()) if meta.is_file() else {}
+
+
 def fedavg_rounds(folder: Path = FEDAVG_DIR) -> list[Path]:
     """The global model of each federated round, round 0 (the starting model) first."""
     meta = folder / "rounds.json"
