@@ -219,7 +219,7 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
                clip_search: bool, replay: bool = True,
                importance: np.ndarray | None = None,
                base: qz.BaseCodes | None = None,
-               origin: np.ndarray | None = None) -> ChunkCode:
+               origin: np.ndarray | None = None, exact_plain: bool = False) -> ChunkCode:
     """Code a run of blocks ``xs`` ([n, block_len], storage dtype) through every stage.
 
     ``stages`` are total bits per stage with ``"lossless"`` allowed last; the decoder's
@@ -229,7 +229,9 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
     the base codes instead of quantizing (weights found on a uniform grid: exact codes).
     ``origin`` (same shape and dtype as ``xs``), when given, is what the device already holds
     (an update): the base codes then quantize the delta ``xs - origin`` and stage 0 is
-    :func:`delta_blocks`; later stages are unchanged.
+    :func:`delta_blocks`; later stages are unchanged. ``exact_plain`` also codes the
+    lossless stage as plain planes (no grouping by context) and keeps the smaller: on small
+    tensors the groups' framing outweighs what grouping saves.
     """
     xc = info.to_compute(xs)
     finite = np.isfinite(xc)
@@ -249,8 +251,13 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
     for bits in stages[1:]:
         if bits == "lossless":
             d = qz.lossless_codes(np.ascontiguousarray(xs).reshape(-1), prev.reshape(-1))
-            payloads.append(GROUPS.encode(d, lossless_context(info, prev, step)))
-            codecs.append(GROUPS)
+            payload, codec = GROUPS.encode(d, lossless_context(info, prev, step)), GROUPS
+            if exact_plain:
+                plain = PLANES.encode(d)
+                if len(plain) < len(payload):
+                    payload, codec = plain, PLANES
+            payloads.append(payload)
+            codecs.append(codec)
             prev = lossless_blocks(prev, d) if replay else None
         else:
             step = qz.stage_scale(base.scale, int(bits) - int(stages[0]))
@@ -292,6 +299,8 @@ def decode_entry(info: DTypeInfo, scale: np.ndarray, previous: np.ndarray,
     if kind == "exact" and isinstance(codec, IntGroupsCodec):
         codes = codec.decode(data, lossless_context(info, previous, step))
         return lossless_blocks(previous, codes)
+    if kind == "exact" and isinstance(codec, IntPlanesCodec):  # ungrouped (small tensors)
+        return lossless_blocks(previous, codec.decode(data, previous.size))
     raise FormatError(f"entry kind {kind!r} with codec {codec.codec_id!r} is not supported")
 
 

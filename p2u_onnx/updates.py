@@ -508,7 +508,7 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                 blocks = np.ascontiguousarray(layout.to_blocks(x))
                 origin = None if r is None else np.ascontiguousarray(layout.to_blocks(r))
                 code = code_chunk(blocks, info, stages, symmetric=True,
-                                  clip_search=True, origin=origin)
+                                  clip_search=True, origin=origin, exact_plain=True)
                 if plan.lossless and not np.array_equal(
                         np.ascontiguousarray(code.final).view(np.uint8),
                         blocks.view(np.uint8)):
