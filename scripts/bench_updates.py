@@ -480,7 +480,7 @@ def targets(pairs: list[dict[str, Any]], fed: dict[str, Any] | None) -> list[dic
                 f"p2u update {_fmt_b(upd['total'])} ({upd['total'] / p['fp32_bytes']:.1%} of "
                 f"fp32){'' if last['exact'] else ' NOT EXACT'} vs {best.method if best else '-'} "
                 f"{_fmt_b(best.wire_bytes) if best else '-'}"
-                + (f" ({upd['total'] / best.wire_bytes:.2f}x)" if best else ""), ok)
+                + (f" ({upd['total'] / best.wire_bytes:.3f}x)" if best else ""), ok)
         if p["fine_tune"]:
             t2 = "first stage within 0.5% of v2's metric at <= 5% of fp32"
             if upd is None:
@@ -522,7 +522,7 @@ def targets(pairs: list[dict[str, Any]], fed: dict[str, Any] | None) -> list[dic
                             key=lambda a: sum(r[a] for r in rr))
             best = sum(r[best_name] for r in rr)
             add("exact devices: < best lossless delta anchor", f"{n} rounds",
-                f"p2u {_fmt_b(ex)} vs {best_name} {_fmt_b(best)} ({ex / best:.2f}x)",
+                f"p2u {_fmt_b(ex)} vs {best_name} {_fmt_b(best)} ({ex / best:.3f}x)",
                 ex < best and all(r["exact_ok"] for r in rr))
     add("live update of the 100M model under load (latency, memory)", "runtime",
         "measured by the runtime benchmark, not by this script", None)
