@@ -658,6 +658,8 @@ def plot(fed: dict[str, Any], path: Path) -> None:
         if all(key in r for r in rr):
             ax.plot(x, np.cumsum([r[key] for r in rr]) / 1e6, style, marker="o", ms=3,
                     label=label)
+    ax.plot(x, np.cumsum([FOLLOWER_SHARE * r["full_base"] for r in rr]) / 1e6, color="black",
+            lw=0.8, ls=(0, (1, 3)), label="target for followers: 1/4 of the full base stage")
     ax.set_xlabel("federated round")
     ax.set_ylabel("cumulative MB sent to one device")
     ax.set_yscale("log")
