@@ -177,6 +177,89 @@ def external_tensors(model: bytes | bytearray | memoryview) -> list[ExternalTens
     return out
 
 
+_FLOAT_NUMPY = {1: "<f4", 10: "<f2", 11: "<f8", 16: "<u2"}  # bfloat16 as its bit patterns
+
+
+def main_initializers(model: bytes | bytearray | memoryview, base_bin=None
+                      ) -> dict[str, Any]:
+    """The float initializers of a serialized model's main graph, by name: a callable per name
+    that returns its value (numpy, its dims; bfloat16 as uint16), read from the tensor's
+    ``raw_data``, its packed ``float_data`` / ``double_data``, or its external span of
+    ``base_bin`` (bytes-like). Device side (no onnx): what an update takes from a session's
+    skeleton for tensors the package kept in its graph. A tensor held another way (external
+    elsewhere, typed fields of another kind) raises KeyError when asked for."""
+    import numpy as np
+
+    buf = memoryview(model).cast("B")
+    out: dict[str, Any] = {}
+    for field, wire, v in _fields(buf, 0, len(buf)):
+        if field != 7 or wire != 2:  # ModelProto.graph
+            continue
+        for f2, w2, t in _fields(buf, *v):
+            if f2 != 5 or w2 != 2:  # GraphProto.initializer
+                continue
+            dims: list[int] = []
+            name, dtype, raw, packed, ext = "", 0, None, None, None
+            keys: dict[str, str] = {}
+            for f3, w3, x in _fields(buf, *t):
+                if f3 == 1:
+                    if w3 == 2:
+                        pos = x[0]
+                        while pos < x[1]:
+                            d, pos = _varint(buf, pos, x[1])
+                            dims.append(d)
+                    else:
+                        dims.append(x)
+                elif f3 == 2 and w3 == 0:
+                    dtype = x
+                elif f3 == 8 and w3 == 2:
+                    name = _text(buf, x)
+                elif f3 == 9 and w3 == 2:
+                    raw = x
+                elif f3 in (4, 10) and w3 == 2:  # packed float_data / double_data
+                    packed = (f3, x)
+                elif f3 == 13 and w3 == 2:
+                    k = val = ""
+                    for f4, w4, y in _fields(buf, *x):
+                        if w4 == 2 and f4 == 1:
+                            k = _text(buf, y)
+                        elif w4 == 2 and f4 == 2:
+                            val = _text(buf, y)
+                    keys[k] = val
+                elif f3 == 14 and w3 == 0 and x == 1:
+                    ext = True
+            if dtype not in _FLOAT_NUMPY or not name:
+                continue
+
+            def value(dtype=dtype, dims=tuple(dims), raw=raw, packed=packed, ext=ext,
+                      keys=dict(keys)):
+                n = _numel(dims)
+                if n < 0:
+                    raise KeyError("negative dimension")
+                if ext:
+                    if keys.get("location") != "base.bin" or base_bin is None or not \
+                            _DIGITS.fullmatch(keys.get("offset", "0")) or \
+                            not _DIGITS.fullmatch(keys.get("length", "")):
+                        raise KeyError("external data outside base.bin")
+                    off, length = int(keys.get("offset", "0")), int(keys["length"])
+                    data = bytes(memoryview(base_bin)[off:off + length])
+                elif raw is not None:
+                    data = bytes(buf[raw[0]:raw[1]])
+                elif packed is not None and (packed[0] == 4 and dtype == 1 or
+                                             packed[0] == 10 and dtype == 11):
+                    data = bytes(buf[packed[1][0]:packed[1][1]])
+                else:
+                    raise KeyError("values held in fields p2u does not read")
+                dt = np.dtype(_FLOAT_NUMPY[dtype])
+                if len(data) != n * dt.itemsize:
+                    raise KeyError("size does not match the dims")
+                return np.frombuffer(data, dt).astype(dt.newbyteorder("="), copy=False) \
+                    .reshape(dims)
+
+            out.setdefault(name, value)
+    return out
+
+
 def _external(model: bytes | bytearray | memoryview, where: str) -> list[ExternalTensor]:
     """:func:`external_tensors`, its errors naming the graph (``where``)."""
     try:

@@ -490,13 +490,14 @@ class WeightState:
 
     # -- reading the current values
 
-    def weight(self, name: str) -> np.ndarray:
-        """Current value of a coded weight, in its shape (storage dtype; bfloat16 as uint16)."""
+    def weight(self, name: str, pace: Pace | None = None) -> np.ndarray:
+        """Current value of a coded weight, in its shape (storage dtype; bfloat16 as uint16).
+        ``pace``: read it in turns (see :meth:`advance`)."""
         t = self.tensors[name]
         blocks = self._blocks.get(name)
         if blocks is None:
             values: dict[str, np.ndarray] = {}
-            self._run([t], None, {}, values)
+            self._run([t], None, {}, values, pace)
             blocks = values[name]
         return _layout(t).from_blocks(blocks)
 

@@ -995,6 +995,29 @@ class ProgressiveSession:
                 self._on_stage(0)
             return self._upgrade_to(target)
 
+    def _held_tensors(self) -> Callable[[dict[str, Any]], np.ndarray]:
+        """What an update's tensors start from: this session's coded weights, else (a tensor
+        its package kept in the graph) the float initializer of that name in its skeleton."""
+        old = self._state
+        skeleton: dict[str, Any] | None = None
+
+        def held(t: dict[str, Any]) -> np.ndarray:
+            nonlocal skeleton
+            name = t["name"]
+            if name in old.tensors:
+                return old.weight(name, self._pace)
+            if skeleton is None:
+                from .external import main_initializers
+
+                graph = self._dir / "graph.onnx"
+                skeleton = {} if self.stage == 0 and old.graph_bytes is None and \
+                    not graph.exists() else main_initializers(
+                        graph.read_bytes(), np.memmap(self._base_bin, np.uint8, mode="r")
+                        if os.path.getsize(self._base_bin) else b"")
+            return skeleton[name]()
+
+        return held
+
     def _apply_update_base(self, src: StageSource) -> None:
         """Stage 0 of an update: its skeleton and base codes, decoded from the weights this
         session holds into a new session, checked and swapped in. On any error nothing
@@ -1018,9 +1041,7 @@ class ProgressiveSession:
                     parts[name] = data
                 del sf
             (d / "base.bin").write_bytes(parts["base.bin"])
-            old = self._state
-            state = WeightState(manifest, d / "base.bin",
-                                predecessor=lambda t: old.weight(t["name"]))
+            state = WeightState(manifest, d / "base.bin", predecessor=self._held_tensors())
             state.check_skeleton(parts["graph.onnx"])
             (d / "graph.onnx").write_bytes(parts["graph.onnx"])
             del parts

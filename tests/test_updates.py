@@ -135,6 +135,17 @@ def test_unchanged_tensors_cost_nothing(tmp_path):
     assert {e["name"] for e in last.entries} == {"W2"}
     new = apply_update(tmp_path / "u.p2u", held_state(p1))
     assert new.exact and weights_digest(new.model) == weights_digest(v2)
+    assert next(t for t in m["tensors"] if t["name"] == "W2")["bits"] == 2  # tuned: 2 bits
+    # a head replaced (retrained from scratch) gets the bits of a new tensor at stage 0
+    v3 = _mlp(hidden=256)
+    v3.graph.initializer[2].CopyFrom(numpy_helper.from_array(
+        synth.weight((256, 32), rng=np.random.default_rng(99)), "W2"))
+    p3 = _save(v3, tmp_path / "v3.onnx")
+    m3 = encode_update(p3, tmp_path / "u3.p2u", p1).manifest
+    w2 = next(t for t in m3["tensors"] if t["name"] == "W2")
+    assert (w2["update"], w2["bits"]) == ("delta", 4)
+    assert weights_digest(apply_update(tmp_path / "u3.p2u", held_state(p1)).model) == \
+        weights_digest(v3)
     # at stage 0 the unchanged tensor is already v2's, bit for bit
     s0 = apply_update(tmp_path / "u.p2u", held_state(p1), 0)
     assert np.array_equal(s0.get("W1"), numpy_helper.to_array(v2.graph.initializer[0]))
@@ -148,6 +159,9 @@ def test_graph_changes_added_removed_reshaped(tmp_path):
     m = encode_update(paths[1], tmp_path / "u12.p2u", paths[0]).manifest
     kinds = {t["name"]: t["update"] for t in m["tensors"]}
     assert kinds["W2"] == "new" and kinds["W3"] == "new" and kinds["W1"] == "delta"
+    # the exact stage of the small new W3 is plain planes (smaller than groups there)
+    last = read_stage(tmp_path / "u12.p2u" / "stage-1.p2u")
+    assert {e["name"]: e["codec"]["id"] for e in last.entries}["W3"] == "int-planes"
     out = restore_update(tmp_path / "u12.p2u", tmp_path / "r2.onnx", paths[0])
     assert np.array_equal(_run(onnx.load(str(out)), X), _run(v2, X))
     m = encode_update(paths[2], tmp_path / "u23.p2u", paths[1]).manifest
@@ -292,6 +306,16 @@ def test_refusals(tmp_path):
     pub = generate_key(tmp_path / "k")
     with pytest.raises(TrustError):
         verify_update(tmp_path / "u.p2u", p1, trust=pub)
+    from p2u_onnx.trust import sign_package
+
+    sign_package(tmp_path / "u.p2u", tmp_path / "k")
+    assert verify_update(tmp_path / "u.p2u", p1, trust=pub)["lossless_match"]
+    out = restore_update(tmp_path / "u.p2u", tmp_path / "s.onnx", p1, trust=pub)
+    assert weights_digest(onnx.load(str(out))) == weights_digest(v2)
+    other = generate_key(tmp_path / "k2")
+    with pytest.raises(TrustError):
+        restore_update(tmp_path / "u.p2u", tmp_path / "t.onnx", p1, trust=other)
+    assert not (tmp_path / "t.onnx").exists()
 
 
 def test_cli_update_commands(tmp_path):
@@ -359,7 +383,10 @@ def live_pair(tmp_path_factory):
     encode_update(paths[1], d / "u12.p2u", d / "v1.p2u", plan="2,6,lossless", name="live",
                   version=2)
     encode_update(paths[2], d / "u23.p2u", paths[1], name="live", version=3)
-    encode_update(paths[2], d / "u13.p2u", d / "v1.p2u", name="live", version=3)
+    # v1 -> v3 made from the .onnx file: it applies to a session that reached v1 through
+    # the full package (the same exact model; the update uses only tensors every such device
+    # holds as coded weights)
+    encode_update(paths[2], d / "u13.p2u", paths[0], name="live", version=3)
     outs = [_run(m, X) for m in v]
     return d, v, outs
 
@@ -449,6 +476,14 @@ def test_live_update_bytes_url_and_bad_stage(live_pair, tmp_path):
             assert s.stage == 2 and np.array_equal(s.run(None, {"x": X})[0], outs[0])
             s.update(f"{url}/u13.p2u/", expect=pin, allow_rollback=True)
             assert np.array_equal(s.run(None, {"x": X})[0], outs[2])
+        # p2u fetch mirrors an update like any package; it restores from the mirror
+        from p2u_onnx.transport import fetch
+
+        mirror = fetch(f"{url}/u13.p2u/", tmp_path / "mirror", expect=pin, allow_rollback=True)
+        assert {"manifest.json", "stage-0.p2u", "stage-1.p2u"} <= {p.name for p in
+                                                                   mirror.iterdir()}
+        out = restore_update(mirror, tmp_path / "m.onnx", d / "v1.p2u")
+        assert weights_digest(onnx.load(str(out))) == weights_digest(v[2])
 
 
 def test_session_refuses_an_update_package(live_pair):
@@ -457,3 +492,22 @@ def test_session_refuses_an_update_package(live_pair):
     d, _, _ = live_pair
     with pytest.raises(P2UError, match="is an update package: open a session on the model"):
         ProgressiveSession(d / "u12.p2u")
+
+
+def test_live_update_reads_tensors_the_package_kept_in_its_graph(tmp_path):
+    """A full package keeps vectors in its graph (inline, or in base.bin when big): an update
+    made from the .onnx file starts those from the session's skeleton."""
+    from p2u_onnx.runtime import ProgressiveSession
+
+    v1 = _mlp(hidden=1024)  # b1: 4 kB, in base.bin of the full package
+    v2 = _moved(v1, only=("b1", "W2"))
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    pkg = encode(p1, tmp_path / "v1.p2u", "4,lossless", budget=FAST, name="kept", version=1)
+    m = encode_update(p2, tmp_path / "u.p2u", p1, name="kept", version=2).manifest
+    assert {t["name"]: t["update"] for t in m["tensors"]} == \
+        {"W1": "same", "b1": "delta", "W2": "delta"}
+    assert "b1" not in {t["name"] for t in load_manifest(pkg.path)["tensors"]}
+    with ProgressiveSession(pkg.path, workdir=tmp_path / "w") as s:
+        s.upgrade(background=False)
+        s.update(tmp_path / "u.p2u")
+        assert np.array_equal(s.run(None, {"x": X})[0], _run(v2, X))
