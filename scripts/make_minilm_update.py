@@ -15,7 +15,9 @@ held-out pairs are printed for v1 and v2 (onnxruntime, fp32) and written beside 
 ``minilm_v2.json``.
 
 Usage: ``python scripts/make_minilm_update.py [--steps N] [--threads T]``
-Needs torch, safetensors and tokenizers (the ``bench`` extra); a few CPU minutes.
+Needs torch, safetensors and tokenizers (the ``bench`` extra). Measured: 120 steps took 46
+minutes wall clock on a shared 2-core machine under heavy load (it had about a third of one
+core); held-out MRR 0.6708 -> 0.7191, recall@1 0.5527 -> 0.6113 (Python 3.11).
 """
 
 from __future__ import annotations
