@@ -742,6 +742,15 @@ def check_predecessor(manifest: dict[str, Any], weights_sha256: str | None,
                              f"{describe_state(weights_sha256, package_id, stage, label)}")
 
 
+def check_update_stage0(stage_file: StageFile, label: str = "stage 0 of the update") -> None:
+    """:class:`FormatError` unless an update's stage 0 holds exactly its two files,
+    ``base.bin`` and ``graph.onnx`` (nothing is decoded from anything else in it)."""
+    names = sorted(str(e.get("name")) for e in stage_file.entries)
+    if names != ["base.bin", "graph.onnx"] or any(e["kind"] != "file"
+                                                  for e in stage_file.entries):
+        raise FormatError(f"{label} holds {names[:4]}; it holds base.bin and graph.onnx only")
+
+
 def _predecessor(c: _Checker, pred: dict) -> None:
     """An update's binding: the exact model (``weights_sha256``) or stage ``stage`` of package
     ``package_id``; ``name`` and ``version`` only label it. Unknown keys are refused: a binding

@@ -94,6 +94,7 @@ from .format import (
     check_file_entry,
     check_name,
     check_predecessor,
+    check_update_stage0,
     is_update,
     parse_manifest,
     read_stage,
@@ -1032,6 +1033,7 @@ class ProgressiveSession:
             with private_copy(stage0, self._dir, self._pace, self._writeback.add,
                               _largest_stage(manifest)) as (copy, digest):
                 sf = open_stage(copy, manifest, 0, self._pace, digest=digest)
+                check_update_stage0(sf)
                 parts = {}
                 for name in ("base.bin", "graph.onnx"):
                     data = extract_file(sf, name, size=entries[name]["size"])

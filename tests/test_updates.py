@@ -20,7 +20,7 @@ from p2u_onnx import api
 from p2u_onnx.cli import main
 from p2u_onnx.config import BitBudget
 from p2u_onnx.encoder import encode, weights_digest
-from p2u_onnx.errors import FormatError, IntegrityError, P2UError, TrustError
+from p2u_onnx.errors import FormatError, IntegrityError, P2UError, PlanError, TrustError
 from p2u_onnx.format import (READABLE_VERSIONS, load_manifest, parse_manifest, read_stage,
                              validate_manifest)
 from p2u_onnx.updates import (apply_update, encode_update, held_state, restore_update,
@@ -511,3 +511,31 @@ def test_live_update_reads_tensors_the_package_kept_in_its_graph(tmp_path):
         s.upgrade(background=False)
         s.update(tmp_path / "u.p2u")
         assert np.array_equal(s.run(None, {"x": X})[0], _run(v2, X))
+
+
+def test_one_bit_first_stage(tmp_path):
+    """plan "1,lossless": a sign per changed value and a mean-|delta| scale per block
+    (BitDelta-like), then the exact model; unchanged values keep code 0."""
+    v1 = _mlp(hidden=256)
+    v2 = _moved(v1)
+    a = numpy_helper.to_array(v2.graph.initializer[0]).copy()
+    a[:, :8] = numpy_helper.to_array(v1.graph.initializer[0])[:, :8]  # some values unchanged
+    v2.graph.initializer[0].CopyFrom(numpy_helper.from_array(a, "W1"))
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    m = encode_update(p2, tmp_path / "u1.p2u", p1, plan="1,lossless").manifest
+    assert {t["name"]: t.get("bits") for t in m["tensors"]} == {"W1": 1, "b1": 1, "W2": 1}
+    held = held_state(p1)
+    s0 = apply_update(tmp_path / "u1.p2u", held, 0)
+    w1 = s0.get("W1")
+    assert np.array_equal(w1[:, :8], a[:, :8])  # code 0: the held value stays
+    assert _err(s0.model, v2) < _err(v1, v2)
+    assert weights_digest(apply_update(tmp_path / "u1.p2u", held).model) == weights_digest(v2)
+    w = next(t for t in m["tensors"] if t["name"] == "W1")
+    assert w["base"]["code_type"] == 26  # INT2 containers of -1, 0, +1
+    with pytest.raises(PlanError, match="1..8 bits"):
+        encode_update(p2, tmp_path / "u0.p2u", p1, plan="0,lossless")
+    with pytest.raises(PlanError, match="lossy first stage"):
+        encode_update(p2, tmp_path / "u0.p2u", p1, plan="lossless")
+    # the manifest is compact JSON and still validates (and pins: it is what is hashed)
+    raw = (tmp_path / "u1.p2u" / "manifest.json").read_bytes()
+    assert b", " not in raw and parse_manifest(raw)["plan"] == ["1", "lossless"]

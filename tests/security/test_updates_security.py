@@ -276,3 +276,12 @@ def test_validate_manifest_update_keys_only_in_updates(built):
     m3["base_model"]["files"].append({"path": "base.onnx", "size": 1, "sha256": "a" * 64})
     with pytest.raises(FormatError, match="an update package has no base model"):
         validate_manifest(m3)
+
+
+def test_stage_zero_with_other_entries_refused(upd, built):
+    """Stage 0 of an update holds its two files only: an extra entry (here a refine entry
+    from stage 1) is refused before anything is decoded."""
+    sf1 = read_stage(upd / "stage-1.p2u")
+    extra = (dict(sf1.entries[0]), bytes(sf1.data(sf1.entries[0])))
+    _rewrite_stage(upd, 0, lambda entries: entries + [extra])
+    restore_refused(upd, built["v1"], FormatError, "holds base.bin and graph.onnx only")
