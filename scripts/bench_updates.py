@@ -634,7 +634,7 @@ def markdown(pairs: list[dict[str, Any]], fed: dict[str, Any] | None,
     L.append("|---|---|---|---|")
     for c in checks:
         L.append(f"| {c['target']} | {c['subject']} | {c['figure']} | {c['status']} |")
-    return "\n".join(L) + "\n"
+    return "\n".join(L).replace(f"{ROOT}/", "") + "\n"
 
 
 def plot(fed: dict[str, Any], path: Path) -> None:
