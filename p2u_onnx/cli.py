@@ -193,8 +193,15 @@ def inspect(package, as_json, tensors) -> None:
     alloc = info.get("allocation")
     if alloc:
         click.echo(f"base bits chosen {'with' if alloc['calibrated'] else 'without'} "
-                   f"calibration; estimated base quality (output cosine) "
-                   f"{alloc['est_quality']:.4f}")
+                   f"calibration; estimated base quality {alloc['est_quality']:.4f} "
+                   f"(target {alloc.get('target_quality', 0.985):.4f})")
+        outputs = alloc.get("outputs")
+        for o in outputs if isinstance(outputs, list) else []:  # as each task reads it
+            if isinstance(o, dict) and all(isinstance(o.get(k), (int, float)) for k in (
+                    "est", "measured", "target")):
+                click.echo(f"  {str(o.get('output'))[:200]}: {str(o.get('metric'))[:80]} "
+                           f"{o['est']:.4f} estimated, {o['measured']:.4f} measured on the "
+                           f"calibration inputs (target {o['target']:.4f})")
     for note in info.get("notes", []):
         click.echo(f"warning: {note}")
     if tensors:

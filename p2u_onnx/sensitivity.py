@@ -252,8 +252,10 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
                                measured_error=measured_error, outputs=outputs)
     # a base that needed more than the budget, or misses its target, is fragile: then say when
     # the estimate cannot be trusted (not on every model: a warning everywhere is none)
+    # (more than the budget and than the plain base: a small model's fixed costs are not it)
     fragile = _quality(measured_error if measured_error is not None else alloc.error) < \
-        budget.target_quality or (spend is not None and alloc.nbytes > 1.02 * spend)
+        budget.target_quality or (spend is not None and alloc.nbytes > 1.02 * max(
+            spend, alloc.plain_nbytes or 0.0))
     if calib is not None and not budget.calib and fragile:
         notes += _synthetic_notes(model, budget, calib, outputs)
     return BitPlan(alloc.bits, calib.importance if calib else {}, alloc.errors, alloc,
