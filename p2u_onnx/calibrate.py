@@ -36,7 +36,7 @@ from onnx import ModelProto, NodeProto, TensorProto, helper
 from .config import DEFAULT_QUALITY
 from .errors import P2UError
 from .graph import Consumer, consumers_by_name
-from .output_metrics import DEFAULT_TARGETS, OutputCheck, checks_for, error_at
+from .output_metrics import DEFAULT_TARGETS, OutputCheck, checks_for, target_error
 
 __all__ = ["Calibration", "synthesize_feeds", "load_feeds", "input_spec", "probe_inputs"]
 
@@ -510,7 +510,8 @@ class Calibration:
         unit = 2 * (1 - (quality if quality is not None else DEFAULT_QUALITY))
         for c in checks:
             c.target = quality if quality is not None else DEFAULT_TARGETS[c.kind]
-        weight = np.array([unit / error_at(c, c.target) for c in checks])
+        cos_target = quality if quality is not None else DEFAULT_TARGETS["cosine"]
+        weight = np.array([unit / target_error(c, c.target, cos_target) for c in checks])
         return cls(importance, names, sess, fed, feeds, reference,
                    [outputs[i] for i in float_out], checks, weight, bf16, added)
 

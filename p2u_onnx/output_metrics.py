@@ -38,7 +38,7 @@ from collections.abc import Mapping, Sequence
 import numpy as np
 from onnx import NodeProto
 
-__all__ = ["OutputCheck", "checks_for", "error_at", "DEFAULT_TARGETS", "KIND_METRIC"]
+__all__ = ["OutputCheck", "checks_for", "error_at", "target_error", "DEFAULT_TARGETS", "KIND_METRIC"]
 
 SMALL_HEAD = 8  # at most this many values per row: a head of scores/coordinates, per column
 REG_TOLERANCE = 0.2  # regression: within this share of the output's spread counts as agreeing
@@ -55,10 +55,14 @@ KIND_METRIC = {"classes": "top-1 agreement", "decisions": "decision agreement",
 # magnitude does not vary on them: its spread is floored there, and a note says so
 FLAT_SPREAD = 1e-3
 
-# a decision output with fewer than MIN_NEAR of its values within NEAR of a threshold on the
-# calibration inputs does not show how close real inputs sit to its thresholds
-NEAR = 0.05
-MIN_NEAR = 0.01
+# a decision output with fewer than MIN_NEAR of its values in the UNCERTAIN band on the
+# calibration inputs does not show how close real inputs sit to its thresholds (a voice
+# detector on white noise: 1.6% of its probabilities in 0.2..0.8, 20% on speech)
+UNCERTAIN = (0.2, 0.8)
+MIN_NEAR = 0.05
+# class scores whose median margin (top-1 minus top-2) is below this: the model is unsure on
+# the calibration inputs, whose margins then say little about real ones
+UNSURE_MARGIN = 0.1
 
 _SHAPE_ONLY = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice",
                "Gather", "Concat", "Split", "Cast", "Expand", "Tile"}
@@ -93,8 +97,11 @@ class OutputCheck:
     sampled: np.ndarray  # classes: row margins; decisions: values; others: unused
     spread: float = 0.0  # regression: the reference's standard deviation (floored)
     # the calibration inputs do not exercise it: a regression output that barely varies, a
-    # decision output with (almost) no value near a threshold
+    # decision output with (almost) no value near a threshold, class scores with no margin.
+    # Class scores and regressions are then weighed as a cosine target (:func:`target_error`);
+    # decisions keep their own (their thresholds 0.1 and 0.9 still read the tails)
     flat: bool = False
+    sumsq: float = 1.0  # sum of the squared reference values
     target: float = 0.985
 
     def part(self, value: np.ndarray) -> np.ndarray:
@@ -166,6 +173,16 @@ def error_at(check: OutputCheck, target: float) -> float:
     return 10.0 ** lo
 
 
+def target_error(check: OutputCheck, target: float, cosine_target: float) -> float:
+    """The normalized error the allocation aims ``check`` at: where it reaches ``target``,
+    or, for class scores and regressions the calibration inputs do not exercise (``flat``),
+    where an output cosine reaches ``cosine_target`` (what the estimate cannot see is not
+    bought blindly)."""
+    if check.flat and check.kind in ("classes", "regression"):
+        return max(2.0 * (1.0 - cosine_target), 1e-12) * check.sumsq / max(check.den, 1e-300)
+    return error_at(check, target)
+
+
 def _source(producer: Mapping[str, NodeProto], name: str) -> NodeProto | None:
     """The node that makes ``name``, looking through shape-only ops (first input)."""
     for _ in range(64):
@@ -218,6 +235,7 @@ def _finite(vs: Sequence[np.ndarray]) -> np.ndarray:
 def _check(label: str, index: int, column: int | None, kind: str,
            values: Sequence[np.ndarray]) -> OutputCheck:
     flat = _finite(values)
+    sumsq = float(np.sum(flat * flat)) or 1.0
     if kind == "classes":
         margins = []
         for v in values:
@@ -225,15 +243,19 @@ def _check(label: str, index: int, column: int | None, kind: str,
             rows = rows[np.all(np.isfinite(rows), axis=1)]
             top = np.sort(rows, axis=1)[:, -2:]
             margins.append(top[:, 1] - top[:, 0])
-        return OutputCheck(label, index, column, kind, float(np.sum(flat * flat)) or 1.0,
-                           flat.size, _sample(np.concatenate(margins)))
+        m = np.concatenate(margins)
+        # a model unsure on most inputs (random noise for an image classifier) shows margins
+        # that real inputs do not have
+        unsure = bool(m.size) and float(np.median(m)) < UNSURE_MARGIN
+        return OutputCheck(label, index, column, kind, sumsq, flat.size, _sample(m),
+                           flat=unsure, sumsq=sumsq)
     if kind == "decisions":
-        # no value near a threshold: the inputs do not exercise the decisions
+        # (almost) no value in the uncertain band: the inputs do not exercise the decisions
         some = _sample(flat)
-        near = float(np.mean(np.min(np.abs(some[:, None] - np.array(THRESHOLDS)), axis=1)
-                             < NEAR)) if some.size else 0.0
-        return OutputCheck(label, index, column, kind, float(np.sum(flat * flat)) or 1.0,
-                           flat.size, some, flat=near < MIN_NEAR)
+        near = float(np.mean((some > UNCERTAIN[0]) & (some < UNCERTAIN[1]))) \
+            if some.size else 0.0
+        return OutputCheck(label, index, column, kind, sumsq, flat.size, some,
+                           flat=near < MIN_NEAR, sumsq=sumsq)
     if kind == "regression":
         rms = math.sqrt(float(np.mean(flat * flat))) if flat.size else 0.0
         std = float(np.std(flat)) if flat.size else 0.0
@@ -241,9 +263,8 @@ def _check(label: str, index: int, column: int | None, kind: str,
         flat_out = std <= floor
         spread = max(std, floor) or 1.0
         return OutputCheck(label, index, column, kind, max(flat.size, 1) * spread * spread,
-                           flat.size, np.zeros(0), spread=spread, flat=flat_out)
-    return OutputCheck(label, index, column, kind, float(np.sum(flat * flat)) or 1.0,
-                       flat.size, np.zeros(0))
+                           flat.size, np.zeros(0), spread=spread, flat=flat_out, sumsq=sumsq)
+    return OutputCheck(label, index, column, kind, sumsq, flat.size, np.zeros(0), sumsq=sumsq)
 
 
 def checks_for(name: str, index: int, values: Sequence[np.ndarray],

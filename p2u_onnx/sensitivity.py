@@ -13,6 +13,7 @@ on the wire and its effect on the outputs, then :func:`~p2u_onnx.allocate.alloca
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -297,6 +298,7 @@ def _output_report(calib: Calibration, errors: np.ndarray,
     return [{"output": c.label, "kind": c.kind, "metric": KIND_METRIC[c.kind],
              "target": round(float(c.target), 6), "est": round(float(e), 6),
              "measured": round(float(m), 6), "values": int(c.count),
+             **({"rows": int(c.sampled.size)} if c.kind == "classes" else {}),
              **({"flat": True} if c.flat else {})}
             for c, e, m in zip(calib.checks, est, measured)]
 
@@ -339,7 +341,7 @@ def _allocation_notes(alloc: Allocation, plan: Plan, budget: BitBudget, total: f
             f"the base is plain {plan.base_bits}-bit at about {share:.1%} of the "
             f"fp32-equivalent bytes, above the {budget.cap:.0%} cap")
     if q < target:
-        best = _quality(alloc.best_error or 0.0)
+        best = max(_quality(alloc.best_error or 0.0), q)  # (the estimate of 8 bits is a sum)
         best_share = ((alloc.best_nbytes or 0.0) + fixed) / total
         which = _worst_outputs(outputs or [])
         msg = (f"estimated base quality {q:.4f} is below the target {target:.4f} "
@@ -350,6 +352,16 @@ def _allocation_notes(alloc: Allocation, plan: Plan, budget: BitBudget, total: f
             raise PlanError(f"{msg}: raise --cap (cap=), lower --quality (quality=), or pass "
                             "--allow-below (strict=False)")
         notes.append(msg)
+    else:
+        # the estimate meets the target, the task's own metric on the same inputs does not
+        # (beyond what the number of values measured can tell apart)
+        low = [o for o in outputs or [] if not o.get("flat") and o["measured"] < o["target"]
+               - 2 * math.sqrt(o["target"] * (1 - o["target"]) / max(o.get("rows", o["values"]), 1))]
+        if low:
+            notes.append("the estimate meets the target but the base measures below it on the "
+                         "calibration inputs: " + "; ".join(
+                             f"{o['metric']} of {o['output']} {o['measured']:.4f} (target "
+                             f"{o['target']:.4f})" for o in low[:3]))
     return notes
 
 
@@ -357,8 +369,9 @@ def _synthetic_notes(model: ModelProto, budget: BitBudget, calib: Calibration,
                      outputs: list[dict[str, Any]]) -> list[str]:
     """A warning when the estimate rests on synthesized inputs that cannot stand in for real
     ones: float inputs (images, audio, features) with sizes the graph does not fix, or outputs
-    that barely vary on them (their spread, which the estimate reads errors against, is
-    unknown)."""
+    they do not exercise (``flat`` checks: a regression that barely varies, probabilities far
+    from every threshold, class scores without a clear winner), whose real sensitivity the
+    estimate cannot see. Random float inputs alone are no reason (most models are fine)."""
     reasons = []
     guessed = _guessed_inputs(model, budget)
     if guessed:
@@ -367,13 +380,16 @@ def _synthetic_notes(model: ModelProto, budget: BitBudget, calib: Calibration,
     init = {t.name for t in model.graph.initializer}
     noise = [vi.name for vi in model.graph.input if vi.name not in init
              and vi.type.tensor_type.elem_type in (1, 10, 11, 16)]
+    flat = [o["output"] for o in outputs if o.get("flat")]
+    if not guessed and not flat:
+        return []  # random floats alone are no reason: most such models are fine
     if noise:
         reasons.append(f"float input {', '.join(map(repr, noise[:4]))} (image, audio or "
                        "features) is random noise there")
-    flat = [o["output"] for o in outputs if o.get("flat")]
     if flat:
-        reasons.append(f"output {', '.join(flat[:4])} barely varies on them or has no value "
-                       "near a decision threshold")
+        reasons.append(f"output {', '.join(flat[:4])} is not exercised by them (a score that "
+                       "barely varies, probabilities far from any threshold, or class scores "
+                       "with no clear winner)")
     if not reasons:
         return []
     hint = ("check the base on real inputs with `p2u eval PKG --model MODEL --inputs "

@@ -166,7 +166,7 @@ def classifier(din=64, hidden=256, classes=10, seed=11) -> onnx.ModelProto:
     inits = [numpy_helper.from_array(weight((din, hidden), 1 / np.sqrt(din), rng=rng), "W1"),
              numpy_helper.from_array(weight((hidden, hidden), 1 / np.sqrt(hidden), rng=rng),
                                      "W2"),
-             numpy_helper.from_array(weight((hidden, classes), 2 / np.sqrt(hidden), rng=rng),
+             numpy_helper.from_array(weight((hidden, classes), 4 / np.sqrt(hidden), rng=rng),
                                      "W3")]
     nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
              helper.make_node("Relu", ["h"], ["a"]),

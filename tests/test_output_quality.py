@@ -98,7 +98,7 @@ def test_classifier_estimate_matches_held_out_agreement(tmp_path):
     plain = float(np.mean(got_plain.argmax(1) == ref.argmax(1)))
     [out] = res.manifest["allocation"]["outputs"]
     assert out["kind"] == "classes" and out["values"] >= 640  # 64 rows of 10 scores
-    assert abs(out["est"] - agree) < 0.03, (out, agree)  # measured 0.975 vs 0.971
+    assert abs(out["est"] - agree) < 0.03, (out, agree)  # measured 0.982 vs 0.971
     assert agree > plain + 0.05, (agree, plain)  # measured 0.971 vs 0.857
     assert share(res) <= 0.21
     missed = out["est"] < out["target"]
