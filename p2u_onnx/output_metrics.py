@@ -174,13 +174,16 @@ def error_at(check: OutputCheck, target: float) -> float:
 
 
 def target_error(check: OutputCheck, target: float, cosine_target: float) -> float:
-    """The normalized error the allocation aims ``check`` at: where it reaches ``target``,
-    or, for class scores and regressions the calibration inputs do not exercise (``flat``),
+    """The normalized error the allocation aims ``check`` at: where it reaches ``target``
+    and its output cosine ``cosine_target``, or, for class scores and regressions the calibration inputs do not exercise (``flat``),
     where an output cosine reaches ``cosine_target`` (what the estimate cannot see is not
     bought blindly)."""
+    as_cosine = max(2.0 * (1.0 - cosine_target), 1e-12) * check.sumsq / max(check.den, 1e-300)
     if check.flat and check.kind in ("classes", "regression"):
-        return max(2.0 * (1.0 - cosine_target), 1e-12) * check.sumsq / max(check.den, 1e-300)
-    return error_at(check, target)
+        return as_cosine
+    # never looser than the cosine target: a recognizer that confidently answers "blank" on
+    # noise images shows margins that say any error is fine
+    return min(error_at(check, target), as_cosine)
 
 
 def _source(producer: Mapping[str, NodeProto], name: str) -> NodeProto | None:

@@ -295,8 +295,12 @@ def _output_report(calib: Calibration, errors: np.ndarray,
     from .output_metrics import KIND_METRIC
 
     est = calib.estimate(errors)
+    # the allocation also holds every output to an output cosine (output_metrics.target_error)
+    cos = [max(-1.0, 1.0 - float(err) * c.den / max(c.sumsq, 1e-300) / 2) for c, err in
+           zip(calib.checks, errors)]
     return [{"output": c.label, "kind": c.kind, "metric": KIND_METRIC[c.kind],
              "target": round(float(c.target), 6), "est": round(float(e), 6),
+             **({"cosine": round(k, 6)} if c.kind != "cosine" else {}),
              "measured": round(float(m), 6), "values": int(c.count),
              **({"rows": int(c.sampled.size)} if c.kind == "classes" else {}),
              **({"flat": True} if c.flat else {})}
@@ -314,6 +318,9 @@ def _worst_outputs(outputs: list[dict[str, Any]], limit: int = 3) -> str:
                  key=lambda o: min(o["est"], o["measured"]) - o["target"])
     parts = [f"{o['metric']} of {o['output']} {o['est']:.4f} estimated, {o['measured']:.4f} "
              f"measured (target {o['target']:.4f})" for o in low[:limit]]
+    if not parts:  # the output cosine every output is also held to
+        cos = sorted((o for o in outputs if "cosine" in o), key=lambda o: o["cosine"])
+        parts = [f"output cosine of {o['output']} {o['cosine']:.4f}" for o in cos[:1]]
     if len(low) > limit:
         parts.append(f"{len(low) - limit} more")
     return "; ".join(parts)
