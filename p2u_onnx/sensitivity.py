@@ -304,7 +304,7 @@ def _output_report(calib: Calibration, errors: np.ndarray,
              "measured": round(float(m), 6), "values": int(c.count),
              **({"rows": int(c.sampled.size)} if c.kind == "classes" else {}),
              **({"flat": True} if c.flat else {})}
-            for c, e, m in zip(calib.checks, est, measured)]
+            for c, e, m, k in zip(calib.checks, est, measured, cos)]
 
 
 def _quality(error: float) -> float:
