@@ -175,3 +175,25 @@ def classifier(din=64, hidden=256, classes=10, seed=11) -> onnx.ModelProto:
              helper.make_node("MatMul", ["a2", "W3"], ["z"]),
              helper.make_node("Softmax", ["z"], ["p"], axis=-1)]
     return _model(nodes, [vi("x", shape=("N", din))], [vi("p", shape=("N", classes))], inits)
+
+
+def detector(bias=0.0, din=64, hidden=256, frames=16, seed=13) -> onnx.ModelProto:
+    """Frame-wise speech-like probabilities: x (N, din) -> MLP -> Sigmoid(z + bias) -> p (N,).
+    A large negative ``bias`` puts every probability near 0 on random inputs (a voice detector
+    on noise), so that they never come near a decision threshold."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(weight((din, hidden), 1 / np.sqrt(din), rng=rng), "W1"),
+             numpy_helper.from_array(weight((hidden, hidden), 1 / np.sqrt(hidden), rng=rng),
+                                     "W2"),
+             numpy_helper.from_array(weight((hidden, 1), 2 / np.sqrt(hidden), rng=rng), "W3"),
+             numpy_helper.from_array(np.array([bias], np.float32), "b3"),
+             numpy_helper.from_array(np.array([-1], np.int64), "flat")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "W2"], ["h2"]),
+             helper.make_node("Relu", ["h2"], ["a2"]),
+             helper.make_node("MatMul", ["a2", "W3"], ["z"]),
+             helper.make_node("Add", ["z", "b3"], ["zb"]),
+             helper.make_node("Sigmoid", ["zb"], ["s"]),
+             helper.make_node("Reshape", ["s", "flat"], ["p"])]
+    return _model(nodes, [vi("x", shape=("N", din))], [vi("p", shape=("N",))], inits)

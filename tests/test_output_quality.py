@@ -126,3 +126,41 @@ def test_no_warning_on_models_that_are_fine(model, tmp_path):
     alloc = res.manifest["allocation"]
     assert alloc["est_quality"] >= alloc["target_quality"], alloc
     assert not [w for w in res.warnings if "quality" in w or "synthesized" in w], res.warnings
+
+
+@pytest.mark.parametrize("bias", [0.0, -12.0])
+def test_decisions_the_inputs_do_not_exercise_are_warned_about(bias, tmp_path):
+    """A detector whose probabilities all sit near 0 on random inputs (bias -12: a voice
+    detector on noise) cannot show how its decisions flip: when the base misses its target,
+    the warning says the synthesized inputs do not exercise the output and names --inputs and
+    p2u eval. The same detector with its decisions spread over 0..1 gets the missed target
+    alone, no such warning."""
+    model = synth.detector(bias=bias)
+    _, res, _ = encode_twin(model, tmp_path, "d", quality=0.9999, cap=0.12)
+    [out] = res.manifest["allocation"]["outputs"]
+    assert out["kind"] == "decisions" and out["output"] == "p"
+    assert any("below the target 0.9999" in w for w in res.warnings), res.warnings
+    synthetic = [w for w in res.warnings if "synthesized inputs" in w]
+    if bias:
+        assert out.get("flat") is True
+        assert len(synthetic) == 1 and "output p is not exercised" in synthetic[0]
+        assert "--inputs real.npz" in synthetic[0] and "p2u eval" in synthetic[0]
+    else:
+        assert not out.get("flat") and not synthetic, res.warnings
+
+
+def test_guessed_sizes_are_named():
+    """Float inputs with sizes the model does not fix (besides the batch) are named with the
+    shape the calibration guessed; --shape takes them off the list."""
+    from onnx import TensorProto, helper
+
+    from p2u_onnx.sensitivity import _guessed_inputs
+
+    w = synth.weight((8, 3, 3, 3))
+    m = synth._model([helper.make_node("Conv", ["img", "w"], ["y"])],
+                     [synth.vi("img", shape=("N", 3, "H", "W")),
+                      synth.vi("ids", TensorProto.INT64, ("N", "L"))],
+                     [synth.vi("y", shape=("N", 8, "H2", "W2"))],
+                     [onnx.numpy_helper.from_array(w, "w")])
+    assert _guessed_inputs(m, BitBudget()) == ["'img' (4x3x64x64)"]
+    assert _guessed_inputs(m, BitBudget(shapes={"img": (1, 3, 32, 32)})) == []
