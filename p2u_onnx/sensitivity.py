@@ -156,8 +156,11 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
         if calib is None:
             src = "on the given inputs" if budget.calib else "on synthesized inputs"
             hint = "" if budget.calib else " (--shape or --inputs give it inputs that work)"
+            why = list(dict.fromkeys(why))  # the same failure at two sizes: said once
             notes.append(f"calibration skipped {src}: {'; '.join(why) or 'the model fails'}; "
-                         f"bits chosen from weight errors alone{hint}")
+                         f"bits chosen from weight errors alone, the base's quality is not "
+                         f"estimated{hint}; check it with `p2u eval PKG --model MODEL "
+                         "--inputs real.npz`")
     rng = np.random.default_rng(0)
     costs, gains, clip = [], {}, {}
     check_gains: dict[str, np.ndarray] = {}  # per tensor: each output check's error per weight error
