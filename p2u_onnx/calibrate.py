@@ -25,7 +25,6 @@ subgraphs or functions) gets no entry; callers fall back to weight-only estimate
 from __future__ import annotations
 
 import dataclasses
-import time
 from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -43,12 +42,15 @@ __all__ = ["Calibration", "synthesize_feeds", "load_feeds", "input_spec", "probe
 _DEFAULT_DIMS = {"batch": 4, "seq": 32, "spatial": 64}
 _MAX_ACTIVATION_SAMPLES = 1 << 16  # rows of an activation kept for its statistics
 # A regression output's spread is measured over at least MIN_SAMPLES inputs, class scores'
-# margins over MIN_ROWS rows: more feeds are synthesized for them, up to MAX_EXTRA_FEEDS and
-# about EXTRA_FEED_SECONDS of calibration runs (about 2 per coded tensor, each over all feeds)
+# margins and decisions over MIN_ROWS rows: more feeds are synthesized for them, up to
+# MAX_EXTRA_FEEDS, or MAX_EXTRA_LARGE when a feed holds more than LARGE_FEED bytes (images,
+# audio: every calibration run goes over all feeds). A count, not a time: the same model
+# always gets the same bits
 MIN_SAMPLES = 8
 MIN_ROWS = 64
-MAX_EXTRA_FEEDS = 31
-EXTRA_FEED_SECONDS = 20.0
+MAX_EXTRA_FEEDS = 15
+MAX_EXTRA_LARGE = 3
+LARGE_FEED = 1 << 20
 
 
 def _np_type(elem: int) -> np.dtype:
@@ -478,12 +480,9 @@ class Calibration:
 
         checks = read(runs)
         # a regression head's spread and class margins need several inputs: more synthesized
-        # feeds if few, as long as the calibration runs stay short
-        t0 = time.perf_counter()
-        sess.run(fetch, {**feeds[0], **fed})
-        per_feed = time.perf_counter() - t0
-        passes = 2 * len(names) + 10
-        limit = min(MAX_EXTRA_FEEDS, int(EXTRA_FEED_SECONDS / max(per_feed * passes, 1e-9)))
+        # feeds if few, fewer when feeds are large
+        size = sum(np.asarray(v).nbytes for v in feeds[0].values())
+        limit = MAX_EXTRA_LARGE if size > LARGE_FEED else MAX_EXTRA_FEEDS
         while more_feeds is not None and added < limit and any(
                 c.kind == "regression" and c.count < MIN_SAMPLES or
                 c.kind in ("classes", "decisions") and c.sampled.size < MIN_ROWS
