@@ -40,6 +40,7 @@ from onnx import NodeProto
 
 __all__ = ["OutputCheck", "checks_for", "error_at", "target_error", "DEFAULT_TARGETS", "KIND_METRIC"]
 
+MIN_UNIT = 64  # a column is read as decisions when at least this many values lie in [0, 1]
 SMALL_HEAD = 8  # at most this many values per row: a head of scores/coordinates, per column
 REG_TOLERANCE = 0.2  # regression: within this share of the output's spread counts as agreeing
 THRESHOLDS = (0.1, 0.3, 0.5, 0.7, 0.9)  # decision thresholds a [0, 1] output may be read at
@@ -287,7 +288,9 @@ def checks_for(name: str, index: int, values: Sequence[np.ndarray],
         out = []
         for k in range(last):
             col = [v[..., k] for v in vs]
-            kind = "decisions" if _in_unit(col) else "regression"
+            # a handful of values in [0, 1] is no evidence of a probability
+            kind = "decisions" if _in_unit(col) and sum(c.size for c in col) >= MIN_UNIT \
+                else "regression"
             out.append(_check(f"{name}[{k}]", index, k, kind, col))
         return out
     if per_sample <= SMALL_HEAD // 2 or not shape:
