@@ -380,6 +380,7 @@ class Calibration:
     _weight: np.ndarray  # per check: target error unit / the check's error at its target
     _bf16: frozenset = frozenset()  # keys of bfloat16 weights: fed as float32, Cast in-graph
     extra_feeds: int = 0  # feeds synthesized beyond the first, for regression outputs' spread
+    empty: list = dataclasses.field(default_factory=list)  # float outputs with no finite value
 
     def _feed(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _weight_feed(weights, self._bf16)
@@ -506,6 +507,8 @@ class Calibration:
         reference = [[np.asarray(r[i], np.float64) for i in float_out] for r in runs]
         if not checks:
             return fail("no output has a finite value on them")
+        empty = [outputs[i] for j, i in enumerate(float_out)
+                 if not any(c.index == j for c in checks)]
         unit = 2 * (1 - (quality if quality is not None else DEFAULT_QUALITY))
         # a recurrent state passed back (an output shaped as a float input: LSTM h and c) is
         # read through the next call's task outputs: held to the agreement target, not 0.995
@@ -519,7 +522,7 @@ class Calibration:
         cos_target = quality if quality is not None else DEFAULT_TARGETS["cosine"]
         weight = np.array([unit / target_error(c, c.target, cos_target) for c in checks])
         return cls(importance, names, sess, fed, feeds, reference,
-                   [outputs[i] for i in float_out], checks, weight, bf16, added)
+                   [outputs[i] for i in float_out], checks, weight, bf16, added, empty)
 
     def _run(self, overrides: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:
         return [[np.asarray(v, np.float64) for v in self._session.run(

@@ -260,8 +260,8 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
     fragile = _quality(measured_error if measured_error is not None else alloc.error) < \
         budget.target_quality or (spend is not None and alloc.nbytes > 1.02 * max(
             spend, alloc.plain_nbytes or 0.0))
-    if calib is not None and not budget.calib and fragile:
-        notes += _synthetic_notes(model, budget, calib, outputs)
+    if calib is not None and not budget.calib:
+        notes += _synthetic_notes(model, budget, calib, outputs, fragile)
     return BitPlan(alloc.bits, calib.importance if calib else {}, alloc.errors, alloc,
                    calib is not None, notes, clip, fixed_bytes=fixed_bytes,
                    outputs=outputs, measured_error=measured_error)
@@ -376,12 +376,14 @@ def _allocation_notes(alloc: Allocation, plan: Plan, budget: BitBudget, total: f
 
 
 def _synthetic_notes(model: ModelProto, budget: BitBudget, calib: Calibration,
-                     outputs: list[dict[str, Any]]) -> list[str]:
+                     outputs: list[dict[str, Any]], fragile: bool = True) -> list[str]:
     """A warning when the estimate rests on synthesized inputs that cannot stand in for real
     ones: float inputs (images, audio, features) with sizes the graph does not fix, or outputs
     they do not exercise (``flat`` checks: a regression that barely varies, probabilities far
     from every threshold, class scores without a clear winner), whose real sensitivity the
-    estimate cannot see. Random float inputs alone are no reason (most models are fine)."""
+    estimate cannot see. Guessed sizes and outputs with no finite value always warn; outputs
+    not exercised only on a ``fragile`` base; random float inputs alone never (most models
+    are fine)."""
     reasons = []
     guessed = _guessed_inputs(model, budget)
     if guessed:
@@ -391,8 +393,13 @@ def _synthetic_notes(model: ModelProto, budget: BitBudget, calib: Calibration,
     noise = [vi.name for vi in model.graph.input if vi.name not in init
              and vi.type.tensor_type.elem_type in (1, 10, 11, 16)]
     flat = [o["output"] for o in outputs if o.get("flat")]
-    if not guessed and not flat:
-        return []  # random floats alone are no reason: most such models are fine
+    if calib.empty:
+        reasons.append(f"output {', '.join(calib.empty[:4])} has no finite value on them (not "
+                       "estimated)")
+    elif not guessed and (not flat or not fragile):
+        # random floats alone are no reason (most such models are fine), nor outputs they do
+        # not exercise on a base that met its target within the budget
+        return []
     if noise:
         reasons.append(f"float input {', '.join(map(repr, noise[:4]))} (image, audio or "
                        "features) is random noise there")
