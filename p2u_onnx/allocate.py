@@ -137,8 +137,8 @@ def allocate_from_default(costs: list[TensorCost], default: dict[str, int], *,
     its default). Of those that meet ``max_error`` the default's wins unless the free one is
     clearly smaller (sizes within the budget count as equal; ``margin``: the size estimates'
     relative error) or, about as large, has at most half the estimated error; when neither
-    meets it, the lower error wins, which is
-    never worse than ``default`` and may be larger than ``cap`` when the default alone is
+    meets it, the floored walk wins unless the free one has at most half its estimated error;
+    either is never worse than ``default`` and may be larger than ``cap`` when the default alone is
     (``floored`` and ``nbytes > cap`` then say so). With ``no_worse``, the target is also the
     default's estimated error; ``margin`` is the relative error of the size estimates.
     """
@@ -172,6 +172,8 @@ def allocate_from_default(costs: list[TensorCost], default: dict[str, int], *,
     elif met:
         best = met[0]
     else:
-        best = free if free.error < floored.error else floored
+        # neither meets the target: the estimate is least sure here, so a tensor goes below
+        # its default only when that buys a clearly better base (at most half the error)
+        best = free if free.error <= 0.5 * floored.error else floored
     return dataclasses.replace(best, **extra, target_met=best.error <= max_error,
                                floored=best is floored)

@@ -10,11 +10,13 @@ graph inputs, so trying a quantized weight costs one forward pass and no new ses
 * ``importance[key]``: the mean square of the activation each weight multiplies, per input
   channel, broadcastable to the weight's shape (MatMul, Gemm, Conv); the quantizer weights its
   error by it;
-* ``output_error({key: weight})``: the relative squared error of the model's float outputs
-  when those weights are replaced, against the original outputs. Probability outputs (made by a
-  Softmax or Sigmoid, through shape-only ops, with every value in [0, 1]) count
-  :data:`PROBABILITY_WEIGHT` times: an argmax or a threshold reads them, and their relative
-  error is dominated by the few large values while decisions flip on the others.
+* ``output_error({key: weight})``: the error of the model's float outputs when those weights
+  are replaced, against the original outputs, as each output's task reads it
+  (:mod:`p2u_onnx.output_metrics`: top-1 agreement of class scores, decisions of probabilities
+  and masks, regression heads against their spread, cosine of the rest), scaled so that the
+  target error (``2 * (1 - quality)``) is where every output just reaches its target;
+* ``estimate(errors)`` and ``measure({key: weight})``: each output's estimated and measured
+  quality in its own metric.
 
 Anything that cannot be measured (a model that fails on synthetic inputs, weights inside
 subgraphs or functions) gets no entry; callers fall back to weight-only estimates.
@@ -23,26 +25,32 @@ subgraphs or functions) gets no entry; callers fall back to weight-only estimate
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 from onnx import ModelProto, NodeProto, TensorProto, helper
 
+from .config import DEFAULT_QUALITY
 from .errors import P2UError
 from .graph import Consumer, consumers_by_name
+from .output_metrics import DEFAULT_TARGETS, OutputCheck, checks_for, target_error
 
 __all__ = ["Calibration", "synthesize_feeds", "load_feeds", "input_spec", "probe_inputs"]
 
 _DEFAULT_DIMS = {"batch": 4, "seq": 32, "spatial": 64}
 _MAX_ACTIVATION_SAMPLES = 1 << 16  # rows of an activation kept for its statistics
-# Weight of probability outputs (Softmax or Sigmoid, values in [0, 1]) in output_error.
-# Measured on third-party models with such outputs (text recognizer and detector, voice
-# activity, file type and orientation classifiers): at the default quality, weight 1 left the
-# recognizer at 0.956 and the voice detector at 0.934 top-1/decision agreement; 3 lifts them to
-# 0.976 and 0.978 within the 20% cap, and leaves embeddings and logits (MiniLM) as they were.
-PROBABILITY_WEIGHT = 3.0
+# A regression output's spread is measured over at least MIN_SAMPLES inputs, class scores'
+# margins and decisions over MIN_ROWS rows: more feeds are synthesized for them, up to
+# MAX_EXTRA_FEEDS, or MAX_EXTRA_LARGE when a feed holds more than LARGE_FEED bytes (images,
+# audio: every calibration run goes over all feeds). A count, not a time: the same model
+# always gets the same bits
+MIN_SAMPLES = 8
+MIN_ROWS = 64
+MAX_EXTRA_FEEDS = 15
+MAX_EXTRA_LARGE = 3
+LARGE_FEED = 1 << 20
 
 
 def _np_type(elem: int) -> np.dtype:
@@ -368,8 +376,11 @@ class Calibration:
     _feeds: list[dict[str, np.ndarray]]
     _reference: list[list[np.ndarray]]
     _outputs: list[str]
-    _weight: np.ndarray  # per output: PROBABILITY_WEIGHT for probability-like outputs, else 1
+    checks: list[OutputCheck]  # how each output (or column) is read, with its target
+    _weight: np.ndarray  # per check: target error unit / the check's error at its target
     _bf16: frozenset = frozenset()  # keys of bfloat16 weights: fed as float32, Cast in-graph
+    extra_feeds: int = 0  # feeds synthesized beyond the first, for regression outputs' spread
+    empty: list = dataclasses.field(default_factory=list)  # float outputs with no finite value
 
     def _feed(self, weights: Mapping[str, np.ndarray]) -> dict[str, np.ndarray]:
         return _weight_feed(weights, self._bf16)
@@ -377,13 +388,18 @@ class Calibration:
     @classmethod
     def build(cls, model: ModelProto, weights: Mapping[str, np.ndarray],
               feeds: Sequence[Mapping[str, np.ndarray]] | None = None,
-              why: list[str] | None = None) -> Calibration | None:
+              why: list[str] | None = None, *, quality: float | None = None,
+              more_feeds: Callable[[int], Mapping[str, np.ndarray]] | None = None,
+              ) -> Calibration | None:
         """Prepare; returns None when the model does not run on the inputs (and appends the
         reason to ``why``).
 
         ``weights`` maps slot keys of main-graph initializers to their values in storage
         dtype (bfloat16 as uint16 bits: fed as float32 and cast to bfloat16 in the graph, since
-        numpy has no bfloat16).
+        numpy has no bfloat16). ``quality``: the target of every output (None: each kind's
+        default, :data:`~p2u_onnx.output_metrics.DEFAULT_TARGETS`). ``more_feeds(i)`` makes
+        the i-th extra feed (synthesized inputs) when a regression output has fewer than
+        :data:`MIN_SAMPLES` values to measure its spread on.
         """
         def fail(reason: str) -> None:
             if why is not None:
@@ -438,6 +454,7 @@ class Calibration:
                 feeds = synthesize_feeds(model)
             except P2UError as e:
                 return fail(str(e))
+        feeds = list(feeds)
         try:
             so = ort.SessionOptions()
             so.log_severity_level = 4  # a failure is reported in a note, not on stderr
@@ -453,6 +470,33 @@ class Calibration:
                      if all(np.issubdtype(np.asarray(r[i]).dtype, np.floating) for r in runs)]
         if not float_out:
             return fail("the model has no float output to compare")
+        producer = {o: n for n in g.node for o in n.output}
+        batched = _batched_outputs(model, [outputs[i] for i in float_out])
+        added = 0
+
+        def read(runs: list) -> list[OutputCheck]:
+            return [c for j, i in enumerate(float_out) for c in checks_for(
+                outputs[i], j, [np.asarray(r[i], np.float64) for r in runs], producer,
+                batched[j]) if c.count]  # an empty output (no finite value) says nothing
+
+        checks = read(runs)
+        # a regression head's spread and class margins need several inputs: more synthesized
+        # feeds if few, fewer when feeds are large
+        size = sum(np.asarray(v).nbytes for v in feeds[0].values())
+        limit = MAX_EXTRA_LARGE if size > LARGE_FEED else MAX_EXTRA_FEEDS
+        while more_feeds is not None and added < limit and any(
+                c.kind == "regression" and c.count < MIN_SAMPLES or
+                c.kind in ("classes", "decisions") and c.sampled.size < MIN_ROWS
+                for c in checks):
+            try:
+                f = more_feeds(added + 1)
+                r = sess.run(fetch, {**f, **fed})
+            except Exception:  # noqa: BLE001 - keep what was measured
+                break
+            feeds.append(f)
+            runs.append(r)
+            added += 1
+            checks = read(runs)
         importance = {}
         for key, (aname, op, c) in acts.items():
             idx = fetch.index(aname)
@@ -461,31 +505,73 @@ class Calibration:
             if imp is not None:
                 importance[key] = imp
         reference = [[np.asarray(r[i], np.float64) for i in float_out] for r in runs]
-        producer = {o: n for n in g.node for o in n.output}
-        weight = np.array([
-            PROBABILITY_WEIGHT if _made_by_squashing(producer, outputs[i]) and
-            _probability_like([r[j] for r in reference]) else 1.0
-            for j, i in enumerate(float_out)])
-        return cls(importance, names, sess, fed, list(feeds), reference,
-                   [outputs[i] for i in float_out], weight, bf16)
+        if not checks:
+            return fail("no output has a finite value on them")
+        empty = [outputs[i] for j, i in enumerate(float_out)
+                 if not any(c.index == j for c in checks)]
+        unit = 2 * (1 - (quality if quality is not None else DEFAULT_QUALITY))
+        # a recurrent state passed back (an output shaped as a float input: LSTM h and c) is
+        # read through the next call's task outputs: held to the agreement target, not 0.995
+        shapes = {np.asarray(v).shape for v in feeds[0].values()
+                  if np.asarray(v).dtype.kind == "f" and np.ndim(v) >= 2}
+        for c in checks:
+            c.target = quality if quality is not None else DEFAULT_TARGETS[c.kind]
+            if quality is None and c.kind == "cosine" and c.column is None and \
+                    np.shape(runs[0][float_out[c.index]]) in shapes:
+                c.target = DEFAULT_QUALITY
+        cos_target = quality if quality is not None else DEFAULT_TARGETS["cosine"]
+        weight = np.array([unit / target_error(c, c.target, cos_target) for c in checks])
+        return cls(importance, names, sess, fed, feeds, reference,
+                   [outputs[i] for i in float_out], checks, weight, bf16, added, empty)
 
-    def output_error(self, overrides: Mapping[str, np.ndarray]) -> float:
-        """Relative squared error of the float outputs with ``overrides`` in place: the worst
-        output's, so a small output that matters (a probability beside large recurrent states)
-        is not drowned out by the others."""
-        num = np.zeros(len(self._outputs))
-        den = np.zeros(len(self._outputs))
-        for feed, ref in zip(self._feeds, self._reference):
-            got = self._session.run(self._outputs,
-                                    {**feed, **self._weights, **self._feed(overrides)})
-            for i, (g, r) in enumerate(zip(got, ref)):
-                g = np.asarray(g, np.float64)
+    def _run(self, overrides: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:
+        return [[np.asarray(v, np.float64) for v in self._session.run(
+            self._outputs, {**feed, **self._weights, **self._feed(overrides)})]
+            for feed in self._feeds]
+
+    def output_errors(self, overrides: Mapping[str, np.ndarray],
+                      runs: list[list[np.ndarray]] | None = None) -> np.ndarray:
+        """Normalized squared error of each check (:class:`OutputCheck`) with ``overrides``
+        in place (a non-finite value where the original is finite counts as a large error)."""
+        runs = self._run(overrides) if runs is None else runs
+        num = np.zeros(len(self.checks))
+        for got, ref in zip(runs, self._reference):
+            for i, c in enumerate(self.checks):
+                g, r = c.part(got[c.index]), c.part(ref[c.index])
                 fin = np.isfinite(r)
                 diff = np.where(fin & np.isfinite(g), g - r, np.where(fin, np.abs(r) + 1, 0))
                 num[i] += float(np.sum(diff * diff))
-                den[i] += float(np.sum(np.where(fin, r * r, 0)))
-        ratios = self._weight * num / np.where(den > 0, den, 1)
-        return float(ratios.max()) if len(ratios) else 0.0
+        return num / np.array([c.den for c in self.checks])
+
+    def output_error(self, overrides: Mapping[str, np.ndarray]) -> float:
+        """The worst check's error with ``overrides`` in place, weighted so that the target
+        error unit (``2 * (1 - quality)``) is where it just reaches its target: a small output
+        that matters (a probability beside large recurrent states) is not drowned out."""
+        errs = self._weight * self.output_errors(overrides)
+        return float(errs.max()) if len(errs) else 0.0
+
+    def estimate(self, errors: Sequence[float]) -> list[float]:
+        """Each check's estimated quality for its (normalized) errors."""
+        return [c.quality(e) for c, e in zip(self.checks, errors)]
+
+    def measure(self, overrides: Mapping[str, np.ndarray]) -> tuple[list[float], np.ndarray]:
+        """Each check's quality, measured on the calibration inputs with ``overrides`` in
+        place, and its normalized squared error."""
+        runs = self._run(overrides)
+        measured = [c.measure([r[c.index] for r in self._reference], [g[c.index] for g in runs])
+                    for c in self.checks]
+        return measured, self.output_errors(overrides, runs)
+
+
+def _batched_outputs(model: ModelProto, names: Sequence[str]) -> list[bool]:
+    """Per output: whether its first dimension is symbolic (runs over the inputs' batch)."""
+    declared = {o.name: o for o in model.graph.output}
+    out = []
+    for n in names:
+        o = declared.get(n)
+        dims = list(o.type.tensor_type.shape.dim) if o is not None else []
+        out.append(bool(dims) and not (dims[0].HasField("dim_value") and dims[0].dim_value > 0))
+    return out
 
 
 def _bf16_input(name: str) -> str:
@@ -502,38 +588,6 @@ def _weight_feed(weights: Mapping[str, np.ndarray], bf16: frozenset) -> dict[str
         else:
             out[k] = v
     return out
-
-
-_SQUASHING = {"Softmax", "Sigmoid", "HardSigmoid"}
-_SHAPE_ONLY = {"Reshape", "Transpose", "Squeeze", "Unsqueeze", "Flatten", "Identity", "Slice",
-               "Gather", "Concat", "Split", "Cast", "Expand", "Tile"}
-
-
-def _made_by_squashing(producer: Mapping[str, NodeProto], name: str) -> bool:
-    """Whether ``name`` comes from a Softmax or Sigmoid (or exp(x) / sum), through shape-only ops
-    (first input); ``producer`` maps each value name to the node that makes it."""
-    for _ in range(64):
-        node = producer.get(name)
-        if node is None:
-            return False
-        if node.op_type in _SQUASHING:
-            return True
-        if node.op_type == "Div" and getattr(producer.get(node.input[0]), "op_type", "") == "Exp":
-            return True  # a softmax written out as exp(x) / sum(exp(x)) (JAX, TF exports)
-        if node.op_type not in _SHAPE_ONLY or not node.input:
-            return False
-        name = node.input[0]
-    return False
-
-
-def _probability_like(values: list[np.ndarray]) -> bool:
-    """Every value finite and in [0, 1], and not all equal (a probability, a mask)."""
-    finite = [v for v in values if v.size]
-    if not finite or not all(np.all(np.isfinite(v)) for v in finite):
-        return False
-    lo = min(float(v.min()) for v in finite)
-    hi = max(float(v.max()) for v in finite)
-    return 0.0 <= lo < hi <= 1.0
 
 
 def _channel_power(values: list[np.ndarray], op: str) -> np.ndarray:

@@ -87,10 +87,14 @@ def _quiet_onnxruntime(severity: int = 4) -> None:
                    "weight counted at 4 bytes, so fp16, bf16 and fp64 models get the bits per "
                    "weight of their fp32 twin; e.g. 0.15) or bits per coded weight (e.g. 4.5), "
                    "spent where it lowers the output error most [default: 0.135, raised up to "
-                   "--cap while the estimated quality is below 0.985 or below the plain base's].")
+                   "--cap while an output's estimated quality is below its target (0.985 "
+                   "top-1/decision agreement, 0.995 cosine) or below the plain base's].")
 @click.option("--quality", type=float, default=None,
-              help="Smallest base whose estimated output cosine reaches this (e.g. 0.99); "
-                   "exits non-zero when it cannot within --cap (see --allow-below).")
+              help="Smallest base whose every output reaches this estimated quality, as its "
+                   "task reads it (top-1 agreement of class scores, decision agreement of "
+                   "probabilities, share of scores within 0.2 of their spread, cosine of the "
+                   "rest; e.g. 0.99); exits non-zero when it cannot within --cap (see "
+                   "--allow-below).")
 @click.option("--cap", type=float, default=0.20, show_default=True,
               help="Largest base, as a share of the fp32-equivalent weight bytes. Never below "
                    "the plain base: when the plain base is larger, it is used and a warning "
@@ -233,8 +237,15 @@ def inspect(package, as_json, tensors) -> None:
     alloc = info.get("allocation")
     if alloc:
         click.echo(f"base bits chosen {'with' if alloc['calibrated'] else 'without'} "
-                   f"calibration; estimated base quality (output cosine) "
-                   f"{alloc['est_quality']:.4f}")
+                   f"calibration; estimated base quality {alloc['est_quality']:.4f} "
+                   f"(target {alloc.get('target_quality', 0.985):.4f})")
+        outputs = alloc.get("outputs")
+        for o in outputs if isinstance(outputs, list) else []:  # as each task reads it
+            if isinstance(o, dict) and all(isinstance(o.get(k), (int, float)) for k in (
+                    "est", "measured", "target")):
+                click.echo(f"  {str(o.get('output'))[:200]}: {str(o.get('metric'))[:80]} "
+                           f"{o['est']:.4f} estimated, {o['measured']:.4f} measured on the "
+                           f"calibration inputs (target {o['target']:.4f})")
     for note in info.get("notes", []):
         click.echo(f"warning: {note}")
     if tensors:

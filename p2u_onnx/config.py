@@ -10,7 +10,7 @@ from .errors import PlanError
 __all__ = ["Plan", "QuantConfig", "BitBudget", "LOSSLESS"]
 
 LOSSLESS = "lossless"
-DEFAULT_QUALITY = 0.985  # estimated output cosine a default base reaches (when it can)
+DEFAULT_QUALITY = 0.985  # estimated quality a default base reaches (when it can; see output_metrics)
 Granularity = Literal["block", "channel", "tensor"]
 
 
@@ -106,7 +106,10 @@ class BitBudget:
     bytes (every float weight counted at 4 bytes), so an fp16, bf16 or fp64 model gets the bits
     per weight its fp32 twin gets.
 
-    ``quality``: estimated cosine between base and original outputs that the base must reach;
+    ``quality``: estimated quality every output of the base must reach, as its task reads it
+    (:mod:`p2u_onnx.output_metrics`: top-1 agreement of class scores, decision agreement of
+    probabilities and masks, share of a regression's values within 0.2 of its spread, cosine
+    of embeddings and other outputs; left at None: 0.985, and 0.995 for cosines);
     when the budget does not get there, more is spent, up to ``cap``. With ``budget=None`` the
     base is the smallest that reaches ``quality``. Left at None, the target is
     :data:`DEFAULT_QUALITY` and no worse than the plain base (every tensor at the plan's base
@@ -154,10 +157,12 @@ class BitBudget:
 
     @property
     def target_quality(self) -> float:
-        """The estimated output cosine aimed at: ``quality``, or :data:`DEFAULT_QUALITY`."""
+        """The estimated quality aimed at: ``quality``, or :data:`DEFAULT_QUALITY` (on this
+        scale every output just reaches its own target; see :mod:`p2u_onnx.calibrate`)."""
         return DEFAULT_QUALITY if self.quality is None else self.quality
 
     @property
     def max_error(self) -> float:
-        """Relative squared output error matching the target (cosine ~ 1 - error / 2)."""
+        """The allocation's error unit matching the target (quality ~ 1 - error / 2): each
+        output's error is weighed so that this is where it reaches its own target."""
         return 2 * (1 - self.target_quality)

@@ -812,11 +812,13 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
         manifest["allocation"] = {
             "calibrated": bitplan.calibrated, "budget": dataclasses.asdict(budget),
             "est_error": bitplan.allocation.error,
-            "est_quality": max(-1.0, 1 - bitplan.allocation.error / 2),
+            "est_quality": bitplan.est_quality,
             "est_bytes": bitplan.allocation.nbytes,
             "target_quality": budget.target_quality,
             "plain_est_quality": max(-1.0, 1 - (bitplan.allocation.plain_error or 0.0) / 2),
         }
+        if bitplan.outputs:  # each output as its task reads it: metric, target, est., measured
+            manifest["allocation"]["outputs"] = bitplan.outputs
     # Every stage header names this manifest (all but stages, probe, notes): set every other
     # key above. The stage files are written (hashed, copied, synced) on threads.
     binding = manifest_binding(manifest)

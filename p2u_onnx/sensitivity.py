@@ -13,6 +13,7 @@ on the wire and its effect on the outputs, then :func:`~p2u_onnx.allocate.alloca
 from __future__ import annotations
 
 import dataclasses
+import math
 from collections.abc import Sequence
 from typing import Any
 
@@ -52,6 +53,19 @@ class BitPlan:
     # keyword arguments for probe.record_probe: the inputs calibration used (spec, feeds)
     probe_inputs: dict[str, Any] = dataclasses.field(default_factory=dict)
     fixed_bytes: float = 0.0  # estimated bytes of the base besides the coded weights
+    # per output (or column) read by its task: metric, target, estimated and measured quality
+    outputs: list[dict[str, Any]] = dataclasses.field(default_factory=list)
+    measured_error: float | None = None  # the whole base's error on the calibration inputs
+
+    @property
+    def est_quality(self) -> float | None:
+        """Estimated quality on the target's scale (``1 - error / 2``: it reaches the target
+        exactly when every output reaches its own): measured on the whole base when
+        calibrated, else the allocation's sum."""
+        if self.allocation is None:
+            return None
+        err = self.measured_error if self.measured_error is not None else self.allocation.error
+        return _quality(err)
 
 
 def candidates(plan: Plan) -> list[int]:
@@ -66,12 +80,12 @@ def _sample(blocks: np.ndarray, rng: np.random.Generator) -> np.ndarray:
 
 
 def _reconstruct(blocks: np.ndarray, info, config: QuantConfig, clip: bool,
-                 importance: np.ndarray | None) -> np.ndarray:
-    """The base at REFERENCE_BITS of a whole tensor's blocks, quantized in chunks (memory)."""
+                 importance: np.ndarray | None, bits: int = REFERENCE_BITS) -> np.ndarray:
+    """The base at ``bits`` of a whole tensor's blocks, quantized in chunks (memory)."""
     out = np.empty(blocks.shape, info.storage)
     step = max(1, (1 << 18) // max(blocks.shape[1], 1))
     for i in range(0, len(blocks), step):
-        q = qz.quantize_base(blocks[i:i + step], REFERENCE_BITS, info, symmetric=config.symmetric,
+        q = qz.quantize_base(blocks[i:i + step], bits, info, symmetric=config.symmetric,
                              clip_search=clip,
                              importance=None if importance is None else importance[i:i + step])
         out[i:i + step] = base_blocks(q, info)
@@ -115,15 +129,20 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
             if budget.calib:
                 raise  # the user's file: a one-line error, not a silent skip
             feeds, why = None, [str(e)]
+        more = None if budget.calib else (
+            lambda i: synthesize_feeds(model, seed=100 * i, shapes=budget.shapes)[0])
         if feeds is not None and weights:
-            calib = Calibration.build(model, weights, feeds, why)
+            calib = Calibration.build(model, weights, feeds, why, quality=budget.quality,
+                                      more_feeds=more)
             # images of a size the graph analysis missed: 224 once (the probe, one image at a
             # time, also tries larger ones)
             for size in () if budget.calib or calib is not None else RETRY_SPATIAL[:1]:
                 if not has_open_images(model, budget.shapes):
                     break
                 calib = Calibration.build(model, weights, synthesize_feeds(
-                    model, shapes=budget.shapes, spatial=size), why)
+                    model, shapes=budget.shapes, spatial=size), why, quality=budget.quality,
+                    more_feeds=lambda i, size=size: synthesize_feeds(
+                        model, seed=100 * i, shapes=budget.shapes, spatial=size)[0])
                 if calib is not None:
                     why.clear()
                     notes.append(f"calibration ran on {size}x{size} images (the size the "
@@ -137,10 +156,14 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
         if calib is None:
             src = "on the given inputs" if budget.calib else "on synthesized inputs"
             hint = "" if budget.calib else " (--shape or --inputs give it inputs that work)"
+            why = list(dict.fromkeys(why))  # the same failure at two sizes: said once
             notes.append(f"calibration skipped {src}: {'; '.join(why) or 'the model fails'}; "
-                         f"bits chosen from weight errors alone{hint}")
+                         f"bits chosen from weight errors alone, the base's quality is not "
+                         f"estimated{hint}; check it with `p2u eval PKG --model MODEL "
+                         "--inputs real.npz`")
     rng = np.random.default_rng(0)
     costs, gains, clip = [], {}, {}
+    check_gains: dict[str, np.ndarray] = {}  # per tensor: each output check's error per weight error
     per_tensor = {}
     for s in selected:
         key, layout = s.slot.key, s.layout
@@ -150,14 +173,15 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
         imp = calib.importance.get(key) if calib else None
         imp_blocks = None if imp is None else \
             layout.to_blocks(np.broadcast_to(imp, layout.shape).astype(np.float32))
-        measured = {}
+        measured, vectors = {}, {}
         if calib is not None and key in calib.measurable:
             # the output decides whether clipping outliers helps this tensor (it lowers the
             # weights' squared error, but some models depend on their largest weights)
             for c in ((True, False) if config.clip_search else (False,)):
                 recon = _reconstruct(blocks, info, config, c, imp_blocks)
                 ref_w = layout.from_blocks(recon).astype(w.dtype, copy=False)
-                measured[c] = calib.output_error({key: ref_w})
+                vectors[c] = calib.output_errors({key: ref_w})
+                measured[c] = float(np.max(calib._weight * vectors[c], initial=0.0))
                 del recon, ref_w
             clip[key] = min(measured, key=measured.get)
         else:
@@ -183,6 +207,7 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
             at_ref = rel[candidates(plan).index(REFERENCE_BITS)]
             if at_ref > 0:
                 gains[key] = measured[clip[key]] / at_ref
+                check_gains[key] = vectors[clip[key]] / at_ref
     default_gain = float(np.median(list(gains.values()))) if gains else 1.0 / max(len(selected), 1)
     for s in selected:
         key = s.slot.key
@@ -204,9 +229,85 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
     alloc = allocate_from_default(costs, default, budget=spend, max_error=budget.max_error,
                                   cap=cap, no_worse=budget.quality is None,
                                   margin=1 - CAP_MARGIN)
-    notes += _allocation_notes(alloc, plan, budget, total, fixed_bytes, cap)
+    outputs: list[dict[str, Any]] = []
+    measured_error = None
+    if calib is not None and calib.checks:
+        # The estimate adds up each tensor's effect measured alone; check it on the whole base
+        # (every measurable tensor at its bits) and buy more bits where it says so
+        max_error = budget.max_error
+        for attempt in range(MEASURE_ROUNDS):
+            quality, errors = _measure(calib, selected, arrays, alloc.bits, clip, config)
+            measured_error = float(np.max(calib._weight * errors, initial=0.0))
+            outputs = _output_report(calib, errors, quality)
+            target = min(max_error, alloc.plain_error) if budget.quality is None and \
+                alloc.plain_error is not None else max_error
+            if measured_error <= max(target, alloc.error) * 1.05 or \
+                    attempt == MEASURE_ROUNDS - 1 or alloc.error <= 0:
+                break
+            # the tensors together do worse than their sum said: aim lower, in proportion
+            max_error = max_error * alloc.error / measured_error
+            again = allocate_from_default(costs, default, budget=spend, max_error=max_error,
+                                          cap=cap, no_worse=budget.quality is None,
+                                          margin=1 - CAP_MARGIN)
+            if again.bits == alloc.bits:
+                break
+            alloc = again
+    notes += _allocation_notes(alloc, plan, budget, total, fixed_bytes, cap,
+                               measured_error=measured_error, outputs=outputs)
+    # a base that needed more than the budget, or misses its target, is fragile: then say when
+    # the estimate cannot be trusted (not on every model: a warning everywhere is none)
+    # (more than the budget and than the plain base: a small model's fixed costs are not it)
+    fragile = _quality(measured_error if measured_error is not None else alloc.error) < \
+        budget.target_quality or (spend is not None and alloc.nbytes > 1.02 * max(
+            spend, alloc.plain_nbytes or 0.0))
+    if calib is not None and not budget.calib:
+        notes += _synthetic_notes(model, budget, calib, outputs, fragile)
     return BitPlan(alloc.bits, calib.importance if calib else {}, alloc.errors, alloc,
-                   calib is not None, notes, clip, fixed_bytes=fixed_bytes)
+                   calib is not None, notes, clip, fixed_bytes=fixed_bytes,
+                   outputs=outputs, measured_error=measured_error)
+
+
+MEASURE_ROUNDS = 3  # measurements of the whole base, and re-allocations between them
+
+
+def _measure(calib: Calibration, selected: Sequence[Any], arrays: dict[str, np.ndarray],
+             bits: dict[str, int], clip: dict[str, bool], config: QuantConfig
+             ) -> tuple[list[float], np.ndarray]:
+    """Each output check's quality and normalized error, measured on the calibration inputs
+    with every measurable tensor at its ``bits`` (quantized as the base will be)."""
+    overrides = {}
+    for s in selected:
+        key = s.slot.key
+        if key not in calib.measurable or key not in bits:
+            continue
+        info, layout, w = dtype_info(s.slot.tensor.data_type), s.layout, arrays[key]
+        blocks = np.asarray(layout.to_blocks(info.to_compute(w)), np.float32)
+        imp = calib.importance.get(key)
+        imp_blocks = None if imp is None else \
+            layout.to_blocks(np.broadcast_to(imp, layout.shape).astype(np.float32))
+        recon = _reconstruct(blocks, info, config, clip.get(key, config.clip_search),
+                             imp_blocks, bits[key])
+        overrides[key] = layout.from_blocks(recon).astype(w.dtype, copy=False)
+        del blocks, recon
+    return calib.measure(overrides)
+
+
+def _output_report(calib: Calibration, errors: np.ndarray,
+                   measured: list[float]) -> list[dict[str, Any]]:
+    """Per output check: what is read, its target, estimated and measured quality."""
+    from .output_metrics import KIND_METRIC
+
+    est = calib.estimate(errors)
+    # the allocation also holds every output to an output cosine (output_metrics.target_error)
+    cos = [max(-1.0, 1.0 - float(err) * c.den / max(c.sumsq, 1e-300) / 2) for c, err in
+           zip(calib.checks, errors)]
+    return [{"output": c.label, "kind": c.kind, "metric": KIND_METRIC[c.kind],
+             "target": round(float(c.target), 6), "est": round(float(e), 6),
+             **({"cosine": round(k, 6)} if c.kind != "cosine" else {}),
+             "measured": round(float(m), 6), "values": int(c.count),
+             **({"rows": int(c.sampled.size)} if c.kind == "classes" else {}),
+             **({"flat": True} if c.flat else {})}
+            for c, e, m, k in zip(calib.checks, est, measured, cos)]
 
 
 def _quality(error: float) -> float:
@@ -214,13 +315,31 @@ def _quality(error: float) -> float:
     return max(-1.0, 1.0 - error / 2)
 
 
+def _worst_outputs(outputs: list[dict[str, Any]], limit: int = 3) -> str:
+    """The outputs below their target, worst first, as ``metric of name est (target t)``."""
+    low = sorted((o for o in outputs if min(o["est"], o["measured"]) < o["target"]),
+                 key=lambda o: min(o["est"], o["measured"]) - o["target"])
+    parts = [f"{o['metric']} of {o['output']} {o['est']:.4f} estimated, {o['measured']:.4f} "
+             f"measured (target {o['target']:.4f})" for o in low[:limit]]
+    if not parts:  # the output cosine every output is also held to
+        cos = sorted((o for o in outputs if "cosine" in o), key=lambda o: o["cosine"])
+        parts = [f"output cosine of {o['output']} {o['cosine']:.4f}" for o in cos[:1]]
+    if len(low) > limit:
+        parts.append(f"{len(low) - limit} more")
+    return "; ".join(parts)
+
+
 def _allocation_notes(alloc: Allocation, plan: Plan, budget: BitBudget, total: float,
-                      fixed: float, cap: float) -> list[str]:
+                      fixed: float, cap: float, *, measured_error: float | None = None,
+                      outputs: list[dict[str, Any]] | None = None) -> list[str]:
     """Warnings about the allocation (a missed target, a cap that had to give way); raises
-    :class:`PlanError` when ``budget.strict`` and the quality target is missed."""
+    :class:`PlanError` when ``budget.strict`` and the quality target is missed.
+    ``measured_error``: the whole base's error on the calibration inputs (replaces the
+    allocation's estimate); ``outputs``: the per-output report, to name the outputs that miss."""
     notes = []
     total = max(total, 1.0)
-    q, target = _quality(alloc.error), budget.target_quality
+    err = measured_error if measured_error is not None else alloc.error
+    q, target = _quality(err), budget.target_quality
     share = (alloc.nbytes + fixed) / total
     if alloc.floored and alloc.nbytes > cap:
         notes.append(
@@ -232,14 +351,92 @@ def _allocation_notes(alloc: Allocation, plan: Plan, budget: BitBudget, total: f
             f"the base is plain {plan.base_bits}-bit at about {share:.1%} of the "
             f"fp32-equivalent bytes, above the {budget.cap:.0%} cap")
     if q < target:
-        best = _quality(alloc.best_error or 0.0)
+        best = max(_quality(alloc.best_error or 0.0), q)  # (the estimate of 8 bits is a sum)
         best_share = ((alloc.best_nbytes or 0.0) + fixed) / total
+        which = _worst_outputs(outputs or [])
         msg = (f"estimated base quality {q:.4f} is below the target {target:.4f} "
                f"({'--quality' if budget.quality is not None else 'default'}) within the "
                f"{budget.cap:.0%} cap; best reachable {best:.4f} at about {best_share:.1%} "
-               "(every tensor at 8 bits)")
+               "(every tensor at 8 bits)" + (f"; below target: {which}" if which else ""))
         if budget.strict:
             raise PlanError(f"{msg}: raise --cap (cap=), lower --quality (quality=), or pass "
                             "--allow-below (strict=False)")
         notes.append(msg)
+    else:
+        # the estimate meets the target, the task's own metric on the same inputs does not
+        # (beyond what the number of values measured can tell apart)
+        low = [o for o in outputs or [] if not o.get("flat") and o["measured"] < o["target"]
+               - 2 * math.sqrt(o["target"] * (1 - o["target"]) / max(o.get("rows", o["values"]), 1))]
+        if low:
+            notes.append("the estimate meets the target but the base measures below it on the "
+                         "calibration inputs: " + "; ".join(
+                             f"{o['metric']} of {o['output']} {o['measured']:.4f} (target "
+                             f"{o['target']:.4f})" for o in low[:3]))
     return notes
+
+
+def _synthetic_notes(model: ModelProto, budget: BitBudget, calib: Calibration,
+                     outputs: list[dict[str, Any]], fragile: bool = True) -> list[str]:
+    """A warning when the estimate rests on synthesized inputs that cannot stand in for real
+    ones: float inputs (images, audio, features) with sizes the graph does not fix, or outputs
+    they do not exercise (``flat`` checks: a regression that barely varies, probabilities far
+    from every threshold, class scores without a clear winner), whose real sensitivity the
+    estimate cannot see. Guessed sizes and outputs with no finite value always warn; outputs
+    not exercised only on a ``fragile`` base; random float inputs alone never (most models
+    are fine)."""
+    reasons = []
+    guessed = _guessed_inputs(model, budget)
+    if guessed:
+        reasons.append("input " + ", ".join(guessed) + " has sizes the model does not fix "
+                       "(guessed)")
+    init = {t.name for t in model.graph.initializer}
+    noise = [vi.name for vi in model.graph.input if vi.name not in init
+             and vi.type.tensor_type.elem_type in (1, 10, 11, 16)]
+    flat = [o["output"] for o in outputs if o.get("flat")]
+    if calib.empty:
+        reasons.append(f"output {', '.join(calib.empty[:4])} has no finite value on them (not "
+                       "estimated)")
+    elif not guessed and (not flat or not fragile):
+        # random floats alone are no reason (most such models are fine), nor outputs they do
+        # not exercise on a base that met its target within the budget
+        return []
+    if noise:
+        reasons.append(f"float input {', '.join(map(repr, noise[:4]))} (image, audio or "
+                       "features) is random noise there")
+    if flat:
+        reasons.append(f"output {', '.join(flat[:4])} is not exercised by them (a score that "
+                       "barely varies, probabilities far from any threshold, or class scores "
+                       "with no clear winner)")
+    if not reasons:
+        return []
+    hint = ("check the base on real inputs with `p2u eval PKG --model MODEL --inputs "
+            "real.npz`, or encode with --inputs real.npz" +
+            (" or --shape NAME=D1,D2,..." if guessed else ""))
+    return [f"the quality estimate comes from synthesized inputs that may not look like real "
+            f"ones: {'; '.join(reasons)}; {hint}"]
+
+
+def _guessed_inputs(model: ModelProto, budget: BitBudget) -> list[str]:
+    """Float inputs with a symbolic dimension besides the first that ``--shape`` does not
+    give, as ``name (shape used)``."""
+    from .calibrate import input_spec
+
+    given = dict(budget.shapes)
+    init = {t.name for t in model.graph.initializer}
+    names = []
+    for vi in model.graph.input:
+        tt = vi.type.tensor_type
+        if vi.name in init or vi.name in given or not vi.type.HasField("tensor_type"):
+            continue
+        if tt.elem_type not in (1, 10, 11, 16) or len(tt.shape.dim) < 2:
+            continue
+        if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in tt.shape.dim[1:]):
+            names.append(vi.name)
+    if not names:
+        return []
+    try:
+        spec = input_spec(model, budget.shapes, batch=4)
+    except P2UError:
+        spec = {}
+    return [f"{n!r} ({'x'.join(map(str, spec[n]['shape']))})" if n in spec else repr(n)
+            for n in names]

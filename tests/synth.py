@@ -136,3 +136,64 @@ def edge_model() -> onnx.ModelProto:
 def edge_feed(batch=3) -> dict[str, np.ndarray]:
     return {"x": weight((batch, 64), 1.0, rng=np.random.default_rng(7)),
             "flag": np.array(True)}
+
+
+def regressor(offset=3.0, spread=0.1, din=64, hidden=256, seed=7) -> onnx.ModelProto:
+    """A scalar regressor (one score per input, like a MOS predictor): a 3-layer MLP whose
+    output varies by about ``spread`` around ``offset``. The cosine of a batch of its scores
+    stays near 1 for errors as large as the spread."""
+    rng = np.random.default_rng(seed)
+    w3 = rng.standard_normal((hidden, 1))
+    inits = [numpy_helper.from_array(weight((din, hidden), 1 / np.sqrt(din), rng=rng), "W1"),
+             numpy_helper.from_array(weight((hidden, hidden), 1 / np.sqrt(hidden), rng=rng),
+                                     "W2"),
+             numpy_helper.from_array((w3 / np.sqrt(hidden)).astype(np.float32), "W3"),
+             numpy_helper.from_array(np.array([offset], np.float32), "b3")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "W2"], ["h2"]),
+             helper.make_node("Relu", ["h2"], ["a2"]),
+             helper.make_node("MatMul", ["a2", "W3"], ["s"]),
+             helper.make_node("Mul", ["s", "k"], ["s2"]),
+             helper.make_node("Add", ["s2", "b3"], ["y"])]
+    inits.append(numpy_helper.from_array(np.array([spread], np.float32), "k"))
+    return _model(nodes, [vi("x", shape=("N", din))], [vi("y", shape=("N", 1))], inits)
+
+
+def classifier(din=64, hidden=256, classes=10, seed=11) -> onnx.ModelProto:
+    """An MLP classifier ending in a Softmax over ``classes`` scores."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(weight((din, hidden), 1 / np.sqrt(din), rng=rng), "W1"),
+             numpy_helper.from_array(weight((hidden, hidden), 1 / np.sqrt(hidden), rng=rng),
+                                     "W2"),
+             numpy_helper.from_array(weight((hidden, classes), 4 / np.sqrt(hidden), rng=rng),
+                                     "W3")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "W2"], ["h2"]),
+             helper.make_node("Relu", ["h2"], ["a2"]),
+             helper.make_node("MatMul", ["a2", "W3"], ["z"]),
+             helper.make_node("Softmax", ["z"], ["p"], axis=-1)]
+    return _model(nodes, [vi("x", shape=("N", din))], [vi("p", shape=("N", classes))], inits)
+
+
+def detector(bias=0.0, din=64, hidden=256, frames=16, seed=13) -> onnx.ModelProto:
+    """Frame-wise speech-like probabilities: x (N, din) -> MLP -> Sigmoid(z + bias) -> p (N,).
+    A large negative ``bias`` puts every probability near 0 on random inputs (a voice detector
+    on noise), so that they never come near a decision threshold."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array(weight((din, hidden), 1 / np.sqrt(din), rng=rng), "W1"),
+             numpy_helper.from_array(weight((hidden, hidden), 1 / np.sqrt(hidden), rng=rng),
+                                     "W2"),
+             numpy_helper.from_array(weight((hidden, 1), 2 / np.sqrt(hidden), rng=rng), "W3"),
+             numpy_helper.from_array(np.array([bias], np.float32), "b3"),
+             numpy_helper.from_array(np.array([-1], np.int64), "flat")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Relu", ["h"], ["a"]),
+             helper.make_node("MatMul", ["a", "W2"], ["h2"]),
+             helper.make_node("Relu", ["h2"], ["a2"]),
+             helper.make_node("MatMul", ["a2", "W3"], ["z"]),
+             helper.make_node("Add", ["z", "b3"], ["zb"]),
+             helper.make_node("Sigmoid", ["zb"], ["s"]),
+             helper.make_node("Reshape", ["s", "flat"], ["p"])]
+    return _model(nodes, [vi("x", shape=("N", din))], [vi("p", shape=("N",))], inits)

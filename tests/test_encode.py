@@ -318,13 +318,13 @@ def test_restore_past_the_protobuf_limit_writes_external_data(tmp_path, monkeypa
     np.testing.assert_array_equal(run(str(out), {"x": x})[0], run(model, {"x": x})[0])
 
 
-def test_probability_outputs_weigh_more_in_the_error_estimate():
-    """Outputs made by a Softmax or Sigmoid (through shape-only ops), with values in [0, 1],
-    count PROBABILITY_WEIGHT times in output_error; a ReLU output that happens to lie in
-    [0, 1] does not."""
+def test_outputs_are_read_by_their_kind():
+    """Each output is read as its task reads it (p2u_onnx.output_metrics): a Softmax as class
+    scores, a Sigmoid as decisions, a small head per column, anything else by its cosine; a
+    ReLU output that happens to lie in [0, 1] is not a probability."""
     from onnx import helper
 
-    from p2u_onnx import calibrate
+    from p2u_onnx import calibrate, output_metrics
 
     def with_head(*nodes):
         m = synth.mlp()
@@ -336,22 +336,24 @@ def test_probability_outputs_weigh_more_in_the_error_estimate():
         "logits": synth.mlp(),
         "softmax": with_head(helper.make_node("Softmax", ["y"], ["s"], axis=-1),
                              helper.make_node("Identity", ["s"], ["p"])),
+        "sigmoid": with_head(helper.make_node("Sigmoid", ["y"], ["p"])),
         "small relu": with_head(helper.make_node("Sigmoid", ["y"], ["s"]),
                                 helper.make_node("Relu", ["s"], ["p"])),
+        "head": synth.mlp(dout=3),
     }
-    weights = {}
+    kinds = {}
     for name, m in models.items():
         w = {t.name: onnx.numpy_helper.to_array(t) for t in m.graph.initializer
              if t.name in ("W1", "W2")}
         cal = calibrate.Calibration.build(m, w)
         assert cal.output_error({"W2": w["W2"] * np.float32(1.05)}) > 0
-        weights[name] = cal._weight.tolist()
-    assert weights == {"logits": [1.0], "softmax": [calibrate.PROBABILITY_WEIGHT],
-                       "small relu": [1.0]}
-    assert calibrate._probability_like([np.array([0.1, 0.9]), np.array([0.0, 1.0])])
-    assert not calibrate._probability_like([np.array([0.5, 0.5])])      # constant
-    assert not calibrate._probability_like([np.array([-0.1, 0.5])])     # below 0
-    assert not calibrate._probability_like([np.array([0.2, np.nan])])   # not finite
+        kinds[name] = [c.kind for c in cal.checks]
+    assert kinds == {"logits": ["cosine"], "softmax": ["classes"], "sigmoid": ["decisions"],
+                     "small relu": ["cosine"], "head": ["regression"] * 3}
+    assert output_metrics._in_unit([np.array([0.1, 0.9]), np.array([0.0, 1.0])])
+    assert not output_metrics._in_unit([np.array([0.5, 0.5])])      # constant
+    assert not output_metrics._in_unit([np.array([-0.1, 0.5])])     # below 0
+    assert not output_metrics._in_unit([np.array([0.2, np.nan])])   # not finite
 
 
 def test_consumers_found_in_every_subgraph():
