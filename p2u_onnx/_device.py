@@ -44,7 +44,8 @@ DEVICE_MODULES = (
 # modules of the full distribution only (the encoder and what needs onnx, click or tqdm)
 FULL_ONLY = (
     "_cliutil", "allocate", "api", "base_speed", "calibrate", "cli", "cli_http", "demo",
-    "devserver", "encoder", "evaluation", "graph", "passes", "sensitivity", "updates",
+    "devserver", "encoder", "evaluation", "graph", "output_metrics", "passes", "sensitivity",
+    "updates",
     "zstd_reference",
 )
 
