@@ -45,8 +45,7 @@ DEVICE_MODULES = (
 FULL_ONLY = (
     "_cliutil", "allocate", "api", "base_speed", "calibrate", "cli", "cli_http", "demo",
     "devserver", "encoder", "evaluation", "graph", "output_metrics", "passes", "sensitivity",
-    "updates",
-    "zstd_reference",
+    "updates", "zstd_reference",
 )
 
 
