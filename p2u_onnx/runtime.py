@@ -59,6 +59,7 @@ those of sessions whose process died (killed, crashed, powered off).
 
 from __future__ import annotations
 
+import collections
 import concurrent.futures as cf
 import contextlib
 import ctypes
@@ -622,7 +623,10 @@ class _Live:
     directory: Path | None = None
     weights: _MappedWeights | _CopiedWeights | None = None  # inplace: the weight buffers
     values: list[Any] = field(default_factory=list)  # inplace: their OrtValues, kept alive
-    users: int = 0  # run() calls in flight
+    users: int = 0  # run() calls in flight (slow path)
+    # run() calls in flight on the fast path (ProgressiveSession.run): one item each, added
+    # and removed with deque's atomic append / pop, no lock
+    fast: collections.deque = field(default_factory=collections.deque)
 
 
 def _trim_heap() -> None:
@@ -784,6 +788,8 @@ class ProgressiveSession:
         self._closing = self._closed = False
         self._started = 0  # run() calls that entered a session so far
         self._turns = TurnLock()  # inferences (0) and decode jobs (1) take turns: _pace
+        self._fast = False  # run() may take the lock-free path (see run); set below
+        self._slow = 0  # _slow_runs in progress
         self._writeback = Writeback()  # work files go to disk as they are decoded
         try:
             _check_workdir(workdir, self._source)
@@ -818,6 +824,7 @@ class ProgressiveSession:
                                   " ".join(str(e).split())[:300]) from e
             raise
         self._live = _Live(session, 0)
+        self._fast = True
         if on_stage is not None:
             try:
                 on_stage(0)
@@ -829,7 +836,34 @@ class ProgressiveSession:
 
     def run(self, output_names: Sequence[str] | None, input_feed: dict[str, Any],
             run_options: ort.RunOptions | None = None) -> list[Any]:
-        """As ``InferenceSession.run``; the whole result comes from one stage."""
+        """As ``InferenceSession.run``; the whole result comes from one stage.
+
+        Fast path, while no stage is being applied and the session is open: the run registers
+        itself on the live session (an atomic ``deque.append``), then checks that the fast
+        path is still on and that session still live, and runs without any lock: a few
+        hundred nanoseconds instead of the three locks below (about 5 us, a quarter of a
+        small model's run). :meth:`apply` and :meth:`close` first turn the fast path off and
+        wait for the runs registered on it (:meth:`_slow_runs`); a run that finds it off, or
+        the session swapped, unregisters and takes the slow path. A registration is seen
+        either by that wait (which then waits for the run) or after the switch (and the run
+        goes the slow way): nothing changes under a fast-path run.
+        """
+        live = self._live
+        fast = live.fast
+        fast.append(None)
+        try:
+            if self._fast and self._live is live:
+                return live.session.run(output_names, input_feed, run_options)
+        finally:
+            fast.pop()
+            if self._watchers:
+                self._wake()
+        return self._run_slow(output_names, input_feed, run_options)
+
+    def _run_slow(self, output_names: Sequence[str] | None, input_feed: dict[str, Any],
+                  run_options: ort.RunOptions | None = None) -> list[Any]:
+        """:meth:`run` while a stage is applied: a reader of the writer lock (inplace
+        switches), a turn against decode jobs, counted on the live session (swaps)."""
         with self._rw.read(), self._turns.hold(0):
             live = self._enter()
             try:
@@ -878,7 +912,7 @@ class ProgressiveSession:
         patched model fails or the probe does not show the new stage. Either way the session
         keeps serving the stage it had.
         """
-        with self._apply_lock:
+        with self._apply_lock, self._slow_runs():
             self._check_open()
             k = self.stage + 1
             # a private copy, checked as it is written: the package's file is never mapped
@@ -987,7 +1021,7 @@ class ProgressiveSession:
             self._closing = True
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        with self._apply_lock, self._rw.write():
+        with self._apply_lock, self._slow_runs(), self._rw.write():
             with self._cond:
                 self._closed = True
             _release(self._live)
@@ -1026,6 +1060,32 @@ class ProgressiveSession:
             if self._watchers:
                 self._cond.notify_all()
             return live
+
+    @contextlib.contextmanager
+    def _slow_runs(self) -> Iterator[None]:
+        """Turn :meth:`run`'s lock-free path off and wait for the runs on it; inside, every
+        run takes the locks (turns with decode jobs, the writer lock, the swap's count). On
+        leaving, the fast path is on again unless the session is closing."""
+        with self._cond:
+            self._fast = False
+            self._slow += 1  # nested: on_stage may apply or close
+            live = self._live
+            self._watchers += 1
+            try:
+                while live.fast:
+                    self._cond.wait(0.05)
+            finally:
+                self._watchers -= 1
+        try:
+            yield
+        finally:
+            with self._cond:
+                self._slow -= 1
+                self._fast = not self._slow and not self._closing
+
+    def _wake(self) -> None:
+        with self._gate:
+            self._cond.notify_all()
 
     def _leave(self, live: _Live) -> None:
         with self._gate:
