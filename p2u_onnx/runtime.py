@@ -805,6 +805,7 @@ class ProgressiveSession:
         self._cleanup = weakref.finalize(self, _workdir.remove_tree, str(self._dir))
         try:
             base_onnx, self._base_bin = self._private_base()
+            self._base_onnx = base_onnx  # a format-3 skeleton graph is coded against it
             check_base_graph(base_onnx, self._manifest, os.path.getsize(self._base_bin))
             session = open_base_session(
                 base_onnx, _lean_base_options(sess_options)
@@ -982,7 +983,8 @@ class ProgressiveSession:
         memory. On a failure (a full disk) neither is left behind."""
         files = [self._dir / "graph.onnx", self._dir / "base.bin"]
         try:
-            graph = extract_file(sf, "graph.onnx", max_size=graph_size_limit(self._manifest))
+            graph = extract_file(sf, "graph.onnx", max_size=graph_size_limit(self._manifest),
+                                 ref=self._base_onnx.read_bytes())
             self._state.check_skeleton(graph)
             files[0].write_bytes(graph)
             _link_or_copy(self._base_bin, files[1])

@@ -416,7 +416,8 @@ def test_stale_inplace_is_caught_and_rolled_back(mlp_pkg, mlp_feed, mlp_refs, mo
 
 def test_probe_separates_stages(mlp_pkg):
     entry = load_manifest(mlp_pkg)["probe"]
-    probe = Probe(entry, (mlp_pkg / entry["path"]).read_bytes())
+    args = ort.InferenceSession(str(mlp_pkg / "base.onnx")).get_inputs()
+    probe = Probe(entry, (mlp_pkg / entry["path"]).read_bytes(), args)
     ok = lambda k: lambda names, feed: [probe.expected(k)[0]]
     probe.check(ok(3), 3)
     with pytest.raises(PatchError):
