@@ -424,7 +424,8 @@ class _TensorCoder:
         t, plan = p.slot.tensor, self.plan
         if p.sel is None:
             if len(p.raw) >= EXTERNALIZE_BYTES and not _typed_fields(t):
-                passes.set_external(t, "base.bin", self.bins.add(p.raw))
+                passes.set_external(t, "base.bin", self.bins.add(p.raw, _passthrough_kind(t,
+                                                                                      p.raw)))
             elif not _typed_fields(t) and p.raw and math.prod(t.dims) > 0:  # [] is a scalar
                 t.raw_data = p.raw  # (an empty tensor was hashed as its serialized self)
             return len(p.raw)
@@ -537,6 +538,25 @@ class _Done:
 
     def done(self) -> bool:
         return True
+
+
+SMALL_BYTES = 4 << 20  # base.bin's "bytes" stream up to this size is coded at zstd level 19
+PLANES_MAX = 1 << 20  # pass-through tensors up to this size may be sent as byte planes
+
+
+def _passthrough_kind(t: TensorProto, raw: bytes) -> str:
+    """Segment kind of a tensor sent as it is (not coded: 1-D, small, integer): ``"planes4"``
+    / ``"planes2"`` (its bytes split into byte planes, entropy-only zstd each) for 4- or 2-byte
+    elements when that is measurably smaller than ``"bytes"`` (zstd with matches): smooth
+    float tables and small integers (swift-f0's int32 tables 1.4 KB -> 0.7 KB), else
+    ``"bytes"``. Only up to :data:`PLANES_MAX` (both are measured)."""
+    width = {1: 4, 6: 4, 12: 4, 10: 2, 16: 2, 5: 2, 4: 2}.get(t.data_type)
+    if width is None or len(raw) > PLANES_MAX or len(raw) % width:
+        return "bytes"
+    a = np.frombuffer(raw, np.uint8).reshape(-1, width)
+    planes = sum(len(_zstd_entropy(np.ascontiguousarray(a[:, i]), 3)) for i in range(width))
+    plain = len(ZstdCodec(level=19).encode(raw))
+    return f"planes{width}" if planes < 0.95 * plain else "bytes"
 
 
 SPARSE_CODES = 0.5  # share of zero codes from which a tensor's base codes may go to "bytes"
@@ -775,7 +795,8 @@ def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctyp
     zstd = ZstdCodec(level=_graph_level(base_onnx))
     # Stage 0 on the wire: base.onnx and base.bin, compressed.
     w0 = StageWriter(tmp / stage_file_name(0), package_id, 0)
-    bin_codec = SegmentsCodec(level=SPARSE_LEVEL if coder.sparse_codes else 9,
+    small = sum(n for _, n, kind in coder.bins.segments if kind == "bytes") <= SMALL_BYTES
+    bin_codec = SegmentsCodec(level=SPARSE_LEVEL if coder.sparse_codes or small else 9,
                               segments=tuple(coder.bins.segments))
     for fname, data, codec in (("base.onnx", base_onnx, zstd),
                                ("base.bin", (tmp / "base.bin").read_bytes(), bin_codec)):
