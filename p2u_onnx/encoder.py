@@ -362,6 +362,7 @@ class _TensorCoder:
         self.fp32_bytes = 0  # every weight with floats at 4 bytes (what shares are shares of)
         self.digest = hashlib.sha256()
         self.grids = self.palettes = 0  # tensors coded exactly in the base (see palette.py)
+        self.as_is = 0  # selected tensors sent as they are (see _as_sent)
         self.sparse_codes = 0  # tensors whose base codes are mostly zeros (see _codes_kind)
 
     def digest_slot(self, slot, raw: bytes | None = None) -> bytes:
@@ -434,6 +435,11 @@ class _TensorCoder:
             p.futures = [_Done(f.result()) for f in p.futures]
             if _palette_bytes(p.palette) < _regular_bytes(p, self.ctypes[key], info):
                 return self._finish_palette(p, info)
+        if p.nbytes <= PLANES_MAX:
+            p.futures = [f if isinstance(f, _Done) else _Done(f.result()) for f in p.futures]
+            raw = _as_sent(p, info, self.ctypes[key])
+            if raw is not None:
+                return self._finish_as_is(p, raw)
         codes, scales, zps, abs_max = [], [], [], 0.0
         errs = [0.0] * len(plan.stages)
         for i, ((b0, b1), fut) in enumerate(zip(p.spans, p.futures)):
@@ -494,6 +500,18 @@ class _TensorCoder:
             self.progress(self.done, self.total)
         return nbytes
 
+
+    def _finish_as_is(self, p: _Pending, raw: bytes) -> int:
+        """Send a selected tensor as it is, exact in the base (see :func:`_as_sent`): like the
+        tensors never selected, it has no manifest entry and no stage carries anything for it."""
+        p.blocks = p.futures = None
+        passes.set_external(p.slot.tensor, "base.bin",
+                            self.bins.add(raw, _passthrough_kind(p.slot.tensor, raw)))
+        self.as_is += 1
+        self.done += p.nbytes
+        if self.progress:
+            self.progress(self.done, self.total)
+        return p.nbytes
 
     def _finish_palette(self, p: _Pending, info) -> int:
         """Write a palette tensor (exact in the base: no stage carries anything for it)."""
@@ -572,6 +590,31 @@ def _codes_kind(codes: np.ndarray, packed: bytes) -> str:
     plain = len(_zstd_entropy(np.frombuffer(packed, np.uint8), 3))
     runs = len(ZstdCodec(level=SPARSE_LEVEL).encode(packed))
     return "bytes" if runs <= 0.98 * plain else "symbols"
+
+
+AS_IS_GAIN = 0.8  # a tensor is sent as it is when that costs less than this share of its coding
+
+
+def _as_sent(p: _Pending, info, ctype: int) -> bytes | None:
+    """The bytes of ``p``'s tensor when sending it as it is (exact in the base, zstd -19 or
+    byte planes) costs less than :data:`AS_IS_GAIN` of its progressive coding over every
+    stage, else None. Structured tables (silero-vad's STFT basis: 196 KB coded, 60 KB as it
+    is) compress far better as they are than their residuals do. A zstd -3 estimate screens
+    out the usual full-entropy weights before zstd -19 is measured."""
+    regular = _regular_bytes(p, ctype, info)
+    raw = np.ascontiguousarray(p.sel.layout.from_blocks(p.blocks),
+                               info.storage.newbyteorder("<")).tobytes()
+    if len(ZstdCodec(level=3).encode(raw)) >= regular:
+        return None
+    t = p.slot.tensor
+    kind = _passthrough_kind(t, raw)
+    if kind == "bytes":
+        sent = len(ZstdCodec(level=19).encode(raw))
+    else:
+        width = int(kind[-1])
+        a = np.frombuffer(raw, np.uint8).reshape(-1, width)
+        sent = sum(len(_zstd_entropy(np.ascontiguousarray(a[:, i]), 3)) for i in range(width))
+    return raw if sent < AS_IS_GAIN * regular else None
 
 
 def _palette_bytes(palette) -> int:
@@ -727,7 +770,8 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     src_digest = coder.digest.hexdigest()
     exact = [f"{n} tensor(s) {what}" for n, what in (
         (coder.palettes, "with few distinct values coded as palettes"),
-        (coder.grids, "already on a uniform grid coded on their own steps")) if n]
+        (coder.grids, "already on a uniform grid coded on their own steps"),
+        (coder.as_is, "sent as they are (smaller than their progressive coding)")) if n]
     if exact:
         bitplan.notes.append(" and ".join(exact) + ": exact in the base")
     package_id = hashlib.sha256(
