@@ -363,6 +363,7 @@ class _TensorCoder:
         self.digest = hashlib.sha256()
         self.grids = self.palettes = 0  # tensors coded exactly in the base (see palette.py)
         self.as_is = 0  # selected tensors sent as they are (see _as_sent)
+        self.base_over_cap = False  # the planned base is over the cap already (_as_sent)
         self.sparse_codes = 0  # tensors whose base codes are mostly zeros (see _codes_kind)
 
     def digest_slot(self, slot, raw: bytes | None = None) -> bytes:
@@ -437,7 +438,7 @@ class _TensorCoder:
                 return self._finish_palette(p, info)
         if p.nbytes <= PLANES_MAX:
             p.futures = [f if isinstance(f, _Done) else _Done(f.result()) for f in p.futures]
-            raw = _as_sent(p, info, self.ctypes[key])
+            raw = _as_sent(p, info, self.ctypes[key], self.base_over_cap)
             if raw is not None:
                 return self._finish_as_is(p, raw)
         codes, scales, zps, abs_max = [], [], [], 0.0
@@ -592,16 +593,21 @@ def _codes_kind(codes: np.ndarray, packed: bytes) -> str:
     return "bytes" if runs <= 0.98 * plain else "symbols"
 
 
-AS_IS_GAIN = 0.8  # a tensor is sent as it is when that costs less than this share of its coding
+AS_IS_GAIN = 0.8  # a tensor may be sent as it is when that costs less than this share of its coding
 
 
-def _as_sent(p: _Pending, info, ctype: int) -> bytes | None:
+def _as_sent(p: _Pending, info, ctype: int, over_cap: bool = False) -> bytes | None:
     """The bytes of ``p``'s tensor when sending it as it is (exact in the base, zstd -19 or
     byte planes) costs less than :data:`AS_IS_GAIN` of its progressive coding over every
-    stage, else None. Structured tables (silero-vad's STFT basis: 196 KB coded, 60 KB as it
-    is) compress far better as they are than their residuals do. A zstd -3 estimate screens
-    out the usual full-entropy weights before zstd -19 is measured."""
+    stage and saves at least as many bytes as it adds to the base, else None. Structured
+    tables (silero-vad's STFT basis: 196 KB coded, 60 KB as it is, 38 KB of it in the base
+    before) compress far better as they are than their residuals do; a small dense weight
+    that saves 15% of the package by tripling its share of the base stays coded. A zstd -3
+    estimate screens out the usual full-entropy weights before zstd -19 is measured.
+    ``over_cap``: the planned base is over the size cap anyway (a model so small that the
+    tensors sent as they are and the graph exceed it, swift-f0): any saving is taken."""
     regular = _regular_bytes(p, ctype, info)
+    later = sum(len(x) for f in p.futures for x in f.result().payloads)  # stages 1..n
     raw = np.ascontiguousarray(p.sel.layout.from_blocks(p.blocks),
                                info.storage.newbyteorder("<")).tobytes()
     if len(ZstdCodec(level=3).encode(raw)) >= regular:
@@ -614,7 +620,9 @@ def _as_sent(p: _Pending, info, ctype: int) -> bytes | None:
         width = int(kind[-1])
         a = np.frombuffer(raw, np.uint8).reshape(-1, width)
         sent = sum(len(_zstd_entropy(np.ascontiguousarray(a[:, i]), 3)) for i in range(width))
-    return raw if sent < AS_IS_GAIN * regular else None
+    grows = sent - (regular - later)  # the base's own coding of it is regular - later
+    return raw if sent < AS_IS_GAIN * regular and (over_cap or regular - sent >= grows) \
+        else None
 
 
 def _palette_bytes(palette) -> int:
@@ -753,6 +761,8 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     with AtomicFile(tmp / "base.bin") as bf, ThreadPoolExecutor(workers()) as pool:
         coder = _TensorCoder(plan, config, ctypes, bitplan, _BinWriter(bf), writers, pool,
                              progress, total)
+        coder.base_over_cap = bitplan.allocation is not None and \
+            bitplan.allocation.nbytes + bitplan.fixed_bytes > budget.cap * fp32_equivalent_bytes(m)
         pending: deque = deque()
         in_flight = 0
         for slot in list(iter_slots(m)):
