@@ -627,7 +627,8 @@ def _with_header(raw: bytes, header: dict) -> bytes:
     head = json.dumps(header).encode()
     start = -(-(16 + len(head)) // 64) * 64
     head = head.ljust(start - 16, b" ")
-    return MAGIC + struct.pack("<II", header["format_version"], len(head)) + head + payload
+    version = struct.unpack_from("<I", raw, 8)[0]  # the prefix stays the file's
+    return MAGIC + struct.pack("<II", version, len(head)) + head + payload
 
 
 @_FUZZ

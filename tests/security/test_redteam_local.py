@@ -71,8 +71,8 @@ def raw_header(path: Path, header: dict) -> None:
             e["offset"] += start - (16 + hlen)
         head = json.dumps(header, separators=(",", ":")).encode()
     head = head.ljust(start - 16, b" ")
-    path.write_bytes(MAGIC + struct.pack("<II", header["format_version"], len(head)) + head
-                     + payload)
+    version = struct.unpack_from("<I", raw, 8)[0]  # the prefix stays the file's
+    path.write_bytes(MAGIC + struct.pack("<II", version, len(head)) + head + payload)
 
 
 def rebind(p: Path, base_onnx: bytes | None = None, base_bin: bytes | None = None) -> dict:
