@@ -868,8 +868,9 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
               zref: ZstdReference | None = None) -> dict[str, Any]:
     stage_err, stage_rel = coder.stage_err, coder.stage_rel
     tensors_meta, all_bytes = coder.tensors_meta, coder.all_bytes
-    fp32_bytes = sum(int(np.prod(s.shape)) * 4 for s in selected)
-    weight_bytes = total
+    # the tensors coded (not those sent as they are after all, see _as_sent)
+    fp32_bytes = sum(int(np.prod(t["shape"])) * 4 for t in tensors_meta)
+    weight_bytes = sum(t["weights"][1] for t in tensors_meta)
     stages: list[dict[str, Any]] = []  # filled once the stage files are written
     manifest = {
         "format": "p2u", "format_version": FORMAT_VERSION, "package_id": package_id,
@@ -877,7 +878,7 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
         "source": {"name": name, "weights_sha256": src_digest, "opset": opset0,
                    "weight_bytes": all_bytes, "fp32_equivalent_bytes": coder.fp32_bytes,
                    "coded_weight_bytes": weight_bytes, "coded_fp32_bytes": fp32_bytes,
-                   "coded_tensors": len(selected)},
+                   "coded_tensors": len(tensors_meta)},
         "plan": [str(s) for s in plan.stages],
         "config": dataclasses.asdict(config),
         "base_model": {"onnx": "base.onnx", "data": "base.bin",

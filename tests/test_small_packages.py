@@ -217,6 +217,8 @@ def test_structured_table_is_sent_as_it_is(tmp_path):
     res = p2u_onnx.encode(src, tmp_path / "s.p2u")
     pkg = tmp_path / "s.p2u"
     assert [t["name"] for t in res.manifest["tensors"]] == ["mix"]
+    assert res.manifest["source"]["coded_tensors"] == 1
+    assert res.manifest["source"]["coded_fp32_bytes"] == 4 * 128 * 258 * 3
     assert any("1 tensor(s) sent as they are" in n for n in res.warnings), res.warnings
     assert package_bytes(pkg) < zstd19, (package_bytes(pkg), zstd19)
     assert p2u_onnx.verify(pkg)["lossless_match"]
