@@ -809,7 +809,7 @@ def _graph_level(data: bytes) -> int:
 
 
 def _add_graph(writer: StageWriter, graph: bytes, base_onnx: bytes) -> None:
-    """Add the skeleton graph to stage 1, coded against ``base.onnx`` (format 3,
+    """Add the skeleton graph to stage 1, coded against ``base.onnx`` (format 4,
     ``zstd-ref``), which holds most of it (names, small tensors, attributes): a few hundred
     bytes where a second copy of the graph cost 20-50% of a small model's zstd -19 size.
     Plain zstd when that is smaller."""

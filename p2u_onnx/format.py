@@ -74,10 +74,11 @@ __all__ = [
 ]
 
 # 2: stage headers carry "manifest_binding" (see manifest_binding); version 1 is still read
-# 3: graph.onnx may be coded against base.onnx ("zstd-ref"), probe outputs may be stored as
+# 4: graph.onnx may be coded against base.onnx ("zstd-ref"), probe outputs may be stored as
 #    integers on a grid finer than their tolerance ("step"); versions 1 and 2 are still read
-FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+#    (3 is the update-package format of another branch: merged, READABLE_VERSIONS is 1-4)
+FORMAT_VERSION = 4
+READABLE_VERSIONS = (1, 2, 4)
 MAGIC = b"P2USTAGE"
 MANIFEST_NAME = "manifest.json"
 ALIGN = 64
@@ -823,7 +824,7 @@ def _probe_entry(c: _Checker, pr: dict, n_stages: int) -> None:
         c.hex64(pr["inputs_sha256"], "probe.inputs_sha256")
     for i, v in enumerate(c.list(pr.get("samples", []), "probe.samples", 4096)):
         c.int(v, f"probe.samples[{i}]")
-    if "step" in pr:  # format 3: outputs stored as integers on this grid (see p2u_onnx.probe)
+    if "step" in pr:  # format 4: outputs stored as integers on this grid (see p2u_onnx.probe)
         step = c.list(pr["step"], "probe.step", 4096)
         if len(step) != n_out or len(pr.get("samples", [])) != n_out:
             raise c.fail("probe.step", f"has {len(step)} values and probe.samples "
@@ -877,9 +878,9 @@ def validate_stage_header(header: Any, version: int = FORMAT_VERSION,
                 raise c.fail(f"{p}.location", f"is {_show(e['location'])}, not this stage "
                                               f"file ({stage_file_name(header['stage'])})")
         _codec(c, c.dict(c.get(e, "codec", p), f"{p}.codec"), f"{p}.codec")
-        if e["codec"]["id"] == "zstd-ref":  # format 3: the skeleton graph against base.onnx
-            if version < 3 or kind != "file" or e["name"] != "graph.onnx":
-                raise c.fail(f"{p}.codec", f"zstd-ref is for graph.onnx in format 3 or later, "
+        if e["codec"]["id"] == "zstd-ref":  # format 4: the skeleton graph against base.onnx
+            if version < 4 or kind != "file" or e["name"] != "graph.onnx":
+                raise c.fail(f"{p}.codec", f"zstd-ref is for graph.onnx in format 4 or later, "
                                            f"not for {_show(e['name'])} in format {version}")
             if c.get(e["codec"], "ref", f"{p}.codec") != "base.onnx":
                 raise c.fail(f"{p}.codec.ref", f"is {_show(e['codec']['ref'])}, not base.onnx")

@@ -10,9 +10,9 @@ seen between two onnxruntime configurations (optimizations on/off, thread counts
 the output's largest sampled magnitude ``)`` (4e-3 for float16 outputs), so a different CPU or
 thread count passes while weights from the wrong stage do not.
 
-``probe.npz`` holds ``input_<i>`` (the user's own inputs only since format 3; synthesized ones
+``probe.npz`` holds ``input_<i>`` (the user's own inputs only since format 4; synthesized ones
 are made again on the device, checked against ``inputs_sha256``) and the outputs: up to
-format 2 ``out_<stage>_<j>`` (float32), since format 3 one int32 array ``q`` (a row per
+format 2 ``out_<stage>_<j>`` (float32), since format 4 one int32 array ``q`` (a row per
 recorded stage, the outputs' samples side by side) of integers on a grid ``step[j]`` at most
 1/8 of output ``j``'s smallest tolerance: row 0 holds ``round(y / step)`` of stage 0, row
 ``k`` the difference from row ``k - 1`` (the stages' outputs converge, so later rows are small
@@ -54,7 +54,7 @@ MAX_SAMPLES = 4096  # values kept per output and stage
 MIN_SAMPLES = 64  # ... at least this many (or the whole output) when the probe is sized
 PROBE_SHARE = 0.01  # the probe's share of the package's stage bytes it is sized for ...
 PROBE_MIN_BYTES = 1024  # ... or this many bytes, whichever is more
-PROBE_GRID = 8  # stored outputs (format 3) on a grid this many times finer than a tolerance
+PROBE_GRID = 8  # stored outputs (format 4) on a grid this many times finer than a tolerance
 MAX_STORED_INPUT_BYTES = 4 << 20  # bigger inputs are synthesized again on the device
 STORED_SYNTH_INPUT_BYTES = 64 << 10  # format 2 stored synthesized inputs up to this; 3: none
 MAX_SYNTH_BYTES = 1 << 28  # ... up to this size (inputs declared bigger: no probe)
@@ -194,7 +194,7 @@ def _spec_shape(arg: ArgInfo, want: Mapping[str, Any]) -> tuple[int, ...]:
 
 def sample(values: np.ndarray, count: int | None = None) -> np.ndarray:
     """A fixed subsample of at most :data:`MAX_SAMPLES` values (float32), spread evenly;
-    with ``count``, ``count`` values spread evenly among those (a sized probe, format 3)."""
+    with ``count``, ``count`` values spread evenly among those (a sized probe, format 4)."""
     flat = np.asarray(values).reshape(-1)
     m = min(flat.size, MAX_SAMPLES)
     idx = np.arange(m, dtype=np.int64) * flat.size // max(m, 1)
@@ -234,7 +234,7 @@ class Probe:
         want = [f"out_{k}_{j}" for k in self.stages for j in range(len(self.outputs))]
         stored = [f"input_{i}" for i in range(len(entry["inputs"]))] \
             if entry.get("inputs_stored", True) else []
-        self.step: list[float] | None = entry.get("step")  # format 3: outputs on a grid
+        self.step: list[float] | None = entry.get("step")  # format 4: outputs on a grid
         self.counts: list[int] | None = entry.get("samples") if self.step else None
         where = str(entry.get("path", PROBE_NAME))
         arrays = load_npz(data, (["q"] if self.step else want) + stored, where)
@@ -289,7 +289,7 @@ class Probe:
 
 
 def _from_grid(q: np.ndarray, entry: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
-    """The recorded outputs (``out_<stage>_<j>``, float64) of a format-3 probe: ``q`` has a
+    """The recorded outputs (``out_<stage>_<j>``, float64) of a format-4 probe: ``q`` has a
     row per recorded stage (stage 0's integers, then differences) and the outputs' samples
     side by side; :class:`IntegrityError` unless its shape and type are what the entry says."""
     counts = [int(n) for n in entry["samples"]]
@@ -573,7 +573,7 @@ def _gaps(ys: list[list[np.ndarray]], tols: list[list[float]]) -> list[float]:
 def _sized_outputs(samples: list[list[np.ndarray]], tols: list[list[float]],
                    inputs: dict[str, np.ndarray], stage_bytes: int
                    ) -> tuple[list[int], list[float], np.ndarray, list[float]]:
-    """How the outputs are stored (format 3): (samples per output, grid step per output, the
+    """How the outputs are stored (format 4): (samples per output, grid step per output, the
     int32 array ``q``, the gaps between stages on those samples).
 
     The most samples (4096, 2048, ... down to :data:`MIN_SAMPLES` per output) whose probe

@@ -317,7 +317,7 @@ class WeightState:
         self._file: Path | None = None  # weights file of the current stage
         self._blocks: dict[str, np.ndarray] = {}  # values held in memory (block order)
         self.graph_bytes: bytes | None = None
-        #: ``base.onnx`` (a path or its bytes): what a format-3 skeleton graph is coded
+        #: ``base.onnx`` (a path or its bytes): what a format-4 skeleton graph is coded
         #: against (see :meth:`apply`); by default the file beside ``base_bin``. A wrong one
         #: only makes the graph fail its sha256 check (:class:`IntegrityError`)
         self.base_onnx: str | os.PathLike | bytes | None = None if self._base_path is None \
@@ -332,7 +332,7 @@ class WeightState:
         try:
             with open_regular(self.base_onnx) as f:
                 return f.read()
-        except FileNotFoundError:  # a format-3 graph then says what it lacks
+        except FileNotFoundError:  # a format-4 graph then says what it lacks
             return None
 
     @property
@@ -963,7 +963,7 @@ def extract_file(stage_file: StageFile, name: str, size: int | None = None,
     """Decompress the file entry ``name`` of a stage file and check its sha256.
 
     ``ref``: the bytes of ``base.onnx`` (checked against the manifest by the caller), which
-    a ``zstd-ref`` entry (format 3: the skeleton graph) is coded against.
+    a ``zstd-ref`` entry (format 4: the skeleton graph) is coded against.
 
     The entry's declared ``raw_length`` is checked before anything is decoded: it must be
     ``size`` when given (what the manifest lists), at most ``max_size`` when given, and at most

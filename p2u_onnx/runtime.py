@@ -805,7 +805,7 @@ class ProgressiveSession:
         self._cleanup = weakref.finalize(self, _workdir.remove_tree, str(self._dir))
         try:
             base_onnx, self._base_bin = self._private_base()
-            self._base_onnx = base_onnx  # a format-3 skeleton graph is coded against it
+            self._base_onnx = base_onnx  # a format-4 skeleton graph is coded against it
             check_base_graph(base_onnx, self._manifest, os.path.getsize(self._base_bin))
             session = open_base_session(
                 base_onnx, _lean_base_options(sess_options)

@@ -1,5 +1,5 @@
 """Small models: the whole package (probe included) against zstd -19 of the model file, the
-sized probe still catching stale upgrades, and format-3 pieces (graph coded against the base)."""
+sized probe still catching stale upgrades, and format-4 pieces (graph coded against the base)."""
 
 from __future__ import annotations
 

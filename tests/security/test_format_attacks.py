@@ -739,7 +739,7 @@ def test_probe_with_synthesized_inputs_still_checks_every_stage(tmp_path, monkey
     assert seen == [0, 1, 2]  # on_stage(0) from the constructor
     import io
 
-    with np.load(p / "probe.npz") as z:  # format 3: the outputs are one int32 array, q
+    with np.load(p / "probe.npz") as z:  # format 4: the outputs are one int32 array, q
         arrays = {k: z[k] for k in z.files}
     assert set(arrays) == {"q"} and arrays["q"].dtype == np.int32
     for bad, match in (({}, "no array 'q'"),
