@@ -82,6 +82,7 @@ def open_stages(package: str | os.PathLike, until: int | None = None, *,
     check_base_graph(package / "base.onnx", manifest, _base_size(manifest, "base.bin"),
                      str(package / "base.onnx"))
     state = WeightState(manifest, package / "base.bin")
+    state.base_onnx = package / "base.onnx"  # checked above; a format-4 graph is coded on it
     for k in range(1, until + 1):
         f = manifest["stages"][k]["files"][0]
         sf = read_stage(_check_file(package, f), package_id=manifest["package_id"], stage=k,

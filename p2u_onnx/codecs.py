@@ -1,6 +1,8 @@
 """Codecs: small objects with ``encode(buf)`` / ``decode(buf)`` and a JSON config.
 
 * :class:`ZstdCodec` compresses opaque bytes (graph files, the base's tensor data).
+* :class:`ZstdRefCodec` compresses a file with another file of the package as zstd's
+  dictionary (raw content): the skeleton graph against ``base.onnx``, which holds most of it.
 * :class:`IntPlanesCodec` codes integer arrays (stage codes): zigzag to unsigned, keep only as many
   bytes per value as the largest needs, split those bytes into planes (all low bytes, then all next
   bytes, ...) and compress each plane on its own with zstandard. Low planes of fine residuals are
@@ -22,7 +24,7 @@ import zstandard
 
 from .errors import FormatError, IntegrityError
 
-__all__ = ["Codec", "ZstdCodec", "IntPlanesCodec", "IntGroupsCodec", "SegmentsCodec", "get_codec",
+__all__ = ["Codec", "ZstdCodec", "ZstdRefCodec", "IntPlanesCodec", "IntGroupsCodec", "SegmentsCodec", "get_codec",
            "UnknownCodecError", "grouped_order"]
 
 # Upper bound on what one decoded buffer may claim (guards against hostile headers).
@@ -66,14 +68,15 @@ def _zstd_entropy(data, level: int) -> bytes:
     return cache[level].compress(data)
 
 
-def _zstd_decompress(data, size: int) -> bytes:
+def _zstd_decompress(data, size: int, dctx: Any = None) -> bytes:
     """The ``size`` bytes a zstd frame decodes to. The frame's own content size is never
     trusted: it is streamed with a hard limit of ``size + 1`` bytes of output, and anything but
     exactly ``size`` bytes is refused (:class:`IntegrityError`): a frame that expands past what
     its entry declares (a decompression bomb) costs at most ``size + 1`` bytes of memory."""
     if not isinstance(size, int) or not 0 <= size <= MAX_DECODED:
         raise FormatError(f"implausible decoded size {size!r}")
-    dctx = _LOCAL.__dict__.get("dctx")
+    if dctx is None:
+        dctx = _LOCAL.__dict__.get("dctx")
     if dctx is None:
         dctx = _LOCAL.dctx = zstandard.ZstdDecompressor()
     try:
@@ -100,6 +103,36 @@ class ZstdCodec(Codec):
 
     def decode(self, buf, size: int) -> bytes:
         return _zstd_decompress(buf, size)
+
+
+#: files a ``zstd-ref`` entry may use as its dictionary (already checked against the manifest)
+REF_FILES = ("base.onnx",)
+
+
+@dataclasses.dataclass(frozen=True)
+class ZstdRefCodec(Codec):
+    """zstandard with the bytes of the package file ``ref`` as a raw-content dictionary.
+
+    The skeleton graph (``graph.onnx``) repeats most of ``base.onnx`` (node and tensor names,
+    small tensors kept inline, attributes): coded against it, it costs a few hundred bytes
+    instead of a second copy of the graph. ``encode`` / ``decode`` take the ``ref`` bytes;
+    decoding streams with the same hard output limit as :class:`ZstdCodec`.
+    """
+
+    codec_id: ClassVar[str] = "zstd-ref"
+    level: int = 19
+    ref: str = "base.onnx"
+
+    def encode(self, buf, ref: bytes = b"") -> bytes:
+        d = zstandard.ZstdCompressionDict(bytes(ref), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        return zstandard.ZstdCompressor(level=self.level, dict_data=d).compress(
+            memoryview(buf).cast("B"))
+
+    def decode(self, buf, size: int, ref: bytes | None = None) -> bytes:
+        if ref is None:
+            raise FormatError(f"codec zstd-ref needs the bytes of {self.ref} to decode")
+        d = zstandard.ZstdCompressionDict(bytes(ref), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+        return _zstd_decompress(buf, size, zstandard.ZstdDecompressor(dict_data=d))
 
 
 _WIDTHS = (1, 2, 4, 8)
@@ -385,7 +418,8 @@ def _cat(parts: list[np.ndarray]) -> np.ndarray:
 
 
 _REGISTRY: dict[str, type[Codec]] = {
-    c.codec_id: c for c in (ZstdCodec, IntPlanesCodec, IntGroupsCodec, SegmentsCodec)}
+    c.codec_id: c for c in (ZstdCodec, ZstdRefCodec, IntPlanesCodec, IntGroupsCodec,
+                            SegmentsCodec)}
 
 
 def get_codec(config: dict[str, Any]) -> Codec:

@@ -28,7 +28,7 @@ from . import palette as pl
 from ._memory import trim_heap
 from .base_speed import speed_up_base
 from . import quantizers as qz
-from .codecs import SegmentsCodec, ZstdCodec, _zstd_entropy
+from .codecs import SegmentsCodec, ZstdCodec, ZstdRefCodec, _zstd_entropy
 from .config import LOSSLESS, BitBudget, Plan, QuantConfig
 from .dtypes import ONNX_BFLOAT16, dtype_info
 from .errors import P2UError, PlanError, UnsupportedModelError
@@ -375,6 +375,8 @@ class _TensorCoder:
         self.fp32_bytes = 0  # every weight with floats at 4 bytes (what shares are shares of)
         self.digest = hashlib.sha256()
         self.grids = self.palettes = 0  # tensors coded exactly in the base (see palette.py)
+        self.as_is = 0  # selected tensors sent as they are (see _as_sent)
+        self.base_over_cap = False  # the planned base is over the cap already (_as_sent)
         self.sparse_codes = 0  # tensors whose base codes are mostly zeros (see _codes_kind)
 
     def digest_slot(self, slot, raw: bytes | None = None) -> bytes:
@@ -437,7 +439,8 @@ class _TensorCoder:
         t, plan = p.slot.tensor, self.plan
         if p.sel is None:
             if len(p.raw) >= EXTERNALIZE_BYTES and not _typed_fields(t):
-                passes.set_external(t, "base.bin", self.bins.add(p.raw))
+                passes.set_external(t, "base.bin", self.bins.add(p.raw, _passthrough_kind(t,
+                                                                                      p.raw)))
             elif not _typed_fields(t) and p.raw and math.prod(t.dims) > 0:  # [] is a scalar
                 t.raw_data = p.raw  # (an empty tensor was hashed as its serialized self)
             return len(p.raw)
@@ -446,6 +449,11 @@ class _TensorCoder:
             p.futures = [_Done(f.result()) for f in p.futures]
             if _palette_bytes(p.palette) < _regular_bytes(p, self.ctypes[key], info):
                 return self._finish_palette(p, info)
+        if p.nbytes <= PLANES_MAX:
+            p.futures = [f if isinstance(f, _Done) else _Done(f.result()) for f in p.futures]
+            raw = _as_sent(p, info, self.ctypes[key], self.base_over_cap)
+            if raw is not None:
+                return self._finish_as_is(p, raw)
         codes, scales, zps, abs_max = [], [], [], 0.0
         errs = [0.0] * len(plan.stages)
         for i, ((b0, b1), fut) in enumerate(zip(p.spans, p.futures)):
@@ -507,6 +515,18 @@ class _TensorCoder:
         return nbytes
 
 
+    def _finish_as_is(self, p: _Pending, raw: bytes) -> int:
+        """Send a selected tensor as it is, exact in the base (see :func:`_as_sent`): like the
+        tensors never selected, it has no manifest entry and no stage carries anything for it."""
+        p.blocks = p.futures = None
+        passes.set_external(p.slot.tensor, "base.bin",
+                            self.bins.add(raw, _passthrough_kind(p.slot.tensor, raw)))
+        self.as_is += 1
+        self.done += p.nbytes
+        if self.progress:
+            self.progress(self.done, self.total)
+        return p.nbytes
+
     def _finish_palette(self, p: _Pending, info) -> int:
         """Write a palette tensor (exact in the base: no stage carries anything for it)."""
         values, idx = p.palette
@@ -552,6 +572,25 @@ class _Done:
         return True
 
 
+SMALL_BYTES = 4 << 20  # base.bin's "bytes" stream up to this size is coded at zstd level 19
+PLANES_MAX = 1 << 20  # pass-through tensors up to this size may be sent as byte planes
+
+
+def _passthrough_kind(t: TensorProto, raw: bytes) -> str:
+    """Segment kind of a tensor sent as it is (not coded: 1-D, small, integer): ``"planes4"``
+    / ``"planes2"`` (its bytes split into byte planes, entropy-only zstd each) for 4- or 2-byte
+    elements when that is measurably smaller than ``"bytes"`` (zstd with matches): smooth
+    float tables and small integers (swift-f0's int32 tables 1.4 KB -> 0.7 KB), else
+    ``"bytes"``. Only up to :data:`PLANES_MAX` (both are measured)."""
+    width = {1: 4, 6: 4, 12: 4, 10: 2, 16: 2, 5: 2, 4: 2}.get(t.data_type)
+    if width is None or len(raw) > PLANES_MAX or len(raw) % width:
+        return "bytes"
+    a = np.frombuffer(raw, np.uint8).reshape(-1, width)
+    planes = sum(len(_zstd_entropy(np.ascontiguousarray(a[:, i]), 3)) for i in range(width))
+    plain = len(ZstdCodec(level=19).encode(raw))
+    return f"planes{width}" if planes < 0.95 * plain else "bytes"
+
+
 SPARSE_CODES = 0.5  # share of zero codes from which a tensor's base codes may go to "bytes"
 SPARSE_LEVEL = 19  # zstd level of base.bin's "bytes" stream when it holds such codes
 
@@ -565,6 +604,38 @@ def _codes_kind(codes: np.ndarray, packed: bytes) -> str:
     plain = len(_zstd_entropy(np.frombuffer(packed, np.uint8), 3))
     runs = len(ZstdCodec(level=SPARSE_LEVEL).encode(packed))
     return "bytes" if runs <= 0.98 * plain else "symbols"
+
+
+AS_IS_GAIN = 0.8  # a tensor may be sent as it is when that costs less than this share of its coding
+
+
+def _as_sent(p: _Pending, info, ctype: int, over_cap: bool = False) -> bytes | None:
+    """The bytes of ``p``'s tensor when sending it as it is (exact in the base, zstd -19 or
+    byte planes) costs less than :data:`AS_IS_GAIN` of its progressive coding over every
+    stage and saves at least as many bytes as it adds to the base, else None. Structured
+    tables (silero-vad's STFT basis: 196 KB coded, 60 KB as it is, 38 KB of it in the base
+    before) compress far better as they are than their residuals do; a small dense weight
+    that saves 15% of the package by tripling its share of the base stays coded. A zstd -3
+    estimate screens out the usual full-entropy weights before zstd -19 is measured.
+    ``over_cap``: the planned base is over the size cap anyway (a model so small that the
+    tensors sent as they are and the graph exceed it, swift-f0): any saving is taken."""
+    regular = _regular_bytes(p, ctype, info)
+    later = sum(len(x) for f in p.futures for x in f.result().payloads)  # stages 1..n
+    raw = np.ascontiguousarray(p.sel.layout.from_blocks(p.blocks),
+                               info.storage.newbyteorder("<")).tobytes()
+    if len(ZstdCodec(level=3).encode(raw)) >= regular:
+        return None
+    t = p.slot.tensor
+    kind = _passthrough_kind(t, raw)
+    if kind == "bytes":
+        sent = len(ZstdCodec(level=19).encode(raw))
+    else:
+        width = int(kind[-1])
+        a = np.frombuffer(raw, np.uint8).reshape(-1, width)
+        sent = sum(len(_zstd_entropy(np.ascontiguousarray(a[:, i]), 3)) for i in range(width))
+    grows = sent - (regular - later)  # the base's own coding of it is regular - later
+    return raw if sent < AS_IS_GAIN * regular and (over_cap or regular - sent >= grows) \
+        else None
 
 
 def _palette_bytes(palette) -> int:
@@ -703,6 +774,8 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     with AtomicFile(tmp / "base.bin") as bf, ThreadPoolExecutor(workers()) as pool:
         coder = _TensorCoder(plan, config, ctypes, bitplan, _BinWriter(bf), writers, pool,
                              progress, total)
+        coder.base_over_cap = bitplan.allocation is not None and \
+            bitplan.allocation.nbytes + bitplan.fixed_bytes > budget.cap * fp32_equivalent_bytes(m)
         pending: deque = deque()
         in_flight = 0
         for slot in list(iter_slots(m)):
@@ -720,7 +793,8 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
     src_digest = coder.digest.hexdigest()
     exact = [f"{n} tensor(s) {what}" for n, what in (
         (coder.palettes, "with few distinct values coded as palettes"),
-        (coder.grids, "already on a uniform grid coded on their own steps")) if n]
+        (coder.grids, "already on a uniform grid coded on their own steps"),
+        (coder.as_is, "sent as they are (smaller than their progressive coding)")) if n]
     if exact:
         bitplan.notes.append(" and ".join(exact) + ": exact in the base")
     package_id = hashlib.sha256(
@@ -729,19 +803,37 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
 
     # Skeleton: the original structure with coded weights in weights.bin (device writes it).
     graph_bytes = m.SerializeToString()
-    zstd = ZstdCodec(level=9)
-    if writers:  # graph.onnx rides with stage 1: the device needs it from then on
-        writers[0].add({"kind": "file", "name": "graph.onnx", "codec": zstd.get_config(),
-                        "raw_length": len(graph_bytes),
-                        "sha256": hashlib.sha256(graph_bytes).hexdigest()},
-                       zstd.encode(graph_bytes))
     for wr in writers:
         wr.package_id = package_id
     # stage files are finished by _manifest: their headers name the manifest (binding)
     w0 = _write_base(m, tmp, coder, coded, ctypes, opset0, target_opset, package_id)
+    if writers:  # graph.onnx rides with stage 1: the device needs it from then on
+        _add_graph(writers[0], graph_bytes, (tmp / "base.onnx").read_bytes())
     return _manifest(m, tmp, name, plan, config, budget, bitplan, selected, coder,
                      [w0, *writers], src_digest, package_id, opset0, total, probe, note, ident,
                      zref)
+
+
+SMALL_GRAPH = 8 << 20  # graph files up to this size are compressed at zstd level 19
+
+
+def _graph_level(data: bytes) -> int:
+    return 19 if len(data) <= SMALL_GRAPH else 9
+
+
+def _add_graph(writer: StageWriter, graph: bytes, base_onnx: bytes) -> None:
+    """Add the skeleton graph to stage 1, coded against ``base.onnx`` (format 4,
+    ``zstd-ref``), which holds most of it (names, small tensors, attributes): a few hundred
+    bytes where a second copy of the graph cost 20-50% of a small model's zstd -19 size.
+    Plain zstd when that is smaller."""
+    level = _graph_level(graph)
+    ref = ZstdRefCodec(level=level)
+    coded, codec = ref.encode(graph, base_onnx), ref.get_config()
+    plain = ZstdCodec(level=level).encode(graph)
+    if len(plain) < len(coded):
+        coded, codec = plain, ZstdCodec(level=level).get_config()
+    writer.add({"kind": "file", "name": "graph.onnx", "codec": codec, "raw_length": len(graph),
+                "sha256": hashlib.sha256(graph).hexdigest()}, coded)
 
 
 def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctypes: dict,
@@ -767,10 +859,11 @@ def _write_base(m: ModelProto, tmp: Path, coder: _TensorCoder, coded: list, ctyp
     base_onnx = m.SerializeToString()
     (tmp / "base.onnx").write_bytes(base_onnx)
 
-    zstd = ZstdCodec(level=9)
+    zstd = ZstdCodec(level=_graph_level(base_onnx))
     # Stage 0 on the wire: base.onnx and base.bin, compressed.
     w0 = StageWriter(tmp / stage_file_name(0), package_id, 0)
-    bin_codec = SegmentsCodec(level=SPARSE_LEVEL if coder.sparse_codes else 9,
+    small = sum(n for _, n, kind in coder.bins.segments if kind == "bytes") <= SMALL_BYTES
+    bin_codec = SegmentsCodec(level=SPARSE_LEVEL if coder.sparse_codes or small else 9,
                               segments=tuple(coder.bins.segments))
     for fname, data, codec in (("base.onnx", base_onnx, zstd),
                                ("base.bin", (tmp / "base.bin").read_bytes(), bin_codec)):
@@ -788,8 +881,9 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
               zref: ZstdReference | None = None) -> dict[str, Any]:
     stage_err, stage_rel = coder.stage_err, coder.stage_rel
     tensors_meta, all_bytes = coder.tensors_meta, coder.all_bytes
-    fp32_bytes = sum(int(np.prod(s.shape)) * 4 for s in selected)
-    weight_bytes = total
+    # the tensors coded (not those sent as they are after all, see _as_sent)
+    fp32_bytes = sum(int(np.prod(t["shape"])) * 4 for t in tensors_meta)
+    weight_bytes = sum(t["weights"][1] for t in tensors_meta)
     stages: list[dict[str, Any]] = []  # filled once the stage files are written
     manifest = {
         "format": "p2u", "format_version": FORMAT_VERSION, "package_id": package_id,
@@ -797,7 +891,7 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
         "source": {"name": name, "weights_sha256": src_digest, "opset": opset0,
                    "weight_bytes": all_bytes, "fp32_equivalent_bytes": coder.fp32_bytes,
                    "coded_weight_bytes": weight_bytes, "coded_fp32_bytes": fp32_bytes,
-                   "coded_tensors": len(selected)},
+                   "coded_tensors": len(tensors_meta)},
         "plan": [str(s) for s in plan.stages],
         "config": dataclasses.asdict(config),
         "base_model": {"onnx": "base.onnx", "data": "base.bin",

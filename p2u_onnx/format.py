@@ -34,6 +34,7 @@ from __future__ import annotations
 import errno
 import hashlib
 import json
+import math
 import mmap
 import os
 import re
@@ -77,11 +78,13 @@ __all__ = [
 ]
 
 # 2: stage headers carry "manifest_binding" (see manifest_binding); version 1 is still read
-FORMAT_VERSION = 2
 # 3: an update package (manifest key "predecessor"): a reader of versions 1-2 refuses it by its
-# version number instead of misreading it as a full package (docs/updates-format.md)
+#    version number instead of misreading it as a full package (docs/updates-format.md)
+# 4: a full package whose graph.onnx may be coded against base.onnx ("zstd-ref") and whose
+#    probe outputs may be stored as integers on a grid finer than their tolerance ("step")
+FORMAT_VERSION = 4
 UPDATE_FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3)
+READABLE_VERSIONS = (1, 2, 3, 4)
 MAGIC = b"P2USTAGE"
 MANIFEST_NAME = "manifest.json"
 ALIGN = 64
@@ -504,7 +507,7 @@ _DTYPES = {"float32": (4, 4), "float16": (2, 2), "bfloat16": (2, 4), "float64": 
 _LAYOUTS = ("tensor", "channel", "block")
 _ENTRY_KINDS = ("file", "refine", "exact")
 _CODECS = {"zstd": {"level"}, "int-planes": {"level"}, "int-groups": {"level"},
-           "segments": {"level", "segments"}}
+           "segments": {"level", "segments"}, "zstd-ref": {"level", "ref"}}
 _SEGMENT_KINDS = ("symbols", "bytes", "planes2", "planes4")
 
 
@@ -962,6 +965,15 @@ def _probe_entry(c: _Checker, pr: dict, n_stages: int) -> None:
         c.hex64(pr["inputs_sha256"], "probe.inputs_sha256")
     for i, v in enumerate(c.list(pr.get("samples", []), "probe.samples", 4096)):
         c.int(v, f"probe.samples[{i}]")
+    if "step" in pr:  # format 4: outputs stored as integers on this grid (see p2u_onnx.probe)
+        step = c.list(pr["step"], "probe.step", 4096)
+        if len(step) != n_out or len(pr.get("samples", [])) != n_out:
+            raise c.fail("probe.step", f"has {len(step)} values and probe.samples "
+                                       f"{len(pr.get('samples', []))} for {n_out} outputs")
+        for j, v in enumerate(step):
+            c.num(v, f"probe.step[{j}]")
+            if not (math.isfinite(v) and v > 0):
+                raise c.fail(f"probe.step[{j}]", f"is {_show(v)}, not a positive number")
     for i, st in enumerate(c.list(c.get(pr, "stages", "probe"), "probe.stages", n_stages)):
         p = f"probe.stages[{i}]"
         c.dict(st, p)
@@ -1007,6 +1019,12 @@ def validate_stage_header(header: Any, version: int = FORMAT_VERSION,
                 raise c.fail(f"{p}.location", f"is {_show(e['location'])}, not this stage "
                                               f"file ({stage_file_name(header['stage'])})")
         _codec(c, c.dict(c.get(e, "codec", p), f"{p}.codec"), f"{p}.codec")
+        if e["codec"]["id"] == "zstd-ref":  # format 4: the skeleton graph against base.onnx
+            if version < 4 or kind != "file" or e["name"] != "graph.onnx":
+                raise c.fail(f"{p}.codec", f"zstd-ref is for graph.onnx in format 4 or later, "
+                                           f"not for {_show(e['name'])} in format {version}")
+            if c.get(e["codec"], "ref", f"{p}.codec") != "base.onnx":
+                raise c.fail(f"{p}.codec.ref", f"is {_show(e['codec']['ref'])}, not base.onnx")
         if kind == "file":
             c.name(e["name"], f"{p}.name")
             c.int(c.get(e, "raw_length", p), f"{p}.raw_length")
@@ -1069,5 +1087,7 @@ def check_binding(header: dict[str, Any], manifest: dict[str, Any],
 
 
 def save_manifest(package: str | os.PathLike, manifest: dict[str, Any]) -> None:
+    """Write ``manifest.json`` (compact JSON, one line: the indented form was a quarter
+    larger, 1-2 KB of a small model's package; ``p2u inspect`` shows it readably)."""
     atomic_write_bytes(Path(package) / MANIFEST_NAME,
-                       json.dumps(manifest, indent=1).encode() + b"\n")
+                       json.dumps(manifest, separators=(",", ":")).encode() + b"\n")

@@ -10,9 +10,18 @@ seen between two onnxruntime configurations (optimizations on/off, thread counts
 the output's largest sampled magnitude ``)`` (4e-3 for float16 outputs), so a different CPU or
 thread count passes while weights from the wrong stage do not.
 
-``probe.npz`` holds ``input_<i>`` (or nothing, when the inputs are too big: the device then
-synthesizes them again, checked against ``inputs_sha256``) and ``out_<stage>_<j>`` (float32).
-The manifest entry (``manifest["probe"]``) names the file and carries the tolerances::
+``probe.npz`` holds ``input_<i>`` (the user's own inputs only since format 4; synthesized ones
+are made again on the device, checked against ``inputs_sha256``) and the outputs: up to
+format 2 ``out_<stage>_<j>`` (float32), since format 4 one int32 array ``q`` (a row per
+recorded stage, the outputs' samples side by side) of integers on a grid ``step[j]`` at most
+1/8 of output ``j``'s smallest tolerance: row 0 holds ``round(y / step)`` of stage 0, row
+``k`` the difference from row ``k - 1`` (the stages' outputs converge, so later rows are small
+numbers). The check then allows ``tol + step / 2``. The number of samples per output
+(``samples``) is sized against the package (:data:`PROBE_SHARE` of its stage bytes, at least
+:data:`MIN_SAMPLES` per output, and never so few that stages that were told apart no longer
+are): at most :data:`MAX_SAMPLES` evenly spread values, then ``samples[j]`` evenly spread
+among those (:func:`sample`). The manifest entry (``manifest["probe"]``) names the file and
+carries the tolerances::
 
     {"path": "probe.npz", "size": ..., "sha256": ..., "int_high": 100,
      "inputs": ["x"], "inputs_stored": true, "inputs_sha256": "...",
@@ -42,8 +51,12 @@ __all__ = ["MAX_SAMPLES", "PROBE_NAME", "Probe", "check_feed", "record_probe", "
 
 PROBE_NAME = "probe.npz"
 MAX_SAMPLES = 4096  # values kept per output and stage
+MIN_SAMPLES = 64  # ... at least this many (or the whole output) when the probe is sized
+PROBE_SHARE = 0.01  # the probe's share of the package's stage bytes it is sized for ...
+PROBE_MIN_BYTES = 1024  # ... or this many bytes, whichever is more
+PROBE_GRID = 8  # stored outputs (format 4) on a grid this many times finer than a tolerance
 MAX_STORED_INPUT_BYTES = 4 << 20  # bigger inputs are synthesized again on the device
-STORED_SYNTH_INPUT_BYTES = 64 << 10  # synthesized inputs above this are not stored either
+STORED_SYNTH_INPUT_BYTES = 64 << 10  # format 2 stored synthesized inputs up to this; 3: none
 MAX_SYNTH_BYTES = 1 << 28  # ... up to this size (inputs declared bigger: no probe)
 NOISE_FACTOR = 16.0  # tolerance = this x the spread seen between two configurations ...
 REL_FLOOR = {"tensor(float)": 1e-4, "tensor(double)": 1e-4, "tensor(float16)": 4e-3}
@@ -179,12 +192,16 @@ def _spec_shape(arg: ArgInfo, want: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def sample(values: np.ndarray) -> np.ndarray:
-    """A fixed subsample of at most :data:`MAX_SAMPLES` values (float32), spread evenly."""
+def sample(values: np.ndarray, count: int | None = None) -> np.ndarray:
+    """A fixed subsample of at most :data:`MAX_SAMPLES` values (float32), spread evenly;
+    with ``count``, ``count`` values spread evenly among those (a sized probe, format 4)."""
     flat = np.asarray(values).reshape(-1)
     m = min(flat.size, MAX_SAMPLES)
     idx = np.arange(m, dtype=np.int64) * flat.size // max(m, 1)
-    return flat[idx].astype(np.float32)
+    out = flat[idx].astype(np.float32)
+    if count is not None and count < out.size:
+        out = out[np.arange(max(count, 0), dtype=np.int64) * out.size // max(count, 1)]
+    return out
 
 
 def feed_digest(feed: Mapping[str, np.ndarray]) -> str:
@@ -217,8 +234,12 @@ class Probe:
         want = [f"out_{k}_{j}" for k in self.stages for j in range(len(self.outputs))]
         stored = [f"input_{i}" for i in range(len(entry["inputs"]))] \
             if entry.get("inputs_stored", True) else []
-        arrays = load_npz(data, want + stored, str(entry.get("path", PROBE_NAME)))
-        self._expected = {k: arrays[k] for k in want}
+        self.step: list[float] | None = entry.get("step")  # format 4: outputs on a grid
+        self.counts: list[int] | None = entry.get("samples") if self.step else None
+        where = str(entry.get("path", PROBE_NAME))
+        arrays = load_npz(data, (["q"] if self.step else want) + stored, where)
+        self._expected = _from_grid(arrays["q"], entry, where) if self.step else \
+            {k: arrays[k] for k in want}
         self.feed = {name: arrays[k] for name, k in zip(entry["inputs"], stored)}
         if not entry.get("inputs_stored", True):
             if inputs is None:
@@ -242,8 +263,11 @@ class Probe:
         if stage not in self.stages:
             return
         tol = np.asarray(self.stages[stage]["tol"], np.float64)
-        got = [sample(np.asarray(v)).astype(np.float64)
-               for v in run(list(self.outputs), dict(self.feed))]
+        if self.step is not None:  # what the grid the outputs are stored on can be off by
+            tol = tol + np.asarray(self.step, np.float64) / 2
+        counts = self.counts or [None] * len(self.outputs)
+        got = [sample(np.asarray(v), n).astype(np.float64)
+               for v, n in zip(run(list(self.outputs), dict(self.feed)), counts)]
         want = [e.astype(np.float64) for e in self.expected(stage)]
         for name, g, w, t in zip(self.outputs, got, want, tol):
             if g.shape != w.shape:
@@ -262,6 +286,25 @@ class Probe:
             if not d_new < d_old:
                 raise PatchError(f"stage {stage} did not take effect: probe outputs are nearer "
                                  f"to stage {stage - 1} than to stage {stage} (stale weights)")
+
+
+def _from_grid(q: np.ndarray, entry: Mapping[str, Any], where: str) -> dict[str, np.ndarray]:
+    """The recorded outputs (``out_<stage>_<j>``, float64) of a format-4 probe: ``q`` has a
+    row per recorded stage (stage 0's integers, then differences) and the outputs' samples
+    side by side; :class:`IntegrityError` unless its shape and type are what the entry says."""
+    counts = [int(n) for n in entry["samples"]]
+    rows = [int(s["index"]) for s in entry["stages"]]
+    if q.dtype != np.dtype("<i4") or q.shape != (len(rows), sum(counts)):
+        raise IntegrityError(f"{where}: array 'q' is {q.dtype} {list(q.shape)}, the manifest "
+                             f"says int32 [{len(rows)}, {sum(counts)}]")
+    grid = np.cumsum(q.astype(np.int64), axis=0)  # int32 rows: no overflow in int64
+    out: dict[str, np.ndarray] = {}
+    at = 0
+    for j, (n, step) in enumerate(zip(counts, entry["step"])):
+        for r, k in enumerate(rows):
+            out[f"out_{k}_{j}"] = grid[r, at:at + n] * float(step)
+        at += n
+    return out
 
 
 MAX_PROBE_BYTES = 64 << 20  # probe.npz, and the arrays read from it, at most this
@@ -460,7 +503,8 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any], *,
                 sf = read_stage(pkg / f["path"], package_id=manifest["package_id"], stage=k,
                                 sha256=f["sha256"])
                 if graph is None:
-                    graph = extract_file(sf, "graph.onnx")
+                    graph = extract_file(sf, "graph.onnx",
+                                         ref=(pkg / "base.onnx").read_bytes())
                 d = Path(tmp) / f"stage-{k}"
                 d.mkdir()
                 state.advance(sf, d / "weights.bin")
@@ -491,27 +535,23 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any], *,
         return fail(f"a later stage fails on the probe inputs ({_first_line(e)})")
 
     # Synthesized inputs are made again on the device (deterministic, exact arithmetic), so
-    # only the user's own inputs and small synthesized ones ride in probe.npz: stored
-    # synthesized inputs were most of some packages (a 534 KB probe beside 1.1 MB of stages)
-    stored = used[0] == "given" or \
-        sum(v.nbytes for v in feed.values()) <= STORED_SYNTH_INPUT_BYTES
-    arrays: dict[str, np.ndarray] = {}
+    # only the user's own inputs ride in probe.npz: stored synthesized inputs were most of some
+    # packages (a 534 KB probe beside 1.1 MB of stages, 256 B of a 1.2 KB one)
+    stored = used[0] == "given"
     input_names = list(feed)
-    if stored:
-        arrays.update({f"input_{i}": feed[n] for i, n in enumerate(input_names)})
-    for k, ys in enumerate(samples):
-        arrays.update({f"out_{k}_{j}": y for j, y in enumerate(ys)})
+    inputs = {f"input_{i}": feed[n] for i, n in enumerate(input_names)} if stored else {}
+    stage_bytes = int(manifest["stages"][-1].get("cumulative_bytes") or 0)
+    counts, step, q, gaps = _sized_outputs(samples, tols, inputs, stage_bytes)
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)  # type: ignore[arg-type]
+    np.savez_compressed(buf, q=q, **inputs)  # type: ignore[arg-type]
     path = pkg / PROBE_NAME
     atomic_write_bytes(path, buf.getvalue())
 
     stages: list[dict[str, Any]] = []
-    for k, ys in enumerate(samples):
+    for k in range(len(samples)):
         st: dict[str, Any] = {"index": k, "tol": tols[k]}
         if k:
-            st["gap"] = math.sqrt(sum(float(np.sum(((a.astype(np.float64) - b) / t) ** 2))
-                                      for a, b, t in zip(ys, samples[k - 1], tols[k])))
+            st["gap"] = gaps[k - 1]
         stages.append(st)
     return {
         "path": PROBE_NAME, "size": path.stat().st_size, "sha256": sha256_file(path),
@@ -519,5 +559,53 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any], *,
         **({"synth": {k: dict(v) for k, v in spec.items()}}
            if used[0] == "spec" and spec and not stored else {}),
         "inputs_sha256": feed_digest(feed), "outputs": names,
-        "samples": [int(v.size) for v in first], "stages": stages,
+        "samples": counts, "step": step, "stages": stages,
     }
+
+
+def _gaps(ys: list[list[np.ndarray]], tols: list[list[float]]) -> list[float]:
+    """Per later stage, the tolerance-scaled L2 distance of its outputs from the stage before."""
+    return [math.sqrt(sum(float(np.sum(((a.astype(np.float64) - b) / t) ** 2))
+                          for a, b, t in zip(ys[k], ys[k - 1], tols[k])))
+            for k in range(1, len(ys))]
+
+
+def _sized_outputs(samples: list[list[np.ndarray]], tols: list[list[float]],
+                   inputs: dict[str, np.ndarray], stage_bytes: int
+                   ) -> tuple[list[int], list[float], np.ndarray, list[float]]:
+    """How the outputs are stored (format 4): (samples per output, grid step per output, the
+    int32 array ``q``, the gaps between stages on those samples).
+
+    The most samples (4096, 2048, ... down to :data:`MIN_SAMPLES` per output) whose probe
+    fits in :data:`PROBE_SHARE` of the package's stage bytes (at least
+    :data:`PROBE_MIN_BYTES`), but never fewer than keep every pair of stages that the full
+    samples tell apart (gap >= :data:`SEPARABLE_GAP`) told apart.
+    """
+    n_out = len(samples[0])
+    # 1/PROBE_GRID of the smallest tolerance, but coarse enough for int32 (a tolerance can be
+    # the float32 floor on an all-zero output)
+    step = [max(min(t[j] for t in tols) / PROBE_GRID,
+                max(float(np.max(np.abs(row[j]), initial=0.0)) for row in samples) / 2**29,
+                float(np.finfo(np.float32).tiny)) for j in range(n_out)]
+    full = [int(v.size) for v in samples[0]]
+    budget = max(PROBE_MIN_BYTES, int(PROBE_SHARE * stage_bytes))
+    separable = [g >= SEPARABLE_GAP for g in _gaps(samples, tols)]
+    best = None
+    m = MAX_SAMPLES
+    while True:
+        counts = [min(n, max(m, MIN_SAMPLES)) for n in full]
+        ys = [[sample(v, c) for v, c in zip(row, counts)] for row in samples]
+        gaps = _gaps(ys, tols)
+        if best is not None and any(s and g < SEPARABLE_GAP for s, g in zip(separable, gaps)):
+            break  # fewer samples would no longer tell two stages apart: keep the last size
+        grid = np.array([np.concatenate([np.rint(y.astype(np.float64) / s)
+                                         for y, s in zip(row, step)]) for row in ys])
+        q = np.diff(grid, axis=0, prepend=0).astype("<i4") if grid.size else \
+            np.zeros(grid.shape, "<i4")
+        buf = io.BytesIO()
+        np.savez_compressed(buf, q=q, **inputs)  # type: ignore[arg-type]
+        best = (counts, step, q, gaps)
+        if buf.tell() <= budget or m <= MIN_SAMPLES:
+            break
+        m //= 2
+    return best

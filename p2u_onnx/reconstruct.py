@@ -31,7 +31,7 @@ import numpy as np
 from . import palette as pl
 from . import quantizers as qz
 from ._rwlock import Pace, in_turn
-from .codecs import IntGroupsCodec, IntPlanesCodec, get_codec
+from .codecs import IntGroupsCodec, IntPlanesCodec, ZstdRefCodec, get_codec
 from .dtypes import (ONNX_INT2, ONNX_INT4, ONNX_INT8, ONNX_UINT2, ONNX_UINT4, ONNX_UINT8,
                      DTypeInfo, dtype_info)
 from .errors import FormatError, IntegrityError, P2UError
@@ -348,6 +348,23 @@ class WeightState:
         self._blocks: dict[str, np.ndarray] = {}  # values held in memory (block order)
         self.graph_bytes: bytes | None = None
         self._update = manifest.get("predecessor") is not None
+        #: ``base.onnx`` (a path or its bytes): what a format-4 skeleton graph is coded
+        #: against (see :meth:`apply`); by default the file beside ``base_bin``. A wrong one
+        #: only makes the graph fail its sha256 check (:class:`IntegrityError`)
+        self.base_onnx: str | os.PathLike | bytes | None = None if self._base_path is None \
+            else Path(self._base_path).with_name("base.onnx")
+
+    def base_onnx_bytes(self) -> bytes | None:
+        """The bytes of :attr:`base_onnx` (None when not set)."""
+        if self.base_onnx is None or isinstance(self.base_onnx, bytes):
+            return self.base_onnx
+        from .format import open_regular
+
+        try:
+            with open_regular(self.base_onnx) as f:
+                return f.read()
+        except FileNotFoundError:  # a format-4 graph then says what it lacks
+            return None
 
     @property
     def base_bin(self) -> np.ndarray:
@@ -438,7 +455,8 @@ class WeightState:
         :attr:`graph_bytes` (the skeleton graph).
         """
         plan = self._check_stage(stage_file)
-        graph = extract_file(stage_file, "graph.onnx", max_size=graph_size_limit(self.manifest)) \
+        graph = extract_file(stage_file, "graph.onnx", max_size=graph_size_limit(self.manifest),
+                             ref=self.base_onnx_bytes()) \
             if any(e["kind"] == "file" and e["name"] == "graph.onnx"
                    for e in stage_file.entries) else None
         if graph is not None:
@@ -1038,8 +1056,11 @@ def _unlink(path: str | os.PathLike) -> None:
 
 
 def extract_file(stage_file: StageFile, name: str, size: int | None = None,
-                 max_size: int | None = None) -> bytes:
+                 max_size: int | None = None, ref: bytes | None = None) -> bytes:
     """Decompress the file entry ``name`` of a stage file and check its sha256.
+
+    ``ref``: the bytes of ``base.onnx`` (checked against the manifest by the caller), which
+    a ``zstd-ref`` entry (format 4: the skeleton graph) is coded against.
 
     The entry's declared ``raw_length`` is checked before anything is decoded: it must be
     ``size`` when given (what the manifest lists), at most ``max_size`` when given, and at most
@@ -1057,7 +1078,9 @@ def extract_file(stage_file: StageFile, name: str, size: int | None = None,
             if limit is not None and raw > limit:
                 raise IntegrityError(f"{name} inside {label} declares {raw} bytes, more than "
                                      f"the {limit} it may have")
-            data = get_codec(entry["codec"]).decode(stage_file.data(entry), raw)
+            codec = get_codec(entry["codec"])
+            data = codec.decode(stage_file.data(entry), raw, ref) \
+                if isinstance(codec, ZstdRefCodec) else codec.decode(stage_file.data(entry), raw)
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise IntegrityError(f"{name} inside {label} is corrupt")
             return data

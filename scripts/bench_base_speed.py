@@ -10,6 +10,8 @@ the original's in the same round (ratios survive a busy machine better than time
 timed too (packages written before it). Memory: each session is loaded and run once in a
 fresh process (Linux): ``peak`` is the highest RSS while it loads and runs (``VmHWM``, reset
 after the imports), ``steady`` the RSS after the run, both above the RSS after the imports.
+``package / zstd-19``: what a client downloads (manifest, stage files, probe) over ``zstd -19``
+of the model file.
 
 Models: the bundled ``models/digits_cnn.onnx`` and ``models/digits_mlp_sklearn.onnx``, and
 small synthetic ones made here with onnx.helper (a conv net, a PyTorch-style Gemm MLP, an
@@ -278,6 +280,12 @@ def bench_model(name: str, src: Path, work: Path, args) -> dict:
     except Exception as e:  # reported, not hidden
         row["error"] = f"encode: {type(e).__name__}: {e}"
         return row
+    # the whole package a client downloads against zstd -19 of the model file
+    import zstandard
+
+    row["package_bytes"] = sum(p.stat().st_size for p in pkg.iterdir() if p.name in (
+        "manifest.json", "probe.npz") or p.name.startswith("stage-"))
+    row["zstd19_bytes"] = len(zstandard.ZstdCompressor(level=19).compress(src.read_bytes()))
     so = _options(args.threads)
     sessions = {}
     t = time.perf_counter()
@@ -379,8 +387,8 @@ def main() -> None:
         head += " old base / orig |"
         sep += "---|"
     head += (" stage-0 cosine | peak RSS MB orig / base / stage 0 |"
-             " steady RSS MB orig / base / stage 0 |")
-    sep += "---|---|---|"
+             " steady RSS MB orig / base / stage 0 | package / zstd-19 |")
+    sep += "---|---|---|---|"
     print(head)
     print(sep)
     for r in rows:
@@ -398,7 +406,9 @@ def main() -> None:
         line += (f" {r['stage0_cosine']:.4f} | {_mb(rss.get('original'), 'peak')} / "
                  f"{_mb(rss.get('base'), 'peak')} / {_mb(rss.get('stage0'), 'peak')} | "
                  f"{_mb(rss.get('original'), 'steady')} / {_mb(rss.get('base'), 'steady')} / "
-                 f"{_mb(rss.get('stage0'), 'steady')} |")
+                 f"{_mb(rss.get('stage0'), 'steady')} | "
+                 f"{r['package_bytes'] / r['zstd19_bytes']:.2f} "
+                 f"({r['package_bytes']:,} / {r['zstd19_bytes']:,}) |")
         print(line)
     if args.json:
         args.json.write_text(json.dumps(rows, indent=1))

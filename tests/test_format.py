@@ -72,21 +72,30 @@ def test_unknown_version(stage_file):
         read_stage(bytes(data))
 
 
-def test_format_1_fixture_still_decodes(tmp_path):
-    """A package written by format version 1 decodes to the same bits at every stage."""
+@pytest.mark.parametrize("version", [1, 2])
+def test_older_format_fixture_still_decodes(version, tmp_path):
+    """A package written by format version 1 or 2 decodes to the same bits at every stage,
+    and a live session upgrades through it with its probe (format 2: float32 outputs, the
+    skeleton graph coded on its own)."""
     import hashlib
     import json
     from pathlib import Path
 
     import p2u_onnx
     from p2u_onnx.api import open_stages
+    from p2u_onnx.format import load_manifest
 
-    fx = Path(__file__).parent / "fixtures" / "v1"
+    fx = Path(__file__).parent / "fixtures" / f"v{version}"
+    assert load_manifest(fx / "mlp.p2u")["format_version"] == version
     expected = json.loads((fx / "expected.json").read_text())["weights_sha256"]
     for k, digest in enumerate(expected):
         open_stages(fx / "mlp.p2u", k).write_weights(tmp_path / "w.bin")
         assert hashlib.sha256((tmp_path / "w.bin").read_bytes()).hexdigest() == digest, k
     assert p2u_onnx.verify(fx / "mlp.p2u")["lossless_match"]
+    with p2u_onnx.ProgressiveSession(fx / "mlp.p2u", workdir=tmp_path / "work",
+                                     allow_rollback=True) as s:
+        assert s._probe is not None and s._probe.step is None  # probe checked on every stage
+        assert s.upgrade(background=False) == len(expected) - 1
 
 
 def test_sha256_in_turns(tmp_path, monkeypatch):

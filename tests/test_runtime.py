@@ -203,6 +203,65 @@ def test_runs_during_upgrade_are_one_stage_each(strategy, mlp_pkg, mlp_feed, mlp
     assert max(o[-1] for o in seen) >= 1
 
 
+class _Held:
+    """Stands in for a live onnxruntime session: run() waits for ``go`` inside the call."""
+
+    def __init__(self, session):
+        self.session, self.inside, self.go = session, threading.Event(), threading.Event()
+
+    def run(self, *args):
+        self.inside.set()
+        assert self.go.wait(10)
+        return self.session.run(*args)
+
+    def __getattr__(self, name):
+        return getattr(self.session, name)
+
+
+@pytest.mark.parametrize("strategy", STRATEGIES)
+def test_lock_free_run_in_flight_holds_off_apply_and_close(strategy, mlp_pkg, mlp_feed,
+                                                            mlp_refs):
+    """A run on the lock-free path is waited for: the stage is not applied (swapped or
+    switched) under it, the session not closed under it; its result is stage 0's."""
+    refs = mlp_refs[strategy]
+    s = ProgressiveSession(mlp_pkg, strategy=strategy)
+    try:
+        assert s._fast  # idle: runs take no lock
+        held = _Held(s._live.session)
+        s._live.session = held
+        out: list = []
+        t = threading.Thread(target=lambda: out.append(s.run(None, mlp_feed)[0]))
+        t.start()
+        assert held.inside.wait(5)
+        fut = s.upgrade(1)
+        time.sleep(0.3)
+        assert not fut.done() and s.stage == 0 and not s._fast  # waits for the run
+        held.go.set()
+        t.join(10)
+        assert fut.result(timeout=30) == 1
+        assert np.array_equal(out[0], refs[0])
+        assert s._fast and s.stage == 1  # on again once the stage is in
+        assert np.array_equal(s.run(None, mlp_feed)[0], refs[1])
+        # close waits for a run in flight too, and later runs are refused
+        held = _Held(s._live.session)
+        s._live.session = held
+        t = threading.Thread(target=lambda: out.append(s.run(None, mlp_feed)[0]))
+        t.start()
+        assert held.inside.wait(5)
+        closer = threading.Thread(target=s.close)
+        closer.start()
+        time.sleep(0.2)
+        assert closer.is_alive()
+        held.go.set()
+        t.join(10)
+        closer.join(10)
+        assert np.array_equal(out[1], refs[1])
+        with pytest.raises(P2UError, match="closed"):
+            s.run(None, mlp_feed)
+    finally:
+        s.close()
+
+
 # ---------------------------------------------------------------- bad stage files
 
 
@@ -357,7 +416,8 @@ def test_stale_inplace_is_caught_and_rolled_back(mlp_pkg, mlp_feed, mlp_refs, mo
 
 def test_probe_separates_stages(mlp_pkg):
     entry = load_manifest(mlp_pkg)["probe"]
-    probe = Probe(entry, (mlp_pkg / entry["path"]).read_bytes())
+    args = ort.InferenceSession(str(mlp_pkg / "base.onnx")).get_inputs()
+    probe = Probe(entry, (mlp_pkg / entry["path"]).read_bytes(), args)
     ok = lambda k: lambda names, feed: [probe.expected(k)[0]]
     probe.check(ok(3), 3)
     with pytest.raises(PatchError):
@@ -764,11 +824,11 @@ def test_turn_lock_alternates_kinds():
 
 def test_decoding_takes_turns_with_inferences(mlp_pkg, mlp_feed):
     """A run waits while a decode job holds its turn; the decoder takes a turn for every job
-    of every stage."""
+    of every stage (decode jobs run inside apply(), where runs leave the lock-free path)."""
     with ProgressiveSession(mlp_pkg) as s:
         s.run(None, mlp_feed)
         done = threading.Event()
-        with s._pace():
+        with s._slow_runs(), s._pace():
             t = threading.Thread(target=lambda: (s.run(None, mlp_feed), done.set()))
             t.start()
             assert not done.wait(0.2)

@@ -25,7 +25,7 @@ from hypothesis import strategies as st
 
 import p2u_onnx
 from p2u_onnx import api
-from p2u_onnx.codecs import SegmentsCodec, ZstdCodec
+from p2u_onnx.codecs import SegmentsCodec, ZstdCodec, ZstdRefCodec
 from p2u_onnx.errors import FormatError, IntegrityError, P2UError
 from p2u_onnx.external import check_base_graph, external_tensors
 from p2u_onnx.format import (MAGIC, StageWriter, manifest_binding, parse_manifest, read_stage,
@@ -213,10 +213,13 @@ def test_skeleton_external_location_is_checked_by_p2u(pkg, location):
     def change(e, data):
         if e["name"] != "graph.onnx":
             return data
-        g = onnx.load_model_from_string(ZstdCodec().decode(data, e["raw_length"]))
+        g = onnx.load_model_from_string(
+            ZstdRefCodec().decode(data, e["raw_length"], (pkg / "base.onnx").read_bytes())
+            if e["codec"]["id"] == "zstd-ref" else ZstdCodec().decode(data, e["raw_length"]))
         _rewrite_locations(g, lambda v: location if v == "weights.bin" else v)
         raw = g.SerializeToString()
         e["raw_length"], e["sha256"] = len(raw), hashlib.sha256(raw).hexdigest()
+        e["codec"] = ZstdCodec().get_config()
         return ZstdCodec().encode(raw)
 
     # the entry's raw_length and sha256 change with it: rebuild the header by hand
@@ -624,7 +627,8 @@ def _with_header(raw: bytes, header: dict) -> bytes:
     head = json.dumps(header).encode()
     start = -(-(16 + len(head)) // 64) * 64
     head = head.ljust(start - 16, b" ")
-    return MAGIC + struct.pack("<II", 2, len(head)) + head + payload
+    version = struct.unpack_from("<I", raw, 8)[0]  # the prefix stays the file's
+    return MAGIC + struct.pack("<II", version, len(head)) + head + payload
 
 
 @_FUZZ
@@ -735,13 +739,17 @@ def test_probe_with_synthesized_inputs_still_checks_every_stage(tmp_path, monkey
     assert seen == [0, 1, 2]  # on_stage(0) from the constructor
     import io
 
-    with np.load(p / "probe.npz") as z:
-        arrays = {k: z[k] for k in z.files if k != "out_2_0"}
-    buf = io.BytesIO()
-    np.savez(buf, **arrays)
-    (p / "probe.npz").write_bytes(buf.getvalue())
-    reseal(p)
-    refused(lambda: ProgressiveSession(p), IntegrityError, "no array 'out_2_0'")
+    with np.load(p / "probe.npz") as z:  # format 4: the outputs are one int32 array, q
+        arrays = {k: z[k] for k in z.files}
+    assert set(arrays) == {"q"} and arrays["q"].dtype == np.int32
+    for bad, match in (({}, "no array 'q'"),
+                       ({"q": arrays["q"][:2]}, "array 'q' is int32 [2, "),
+                       ({"q": arrays["q"].astype(np.float32)}, "array 'q' is float32")):
+        buf = io.BytesIO()
+        np.savez(buf, **bad)
+        (p / "probe.npz").write_bytes(buf.getvalue())
+        reseal(p)
+        refused(lambda: ProgressiveSession(p), IntegrityError, match)
 
 
 def test_small_packages_cannot_declare_many_tensors_over_the_same_bytes(pkg):

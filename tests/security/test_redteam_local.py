@@ -29,7 +29,7 @@ import pytest
 from onnx import TensorProto, helper
 
 from p2u_onnx import api
-from p2u_onnx.codecs import ZstdCodec
+from p2u_onnx.codecs import ZstdCodec, ZstdRefCodec
 from p2u_onnx.errors import FormatError, IntegrityError, P2UError
 from p2u_onnx.format import MAGIC, StageWriter, manifest_binding, read_stage
 from p2u_onnx.runtime import BytesSource, ProgressiveSession
@@ -71,7 +71,8 @@ def raw_header(path: Path, header: dict) -> None:
             e["offset"] += start - (16 + hlen)
         head = json.dumps(header, separators=(",", ":")).encode()
     head = head.ljust(start - 16, b" ")
-    path.write_bytes(MAGIC + struct.pack("<II", 2, len(head)) + head + payload)
+    version = struct.unpack_from("<I", raw, 8)[0]  # the prefix stays the file's
+    path.write_bytes(MAGIC + struct.pack("<II", version, len(head)) + head + payload)
 
 
 def rebind(p: Path, base_onnx: bytes | None = None, base_bin: bytes | None = None) -> dict:
@@ -810,12 +811,15 @@ def test_probe_npz_with_a_million_members(ppkg):
 
 def _graph_of(p: Path) -> onnx.ModelProto:
     e, d = next(x for x in stage_parts(p / "stage-1.p2u")[1] if x[0]["kind"] == "file")
-    return onnx.load_model_from_string(ZstdCodec().decode(d, e["raw_length"]))
+    return onnx.load_model_from_string(
+        ZstdRefCodec().decode(d, e["raw_length"], (p / "base.onnx").read_bytes())
+        if e["codec"]["id"] == "zstd-ref" else ZstdCodec().decode(d, e["raw_length"]))
 
 
 def _new_graph(p: Path, raw: bytes) -> None:
     def change(header, parts):
-        return [({**e, "raw_length": len(raw), "sha256": hashlib.sha256(raw).hexdigest()},
+        return [({**e, "raw_length": len(raw), "sha256": hashlib.sha256(raw).hexdigest(),
+                  "codec": ZstdCodec(level=1).get_config()},
                  ZstdCodec(level=1).encode(raw)) if e["kind"] == "file" else (e, d)
                 for e, d in parts]
     restage(p, 1, change)

@@ -1,0 +1,231 @@
+"""Small models: the whole package (probe included) against zstd -19 of the model file, the
+sized probe still catching stale upgrades, and format-4 pieces (graph coded against the base)."""
+
+from __future__ import annotations
+
+import io
+import json
+import shutil
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import zstandard
+from onnx import TensorProto, helper, numpy_helper
+
+import p2u_onnx
+from p2u_onnx.errors import FormatError, IntegrityError, PatchError
+from p2u_onnx.format import load_manifest, read_stage
+from p2u_onnx.runtime import ProgressiveSession
+
+
+def dense_mlp(din: int = 128, hidden: int = 256, dout: int = 64, seed: int = 5) -> onnx.ModelProto:
+    """x @ W1 + b1 -> Relu -> @ W2 + b2, gaussian weights (full-entropy floats: the hard case
+    for a progressive package against zstd)."""
+    rng = np.random.default_rng(seed)
+    w = lambda *s: (rng.standard_normal(s) / np.sqrt(s[0])).astype(np.float32)  # noqa: E731
+    inits = [numpy_helper.from_array(w(din, hidden), "W1"),
+             numpy_helper.from_array(w(hidden) * 0.1, "b1"),
+             numpy_helper.from_array(w(hidden, dout), "W2"),
+             numpy_helper.from_array(w(dout) * 0.1, "b2")]
+    nodes = [helper.make_node("MatMul", ["x", "W1"], ["h"]),
+             helper.make_node("Add", ["h", "b1"], ["h1"]),
+             helper.make_node("Relu", ["h1"], ["h2"]),
+             helper.make_node("MatMul", ["h2", "W2"], ["m"]),
+             helper.make_node("Add", ["m", "b2"], ["y"])]
+    g = helper.make_graph(nodes, "mlp", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, ["N", din])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, ["N", dout])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def wide_conv(seed: int = 3) -> onnx.ModelProto:
+    """Two 3x3 convs on a 32x32 image: an output of 16384 values, more than a small
+    package's probe keeps."""
+    rng = np.random.default_rng(seed)
+    inits = [numpy_helper.from_array((rng.standard_normal((32, 8, 3, 3)) / 8).astype(np.float32),
+                                     "c1"),
+             numpy_helper.from_array((rng.standard_normal((16, 32, 3, 3)) / 16).astype(
+                 np.float32), "c2")]
+    nodes = [helper.make_node("Conv", ["x", "c1"], ["a"], pads=[1] * 4),
+             helper.make_node("Relu", ["a"], ["b"]),
+             helper.make_node("Conv", ["b", "c2"], ["y"], pads=[1] * 4)]
+    g = helper.make_graph(nodes, "conv", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 8, 32, 32])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 16, 32, 32])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def package_bytes(pkg: Path) -> int:
+    """What a client downloads: manifest.json, every stage file and probe.npz."""
+    return sum(p.stat().st_size for p in pkg.iterdir()
+               if p.name.startswith("stage-") or p.name in ("manifest.json", "probe.npz"))
+
+
+def test_a_small_model_package_is_smaller_than_zstd19_of_its_file(tmp_path):
+    """A 198 KB MLP of full-entropy weights: the whole package (probe included) is smaller
+    than zstd -19 of the .onnx file (format 2 wrote 1.001x: the graph twice, float32 probe
+    outputs, indented manifest), and the encoder says nothing about it."""
+    src = tmp_path / "m.onnx"
+    onnx.save(dense_mlp(), str(src))
+    zstd19 = len(zstandard.ZstdCompressor(level=19).compress(src.read_bytes()))
+    res = p2u_onnx.encode(src, tmp_path / "m.p2u")
+    pkg = tmp_path / "m.p2u"
+    assert (pkg / "probe.npz").exists()
+    total = package_bytes(pkg)
+    assert total < zstd19, (total, zstd19)
+    assert res.manifest["source"]["zstd19_bytes"] == zstd19
+    assert not any("larger than zstd -19" in n for n in res.warnings), res.warnings
+    # what is left beside the weights: manifest, stage headers, base graph, probe
+    assert (pkg / "manifest.json").stat().st_size < 3500
+    assert (pkg / "probe.npz").stat().st_size < 1500
+    assert p2u_onnx.verify(pkg)["lossless_match"]
+
+
+def test_package_larger_than_zstd19_is_still_said(tmp_path):
+    """A 50 KB MLP cannot win (a base in front of the exact weights, plus the manifest and
+    headers): the encoder's notes say so with both sizes."""
+    src = tmp_path / "m.onnx"
+    onnx.save(dense_mlp(64, 128, 32), str(src))
+    zstd19 = len(zstandard.ZstdCompressor(level=19).compress(src.read_bytes()))
+    res = p2u_onnx.encode(src, tmp_path / "m.p2u")
+    stages = res.manifest["stages"]
+    assert stages[-1]["cumulative_bytes"] > zstd19
+    note = next(n for n in res.warnings if n.startswith("the package ("))
+    assert f"{stages[-1]['cumulative_bytes']:,} bytes" in note and f"{zstd19:,} bytes" in note
+
+
+def test_skeleton_graph_is_coded_against_the_base(tmp_path):
+    """Stage 1 carries graph.onnx as a zstd-ref frame of a few hundred bytes; decoding it
+    needs the package's base.onnx, and a wrong base.onnx fails the graph's sha256."""
+    from p2u_onnx.reconstruct import extract_file
+
+    src = tmp_path / "m.onnx"
+    onnx.save(dense_mlp(), str(src))
+    pkg = tmp_path / "m.p2u"
+    p2u_onnx.encode(src, pkg)
+    sf = read_stage(pkg / "stage-1.p2u")
+    e = next(e for e in sf.entries if e["name"] == "graph.onnx")
+    assert e["codec"]["id"] == "zstd-ref" and e["codec"]["ref"] == "base.onnx"
+    plain = zstandard.ZstdCompressor(level=19).compress(
+        extract_file(sf, "graph.onnx", ref=(pkg / "base.onnx").read_bytes()))
+    assert e["length"] < 400 < len(plain)
+    with pytest.raises(FormatError, match="needs the bytes of base.onnx"):
+        extract_file(sf, "graph.onnx")
+    with pytest.raises(IntegrityError):
+        extract_file(sf, "graph.onnx", ref=(pkg / "base.onnx").read_bytes()[:-7] + b"x" * 7)
+
+
+def test_sized_probe_keeps_few_samples_and_still_catches_a_stale_upgrade(tmp_path, monkeypatch):
+    """A small package's probe keeps fewer than 4096 samples of a 16384-value output, stored
+    as int32 differences (no float arrays, no synthesized inputs), yet a stage whose weights
+    did not change is refused and the session keeps serving the stage before."""
+    src = tmp_path / "c.onnx"
+    onnx.save(wide_conv(), str(src))
+    pkg = tmp_path / "c.p2u"
+    p2u_onnx.encode(src, pkg, "4,8,lossless")
+    entry = load_manifest(pkg)["probe"]
+    assert entry["inputs_stored"] is False and entry["step"][0] > 0
+    assert 64 <= entry["samples"][0] < 4096
+    with np.load(pkg / "probe.npz") as z:
+        assert z.files == ["q"] and z["q"].dtype == np.int32
+        assert z["q"].shape == (3, entry["samples"][0])
+        assert np.abs(z["q"][2]).max() < np.abs(z["q"][0]).max()  # later rows: differences
+    assert all(st["gap"] >= 2 for st in entry["stages"][1:])  # stages still told apart
+    feed = {"x": np.random.default_rng(0).standard_normal((1, 8, 32, 32)).astype(np.float32)}
+    with ProgressiveSession(pkg) as s:
+        s.apply(pkg / "stage-1.p2u")
+        before = s.run(None, feed)[0]
+        stale = s._live.directory / "weights.bin"
+        advance = s._state.advance
+
+        def stale_advance(sf, path, pace=None, written=None):  # stage-1 weights land
+            advance(sf, path, pace, written)
+            shutil.copyfile(stale, path)
+
+        with monkeypatch.context() as m:
+            m.setattr(s._state, "advance", stale_advance)
+            with pytest.raises(PatchError, match="stage 2 did not take effect"):
+                s.apply(pkg / "stage-2.p2u")
+        assert s.stage == 1
+        np.testing.assert_array_equal(s.run(None, feed)[0], before)
+        assert s.upgrade(background=False) == 2  # the real stage 2 passes its probe
+
+
+def test_probe_grid_values_tampered_are_caught(tmp_path):
+    """The int32 outputs are covered by the probe's sha256, and values moved by more than the
+    tolerance fail the check on an honest session."""
+    from p2u_onnx.format import save_manifest
+    from p2u_onnx.format import sha256_file
+
+    src = tmp_path / "c.onnx"
+    onnx.save(wide_conv(), str(src))
+    pkg = tmp_path / "c.p2u"
+    p2u_onnx.encode(src, pkg, "4,8,lossless")
+    with np.load(pkg / "probe.npz") as z:
+        q = z["q"].copy()
+    q[2] += 64  # stage 2 moved by 64 grid steps = 8 tolerances
+    buf = io.BytesIO()
+    np.savez_compressed(buf, q=q)
+    (pkg / "probe.npz").write_bytes(buf.getvalue())
+    with pytest.raises(IntegrityError, match="probe.npz"):  # size or sha256
+        ProgressiveSession(pkg)
+    m = json.loads((pkg / "manifest.json").read_text())  # an attacker who reseals it
+    m["probe"].update(size=(pkg / "probe.npz").stat().st_size,
+                      sha256=sha256_file(pkg / "probe.npz"))
+    save_manifest(pkg, m)
+    with ProgressiveSession(pkg) as s, pytest.raises(PatchError, match="stage 2"):
+        s.upgrade(background=False)
+
+
+def stft_front(seed: int = 4) -> onnx.ModelProto:
+    """A windowed Fourier basis as a Conv1d weight (silero-vad's front end: values that
+    repeat across rows, cheap for zstd and dear as residuals), then a dense conv."""
+    n = 256
+    k = np.arange(n // 2 + 1)[:, None]
+    t = np.arange(n)[None, :]
+    window = np.hanning(n + 1)[:-1]
+    basis = np.concatenate([np.cos(2 * np.pi * k * t / n), -np.sin(2 * np.pi * k * t / n)])
+    basis = (basis * window).astype(np.float32)[:, None, :]  # [258, 1, 256]
+    rng = np.random.default_rng(seed)
+    mix = (rng.standard_normal((128, 258, 3)) / 28).astype(np.float32)  # silero's proportion
+    inits = [numpy_helper.from_array(basis, "basis"), numpy_helper.from_array(mix, "mix")]
+    nodes = [helper.make_node("Conv", ["x", "basis"], ["s"], strides=[128]),
+             helper.make_node("Abs", ["s"], ["a"]),
+             helper.make_node("Conv", ["a", "mix"], ["y"])]
+    g = helper.make_graph(nodes, "stft", [helper.make_tensor_value_info(
+        "x", TensorProto.FLOAT, [1, 1, 1024])], [helper.make_tensor_value_info(
+            "y", TensorProto.FLOAT, [1, 128, 5])], inits)
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    return m
+
+
+def test_structured_table_is_sent_as_it_is(tmp_path):
+    """A Fourier basis costs several times more as progressive residuals than as it is: it
+    goes to the base exact (no manifest tensor, no stage entry), the notes say so, and the
+    package is smaller than zstd -19 of the model (0.96x; coded, the basis made it 1.29x); the dense
+    tensor is still coded."""
+    src = tmp_path / "s.onnx"
+    onnx.save(stft_front(), str(src))
+    zstd19 = len(zstandard.ZstdCompressor(level=19).compress(src.read_bytes()))
+    res = p2u_onnx.encode(src, tmp_path / "s.p2u")
+    pkg = tmp_path / "s.p2u"
+    assert [t["name"] for t in res.manifest["tensors"]] == ["mix"]
+    assert res.manifest["source"]["coded_tensors"] == 1
+    assert res.manifest["source"]["coded_fp32_bytes"] == 4 * 128 * 258 * 3
+    assert any("1 tensor(s) sent as they are" in n for n in res.warnings), res.warnings
+    assert package_bytes(pkg) < zstd19, (package_bytes(pkg), zstd19)
+    assert p2u_onnx.verify(pkg)["lossless_match"]
+    x = {"x": np.random.default_rng(1).standard_normal((1, 1, 1024)).astype(np.float32)}
+    import onnxruntime as ort
+
+    want = ort.InferenceSession(str(src)).run(None, x)[0]
+    with ProgressiveSession(pkg) as s:
+        assert s.upgrade(background=False) == 2
+        np.testing.assert_array_equal(s.run(None, x)[0], want)
