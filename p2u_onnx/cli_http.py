@@ -44,12 +44,14 @@ def serve(package, host, port, rate, max_connections, idle_timeout, quiet) -> No
     what = "package" if (package / "manifest.json").is_file() else \
         "directory (no manifest.json: not a package)"
     pace = f", limited to {rate} ({_fmt_bytes(limit)}/s)" if limit else ""
-    click.echo(f"serving {what} {package} at {server.url}{pace}; Ctrl-C stops")
-    if host not in ("127.0.0.1", "::1", "localhost"):
-        click.echo("warning: p2u serve is a development server (no TLS, no access control); "
-                   "serve production traffic with nginx or a CDN (docs/delivery.md)", err=True)
     try:
-        with cleanup_on_sigterm():  # SIGTERM (a service manager's stop) as Ctrl-C: exit 0
+        # SIGTERM (a service manager's stop) as Ctrl-C, from before the first line: exit 0
+        with cleanup_on_sigterm():
+            click.echo(f"serving {what} {package} at {server.url}{pace}; Ctrl-C stops")
+            if host not in ("127.0.0.1", "::1", "localhost"):
+                click.echo("warning: p2u serve is a development server (no TLS, no access "
+                           "control); serve production traffic with nginx or a CDN "
+                           "(docs/delivery.md)", err=True)
             server.serve_forever()
     except KeyboardInterrupt:
         click.echo("stopped", err=True)
