@@ -56,7 +56,7 @@ __all__ = ["Held", "held_state", "apply_update", "encode_update", "restore_updat
 
 # The default plan of an update (delta tensors; new tensors start at NEW_BITS and refine by as
 # many bits per stage), and the delta's block size: chosen by measurement, docs/updates-format.md
-UPDATE_PLAN = "2,lossless"
+UPDATE_PLAN = "auto,lossless"
 DELTA_BLOCK = 256
 NEW_BITS = 4
 # which tensors are coded (the rest ride whole in the skeleton): smaller ones than in a full
@@ -68,6 +68,16 @@ _INT2 = 26  # onnx INT2: the container of 1-bit (sign) delta codes
 # replaced (a retrained head), not tuned: its first stage gets NEW_BITS, as a new tensor would
 # (measured: a digits head retrained alone reached 0.9852 at 2 bits, v2's 0.9907 at 4)
 REPLACED = 0.5
+# "auto" first stage: a changed tensor gets 1 bit (sign + scale) when the error the sign codes
+# leave in its value, ||new - stage0|| / ||new||, is at most SIGN_MAX_ERROR, else 2 bits.
+# Measured (docs/updates-format.md): 0.001-0.113 on every tensor of the digits fine-tunes
+# (where 1 bit reached v2's accuracy in 3.7% of fp32), 0.30 on the layer the head pair
+# retrained (where 1 bit lost 3.3% of accuracy); sign codes fit deltas with heavy tails badly.
+# Only against an exact model: against a lossy state (federated followers) the delta carries
+# the previous stage's error and at 1 bit the followers' weight error grew round after round
+# (3.5e-2 -> 8.1e-2 over 12 FedAvg rounds, accuracy up to 1.9% below; 2 bits: 2.5e-2 -> 2.5e-2)
+AUTO = "auto"
+SIGN_MAX_ERROR = 0.15
 
 
 @dataclasses.dataclass
@@ -442,7 +452,9 @@ class _UpdatePlan:
     stages: tuple[int | str, ...]
 
     def __post_init__(self) -> None:
-        bits = [b for b in self.stages if b != LOSSLESS]
+        if AUTO in self.stages[1:]:
+            raise PlanError("'auto' can only be the first stage (1 or 2 bits per tensor)")
+        bits = [2 if b == AUTO else b for b in self.stages if b != LOSSLESS]
         if not bits or self.stages[0] == LOSSLESS:
             raise PlanError("an update plan needs a lossy first stage (e.g. 2,lossless)")
         if LOSSLESS in self.stages[:-1]:
@@ -458,17 +470,29 @@ class _UpdatePlan:
         out: list[int | str] = []
         for part in text.split(","):
             part = part.strip().lower()
-            if part == LOSSLESS:
-                out.append(LOSSLESS)
+            if part in (LOSSLESS, AUTO):
+                out.append(part)
             elif part.isdigit():
                 out.append(int(part))
             else:
-                raise PlanError(f"bad stage {part!r} in plan {text!r} (bits or 'lossless')")
+                raise PlanError(f"bad stage {part!r} in plan {text!r} (bits, 'auto' first, or "
+                                "'lossless')")
         return cls(tuple(out))
 
     @property
+    def auto(self) -> bool:
+        """The first stage's bits are chosen per tensor (1 or 2, :func:`_first_bits`; always 2
+        against a lossy state)."""
+        return self.stages[0] == AUTO
+
+    @property
     def base_bits(self) -> int:
-        return int(self.stages[0])
+        return 2 if self.auto else int(self.stages[0])
+
+    @property
+    def recorded(self) -> list[str]:
+        """The plan as the manifest lists it (bit counts): ``auto`` is its upper bound, 2."""
+        return [str(self.base_bits if s == AUTO else s) for s in self.stages]
 
     @property
     def lossless(self) -> bool:
@@ -494,6 +518,24 @@ def _sign_codes(xs: np.ndarray, origin: np.ndarray, info) -> Any:
     scale = np.where(mean > 0, info.round_scale(np.maximum(mean, info.scale_tiny)
                                                 .astype(np.float32)), np.float32(0))
     return qz.BaseCodes(codes, scale.astype(np.float32), None, 1)
+
+
+def _first_bits(layout, x: np.ndarray, r: np.ndarray, info) -> int:
+    """1 when sign codes (:func:`_sign_codes`) leave at most :data:`SIGN_MAX_ERROR` of the
+    tensor's norm as error in its first-stage value, else 2: the measured criterion of the
+    ``auto`` first stage (docs/updates-format.md)."""
+    xs = np.ascontiguousarray(layout.to_blocks(x))
+    rs = np.ascontiguousarray(layout.to_blocks(r))
+    code = _sign_codes(xs, rs, info)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = info.to_compute(xs).astype(np.float64)
+        y = info.to_compute(rs).astype(np.float64) + \
+            code.codes.astype(np.float64) * code.scale.astype(np.float64)[:, None]
+    ok = np.isfinite(a) & np.isfinite(y)
+    norm = float(np.sqrt(np.sum(a[ok] ** 2)))
+    if norm == 0:
+        return 1
+    return 1 if float(np.sqrt(np.sum((a[ok] - y[ok]) ** 2))) / norm <= SIGN_MAX_ERROR else 2
 
 
 def _relative_change(x: np.ndarray, r: np.ndarray, info) -> float:
@@ -624,11 +666,13 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                 row["layout"] = qz.Layout(s.shape, "tensor").to_json()
             else:
                 layout = _delta_layout(s.layout, delta_block) if kind == "delta" else s.layout
-                b0 = int(plan.stages[0]) if kind == "delta" else new_bits
+                b0 = plan.base_bits if kind == "delta" else new_bits
                 if kind == "delta" and _relative_change(x, r, info) > REPLACED:
                     b0 = max(b0, new_bits)  # replaced rather than tuned: as many bits as new
+                elif kind == "delta" and plan.auto and held.exact:
+                    b0 = _first_bits(layout, x, r, info)
                 stages = [st if st == LOSSLESS else int(st) - plan.base_bits + b0
-                          for st in plan.stages]
+                          for st in plan.recorded]
                 blocks = np.ascontiguousarray(layout.to_blocks(x))
                 origin = None if r is None else np.ascontiguousarray(layout.to_blocks(r))
                 code = code_chunk(blocks, info, stages, symmetric=True,
@@ -679,9 +723,11 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
         "predecessor": pred,
         "source": {"name": mname, "weights_sha256": digest, "weight_bytes": weight_bytes,
                    "fp32_equivalent_bytes": fp32_bytes, "coded_tensors": len(selected)},
-        "plan": [str(s) for s in plan.stages],
+        "plan": plan.recorded,
         "config": {**dataclasses.asdict(config), "delta_block": delta_block,
-                   "new_bits": new_bits},
+                   "new_bits": new_bits,
+                   **({"first_bits": AUTO, "sign_max_error": SIGN_MAX_ERROR}
+                      if plan.auto else {})},
         "base_model": {"files": [
             {"path": "base.bin", "size": len(base_bin), "sha256": hashlib.sha256(
                 base_bin).hexdigest()},
@@ -697,7 +743,7 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
         wr.extra[BINDING_KEY] = binding
         size, sha = wr.finish()
         cum += size
-        stages.append({"index": k, "bits": plan.stages[k],
+        stages.append({"index": k, "bits": plan.recorded[k],
                        "files": [{"path": stage_file_name(k), "size": size, "sha256": sha}],
                        "bytes": size, "cumulative_bytes": cum,
                        "max_abs_error": err[k], "max_rel_error": rel[k]})

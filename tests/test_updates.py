@@ -119,6 +119,46 @@ def test_finetune_update_every_stage_and_exact(tmp_path):
     assert m["stages"][0]["max_abs_error"] == pytest.approx(errs[0], rel=1e-6)
 
 
+def test_auto_first_stage_bits_per_tensor(tmp_path):
+    """The default first stage gives 1 bit (sign + scale) to a tensor whose sign codes leave
+    little error, 2 bits to one whose delta has heavy tails (a retrained layer): by the
+    measured criterion, and the choice is the better one on that tensor."""
+    from p2u_onnx.updates import SIGN_MAX_ERROR
+
+    v1 = _mlp(hidden=256)
+    v2 = _moved(v1, scale=0.01, only=("W1",))
+    rng = np.random.default_rng(7)
+    w2 = numpy_helper.to_array(v2.graph.initializer[2])
+    heavy = rng.standard_t(1.5, w2.shape) * 0.05 * np.abs(w2).mean()
+    v2.graph.initializer[2].CopyFrom(numpy_helper.from_array(
+        (w2 + heavy).astype(np.float32), "W2"))
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    held = held_state(p1)
+    errs, rows = {}, {}
+    for plan in ("auto,lossless", "1,lossless", "2,lossless"):
+        out = tmp_path / f"u-{plan[0]}.p2u"
+        m = encode_update(p2, out, held, plan=plan).manifest
+        rows[plan] = {t["name"]: t for t in m["tensors"]}
+        st0 = apply_update(out, held, 0)
+        errs[plan] = {n: float(np.linalg.norm(st0.get(n).astype(np.float64) -
+                                              numpy_helper.to_array(i).astype(np.float64)))
+                      / float(np.linalg.norm(numpy_helper.to_array(i)))
+                      for i in v2.graph.initializer for n in [i.name] if n in ("W1", "W2")}
+        new = apply_update(out, held)  # every plan restores v2 bit for bit
+        assert new.exact and weights_digest(new.model) == weights_digest(v2)
+    auto = rows["auto,lossless"]
+    assert auto["W1"]["update"] == auto["W2"]["update"] == "delta"
+    assert auto["W1"]["bits"] == 1 and auto["W2"]["bits"] == 2
+    assert auto["W1"]["base"]["code_type"] == 26  # signs in INT2 containers
+    # the criterion: W1's 1-bit error is within the bound, W2's is not
+    assert errs["1,lossless"]["W1"] <= SIGN_MAX_ERROR < errs["1,lossless"]["W2"]
+    # auto is 1-bit where it chose 1 and 2-bit where it chose 2 (same values at stage 0)
+    assert errs["auto,lossless"]["W1"] == errs["1,lossless"]["W1"]
+    assert errs["auto,lossless"]["W2"] == errs["2,lossless"]["W2"] < errs["1,lossless"]["W2"]
+    with pytest.raises(PlanError, match="auto"):
+        encode_update(p2, tmp_path / "bad.p2u", held, plan="2,auto,lossless")
+
+
 def test_unchanged_tensors_cost_nothing(tmp_path):
     v1 = _mlp(hidden=256)
     v2 = _moved(v1, only=("W2",))  # a new head: only the last layer changes
@@ -135,7 +175,9 @@ def test_unchanged_tensors_cost_nothing(tmp_path):
     assert {e["name"] for e in last.entries} == {"W2"}
     new = apply_update(tmp_path / "u.p2u", held_state(p1))
     assert new.exact and weights_digest(new.model) == weights_digest(v2)
-    assert next(t for t in m["tensors"] if t["name"] == "W2")["bits"] == 2  # tuned: 2 bits
+    # tuned by small gaussian steps: sign codes fit, the auto first stage gives 1 bit
+    assert next(t for t in m["tensors"] if t["name"] == "W2")["bits"] == 1
+    assert m["plan"] == ["2", "lossless"] and m["config"]["first_bits"] == "auto"
     # a head replaced (retrained from scratch) gets the bits of a new tensor at stage 0
     v3 = _mlp(hidden=256)
     v3.graph.initializer[2].CopyFrom(numpy_helper.from_array(
@@ -259,9 +301,12 @@ def test_chain_and_federated_rounds(tmp_path):
             pred = m["predecessor"]
             assert (pred["package_id"], pred["stage"]) == (held.package_id, 0)
             assert "weights_sha256" not in pred
+        # the auto first stage: 1 bit against the exact v0, 2 bits against lossy states
+        assert {t["bits"] for t in m["tensors"] if t["update"] == "delta"} == \
+            ({1} if r == 1 else {2})
         held = apply_update(u, held, 0)
         errs.append(_err(held.model, v[r]))
-    assert max(errs) < 2 * min(errs)
+    assert errs[2] < 1.5 * errs[1] and errs[1] < errs[0]  # not growing
     # the server restores the last round exactly from the clients' lossy chain
     exact = apply_update(tmp_path / "round3.p2u",
                          held_state([paths[0], tmp_path / "round1.p2u",
