@@ -104,7 +104,7 @@ from .format import (
 from .external import check_base_graph, graph_size_limit
 from .format import package_file
 from .probe import Probe, read_probe_file
-from .reconstruct import WeightState, extract_file, read_into, weights_size
+from .reconstruct import WeightState, extract_file, extract_update_files, read_into, weights_size
 from .trust import Policy, TrustSpec, check_signature, read_manifest_bytes, read_signature
 
 __all__ = ["BytesSource", "DirectorySource", "ProgressiveSession", "StageSource", "open_stage",
@@ -1024,7 +1024,6 @@ class ProgressiveSession:
         session holds into a new session, checked and swapped in. On any error nothing
         changes."""
         manifest = src.manifest
-        entries = _base_entries(manifest)
         d = Path(tempfile.mkdtemp(prefix="update-0-", dir=self._dir))
         live = _Live(None, 0, d)
         try:
@@ -1034,13 +1033,9 @@ class ProgressiveSession:
                               _largest_stage(manifest)) as (copy, digest):
                 sf = open_stage(copy, manifest, 0, self._pace, digest=digest)
                 check_update_stage0(sf)
-                parts = {}
-                for name in ("base.bin", "graph.onnx"):
-                    data = extract_file(sf, name, size=entries[name]["size"])
-                    if hashlib.sha256(data).hexdigest() != entries[name]["sha256"]:
-                        raise IntegrityError(f"{name} inside stage 0 of the update does not "
-                                             "match its manifest")
-                    parts[name] = data
+                skel = self._dir / "graph.onnx"  # the skeleton this session holds, if any
+                parts = extract_update_files(sf, manifest, lambda: skel.read_bytes()
+                                             if skel.exists() else None)
                 del sf
             (d / "base.bin").write_bytes(parts["base.bin"])
             state = WeightState(manifest, d / "base.bin", predecessor=self._held_tensors())

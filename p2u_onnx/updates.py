@@ -39,7 +39,7 @@ import onnx
 from onnx import ModelProto
 
 from . import _workdir, passes
-from .codecs import SegmentsCodec, ZstdCodec
+from .codecs import SegmentsCodec, ZstdCodec, zstd_compress_against
 from .config import LOSSLESS, Plan, QuantConfig
 from .dtypes import dtype_info
 from .errors import FormatError, IntegrityError, P2UError, PlanError
@@ -49,7 +49,8 @@ from .format import (BINDING_KEY, UPDATE_FORMAT_VERSION, AtomicFile, StageWriter
 from .format import check_predecessor as _check_pred
 from .format import check_update_stage0
 from .graph import iter_slots
-from .reconstruct import GROUPS, PLANES, WeightState, code_chunk, extract_file, pack_codes
+from .reconstruct import (GROUPS, PLANES, WeightState, code_chunk, extract_update_files,
+                          pack_codes)
 
 __all__ = ["Held", "held_state", "apply_update", "encode_update", "restore_update",
            "verify_update", "UPDATE_PLAN", "DELTA_BLOCK", "binding_of", "check_predecessor"]
@@ -100,6 +101,7 @@ class Held:
     name: str | None = None
     version: int | None = None
     model: ModelProto | None = None
+    graph: bytes | None = None  # the skeleton graph a device in this state holds, if known
 
     @property
     def exact(self) -> bool:
@@ -181,7 +183,8 @@ def _package_held(package: Path, manifest: dict[str, Any], stage: int | None,
                                  "source weights")
     get, names = _with_model(state, manifest, model)
     return Held(get, names, digest, manifest["package_id"], k, label,
-                manifest.get("name"), manifest.get("version"), model)
+                manifest.get("name"), manifest.get("version"), model,
+                state.graph_bytes if k >= 1 else None)
 
 
 def _with_model(state: WeightState, manifest: dict[str, Any], model: ModelProto | None,
@@ -301,14 +304,7 @@ def update_state(package: str | os.PathLike, held: Held, stage: int | None = Non
     check_predecessor(manifest, held, str(package))
     sf0 = _stage_file(package, manifest, 0)
     check_update_stage0(sf0, f"stage 0 of {package}")
-    files = {f["path"]: f for f in manifest["base_model"]["files"]}
-    parts = {}
-    for name in ("base.bin", "graph.onnx"):
-        data = extract_file(sf0, name, size=files[name]["size"])
-        if hashlib.sha256(data).hexdigest() != files[name]["sha256"]:
-            raise IntegrityError(f"{name} inside stage 0 of {package} differs from what the "
-                                 "manifest lists")
-        parts[name] = data
+    parts = extract_update_files(sf0, manifest, lambda: held.graph)
     state = WeightState(manifest, parts["base.bin"], predecessor=lambda t: held.get(t["name"]))
     state.check_skeleton(parts["graph.onnx"])
     state.graph_bytes = parts["graph.onnx"]
@@ -340,7 +336,7 @@ def apply_update(update: str | os.PathLike, held: Held, stage: int | None = None
                                  "model's weights")
     get, names = _with_model(state, manifest, model if exact else None)
     return Held(get, names, digest, manifest["package_id"], k, str(package),
-                manifest.get("name"), manifest.get("version"), model)
+                manifest.get("name"), manifest.get("version"), model, state.graph_bytes)
 
 
 def restore_update(update: str | os.PathLike, output: str | os.PathLike,
@@ -568,7 +564,7 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
                   new_bits: int = NEW_BITS, config: QuantConfig = UPDATE_CONFIG,
                   overwrite: bool = False, name: str | None = None,
                   version: int | None = None, expect: str | None = None,
-                  trust=None, probe: bool = True):
+                  trust=None, probe: bool = True, ship_graph: bool = False):
     """Encode ``model`` (v2) as an update package against ``base_from`` (v1: anything
     :func:`held_state` takes; a full package at ``from_stage``, default its last stage).
 
@@ -578,7 +574,11 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
     tensor's delta with 3 bits per value on blocks of ``delta_block``, stage 1 restores every
     bit); new tensors start at ``new_bits`` and refine as many bits per stage. ``probe``
     records each stage's outputs on synthesized inputs, which a live session checks
-    (:meth:`~p2u_onnx.runtime.ProgressiveSession.update`). Returns an
+    (:meth:`~p2u_onnx.runtime.ProgressiveSession.update`). When the skeleton graph a device in
+    the predecessor state holds is known (``base_from`` is a package at stage >= 1 or an
+    update), the new skeleton is coded against it (what did not change costs almost nothing)
+    and the update is bound to it: a device holding another skeleton of the same model is
+    refused. ``ship_graph`` ships the skeleton whole instead (any route to the model). Returns an
     :class:`~p2u_onnx.encoder.EncodeResult`.
     """
     from .encoder import EncodeResult, _identity, _install, _output_path, load_model, \
@@ -603,14 +603,17 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
     pred = binding_of(held)
     package_id = hashlib.sha256(
         f"{digest}|{json.dumps(pred, sort_keys=True)}|{plan}|{config}|{delta_block}|"
-        f"{new_bits}|{UPDATE_FORMAT_VERSION}".encode()).hexdigest()[:32]
+        f"{new_bits}|{UPDATE_FORMAT_VERSION}|"
+        f"{'' if ship_graph or held.graph is None else hashlib.sha256(held.graph).hexdigest()}"
+        .encode()).hexdigest()[:32]
     try:
         tmp = _workdir.make_dir(out.parent, f".{out.name}.", 0o777)
     except OSError as e:
         raise P2UError(f"cannot write package {out}: {e.strerror or e}") from e
     try:
         manifest = _encode_into(m, mname, tmp, held, plan, config, delta_block, new_bits,
-                                package_id, pred, digest, ident, probe)
+                                package_id, pred, digest, ident, probe,
+                                None if ship_graph else held.graph)
         _install(tmp, out)
     except BaseException:
         _workdir.remove_tree(tmp)
@@ -621,7 +624,7 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
 def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                  config: QuantConfig, delta_block: int, new_bits: int, package_id: str,
                  pred: dict[str, Any], digest: str, ident: tuple[str, int],
-                 probe: bool = True) -> dict[str, Any]:
+                 probe: bool = True, reference: bytes | None = None) -> dict[str, Any]:
     from .encoder import fp32_equivalent_bytes, slot_nbytes, tensor_array
     from . import quantizers as qz
 
@@ -712,10 +715,18 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
     base_bin = (tmp / "base.bin").read_bytes()
     bin_codec = SegmentsCodec(level=19, segments=segments)
     gz = ZstdCodec(level=19)
-    for fname, data, codec in (("base.bin", base_bin, bin_codec), ("graph.onnx", graph, gz)):
+    coded_graph = gz.encode(graph)
+    if reference is not None:  # the skeleton against the one the device holds, if smaller
+        against = zstd_compress_against(graph, reference)
+        if len(against) < len(coded_graph):
+            coded_graph = against
+        else:
+            reference = None
+    for fname, data, codec, coded in (("base.bin", base_bin, bin_codec, None),
+                                      ("graph.onnx", graph, gz, coded_graph)):
         writers[0].add({"kind": "file", "name": fname, "codec": codec.get_config(),
                         "raw_length": len(data), "sha256": hashlib.sha256(data).hexdigest()},
-                       codec.encode(data))
+                       codec.encode(data) if coded is None else coded)
     stages: list[dict[str, Any]] = []
     manifest: dict[str, Any] = {
         "format": "p2u", "format_version": UPDATE_FORMAT_VERSION, "package_id": package_id,
@@ -732,7 +743,8 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
             {"path": "base.bin", "size": len(base_bin), "sha256": hashlib.sha256(
                 base_bin).hexdigest()},
             {"path": "graph.onnx", "size": len(graph), "sha256": hashlib.sha256(
-                graph).hexdigest()}]},
+                graph).hexdigest(), **({} if reference is None else
+                                       {"reference": hashlib.sha256(reference).hexdigest()})}]},
         "tensors": tensors,
         "stages": stages,
     }

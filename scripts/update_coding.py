@@ -121,6 +121,9 @@ def main() -> None:
     ap.add_argument("--vectors", action="store_true", help="code 1-D tensors too")
     ap.add_argument("--rounds", default=None, metavar="DIR",
                     help="federated followers over DIR/round-*.onnx instead (v1 v2 ignored)")
+    ap.add_argument("--package", action="store_true",
+                    help="the device holds v1 through its full p2u package (default settings): "
+                         "the update codes the skeleton against that package's")
     args = ap.parse_args()
     if args.rounds:
         return followers(args.rounds, args.plans)
@@ -132,7 +135,15 @@ def main() -> None:
     if args.min_elements is not None or args.vectors:
         config = QuantConfig(min_elements=args.min_elements or config.min_elements,
                              quantize_vectors=args.vectors)
-    held = held_state(args.v1, config=config)
+    pkg_dir = tempfile.mkdtemp(prefix="update-coding-")
+    if args.package:
+        from p2u_onnx import encode
+
+        pkg = encode(args.v1, Path(pkg_dir) / "v1.p2u").path
+        held = held_state(str(pkg), config=config)
+        print(f"v1 held through its full package ({held.describe()})")
+    else:
+        held = held_state(args.v1, config=config)
     v1acc, v2acc = accuracy(onnx.load(args.v1)), accuracy(onnx.load(args.v2))
     print(f"v1 accuracy {v1acc:.4f}   v2 accuracy {v2acc:.4f}   v2 fp32 bytes {fp32}")
     print(f"anchors: xor+bytegroup+zstd19 {anc['xor_zstd']} ({anc['xor_zstd'] / fp32:.2%})   "
@@ -164,6 +175,7 @@ def main() -> None:
                       f"{total:>8} ({total / fp32:6.2%}) {dt:>9} {dt / best:13.3f}x  {enc:5.2f}  "
                       f"{bits.count(1)}/{bits.count(2)}/{bits.count(4)}")
                 shutil.rmtree(out)
+    shutil.rmtree(pkg_dir)
 
 
 if __name__ == "__main__":

@@ -264,8 +264,18 @@ def test_from_full_package_exact_and_lossy_stage(tmp_path):
                                 "name": "mlp", "version": 1}
     out = restore_update(tmp_path / "ux.p2u", tmp_path / "a.onnx", pkg)
     assert weights_digest(onnx.load(str(out))) == weights_digest(v2)
-    # ... which a device that holds v1 from its .onnx file holds too
-    out = restore_update(tmp_path / "ux.p2u", tmp_path / "b.onnx", p1)
+    # the graph did not change: the skeleton is coded against the package's, bound by its
+    # sha256, so a device that holds v1 from its .onnx file (no such skeleton) is refused ...
+    ref = m["base_model"]["files"][1]
+    assert ref["path"] == "graph.onnx" and len(ref["reference"]) == 64
+    with pytest.raises(IntegrityError, match="reuses the skeleton graph .* has no skeleton"):
+        restore_update(tmp_path / "ux.p2u", tmp_path / "b.onnx", p1)
+    # ... and takes the update with the skeleton shipped whole, one that holds v1 exact too
+    ms = encode_update(p2, tmp_path / "us.p2u", pkg, ship_graph=True).manifest
+    assert "reference" not in ms["base_model"]["files"][1]
+    assert ms["stages"][0]["bytes"] > m["stages"][0]["bytes"] + 100  # what reuse saves
+    assert ms["predecessor"] == m["predecessor"] and ms["package_id"] != m["package_id"]
+    out = restore_update(tmp_path / "us.p2u", tmp_path / "b.onnx", p1)
     assert weights_digest(onnx.load(str(out))) == weights_digest(v2)
     # lossy: devices that stopped at stage 0 of the package
     m = encode_update(p2, tmp_path / "u0.p2u", pkg, from_stage=0).manifest
@@ -286,9 +296,18 @@ def test_chain_and_federated_rounds(tmp_path):
     paths = [_save(m, tmp_path / f"v{i}.onnx") for i, m in enumerate(v)]
     encode_update(paths[1], tmp_path / "u01.p2u", paths[0])
     # v2 against v1 as a device reached it through u01: same digest, so the same binding
+    # (coded against u01's skeleton, which the device holds: bound to it)
     encode_update(paths[2], tmp_path / "u12.p2u", [paths[0], tmp_path / "u01.p2u"])
+    out = restore_update(tmp_path / "u12.p2u", tmp_path / "r.onnx",
+                         [paths[0], tmp_path / "u01.p2u"])
+    assert weights_digest(onnx.load(str(out))) == weights_digest(v[2])
+    with pytest.raises(IntegrityError, match="reuses the skeleton graph"):
+        restore_update(tmp_path / "u12.p2u", tmp_path / "r.onnx", paths[1])
+    # with the skeleton shipped whole it applies to v2 whatever way it was reached
+    encode_update(paths[2], tmp_path / "u12s.p2u", [paths[0], tmp_path / "u01.p2u"],
+                  ship_graph=True)
     for source in ([paths[0], tmp_path / "u01.p2u"], paths[1]):
-        out = restore_update(tmp_path / "u12.p2u", tmp_path / "r.onnx", source)
+        out = restore_update(tmp_path / "u12s.p2u", tmp_path / "r.onnx", source)
         assert weights_digest(onnx.load(str(out))) == weights_digest(v[2])
     # federated: clients follow each round at its first update stage; the next round is coded
     # against exactly that state (package id + stage 0), so errors do not pile up
@@ -584,3 +603,26 @@ def test_one_bit_first_stage(tmp_path):
     # the manifest is compact JSON and still validates (and pins: it is what is hashed)
     raw = (tmp_path / "u1.p2u" / "manifest.json").read_bytes()
     assert b", " not in raw and parse_manifest(raw)["plan"] == ["1", "lossless"]
+
+
+def test_cli_ship_graph(tmp_path):
+    """`--from v1.p2u` codes the skeleton against the package's (bound); `--ship-graph` ships
+    it whole, so a device holding v1 from its .onnx file can take it."""
+    v1, v2 = _mlp(hidden=256), _moved(_mlp(hidden=256))
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    encode(p1, tmp_path / "v1.p2u", "4,lossless", budget=FAST, probe=False)
+    run = CliRunner().invoke
+    for out, extra in (("u.p2u", []), ("us.p2u", ["--ship-graph"])):
+        r = run(main, ["encode", p2, "-o", str(tmp_path / out), "--from",
+                       str(tmp_path / "v1.p2u"), "-q", *extra])
+        assert r.exit_code == 0, r.output
+    files = [load_manifest(tmp_path / u)["base_model"]["files"][1] for u in ("u.p2u", "us.p2u")]
+    assert "reference" in files[0] and "reference" not in files[1]
+    r = run(main, ["restore", str(tmp_path / "u.p2u"), "--from", p1, "-o",
+                   str(tmp_path / "a.onnx")])
+    assert r.exit_code != 0 and "reuses the skeleton graph" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "a.onnx").exists()
+    r = run(main, ["restore", str(tmp_path / "us.p2u"), "--from", p1, "-o",
+                   str(tmp_path / "b.onnx")])
+    assert r.exit_code == 0, r.output
+    assert weights_digest(onnx.load(str(tmp_path / "b.onnx"))) == weights_digest(v2)
