@@ -626,3 +626,38 @@ def test_cli_ship_graph(tmp_path):
                    str(tmp_path / "b.onnx")])
     assert r.exit_code == 0, r.output
     assert weights_digest(onnx.load(str(tmp_path / "b.onnx"))) == weights_digest(v2)
+
+
+def test_live_update_keeps_inplace(live_pair, tmp_path):
+    """An inplace session stays inplace through an update: stage 0 in a weights file of its
+    own given to onnxruntime by name, the later stages patched into the live session (no new
+    session), every run answered by one state, v2 bit for bit at the end."""
+    import threading
+
+    from p2u_onnx.runtime import ProgressiveSession
+
+    d, v, outs = live_pair
+    with ProgressiveSession(d / "v1.p2u", workdir=tmp_path / "w", strategy="inplace") as s:
+        s.upgrade(background=False)
+        assert s._strategy == "inplace"
+        held = held_state(d / "v1.p2u")
+        states = [outs[0]] + [_run(apply_update(d / "u12.p2u", held, k).model, X)
+                              for k in (0, 1)] + [outs[1]]
+        stop, seen = threading.Event(), []
+        t = threading.Thread(target=_serving, args=(s, states, seen, stop))
+        t.start()
+        try:
+            assert s.update(d / "u12.p2u", until=0) == 0
+            assert s._strategy == "inplace"
+            session = s._live.session
+            assert s.upgrade(background=False) == 2
+            assert s._live.session is session  # patched in place, not rebuilt
+        finally:
+            stop.set()
+            t.join()
+        assert np.array_equal(s.run(None, {"x": X})[0], outs[1])
+        assert seen and -1 not in seen and seen == sorted(seen), seen[:50]
+        # only the current stage's weights file is left in the session's folder
+        assert [p.name for p in s._dir.glob("weights-*.bin")] == ["weights-2.bin"]
+        assert s.update(d / "u23.p2u") == 1 and s._strategy == "inplace"
+        assert np.array_equal(s.run(None, {"x": X})[0], outs[2])
