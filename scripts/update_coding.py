@@ -121,12 +121,24 @@ def main() -> None:
     ap.add_argument("--vectors", action="store_true", help="code 1-D tensors too")
     ap.add_argument("--rounds", default=None, metavar="DIR",
                     help="federated followers over DIR/round-*.onnx instead (v1 v2 ignored)")
+    ap.add_argument("--graft", default=None, metavar="PREFIX",
+                    help="v2 is v1 with only the tensors whose names start with PREFIX taken "
+                         "from V2 (e.g. classifier.4: a head retrained alone)")
     ap.add_argument("--package", action="store_true",
                     help="the device holds v1 through its full p2u package (default settings): "
                          "the update codes the skeleton against that package's")
     args = ap.parse_args()
     if args.rounds:
         return followers(args.rounds, args.plans)
+    pkg_dir = tempfile.mkdtemp(prefix="update-coding-")
+    if args.graft:
+        m1, m2 = onnx.load(args.v1), onnx.load(args.v2)
+        new = {i.name: i for i in m2.graph.initializer}
+        for i in m1.graph.initializer:
+            if i.name.startswith(args.graft):
+                i.CopyFrom(new[i.name])
+        args.v2 = str(Path(pkg_dir) / "grafted.onnx")
+        onnx.save(m1, args.v2)
     anc = anchors(args.v1, args.v2)
     fp32 = anc["fp32"]
     from p2u_onnx.updates import UPDATE_CONFIG
@@ -135,7 +147,6 @@ def main() -> None:
     if args.min_elements is not None or args.vectors:
         config = QuantConfig(min_elements=args.min_elements or config.min_elements,
                              quantize_vectors=args.vectors)
-    pkg_dir = tempfile.mkdtemp(prefix="update-coding-")
     if args.package:
         from p2u_onnx import encode
 
