@@ -292,8 +292,10 @@ class StageWriter:
         self._size += len(data)
 
     def _header(self, start: int) -> bytes:
-        entries = [dict(e, location=self.path.name, offset=e["offset"] + start)
-                   for e in self.entries]
+        # (format 3, updates: no "location", which can only name this file anyway; a small
+        # update pays for every byte of its headers)
+        loc = {} if self.version >= UPDATE_FORMAT_VERSION else {"location": self.path.name}
+        entries = [dict(e, **loc, offset=e["offset"] + start) for e in self.entries]
         head = {
             "format_version": self.version,
             "package_id": self.package_id,
