@@ -1065,9 +1065,13 @@ class ProgressiveSession:
                 data = src.probe_bytes()
                 if data is None:
                     raise IntegrityError("the update lists a probe its source does not have")
+            before = anonymous_regions()
             with lowered_priority():
                 live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
                                                     providers=self._providers)
+            # huge pages under what the build allocated, as _rebuild does: the session's
+            # release at the next stage's swap is then quick
+            collapse_to_huge_pages(anonymous_regions() - before, self._pace)
             if self._verify and manifest.get("probe"):
                 probe = Probe(manifest["probe"], data, live.session.get_inputs())
                 probe.check(live.session.run, 0)
