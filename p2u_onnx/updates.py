@@ -625,7 +625,7 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                  config: QuantConfig, delta_block: int, new_bits: int, package_id: str,
                  pred: dict[str, Any], digest: str, ident: tuple[str, int],
                  probe: bool = True, reference: bytes | None = None) -> dict[str, Any]:
-    from .encoder import fp32_equivalent_bytes, slot_nbytes, tensor_array
+    from .encoder import CHUNK_ELEMENTS, fp32_equivalent_bytes, slot_nbytes, tensor_array
     from . import quantizers as qz
 
     fp32_bytes = fp32_equivalent_bytes(m)
@@ -678,34 +678,52 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                           for st in plan.recorded]
                 blocks = np.ascontiguousarray(layout.to_blocks(x))
                 origin = None if r is None else np.ascontiguousarray(layout.to_blocks(r))
-                code = code_chunk(blocks, info, stages, symmetric=True,
-                                  clip_search=True, origin=origin, exact_plain=True,
-                                  base=_sign_codes(blocks, origin, info) if b0 == 1 else None)
-                if plan.lossless and not np.array_equal(
-                        np.ascontiguousarray(code.final).view(np.uint8),
-                        blocks.view(np.uint8)):
-                    raise P2UError(f"internal error: the update does not restore {s.slot.key}")
-                for k, e in enumerate(code.max_err):
+                # one stage entry per run of at most CHUNK_ELEMENTS values, as in full
+                # packages: a device decodes entry by entry, taking turns with inferences (one
+                # entry of a 16.7M-value tensor held a run of the 100M model up for > 1 s)
+                per = max(1, CHUNK_ELEMENTS // layout.block_len)
+                codes_l, scales_l = [], []
+                max_err, abs_max = [0.0] * n, 0.0
+                for c0 in range(0, len(blocks), per):
+                    c1 = min(c0 + per, len(blocks))
+                    xb = blocks[c0:c1]
+                    ob = None if origin is None else origin[c0:c1]
+                    code = code_chunk(xb, info, stages, symmetric=True,
+                                      clip_search=True, origin=ob, exact_plain=True,
+                                      base=_sign_codes(xb, ob, info) if b0 == 1 else None)
+                    if plan.lossless and not np.array_equal(
+                            np.ascontiguousarray(code.final).view(np.uint8),
+                            np.ascontiguousarray(xb).view(np.uint8)):
+                        raise P2UError("internal error: the update does not restore "
+                                       f"{s.slot.key}")
+                    max_err = [max(a, e) for a, e in zip(max_err, code.max_err)]
+                    abs_max = max(abs_max, code.abs_max)
+                    shift = 0
+                    for k, bits in enumerate(plan.stages[1:], start=1):
+                        if bits != LOSSLESS:
+                            shift = int(bits) - plan.base_bits
+                        codec = (GROUPS if bits == LOSSLESS else PLANES) \
+                            if code.codecs is None else code.codecs[k - 1]
+                        writers[k].add({"kind": "exact" if bits == LOSSLESS else "refine",
+                                        "name": s.slot.key, "blocks": [c0, c1],
+                                        "shift": shift, "codec": codec.get_config()},
+                                       code.payloads[k - 1])
+                    codes_l.append(code.base.codes)
+                    scales_l.append(code.base.scale)
+                    del code
+                for k, e in enumerate(max_err):
                     err[k] = max(err[k], e)
-                    if code.abs_max > 0:
-                        rel[k] = max(rel[k], e / code.abs_max)
-                shift = 0
-                for k, bits in enumerate(plan.stages[1:], start=1):
-                    if bits != LOSSLESS:
-                        shift = int(bits) - plan.base_bits
-                    codec = (GROUPS if bits == LOSSLESS else PLANES) if code.codecs is None \
-                        else code.codecs[k - 1]
-                    writers[k].add({"kind": "exact" if bits == LOSSLESS else "refine",
-                                    "name": s.slot.key, "blocks": [0, layout.n_blocks],
-                                    "shift": shift, "codec": codec.get_config()},
-                                   code.payloads[k - 1])
+                    if abs_max > 0:
+                        rel[k] = max(rel[k], e / abs_max)
+                base_codes = np.concatenate(codes_l) if len(codes_l) > 1 else codes_l[0]
+                base_scale = np.concatenate(scales_l) if len(scales_l) > 1 else scales_l[0]
                 ctype = _INT2 if b0 == 1 else passes.code_type(b0, 99)[0]
-                packed = pack_codes(layout.from_blocks(code.base.codes), ctype)
+                packed = pack_codes(layout.from_blocks(base_codes), ctype)
                 row.update({
                     "layout": layout.to_json(), "bits": b0,
                     "base": {"codes": bins.add(packed, "symbols"),
                              "scale": bins.add(np.ascontiguousarray(layout.blocks_to_scales(
-                                 info.scale_to_storage(code.base.scale))).tobytes(),
+                                 info.scale_to_storage(base_scale))).tobytes(),
                                  f"planes{info.scale_storage.itemsize}"),
                              "code_type": ctype}})
             passes.set_external(t, "weights.bin", row["weights"])

@@ -661,3 +661,27 @@ def test_live_update_keeps_inplace(live_pair, tmp_path):
         assert [p.name for p in s._dir.glob("weights-*.bin")] == ["weights-2.bin"]
         assert s.update(d / "u23.p2u") == 1 and s._strategy == "inplace"
         assert np.array_equal(s.run(None, {"x": X})[0], outs[2])
+
+
+def test_big_tensor_entries_in_runs(tmp_path):
+    """A tensor of more than CHUNK_ELEMENTS values is coded in several stage entries (runs of
+    blocks, as full packages do: a device decodes entry by entry between inferences), and
+    restores bit for bit at every stage count."""
+    from p2u_onnx.encoder import CHUNK_ELEMENTS
+
+    v1 = _mlp(hidden=5000)  # W1 64 x 5000 = 320,000 values
+    v2 = _moved(v1, only=("W1",))
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    for plan in ("auto,lossless", "2,6,lossless"):
+        out = tmp_path / f"u{plan[0]}.p2u"
+        m = encode_update(p2, out, p1, plan=plan).manifest
+        row = next(t for t in m["tensors"] if t["name"] == "W1")
+        assert row["update"] == "delta"
+        last = read_stage(out / f"stage-{len(m['stages']) - 1}.p2u")
+        runs = [e["blocks"] for e in last.entries if e["name"] == "W1"]
+        assert len(runs) >= 2 and runs[0][0] == 0 and \
+            all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        assert row["layout"]["mode"] == "block" and all(
+            (b - a) * row["layout"]["block_size"] <= CHUNK_ELEMENTS for a, b in runs)
+        new = apply_update(out, held_state(p1))
+        assert weights_digest(new.model) == weights_digest(v2)
