@@ -73,8 +73,8 @@ def _quiet_onnxruntime(severity: int = 4) -> None:
               help="Package directory to write [default: MODEL with suffix .p2u].")
 @click.option("--stages", default=None,
               help="Bits per stage, rising; 'lossless' may end the plan (e.g. 4,8 or "
-                   "2,4,8,lossless) [default: 4,8,lossless; with --from: 2,lossless, the bits "
-                   "of the changed tensors' deltas].")
+                   "2,4,8,lossless) [default: 4,8,lossless; with --from: auto,lossless, the "
+                   "bits of the changed tensors' deltas, 1 or 2 per tensor].")
 @click.option("--granularity", type=click.Choice(["block", "channel", "tensor"]), default="block",
               show_default=True, help="Scale per block of weights, per output channel or per tensor.")
 @click.option("--block-size", type=int, default=32, show_default=True,
@@ -128,10 +128,15 @@ def _quiet_onnxruntime(severity: int = 4) -> None:
 @_from_options("Write an update against what a device holds: the previous model (.onnx) or "
                "package (at its last stage, or --from-stage); repeat to name a chain "
                "(--from v1.p2u --from v2-from-v1.p2u).")
+@click.option("--ship-graph/--reuse-graph", default=None,
+              help="With --from: ship the new skeleton graph whole (the update then applies to "
+                   "the model whatever way a device reached it), or code it against the one "
+                   "the predecessor's devices hold (smaller; bound to that skeleton). "
+                   "[default: reuse for --from-stage K of a package, ship for an exact model]")
 @_friendly
 def encode(model, output, stages, granularity, block_size, asymmetric, min_elements, budget,
            quality, cap, allow_below, calib, shapes, fixed_bits, no_probe, name, version, force,
-           quiet, base_from, from_stage) -> None:
+           quiet, base_from, from_stage, ship_graph=None) -> None:
     """Encode MODEL (.onnx) into a progressive package directory.
 
     By default each tensor's base bits are chosen by their measured effect on the outputs
@@ -149,7 +154,7 @@ def encode(model, output, stages, granularity, block_size, asymmetric, min_eleme
         output = output or model.with_suffix(".p2u")
         result = encode_update(model, output, list(base_from), from_stage=from_stage,
                                plan=stages or UPDATE_PLAN, overwrite=force, name=name,
-                               version=version)
+                               version=version, ship_graph=ship_graph)
         if not quiet:
             click.echo(f"wrote {result.path} in {result.seconds:.2f} s")
             _print_table(inspect(result.path))

@@ -68,15 +68,18 @@ def _zstd_entropy(data, level: int) -> bytes:
     return cache[level].compress(data)
 
 
-def _zstd_decompress(data, size: int, dctx: Any = None) -> bytes:
+def _zstd_decompress(data, size: int, reference: bytes | None = None) -> bytes:
     """The ``size`` bytes a zstd frame decodes to. The frame's own content size is never
     trusted: it is streamed with a hard limit of ``size + 1`` bytes of output, and anything but
     exactly ``size`` bytes is refused (:class:`IntegrityError`): a frame that expands past what
-    its entry declares (a decompression bomb) costs at most ``size + 1`` bytes of memory."""
+    its entry declares (a decompression bomb) costs at most ``size + 1`` bytes of memory.
+    ``reference``: the frame was coded with these bytes as a raw-content dictionary
+    (:func:`zstd_compress_against`)."""
     if not isinstance(size, int) or not 0 <= size <= MAX_DECODED:
         raise FormatError(f"implausible decoded size {size!r}")
-    if dctx is None:
-        dctx = _LOCAL.__dict__.get("dctx")
+    dctx = _LOCAL.__dict__.get("dctx") if reference is None else zstandard.ZstdDecompressor(
+        dict_data=zstandard.ZstdCompressionDict(bytes(reference),
+                                                dict_type=zstandard.DICT_TYPE_RAWCONTENT))
     if dctx is None:
         dctx = _LOCAL.dctx = zstandard.ZstdDecompressor()
     try:
@@ -89,6 +92,17 @@ def _zstd_decompress(data, size: int, dctx: Any = None) -> bytes:
         raise IntegrityError(f"compressed data decodes to {what} the {size} bytes its entry "
                              "declares")
     return out
+
+
+def zstd_compress_against(data: bytes, reference: bytes, level: int = 19) -> bytes:
+    """zstd of ``data`` with ``reference`` as a raw-content dictionary: what ``data`` shares
+    with ``reference`` costs a few bytes (an update's skeleton against the one a device holds);
+    :func:`_zstd_decompress` with the same ``reference`` decodes it."""
+    d = zstandard.ZstdCompressionDict(reference, dict_type=zstandard.DICT_TYPE_RAWCONTENT)
+    params = zstandard.ZstdCompressionParameters.from_level(
+        level, source_size=len(data), dict_size=len(reference),
+        window_log=max(10, min(27, (len(reference) + len(data)).bit_length())))
+    return zstandard.ZstdCompressor(dict_data=d, compression_params=params).compress(data)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -131,8 +145,7 @@ class ZstdRefCodec(Codec):
     def decode(self, buf, size: int, ref: bytes | None = None) -> bytes:
         if ref is None:
             raise FormatError(f"codec zstd-ref needs the bytes of {self.ref} to decode")
-        d = zstandard.ZstdCompressionDict(bytes(ref), dict_type=zstandard.DICT_TYPE_RAWCONTENT)
-        return _zstd_decompress(buf, size, zstandard.ZstdDecompressor(dict_data=d))
+        return _zstd_decompress(buf, size, ref)
 
 
 _WIDTHS = (1, 2, 4, 8)

@@ -295,8 +295,10 @@ class StageWriter:
         self._size += len(data)
 
     def _header(self, start: int) -> bytes:
-        entries = [dict(e, location=self.path.name, offset=e["offset"] + start)
-                   for e in self.entries]
+        # (format 3, updates: no "location", which can only name this file anyway; a small
+        # update pays for every byte of its headers)
+        loc = {} if self.version == UPDATE_FORMAT_VERSION else {"location": self.path.name}
+        entries = [dict(e, **loc, offset=e["offset"] + start) for e in self.entries]
         head = {
             "format_version": self.version,
             "package_id": self.package_id,
@@ -713,6 +715,11 @@ def validate_manifest(m: Any, where: str = MANIFEST_NAME) -> None:
     for j, f in enumerate(c.list(c.get(base, "files", "base_model"), "base_model.files", 16)):
         _file_entry(c, f, f"base_model.files[{j}]")
         base_files[f["path"]] = f["size"]
+        if "reference" in f:  # an update's skeleton coded against the one the device holds
+            if not (update and f["path"] == "graph.onnx"):
+                raise c.fail(f"base_model.files[{j}].reference", "is allowed only on an "
+                                                                 "update's graph.onnx")
+            c.hex64(f["reference"], f"base_model.files[{j}].reference")
     # an update has no runnable base: stage 0 carries base.bin (codes) and graph.onnx
     for name in ("base.bin", "graph.onnx") if update else ("base.onnx", "base.bin"):
         if name not in base_files:

@@ -31,7 +31,7 @@ import numpy as np
 from . import palette as pl
 from . import quantizers as qz
 from ._rwlock import Pace, in_turn
-from .codecs import IntGroupsCodec, IntPlanesCodec, ZstdRefCodec, get_codec
+from .codecs import IntGroupsCodec, IntPlanesCodec, ZstdCodec, ZstdRefCodec, get_codec
 from .dtypes import (ONNX_INT2, ONNX_INT4, ONNX_INT8, ONNX_UINT2, ONNX_UINT4, ONNX_UINT8,
                      DTypeInfo, dtype_info)
 from .errors import FormatError, IntegrityError, P2UError
@@ -1055,12 +1055,44 @@ def _unlink(path: str | os.PathLike) -> None:
         pass
 
 
+def extract_update_files(stage0: StageFile, manifest: dict[str, Any],
+                         held_graph: Callable[[], bytes | None]) -> dict[str, bytes]:
+    """``base.bin`` and ``graph.onnx`` of an update's stage 0, each checked against the
+    manifest (size before decoding, sha256 after). When the manifest's ``graph.onnx`` entry
+    names a ``reference`` (the sha256 of the skeleton the device holds: the graph did not
+    change, so only what differs from it ships), ``held_graph()`` must give exactly those
+    bytes, else the update is refused before anything is decoded (:class:`IntegrityError`)."""
+    files = {f["path"]: f for f in manifest["base_model"]["files"]}
+    label = Path(stage0.name).name
+    out: dict[str, bytes] = {}
+    for name in ("base.bin", "graph.onnx"):
+        f = files[name]
+        ref = None
+        if f.get("reference") is not None:
+            ref = held_graph()
+            have = "no skeleton graph" if ref is None else \
+                f"skeleton {hashlib.sha256(ref).hexdigest()[:12]}"
+            if ref is None or hashlib.sha256(ref).hexdigest() != f["reference"]:
+                raise IntegrityError(
+                    f"this update reuses the skeleton graph {f['reference'][:12]} its "
+                    f"predecessor's devices hold, and this one has {have} (it reached the model "
+                    "another way): take an update encoded with the skeleton shipped "
+                    "(--ship-graph) or the full package")
+        out[name] = extract_file(stage0, name, size=f["size"], reference=ref)
+        if hashlib.sha256(out[name]).hexdigest() != f["sha256"]:
+            raise IntegrityError(f"{name} inside {label} differs from what the manifest lists")
+    return out
+
+
 def extract_file(stage_file: StageFile, name: str, size: int | None = None,
-                 max_size: int | None = None, ref: bytes | None = None) -> bytes:
+                 max_size: int | None = None, ref: bytes | None = None,
+                 reference: bytes | None = None) -> bytes:
     """Decompress the file entry ``name`` of a stage file and check its sha256.
 
     ``ref``: the bytes of ``base.onnx`` (checked against the manifest by the caller), which
-    a ``zstd-ref`` entry (format 4: the skeleton graph) is coded against.
+    a ``zstd-ref`` entry (format 4: the skeleton graph) is coded against. ``reference``: the
+    skeleton a device holds, which an update's ``zstd`` graph entry is coded against (format 3,
+    the manifest's ``reference`` key).
 
     The entry's declared ``raw_length`` is checked before anything is decoded: it must be
     ``size`` when given (what the manifest lists), at most ``max_size`` when given, and at most
@@ -1079,8 +1111,17 @@ def extract_file(stage_file: StageFile, name: str, size: int | None = None,
                 raise IntegrityError(f"{name} inside {label} declares {raw} bytes, more than "
                                      f"the {limit} it may have")
             codec = get_codec(entry["codec"])
-            data = codec.decode(stage_file.data(entry), raw, ref) \
-                if isinstance(codec, ZstdRefCodec) else codec.decode(stage_file.data(entry), raw)
+            if reference is not None:  # coded against the bytes the device holds
+                if not isinstance(codec, ZstdCodec):
+                    raise FormatError(f"{name} inside {label} is coded against a reference "
+                                      f"with codec {entry['codec'].get('id')!r}, not zstd")
+                from .codecs import _zstd_decompress
+
+                data = _zstd_decompress(stage_file.data(entry), raw, reference)
+            elif isinstance(codec, ZstdRefCodec):
+                data = codec.decode(stage_file.data(entry), raw, ref)
+            else:
+                data = codec.decode(stage_file.data(entry), raw)
             if hashlib.sha256(data).hexdigest() != entry["sha256"]:
                 raise IntegrityError(f"{name} inside {label} is corrupt")
             return data

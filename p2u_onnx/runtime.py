@@ -108,7 +108,7 @@ from .format import (
 from .external import check_base_graph, graph_size_limit
 from .format import package_file
 from .probe import Probe, read_probe_file
-from .reconstruct import WeightState, extract_file, read_into, weights_size
+from .reconstruct import WeightState, extract_file, extract_update_files, read_into, weights_size
 from .trust import Policy, TrustSpec, check_signature, read_manifest_bytes, read_signature
 
 __all__ = ["BytesSource", "DirectorySource", "ProgressiveSession", "StageSource", "open_stage",
@@ -996,7 +996,7 @@ class ProgressiveSession:
                 try:
                     if k == 1 and not is_update(self._manifest):  # (an update: at stage 0)
                         self._write_skeleton(sf)
-                    if self._strategy == "inplace" and k > 1:
+                    if self._strategy == "inplace" and (k > 1 or is_update(self._manifest)):
                         self._patch_buffers(k, sf)
                     else:
                         self._rebuild(k, sf)
@@ -1040,8 +1040,9 @@ class ProgressiveSession:
         skeleton and the coarse deltas) is decoded from the weights this session holds into
         a new session, which is checked and swapped in: each run is answered entirely by the
         old or the new model. Later stages are applied as :meth:`upgrade` applies them (the
-        update becomes this session's package). An ``inplace`` session continues with
-        ``swap``. Returns the stage reached, or a ``Future`` of it with ``background``.
+        update becomes this session's package). An ``inplace`` session stays ``inplace`` when
+        the update's tensor table allows it (every coded tensor a float initializer given by
+        name), else continues with ``swap``. Returns the stage reached, or a ``Future`` of it with ``background``.
         """
         self._check_open()
         src, where, policy = self._update_source(source, expect, trust, allow_rollback)
@@ -1125,9 +1126,9 @@ class ProgressiveSession:
         session holds into a new session, checked and swapped in. On any error nothing
         changes."""
         manifest = src.manifest
-        entries = _base_entries(manifest)
         d = Path(tempfile.mkdtemp(prefix="update-0-", dir=self._dir))
         live = _Live(None, 0, d)
+        weights: Path | None = None
         try:
             stage0 = getattr(src, "_stage0", None)
             stage0 = src.fetch(0) if stage0 is None else stage0
@@ -1135,35 +1136,51 @@ class ProgressiveSession:
                               _largest_stage(manifest)) as (copy, digest):
                 sf = open_stage(copy, manifest, 0, self._pace, digest=digest)
                 check_update_stage0(sf)
-                parts = {}
-                for name in ("base.bin", "graph.onnx"):
-                    data = extract_file(sf, name, size=entries[name]["size"])
-                    if hashlib.sha256(data).hexdigest() != entries[name]["sha256"]:
-                        raise IntegrityError(f"{name} inside stage 0 of the update does not "
-                                             "match its manifest")
-                    parts[name] = data
+                skel = self._dir / "graph.onnx"  # the skeleton this session holds, if any
+                parts = extract_update_files(sf, manifest, lambda: skel.read_bytes()
+                                             if skel.exists() else None)
                 del sf
             (d / "base.bin").write_bytes(parts["base.bin"])
             state = WeightState(manifest, d / "base.bin", predecessor=self._held_tensors())
             state.check_skeleton(parts["graph.onnx"])
             (d / "graph.onnx").write_bytes(parts["graph.onnx"])
             del parts
-            state.materialize(d / "weights.bin", self._pace, self._writeback.add)
+            # inplace goes on when the new table allows it: the weights in a file of their own
+            # (a hole file for the graph), given to onnxruntime by name, as _rebuild does
+            inplace = self._strategy == "inplace" and _inplace_ready(manifest)
+            weights = self._dir / f"weights-u{manifest['package_id'][:12]}.bin" if inplace \
+                else d / "weights.bin"
+            state.materialize(weights, self._pace, self._writeback.add)
             _trim_heap()
+            options = self._options
+            if inplace:
+                options = _inplace_options(self._options)
+                with open(d / "weights.bin", "wb") as f:  # never read: every weight is given
+                    f.truncate(weights_size(manifest))
+                live.weights = _inplace_weights(weights, manifest)
+                for t in manifest["tensors"]:
+                    live.values.append(_ortvalue(live.weights.buffers[t["name"]], t["dtype"]))
+                    options.add_initializer(t["tensor"], live.values[-1])
             probe = None
             if self._verify and manifest.get("probe"):
                 data = src.probe_bytes()
                 if data is None:
                     raise IntegrityError("the update lists a probe its source does not have")
+            before = anonymous_regions()
             with lowered_priority():
-                live.session = ort.InferenceSession(str(d / "graph.onnx"), self._options,
+                live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
                                                     providers=self._providers)
+            # huge pages under what the build allocated, as _rebuild does: the session's
+            # release at the next stage's swap is then quick
+            collapse_to_huge_pages(anonymous_regions() - before, self._pace)
             if self._verify and manifest.get("probe"):
                 probe = Probe(manifest["probe"], data, live.session.get_inputs())
                 probe.check(live.session.run, 0)
         except BaseException as e:
             _release(live)
             shutil.rmtree(d, ignore_errors=True)
+            if weights is not None and weights.parent == self._dir:  # inplace's own file
+                weights.unlink(missing_ok=True)
             if isinstance(e, OSError):
                 raise PatchError(f"the update could not be applied: {e.strerror or e}") from e
             if isinstance(e, Exception) and not isinstance(e, P2UError):
@@ -1178,14 +1195,14 @@ class ProgressiveSession:
             _link_or_copy(d / name, self._dir / name)
         self._base_bin = self._dir / "base.bin"
         self._state = WeightState(manifest, self._base_bin)
-        self._state._file = d / "weights.bin"  # stage 0, already written (materialize)
+        self._state._file = weights  # stage 0, already written (materialize)
         self._manifest = manifest
         self._probe = probe
         if self._owned is not None and self._owned is not src:
             self._owned.close()
         self._owned = src if hasattr(src, "close") else None
         self._source = src
-        self._strategy = "swap"
+        self._strategy = "inplace" if inplace else "swap"
         if old_file is not None:
             with lowered_priority():
                 _remove_gradually(old_file)

@@ -39,7 +39,7 @@ import onnx
 from onnx import ModelProto
 
 from . import _workdir, passes
-from .codecs import SegmentsCodec, ZstdCodec
+from .codecs import SegmentsCodec, ZstdCodec, zstd_compress_against
 from .config import LOSSLESS, Plan, QuantConfig
 from .dtypes import dtype_info
 from .errors import FormatError, IntegrityError, P2UError, PlanError
@@ -49,14 +49,15 @@ from .format import (BINDING_KEY, UPDATE_FORMAT_VERSION, AtomicFile, StageWriter
 from .format import check_predecessor as _check_pred
 from .format import check_update_stage0
 from .graph import iter_slots
-from .reconstruct import GROUPS, PLANES, WeightState, code_chunk, extract_file, pack_codes
+from .reconstruct import (GROUPS, PLANES, WeightState, code_chunk, extract_update_files,
+                          pack_codes)
 
 __all__ = ["Held", "held_state", "apply_update", "encode_update", "restore_update",
            "verify_update", "UPDATE_PLAN", "DELTA_BLOCK", "binding_of", "check_predecessor"]
 
 # The default plan of an update (delta tensors; new tensors start at NEW_BITS and refine by as
 # many bits per stage), and the delta's block size: chosen by measurement, docs/updates-format.md
-UPDATE_PLAN = "2,lossless"
+UPDATE_PLAN = "auto,lossless"
 DELTA_BLOCK = 256
 NEW_BITS = 4
 # which tensors are coded (the rest ride whole in the skeleton): smaller ones than in a full
@@ -68,6 +69,16 @@ _INT2 = 26  # onnx INT2: the container of 1-bit (sign) delta codes
 # replaced (a retrained head), not tuned: its first stage gets NEW_BITS, as a new tensor would
 # (measured: a digits head retrained alone reached 0.9852 at 2 bits, v2's 0.9907 at 4)
 REPLACED = 0.5
+# "auto" first stage: a changed tensor gets 1 bit (sign + scale) when the error the sign codes
+# leave in its value, ||new - stage0|| / ||new||, is at most SIGN_MAX_ERROR, else 2 bits.
+# Measured (docs/updates-format.md): 0.001-0.113 on every tensor of the digits fine-tunes
+# (where 1 bit reached v2's accuracy in 3.7% of fp32), 0.30 on the layer the head pair
+# retrained (where 1 bit lost 3.3% of accuracy); sign codes fit deltas with heavy tails badly.
+# Only against an exact model: against a lossy state (federated followers) the delta carries
+# the previous stage's error and at 1 bit the followers' weight error grew round after round
+# (3.5e-2 -> 8.1e-2 over 12 FedAvg rounds, accuracy up to 1.9% below; 2 bits: 2.5e-2 -> 2.5e-2)
+AUTO = "auto"
+SIGN_MAX_ERROR = 0.15
 
 
 @dataclasses.dataclass
@@ -90,6 +101,7 @@ class Held:
     name: str | None = None
     version: int | None = None
     model: ModelProto | None = None
+    graph: bytes | None = None  # the skeleton graph a device in this state holds, if known
 
     @property
     def exact(self) -> bool:
@@ -171,7 +183,8 @@ def _package_held(package: Path, manifest: dict[str, Any], stage: int | None,
                                  "source weights")
     get, names = _with_model(state, manifest, model)
     return Held(get, names, digest, manifest["package_id"], k, label,
-                manifest.get("name"), manifest.get("version"), model)
+                manifest.get("name"), manifest.get("version"), model,
+                state.graph_bytes if k >= 1 else None)
 
 
 def _with_model(state: WeightState, manifest: dict[str, Any], model: ModelProto | None,
@@ -291,14 +304,7 @@ def update_state(package: str | os.PathLike, held: Held, stage: int | None = Non
     check_predecessor(manifest, held, str(package))
     sf0 = _stage_file(package, manifest, 0)
     check_update_stage0(sf0, f"stage 0 of {package}")
-    files = {f["path"]: f for f in manifest["base_model"]["files"]}
-    parts = {}
-    for name in ("base.bin", "graph.onnx"):
-        data = extract_file(sf0, name, size=files[name]["size"])
-        if hashlib.sha256(data).hexdigest() != files[name]["sha256"]:
-            raise IntegrityError(f"{name} inside stage 0 of {package} differs from what the "
-                                 "manifest lists")
-        parts[name] = data
+    parts = extract_update_files(sf0, manifest, lambda: held.graph)
     state = WeightState(manifest, parts["base.bin"], predecessor=lambda t: held.get(t["name"]))
     state.check_skeleton(parts["graph.onnx"])
     state.graph_bytes = parts["graph.onnx"]
@@ -330,7 +336,7 @@ def apply_update(update: str | os.PathLike, held: Held, stage: int | None = None
                                  "model's weights")
     get, names = _with_model(state, manifest, model if exact else None)
     return Held(get, names, digest, manifest["package_id"], k, str(package),
-                manifest.get("name"), manifest.get("version"), model)
+                manifest.get("name"), manifest.get("version"), model, state.graph_bytes)
 
 
 def restore_update(update: str | os.PathLike, output: str | os.PathLike,
@@ -442,7 +448,9 @@ class _UpdatePlan:
     stages: tuple[int | str, ...]
 
     def __post_init__(self) -> None:
-        bits = [b for b in self.stages if b != LOSSLESS]
+        if AUTO in self.stages[1:]:
+            raise PlanError("'auto' can only be the first stage (1 or 2 bits per tensor)")
+        bits = [2 if b == AUTO else b for b in self.stages if b != LOSSLESS]
         if not bits or self.stages[0] == LOSSLESS:
             raise PlanError("an update plan needs a lossy first stage (e.g. 2,lossless)")
         if LOSSLESS in self.stages[:-1]:
@@ -458,17 +466,29 @@ class _UpdatePlan:
         out: list[int | str] = []
         for part in text.split(","):
             part = part.strip().lower()
-            if part == LOSSLESS:
-                out.append(LOSSLESS)
+            if part in (LOSSLESS, AUTO):
+                out.append(part)
             elif part.isdigit():
                 out.append(int(part))
             else:
-                raise PlanError(f"bad stage {part!r} in plan {text!r} (bits or 'lossless')")
+                raise PlanError(f"bad stage {part!r} in plan {text!r} (bits, 'auto' first, or "
+                                "'lossless')")
         return cls(tuple(out))
 
     @property
+    def auto(self) -> bool:
+        """The first stage's bits are chosen per tensor (1 or 2, :func:`_first_bits`; always 2
+        against a lossy state)."""
+        return self.stages[0] == AUTO
+
+    @property
     def base_bits(self) -> int:
-        return int(self.stages[0])
+        return 2 if self.auto else int(self.stages[0])
+
+    @property
+    def recorded(self) -> list[str]:
+        """The plan as the manifest lists it (bit counts): ``auto`` is its upper bound, 2."""
+        return [str(self.base_bits if s == AUTO else s) for s in self.stages]
 
     @property
     def lossless(self) -> bool:
@@ -494,6 +514,24 @@ def _sign_codes(xs: np.ndarray, origin: np.ndarray, info) -> Any:
     scale = np.where(mean > 0, info.round_scale(np.maximum(mean, info.scale_tiny)
                                                 .astype(np.float32)), np.float32(0))
     return qz.BaseCodes(codes, scale.astype(np.float32), None, 1)
+
+
+def _first_bits(layout, x: np.ndarray, r: np.ndarray, info) -> int:
+    """1 when sign codes (:func:`_sign_codes`) leave at most :data:`SIGN_MAX_ERROR` of the
+    tensor's norm as error in its first-stage value, else 2: the measured criterion of the
+    ``auto`` first stage (docs/updates-format.md)."""
+    xs = np.ascontiguousarray(layout.to_blocks(x))
+    rs = np.ascontiguousarray(layout.to_blocks(r))
+    code = _sign_codes(xs, rs, info)
+    with np.errstate(over="ignore", invalid="ignore"):
+        a = info.to_compute(xs).astype(np.float64)
+        y = info.to_compute(rs).astype(np.float64) + \
+            code.codes.astype(np.float64) * code.scale.astype(np.float64)[:, None]
+    ok = np.isfinite(a) & np.isfinite(y)
+    norm = float(np.sqrt(np.sum(a[ok] ** 2)))
+    if norm == 0:
+        return 1
+    return 1 if float(np.sqrt(np.sum((a[ok] - y[ok]) ** 2))) / norm <= SIGN_MAX_ERROR else 2
 
 
 def _relative_change(x: np.ndarray, r: np.ndarray, info) -> float:
@@ -526,7 +564,7 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
                   new_bits: int = NEW_BITS, config: QuantConfig = UPDATE_CONFIG,
                   overwrite: bool = False, name: str | None = None,
                   version: int | None = None, expect: str | None = None,
-                  trust=None, probe: bool = True):
+                  trust=None, probe: bool = True, ship_graph: bool | None = None):
     """Encode ``model`` (v2) as an update package against ``base_from`` (v1: anything
     :func:`held_state` takes; a full package at ``from_stage``, default its last stage).
 
@@ -536,8 +574,15 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
     tensor's delta with 3 bits per value on blocks of ``delta_block``, stage 1 restores every
     bit); new tensors start at ``new_bits`` and refine as many bits per stage. ``probe``
     records each stage's outputs on synthesized inputs, which a live session checks
-    (:meth:`~p2u_onnx.runtime.ProgressiveSession.update`). Returns an
-    :class:`~p2u_onnx.encoder.EncodeResult`.
+    (:meth:`~p2u_onnx.runtime.ProgressiveSession.update`). When the skeleton graph a device in
+    the predecessor state holds is known (``base_from`` is a package at stage >= 1 or an
+    update), the new skeleton can be coded against it (what did not change costs almost
+    nothing), and the update is then bound to it: a device holding another skeleton of the same
+    model is refused. ``ship_graph``: None (default) reuses the held skeleton only for an update
+    bound to a lossy state (package and stage fix the skeleton), and ships it whole for one
+    bound to the exact model, which devices may have reached by several routes (its .onnx, a
+    full package, a chain of updates); False reuses it whenever it is known, True never.
+    Returns an :class:`~p2u_onnx.encoder.EncodeResult`.
     """
     from .encoder import EncodeResult, _identity, _install, _output_path, load_model, \
         weights_digest
@@ -559,16 +604,21 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
     ident = _identity(mname if name is None else name, version)
     digest = weights_digest(m)
     pred = binding_of(held)
+    if ship_graph is None:  # exact models are reached by several routes: any of them applies
+        ship_graph = "weights_sha256" in pred
     package_id = hashlib.sha256(
         f"{digest}|{json.dumps(pred, sort_keys=True)}|{plan}|{config}|{delta_block}|"
-        f"{new_bits}|{UPDATE_FORMAT_VERSION}".encode()).hexdigest()[:32]
+        f"{new_bits}|{UPDATE_FORMAT_VERSION}|"
+        f"{'' if ship_graph or held.graph is None else hashlib.sha256(held.graph).hexdigest()}"
+        .encode()).hexdigest()[:32]
     try:
         tmp = _workdir.make_dir(out.parent, f".{out.name}.", 0o777)
     except OSError as e:
         raise P2UError(f"cannot write package {out}: {e.strerror or e}") from e
     try:
         manifest = _encode_into(m, mname, tmp, held, plan, config, delta_block, new_bits,
-                                package_id, pred, digest, ident, probe)
+                                package_id, pred, digest, ident, probe,
+                                None if ship_graph else held.graph)
         _install(tmp, out)
     except BaseException:
         _workdir.remove_tree(tmp)
@@ -579,8 +629,8 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
 def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                  config: QuantConfig, delta_block: int, new_bits: int, package_id: str,
                  pred: dict[str, Any], digest: str, ident: tuple[str, int],
-                 probe: bool = True) -> dict[str, Any]:
-    from .encoder import fp32_equivalent_bytes, slot_nbytes, tensor_array
+                 probe: bool = True, reference: bytes | None = None) -> dict[str, Any]:
+    from .encoder import CHUNK_ELEMENTS, fp32_equivalent_bytes, slot_nbytes, tensor_array
     from . import quantizers as qz
 
     fp32_bytes = fp32_equivalent_bytes(m)
@@ -624,41 +674,61 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                 row["layout"] = qz.Layout(s.shape, "tensor").to_json()
             else:
                 layout = _delta_layout(s.layout, delta_block) if kind == "delta" else s.layout
-                b0 = int(plan.stages[0]) if kind == "delta" else new_bits
+                b0 = plan.base_bits if kind == "delta" else new_bits
                 if kind == "delta" and _relative_change(x, r, info) > REPLACED:
                     b0 = max(b0, new_bits)  # replaced rather than tuned: as many bits as new
+                elif kind == "delta" and plan.auto and held.exact:
+                    b0 = _first_bits(layout, x, r, info)
                 stages = [st if st == LOSSLESS else int(st) - plan.base_bits + b0
-                          for st in plan.stages]
+                          for st in plan.recorded]
                 blocks = np.ascontiguousarray(layout.to_blocks(x))
                 origin = None if r is None else np.ascontiguousarray(layout.to_blocks(r))
-                code = code_chunk(blocks, info, stages, symmetric=True,
-                                  clip_search=True, origin=origin, exact_plain=True,
-                                  base=_sign_codes(blocks, origin, info) if b0 == 1 else None)
-                if plan.lossless and not np.array_equal(
-                        np.ascontiguousarray(code.final).view(np.uint8),
-                        blocks.view(np.uint8)):
-                    raise P2UError(f"internal error: the update does not restore {s.slot.key}")
-                for k, e in enumerate(code.max_err):
+                # one stage entry per run of at most CHUNK_ELEMENTS values, as in full
+                # packages: a device decodes entry by entry, taking turns with inferences (one
+                # entry of a 16.7M-value tensor held a run of the 100M model up for > 1 s)
+                per = max(1, CHUNK_ELEMENTS // layout.block_len)
+                codes_l, scales_l = [], []
+                max_err, abs_max = [0.0] * n, 0.0
+                for c0 in range(0, len(blocks), per):
+                    c1 = min(c0 + per, len(blocks))
+                    xb = blocks[c0:c1]
+                    ob = None if origin is None else origin[c0:c1]
+                    code = code_chunk(xb, info, stages, symmetric=True,
+                                      clip_search=True, origin=ob, exact_plain=True,
+                                      base=_sign_codes(xb, ob, info) if b0 == 1 else None)
+                    if plan.lossless and not np.array_equal(
+                            np.ascontiguousarray(code.final).view(np.uint8),
+                            np.ascontiguousarray(xb).view(np.uint8)):
+                        raise P2UError("internal error: the update does not restore "
+                                       f"{s.slot.key}")
+                    max_err = [max(a, e) for a, e in zip(max_err, code.max_err)]
+                    abs_max = max(abs_max, code.abs_max)
+                    shift = 0
+                    for k, bits in enumerate(plan.stages[1:], start=1):
+                        if bits != LOSSLESS:
+                            shift = int(bits) - plan.base_bits
+                        codec = (GROUPS if bits == LOSSLESS else PLANES) \
+                            if code.codecs is None else code.codecs[k - 1]
+                        writers[k].add({"kind": "exact" if bits == LOSSLESS else "refine",
+                                        "name": s.slot.key, "blocks": [c0, c1],
+                                        "shift": shift, "codec": codec.get_config()},
+                                       code.payloads[k - 1])
+                    codes_l.append(code.base.codes)
+                    scales_l.append(code.base.scale)
+                    del code
+                for k, e in enumerate(max_err):
                     err[k] = max(err[k], e)
-                    if code.abs_max > 0:
-                        rel[k] = max(rel[k], e / code.abs_max)
-                shift = 0
-                for k, bits in enumerate(plan.stages[1:], start=1):
-                    if bits != LOSSLESS:
-                        shift = int(bits) - plan.base_bits
-                    codec = (GROUPS if bits == LOSSLESS else PLANES) if code.codecs is None \
-                        else code.codecs[k - 1]
-                    writers[k].add({"kind": "exact" if bits == LOSSLESS else "refine",
-                                    "name": s.slot.key, "blocks": [0, layout.n_blocks],
-                                    "shift": shift, "codec": codec.get_config()},
-                                   code.payloads[k - 1])
+                    if abs_max > 0:
+                        rel[k] = max(rel[k], e / abs_max)
+                base_codes = np.concatenate(codes_l) if len(codes_l) > 1 else codes_l[0]
+                base_scale = np.concatenate(scales_l) if len(scales_l) > 1 else scales_l[0]
                 ctype = _INT2 if b0 == 1 else passes.code_type(b0, 99)[0]
-                packed = pack_codes(layout.from_blocks(code.base.codes), ctype)
+                packed = pack_codes(layout.from_blocks(base_codes), ctype)
                 row.update({
                     "layout": layout.to_json(), "bits": b0,
                     "base": {"codes": bins.add(packed, "symbols"),
                              "scale": bins.add(np.ascontiguousarray(layout.blocks_to_scales(
-                                 info.scale_to_storage(code.base.scale))).tobytes(),
+                                 info.scale_to_storage(base_scale))).tobytes(),
                                  f"planes{info.scale_storage.itemsize}"),
                              "code_type": ctype}})
             passes.set_external(t, "weights.bin", row["weights"])
@@ -668,10 +738,18 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
     base_bin = (tmp / "base.bin").read_bytes()
     bin_codec = SegmentsCodec(level=19, segments=segments)
     gz = ZstdCodec(level=19)
-    for fname, data, codec in (("base.bin", base_bin, bin_codec), ("graph.onnx", graph, gz)):
+    coded_graph = gz.encode(graph)
+    if reference is not None:  # the skeleton against the one the device holds, if smaller
+        against = zstd_compress_against(graph, reference)
+        if len(against) < len(coded_graph):
+            coded_graph = against
+        else:
+            reference = None
+    for fname, data, codec, coded in (("base.bin", base_bin, bin_codec, None),
+                                      ("graph.onnx", graph, gz, coded_graph)):
         writers[0].add({"kind": "file", "name": fname, "codec": codec.get_config(),
                         "raw_length": len(data), "sha256": hashlib.sha256(data).hexdigest()},
-                       codec.encode(data))
+                       codec.encode(data) if coded is None else coded)
     stages: list[dict[str, Any]] = []
     manifest: dict[str, Any] = {
         "format": "p2u", "format_version": UPDATE_FORMAT_VERSION, "package_id": package_id,
@@ -679,14 +757,17 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
         "predecessor": pred,
         "source": {"name": mname, "weights_sha256": digest, "weight_bytes": weight_bytes,
                    "fp32_equivalent_bytes": fp32_bytes, "coded_tensors": len(selected)},
-        "plan": [str(s) for s in plan.stages],
+        "plan": plan.recorded,
         "config": {**dataclasses.asdict(config), "delta_block": delta_block,
-                   "new_bits": new_bits},
+                   "new_bits": new_bits,
+                   **({"first_bits": AUTO, "sign_max_error": SIGN_MAX_ERROR}
+                      if plan.auto else {})},
         "base_model": {"files": [
             {"path": "base.bin", "size": len(base_bin), "sha256": hashlib.sha256(
                 base_bin).hexdigest()},
             {"path": "graph.onnx", "size": len(graph), "sha256": hashlib.sha256(
-                graph).hexdigest()}]},
+                graph).hexdigest(), **({} if reference is None else
+                                       {"reference": hashlib.sha256(reference).hexdigest()})}]},
         "tensors": tensors,
         "stages": stages,
     }
@@ -697,7 +778,7 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
         wr.extra[BINDING_KEY] = binding
         size, sha = wr.finish()
         cum += size
-        stages.append({"index": k, "bits": plan.stages[k],
+        stages.append({"index": k, "bits": plan.recorded[k],
                        "files": [{"path": stage_file_name(k), "size": size, "sha256": sha}],
                        "bytes": size, "cumulative_bytes": cum,
                        "max_abs_error": err[k], "max_rel_error": rel[k]})

@@ -119,6 +119,46 @@ def test_finetune_update_every_stage_and_exact(tmp_path):
     assert m["stages"][0]["max_abs_error"] == pytest.approx(errs[0], rel=1e-6)
 
 
+def test_auto_first_stage_bits_per_tensor(tmp_path):
+    """The default first stage gives 1 bit (sign + scale) to a tensor whose sign codes leave
+    little error, 2 bits to one whose delta has heavy tails (a retrained layer): by the
+    measured criterion, and the choice is the better one on that tensor."""
+    from p2u_onnx.updates import SIGN_MAX_ERROR
+
+    v1 = _mlp(hidden=256)
+    v2 = _moved(v1, scale=0.01, only=("W1",))
+    rng = np.random.default_rng(7)
+    w2 = numpy_helper.to_array(v2.graph.initializer[2])
+    heavy = rng.standard_t(1.5, w2.shape) * 0.05 * np.abs(w2).mean()
+    v2.graph.initializer[2].CopyFrom(numpy_helper.from_array(
+        (w2 + heavy).astype(np.float32), "W2"))
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    held = held_state(p1)
+    errs, rows = {}, {}
+    for plan in ("auto,lossless", "1,lossless", "2,lossless"):
+        out = tmp_path / f"u-{plan[0]}.p2u"
+        m = encode_update(p2, out, held, plan=plan).manifest
+        rows[plan] = {t["name"]: t for t in m["tensors"]}
+        st0 = apply_update(out, held, 0)
+        errs[plan] = {n: float(np.linalg.norm(st0.get(n).astype(np.float64) -
+                                              numpy_helper.to_array(i).astype(np.float64)))
+                      / float(np.linalg.norm(numpy_helper.to_array(i)))
+                      for i in v2.graph.initializer for n in [i.name] if n in ("W1", "W2")}
+        new = apply_update(out, held)  # every plan restores v2 bit for bit
+        assert new.exact and weights_digest(new.model) == weights_digest(v2)
+    auto = rows["auto,lossless"]
+    assert auto["W1"]["update"] == auto["W2"]["update"] == "delta"
+    assert auto["W1"]["bits"] == 1 and auto["W2"]["bits"] == 2
+    assert auto["W1"]["base"]["code_type"] == 26  # signs in INT2 containers
+    # the criterion: W1's 1-bit error is within the bound, W2's is not
+    assert errs["1,lossless"]["W1"] <= SIGN_MAX_ERROR < errs["1,lossless"]["W2"]
+    # auto is 1-bit where it chose 1 and 2-bit where it chose 2 (same values at stage 0)
+    assert errs["auto,lossless"]["W1"] == errs["1,lossless"]["W1"]
+    assert errs["auto,lossless"]["W2"] == errs["2,lossless"]["W2"] < errs["1,lossless"]["W2"]
+    with pytest.raises(PlanError, match="auto"):
+        encode_update(p2, tmp_path / "bad.p2u", held, plan="2,auto,lossless")
+
+
 def test_unchanged_tensors_cost_nothing(tmp_path):
     v1 = _mlp(hidden=256)
     v2 = _moved(v1, only=("W2",))  # a new head: only the last layer changes
@@ -135,7 +175,9 @@ def test_unchanged_tensors_cost_nothing(tmp_path):
     assert {e["name"] for e in last.entries} == {"W2"}
     new = apply_update(tmp_path / "u.p2u", held_state(p1))
     assert new.exact and weights_digest(new.model) == weights_digest(v2)
-    assert next(t for t in m["tensors"] if t["name"] == "W2")["bits"] == 2  # tuned: 2 bits
+    # tuned by small gaussian steps: sign codes fit, the auto first stage gives 1 bit
+    assert next(t for t in m["tensors"] if t["name"] == "W2")["bits"] == 1
+    assert m["plan"] == ["2", "lossless"] and m["config"]["first_bits"] == "auto"
     # a head replaced (retrained from scratch) gets the bits of a new tensor at stage 0
     v3 = _mlp(hidden=256)
     v3.graph.initializer[2].CopyFrom(numpy_helper.from_array(
@@ -217,13 +259,24 @@ def test_from_full_package_exact_and_lossy_stage(tmp_path):
                  name="mlp", version=1).path
     pm = load_manifest(pkg)
     # exact: the last stage of the package is v1 itself, bound by its digest
-    m = encode_update(p2, tmp_path / "ux.p2u", pkg).manifest
+    m = encode_update(p2, tmp_path / "ux.p2u", pkg, ship_graph=False).manifest
     assert m["predecessor"] == {"weights_sha256": pm["source"]["weights_sha256"],
                                 "name": "mlp", "version": 1}
     out = restore_update(tmp_path / "ux.p2u", tmp_path / "a.onnx", pkg)
     assert weights_digest(onnx.load(str(out))) == weights_digest(v2)
-    # ... which a device that holds v1 from its .onnx file holds too
-    out = restore_update(tmp_path / "ux.p2u", tmp_path / "b.onnx", p1)
+    # the graph did not change: the skeleton is coded against the package's, bound by its
+    # sha256, so a device that holds v1 from its .onnx file (no such skeleton) is refused ...
+    ref = m["base_model"]["files"][1]
+    assert ref["path"] == "graph.onnx" and len(ref["reference"]) == 64
+    with pytest.raises(IntegrityError, match="reuses the skeleton graph .* has no skeleton"):
+        restore_update(tmp_path / "ux.p2u", tmp_path / "b.onnx", p1)
+    # ... and takes the update with the skeleton shipped whole (the default for an exact
+    # binding), one that holds v1 exact too
+    ms = encode_update(p2, tmp_path / "us.p2u", pkg).manifest
+    assert "reference" not in ms["base_model"]["files"][1]
+    assert ms["stages"][0]["bytes"] > m["stages"][0]["bytes"] + 100  # what reuse saves
+    assert ms["predecessor"] == m["predecessor"] and ms["package_id"] != m["package_id"]
+    out = restore_update(tmp_path / "us.p2u", tmp_path / "b.onnx", p1)
     assert weights_digest(onnx.load(str(out))) == weights_digest(v2)
     # lossy: devices that stopped at stage 0 of the package
     m = encode_update(p2, tmp_path / "u0.p2u", pkg, from_stage=0).manifest
@@ -244,9 +297,19 @@ def test_chain_and_federated_rounds(tmp_path):
     paths = [_save(m, tmp_path / f"v{i}.onnx") for i, m in enumerate(v)]
     encode_update(paths[1], tmp_path / "u01.p2u", paths[0])
     # v2 against v1 as a device reached it through u01: same digest, so the same binding
-    encode_update(paths[2], tmp_path / "u12.p2u", [paths[0], tmp_path / "u01.p2u"])
+    # (coded against u01's skeleton, which the device holds: bound to it)
+    encode_update(paths[2], tmp_path / "u12.p2u", [paths[0], tmp_path / "u01.p2u"],
+                  ship_graph=False)
+    out = restore_update(tmp_path / "u12.p2u", tmp_path / "r.onnx",
+                         [paths[0], tmp_path / "u01.p2u"])
+    assert weights_digest(onnx.load(str(out))) == weights_digest(v[2])
+    with pytest.raises(IntegrityError, match="reuses the skeleton graph"):
+        restore_update(tmp_path / "u12.p2u", tmp_path / "r.onnx", paths[1])
+    # with the skeleton shipped whole (the default for an exact binding) it applies to v2
+    # whatever way it was reached
+    encode_update(paths[2], tmp_path / "u12s.p2u", [paths[0], tmp_path / "u01.p2u"])
     for source in ([paths[0], tmp_path / "u01.p2u"], paths[1]):
-        out = restore_update(tmp_path / "u12.p2u", tmp_path / "r.onnx", source)
+        out = restore_update(tmp_path / "u12s.p2u", tmp_path / "r.onnx", source)
         assert weights_digest(onnx.load(str(out))) == weights_digest(v[2])
     # federated: clients follow each round at its first update stage; the next round is coded
     # against exactly that state (package id + stage 0), so errors do not pile up
@@ -259,9 +322,12 @@ def test_chain_and_federated_rounds(tmp_path):
             pred = m["predecessor"]
             assert (pred["package_id"], pred["stage"]) == (held.package_id, 0)
             assert "weights_sha256" not in pred
+        # the auto first stage: 1 bit against the exact v0, 2 bits against lossy states
+        assert {t["bits"] for t in m["tensors"] if t["update"] == "delta"} == \
+            ({1} if r == 1 else {2})
         held = apply_update(u, held, 0)
         errs.append(_err(held.model, v[r]))
-    assert max(errs) < 2 * min(errs)
+    assert errs[2] < 1.5 * errs[1] and errs[1] < errs[0]  # not growing
     # the server restores the last round exactly from the clients' lossy chain
     exact = apply_update(tmp_path / "round3.p2u",
                          held_state([paths[0], tmp_path / "round1.p2u",
@@ -539,3 +605,88 @@ def test_one_bit_first_stage(tmp_path):
     # the manifest is compact JSON and still validates (and pins: it is what is hashed)
     raw = (tmp_path / "u1.p2u" / "manifest.json").read_bytes()
     assert b", " not in raw and parse_manifest(raw)["plan"] == ["1", "lossless"]
+
+
+def test_cli_ship_graph(tmp_path):
+    """`--from v1.p2u --reuse-graph` codes the skeleton against the package's (bound); by
+    default (an exact binding) and with `--ship-graph` it is shipped whole, so a device holding
+    v1 from its .onnx file can take it."""
+    v1, v2 = _mlp(hidden=256), _moved(_mlp(hidden=256))
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    encode(p1, tmp_path / "v1.p2u", "4,lossless", budget=FAST, probe=False)
+    run = CliRunner().invoke
+    for out, extra in (("u.p2u", ["--reuse-graph"]), ("us.p2u", ["--ship-graph"]),
+                       ("ud.p2u", [])):
+        r = run(main, ["encode", p2, "-o", str(tmp_path / out), "--from",
+                       str(tmp_path / "v1.p2u"), "-q", *extra])
+        assert r.exit_code == 0, r.output
+    files = [load_manifest(tmp_path / u)["base_model"]["files"][1]
+             for u in ("u.p2u", "us.p2u", "ud.p2u")]
+    assert "reference" in files[0] and "reference" not in files[1] | files[2]
+    r = run(main, ["restore", str(tmp_path / "u.p2u"), "--from", p1, "-o",
+                   str(tmp_path / "a.onnx")])
+    assert r.exit_code != 0 and "reuses the skeleton graph" in r.output
+    assert len(r.output.strip().splitlines()) == 1 and not (tmp_path / "a.onnx").exists()
+    r = run(main, ["restore", str(tmp_path / "us.p2u"), "--from", p1, "-o",
+                   str(tmp_path / "b.onnx")])
+    assert r.exit_code == 0, r.output
+    assert weights_digest(onnx.load(str(tmp_path / "b.onnx"))) == weights_digest(v2)
+
+
+def test_live_update_keeps_inplace(live_pair, tmp_path):
+    """An inplace session stays inplace through an update: stage 0 in a weights file of its
+    own given to onnxruntime by name, the later stages patched into the live session (no new
+    session), every run answered by one state, v2 bit for bit at the end."""
+    import threading
+
+    from p2u_onnx.runtime import ProgressiveSession
+
+    d, v, outs = live_pair
+    with ProgressiveSession(d / "v1.p2u", workdir=tmp_path / "w", strategy="inplace") as s:
+        s.upgrade(background=False)
+        assert s._strategy == "inplace"
+        held = held_state(d / "v1.p2u")
+        states = [outs[0]] + [_run(apply_update(d / "u12.p2u", held, k).model, X)
+                              for k in (0, 1)] + [outs[1]]
+        stop, seen = threading.Event(), []
+        t = threading.Thread(target=_serving, args=(s, states, seen, stop))
+        t.start()
+        try:
+            assert s.update(d / "u12.p2u", until=0) == 0
+            assert s._strategy == "inplace"
+            session = s._live.session
+            assert s.upgrade(background=False) == 2
+            assert s._live.session is session  # patched in place, not rebuilt
+        finally:
+            stop.set()
+            t.join()
+        assert np.array_equal(s.run(None, {"x": X})[0], outs[1])
+        assert seen and -1 not in seen and seen == sorted(seen), seen[:50]
+        # only the current stage's weights file is left in the session's folder
+        assert [p.name for p in s._dir.glob("weights-*.bin")] == ["weights-2.bin"]
+        assert s.update(d / "u23.p2u") == 1 and s._strategy == "inplace"
+        assert np.array_equal(s.run(None, {"x": X})[0], outs[2])
+
+
+def test_big_tensor_entries_in_runs(tmp_path):
+    """A tensor of more than CHUNK_ELEMENTS values is coded in several stage entries (runs of
+    blocks, as full packages do: a device decodes entry by entry between inferences), and
+    restores bit for bit at every stage count."""
+    from p2u_onnx.encoder import CHUNK_ELEMENTS
+
+    v1 = _mlp(hidden=5000)  # W1 64 x 5000 = 320,000 values
+    v2 = _moved(v1, only=("W1",))
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    for plan in ("auto,lossless", "2,6,lossless"):
+        out = tmp_path / f"u{plan[0]}.p2u"
+        m = encode_update(p2, out, p1, plan=plan).manifest
+        row = next(t for t in m["tensors"] if t["name"] == "W1")
+        assert row["update"] == "delta"
+        last = read_stage(out / f"stage-{len(m['stages']) - 1}.p2u")
+        runs = [e["blocks"] for e in last.entries if e["name"] == "W1"]
+        assert len(runs) >= 2 and runs[0][0] == 0 and \
+            all(a[1] == b[0] for a, b in zip(runs, runs[1:]))
+        per_block = 64 * 5000 // runs[-1][1]  # values per block of the delta's layout
+        assert all((b - a) * per_block <= CHUNK_ELEMENTS for a, b in runs)
+        new = apply_update(out, held_state(p1))
+        assert weights_digest(new.model) == weights_digest(v2)

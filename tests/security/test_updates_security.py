@@ -285,3 +285,75 @@ def test_stage_zero_with_other_entries_refused(upd, built):
     extra = (dict(sf1.entries[0]), bytes(sf1.data(sf1.entries[0])))
     _rewrite_stage(upd, 0, lambda entries: entries + [extra])
     restore_refused(upd, built["v1"], FormatError, "holds base.bin and graph.onnx only")
+
+
+@pytest.fixture(scope="module")
+def reused(tmp_path_factory) -> dict[str, Path]:
+    """An update coded against the skeleton of v1's full package (the graph did not change:
+    its ``graph.onnx`` names that skeleton's sha256 as ``reference``)."""
+    from p2u_onnx.config import BitBudget, QuantConfig
+    from p2u_onnx.encoder import encode
+
+    d = tmp_path_factory.mktemp("reuse")
+    v1 = mlp()
+    onnx.save(v1, str(d / "v1.onnx"))
+    onnx.save(_moved(v1, only=("W2",)), str(d / "v2.onnx"))
+    fast = BitBudget(adaptive=False)
+    encode(d / "v1.onnx", d / "v1.p2u", "4,lossless", budget=fast, probe=False, name="r",
+           version=1)
+    # the same v1 through another package: W2 kept in its graph, so another skeleton
+    encode(d / "v1.onnx", d / "v1b.p2u", "4,lossless", QuantConfig(min_elements=5000),
+           budget=fast, probe=False, name="r", version=1)
+    encode_update(d / "v2.onnx", d / "u.p2u", d / "v1.p2u", name="r", version=2,
+                  ship_graph=False)
+    assert "reference" in manifest(d / "u.p2u")["base_model"]["files"][1]
+    return {"dir": d, "v1": d / "v1.p2u", "v1b": d / "v1b.p2u", "u": d / "u.p2u"}
+
+
+def test_reused_skeleton_refused_on_another(reused, tmp_path):
+    """The reference binds the skeleton: a device holding v1 exact with another skeleton (other
+    package) or none (the .onnx file) is refused before anything is decoded or written; a
+    reference edited in the manifest (resealed) is refused by the stage headers' binding; a
+    reference on base.bin, or not a sha256, is refused by the validator."""
+    d = reused["dir"]
+    out = tmp_path / "o.onnx"
+    refused(lambda: restore_update(reused["u"], out, reused["v1b"]), IntegrityError,
+            "reuses the skeleton graph")
+    refused(lambda: restore_update(reused["u"], out, d / "v1.onnx"), IntegrityError,
+            "has no skeleton graph")
+    assert not out.exists()
+    restore_update(reused["u"], out, reused["v1"])  # the right one: restored
+    p = tmp_path / "u.p2u"
+    shutil.copytree(reused["u"], p)
+    m = manifest(p)
+    m["base_model"]["files"][1]["reference"] = hashlib.sha256(
+        (reused["v1b"] / "manifest.json").read_bytes()).hexdigest()
+    reseal(p, m)
+    restore_refused(p, reused["v1"], IntegrityError, "written for another manifest")
+    m = manifest(reused["u"])
+    bad = copy.deepcopy(m)
+    bad["base_model"]["files"][0]["reference"] = "a" * 64
+    with pytest.raises(FormatError, match="only on an update's graph.onnx"):
+        validate_manifest(bad)
+    bad = copy.deepcopy(m)
+    bad["base_model"]["files"][1]["reference"] = "../x"
+    with pytest.raises(FormatError, match="reference"):
+        validate_manifest(bad)
+
+
+def test_live_session_with_another_skeleton_keeps_serving(reused, tmp_path):
+    """A live session that holds v1 exact through another package (another skeleton) refuses
+    the update that reuses v1.p2u's skeleton and keeps serving v1."""
+    from p2u_onnx.runtime import ProgressiveSession
+
+    x = np.random.default_rng(0).standard_normal((2, 64)).astype(np.float32)
+    with ProgressiveSession(reused["v1b"], workdir=tmp_path / "w") as s:
+        s.upgrade(background=False)
+        name = "x"
+        before = s.run(None, {name: x})[0]
+        refused(lambda: s.update(reused["u"]), IntegrityError, "reuses the skeleton graph")
+        assert s.manifest["package_id"] == manifest(reused["v1b"])["package_id"]
+        assert np.array_equal(s.run(None, {name: x})[0], before)
+    with ProgressiveSession(reused["v1"], workdir=tmp_path / "w2") as s:
+        s.upgrade(background=False)
+        assert s.update(reused["u"]) == 1
