@@ -405,6 +405,25 @@ class WeightState:
         out = Path(out_path)
         if self._file is not None and out.resolve() == self._file.resolve():
             raise ValueError(f"{out} is the current weights file: write the next stage elsewhere")
+        self._write_file(out, stage_file, plan, pace, written)
+        self.stage += 1
+        self._file, self._blocks = out, {}
+
+    def materialize(self, out_path: str | os.PathLike, pace: Pace | None = None,
+                    written: Callable[[int, int, int], None] | None = None) -> None:
+        """Write the current values to ``out_path`` (a new ``weights.bin``) and read them from
+        there from now on: an update's stage 0, computed from the predecessor and the delta
+        codes, without keeping the predecessor. The stage does not change; on any error the
+        file is removed and the state is unchanged. ``pace`` / ``written``: as for
+        :meth:`advance`."""
+        out = Path(out_path)
+        self._write_file(out, None, {}, pace, written)
+        self._file, self._blocks = out, {}
+
+    def _write_file(self, out: Path, stage_file: StageFile | None, plan: dict,
+                    pace: Pace | None, written: Callable[[int, int, int], None] | None) -> None:
+        """Write every tensor's values after ``stage_file`` (None: the current ones) to ``out``:
+        under a temporary name in its folder, renamed when complete, removed on any error."""
         tmp = ""
         try:
             fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
@@ -420,33 +439,6 @@ class WeightState:
             if isinstance(e, OSError):
                 raise P2UError(f"cannot write {out}: {e.strerror or e}") from e
             raise
-        self.stage += 1
-        self._file, self._blocks = out, {}
-
-    def materialize(self, out_path: str | os.PathLike, pace: Pace | None = None,
-                    written: Callable[[int, int, int], None] | None = None) -> None:
-        """Write the current values to ``out_path`` (a new ``weights.bin``) and read them from
-        there from now on: an update's stage 0, computed from the predecessor and the delta
-        codes, without keeping the predecessor. The stage does not change; on any error the
-        file is removed and the state is unchanged. ``pace`` / ``written``: as for
-        :meth:`advance`."""
-        out = Path(out_path)
-        tmp = ""
-        try:
-            fd, tmp = tempfile.mkstemp(prefix=f".{out.name}.", suffix=".tmp", dir=out.parent)
-            try:
-                _prefill(fd, weights_size(self.manifest), pace)
-                self._run(self.manifest["tensors"], None, {}, fd, pace, written)
-            finally:
-                os.close(fd)
-            os.replace(tmp, out)
-        except BaseException as e:
-            if tmp:
-                _unlink(tmp)
-            if isinstance(e, OSError):
-                raise P2UError(f"cannot write {out}: {e.strerror or e}") from e
-            raise
-        self._file, self._blocks = out, {}
 
     def apply(self, stage_file: StageFile) -> None:
         """Move to the next stage, keeping its decoded weights in memory.

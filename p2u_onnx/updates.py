@@ -42,10 +42,10 @@ from . import _workdir, passes
 from .codecs import SegmentsCodec, ZstdCodec, zstd_compress_against
 from .config import LOSSLESS, Plan, QuantConfig
 from .dtypes import dtype_info
-from .errors import FormatError, IntegrityError, P2UError, PlanError
+from .errors import IntegrityError, P2UError, PlanError
 from .format import (BINDING_KEY, UPDATE_FORMAT_VERSION, AtomicFile, StageWriter,
                      check_file_entry, describe_predecessor, is_update, manifest_binding,
-                     package_file, read_stage, save_manifest, stage_file_name)
+                     package_file, read_stage, stage_file_name)
 from .format import check_predecessor as _check_pred
 from .format import check_update_stage0
 from .graph import iter_slots
@@ -419,26 +419,6 @@ def verify_update(update: str | os.PathLike, base_from=None, *, from_stage: int 
 # ---------------------------------------------------------------- encoding an update
 
 
-class _Bin:
-    """Appends aligned blobs to base.bin; records the segments for SegmentsCodec."""
-
-    def __init__(self, f):
-        self.f, self.pos = f, 0
-        self.segments: list[tuple[int, int, str]] = []
-
-    def add(self, data: bytes, kind: str) -> list[int]:
-        pad = (-self.pos) % ALIGN
-        if pad:
-            self.f.write(b"\0" * pad)
-            self.pos += pad
-        self.f.write(data)
-        span = [self.pos, len(data)]
-        if data:
-            self.segments.append((self.pos, len(data), kind))
-        self.pos += len(data)
-        return span
-
-
 @dataclasses.dataclass(frozen=True)
 class _UpdatePlan:
     """An update's plan: bits of the changed tensors' deltas per stage, rising, ``lossless``
@@ -630,7 +610,8 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                  config: QuantConfig, delta_block: int, new_bits: int, package_id: str,
                  pred: dict[str, Any], digest: str, ident: tuple[str, int],
                  probe: bool = True, reference: bytes | None = None) -> dict[str, Any]:
-    from .encoder import CHUNK_ELEMENTS, fp32_equivalent_bytes, slot_nbytes, tensor_array
+    from .encoder import (CHUNK_ELEMENTS, _BinWriter, fp32_equivalent_bytes, slot_nbytes,
+                          tensor_array)
     from . import quantizers as qz
 
     fp32_bytes = fp32_equivalent_bytes(m)
@@ -646,7 +627,7 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
     counts = {"same": 0, "delta": 0, "new": 0}
     wpos = 0
     with AtomicFile(tmp / "base.bin") as bf:
-        bins = _Bin(bf)
+        bins = _BinWriter(bf)
         for s in selected:
             t = s.slot.tensor
             info = dtype_info(t.data_type)

@@ -14,7 +14,7 @@ import onnx
 import onnxruntime as ort
 import pytest
 from click.testing import CliRunner
-from onnx import TensorProto, helper, numpy_helper
+from onnx import helper, numpy_helper
 
 from p2u_onnx import api
 from p2u_onnx.cli import main
