@@ -518,8 +518,10 @@ def targets(pairs: list[dict[str, Any]], fed: dict[str, Any] | None) -> list[dic
                 f"weight error, mean of first {k} rounds {early:.2e}, last {k} {late:.2e} "
                 f"(max {max(errs):.2e})", late <= 1.25 * early)
             ex = sum(r["exact_update"] for r in rr)
-            best_name = min(("ZipNN delta vs v1", "XOR + byte grouping + zstd -19"),
-                            key=lambda a: sum(r[a] for r in rr))
+            # anchors that decoded every round exactly (ZipNN may be missing: not installed)
+            usable = [a for a in ("ZipNN delta vs v1", "XOR + byte grouping + zstd -19")
+                      if all(r.get(a + " exact") for r in rr)]
+            best_name = min(usable, key=lambda a: sum(r[a] for r in rr))
             best = sum(r[best_name] for r in rr)
             add("exact devices: < best lossless delta anchor", f"{n} rounds",
                 f"p2u {_fmt_b(ex)} vs {best_name} {_fmt_b(best)} ({ex / best:.3f}x)",

@@ -3,6 +3,7 @@ a two-round "federated" sequence (digits v1, v2, v3), with the numbers it measur
 
 from __future__ import annotations
 
+import importlib.util
 import json
 import shutil
 import sys
@@ -62,13 +63,19 @@ def test_pair_stages_and_anchors(bench):
     assert upd["total"] < fp32
     assert stages[-1]["cum_share_fp32"] == pytest.approx(upd["total"] / fp32)
     anchors = {a["method"]: a for a in pair["anchors"]}
-    for name in ("zstd -19 of v2", "ZipNN of v2", "ZipNN delta vs v1",
-                 "XOR + byte grouping + zstd -19"):
+    for name in ("zstd -19 of v2", "XOR + byte grouping + zstd -19"):
         assert anchors[name]["error"] is None and anchors[name]["exact"], name
     # deltas against v1 are smaller than v2 alone; everything is smaller than fp32
     assert anchors["XOR + byte grouping + zstd -19"]["wire_bytes"] < \
         anchors["zstd -19 of v2"]["wire_bytes"] < fp32
-    assert anchors["ZipNN delta vs v1"]["wire_bytes"] < anchors["ZipNN of v2"]["wire_bytes"]
+    zipnn = ("ZipNN of v2", "ZipNN delta vs v1")
+    if importlib.util.find_spec("zipnn") is None:  # the bench extra's; it needs torch
+        for name in zipnn:  # said, not silently dropped
+            assert "zipnn missing" in anchors[name]["error"] and not anchors[name]["exact"]
+    else:
+        for name in zipnn:
+            assert anchors[name]["error"] is None and anchors[name]["exact"], name
+        assert anchors["ZipNN delta vs v1"]["wire_bytes"] < anchors["ZipNN of v2"]["wire_bytes"]
     assert 0 < pair["full"]["base"] < pair["full"]["total"] < fp32
     parts = upd["stage0_parts"]
     assert parts["manifest"] + parts["stage_files"] + parts["probe"] == stages[0]["bytes"]
