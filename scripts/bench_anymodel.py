@@ -181,25 +181,30 @@ def latency_ratios(orig, stage0, plain, feeds, seconds: float) -> tuple[float | 
     """Median per-round ratios (stage 0 / original, base.onnx / original) of interleaved runs.
 
     Each round runs the original, stage 0 and base.onnx once each on the same feed (feeds in
-    turn); rounds go on for about ``seconds`` (at least 3, at most 500) after one warm-up run
-    of each.
+    turn), in an order that rotates from round to round: the session that runs right after
+    another one meets its onnxruntime threads still spinning (on a loaded 2-core machine a fixed
+    order made stage 0 of minilm-l3 look 1.18x slower than the original, and 0.73-0.82x in
+    another order), so each session runs first, second and third equally often. Rounds go on for
+    about ``seconds`` (at least 3, at most 500) after three warm-up runs of each.
     """
     sessions = [s for s in (orig, stage0, plain) if s is not None]
-    for s in sessions:
-        s.run(None, feeds[0])
+    for _ in range(3):
+        for s in sessions:
+            s.run(None, feeds[0])
     r0, r1 = [], []
     t_end = time.perf_counter() + seconds
     rounds = 0
     while rounds < 3 or (time.perf_counter() < t_end and rounds < 500):
         f = feeds[rounds % len(feeds)]
-        times = []
-        for s in (orig, stage0, plain):
+        times: list[float | None] = [None, None, None]
+        for i in range(3):
+            j = (i + rounds) % 3
+            s = (orig, stage0, plain)[j]
             if s is None:
-                times.append(None)
                 continue
             t0 = time.perf_counter()
             s.run(None, f)
-            times.append(time.perf_counter() - t0)
+            times[j] = time.perf_counter() - t0
         if times[1] is not None:
             r0.append(times[1] / times[0])
         if times[2] is not None:
