@@ -36,6 +36,7 @@ from .config import DEFAULT_QUALITY
 from .errors import P2UError
 from .graph import Consumer, consumers_by_name
 from .output_metrics import DEFAULT_TARGETS, OutputCheck, checks_for, target_error
+from .probe import output_values
 
 __all__ = ["Calibration", "synthesize_feeds", "load_feeds", "input_spec", "probe_inputs"]
 
@@ -462,7 +463,7 @@ class Calibration:
                                         providers=["CPUExecutionProvider"])
             fetch = outputs + extra
             fed = _weight_feed(weights, bf16)
-            runs = [sess.run(fetch, {**f, **fed}) for f in feeds]
+            runs = [_values(sess.run(fetch, {**f, **fed})) for f in feeds]
         except Exception as e:  # the model does not run on these inputs: no calibration
             text = str(e).strip().splitlines()
             return fail(f"the model fails on them ({text[0][:200] if text else type(e).__name__})")
@@ -490,7 +491,7 @@ class Calibration:
                 for c in checks):
             try:
                 f = more_feeds(added + 1)
-                r = sess.run(fetch, {**f, **fed})
+                r = _values(sess.run(fetch, {**f, **fed}))
             except Exception:  # noqa: BLE001 - keep what was measured
                 break
             feeds.append(f)
@@ -525,8 +526,8 @@ class Calibration:
                    [outputs[i] for i in float_out], checks, weight, bf16, added, empty)
 
     def _run(self, overrides: Mapping[str, np.ndarray]) -> list[list[np.ndarray]]:
-        return [[np.asarray(v, np.float64) for v in self._session.run(
-            self._outputs, {**feed, **self._weights, **self._feed(overrides)})]
+        return [[np.asarray(v, np.float64) for v in _values(self._session.run(
+            self._outputs, {**feed, **self._weights, **self._feed(overrides)}))]
             for feed in self._feeds]
 
     def output_errors(self, overrides: Mapping[str, np.ndarray],
@@ -561,6 +562,18 @@ class Calibration:
         measured = [c.measure([r[c.index] for r in self._reference], [g[c.index] for g in runs])
                     for c in self.checks]
         return measured, self.output_errors(overrides, runs)
+
+
+def _values(outputs: Sequence[Any]) -> list[Any]:
+    """A run's outputs, class-probability maps read as arrays (:func:`probe.output_values`);
+    other non-tensor outputs are kept as they are (they are not compared)."""
+    out = []
+    for v in outputs:
+        try:
+            out.append(output_values(v))
+        except ValueError:
+            out.append(v)
+    return out
 
 
 def _batched_outputs(model: ModelProto, names: Sequence[str]) -> list[bool]:

@@ -496,6 +496,7 @@ def _evaluate(pkg: Path, original: str | os.PathLike | None, inputs: Any,
         for k in chosen:
             got = run(k, sessions[k], feed, i)
             for n, r, g in zip(out_names, ref_out, got):
+                r, g = _as_array(r), _as_array(g)  # class-probability maps as arrays
                 if isinstance(r, np.ndarray) and isinstance(g, np.ndarray):
                     stats[k][n].add(r, g)
                 else:
@@ -580,3 +581,16 @@ def _same_weights(model: Any, manifest: Mapping[str, Any]) -> bool | None:
         return weights_digest(m) == want
     except Exception:  # noqa: BLE001 - a model the encoder could not read either
         return False
+
+
+def _as_array(value: Any) -> Any:
+    """A sequence of class-probability maps (scikit-learn's ZipMap) as an array; other values
+    as they are."""
+    from .probe import output_values
+
+    if isinstance(value, list) and value and all(isinstance(d, dict) for d in value):
+        try:
+            return output_values(value)
+        except ValueError:
+            return value
+    return value

@@ -202,6 +202,8 @@ def _made_by(producer: Mapping[str, NodeProto], name: str) -> str:
     node = _source(producer, name)
     if node is None:
         return "other"
+    if node.op_type == "ZipMap":  # class probabilities as maps (scikit-learn classifiers)
+        return "softmax"
     if node.op_type == "Softmax" or node.op_type == "Div" and \
             getattr(producer.get(node.input[0]), "op_type", "") == "Exp":
         return "softmax"  # also exp(x) / sum(exp(x)), as JAX and TF exports write it

@@ -192,10 +192,37 @@ def _spec_shape(arg: ArgInfo, want: Mapping[str, Any]) -> tuple[int, ...]:
     return tuple(shape)
 
 
-def sample(values: np.ndarray, count: int | None = None) -> np.ndarray:
+#: Output types whose values are read as a float tensor: a classifier's class probabilities as
+#: a sequence of maps (scikit-learn exports end in ZipMap), one row per sample, classes in key
+#: order.
+PROBABILITY_MAPS = ("seq(map(int64,tensor(float)))", "seq(map(string,tensor(float)))")
+
+
+def compared_type(out_type: str) -> str | None:
+    """The tensor type an output of ``out_type`` is compared as (a float tensor type of
+    :data:`REL_FLOOR`), or None when it is not compared."""
+    if out_type in REL_FLOOR:
+        return out_type
+    return "tensor(float)" if out_type in PROBABILITY_MAPS else None
+
+
+def output_values(value: Any) -> np.ndarray:
+    """An output of ``session.run`` as an array: a sequence of maps (class -> probability) as
+    a float64 ``(samples, classes)`` array with the classes in key order; anything else as
+    ``np.asarray`` makes it."""
+    if isinstance(value, list) and value and all(isinstance(d, dict) for d in value):
+        keys = sorted(value[0])
+        if any(sorted(d) != keys for d in value):
+            raise ValueError("the maps of a sequence output have different keys")
+        return np.array([[float(d[k]) for k in keys] for d in value], np.float64)
+    return np.asarray(value)
+
+
+def sample(values: Any, count: int | None = None) -> np.ndarray:
     """A fixed subsample of at most :data:`MAX_SAMPLES` values (float32), spread evenly;
-    with ``count``, ``count`` values spread evenly among those (a sized probe, format 4)."""
-    flat = np.asarray(values).reshape(-1)
+    with ``count``, ``count`` values spread evenly among those (a sized probe, format 4).
+    ``values``: an array, or an output :func:`output_values` reads."""
+    flat = output_values(values).reshape(-1)
     m = min(flat.size, MAX_SAMPLES)
     idx = np.arange(m, dtype=np.int64) * flat.size // max(m, 1)
     out = flat[idx].astype(np.float32)
@@ -266,7 +293,7 @@ class Probe:
         if self.step is not None:  # what the grid the outputs are stored on can be off by
             tol = tol + np.asarray(self.step, np.float64) / 2
         counts = self.counts or [None] * len(self.outputs)
-        got = [sample(np.asarray(v), n).astype(np.float64)
+        got = [sample(v, n).astype(np.float64)
                for v, n in zip(run(list(self.outputs), dict(self.feed)), counts)]
         want = [e.astype(np.float64) for e in self.expected(stage)]
         for name, g, w, t in zip(self.outputs, got, want, tol):
@@ -447,11 +474,11 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any], *,
         base = ort.InferenceSession(str(pkg / "base.onnx"), exact, providers=providers)
     except Exception as e:  # noqa: BLE001 - any failure means: cannot probe
         return fail(f"base.onnx does not load in onnxruntime ({_first_line(e)})")
-    outs = [o for o in base.get_outputs() if o.type in REL_FLOOR]
+    outs = [o for o in base.get_outputs() if compared_type(o.type)]
     if not outs:
         return fail("the model has no float output to compare")
     names = [o.name for o in outs]
-    types = [o.type for o in outs]
+    types = [compared_type(o.type) for o in outs]
 
     args = base.get_inputs()
     tries: list[tuple[str, int, Any]] = []

@@ -20,6 +20,7 @@ from typing import Any
 import numpy as np
 from onnx import GraphProto, ModelProto
 
+from . import palette as pl
 from . import quantizers as qz
 from .allocate import Allocation, TensorCost, allocate_from_default
 from .calibrate import (RETRY_SPATIAL, Calibration, has_open_images, load_feeds,
@@ -161,6 +162,9 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
                          f"bits chosen from weight errors alone, the base's quality is not "
                          f"estimated{hint}; check it with `p2u eval PKG --model MODEL "
                          "--inputs real.npz`")
+    # tensors with few distinct values are coded as palettes, exact in the base (palette.py):
+    # they cost the base their indices and add no error at any bits
+    exact = {s.slot.key for s in selected if pl.find(arrays[s.slot.key]) is not None}
     rng = np.random.default_rng(0)
     costs, gains, clip = [], {}, {}
     check_gains: dict[str, np.ndarray] = {}  # per tensor: each output check's error per weight error
@@ -174,7 +178,7 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
         imp_blocks = None if imp is None else \
             layout.to_blocks(np.broadcast_to(imp, layout.shape).astype(np.float32))
         measured, vectors = {}, {}
-        if calib is not None and key in calib.measurable:
+        if calib is not None and key in calib.measurable and key not in exact:
             # the output decides whether clipping outliers helps this tensor (it lowers the
             # weights' squared error, but some models depend on their largest weights)
             for c in ((True, False) if config.clip_search else (False,)):
@@ -203,7 +207,10 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
             nbytes.append(CODE_OVERHEAD * layout.size * _entropy_bits(bc.codes) / 8
                           + layout.n_blocks * scale_bytes)
         per_tensor[key] = (rel, nbytes)
-        if measured:
+        if key in exact:
+            rel = [0.0] * len(rel)
+            per_tensor[key] = (rel, nbytes)
+        elif measured:
             at_ref = rel[candidates(plan).index(REFERENCE_BITS)]
             if at_ref > 0:
                 gains[key] = measured[clip[key]] / at_ref
@@ -236,7 +243,8 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
         # (every measurable tensor at its bits) and buy more bits where it says so
         max_error = budget.max_error
         for attempt in range(MEASURE_ROUNDS):
-            quality, errors = _measure(calib, selected, arrays, alloc.bits, clip, config)
+            quality, errors = _measure(calib, selected, arrays, alloc.bits, clip, config,
+                                       exact)
             measured_error = float(np.max(calib._weight * errors, initial=0.0))
             outputs = _output_report(calib, errors, quality)
             target = min(max_error, alloc.plain_error) if budget.quality is None and \
@@ -271,14 +279,15 @@ MEASURE_ROUNDS = 3  # measurements of the whole base, and re-allocations between
 
 
 def _measure(calib: Calibration, selected: Sequence[Any], arrays: dict[str, np.ndarray],
-             bits: dict[str, int], clip: dict[str, bool], config: QuantConfig
-             ) -> tuple[list[float], np.ndarray]:
+             bits: dict[str, int], clip: dict[str, bool], config: QuantConfig,
+             exact: set[str] = frozenset()) -> tuple[list[float], np.ndarray]:
     """Each output check's quality and normalized error, measured on the calibration inputs
-    with every measurable tensor at its ``bits`` (quantized as the base will be)."""
+    with every measurable tensor at its ``bits`` (quantized as the base will be), those of
+    ``exact`` (palettes) as they are."""
     overrides = {}
     for s in selected:
         key = s.slot.key
-        if key not in calib.measurable or key not in bits:
+        if key not in calib.measurable or key not in bits or key in exact:
             continue
         info, layout, w = dtype_info(s.slot.tensor.data_type), s.layout, arrays[key]
         blocks = np.asarray(layout.to_blocks(info.to_compute(w)), np.float32)
