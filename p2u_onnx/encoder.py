@@ -748,11 +748,15 @@ def _encode_into(m: ModelProto, name: str, tmp: Path, plan: Plan, config: QuantC
                  budget: BitBudget = BitBudget(), note: str | None = None,
                  ident: tuple[str, int] = ("model", 0),
                  zref: ZstdReference | None = None) -> dict[str, Any]:
-    passes.lift_constants(m, config.min_elements)
+    aliased, alias_bytes = passes.normalize(m, config.min_elements)
     selected = passes.select_weights(m, config)
     m, selected, taken = _detach_weights(m, selected)
 
     bitplan = _bit_plan(m, selected, taken, plan, config, budget)
+    if aliased:
+        bitplan.notes.append(f"{aliased} initializer(s) equal bit for bit to another "
+                             f"({alias_bytes:,} bytes) sent once: Identity nodes of that one "
+                             "in the graph")
     trim_heap()  # what the calibration runs freed, before the weights are coded
 
     # Low-bit codes need a recent opset; convert the structure, or fall back to INT8 codes.

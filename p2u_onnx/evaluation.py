@@ -577,7 +577,7 @@ def _same_weights(model: Any, manifest: Mapping[str, Any]) -> bool | None:
     m = ModelProto()
     m.CopyFrom(model)
     try:
-        passes.lift_constants(m, min_elements)
+        passes.normalize(m, min_elements)
         return weights_digest(m) == want
     except Exception:  # noqa: BLE001 - a model the encoder could not read either
         return False

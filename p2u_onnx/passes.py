@@ -1,6 +1,8 @@
 """Graph passes: model in, model out. Each works on weight slots from :mod:`graph`.
 
 * :func:`lift_constants` turns weight-sized Constant nodes of graphs into initializers.
+* :func:`alias_duplicates` keeps one copy of main-graph initializers that are equal bit for bit.
+* :func:`normalize` is the two above: what the encoder codes and the source digest covers.
 * :func:`select_weights` decides which slots are coded, and with which block layout.
 * :func:`to_base` rewrites coded slots into low-bit tensors + DequantizeLinear.
 * :func:`raise_opset` lifts the default-domain opset when low-bit types need it, or reports why not.
@@ -20,7 +22,7 @@ from .graph import (Consumer, Slot, consumers_by_name, default_opset, iter_conta
                     set_default_opset)
 from .quantizers import Layout
 
-__all__ = ["lift_constants", "select_weights", "Selected", "to_base", "raise_opset",
+__all__ = ["lift_constants", "alias_duplicates", "normalize", "select_weights", "Selected", "to_base", "raise_opset",
            "choose_layout"]
 
 _FLOAT_ONNX = {d.onnx_type for d in FLOAT_TYPES.values()}
@@ -68,6 +70,56 @@ def lift_constants(model: ModelProto, min_elements: int) -> int:
         slot.container.initializer.append(t)
         lifted += 1
     return lifted
+
+
+def alias_duplicates(model: ModelProto, min_elements: int) -> tuple[int, int]:
+    """Replace each main-graph initializer of ``min_elements`` or more that equals an earlier
+    one bit for bit (same type, dimensions and bytes) by an ``Identity`` node of that one.
+
+    Exporters that do not share tensors write one copy per use: the torch dynamo exporter
+    writes a layer's weights once per layer even where the layers are copies of one another,
+    and tied weights twice. Coded as separate tensors each copy costs its own bytes, where zstd
+    of the file finds the repeat. The graph computes the same values (onnxruntime folds the
+    Identity into an initializer). Initializers that are also graph inputs (a user may feed
+    them) and tensors in external files are left alone. Returns ``(aliased, bytes saved)``.
+    In place.
+    """
+    import hashlib
+
+    g = model.graph
+    inputs = {i.name for i in g.input}
+    first: dict[tuple, str] = {}
+    drop: list[int] = []
+    aliases: list[onnx.NodeProto] = []
+    saved = 0
+    for i, t in enumerate(g.initializer):
+        if t.name in inputs or _numel(t) < min_elements or not t.HasField("raw_data") or \
+                t.data_location == TensorProto.EXTERNAL:
+            continue
+        key = (t.data_type, tuple(t.dims), hashlib.sha256(t.raw_data).digest())
+        if key not in first:
+            first[key] = t.name
+            continue
+        drop.append(i)
+        saved += len(t.raw_data)
+        aliases.append(helper.make_node("Identity", [first[key]], [t.name],
+                                        name=f"p2u_alias/{t.name}"))
+    if not drop:
+        return 0, 0
+    keep = [t for i, t in enumerate(g.initializer) if i not in set(drop)]
+    nodes = aliases + list(g.node)
+    del g.initializer[:]
+    g.initializer.extend(keep)
+    del g.node[:]
+    g.node.extend(nodes)
+    return len(drop), saved
+
+
+def normalize(model: ModelProto, min_elements: int) -> tuple[int, int]:
+    """:func:`lift_constants`, then :func:`alias_duplicates`: the model an encoder codes and
+    whose weights the source digest covers. Returns what :func:`alias_duplicates` returns."""
+    lift_constants(model, min_elements)
+    return alias_duplicates(model, min_elements)
 
 
 @dataclasses.dataclass

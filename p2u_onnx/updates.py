@@ -158,7 +158,7 @@ def _model_held(model: ModelProto, label: str, config: QuantConfig) -> Held:
     """An exact held state of a model (its constants lifted as the encoder lifts them)."""
     from .encoder import tensor_array, weights_digest
 
-    passes.lift_constants(model, config.min_elements)
+    passes.normalize(model, config.min_elements)
     digest = weights_digest(model)
     arrays = {s.slot.key: tensor_array(s.slot.tensor).reshape(s.shape)
               for s in passes.select_weights(model, config)}
