@@ -296,7 +296,7 @@ def _session(model: str | bytes) -> Any:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.log_severity_level = 3
+    so.log_severity_level = 4  # a failing run is reported in one line (P2UError), not logged
     return ort.InferenceSession(model, so, providers=["CPUExecutionProvider"])
 
 
@@ -488,7 +488,11 @@ def _evaluate(pkg: Path, original: str | os.PathLike | None, inputs: Any,
                            f"{e.args[0]!r}, which the inputs lack") from None
         except Exception as e:  # noqa: BLE001 - onnxruntime's errors
             who = "the original" if k is None else f"stage {k}"
-            raise P2UError(f"{who} fails on feed {i}: {_first_line(e)}") from None
+            made = "" if source["kind"] in ("npz", "given") else \
+                " (" + ", ".join(f"{n} {'x'.join(map(str, np.shape(v)))}" for n, v in
+                                 feed.items()) + f", {source['kind']} inputs: pass --inputs " \
+                "with inputs the model runs on)"
+            raise P2UError(f"{who} fails on feed {i}{made}: {_first_line(e)}") from None
 
     shuffle = np.random.default_rng(0)  # each round's order: no session always follows another
     for i, feed in enumerate(feeds):
