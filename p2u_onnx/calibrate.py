@@ -137,10 +137,14 @@ def _spatial_size(model: ModelProto, starts: Sequence[str], default: int) -> int
 
 
 RETRY_SPATIAL = (224, 640)  # image sizes tried when the implied one does not run
+# sequence lengths tried when the default one does not run (an exporter may have fixed the
+# length of its example input in a Reshape: 16 and 8 are common example lengths)
+RETRY_SEQ = (16, 8, 128)
 
 
 def input_spec(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = (),
-               batch: int = 1, spatial: int | None = None) -> dict[str, dict[str, Any]]:
+               batch: int = 1, spatial: int | None = None,
+               seq: int | None = None) -> dict[str, dict[str, Any]]:
     """What :func:`p2u_onnx.probe.synthesize_inputs` needs to make inputs the graph runs on.
 
     Per graph input (initializers excluded): ``shape`` (symbolic dimensions resolved, one size
@@ -149,7 +153,8 @@ def input_spec(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence
     :data:`_DEFAULT_DIMS` ``seq``); ``high`` for integer inputs that index tables (below the
     rows of every table they index); ``fill`` 1 for masks and booleans, 0 for token-type and
     position ids. ``shapes`` (``--shape``) fixes inputs' shapes, and with them their symbols;
-    ``spatial`` replaces the implied spatial size (a retry: :data:`RETRY_SPATIAL`).
+    ``spatial`` replaces the implied spatial size (a retry: :data:`RETRY_SPATIAL`), ``seq``
+    the ``seq`` size (a retry: :data:`RETRY_SEQ`).
     Raises :class:`P2UError` for an input that is not a tensor or a ``shapes`` entry that does
     not fit the model.
     """
@@ -203,7 +208,7 @@ def input_spec(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence
                     shape.append(sym[d.dim_param])
                     continue
                 size = batch if i == 0 else spatial if vi.name in images \
-                    else _DEFAULT_DIMS["seq"]
+                    else seq if seq is not None else _DEFAULT_DIMS["seq"]
                 if d.HasField("dim_param") and d.dim_param:
                     sym[d.dim_param] = size
                 shape.append(size)
@@ -269,15 +274,46 @@ def has_open_images(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Seq
     return False
 
 
+def has_open_sequences(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = ()
+                       ) -> bool:
+    """Whether some input that is not an image has a size after its first one left to guess
+    (a sequence length)."""
+    given = dict(shapes)
+    init = {t.name for t in model.graph.initializer}
+    for vi in model.graph.input:
+        tt = vi.type.tensor_type
+        if vi.name in init or vi.name in given or not vi.type.HasField("tensor_type"):
+            continue
+        if len(tt.shape.dim) >= 3 and _np_type(tt.elem_type).kind == "f":
+            continue  # an image (its sizes: has_open_images)
+        if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in tt.shape.dim[1:]):
+            return True
+    return False
+
+
+def retry_sizes(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = ()
+                ) -> list[dict[str, int]]:
+    """Keyword arguments of :func:`input_spec` / :func:`synthesize_feeds` to try, in order,
+    when the sizes first implied do not run: other image sizes, other sequence lengths."""
+    out: list[dict[str, int]] = []
+    if has_open_images(model, shapes):
+        out += [{"spatial": s} for s in RETRY_SPATIAL]
+    if has_open_sequences(model, shapes):
+        out += [{"seq": s} for s in RETRY_SEQ]
+    return out
+
+
 def synthesize_feeds(model: ModelProto, batches: int = 1, seed: int = 0,
                      shapes: Mapping[str, Sequence[int]] | Sequence = (),
-                     spatial: int | None = None) -> list[dict[str, np.ndarray]]:
+                     spatial: int | None = None, seq: int | None = None,
+                     batch: int | None = None) -> list[dict[str, np.ndarray]]:
     """Deterministic inputs from the input signature and what the graph implies (see
-    :func:`input_spec`; batch :data:`_DEFAULT_DIMS` ``batch``), made by the probe's
-    :func:`p2u_onnx.probe.synthesize_inputs` with unit-normal floats."""
+    :func:`input_spec`; batch :data:`_DEFAULT_DIMS` ``batch`` unless given), made by the
+    probe's :func:`p2u_onnx.probe.synthesize_inputs` with unit-normal floats."""
     from .probe import synthesize_inputs
 
-    spec = input_spec(model, shapes, batch=_DEFAULT_DIMS["batch"], spatial=spatial)
+    spec = input_spec(model, shapes, batch=batch or _DEFAULT_DIMS["batch"], spatial=spatial,
+                      seq=seq)
     args = input_args(model)
     try:
         return [synthesize_inputs(args, 100, spec, seed=seed + b, floats="normal")
@@ -294,8 +330,9 @@ def probe_inputs(model: ModelProto, calib: str | None,
     out: dict[str, Any] = {}
     try:
         out["spec"] = input_spec(model, shapes, batch=1)
-        if has_open_images(model, shapes):
-            out["retry"] = [input_spec(model, shapes, batch=1, spatial=s) for s in RETRY_SPATIAL]
+        retry = retry_sizes(model, shapes)
+        if retry:
+            out["retry"] = [input_spec(model, shapes, batch=1, **r) for r in retry]
     except P2UError:
         if shapes:
             raise

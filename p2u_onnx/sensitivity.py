@@ -23,7 +23,7 @@ from onnx import GraphProto, ModelProto
 from . import palette as pl
 from . import quantizers as qz
 from .allocate import Allocation, TensorCost, allocate_from_default
-from .calibrate import (RETRY_SPATIAL, Calibration, has_open_images, load_feeds,
+from .calibrate import (Calibration, load_feeds, retry_sizes,
                         synthesize_feeds)
 from .config import BitBudget, Plan, QuantConfig
 from .errors import P2UError, PlanError
@@ -135,19 +135,24 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
         if feeds is not None and weights:
             calib = Calibration.build(model, weights, feeds, why, quality=budget.quality,
                                       more_feeds=more)
-            # images of a size the graph analysis missed: 224 once (the probe, one image at a
-            # time, also tries larger ones)
-            for size in () if budget.calib or calib is not None else RETRY_SPATIAL[:1]:
-                if not has_open_images(model, budget.shapes):
-                    break
+            # sizes the graph analysis missed: images of 224 once (the probe, one image at a
+            # time, also tries larger ones), other sequence lengths, one sample at a time
+            sizes = [r for r in retry_sizes(model, budget.shapes) if r.get("spatial", 224) == 224]
+            retries = [] if budget.calib or calib is not None else \
+                sizes + [{"batch": 1}] + [{**r, "batch": 1} for r in sizes[:1]]
+            for r in retries:
                 calib = Calibration.build(model, weights, synthesize_feeds(
-                    model, shapes=budget.shapes, spatial=size), why, quality=budget.quality,
-                    more_feeds=lambda i, size=size: synthesize_feeds(
-                        model, seed=100 * i, shapes=budget.shapes, spatial=size)[0])
+                    model, shapes=budget.shapes, **r), why, quality=budget.quality,
+                    more_feeds=lambda i, r=r: synthesize_feeds(
+                        model, seed=100 * i, shapes=budget.shapes, **r)[0])
                 if calib is not None:
                     why.clear()
-                    notes.append(f"calibration ran on {size}x{size} images (the size the "
-                                 "graph implied did not run; --shape sets it)")
+                    what = f"{r['spatial']}x{r['spatial']} images" if "spatial" in r else \
+                        f"sequences of {r['seq']}" if "seq" in r else "inputs"
+                    if r.get("batch") == 1:
+                        what += ", one sample at a time"
+                    notes.append(f"calibration ran on {what} (the sizes the graph implied did "
+                                 "not run; --shape sets them)")
                     break
         elif feeds is not None:
             kinds = sorted({str(a.dtype) if a.dtype != np.uint16 else "bfloat16"

@@ -634,3 +634,39 @@ def test_large_synthesized_probe_inputs_are_made_again_not_stored(tmp_path):
     assert (pkg / "probe.npz").stat().st_size < 8 << 10  # outputs only: 128 KiB of inputs left out
     with p2u_onnx.ProgressiveSession(pkg) as s:
         assert s.upgrade(background=False) == 2
+
+
+def test_sequence_length_and_batch_fixed_by_the_export_are_found(tmp_path):
+    """An export that fixed its example input's batch (1) and length (16) in a Reshape: the
+    default synthesized inputs (batch 4, length 32) do not run; calibration and the probe find
+    sizes that do, and say so."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    emb = rng.standard_normal((100, 64)).astype(np.float32)
+    w = rng.standard_normal((16 * 64, 10)).astype(np.float32) * 0.05
+    g = helper.make_graph(
+        [helper.make_node("Gather", ["emb", "ids"], ["e"]),
+         helper.make_node("Reshape", ["e", "flat"], ["f"]),
+         helper.make_node("MatMul", ["f", "w"], ["y"])],
+        "fixed", [helper.make_tensor_value_info("ids", TensorProto.INT64, ["b", "t"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [1, 10])],
+        [numpy_helper.from_array(emb, "emb"), numpy_helper.from_array(w, "w"),
+         numpy_helper.from_array(np.array([1, 16 * 64], np.int64), "flat")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    src = tmp_path / "fixed.onnx"
+    onnx.save(m, str(src))
+    res = p2u_onnx.encode(src, tmp_path / "fixed.p2u")
+    man = res.manifest
+    assert man["allocation"]["calibrated"] is True
+    assert any("calibration ran on sequences of 16, one sample at a time" in n
+               for n in man["notes"]), man["notes"]
+    assert "probe" in man and man["probe"]["synth"]["ids"]["shape"] == [1, 16]
+    with p2u_onnx.ProgressiveSession(tmp_path / "fixed.p2u") as s:
+        s.upgrade().result()  # the probe checks every stage
+        ids = rng.integers(0, 100, (1, 16))
+        got = s.run(None, {"ids": ids})[0]
+    want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(
+        None, {"ids": ids})[0]
+    np.testing.assert_array_equal(got, want)
