@@ -448,10 +448,10 @@ def _evaluate(pkg: Path, original: str | os.PathLike | None, inputs: Any,
     elif inputs is not None:
         feeds, source = [dict(f) for f in inputs], {"kind": "given"}
     elif synth:
-        from .calibrate import synthesize_feeds
-
-        feeds = synthesize_feeds(ref_proto)
+        feeds, how = _synth_feeds(ref_proto, ref_sess)
         source = {"kind": "synth"}
+        if how:
+            notes.append(f"synthesized inputs: {how} (the sizes the graph implied did not run)")
     else:
         probe = _probe_feed(pkg, manifest, (sessions[0] if 0 in sessions else ref_sess)
                             .get_inputs())
@@ -585,6 +585,25 @@ def _same_weights(model: Any, manifest: Mapping[str, Any]) -> bool | None:
         return weights_digest(m) == want
     except Exception:  # noqa: BLE001 - a model the encoder could not read either
         return False
+
+
+def _synth_feeds(model: Any, session: Any) -> tuple[list[Feed], str]:
+    """Synthesized feeds (as the encoder makes them) the original runs on, and which retry
+    made them ('' for the sizes the graph implies): other image sizes, sequence lengths and
+    one sample at a time are tried as calibration tries them. When none runs, the first ones
+    (the run that fails says why)."""
+    from .calibrate import retry_sizes, synthesize_feeds
+
+    first = synthesize_feeds(model)
+    sizes = retry_sizes(model)
+    for r in [{}, *sizes, {"batch": 1}, *[{**x, "batch": 1} for x in sizes]]:
+        feeds = first if not r else synthesize_feeds(model, **r)
+        try:
+            session.run(None, feeds[0])
+        except Exception:  # noqa: BLE001 - not these sizes
+            continue
+        return feeds, ", ".join(f"{k} {v}" for k, v in r.items())
+    return first, ""
 
 
 def _as_array(value: Any) -> Any:
