@@ -738,7 +738,8 @@ def test_uniform_first_stage_follows_and_restores(tmp_path):
         for (name, row), d in zip(rows.items(), deltas):
             assert row["bits"] in (4, 8) and row["base"]["code_type"] in (22, 3)
             layout, codes = base_codes_of(row, base_bin)
-            assert np.allclose(codes.scale, UNIFORM_STEP * rms, rtol=1e-3)  # (a scale rounded to float16)
+            # (the scale is rounded as the dtype's scales are: float16 precision)
+            assert np.allclose(codes.scale, UNIFORM_STEP * rms, rtol=1e-3)
             q = layout.from_blocks(codes.codes.astype(np.float64))
             assert np.array_equal(q, np.rint(d / codes.scale[0]))  # nearest multiple
             if name == "W1":  # the dead units' own change is zero: only the carried
