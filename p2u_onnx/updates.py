@@ -69,12 +69,13 @@ _INT2 = 26  # onnx INT2: the container of 1-bit (sign) delta codes
 # replaced (a retrained head), not tuned: its first stage gets NEW_BITS, as a new tensor would
 # (measured: a digits head retrained alone reached 0.9852 at 2 bits, v2's 0.9907 at 4)
 REPLACED = 0.5
-# "auto" first stage: a changed tensor gets 1 bit (sign + scale) when the error the sign codes
+# "auto" first stage, against an exact model: a changed tensor gets 1 bit (sign + scale), or
+# the uniform grid below where that is smaller at no more error, when the error the sign codes
 # leave in its value, ||new - stage0|| / ||new||, is at most SIGN_MAX_ERROR, else 2 bits.
 # Measured (docs/updates-format.md): 0.001-0.113 on every tensor of the digits fine-tunes
 # (where 1 bit reached v2's accuracy in 3.7% of fp32), 0.30 on the layer the head pair
 # retrained (where 1 bit lost 3.3% of accuracy); sign codes fit deltas with heavy tails badly.
-# Only against an exact model: against a lossy state (federated followers) the delta carries
+# Against a lossy state (federated followers): always the uniform grid. The delta carries
 # the previous stage's error and at 1 bit the followers' weight error grew round after round
 # (3.5e-2 -> 8.1e-2 over 12 FedAvg rounds, accuracy up to 1.9% below; 2 bits: 2.5e-2 -> 2.5e-2)
 AUTO = "auto"
@@ -474,8 +475,10 @@ class _UpdatePlan:
 
     @property
     def auto(self) -> bool:
-        """The first stage's bits are chosen per tensor (1 or 2, :func:`_first_bits`; always 2
-        against a lossy state)."""
+        """The first stage is chosen per tensor: against an exact model sign codes (1 bit) or 2
+        bits (:func:`_first_bits`), or the uniform grid where it is smaller at no more error
+        (:func:`_uniform_instead`); against a lossy state always the uniform grid (one step
+        for the whole update, :func:`_uniform_codes`)."""
         return self.stages[0] == AUTO
 
     @property
