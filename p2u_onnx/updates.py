@@ -556,13 +556,19 @@ def _tensor_step(step: float, x: np.ndarray, r: np.ndarray, info) -> float:
     s = max(step, top / 127.0)
     if not (s > 0 and np.isfinite(s)):
         return 0.0
-    s = float(info.round_scale(np.array([max(s, info.scale_tiny)], np.float32))[0])
-    # a rounded-down scale may bring the largest code past 127: one ulp up until it fits
-    while top / s > 127.25:
-        s = float(np.nextafter(np.float32(s), np.float32(np.inf)))
-        s = float(info.round_scale(np.array([s], np.float32))[0]) if info.name != "float32" \
-            else s
-    return s
+    def rounded(v: float) -> float:
+        return float(info.round_scale(np.array([max(v, info.scale_tiny)], np.float32))[0])
+
+    r = rounded(s)
+    # a rounded-down scale may bring the largest code past 127: up by 1% (more than half a
+    # step of any scale dtype) until it fits; codes are clipped to 127 in any case (the scale
+    # dtype's range may end first), the exact stage restores every bit
+    for _ in range(8):
+        if top / r <= 127.25:
+            break
+        s *= 1.01
+        r = rounded(s)
+    return r
 
 
 def _uniform_codes(xs: np.ndarray, origin: np.ndarray, info, step: float) -> Any:
@@ -733,6 +739,7 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
     tensors: list[dict[str, Any]] = []
     counts = {"same": 0, "delta": 0, "new": 0}
     wpos = 0
+
     def held_value(s, x: np.ndarray, info) -> np.ndarray | None:
         """What the device holds for slot ``s`` (None: nothing of that dtype and shape)."""
         if s.slot.key not in usable:
@@ -789,7 +796,7 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                 elif kind == "delta" and plan.auto:
                     t_step = _tensor_step(step, x, r, info)
                     if not held.exact:  # a lossy state: the delta carries its error
-                        uniform = t_step
+                        uniform = t_step if t_step > 0 else None
                     else:
                         b0, err_sign = _first_bits(layout, x, r, info, with_error=True)
                         if b0 == 1 and t_step > 0:
