@@ -89,15 +89,43 @@ def test_a_small_model_package_is_smaller_than_zstd19_of_its_file(tmp_path):
 
 def test_package_larger_than_zstd19_is_still_said(tmp_path):
     """A 50 KB MLP cannot win (a base in front of the exact weights, plus the manifest and
-    headers): the encoder's notes say so with both sizes."""
+    headers): the encoder's notes say so with both sizes, the package's being everything a
+    client downloads (manifest.json with that very note, stage files, probe.npz), to the
+    byte; its stage files alone are already larger."""
     src = tmp_path / "m.onnx"
     onnx.save(dense_mlp(64, 128, 32), str(src))
     zstd19 = len(zstandard.ZstdCompressor(level=19).compress(src.read_bytes()))
     res = p2u_onnx.encode(src, tmp_path / "m.p2u")
-    stages = res.manifest["stages"]
-    assert stages[-1]["cumulative_bytes"] > zstd19
+    total = package_bytes(tmp_path / "m.p2u")
+    assert res.manifest["stages"][-1]["cumulative_bytes"] > zstd19
     note = next(n for n in res.warnings if n.startswith("the package ("))
-    assert f"{stages[-1]['cumulative_bytes']:,} bytes" in note and f"{zstd19:,} bytes" in note
+    assert f"({total:,} bytes, everything a client downloads)" in note, (total, note)
+    assert f"{zstd19:,} bytes" in note
+
+
+def test_package_note_counts_the_manifest_and_probe(tmp_path):
+    """The note's figure is what a client downloads once the note is in the manifest: stage
+    files, probe.npz and manifest.json (compact, as written), to the byte. Given a zstd -19
+    size between the stage files alone and that total, the package is said to be larger (the
+    stage files alone were counted before, and such a package was not)."""
+    import re
+
+    from p2u_onnx import encoder
+
+    src = tmp_path / "m.onnx"
+    onnx.save(dense_mlp(), str(src))
+    res = p2u_onnx.encode(src, tmp_path / "m.p2u")
+    m = res.manifest
+    files = m["stages"][-1]["cumulative_bytes"] + m["probe"]["size"]
+    assert package_bytes(tmp_path / "m.p2u") == files + len(
+        json.dumps(m, separators=(",", ":"))) + 1
+    notes = list(m.get("notes", []))
+    (note,) = encoder._package_note(m, notes, (files + 100, "zstd -19"))
+    said = int(re.search(r"\(([\d,]+) bytes, everything a client downloads\)", note)[1].replace(
+        ",", ""))
+    assert said == files + len(json.dumps({**m, "notes": notes + [note]},
+                                          separators=(",", ":"))) + 1
+    assert encoder._package_note(m, notes, (said, "zstd -19")) == []  # not larger: silent
 
 
 def test_skeleton_graph_is_coded_against_the_base(tmp_path):
