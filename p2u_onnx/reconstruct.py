@@ -216,8 +216,9 @@ def refine_context(info: DTypeInfo, previous: np.ndarray,
     scale, 62))``: how many base steps the value is from zero (non-finite ratios count as
     62). The codes are coded negated where the current value is negative (the second array,
     bool): the weights thin out away from zero, so within a base step the original is more
-    often on the side toward zero, and with the sign folded both signs share that skew
-    (8-20% of a 4-to-8-bit refinement on small dense models)."""
+    often on the side toward zero, and with the sign folded both signs share that skew (the
+    codes' entropy: 5-6% less on the sklearn digits MLP's 4-to-8-bit refinement, 16-30% on
+    basic-pitch's sparse tensors)."""
     p = info.to_compute(previous)
     with np.errstate(all="ignore"):
         a = np.abs(p) / np.asarray(scale, p.dtype).reshape(-1, 1)
