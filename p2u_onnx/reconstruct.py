@@ -247,7 +247,7 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
                importance: np.ndarray | None = None,
                base: qz.BaseCodes | None = None,
                origin: np.ndarray | None = None, exact_plain: bool = False,
-               compact: bool = False, refine_ctx: bool = True) -> ChunkCode:
+               compact: bool = False, small_model: bool = True) -> ChunkCode:
     """Code a run of blocks ``xs`` ([n, block_len], storage dtype) through every stage.
 
     ``stages`` are total bits per stage with ``"lossless"`` allowed last; the decoder's
@@ -261,9 +261,10 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
     lossless stage as plain planes (no grouping by context) and keeps the smaller: on small
     tensors the groups' framing outweighs what grouping saves. ``compact`` (format 5) codes
     the lossless payload with :class:`~p2u_onnx.codecs.IntContextCodec` by
-    :func:`lossless_context`, and with ``refine_ctx`` the refine payloads too, by
+    :func:`lossless_context`; with ``small_model`` the refine payloads too, by
     :func:`refine_context` (sign folded; without it they are coded as in format 4: sorting
-    by context made a refine stage of MiniLM 6x slower to decode for 3.6% fewer bytes).
+    by context made a refine stage of MiniLM 6x slower to decode for 3.6% fewer bytes), and
+    the planes more thoroughly (``IntContextCodec.encode(thorough=True)``).
     """
     xc = info.to_compute(xs)
     finite = np.isfinite(xc)
@@ -284,7 +285,8 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
         if bits == "lossless":
             d = qz.lossless_codes(np.ascontiguousarray(xs).reshape(-1), prev.reshape(-1))
             if compact:
-                payload, codec = CONTEXT.encode(d, lossless_context(info, prev, step)), CONTEXT
+                payload = CONTEXT.encode(d, lossless_context(info, prev, step), small_model)
+                codec = CONTEXT
             else:
                 payload, codec = GROUPS.encode(d, lossless_context(info, prev, step)), GROUPS
             if exact_plain and not compact:
@@ -297,9 +299,10 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
         else:
             step = qz.stage_scale(base.scale, int(bits) - int(stages[0]))
             codes = qz.refine_codes(xc, info.to_compute(prev), step)
-            if compact and refine_ctx:
+            if compact and small_model:
                 ctx, flip = refine_context(info, prev, base.scale)
-                payload, codec = CONTEXT.encode(np.where(flip, -codes, codes), ctx), CONTEXT
+                payload = CONTEXT.encode(np.where(flip, -codes, codes), ctx, True)
+                codec = CONTEXT
             else:
                 payload, codec = _refine_payload(codes, prev)
             payloads.append(payload)
