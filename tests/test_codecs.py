@@ -204,3 +204,34 @@ def test_int_ctx_hostile_payloads_are_refused():
     with pytest.raises(IntegrityError, match="more than"):
         codec.decode(_varint(1) + rec(0, 3, 100, [(0, len(bomb))]) + bomb, ctx)
     assert get_codec(json.loads(json.dumps(codec.get_config()))) == codec
+
+
+@pytest.mark.parametrize("dtype", ["float32", "float16", "float64", "bfloat16"])
+def test_format5_chunk_round_trip_with_special_values(dtype):
+    """code_chunk(compact=True) and decode_entry agree bit for bit on every stage's output,
+    through NaN payloads, infinities, signed zeros, subnormals and huge values, in every
+    float dtype (refine context from |value| / scale: non-finite ratios, zero scales)."""
+    from p2u_onnx.dtypes import dtype_info
+    from p2u_onnx.reconstruct import base_blocks, code_chunk, decode_entry, refine_context
+
+    info = dtype_info(dtype)
+    rng = np.random.default_rng(1)
+    x = (rng.standard_normal((64, 32)) * 0.1).astype(np.float64)
+    x[0, :6] = [np.nan, np.inf, -np.inf, -0.0, 1e-310, 1e30]
+    x[1] = 0.0  # a block of zeros: scale 0
+    x[2, :3] = [5e-324, -1e-40, 3e-8]
+    with np.errstate(over="ignore", invalid="ignore"):
+        xs = info.from_compute(x.astype(info.compute))
+    if dtype != "bfloat16":
+        xs.view({2: np.uint16, 4: np.uint32, 8: np.uint64}[xs.dtype.itemsize])[0, 0] |= 5
+    r = code_chunk(xs, info, [4, 8, "lossless"], symmetric=True, clip_search=True,
+                   compact=True)
+    v = base_blocks(r.base, info)
+    ctx, flip = refine_context(info, v, r.base.scale)
+    assert ctx.max() <= 63 and (ctx[info.to_compute(v) == 0] == 0).all()
+    for shift, kind, data, codec in ((4, "refine", r.payloads[0], r.codecs[0]),
+                                     (4, "exact", r.payloads[1], r.codecs[1])):
+        v = decode_entry(info, r.base.scale, v, {"kind": kind, "shift": shift,
+                                                 "codec": codec.get_config()}, data)
+    assert v.tobytes() == xs.tobytes()
+    assert [c.codec_id for c in r.codecs] == ["int-ctx", "int-ctx"]
