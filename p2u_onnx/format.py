@@ -82,9 +82,11 @@ __all__ = [
 #    version number instead of misreading it as a full package (docs/updates-format.md)
 # 4: a full package whose graph.onnx may be coded against base.onnx ("zstd-ref") and whose
 #    probe outputs may be stored as integers on a grid finer than their tolerance ("step")
-FORMAT_VERSION = 4
+# 5: a full package whose refine and exact entries may use the "int-ctx" codec (context
+#    groups with compact framing; refine codes by the current value's distance from zero)
+FORMAT_VERSION = 5
 UPDATE_FORMAT_VERSION = 3
-READABLE_VERSIONS = (1, 2, 3, 4)
+READABLE_VERSIONS = (1, 2, 3, 4, 5)
 MAGIC = b"P2USTAGE"
 MANIFEST_NAME = "manifest.json"
 ALIGN = 64
@@ -509,7 +511,7 @@ _DTYPES = {"float32": (4, 4), "float16": (2, 2), "bfloat16": (2, 4), "float64": 
 _LAYOUTS = ("tensor", "channel", "block")
 _ENTRY_KINDS = ("file", "refine", "exact")
 _CODECS = {"zstd": {"level"}, "int-planes": {"level"}, "int-groups": {"level"},
-           "segments": {"level", "segments"}, "zstd-ref": {"level", "ref"}}
+           "int-ctx": {"level"}, "segments": {"level", "segments"}, "zstd-ref": {"level", "ref"}}
 _SEGMENT_KINDS = ("symbols", "bytes", "planes2", "planes4")
 
 
@@ -1032,6 +1034,10 @@ def validate_stage_header(header: Any, version: int = FORMAT_VERSION,
                                            f"not for {_show(e['name'])} in format {version}")
             if c.get(e["codec"], "ref", f"{p}.codec") != "base.onnx":
                 raise c.fail(f"{p}.codec.ref", f"is {_show(e['codec']['ref'])}, not base.onnx")
+        if e["codec"]["id"] == "int-ctx" and (version < 5 or kind == "file"):  # format 5
+            raise c.fail(f"{p}.codec", f"int-ctx is for refine and exact entries in format 5 "
+                                       f"or later, not for a {_show(kind)} entry in format "
+                                       f"{version}")
         if kind == "file":
             c.name(e["name"], f"{p}.name")
             c.int(c.get(e, "raw_length", p), f"{p}.raw_length")

@@ -221,6 +221,12 @@ def raise_opset(model: ModelProto, target: int, untyped: set[str] = frozenset())
                 del container.value_info[:]
                 container.value_info.extend(keep)
     io_types = {v.name: v.type for v in list(model.graph.input) + list(model.graph.output)}
+    # the converter adds the types it inferred for every value: onnxruntime infers them again
+    # when it loads the model, and they made a small base.onnx larger (swift-f0: 356 entries,
+    # 11 KB, 1.4 KB compressed, in a package whose model compresses to 85 KB)
+    declared = {v.name for container, _ in iter_containers(model)
+                if isinstance(container, GraphProto) for v in container.value_info}
+    untyped = set(untyped)
     try:
         converted = onnx.version_converter.convert_version(model, target)
     except Exception as e:  # the converter raises plain RuntimeError/ValueError
@@ -235,7 +241,8 @@ def raise_opset(model: ModelProto, target: int, untyped: set[str] = frozenset())
             v.type.CopyFrom(io_types[v.name])  # the model's own signature, not an inferred one
     for container, _ in iter_containers(model):
         if isinstance(container, GraphProto):
-            keep = [v for v in container.value_info if v.name not in untyped]
+            keep = [v for v in container.value_info
+                    if v.name not in untyped and v.name in declared]
             if len(keep) != len(container.value_info):
                 del container.value_info[:]
                 container.value_info.extend(keep)

@@ -31,7 +31,8 @@ import numpy as np
 from . import palette as pl
 from . import quantizers as qz
 from ._rwlock import Pace, in_turn
-from .codecs import IntGroupsCodec, IntPlanesCodec, ZstdCodec, ZstdRefCodec, get_codec
+from .codecs import (IntContextCodec, IntGroupsCodec, IntPlanesCodec, ZstdCodec, ZstdRefCodec,
+                     get_codec)
 from .dtypes import (ONNX_INT2, ONNX_INT4, ONNX_INT8, ONNX_UINT2, ONNX_UINT4, ONNX_UINT8,
                      DTypeInfo, dtype_info)
 from .errors import FormatError, IntegrityError, P2UError
@@ -189,6 +190,7 @@ class ChunkCode:
 
 PLANES = IntPlanesCodec(level=3)
 GROUPS = IntGroupsCodec(level=3)
+CONTEXT = IntContextCodec(level=3)  # format 5: refine and exact payloads
 SPARSE_SHARE = 0.1  # zeros among the current values from which grouped refine codes are tried
 SPARSE_GAIN = 0.98  # ... and kept when at most this share of the plain codes' size
 
@@ -200,6 +202,31 @@ def zero_context(previous: np.ndarray) -> np.ndarray:
     In a pruned tensor the zeros stay zero: their codes, all 0 in one group, cost almost
     nothing, where plain planes pay for where the zeros are at every stage."""
     return (np.asarray(previous) == 0).view(np.uint8)
+
+
+REFINE_CONTEXTS = 62  # |current value| in base steps, 0..61 (and more), as contexts 1..63
+
+
+def refine_context(info: DTypeInfo, previous: np.ndarray,
+                   scale: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """Context and sign of a format-5 ``refine`` entry's codes, from the current values
+    (storage dtype, ``[n_blocks, block_len]``) and the base scales (one per block).
+
+    The context (uint8) is 0 where the current value is zero, else ``1 + round(min(|v| /
+    scale, 62))``: how many base steps the value is from zero (non-finite ratios count as
+    62). The codes are coded negated where the current value is negative (the second array,
+    bool): the weights thin out away from zero, so within a base step the original is more
+    often on the side toward zero, and with the sign folded both signs share that skew (the
+    codes' entropy: 5-6% less on the sklearn digits MLP's 4-to-8-bit refinement, 16-30% on
+    basic-pitch's sparse tensors)."""
+    p = info.to_compute(previous)
+    with np.errstate(all="ignore"):
+        a = np.abs(p) / np.asarray(scale, p.dtype).reshape(-1, 1)
+    a = np.nan_to_num(a, nan=REFINE_CONTEXTS, posinf=REFINE_CONTEXTS)
+    np.clip(a, 0, REFINE_CONTEXTS, out=a)
+    ctx = (a + 1.5).astype(np.uint8)
+    ctx[p == 0] = 0
+    return ctx, p < 0
 
 
 def _refine_payload(codes: np.ndarray, prev: np.ndarray) -> tuple[bytes, IntPlanesCodec |
@@ -219,7 +246,8 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
                clip_search: bool, replay: bool = True,
                importance: np.ndarray | None = None,
                base: qz.BaseCodes | None = None,
-               origin: np.ndarray | None = None, exact_plain: bool = False) -> ChunkCode:
+               origin: np.ndarray | None = None, exact_plain: bool = False,
+               compact: bool = False, small_model: bool = True) -> ChunkCode:
     """Code a run of blocks ``xs`` ([n, block_len], storage dtype) through every stage.
 
     ``stages`` are total bits per stage with ``"lossless"`` allowed last; the decoder's
@@ -231,7 +259,12 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
     (an update): the base codes then quantize the delta ``xs - origin`` and stage 0 is
     :func:`delta_blocks`; later stages are unchanged. ``exact_plain`` also codes the
     lossless stage as plain planes (no grouping by context) and keeps the smaller: on small
-    tensors the groups' framing outweighs what grouping saves.
+    tensors the groups' framing outweighs what grouping saves. ``compact`` (format 5) codes
+    the lossless payload with :class:`~p2u_onnx.codecs.IntContextCodec` by
+    :func:`lossless_context`; with ``small_model`` the refine payloads too, by
+    :func:`refine_context` (sign folded; without it they are coded as in format 4: sorting
+    by context made a refine stage of MiniLM 6x slower to decode for 3.6% fewer bytes), and
+    the planes more thoroughly (``IntContextCodec.encode(thorough=True)``).
     """
     xc = info.to_compute(xs)
     finite = np.isfinite(xc)
@@ -251,8 +284,12 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
     for bits in stages[1:]:
         if bits == "lossless":
             d = qz.lossless_codes(np.ascontiguousarray(xs).reshape(-1), prev.reshape(-1))
-            payload, codec = GROUPS.encode(d, lossless_context(info, prev, step)), GROUPS
-            if exact_plain:
+            if compact:
+                payload = CONTEXT.encode(d, lossless_context(info, prev, step), small_model)
+                codec = CONTEXT
+            else:
+                payload, codec = GROUPS.encode(d, lossless_context(info, prev, step)), GROUPS
+            if exact_plain and not compact:
                 plain = PLANES.encode(d)
                 if len(plain) < len(payload):
                     payload, codec = plain, PLANES
@@ -262,7 +299,12 @@ def code_chunk(xs: np.ndarray, info: DTypeInfo, stages: list[int | str], *, symm
         else:
             step = qz.stage_scale(base.scale, int(bits) - int(stages[0]))
             codes = qz.refine_codes(xc, info.to_compute(prev), step)
-            payload, codec = _refine_payload(codes, prev)
+            if compact and small_model:
+                ctx, flip = refine_context(info, prev, base.scale)
+                payload = CONTEXT.encode(np.where(flip, -codes, codes), ctx, True)
+                codec = CONTEXT
+            else:
+                payload, codec = _refine_payload(codes, prev)
             payloads.append(payload)
             codecs.append(codec)
             prev = refine_blocks(info, prev, codes, step)
@@ -299,6 +341,14 @@ def decode_entry(info: DTypeInfo, scale: np.ndarray, previous: np.ndarray,
     if kind == "exact" and isinstance(codec, IntGroupsCodec):
         codes = codec.decode(data, lossless_context(info, previous, step))
         return lossless_blocks(previous, codes)
+    if kind == "refine" and isinstance(codec, IntContextCodec):  # format 5, sign folded
+        ctx, flip = refine_context(info, previous, scale)
+        codes = codec.decode(data, ctx).reshape(previous.shape)
+        codes = codes.astype(np.int64 if codes.dtype == np.int64 else np.int32)
+        np.negative(codes, out=codes, where=flip)
+        return refine_blocks(info, previous, codes, step)
+    if kind == "exact" and isinstance(codec, IntContextCodec):  # format 5
+        return lossless_blocks(previous, codec.decode(data, lossless_context(info, previous, step)))
     if kind == "exact" and isinstance(codec, IntPlanesCodec):  # ungrouped (small tensors)
         return lossless_blocks(previous, codec.decode(data, previous.size))
     raise FormatError(f"entry kind {kind!r} with codec {codec.codec_id!r} is not supported")

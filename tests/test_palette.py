@@ -101,9 +101,29 @@ def test_palette_and_grid_bases_are_exact(packages):
 
 
 def test_pruned_refine_is_grouped_by_zeros(packages):
+    """Format 5 (int-ctx): context 0 is "the current value is zero"; in a pruned tensor the
+    zeros stay zero, so their group is all 0 codes and costs no byte at all (width 0)."""
+    from p2u_onnx.codecs import _read_varint
+
     sf = read_stage(packages["pruned"][1] / "stage-1.p2u")
-    codecs = {e["codec"]["id"] for e in sf.entries if e["kind"] == "refine"}
-    assert "int-groups" in codecs
+    refine = [e for e in sf.entries if e["kind"] == "refine"]
+    assert {e["codec"]["id"] for e in refine} == {"int-ctx"}
+    for e in refine:
+        buf = memoryview(bytes(sf.data(e)))
+        n, pos = _read_varint(buf, 0)
+        records = []
+        for _ in range(n):
+            lo, pos = _read_varint(buf, pos)
+            span, pos = _read_varint(buf, pos)
+            count, pos = _read_varint(buf, pos)
+            width = buf[pos]
+            pos += 1
+            for _ in range(width):
+                _, pos = _read_varint(buf, pos)
+            records.append((lo, span, count, width))
+        lo, span, count, width = records[0]
+        assert (lo, span, width) == (0, 0, 0), (e["name"], records)  # zeros: no planes
+        assert count > 0.5 * sum(r[2] for r in records)  # the twin is mostly zeros
 
 
 def test_pruned_base_codes_coded_with_matches(packages):

@@ -661,11 +661,22 @@ def test_zstd_bomb_as_the_skeleton_graph(pkg):
     assert "more than the 4096 bytes" in out, out
 
 
+def _values(pkg: Path, entry: dict) -> int:
+    """How many values (padding included) a stage entry codes."""
+    from p2u_onnx.quantizers import Layout
+
+    t = next(t for t in manifest(pkg)["tensors"] if t["name"] == entry["name"])
+    b0, b1 = entry["blocks"]
+    return (b1 - b0) * Layout.from_json(tuple(t["shape"]), t["layout"]).block_len
+
+
 def test_zstd_bomb_as_int_planes(pkg):
+    """A refine entry that names format 4's int-planes codec (still read in format 5)."""
     bomb = _zstd_bomb()
 
     def change(header, parts):
         e, d = next(x for x in parts if x[0]["kind"] == "refine")
+        e["codec"] = {"id": "int-planes", "level": 3}
         planes = struct.pack("<BQ", 1, len(bomb)) + bomb
         return [(x, planes if x is e else y) for x, y in parts]
     restage(pkg, 1, change)
@@ -674,20 +685,39 @@ def test_zstd_bomb_as_int_planes(pkg):
 
 
 def test_zstd_bomb_as_int_groups(pkg):
-    """The lossless stage's payload: one group that claims every value, a bomb for a plane."""
+    """The lossless stage's payload as format 4's int-groups: one group that claims every
+    value, a bomb for a plane."""
     bomb = _zstd_bomb()
 
     def change(header, parts):
         e, d = next(x for x in parts if x[0]["kind"] == "exact")
-        n_groups, = struct.unpack_from("<H", d, 0)
-        g, count, _ = struct.unpack_from("<BQQ", d, 2)
-        total = sum(struct.unpack_from("<BQQ", d, 2 + 17 * i)[1] for i in range(n_groups))
+        e["codec"] = {"id": "int-groups", "level": 3}
+        total = _values(pkg, e)
         planes = struct.pack("<BQ", 1, len(bomb)) + bomb
-        data = struct.pack("<H", 1) + struct.pack("<BQQ", g, total, len(planes)) + planes
+        data = struct.pack("<H", 1) + struct.pack("<BQQ", 0, total, len(planes)) + planes
         return [(x, data if x is e else y) for x, y in parts]
     restage(pkg, 2, change)
     out = _every_path_bounded(pkg)
     assert "REFUSED" in out
+
+
+@pytest.mark.parametrize("stage", [1, 2])
+def test_zstd_bomb_as_int_ctx(pkg, stage):
+    """Format 5's int-ctx payload (refine and exact): one group of every context that claims
+    every value, its plane a bomb: each path stops at the group's size."""
+    from p2u_onnx.codecs import _varint
+
+    bomb = _zstd_bomb()
+
+    def change(header, parts):
+        e, d = next(x for x in parts if x[0]["kind"] in ("refine", "exact"))
+        assert e["codec"]["id"] == "int-ctx"
+        data = _varint(1) + _varint(0) + _varint(255) + _varint(_values(pkg, e)) + b"\x01" + \
+            _varint(len(bomb) << 1) + bomb
+        return [(x, data if x is e else y) for x, y in parts]
+    restage(pkg, stage, change)
+    out = _every_path_bounded(pkg)
+    assert "more than the" in out, out
 
 
 def test_zstd_bomb_in_the_segments_of_base_bin(pkg):
