@@ -136,14 +136,16 @@ def _spatial_size(model: ModelProto, starts: Sequence[str], default: int) -> int
     return int(min(size, max(_MAX_SPATIAL, step)))
 
 
-RETRY_SPATIAL = (224, 640)  # image sizes tried when the implied one does not run
+# image sizes tried when the implied one does not run: square ones (classifiers, detectors),
+# then text lines (recognizers whose height the graph does not fix: 48 or 32 rows)
+RETRY_SPATIAL: tuple[int | tuple[int, int], ...] = (224, 640, (48, 320), (32, 320))
 # sequence lengths tried when the default one does not run (an exporter may have fixed the
 # length of its example input in a Reshape: 16 and 8 are common example lengths)
 RETRY_SEQ = (16, 8, 128)
 
 
 def input_spec(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = (),
-               batch: int = 1, spatial: int | None = None,
+               batch: int = 1, spatial: int | tuple[int, int] | None = None,
                seq: int | None = None) -> dict[str, dict[str, Any]]:
     """What :func:`p2u_onnx.probe.synthesize_inputs` needs to make inputs the graph runs on.
 
@@ -153,8 +155,9 @@ def input_spec(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence
     :data:`_DEFAULT_DIMS` ``seq``); ``high`` for integer inputs that index tables (below the
     rows of every table they index); ``fill`` 1 for masks and booleans, 0 for token-type and
     position ids. ``shapes`` (``--shape``) fixes inputs' shapes, and with them their symbols;
-    ``spatial`` replaces the implied spatial size (a retry: :data:`RETRY_SPATIAL`), ``seq``
-    the ``seq`` size (a retry: :data:`RETRY_SEQ`).
+    ``spatial`` replaces the implied spatial size (a retry: :data:`RETRY_SPATIAL`; a pair
+    ``(h, w)`` gives an image's first open size ``h`` and the others ``w``), ``seq`` the
+    ``seq`` size (a retry: :data:`RETRY_SEQ`).
     Raises :class:`P2UError` for an input that is not a tensor or a ``shapes`` entry that does
     not fit the model.
     """
@@ -200,6 +203,8 @@ def input_spec(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence
             shape = list(given[vi.name])
         else:
             shape = []
+            hw = spatial if isinstance(spatial, tuple) else (spatial, spatial)
+            open_dims = 0  # of this image, after the batch
             for i, d in enumerate(tt.shape.dim):
                 if d.HasField("dim_value") and d.dim_value > 0:
                     shape.append(int(d.dim_value))
@@ -207,8 +212,11 @@ def input_spec(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence
                 if d.HasField("dim_param") and d.dim_param in sym:
                     shape.append(sym[d.dim_param])
                     continue
-                size = batch if i == 0 else spatial if vi.name in images \
-                    else seq if seq is not None else _DEFAULT_DIMS["seq"]
+                if i and vi.name in images:
+                    size = hw[0] if not open_dims else hw[1]
+                    open_dims += 1
+                else:
+                    size = batch if i == 0 else seq if seq is not None else _DEFAULT_DIMS["seq"]
                 if d.HasField("dim_param") and d.dim_param:
                     sym[d.dim_param] = size
                 shape.append(size)
@@ -305,7 +313,7 @@ def retry_sizes(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequenc
 
 def synthesize_feeds(model: ModelProto, batches: int = 1, seed: int = 0,
                      shapes: Mapping[str, Sequence[int]] | Sequence = (),
-                     spatial: int | None = None, seq: int | None = None,
+                     spatial: int | tuple[int, int] | None = None, seq: int | None = None,
                      batch: int | None = None) -> list[dict[str, np.ndarray]]:
     """Deterministic inputs from the input signature and what the graph implies (see
     :func:`input_spec`; batch :data:`_DEFAULT_DIMS` ``batch`` unless given), made by the

@@ -135,9 +135,9 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
         if feeds is not None and weights:
             calib = Calibration.build(model, weights, feeds, why, quality=budget.quality,
                                       more_feeds=more)
-            # sizes the graph analysis missed: images of 224 once (the probe, one image at a
-            # time, also tries larger ones), other sequence lengths, one sample at a time
-            sizes = [r for r in retry_sizes(model, budget.shapes) if r.get("spatial", 224) == 224]
+            # sizes the graph analysis missed: other images (not 640: the probe, one image at
+            # a time, tries it), other sequence lengths, one sample at a time
+            sizes = [r for r in retry_sizes(model, budget.shapes) if r.get("spatial") != 640]
             retries = [] if budget.calib or calib is not None else \
                 sizes + [{"batch": 1}] + [{**r, "batch": 1} for r in sizes[:1]]
             for r in retries:
@@ -147,7 +147,9 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
                         model, seed=100 * i, shapes=budget.shapes, **r)[0])
                 if calib is not None:
                     why.clear()
-                    what = f"{r['spatial']}x{r['spatial']} images" if "spatial" in r else \
+                    hw = r.get("spatial")
+                    what = "x".join(map(str, hw if isinstance(hw, tuple) else (hw, hw))) + \
+                        " images" if hw is not None else \
                         f"sequences of {r['seq']}" if "seq" in r else "inputs"
                     if r.get("batch") == 1:
                         what += ", one sample at a time"
@@ -399,7 +401,7 @@ def _synthetic_notes(model: ModelProto, budget: BitBudget, calib: Calibration,
     not exercised only on a ``fragile`` base; random float inputs alone never (most models
     are fine)."""
     reasons = []
-    guessed = _guessed_inputs(model, budget)
+    guessed = _guessed_inputs(model, budget, calib)
     if guessed:
         reasons.append("input " + ", ".join(guessed) + " has sizes the model does not fix "
                        "(guessed)")
@@ -430,9 +432,10 @@ def _synthetic_notes(model: ModelProto, budget: BitBudget, calib: Calibration,
             f"ones: {'; '.join(reasons)}; {hint}"]
 
 
-def _guessed_inputs(model: ModelProto, budget: BitBudget) -> list[str]:
+def _guessed_inputs(model: ModelProto, budget: BitBudget,
+                    calib: Calibration | None = None) -> list[str]:
     """Float inputs with a symbolic dimension besides the first that ``--shape`` does not
-    give, as ``name (shape used)``."""
+    give, as ``name (shape used)``: the shape ``calib`` ran on, else the implied one."""
     from .calibrate import input_spec
 
     given = dict(budget.shapes)
@@ -449,8 +452,10 @@ def _guessed_inputs(model: ModelProto, budget: BitBudget) -> list[str]:
     if not names:
         return []
     try:
-        spec = input_spec(model, budget.shapes, batch=4)
+        spec = {k: v["shape"] for k, v in input_spec(model, budget.shapes, batch=4).items()}
     except P2UError:
         spec = {}
-    return [f"{n!r} ({'x'.join(map(str, spec[n]['shape']))})" if n in spec else repr(n)
+    if calib is not None and calib._feeds:
+        spec.update({k: list(np.shape(v)) for k, v in calib._feeds[0].items()})
+    return [f"{n!r} ({'x'.join(map(str, spec[n]))})" if n in spec else repr(n)
             for n in names]

@@ -672,3 +672,28 @@ def test_sequence_length_and_batch_fixed_by_the_export_are_found(tmp_path):
     want = ort.InferenceSession(str(src), providers=["CPUExecutionProvider"]).run(
         None, {"ids": ids})[0]
     np.testing.assert_array_equal(got, want)
+
+
+def test_text_line_height_the_graph_does_not_fix_is_found(tmp_path):
+    """A recognizer whose input height is symbolic but must be 48 (its rows are flattened into
+    a fixed-width feature): square retries fail, the text-line size runs."""
+    from onnx import TensorProto, helper, numpy_helper
+
+    w = np.random.default_rng(0).standard_normal((3 * 48, 64)).astype(np.float32) * 0.1
+    g = helper.make_graph(
+        [helper.make_node("Transpose", ["x"], ["t"], perm=[0, 3, 1, 2]),
+         helper.make_node("Reshape", ["t", "rows"], ["r"]),
+         helper.make_node("MatMul", ["r", "w"], ["y"])],
+        "lines", [helper.make_tensor_value_info("x", TensorProto.FLOAT, ["b", 3, "h", "w"])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, ["b", "w", 64])],
+        [numpy_helper.from_array(w, "w"),
+         numpy_helper.from_array(np.array([0, 0, 3 * 48], np.int64), "rows")])
+    m = helper.make_model(g, opset_imports=[helper.make_opsetid("", 17)])
+    m.ir_version = 8
+    src = tmp_path / "lines.onnx"
+    onnx.save(m, str(src))
+    man = p2u_onnx.encode(src, tmp_path / "lines.p2u").manifest
+    assert man["allocation"]["calibrated"] is True
+    assert any("calibration ran on 48x320 images" in n for n in man["notes"]), man["notes"]
+    assert any("(4x3x48x320)" in n for n in man["notes"]), man["notes"]
+    assert man["probe"]["synth"]["x"]["shape"] == [1, 3, 48, 320]
