@@ -948,10 +948,10 @@ def _manifest(m: ModelProto, tmp: Path, name: str, plan: Plan, config: QuantConf
     notes = ([note] if note else []) + bitplan.notes
     base_share = stages[0]["bytes"] / max(coder.fp32_bytes, 1)
     if bitplan.allocation is not None and base_share > budget.cap and not any(
-            "cap" in n for n in bitplan.notes):
+            f"above the {budget.cap:.0%} cap" in n for n in bitplan.notes):  # said already
         est = (bitplan.allocation.nbytes + bitplan.fixed_bytes) / max(coder.fp32_bytes, 1)
-        exact = ("; its palette and grid tensors are exact" if coder.palettes or coder.grids
-                 else "")
+        exact = ("; its palette, grid and as-is tensors are exact"
+                 if coder.palettes or coder.grids or coder.as_is else "")
         notes.append(f"the base is {base_share:.1%} of the fp32-equivalent bytes, above the "
                      f"{budget.cap:.0%} cap (its size was estimated at {est:.1%}){exact}")
     notes += _zstd_notes(stages, zstd19)
