@@ -300,10 +300,10 @@ def has_open_sequences(model: ModelProto, shapes: Mapping[str, Sequence[int]] | 
 
 
 def retry_sizes(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = ()
-                ) -> list[dict[str, int]]:
+                ) -> list[dict[str, Any]]:
     """Keyword arguments of :func:`input_spec` / :func:`synthesize_feeds` to try, in order,
     when the sizes first implied do not run: other image sizes, other sequence lengths."""
-    out: list[dict[str, int]] = []
+    out: list[dict[str, Any]] = []
     if has_open_images(model, shapes):
         out += [{"spatial": s} for s in RETRY_SPATIAL]
     if has_open_sequences(model, shapes):
