@@ -36,7 +36,7 @@ from .config import DEFAULT_QUALITY
 from .errors import P2UError
 from .graph import Consumer, consumers_by_name
 from .output_metrics import DEFAULT_TARGETS, OutputCheck, checks_for, target_error
-from .probe import output_values
+from .probe import read_output
 
 __all__ = ["Calibration", "synthesize_feeds", "load_feeds", "input_spec", "probe_inputs"]
 
@@ -610,15 +610,8 @@ class Calibration:
 
 
 def _values(outputs: Sequence[Any]) -> list[Any]:
-    """A run's outputs, class-probability maps read as arrays (:func:`probe.output_values`);
-    other non-tensor outputs are kept as they are (they are not compared)."""
-    out = []
-    for v in outputs:
-        try:
-            out.append(output_values(v))
-        except ValueError:
-            out.append(v)
-    return out
+    """A run's outputs, class-probability maps read as arrays (:func:`probe.read_output`)."""
+    return [read_output(v) for v in outputs]
 
 
 def _batched_outputs(model: ModelProto, names: Sequence[str]) -> list[bool]:

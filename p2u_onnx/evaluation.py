@@ -38,6 +38,7 @@ from typing import Any
 import numpy as np
 
 from .errors import FormatError, P2UError
+from .probe import read_output
 
 __all__ = ["evaluate", "load_inputs"]
 
@@ -500,7 +501,7 @@ def _evaluate(pkg: Path, original: str | os.PathLike | None, inputs: Any,
         for k in chosen:
             got = run(k, sessions[k], feed, i)
             for n, r, g in zip(out_names, ref_out, got):
-                r, g = _as_array(r), _as_array(g)  # class-probability maps as arrays
+                r, g = read_output(r), read_output(g)  # class-probability maps
                 if isinstance(r, np.ndarray) and isinstance(g, np.ndarray):
                     stats[k][n].add(r, g)
                 else:
@@ -604,16 +605,3 @@ def _synth_feeds(model: Any, session: Any) -> tuple[list[Feed], str]:
             continue
         return feeds, ", ".join(f"{k} {v}" for k, v in r.items())
     return first, ""
-
-
-def _as_array(value: Any) -> Any:
-    """A sequence of class-probability maps (scikit-learn's ZipMap) as an array; other values
-    as they are."""
-    from .probe import output_values
-
-    if isinstance(value, list) and value and all(isinstance(d, dict) for d in value):
-        try:
-            return output_values(value)
-        except ValueError:
-            return value
-    return value

@@ -106,7 +106,8 @@ def alias_duplicates(model: ModelProto, min_elements: int) -> tuple[int, int]:
                                         name=f"p2u_alias/{t.name}"))
     if not drop:
         return 0, 0
-    keep = [t for i, t in enumerate(g.initializer) if i not in set(drop)]
+    dropped = set(drop)
+    keep = [t for i, t in enumerate(g.initializer) if i not in dropped]
     nodes = aliases + list(g.node)
     del g.initializer[:]
     g.initializer.extend(keep)

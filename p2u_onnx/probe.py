@@ -218,6 +218,18 @@ def output_values(value: Any) -> np.ndarray:
     return np.asarray(value)
 
 
+def read_output(value: Any) -> Any:
+    """A run's output as the comparisons read it: a sequence of class-probability maps as
+    :func:`output_values` makes it, anything else (and maps it cannot read: their keys
+    differ) as it is."""
+    if isinstance(value, list) and value and all(isinstance(d, dict) for d in value):
+        try:
+            return output_values(value)
+        except ValueError:
+            return value
+    return value
+
+
 def sample(values: Any, count: int | None = None) -> np.ndarray:
     """A fixed subsample of at most :data:`MAX_SAMPLES` values (float32), spread evenly;
     with ``count``, ``count`` values spread evenly among those (a sized probe, format 4).
