@@ -311,6 +311,15 @@ def retry_sizes(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequenc
     return out
 
 
+def fallback_sizes(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = (),
+                   large_images: bool = True) -> list[dict[str, Any]]:
+    """What calibration and ``p2u eval --synth`` try, in order, when the sizes first implied do
+    not run: :func:`retry_sizes` (without 640x640 images unless ``large_images``), then one
+    sample at a time, then one sample at the first retry size."""
+    sizes = [r for r in retry_sizes(model, shapes) if large_images or r.get("spatial") != 640]
+    return sizes + [{"batch": 1}] + [{**r, "batch": 1} for r in sizes[:1]]
+
+
 def synthesize_feeds(model: ModelProto, batches: int = 1, seed: int = 0,
                      shapes: Mapping[str, Sequence[int]] | Sequence = (),
                      spatial: int | tuple[int, int] | None = None, seq: int | None = None,

@@ -593,11 +593,10 @@ def _synth_feeds(model: Any, session: Any) -> tuple[list[Feed], str]:
     made them ('' for the sizes the graph implies): other image sizes, sequence lengths and
     one sample at a time are tried as calibration tries them. When none runs, the first ones
     (the run that fails says why)."""
-    from .calibrate import retry_sizes, synthesize_feeds
+    from .calibrate import fallback_sizes, synthesize_feeds
 
     first = synthesize_feeds(model)
-    sizes = retry_sizes(model)
-    for r in [{}, *sizes, {"batch": 1}, *[{**x, "batch": 1} for x in sizes]]:
+    for r in [{}, *fallback_sizes(model)]:
         feeds = first if not r else synthesize_feeds(model, **r)
         try:
             session.run(None, feeds[0])

@@ -23,7 +23,7 @@ from onnx import GraphProto, ModelProto
 from . import palette as pl
 from . import quantizers as qz
 from .allocate import Allocation, TensorCost, allocate_from_default
-from .calibrate import (Calibration, load_feeds, retry_sizes,
+from .calibrate import (Calibration, fallback_sizes, load_feeds,
                         synthesize_feeds)
 from .config import BitBudget, Plan, QuantConfig
 from .errors import P2UError, PlanError
@@ -137,9 +137,8 @@ def plan_bits(model: ModelProto, selected: Sequence[Any], arrays: dict[str, np.n
                                       more_feeds=more)
             # sizes the graph analysis missed: other images (not 640: the probe, one image at
             # a time, tries it), other sequence lengths, one sample at a time
-            sizes = [r for r in retry_sizes(model, budget.shapes) if r.get("spatial") != 640]
             retries = [] if budget.calib or calib is not None else \
-                sizes + [{"batch": 1}] + [{**r, "batch": 1} for r in sizes[:1]]
+                fallback_sizes(model, budget.shapes, large_images=False)
             for r in retries:
                 calib = Calibration.build(model, weights, synthesize_feeds(
                     model, shapes=budget.shapes, **r), why, quality=budget.quality,
