@@ -514,13 +514,18 @@ def record_probe(package_dir: str | Path, manifest: dict[str, Any], *,
     for label, int_high, how in tries:
         try:
             candidate = how if label == "given" else synthesize_inputs(args, int_high, how)
-            first = [sample(v) for v in base.run(names, candidate)]
         except ValueError as e:
             return fail(f"cannot synthesize the inputs ({_first_line(e)})")
+        try:
+            outputs = base.run(names, candidate)
         except Exception as e:  # noqa: BLE001 - fails on these inputs: try the next ones
             last = f"the base fails on {'the given' if label == 'given' else 'synthesized'} " \
                    f"inputs ({_first_line(e)})"
             continue
+        try:
+            first = [sample(v) for v in outputs]
+        except ValueError as e:  # outputs the probe cannot read (maps of different classes)
+            return fail(f"the outputs cannot be compared ({_first_line(e)})")
         if all(np.all(np.isfinite(v)) for v in first):
             chosen, used = candidate, (label, int_high)
             spec = how if label == "spec" else spec
