@@ -216,7 +216,7 @@ def _with_model(state: WeightState, manifest: dict[str, Any], model: ModelProto 
         return state.weight, frozenset(names)
     m = ModelProto()
     m.CopyFrom(model)
-    passes.lift_constants(m, config.min_elements)
+    passes.normalize(m, config.min_elements)
     extra = {s.slot.key: s for s in passes.select_weights(m, config)
              if s.slot.key not in names}
 
@@ -690,7 +690,7 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
     out = _output_path(output, overwrite)
     held = held_state(base_from, from_stage, expect=expect, trust=trust, config=config)
     m, mname = load_model(model)
-    passes.lift_constants(m, config.min_elements)
+    passes.normalize(m, config.min_elements)
     if version is None:
         epoch = os.environ.get("SOURCE_DATE_EPOCH", "").strip()
         version = int(epoch) if epoch.isdigit() else int(time.time())

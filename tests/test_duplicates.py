@@ -96,7 +96,11 @@ def test_update_between_models_with_duplicates(tmp_path):
     p2u_onnx.encode(v1, tmp_path / "v1.p2u")
     from p2u_onnx.updates import encode_update, restore_update
 
-    encode_update(v2, tmp_path / "up.p2u", tmp_path / "v1.p2u")
+    up = encode_update(v2, tmp_path / "up.p2u", tmp_path / "v1.p2u")
+    full = p2u_onnx.encode(v2, tmp_path / "v2.p2u")
+    # v2 reached through the update is the v2 of its full package: one digest, one binding
+    assert up.manifest["source"]["weights_sha256"] == full.manifest["source"]["weights_sha256"]
+    assert "layer1.weight" not in {t["name"] for t in up.manifest["tensors"]}
     out = tmp_path / "v2r.onnx"
     restore_update(tmp_path / "up.p2u", out, tmp_path / "v1.p2u")
     x = np.random.default_rng(4).standard_normal((3, 128)).astype(np.float32)
