@@ -260,6 +260,105 @@ def main_initializers(model: bytes | bytearray | memoryview, base_bin=None
     return out
 
 
+_TENSOR_DATA = {4, 5, 6, 7, 9, 10, 11, 13, 14}  # TensorProto's value fields
+_MODEL_SEMANTICS = {7, 8, 25}  # ModelProto: graph, opset_import, functions
+
+
+def graph_structure(model: bytes | bytearray | memoryview, given: set[str] | frozenset[str]
+                    ) -> tuple[bytes, list[str]]:
+    """What a skeleton graph computes, apart from values a session takes from elsewhere: a
+    digest of the model's graph, opsets and functions in which the main graph's initializers
+    named in ``given`` (handed to onnxruntime by name) keep their name, type and dims but not
+    their values, and ``base.bin`` tensors keep their length but not their offset (another
+    package lays its ``base.bin`` out differently). Two skeletons with the same digest differ
+    only in those values, and in the bytes of their other ``base.bin`` tensors, which the
+    caller compares. Also returns the name of every initializer, in the main graph and in
+    subgraphs, in order (a name given by name must be there once)."""
+    import hashlib
+
+    buf = memoryview(model).cast("B")
+    h = hashlib.sha256()
+    names: list[str] = []
+
+    def walk(start: int, end: int, kind: str, depth: int, main: bool) -> None:
+        if depth > _MAX_NESTING:
+            raise FormatError(f"graph nests subgraphs more than {_MAX_NESTING} deep")
+        for field, wire, v in _fields(buf, start, end):
+            if kind == "model" and field not in _MODEL_SEMANTICS:
+                continue
+            sub = _CHILDREN[kind].get(field) if wire == 2 else None
+            if sub == "tensor":
+                tensor(v, main and kind == "graph" and field == 5,
+                       kind == "graph" and field == 5)
+            elif sub is not None:
+                h.update(b"<%d" % field)
+                walk(v[0], v[1], sub, depth + 1, main and kind == "model")
+                h.update(b">")
+            else:
+                h.update(b"%d:%d:" % (field, wire))
+                h.update(bytes(buf[v[0]:v[1]]) if wire == 2 else b"%d" % v)
+                h.update(b";")
+
+    def tensor(span: tuple[int, int], main_initializer: bool, initializer: bool) -> None:
+        ext = _tensor(buf, *span)
+        name = _text(buf, next((v for f, w, v in _fields(buf, *span) if f == 8 and w == 2),
+                               (0, 0)))
+        if initializer:
+            names.append(name)
+        skip_values = main_initializer and name in given
+        h.update(b"<t")
+        for field, wire, v in _fields(buf, *span):
+            if skip_values and field in _TENSOR_DATA:
+                continue
+            if field == 13 and ext is not None and ext.location == "base.bin" and wire == 2:
+                key = next((_text(buf, v2) for f2, w2, v2 in _fields(buf, *v)
+                            if f2 == 1 and w2 == 2), "")
+                if key == "offset":
+                    continue
+            h.update(b"%d:%d:" % (field, wire))
+            h.update(bytes(buf[v[0]:v[1]]) if wire == 2 else b"%d" % v)
+            h.update(b";")
+        h.update(b">")
+
+    walk(0, len(buf), "model", 0, True)
+    return h.digest(), names
+
+
+def main_float_types(model: bytes | bytearray | memoryview) -> dict[str, int]:
+    """The ONNX element type of each float initializer of the main graph, by name."""
+    buf = memoryview(model).cast("B")
+    out: dict[str, int] = {}
+    for field, wire, v in _fields(buf, 0, len(buf)):
+        if field != 7 or wire != 2:
+            continue
+        for f2, w2, t in _fields(buf, *v):
+            if f2 != 5 or w2 != 2:
+                continue
+            name, dtype = "", 0
+            for f3, w3, x in _fields(buf, *t):
+                if f3 == 2 and w3 == 0:
+                    dtype = x
+                elif f3 == 8 and w3 == 2:
+                    name = _text(buf, x)
+            if dtype in _FLOAT_NUMPY and name:
+                out.setdefault(name, dtype)
+    return out
+
+
+def graph_inputs(model: bytes | bytearray | memoryview) -> set[str]:
+    """The names of the main graph's inputs."""
+    buf = memoryview(model).cast("B")
+    out: set[str] = set()
+    for field, wire, v in _fields(buf, 0, len(buf)):
+        if field != 7 or wire != 2:
+            continue
+        for f2, w2, vi in _fields(buf, *v):
+            if f2 == 11 and w2 == 2:
+                out.update(_text(buf, x) for f3, w3, x in _fields(buf, *vi)
+                           if f3 == 1 and w3 == 2)
+    return out
+
+
 def _external(model: bytes | bytearray | memoryview, where: str) -> list[ExternalTensor]:
     """:func:`external_tensors`, its errors naming the graph (``where``)."""
     try:

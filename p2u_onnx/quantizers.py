@@ -114,6 +114,25 @@ class Layout:
             y = np.concatenate([y, np.zeros(y.shape[:-1] + (pad,), y.dtype)], axis=-1)
         return y.reshape(-1, self.block_size)
 
+    def blocks_of(self, x: np.ndarray, b0: int, b1: int) -> np.ndarray:
+        """``to_blocks(x)[b0:b1]``, copying only the rows of ``x`` those blocks come from
+        (``to_blocks`` copies the whole tensor when its blocks do not run along its C
+        order)."""
+        x = np.asarray(x).reshape(self.shape)
+        if self.mode == "tensor":
+            return self.to_blocks(x)[b0:b1]
+        if self.mode == "channel":
+            return np.moveaxis(x, self.axis, 0)[b0:b1].reshape(b1 - b0, -1)
+        y = np.moveaxis(x, self.axis, -1)
+        lead, length = y.shape[:-1], y.shape[-1]
+        nb = -(-length // self.block_size)
+        r0, r1 = b0 // nb, -(-b1 // nb)
+        rows = y[np.unravel_index(np.arange(r0, r1), lead)] if lead else y[None]
+        pad = nb * self.block_size - length
+        if pad:
+            rows = np.concatenate([rows, np.zeros((len(rows), pad), rows.dtype)], axis=1)
+        return rows.reshape(-1, self.block_size)[b0 - r0 * nb:b1 - r0 * nb]
+
     def from_blocks(self, b: np.ndarray) -> np.ndarray:
         """Inverse of :meth:`to_blocks` (drops the padding)."""
         if self.mode == "tensor":

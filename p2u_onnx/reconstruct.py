@@ -511,9 +511,9 @@ class WeightState:
         if graph is not None:
             self.graph_bytes = graph
 
-    def predecessor_blocks(self, t: dict[str, Any]) -> np.ndarray:
-        """The predecessor's value of update tensor ``t`` in block order (a copy), after
-        checking its dtype and shape against the tensor table."""
+    def predecessor_value(self, t: dict[str, Any]) -> np.ndarray:
+        """The predecessor's value of update tensor ``t`` (its shape; not a copy: read only),
+        after checking its dtype and shape against the tensor table."""
         name = t["name"]
         if self._predecessor is None:
             raise FormatError(f"tensor {name} comes from the predecessor of this update, and "
@@ -528,7 +528,7 @@ class WeightState:
             raise IntegrityError(f"the predecessor's {name} is {r.dtype} {list(r.shape)}, the "
                                  f"update expects {t['dtype']} {list(t['shape'])} (this update "
                                  "was made against another model)")
-        return np.ascontiguousarray(_layout(t).to_blocks(r))
+        return r
 
     def check_skeleton(self, graph: bytes) -> None:
         """Refuse a skeleton graph whose external data does not match the manifest (see
@@ -747,6 +747,10 @@ class _Tensor:
             else "base-runs" if contiguous else "base"
         self.assemble = not contiguous and (isinstance(target, int) or self.source == "file")
         self.held = self.n * self.run_bytes if self.assemble else 0
+        if self.source == "pred" and t.get("update") == "delta":
+            # start() unpacks its base codes whole (a byte per value): counted, so that such
+            # tensors start a few at a time (100M model: 6 x 16 MB of codes at once otherwise)
+            self.held = max(self.held, self.n * self.layout.block_len)
         self.out: np.ndarray | None = None
         self.scale = np.zeros(0, np.float32)
         self._base: qz.BaseCodes | None = None
@@ -766,7 +770,9 @@ class _Tensor:
                 read_into(self._fd(), off, self.layout.from_blocks(self.out),
                           str(self.state._file), pool, self.pace)
         if self.source == "pred":
-            self._origin = self.state.predecessor_blocks(self.t)
+            # blocks are taken from it run by run (blocks_of): a copy of the whole tensor in
+            # block order would add its size to the peak (100M model: 64 MB per tensor)
+            self._origin = self.state.predecessor_value(self.t)
             if self.t["update"] == "delta":
                 _, self._base = base_codes_of(self.t, self.state._base, self.pace)
                 self.scale = self._base.scale
@@ -802,10 +808,11 @@ class _Tensor:
         if self._palette is not None:
             return self._palette[b0:b1]
         if self._origin is not None:
+            origin = self.layout.blocks_of(self._origin, b0, b1)
             if self._base is None:  # unchanged: the predecessor's value
-                return self._origin[b0:b1]
+                return origin
             b = self._base
-            values = delta_blocks(self.info, self._origin[b0:b1], qz.BaseCodes(
+            values = delta_blocks(self.info, origin, qz.BaseCodes(
                 b.codes[b0:b1], b.scale[b0:b1],
                 None if b.zero_point is None else b.zero_point[b0:b1], b.bits))
             _zero_padding(self.layout, values, b0)

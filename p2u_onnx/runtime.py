@@ -105,7 +105,8 @@ from .format import (
     sha256_bytes,
     sha256_file,
 )
-from .external import check_base_graph, graph_size_limit
+from .external import (check_base_graph, external_tensors, graph_inputs, graph_size_limit,
+                       graph_structure, main_float_types, main_initializers)
 from .format import package_file
 from .probe import Probe, read_probe_file
 from .reconstruct import WeightState, extract_file, extract_update_files, read_into, weights_size
@@ -475,11 +476,18 @@ def _tensor_view(raw: np.ndarray, t: dict[str, Any]) -> np.ndarray:
     return raw[off:off + length].view(FLOAT_TYPES[t["dtype"]].storage).reshape(t["shape"])
 
 
+def _places(manifest: dict[str, Any]) -> dict[str, tuple]:
+    """Each coded tensor's place in a weights file: name -> (dtype, shape, offset, length)."""
+    return {t["name"]: (t["dtype"], tuple(t["shape"]), *map(int, t["weights"]))
+            for t in manifest["tensors"]}
+
+
 class _CopiedWeights:
     """Inplace weights as buffers owned here; :meth:`switch` reads a weights file into them."""
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.tensors = manifest["tensors"]
+        self.layout = _places(manifest)
         self.buffers = {t["name"]: np.empty(t["shape"], FLOAT_TYPES[t["dtype"]].storage)
                         for t in self.tensors}
         self.switch(path)
@@ -503,6 +511,7 @@ class _MappedWeights:
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.size = weights_size(manifest)
+        self.layout = _places(manifest)
         self.addr = self._map(path, None)
         raw = np.ctypeslib.as_array((ctypes.c_ubyte * self.size).from_address(self.addr))
         raw.flags.writeable = False
@@ -611,6 +620,45 @@ def _lean_base_options(user: ort.SessionOptions | None) -> ort.SessionOptions:
     return so
 
 
+def _extra_initializers(graph: bytes, base_bin: Path, manifest: dict[str, Any]
+                        ) -> dict[str, np.ndarray]:
+    """Inplace: the float initializers of the skeleton's main graph other than the coded
+    weights (biases, norms, small tensors kept as they are), as arrays owned here. Given to
+    onnxruntime by name beside the coded weights, an update can patch them in place (see
+    ProgressiveSession._update_in_place). Left out: a name that is also an input of the graph
+    or that an initializer of a subgraph shares, and values p2u does not read (onnxruntime
+    then keeps its own)."""
+    coded = {t["tensor"] for t in manifest["tensors"]}
+    _, names = graph_structure(graph, frozenset())
+    once = {n for n in names if names.count(n) == 1} - coded - graph_inputs(graph)
+    data = np.memmap(base_bin, np.uint8, mode="r") if os.path.getsize(base_bin) else b""
+    out: dict[str, np.ndarray] = {}
+    for name, value in main_initializers(graph, data).items():
+        if name in once:
+            try:
+                out[name] = np.array(value(), copy=True)
+            except KeyError:
+                continue
+    return out
+
+
+def _given_by_name(live: _Live, manifest: dict[str, Any], graph: bytes, base_bin: Path,
+                   options: ort.SessionOptions) -> None:
+    """Inplace: hand ``options`` every coded weight (from ``live.weights``) and every other
+    float initializer of the main graph (:func:`_extra_initializers`) by name, keeping their
+    OrtValues alive in ``live``."""
+    assert live.weights is not None
+    for t in manifest["tensors"]:
+        live.values.append(_ortvalue(live.weights.buffers[t["name"]], t["dtype"]))
+        options.add_initializer(t["tensor"], live.values[-1])
+    types = main_float_types(graph)
+    onnx_names = {v.onnx_type: k for k, v in FLOAT_TYPES.items()}
+    live.extras = _extra_initializers(graph, base_bin, manifest)
+    for name, value in live.extras.items():
+        live.values.append(_ortvalue(value, onnx_names.get(types[name], "float32")))
+        options.add_initializer(name, live.values[-1])
+
+
 def _ortvalue(buf: np.ndarray, dtype: str) -> ort.OrtValue:
     if dtype == "bfloat16":
         return ort.OrtValue.ortvalue_from_numpy_with_onnx_type(buf, FLOAT_TYPES[dtype].onnx_type)
@@ -670,6 +718,12 @@ class _Live:
     directory: Path | None = None
     weights: _MappedWeights | _CopiedWeights | None = None  # inplace: the weight buffers
     values: list[Any] = field(default_factory=list)  # inplace: their OrtValues, kept alive
+    # inplace: the skeleton's other float initializers of the main graph (biases, norms...),
+    # given by name from these arrays, which an update patches (see _given_by_name)
+    extras: dict[str, np.ndarray] = field(default_factory=dict)
+    # inplace after an update patched in: coded tensors this session gives from ``extras``,
+    # copied from each stage's weights file (table entries)
+    tail: dict[str, dict[str, Any]] = field(default_factory=dict)
     users: int = 0  # run() calls in flight (slow path)
     # run() calls in flight on the fast path (ProgressiveSession.run): one item each, added
     # and removed with deque's atomic append / pop, no lock
@@ -686,6 +740,7 @@ def _release(live: _Live) -> None:
     """Drop ``live``'s session, then its weights (never while a run uses them)."""
     live.session = None
     live.values = []
+    live.extras = {}
     if live.weights is not None:
         live.weights.close()
         live.weights = None
@@ -1103,15 +1158,17 @@ class ProgressiveSession:
         its package kept in the graph) the float initializer of that name in its skeleton."""
         old = self._state
         skeleton: dict[str, Any] | None = None
+        mapped = self._live.weights.buffers if isinstance(self._live.weights, _MappedWeights) \
+            else {}
 
         def held(t: dict[str, Any]) -> np.ndarray:
             nonlocal skeleton
             name = t["name"]
+            if name in mapped and old.tensors[name]["dtype"] == t["dtype"]:
+                return mapped[name]  # inplace: the live session's own pages, read only
             if name in old.tensors:
                 return old.weight(name, self._pace)
             if skeleton is None:
-                from .external import main_initializers
-
                 graph = self._dir / "graph.onnx"
                 skeleton = {} if self.stage == 0 and old.graph_bytes is None and \
                     not graph.exists() else main_initializers(
@@ -1145,37 +1202,43 @@ class ProgressiveSession:
             state.check_skeleton(parts["graph.onnx"])
             (d / "graph.onnx").write_bytes(parts["graph.onnx"])
             del parts
+            probe_data = None
+            if self._verify and manifest.get("probe"):
+                probe_data = src.probe_bytes()
+                if probe_data is None:
+                    raise IntegrityError("the update lists a probe its source does not have")
             # inplace goes on when the new table allows it: the weights in a file of their own
             # (a hole file for the graph), given to onnxruntime by name, as _rebuild does
             inplace = self._strategy == "inplace" and _inplace_ready(manifest)
             weights = self._dir / f"weights-u{manifest['package_id'][:12]}.bin" if inplace \
                 else d / "weights.bin"
+            patch = self._patchable(manifest, d) if inplace else None
             state.materialize(weights, self._pace, self._writeback.add)
             _trim_heap()
+            if patch:
+                probe = self._update_in_place(manifest, patch, weights, probe_data)
             options = self._options
-            if inplace:
+            if inplace and not patch:
                 options = _inplace_options(self._options)
                 with open(d / "weights.bin", "wb") as f:  # never read: every weight is given
                     f.truncate(weights_size(manifest))
                 live.weights = _inplace_weights(weights, manifest)
-                for t in manifest["tensors"]:
-                    live.values.append(_ortvalue(live.weights.buffers[t["name"]], t["dtype"]))
-                    options.add_initializer(t["tensor"], live.values[-1])
-            probe = None
-            if self._verify and manifest.get("probe"):
-                data = src.probe_bytes()
-                if data is None:
-                    raise IntegrityError("the update lists a probe its source does not have")
-            before = anonymous_regions()
-            with lowered_priority():
-                live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
-                                                    providers=self._providers)
-            # huge pages under what the build allocated, as _rebuild does: the session's
-            # release at the next stage's swap is then quick
-            collapse_to_huge_pages(anonymous_regions() - before, self._pace)
-            if self._verify and manifest.get("probe"):
-                probe = Probe(manifest["probe"], data, live.session.get_inputs())
-                probe.check(live.session.run, 0)
+                _given_by_name(live, manifest, (d / "graph.onnx").read_bytes(),
+                               d / "base.bin", options)
+            if not patch:
+                probe = None
+                before = anonymous_regions()
+                # as _rebuild: alone on the cores in the decoder's turns, at a lowered priority
+                with sharing(self._turns), lowered_priority():
+                    live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
+                                                        providers=self._providers)
+                # huge pages under what the build allocated, as _rebuild does: the session's
+                # release at the next stage's swap is then quick
+                collapse_to_huge_pages(new_ranges(before, anonymous_regions()), self._pace,
+                                       limit=2 * weights_size(manifest) + (64 << 20))
+                if probe_data is not None:
+                    probe = Probe(manifest["probe"], probe_data, live.session.get_inputs())
+                    probe.check(live.session.run, 0)
         except BaseException as e:
             _release(live)
             shutil.rmtree(d, ignore_errors=True)
@@ -1188,7 +1251,10 @@ class ProgressiveSession:
                 raise PatchError(f"the update could not be applied: {text}") from e
             raise
         old_file = self._state.weights_file if self._strategy == "inplace" else None
-        self._swap_in(live)
+        if patch:
+            _release(live)
+        else:
+            self._swap_in(live)
         # the update is this session's package from now on: its later stages are decoded from
         # the new weights file, with the new skeleton and base data
         for name in ("graph.onnx", "base.bin"):
@@ -1203,9 +1269,118 @@ class ProgressiveSession:
         self._owned = src if hasattr(src, "close") else None
         self._source = src
         self._strategy = "inplace" if inplace else "swap"
+        if patch:
+            shutil.rmtree(d, ignore_errors=True)
         if old_file is not None:
             with lowered_priority():
                 _remove_gradually(old_file)
+
+    def _patchable(self, manifest: dict[str, Any], d: Path
+                   ) -> tuple[dict[str, dict[str, Any]], dict[str, np.ndarray]] | None:
+        """How the inplace session takes the update (``d``: its skeleton and base.bin)
+        without a new session, or None when it cannot. It can when the skeleton computes what
+        this session's does (:func:`graph_structure`), every other tensor of its base.bin is
+        equal to this session's, each weight mapped here keeps its place in the new weights
+        file (updates lay their file out so), and every other coded tensor is one the session
+        gives by name from an array (``live.extras``: a bias this session's package kept in
+        its graph and the update codes). Returns those tensors (table entries: their values
+        come from each stage's weights file) and the new values of the other given
+        arrays."""
+        live = self._live
+        if live.weights is None or live.session is None:
+            return None
+        mapped = live.weights.layout
+        given = frozenset(live.extras)
+        tail: dict[str, dict[str, Any]] = {}
+        for t in manifest["tensors"]:
+            if t["name"] != t["tensor"]:
+                return None
+            place = (t["dtype"], tuple(t["shape"]), *map(int, t["weights"]))
+            if mapped.get(t["name"]) == place:
+                continue
+            held = live.extras.get(t["name"])
+            if t["name"] in mapped or held is None or held.shape != tuple(t["shape"]) or \
+                    held.dtype != FLOAT_TYPES[t["dtype"]].storage:
+                return None
+            tail[t["name"]] = t
+        if not set(mapped) <= {t["name"] for t in manifest["tensors"]}:
+            return None
+        old_graph = (self._dir / "graph.onnx").read_bytes()
+        new_graph = (d / "graph.onnx").read_bytes()
+        if graph_structure(old_graph, given)[0] != graph_structure(new_graph, given)[0]:
+            return None
+        # the other base.bin tensors: the same names in the same order, equal bytes
+        olds, news = ([x for x in external_tensors(g) if x.location == "base.bin"
+                       and x.name not in given] for g in (old_graph, new_graph))
+        if [(x.name, x.length) for x in olds] != [(x.name, x.length) for x in news]:
+            return None
+        with open(self._dir / "base.bin", "rb") as fo, open(d / "base.bin", "rb") as fn:
+            for a, b in zip(olds, news):
+                fo.seek(a.offset)
+                fn.seek(b.offset)
+                if fo.read(a.length or 0) != fn.read(b.length or 0):
+                    return None
+        values: dict[str, np.ndarray] = {}
+        base = np.memmap(d / "base.bin", np.uint8, mode="r") \
+            if os.path.getsize(d / "base.bin") else b""
+        readers = main_initializers(new_graph, base)
+        for name, held in live.extras.items():
+            if name in tail:
+                continue
+            try:
+                value = np.array(readers[name](), copy=True)
+            except KeyError:
+                return None
+            if value.dtype != held.dtype or value.shape != held.shape:
+                return None
+            values[name] = value
+        return tail, values
+
+    def _tail_values(self, tail: dict[str, dict[str, Any]], path: Path
+                     ) -> dict[str, np.ndarray]:
+        """The values of ``tail``'s tensors in the weights file ``path``."""
+        out = {}
+        with _opened(path) as fd:
+            for name, t in tail.items():
+                out[name] = np.empty(t["shape"], FLOAT_TYPES[t["dtype"]].storage)
+                _load_weight(out[name], fd, t)
+        return out
+
+    def _switch(self, live: _Live, path: Path, values: dict[str, np.ndarray],
+                check: Callable[[], None]) -> None:
+        """Under the writer lock: map the weights file ``path``, copy ``values`` into the
+        arrays given by name, then ``check()`` (the probe); on a failure both go back."""
+        assert live.weights is not None
+        old = self._state.weights_file
+        assert old is not None
+        saved = {name: live.extras[name].copy() for name in values}
+        with self._rw.write():
+            live.weights.switch(path)
+            try:
+                for name, value in values.items():
+                    np.copyto(live.extras[name], value)
+                check()
+            except BaseException:
+                live.weights.switch(old)
+                for name, value in saved.items():
+                    np.copyto(live.extras[name], value)
+                raise
+
+    def _update_in_place(self, manifest: dict[str, Any], plan: tuple, weights: Path,
+                         probe_data: bytes | None) -> Probe | None:
+        """Stage 0 of an update into the live inplace session, as :meth:`_patchable`
+        planned: its weights file mapped, the other values copied in, the probe checked."""
+        live = self._live
+        assert live.session is not None
+        tail, values = plan
+        probe = None if probe_data is None else \
+            Probe(manifest["probe"], probe_data, live.session.get_inputs())
+        values = {**values, **self._tail_values(tail, weights)}
+        self._switch(live, weights, values,
+                     lambda: None if probe is None else probe.check(live.session.run, 0))
+        live.tail = tail
+        live.stage = 0
+        return probe
 
     def _private_base(self) -> tuple[Path, Path]:
         """``base.onnx`` and ``base.bin`` copied into this session's folder (``base/``), each
@@ -1390,9 +1565,8 @@ class ProgressiveSession:
                 with open(d / "weights.bin", "wb") as f:  # never read: every weight is given
                     f.truncate(weights_size(self._manifest))
                 live.weights = _inplace_weights(weights, self._manifest)
-                for t in self._manifest["tensors"]:
-                    live.values.append(_ortvalue(live.weights.buffers[t["name"]], t["dtype"]))
-                    options.add_initializer(t["tensor"], live.values[-1])
+                _given_by_name(live, self._manifest, (d / "graph.onnx").read_bytes(),
+                               d / "base.bin", options)
             else:
                 options = self._options
             before = anonymous_regions()
@@ -1464,15 +1638,10 @@ class ProgressiveSession:
         self._state.advance(sf, new, self._pace, self._writeback.add)
         _trim_heap()  # decoding's temporaries, before the probe runs
         try:
-            with self._rw.write():
-                live.weights.switch(new)
-                try:
-                    if self._probe is not None:
-                        self._probe.check(live.session.run, k)
-                except BaseException:
-                    live.weights.switch(old)
-                    raise
-                live.stage = k
+            probe = self._probe
+            self._switch(live, new, self._tail_values(live.tail, new),
+                         lambda: None if probe is None else probe.check(live.session.run, k))
+            live.stage = k
         except BaseException:
             new.unlink(missing_ok=True)
             raise

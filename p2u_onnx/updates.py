@@ -120,6 +120,9 @@ class Held:
     version: int | None = None
     model: ModelProto | None = None
     graph: bytes | None = None  # the skeleton graph a device in this state holds, if known
+    #: where a device that took this state's package holds each coded tensor in its weights
+    #: file: name -> (dtype, shape, offset, length); None for a plain model file
+    layout: dict[str, tuple[str, tuple[int, ...], int, int]] | None = None
 
     @property
     def exact(self) -> bool:
@@ -202,7 +205,49 @@ def _package_held(package: Path, manifest: dict[str, Any], stage: int | None,
     get, names = _with_model(state, manifest, model)
     return Held(get, names, digest, manifest["package_id"], k, label,
                 manifest.get("name"), manifest.get("version"), model,
-                state.graph_bytes if k >= 1 else None)
+                state.graph_bytes if k >= 1 else None, weights_layout(manifest))
+
+
+def weights_layout(manifest: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Each coded tensor's place in a package's weights file: name -> (dtype, shape, offset,
+    length)."""
+    return {t["name"]: (t["dtype"], tuple(t["shape"]), int(t["weights"][0]),
+                        int(t["weights"][1])) for t in manifest["tensors"]}
+
+
+def _weights_offsets(rows: list[tuple[str, str, tuple[int, ...], int]],
+                     layout: dict[str, tuple[str, tuple[int, ...], int, int]] | None
+                     ) -> dict[str, int]:
+    """Where each tensor (key, dtype, shape, bytes) goes in the update's weights file. A
+    tensor the predecessor's package codes with the same dtype and shape keeps its place, the
+    others follow the predecessor's file, each aligned: an inplace session then maps the new
+    file where it mapped the old one and patches the update in (runtime). Back to back in
+    order when there is no such package, or when the result would leave more room than a
+    weights file may (tensors the update drops)."""
+    def sequential() -> dict[str, int]:
+        out, pos = {}, 0
+        for key, _, _, n in rows:
+            pos += (-pos) % ALIGN
+            out[key] = pos
+            pos += n
+        return out
+
+    if not layout:
+        return sequential()
+    out: dict[str, int] = {}
+    pos = max(off + n for _, _, off, n in layout.values())
+    for key, dtype, shape, n in rows:
+        was = layout.get(key)
+        if was is not None and was[:2] == (dtype, tuple(shape)) and was[3] == n:
+            out[key] = was[2]
+    for key, _, _, n in rows:
+        if key not in out:
+            pos += (-pos) % ALIGN
+            out[key] = pos
+            pos += n
+    end = max((out[k] + n for k, _, _, n in rows), default=0)
+    room = sum(n for *_, n in rows) + ALIGN * len(rows)  # as the manifest check allows
+    return out if end <= room else sequential()
 
 
 def _with_model(state: WeightState, manifest: dict[str, Any], model: ModelProto | None,
@@ -354,7 +399,8 @@ def apply_update(update: str | os.PathLike, held: Held, stage: int | None = None
                                  "model's weights")
     get, names = _with_model(state, manifest, model if exact else None)
     return Held(get, names, digest, manifest["package_id"], k, str(package),
-                manifest.get("name"), manifest.get("version"), model, state.graph_bytes)
+                manifest.get("name"), manifest.get("version"), model, state.graph_bytes,
+                weights_layout(manifest))
 
 
 def restore_update(update: str | os.PathLike, output: str | os.PathLike,
@@ -703,6 +749,7 @@ def encode_update(model: str | os.PathLike | ModelProto, output: str | os.PathLi
         f"{digest}|{json.dumps(pred, sort_keys=True)}|{plan}|{config}|{delta_block}|"
         f"{new_bits}|{UPDATE_FORMAT_VERSION}|"
         f"{'' if ship_graph or held.graph is None else hashlib.sha256(held.graph).hexdigest()}"
+        f"{'' if not held.layout else json.dumps(sorted(held.layout.items()))}"
         .encode()).hexdigest()[:32]
     try:
         tmp = _workdir.make_dir(out.parent, f".{out.name}.", 0o777)
@@ -738,7 +785,11 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
     rel = [0.0] * n
     tensors: list[dict[str, Any]] = []
     counts = {"same": 0, "delta": 0, "new": 0}
-    wpos = 0
+    places = _weights_offsets(
+        [(s.slot.key, dtype_info(s.slot.tensor.data_type).name, tuple(s.shape),
+          int(np.prod(s.shape, dtype=np.int64)) *
+          dtype_info(s.slot.tensor.data_type).storage.itemsize) for s in selected],
+        held.layout)
 
     def held_value(s, x: np.ndarray, info) -> np.ndarray | None:
         """What the device holds for slot ``s`` (None: nothing of that dtype and shape)."""
@@ -778,13 +829,11 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                 "same" if np.array_equal(x.view(np.uint8), np.ascontiguousarray(r).view(
                     np.uint8)) else "delta"
             counts[kind] += 1
-            wpos += (-wpos) % ALIGN
             row: dict[str, Any] = {
                 "name": s.slot.key, "tensor": s.slot.name,
                 **({} if s.slot.path == "main" else {"where": s.slot.path}),
                 "kind": s.slot.kind, "dtype": info.name, "shape": list(s.shape),
-                "update": kind, "weights": [wpos, x.nbytes]}
-            wpos += x.nbytes
+                "update": kind, "weights": [places[s.slot.key], x.nbytes]}
             if kind == "same":
                 row["layout"] = qz.Layout(s.shape, "tensor").to_json()
             else:

@@ -38,6 +38,16 @@ def test_layout_round_trip(layout, data):
     assert layout.blocks_to_scales(s).shape == layout.scale_shape
 
 
+@given(layouts(), st.data())
+def test_blocks_of_is_a_slice_of_to_blocks(layout, data):
+    """blocks_of(x, b0, b1) == to_blocks(x)[b0:b1] for any run of blocks (what an update's
+    decoder reads from the predecessor, run by run)."""
+    x = np.arange(layout.size, dtype=np.float32).reshape(layout.shape) + 1
+    b0 = data.draw(st.integers(0, layout.n_blocks - 1))
+    b1 = data.draw(st.integers(b0 + 1, layout.n_blocks))
+    np.testing.assert_array_equal(layout.blocks_of(x, b0, b1), layout.to_blocks(x)[b0:b1])
+
+
 def test_block_layout_matches_dequantize_linear_semantics():
     # DequantizeLinear blocked: scale[i, j // bs] applies to x[i, j] along axis 1.
     lay = qz.Layout((2, 5), "block", 1, 2)

@@ -657,9 +657,10 @@ def test_live_update_keeps_inplace(live_pair, tmp_path):
         t = threading.Thread(target=_serving, args=(s, states, seen, stop))
         t.start()
         try:
+            session = s._live.session
             assert s.update(d / "u12.p2u", until=0) == 0
             assert s._strategy == "inplace"
-            session = s._live.session
+            assert s._live.session is session  # the same graph: stage 0 patched in place too
             assert s.upgrade(background=False) == 2
             assert s._live.session is session  # patched in place, not rebuilt
         finally:
@@ -783,3 +784,110 @@ def test_strong_symbols_round_trip_and_never_larger():
         assert codec.decode(strong, len(data)) == data == codec.decode(plain, len(data))
         if codes is sparse:
             assert len(strong) < 0.97 * len(plain)
+
+
+def test_update_keeps_the_predecessor_layout(tmp_path):
+    """An update made from a package puts each tensor that package codes where its weights
+    file had it (new ones after), so an inplace session can map the new file where it mapped
+    the old one; from a model file the layout is back to back. The layout is part of the
+    package id."""
+    from p2u_onnx.reconstruct import weights_size
+
+    v1 = _mlp(hidden=256)
+    v2 = _moved(v1)
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    pkg = encode(p1, tmp_path / "v1.p2u", "4,lossless", budget=FAST, probe=False)
+    old = {t["name"]: t["weights"] for t in pkg.manifest["tensors"]}
+    assert "b1" not in old  # a vector: kept in the full package's graph
+    a = encode_update(p2, tmp_path / "a.p2u", pkg.path).manifest
+    b = encode_update(p2, tmp_path / "b.p2u", p1).manifest
+    placed = {t["name"]: t["weights"] for t in a["tensors"]}
+    assert all(placed[n] == w for n, w in old.items())
+    assert placed["b1"][0] >= weights_size(pkg.manifest)  # after the predecessor's file
+    flat = [t["weights"] for t in b["tensors"]]
+    assert [w[0] for w in flat] == sorted(w[0] for w in flat) and flat[0][0] == 0
+    assert placed != {t["name"]: t["weights"] for t in b["tensors"]}
+    assert a["package_id"] != b["package_id"]
+    for upd, src in ((tmp_path / "a.p2u", pkg.path), (tmp_path / "b.p2u", p1)):
+        assert weights_digest(apply_update(upd, held_state(src)).model) == weights_digest(v2)
+
+
+def test_inplace_update_failed_probe_keeps_v1(live_pair, tmp_path, monkeypatch):
+    """A stage 0 patched into the live inplace session whose probe fails goes back: the
+    session answers as v1 bit for bit (coded weights and the biases it gives by name), and
+    takes the update afterwards."""
+    from p2u_onnx.errors import PatchError
+    from p2u_onnx.probe import Probe
+    from p2u_onnx.runtime import ProgressiveSession
+
+    d, v, outs = live_pair
+    with ProgressiveSession(d / "v1.p2u", workdir=tmp_path / "w", strategy="inplace") as s:
+        s.upgrade(background=False)
+        session = s._live.session
+        assert "b1" in s._live.extras
+        real = Probe.check
+        seen = []
+
+        def failing(self, run, k):
+            seen.append(run(None, {"x": X})[0])  # what the patched session answers
+            raise PatchError("probe: outputs differ (forced)")
+
+        monkeypatch.setattr(Probe, "check", failing)
+        with pytest.raises(PatchError, match="forced"):
+            s.update(d / "u12.p2u", until=0)
+        assert seen and not np.array_equal(seen[0], outs[0])  # it was patched, then undone
+        assert s._live.session is session and s._strategy == "inplace"
+        assert np.array_equal(s.run(None, {"x": X})[0], outs[0])
+        assert [p.name for p in s._dir.glob("weights-*.bin")] == ["weights-2.bin"]
+        monkeypatch.setattr(Probe, "check", real)
+        assert s.update(d / "u12.p2u") == 2 and s._live.session is session
+        assert np.array_equal(s.run(None, {"x": X})[0], outs[1])
+
+
+def test_inplace_update_of_a_changed_graph_builds_a_new_session(tmp_path):
+    """A graph that changes (a layer added) cannot be patched into the live session: the
+    inplace session builds one for the update's stage 0 and stays inplace."""
+    from p2u_onnx.runtime import ProgressiveSession
+
+    v1, v2 = _mlp(hidden=256), _moved(_mlp(hidden=256, extra=True))
+    p1, p2 = _save(v1, tmp_path / "v1.onnx"), _save(v2, tmp_path / "v2.onnx")
+    pkg = encode(p1, tmp_path / "v1.p2u", "4,lossless", budget=FAST, name="g", version=1)
+    encode_update(p2, tmp_path / "u.p2u", pkg.path, name="g", version=2)
+    with ProgressiveSession(pkg.path, workdir=tmp_path / "w", strategy="inplace") as s:
+        s.upgrade(background=False)
+        session = s._live.session
+        assert s.update(tmp_path / "u.p2u") == 1
+        assert s._live.session is not session and s._strategy == "inplace"
+        assert np.allclose(s.run(None, {"x": X})[0], _run(v2, X), atol=1e-5)
+
+
+def test_graph_structure_ignores_only_what_is_given():
+    """graph_structure: base.bin offsets and the values of given initializers do not count;
+    a node, an attribute or another initializer's value does."""
+    from p2u_onnx.external import graph_structure
+
+    def skeleton(b_off=0, w_val=1.0, op="Relu", b_where="base.bin"):
+        m = _mlp(hidden=16)
+        for t in m.graph.initializer:
+            if t.name == "b1":
+                t.ClearField("raw_data")
+                t.data_location = onnx.TensorProto.EXTERNAL
+                for k, val in (("location", b_where), ("offset", str(b_off)), ("length", "64")):
+                    t.external_data.add(key=k, value=val)
+            if t.name == "W2":
+                t.CopyFrom(numpy_helper.from_array(
+                    np.full((16, 32), w_val, np.float32), "W2"))
+        m.graph.node[2].op_type = op
+        return m.SerializeToString()
+
+    given = frozenset({"b1"})
+    ref, names = graph_structure(skeleton(), given)
+    assert names == ["W1", "b1", "W2"]
+    assert graph_structure(skeleton(b_off=4096), given)[0] == ref
+    assert graph_structure(skeleton(b_where="weights.bin"), given)[0] == ref  # given
+    assert graph_structure(skeleton(b_off=4096), frozenset())[0] == \
+        graph_structure(skeleton(), frozenset())[0]  # a base.bin offset never counts
+    assert graph_structure(skeleton(b_where="weights.bin"), frozenset())[0] != \
+        graph_structure(skeleton(), frozenset())[0]
+    assert graph_structure(skeleton(w_val=2.0), given)[0] != ref
+    assert graph_structure(skeleton(op="Sigmoid"), given)[0] != ref
