@@ -1347,9 +1347,10 @@ class ProgressiveSession:
         return out
 
     def _switch(self, live: _Live, path: Path, values: dict[str, np.ndarray],
-                check: Callable[[], None]) -> None:
+                check: Callable[[], None], stage: int) -> None:
         """Under the writer lock: map the weights file ``path``, copy ``values`` into the
-        arrays given by name, then ``check()`` (the probe); on a failure both go back."""
+        arrays given by name, then ``check()`` (the probe) and the session is at ``stage``;
+        on a failure both go back."""
         assert live.weights is not None
         old = self._state.weights_file
         assert old is not None
@@ -1365,6 +1366,7 @@ class ProgressiveSession:
                 for name, value in saved.items():
                     np.copyto(live.extras[name], value)
                 raise
+            live.stage = stage
 
     def _update_in_place(self, manifest: dict[str, Any], plan: tuple, weights: Path,
                          probe_data: bytes | None) -> Probe | None:
@@ -1377,9 +1379,8 @@ class ProgressiveSession:
             Probe(manifest["probe"], probe_data, live.session.get_inputs())
         values = {**values, **self._tail_values(tail, weights)}
         self._switch(live, weights, values,
-                     lambda: None if probe is None else probe.check(live.session.run, 0))
+                     lambda: None if probe is None else probe.check(live.session.run, 0), 0)
         live.tail = tail
-        live.stage = 0
         return probe
 
     def _private_base(self) -> tuple[Path, Path]:
@@ -1640,8 +1641,7 @@ class ProgressiveSession:
         try:
             probe = self._probe
             self._switch(live, new, self._tail_values(live.tail, new),
-                         lambda: None if probe is None else probe.check(live.session.run, k))
-            live.stage = k
+                         lambda: None if probe is None else probe.check(live.session.run, k), k)
         except BaseException:
             new.unlink(missing_ok=True)
             raise
