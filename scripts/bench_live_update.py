@@ -10,7 +10,9 @@ upgraded to its last stage (exact v1), one thread calling ``run()`` in a loop, t
 ``session.update(v2-from-v1)`` to the update's last stage (exact v2). Printed per strategy: the
 update's time (stage 0 swapped in, then to exact), the median run before it, the median and
 the worst run while it ran, the target (worst <= one inference + 50 ms: the median before +
-0.05 s), the process's RSS before the update and its peak during the update (the high-water
+0.05 s), the worst run over the median before, beside the same over the 8 s of the same
+loop just before the update (the load's own jitter, as ``scripts/bench_load.py`` shows it for
+upgrades), the process's RSS before the update and its peak during the update (the high-water
 mark is reset just before it), each above its RSS after imports as a multiple of the fp32
 weight bytes, against the upgrades' targets (swap 2.2x, inplace 1.3x, plus onnxruntime's own
 overhead: plain onnxruntime's peak above the weights when it loads v2, as
@@ -58,7 +60,8 @@ def make_v2(v1: Path, v2: Path, move: float, seed: int = 1) -> None:
     onnx.save(m, str(v2))
 
 
-def worker(strategy: str, v1pkg: str, update: str, feed_path: str, ref_path: str) -> dict:
+def worker(strategy: str, v1pkg: str, update: str, feed_path: str, ref_path: str,
+           quiet: float = 8.0) -> dict:
     from p2u_onnx.runtime import ProgressiveSession
 
     feed = dict(np.load(feed_path))
@@ -81,10 +84,13 @@ def worker(strategy: str, v1pkg: str, update: str, feed_path: str, ref_path: str
 
     th = threading.Thread(target=loop)
     th.start()
-    time.sleep(1.0)
+    # the same load without an update first, for scale: its worst run over its median
+    time.sleep(quiet)
     while len(times) < 5:
         time.sleep(0.05)
     before = len(times)
+    warm = max(1, before // 10)  # the first runs of the loop warm up
+    out["jitter_before"] = max(times[warm:before]) - statistics.median(times[warm:before])
     # the update's own peak: the high-water mark starts again here (Linux: clear_refs 5),
     # above what the process held before it (v1 exact, serving)
     out["rss_before_update"] = _rss() - base_rss
@@ -223,9 +229,10 @@ def main() -> None:
     print()
     print("| strategy | update s (stage 0 swapped in) | median run before ms | runs during | "
           "median during ms | worst during ms (stage 0 / later) | target ms (median + 50) | met | "
+          "worst - median, update | worst - median, same load before it | "
           "RSS before / fp32 | peak RSS during the update / fp32 | target (+ overhead) | met | "
           "exact v2 | strategy after |")
-    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
+    print("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     for strategy in args.strategies.split(","):
         shutil_rm(out / "work")
         shutil_rm(out / "state")
@@ -238,6 +245,8 @@ def main() -> None:
               f"{r['median_during'] * 1e3:.1f} | {r['worst_during'] * 1e3:.1f} "
               f"({r['worst_stage0'] * 1e3:.1f} / {r['worst_later'] * 1e3:.1f}) | "
               f"{target * 1e3:.1f} | {'yes' if r['worst_during'] <= target else 'NO'} | "
+              f"+{(r['worst_during'] - r['median_before']) * 1e3:.0f} | "
+              f"+{r['jitter_before'] * 1e3:.0f} | "
               f"{r['rss_before_update'] / fp32:.2f} | "
               f"{peak:.2f}{'' if r['peak_reset'] else ' (whole process)'} | "
               f"{TARGET_PEAK.get(strategy, float('nan'))} + {overhead:.2f} | "
