@@ -359,6 +359,20 @@ def graph_inputs(model: bytes | bytearray | memoryview) -> set[str]:
     return out
 
 
+def node_outputs(model: bytes | bytearray | memoryview) -> list[str]:
+    """The output names of the main graph's nodes, in order."""
+    buf = memoryview(model).cast("B")
+    out: list[str] = []
+    for field, wire, v in _fields(buf, 0, len(buf)):
+        if field != 7 or wire != 2:
+            continue
+        for f2, w2, node in _fields(buf, *v):
+            if f2 == 1 and w2 == 2:
+                out.extend(_text(buf, x) for f3, w3, x in _fields(buf, *node)
+                           if f3 == 2 and w3 == 2)
+    return out
+
+
 def _external(model: bytes | bytearray | memoryview, where: str) -> list[ExternalTensor]:
     """:func:`external_tensors`, its errors naming the graph (``where``)."""
     try:

@@ -106,7 +106,7 @@ from .format import (
     sha256_file,
 )
 from .external import (check_base_graph, external_tensors, graph_inputs, graph_size_limit,
-                       graph_structure, main_float_types, main_initializers)
+                       graph_structure, main_float_types, main_initializers, node_outputs)
 from .format import package_file
 from .probe import Probe, read_probe_file
 from .reconstruct import WeightState, extract_file, extract_update_files, read_into, weights_size
@@ -683,6 +683,39 @@ def swap_need(manifest: dict[str, Any]) -> int:
     return int(SWAP_PEAK * weights_size(manifest)) + base + _MARGIN
 
 
+#: Peak memory of loading a base whose weights onnxruntime folds to float at load
+#: (:func:`~p2u_onnx.base_speed.dequantize_at_load`), as a multiple of those float weights:
+#: the 100M model with 5 of its 6 tensors folded (335 MB of float) peaked at 1.23 GB.
+FOLD_PEAK = 3.7
+
+
+def folded_bytes(base_onnx: bytes, manifest: dict[str, Any]) -> int:
+    """Float bytes of the coded weights the base graph folds to float at load."""
+    outputs = node_outputs(base_onnx)
+    stems = {o.split("__p2u_load", 1)[0] for o in outputs if "__p2u_load" in o}
+    return sum(int(t["weights"][1]) for t in manifest["tensors"] if t["tensor"] in stems)
+
+
+def base_folding(base_onnx: bytes, manifest: dict[str, Any], strategy: str
+                 ) -> tuple[bool, str]:
+    """Whether an ``inplace`` session loads its base with onnxruntime's constant folding
+    off, and why: when the memory left (:func:`~p2u_onnx._memory.memory_left`) would not
+    hold the folding of the weights the base computes at load (:data:`FOLD_PEAK` times their
+    float bytes). The base then computes them on every run: it loads in a fraction of the
+    memory, and answers more slowly until stage 1."""
+    folded = folded_bytes(base_onnx, manifest) if strategy == "inplace" else 0
+    if not folded:
+        return True, ""
+    left, which = memory_left()
+    need = int(FOLD_PEAK * folded) + _MARGIN
+    if left is None or left >= need:
+        return True, ""
+    return False, (f"; the base loads with constant folding off: {left >> 20} MiB left "
+                   f"({which}) would not hold folding its {folded >> 20} MiB of float weights "
+                   f"(about {need >> 20} MiB), so it computes them on every run (slower) until "
+                   "stage 1")
+
+
 def choose_strategy(manifest: dict[str, Any],
                     providers: Sequence[Any] | None = None) -> tuple[str, str]:
     """``strategy="auto"``: ``"inplace"`` when the memory left to this process (see
@@ -928,10 +961,15 @@ class ProgressiveSession:
             base_onnx, self._base_bin = self._private_base()
             self._base_onnx = base_onnx  # a format-4 skeleton graph is coded against it
             check_base_graph(base_onnx, self._manifest, os.path.getsize(self._base_bin))
+            fold, why = base_folding(Path(base_onnx).read_bytes(), self._manifest,
+                                     self._strategy)
+            if not fold:
+                self._strategy_reason += why
+                _log.warning("%s: %s", where, why[2:])
             session = open_base_session(
                 base_onnx, _lean_base_options(sess_options)
                 if self._strategy == "inplace" else sess_options, providers,
-                _BASE_OFF if fast_base else None)
+                (*(_BASE_OFF if fast_base else ()), *(() if fold else ("ConstantFolding",))))
             probe = self._source.probe_bytes() if verify else None
             self._probe = None if probe is None else \
                 Probe(self._manifest["probe"], probe, session.get_inputs())

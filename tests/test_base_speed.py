@@ -469,3 +469,30 @@ def test_stage0_session_gives_the_heap_back(mixed_pkg, monkeypatch):
     with ProgressiveSession(pkg) as s:
         assert calls == ["session", "trim"]
         s.run(None, MIXED_FEED)
+
+
+def test_inplace_base_unfolded_when_folding_would_not_fit(mixed_pkg, monkeypatch, caplog):
+    """An inplace session whose memory left would not hold folding the base's weights at
+    load loads the base with constant folding off, says so (strategy_reason, a warning), and
+    answers as the folded base does; with the memory, it folds."""
+    from p2u_onnx import runtime
+
+    src, pkg = mixed_pkg
+    base = (pkg / "base.onnx").read_bytes()
+    folded = runtime.folded_bytes(base, load_manifest(pkg))
+    assert folded > 0  # Conv, GRU, Gemm weights are folded; the MatMul's is not
+    so = _options(exact_nbits=False)
+    with ProgressiveSession(pkg, so, strategy="inplace") as s:
+        assert "constant folding" not in s.strategy_reason
+        ref = s.run(None, MIXED_FEED)[0]
+    monkeypatch.setattr(runtime, "memory_left", lambda: (folded, "a test limit"))
+    with caplog.at_level("WARNING", logger="p2u_onnx.runtime"):
+        with ProgressiveSession(pkg, so, strategy="inplace") as s:
+            assert "constant folding off" in s.strategy_reason
+            assert "a test limit" in s.strategy_reason
+            y = s.run(None, MIXED_FEED)[0]
+            assert s.upgrade(background=False) == s.stages - 1
+    assert "constant folding off" in caplog.text
+    assert np.abs(y - ref).max() <= 1e-5 * np.abs(ref).max()
+    with ProgressiveSession(pkg, so, strategy="swap") as s:  # swap: memory is not tight
+        assert "constant folding" not in s.strategy_reason
