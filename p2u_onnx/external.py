@@ -324,53 +324,45 @@ def graph_structure(model: bytes | bytearray | memoryview, given: set[str] | fro
     return h.digest(), names
 
 
+def _main_graph(model: bytes | bytearray | memoryview, field: int
+                ) -> Iterator[tuple[memoryview, tuple[int, int]]]:
+    """The spans of one repeated message field of the main graph (1: nodes, 5: initializers,
+    11: inputs), with the buffer they index."""
+    buf = memoryview(model).cast("B")
+    for f, wire, v in _fields(buf, 0, len(buf)):
+        if f == 7 and wire == 2:  # ModelProto.graph
+            for f2, w2, span in _fields(buf, *v):
+                if f2 == field and w2 == 2:
+                    yield buf, span
+
+
+def _strings(buf: memoryview, span: tuple[int, int], field: int) -> list[str]:
+    return [_text(buf, x) for f, w, x in _fields(buf, *span) if f == field and w == 2]
+
+
 def main_float_types(model: bytes | bytearray | memoryview) -> dict[str, int]:
     """The ONNX element type of each float initializer of the main graph, by name."""
-    buf = memoryview(model).cast("B")
     out: dict[str, int] = {}
-    for field, wire, v in _fields(buf, 0, len(buf)):
-        if field != 7 or wire != 2:
-            continue
-        for f2, w2, t in _fields(buf, *v):
-            if f2 != 5 or w2 != 2:
-                continue
-            name, dtype = "", 0
-            for f3, w3, x in _fields(buf, *t):
-                if f3 == 2 and w3 == 0:
-                    dtype = x
-                elif f3 == 8 and w3 == 2:
-                    name = _text(buf, x)
-            if dtype in _FLOAT_NUMPY and name:
-                out.setdefault(name, dtype)
+    for buf, t in _main_graph(model, 5):
+        name, dtype = "", 0
+        for f3, w3, x in _fields(buf, *t):
+            if f3 == 2 and w3 == 0:
+                dtype = x
+            elif f3 == 8 and w3 == 2:
+                name = _text(buf, x)
+        if dtype in _FLOAT_NUMPY and name:
+            out.setdefault(name, dtype)
     return out
 
 
 def graph_inputs(model: bytes | bytearray | memoryview) -> set[str]:
     """The names of the main graph's inputs."""
-    buf = memoryview(model).cast("B")
-    out: set[str] = set()
-    for field, wire, v in _fields(buf, 0, len(buf)):
-        if field != 7 or wire != 2:
-            continue
-        for f2, w2, vi in _fields(buf, *v):
-            if f2 == 11 and w2 == 2:
-                out.update(_text(buf, x) for f3, w3, x in _fields(buf, *vi)
-                           if f3 == 1 and w3 == 2)
-    return out
+    return {n for buf, vi in _main_graph(model, 11) for n in _strings(buf, vi, 1)}
 
 
 def node_outputs(model: bytes | bytearray | memoryview) -> list[str]:
     """The output names of the main graph's nodes, in order."""
-    buf = memoryview(model).cast("B")
-    out: list[str] = []
-    for field, wire, v in _fields(buf, 0, len(buf)):
-        if field != 7 or wire != 2:
-            continue
-        for f2, w2, node in _fields(buf, *v):
-            if f2 == 1 and w2 == 2:
-                out.extend(_text(buf, x) for f3, w3, x in _fields(buf, *node)
-                           if f3 == 2 and w3 == 2)
-    return out
+    return [n for buf, node in _main_graph(model, 1) for n in _strings(buf, node, 2)]
 
 
 def _external(model: bytes | bytearray | memoryview, where: str) -> list[ExternalTensor]:
