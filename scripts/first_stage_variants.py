@@ -22,6 +22,8 @@ Usage::
     python scripts/first_stage_variants.py                        # MiniLM, the default variants
     python scripts/first_stage_variants.py --pairs "digits v1->v2,digits v2->v3" \\
         --variants auto,grid:1.5
+    python scripts/first_stage_variants.py --variants grid:1.5 --bench --no-minilm \\
+        --out build/bench_updates_grid15 --plot build/bench_updates_grid15/fedavg.png
 
 The MiniLM pair needs ``build/minilm/minilm.onnx`` and ``scripts/make_minilm_update.py``'s v2.
 Packages are written to ``build/first_stage_variants/``.
@@ -64,26 +66,37 @@ def delta_error(v1: dict[str, np.ndarray], v2: dict[str, np.ndarray],
     return (num / den) ** 0.5 if den else 0.0
 
 
+def grid_patch(variant: str):
+    """The replacement of ``updates._uniform_instead`` a ``grid*:F`` variant stands for (None
+    for ``auto``, ``1``, ``2``); SystemExit for an unknown variant."""
+    if variant in ("auto", "1", "2"):
+        return None
+    kind, _, factor_text = variant.partition(":")
+    try:
+        factor = float(factor_text)
+    except ValueError:
+        factor = 0.0
+    if kind not in ("grid", "grid-matrices", "grid-vectors") or not factor > 0:
+        raise SystemExit(f"unknown variant {variant!r} (auto, 1, 2, grid:F, grid-matrices:F, "
+                         "grid-vectors:F with F > 0)")
+    original = updates._uniform_instead
+
+    def grid(layout, x, r, info, step, err_sign):  # noqa: ANN001
+        if (kind == "grid-matrices" and x.ndim < 2) or (kind == "grid-vectors" and x.ndim > 1):
+            return original(layout, x, r, info, step, err_sign)
+        s = updates._tensor_step(step * factor, x, r, info)
+        return s if s > 0 else None
+
+    return grid
+
+
 def run(pair: up.Pair, variant: str, work: Path) -> dict:
     """Encode ``pair``'s v2 against v1 with ``variant`` and measure stage 0 and the total."""
-    plan = None
+    plan = f"{variant},lossless" if variant in ("1", "2") else None
     original = updates._uniform_instead
-    if variant in ("1", "2"):
-        plan = f"{variant},lossless"
-    elif variant.split(":", 1)[0] in ("grid", "grid-matrices", "grid-vectors"):
-        kind, factor_text = variant.split(":", 1)
-        factor = float(factor_text)
-
-        def grid(layout, x, r, info, step, err_sign):  # noqa: ANN001
-            if (kind == "grid-matrices" and x.ndim < 2) or (kind == "grid-vectors" and x.ndim > 1):
-                return original(layout, x, r, info, step, err_sign)
-            s = updates._tensor_step(step * factor, x, r, info)
-            return s if s > 0 else None
-
-        updates._uniform_instead = grid
-    elif variant != "auto":
-        raise SystemExit(f"unknown variant {variant!r} (auto, 1, 2, grid:F, grid-matrices:F, "
-                         "grid-vectors:F)")
+    patch = grid_patch(variant)
+    if patch is not None:
+        updates._uniform_instead = patch
     slug = "".join(c if c.isalnum() else "_" for c in f"{pair.name}-{variant}")
     out = work / f"{slug}.p2u"
     if out.exists():
@@ -117,7 +130,22 @@ def main(argv: list[str] | None = None) -> int:
                     help="comma-separated: auto, 1, 2, grid:F, grid-matrices:F, grid-vectors:F "
                          f"(default {DEFAULT_VARIANTS})")
     ap.add_argument("--out", type=Path, default=OUT)
+    ap.add_argument("--bench", nargs=argparse.REMAINDER, default=None, metavar="ARGS",
+                    help="run scripts/bench_updates.py with ARGS, the one grid variant of "
+                         "--variants patched in for the whole run (federated rounds and "
+                         "uplink included)")
     args = ap.parse_args(argv)
+    if args.bench is not None:
+        patch = grid_patch(args.variants)
+        if patch is None:
+            ap.error("--bench takes one grid variant (grid:F, grid-matrices:F, grid-vectors:F); "
+                     "for the others run scripts/bench_updates.py [--plan ...] itself")
+        original = updates._uniform_instead
+        updates._uniform_instead = patch
+        try:
+            return bu.main(args.bench)
+        finally:
+            updates._uniform_instead = original
     known = {p.name: p for p in up.pairs()}
     names = [n.strip() for n in args.pairs.split(",")]
     unknown = [n for n in names if n not in known]

@@ -62,3 +62,13 @@ def test_unknown_variant_refused(fsv, tmp_path):
     pair = fsv.up.pairs(include_minilm=False)[0]
     with pytest.raises(SystemExit, match="unknown variant"):
         fsv.run(pair, "3bits", tmp_path)
+
+
+def test_bench_takes_one_grid_variant(fsv):
+    from p2u_onnx import updates
+
+    before = updates._uniform_instead
+    for variants in ("auto", "auto,grid:1.5", "grid:0", "grid:x"):
+        with pytest.raises(SystemExit):
+            fsv.main(["--variants", variants, "--bench", "--no-minilm"])
+    assert updates._uniform_instead is before
