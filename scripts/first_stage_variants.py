@@ -6,16 +6,16 @@ v1 (exact) and stage 0 is measured: bytes on the wire (manifest + stage file + p
 relative to v2's, the error left in the *delta*, ``||v2 - stage0|| / ||v2 - v1||`` over every
 float weight, and the exact total (every stage). Variants:
 
-* ``auto``: the encoder's default plan (``auto,lossless``: against an exact model sign codes,
-  the uniform grid where it is smaller at no more error, 2 bits where sign codes fit badly);
+* ``auto``: the encoder's default plan (``auto,lossless``: against an exact model the uniform
+  grid at ``EXACT_STEP`` x the shared step, 2 bits where sign codes would fit badly);
 * ``1`` / ``2``: plans ``1,lossless`` (sign codes on every changed tensor) and ``2,lossless``;
-* ``grid:F``: ``auto``, with every tensor that would take sign codes put on the uniform grid at
-  F times the update's shared step (``UNIFORM_STEP`` x the rms of all deltas, as federated
-  followers get at F = 1); ``grid-matrices:F`` / ``grid-vectors:F``: the same for tensors of
-  two or more dimensions only / for 1-D tensors only (the others as ``auto`` chooses). The
-  encoder's choice is replaced for this run only (a patch of ``updates._uniform_instead``
-  inside this process); the packages are ordinary update packages (the grid is the coding
-  federated followers get), decoded by the unchanged device code.
+* ``grid:F``: ``auto``, with every tuned tensor on the uniform grid at F times the update's
+  shared step (``UNIFORM_STEP`` x the rms of all deltas, as federated followers get at F = 1;
+  the default is F = ``EXACT_STEP``); ``grid-matrices:F`` / ``grid-vectors:F``: the same for
+  tensors of two or more dimensions only / for 1-D tensors only (the others as ``auto``
+  chooses). The encoder's choice is replaced for this run only (a patch of
+  ``updates._exact_grid_step`` inside this process); the packages are ordinary update
+  packages, decoded by the unchanged device code.
 
 Usage::
 
@@ -67,7 +67,7 @@ def delta_error(v1: dict[str, np.ndarray], v2: dict[str, np.ndarray],
 
 
 def grid_patch(variant: str):
-    """The replacement of ``updates._uniform_instead`` a ``grid*:F`` variant stands for (None
+    """The replacement of ``updates._exact_grid_step`` a ``grid*:F`` variant stands for (None
     for ``auto``, ``1``, ``2``); SystemExit for an unknown variant."""
     if variant in ("auto", "1", "2"):
         return None
@@ -79,11 +79,11 @@ def grid_patch(variant: str):
     if kind not in ("grid", "grid-matrices", "grid-vectors") or not factor > 0:
         raise SystemExit(f"unknown variant {variant!r} (auto, 1, 2, grid:F, grid-matrices:F, "
                          "grid-vectors:F with F > 0)")
-    original = updates._uniform_instead
+    original = updates._exact_grid_step
 
-    def grid(layout, x, r, info, step, err_sign):  # noqa: ANN001
+    def grid(x, r, info, step):  # noqa: ANN001
         if (kind == "grid-matrices" and x.ndim < 2) or (kind == "grid-vectors" and x.ndim > 1):
-            return original(layout, x, r, info, step, err_sign)
+            return original(x, r, info, step)
         s = updates._tensor_step(step * factor, x, r, info)
         return s if s > 0 else None
 
@@ -93,10 +93,10 @@ def grid_patch(variant: str):
 def run(pair: up.Pair, variant: str, work: Path) -> dict:
     """Encode ``pair``'s v2 against v1 with ``variant`` and measure stage 0 and the total."""
     plan = f"{variant},lossless" if variant in ("1", "2") else None
-    original = updates._uniform_instead
+    original = updates._exact_grid_step
     patch = grid_patch(variant)
     if patch is not None:
-        updates._uniform_instead = patch
+        updates._exact_grid_step = patch
     slug = "".join(c if c.isalnum() else "_" for c in f"{pair.name}-{variant}")
     out = work / f"{slug}.p2u"
     if out.exists():
@@ -108,7 +108,7 @@ def run(pair: up.Pair, variant: str, work: Path) -> dict:
                               **({} if plan is None else {"plan": plan}))
         encode_s = time.perf_counter() - t0
     finally:
-        updates._uniform_instead = original
+        updates._exact_grid_step = original
     wires = bu.wire_bytes(out)
     h = updates.apply_update(str(out), held, 0)
     tmp = work / f"{slug}.stage0.onnx"
@@ -140,12 +140,12 @@ def main(argv: list[str] | None = None) -> int:
         if patch is None:
             ap.error("--bench takes one grid variant (grid:F, grid-matrices:F, grid-vectors:F); "
                      "for the others run scripts/bench_updates.py [--plan ...] itself")
-        original = updates._uniform_instead
-        updates._uniform_instead = patch
+        original = updates._exact_grid_step
+        updates._exact_grid_step = patch
         try:
             return bu.main(args.bench)
         finally:
-            updates._uniform_instead = original
+            updates._exact_grid_step = original
     known = {p.name: p for p in up.pairs()}
     names = [n.strip() for n in args.pairs.split(",")]
     unknown = [n for n in names if n not in known]

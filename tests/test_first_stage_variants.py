@@ -33,22 +33,24 @@ def _first_codes(package: Path) -> set[int]:
 def test_variants_code_what_they_name(fsv, tmp_path):
     from p2u_onnx import updates
 
-    before = updates._uniform_instead
+    before = updates._exact_grid_step
     pair = {p.name: p for p in fsv.up.pairs(include_minilm=False)}["digits v1->v2"]
     v1 = fsv.ua.split_model(pair.v1).weights
     v2 = fsv.ua.split_model(pair.v2).weights
     got = {}
-    for variant in ("auto", "1", "grid:1.5"):
+    for variant in ("auto", "1", "grid:1"):
         r = fsv.run(pair, variant, tmp_path)
-        assert updates._uniform_instead is before  # the patch is undone
+        assert updates._exact_grid_step is before  # the patch is undone
         slug = "".join(c if c.isalnum() else "_" for c in f"{pair.name}-{variant}")
         r["codes"] = _first_codes(tmp_path / f"{slug}.p2u")
         r["delta_error"] = fsv.delta_error(v1, v2, r.pop("got"))
         got[variant] = r
     assert got["1"]["codes"] == {26}  # sign codes everywhere
-    assert 26 in got["auto"]["codes"]  # the digits fine-tune mostly keeps sign codes
-    assert 26 not in got["grid:1.5"]["codes"]  # every sign-coded tensor on the grid instead
-    assert got["grid:1.5"]["stage0"] != got["auto"]["stage0"]
+    assert 26 not in got["auto"]["codes"]  # tuned tensors on the grid
+    assert 26 not in got["grid:1"]["codes"]
+    # a finer step than auto's (EXACT_STEP x the shared step): more bytes, less error
+    assert got["grid:1"]["stage0"] > got["auto"]["stage0"]
+    assert got["grid:1"]["delta_error"] < got["auto"]["delta_error"]
     for r in got.values():
         assert 0.3 < r["delta_error"] < 0.9  # a first stage: part of the delta, not all of it
         assert 0.95 < r["metric"] <= 1.0  # digits accuracy
@@ -67,8 +69,8 @@ def test_unknown_variant_refused(fsv, tmp_path):
 def test_bench_takes_one_grid_variant(fsv):
     from p2u_onnx import updates
 
-    before = updates._uniform_instead
+    before = updates._exact_grid_step
     for variants in ("auto", "auto,grid:1.5", "grid:0", "grid:x"):
         with pytest.raises(SystemExit):
             fsv.main(["--variants", variants, "--bench", "--no-minilm"])
-    assert updates._uniform_instead is before
+    assert updates._exact_grid_step is before
