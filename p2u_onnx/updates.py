@@ -917,7 +917,8 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
         "config": {**dataclasses.asdict(config), "delta_block": delta_block,
                    "new_bits": new_bits,
                    **({"first_bits": AUTO, "sign_max_error": SIGN_MAX_ERROR,
-                       "first_stage": UNIFORM, "uniform_step": UNIFORM_STEP}
+                       "first_stage": UNIFORM, "uniform_step": UNIFORM_STEP,
+                       **({"exact_step": EXACT_STEP} if held.exact else {})}
                       if plan.auto else {})},
         "base_model": {"files": [
             {"path": "base.bin", "size": len(base_bin), "sha256": hashlib.sha256(
