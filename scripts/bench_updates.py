@@ -527,7 +527,8 @@ def targets(pairs: list[dict[str, Any]], fed: dict[str, Any] | None) -> list[dic
                 f"p2u {_fmt_b(ex)} vs {best_name} {_fmt_b(best)} ({ex / best:.3f}x)",
                 ex < best and all(r["exact_ok"] for r in rr))
     add("live update of the 100M model under load (latency, memory)", "runtime",
-        "measured by the runtime benchmark, not by this script", None)
+        "measured by scripts/bench_live_update.py, not by this script (docs/updates.md, "
+        "'Live update of the 100M model under load')", None)
     return rows
 
 
