@@ -621,6 +621,7 @@ class SegmentsCodec(Codec):
                 raise FormatError(f"segment {off}+{length} beyond the file size {size}")
             out[off:off + length] = streams[kind][at[kind]:at[kind] + length]
             at[kind] += length
+        del raw, streams  # before the copy into bytes: two file-sized buffers at most, not three
         return out.tobytes()
 
 
