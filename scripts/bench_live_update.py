@@ -21,7 +21,7 @@ new session, and whether the session answers as v2 bit for bit at the end. Plain
 onnxruntime's own jitter over the same loop (no update) is printed for scale.
 
 Usage: ``python scripts/bench_live_update.py [--out build/bench_live_update] [--reuse]
-[--strategies swap,inplace] [--move 0.01]``
+[--strategies swap,inplace] [--move 0.01] [--turn SECONDS]``
 """
 
 from __future__ import annotations
@@ -61,13 +61,14 @@ def make_v2(v1: Path, v2: Path, move: float, seed: int = 1) -> None:
 
 
 def worker(strategy: str, v1pkg: str, update: str, feed_path: str, ref_path: str,
-           quiet: float = 8.0) -> dict:
+           quiet: float = 8.0, turn: float | None = None) -> dict:
     from p2u_onnx.runtime import ProgressiveSession
 
     feed = dict(np.load(feed_path))
     base_rss = _rss()
     out: dict = {"strategy": strategy}
-    s = ProgressiveSession(v1pkg, strategy=strategy, workdir=str(Path(update).parent / "work"))
+    s = ProgressiveSession(v1pkg, strategy=strategy, workdir=str(Path(update).parent / "work"),
+                           **({} if turn is None else {"decoder_turn": turn}))
     s.upgrade(background=False)
     s.run(None, feed)
     out["rss_v1"] = _rss() - base_rss
@@ -166,13 +167,15 @@ def main() -> None:
     ap.add_argument("--strategies", default="swap,inplace")
     ap.add_argument("--move", type=float, default=0.01)
     ap.add_argument("--plan", default="4,lossless", help="v1's full package plan")
+    ap.add_argument("--turn", type=float, default=None,
+                    help="the sessions' decoder_turn in seconds (default: the runtime's)")
     ap.add_argument("--worker", nargs=5, help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.worker:
         if args.worker[0] == "jitter":
             print(json.dumps(jitter(args.worker[1], args.worker[2])))
         else:
-            print(json.dumps(worker(*args.worker)))
+            print(json.dumps(worker(*args.worker, turn=args.turn)))
         return
     import onnxruntime as ort
 
@@ -236,7 +239,8 @@ def main() -> None:
     for strategy in args.strategies.split(","):
         shutil_rm(out / "work")
         shutil_rm(out / "state")
-        r = run_worker(strategy, str(pkg), str(upd), str(feed), str(ref))
+        r = run_worker(strategy, str(pkg), str(upd), str(feed), str(ref),
+                       *(() if args.turn is None else ("--turn", str(args.turn))))
         target = r["median_before"] + SLACK
         peak = r["peak_rss_above_base"] / fp32
         limit = TARGET_PEAK.get(strategy, float("nan")) + overhead
