@@ -779,7 +779,11 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
     # delta of every tensor on the grid: changed, not replaced, and against an exact model
     # tuned; a retrained layer's large delta would otherwise make the step too coarse for the
     # tuned ones)
+    # Which tensors are replaced and which go on the grid is decided here, once (the main loop
+    # below reads these sets: the sign codes' error is a pass over the whole tensor).
     step = 0.0
+    replaced: set[str] = set()
+    on_grid: set[str] = set()
     if plan.auto:
         sq, count = 0.0, 0
         for s in selected:
@@ -787,11 +791,15 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
             x = np.ascontiguousarray(tensor_array(s.slot.tensor).reshape(s.shape))
             r = held_value(s, x, info)
             if r is None or np.array_equal(x.view(np.uint8), np.ascontiguousarray(r).view(
-                    np.uint8)) or _relative_change(x, r, info) > REPLACED:
-                continue  # new, same or replaced: not on the grid
+                    np.uint8)):
+                continue  # new or same: not on the grid
+            if _relative_change(x, r, info) > REPLACED:
+                replaced.add(s.slot.key)
+                continue
             if held.exact and _first_bits(_delta_layout(s.layout, delta_block), x, r,
                                           info) != 1:
                 continue  # 2 bits
+            on_grid.add(s.slot.key)
             d = _finite_delta(x, r, info)
             sq += float(np.dot(d, d))
             count += d.size
@@ -819,13 +827,14 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                 layout = _delta_layout(s.layout, delta_block) if kind == "delta" else s.layout
                 b0 = plan.base_bits if kind == "delta" else new_bits
                 uniform = None  # the uniform first stage's step for this tensor, if chosen
-                if kind == "delta" and _relative_change(x, r, info) > REPLACED:
+                if kind == "delta" and (s.slot.key in replaced if plan.auto else
+                                        _relative_change(x, r, info) > REPLACED):
                     b0 = max(b0, new_bits)  # replaced rather than tuned: as many bits as new
-                elif kind == "delta" and plan.auto:
+                elif kind == "delta" and s.slot.key in on_grid:
                     t_step = _tensor_step(step, x, r, info)
                     if not held.exact:  # a lossy state: the delta carries its error
                         uniform = t_step if t_step > 0 else None
-                    elif _first_bits(layout, x, r, info) == 1 and t_step > 0:
+                    elif t_step > 0:
                         uniform = _exact_grid_step(x, r, info, step)
                     if uniform is not None:
                         b0 = plan.base_bits  # (refine stages, if any, are finer than the step)
