@@ -963,6 +963,14 @@ def _zero_padding(layout: qz.Layout, blocks: np.ndarray, first: int = 0) -> None
         blocks[(nb - 1 - first) % nb::nb, rem:] = 0
 
 
+def weights_layout(manifest: dict[str, Any]
+                   ) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
+    """Each coded tensor's place in a stage's ``weights.bin``: name -> (dtype, shape, offset,
+    length)."""
+    return {t["name"]: (t["dtype"], tuple(t["shape"]), int(t["weights"][0]),
+                        int(t["weights"][1])) for t in manifest["tensors"]}
+
+
 def weights_size(manifest: dict[str, Any]) -> int:
     """Size of a stage's ``weights.bin``: the end of the last tensor."""
     return max((int(t["weights"][0]) + int(t["weights"][1]) for t in manifest["tensors"]),

@@ -109,7 +109,8 @@ from .external import (check_base_graph, external_tensors, graph_inputs, graph_s
                        graph_structure, main_float_types, main_initializers, node_outputs)
 from .format import package_file
 from .probe import Probe, read_probe_file
-from .reconstruct import WeightState, extract_file, extract_update_files, read_into, weights_size
+from .reconstruct import (WeightState, extract_file, extract_update_files, read_into,
+                          weights_layout, weights_size)
 from .trust import Policy, TrustSpec, check_signature, read_manifest_bytes, read_signature
 
 __all__ = ["BytesSource", "DirectorySource", "ProgressiveSession", "StageSource", "open_stage",
@@ -476,18 +477,12 @@ def _tensor_view(raw: np.ndarray, t: dict[str, Any]) -> np.ndarray:
     return raw[off:off + length].view(FLOAT_TYPES[t["dtype"]].storage).reshape(t["shape"])
 
 
-def _places(manifest: dict[str, Any]) -> dict[str, tuple]:
-    """Each coded tensor's place in a weights file: name -> (dtype, shape, offset, length)."""
-    return {t["name"]: (t["dtype"], tuple(t["shape"]), *map(int, t["weights"]))
-            for t in manifest["tensors"]}
-
-
 class _CopiedWeights:
     """Inplace weights as buffers owned here; :meth:`switch` reads a weights file into them."""
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.tensors = manifest["tensors"]
-        self.layout = _places(manifest)
+        self.layout = weights_layout(manifest)
         self.buffers = {t["name"]: np.empty(t["shape"], FLOAT_TYPES[t["dtype"]].storage)
                         for t in self.tensors}
         self.switch(path)
@@ -511,7 +506,7 @@ class _MappedWeights:
 
     def __init__(self, path: Path, manifest: dict[str, Any]):
         self.size = weights_size(manifest)
-        self.layout = _places(manifest)
+        self.layout = weights_layout(manifest)
         self.addr = self._map(path, None)
         raw = np.ctypeslib.as_array((ctypes.c_ubyte * self.size).from_address(self.addr))
         raw.flags.writeable = False
@@ -620,6 +615,27 @@ def _lean_base_options(user: ort.SessionOptions | None) -> ort.SessionOptions:
     return so
 
 
+def _file_bytes(path: Path) -> np.ndarray | bytes:
+    """A file's bytes for :func:`~p2u_onnx.external.main_initializers`: mapped read only
+    (b"" for an empty file, which cannot be mapped)."""
+    return np.memmap(path, np.uint8, mode="r") if os.path.getsize(path) else b""
+
+
+def _same_span(a: Any, a_off: int, b: Any, b_off: int, length: int,
+               chunk: int = 1 << 20) -> bool:
+    """Whether ``length`` bytes at ``a_off`` of file ``a`` equal those at ``b_off`` of ``b``
+    (compared a chunk at a time)."""
+    a.seek(a_off)
+    b.seek(b_off)
+    while length > 0:
+        n = min(chunk, length)
+        x, y = a.read(n), b.read(n)
+        if x != y or len(x) != n:
+            return False
+        length -= n
+    return True
+
+
 def _extra_initializers(graph: bytes, base_bin: Path, manifest: dict[str, Any]
                         ) -> dict[str, np.ndarray]:
     """Inplace: the float initializers of the skeleton's main graph other than the coded
@@ -631,9 +647,8 @@ def _extra_initializers(graph: bytes, base_bin: Path, manifest: dict[str, Any]
     coded = {t["tensor"] for t in manifest["tensors"]}
     _, names = graph_structure(graph, frozenset())
     once = {n for n in names if names.count(n) == 1} - coded - graph_inputs(graph)
-    data = np.memmap(base_bin, np.uint8, mode="r") if os.path.getsize(base_bin) else b""
     out: dict[str, np.ndarray] = {}
-    for name, value in main_initializers(graph, data).items():
+    for name, value in main_initializers(graph, _file_bytes(base_bin)).items():
         if name in once:
             try:
                 out[name] = np.array(value(), copy=True)
@@ -696,14 +711,16 @@ def folded_bytes(base_onnx: bytes, manifest: dict[str, Any]) -> int:
     return sum(int(t["weights"][1]) for t in manifest["tensors"] if t["tensor"] in stems)
 
 
-def base_folding(base_onnx: bytes, manifest: dict[str, Any], strategy: str
+def base_folding(base_onnx: str | os.PathLike, manifest: dict[str, Any], strategy: str
                  ) -> tuple[bool, str]:
     """Whether an ``inplace`` session loads its base with onnxruntime's constant folding
     off, and why: when the memory left (:func:`~p2u_onnx._memory.memory_left`) would not
     hold the folding of the weights the base computes at load (:data:`FOLD_PEAK` times their
     float bytes). The base then computes them on every run: it loads in a fraction of the
-    memory, and answers more slowly until stage 1."""
-    folded = folded_bytes(base_onnx, manifest) if strategy == "inplace" else 0
+    memory, and answers more slowly until stage 1. ``base_onnx``: the base graph's path (read
+    for an inplace session only)."""
+    folded = folded_bytes(Path(base_onnx).read_bytes(), manifest) if strategy == "inplace" \
+        else 0
     if not folded:
         return True, ""
     left, which = memory_left()
@@ -961,8 +978,7 @@ class ProgressiveSession:
             base_onnx, self._base_bin = self._private_base()
             self._base_onnx = base_onnx  # a format-4 skeleton graph is coded against it
             check_base_graph(base_onnx, self._manifest, os.path.getsize(self._base_bin))
-            fold, why = base_folding(Path(base_onnx).read_bytes(), self._manifest,
-                                     self._strategy)
+            fold, why = base_folding(base_onnx, self._manifest, self._strategy)
             if not fold:
                 self._strategy_reason += why
                 _log.warning("%s: %s", where, why[2:])
@@ -1210,8 +1226,7 @@ class ProgressiveSession:
                 graph = self._dir / "graph.onnx"
                 skeleton = {} if self.stage == 0 and old.graph_bytes is None and \
                     not graph.exists() else main_initializers(
-                        graph.read_bytes(), np.memmap(self._base_bin, np.uint8, mode="r")
-                        if os.path.getsize(self._base_bin) else b"")
+                        graph.read_bytes(), _file_bytes(self._base_bin))
             return skeleton[name]()
 
         return held
@@ -1327,50 +1342,52 @@ class ProgressiveSession:
         live = self._live
         if live.weights is None or live.session is None:
             return None
+
+        def no(why: str) -> None:  # said: the update then costs a second session's memory
+            _log.info("update %s: a new inplace session, not patched in place: %s",
+                      manifest.get("package_id", "?")[:12], why)
+
         mapped = live.weights.layout
         given = frozenset(live.extras)
         tail: dict[str, dict[str, Any]] = {}
+        places = weights_layout(manifest)
         for t in manifest["tensors"]:
-            if t["name"] != t["tensor"]:
-                return None
-            place = (t["dtype"], tuple(t["shape"]), *map(int, t["weights"]))
-            if mapped.get(t["name"]) == place:
+            name = t["name"]
+            if mapped.get(name) == places[name]:
                 continue
-            held = live.extras.get(t["name"])
-            if t["name"] in mapped or held is None or held.shape != tuple(t["shape"]) or \
+            held = live.extras.get(name)
+            if name != t["tensor"] or name in mapped or held is None or \
+                    held.shape != tuple(t["shape"]) or \
                     held.dtype != FLOAT_TYPES[t["dtype"]].storage:
-                return None
-            tail[t["name"]] = t
-        if not set(mapped) <= {t["name"] for t in manifest["tensors"]}:
-            return None
+                return no(f"weight {name} is new, or not where this session holds it")
+            tail[name] = t
+        if not set(mapped) <= set(places):
+            return no("it drops weights this session holds")
         old_graph = (self._dir / "graph.onnx").read_bytes()
         new_graph = (d / "graph.onnx").read_bytes()
         if graph_structure(old_graph, given)[0] != graph_structure(new_graph, given)[0]:
-            return None
+            return no("its graph differs")
         # the other base.bin tensors: the same names in the same order, equal bytes
         olds, news = ([x for x in external_tensors(g) if x.location == "base.bin"
                        and x.name not in given] for g in (old_graph, new_graph))
-        if [(x.name, x.length) for x in olds] != [(x.name, x.length) for x in news]:
-            return None
+        if [(x.name, x.length) for x in olds] != [(x.name, x.length) for x in news] or \
+                any(x.length is None for x in olds):
+            return no("its graph's other tensors differ")
         with open(self._dir / "base.bin", "rb") as fo, open(d / "base.bin", "rb") as fn:
             for a, b in zip(olds, news):
-                fo.seek(a.offset)
-                fn.seek(b.offset)
-                if fo.read(a.length or 0) != fn.read(b.length or 0):
-                    return None
+                if not _same_span(fo, a.offset, fn, b.offset, int(a.length or 0)):
+                    return no(f"its {a.name} differs")
         values: dict[str, np.ndarray] = {}
-        base = np.memmap(d / "base.bin", np.uint8, mode="r") \
-            if os.path.getsize(d / "base.bin") else b""
-        readers = main_initializers(new_graph, base)
+        readers = main_initializers(new_graph, _file_bytes(d / "base.bin"))
         for name, held in live.extras.items():
             if name in tail:
                 continue
             try:
                 value = np.array(readers[name](), copy=True)
             except KeyError:
-                return None
+                return no(f"its {name} is held in a way p2u does not read")
             if value.dtype != held.dtype or value.shape != held.shape:
-                return None
+                return no(f"its {name} has another type or shape")
             values[name] = value
         return tail, values
 

@@ -50,7 +50,7 @@ from .format import check_predecessor as _check_pred
 from .format import check_update_stage0
 from .graph import iter_slots
 from .reconstruct import (GROUPS, PLANES, WeightState, code_chunk, extract_update_files,
-                          pack_codes)
+                          pack_codes, weights_layout)
 
 __all__ = ["Held", "held_state", "apply_update", "encode_update", "restore_update",
            "verify_update", "UPDATE_PLAN", "DELTA_BLOCK", "binding_of", "check_predecessor"]
@@ -216,13 +216,6 @@ def _package_held(package: Path, manifest: dict[str, Any], stage: int | None,
     return Held(get, names, digest, manifest["package_id"], k, label,
                 manifest.get("name"), manifest.get("version"), model,
                 state.graph_bytes if k >= 1 else None, weights_layout(manifest))
-
-
-def weights_layout(manifest: dict[str, Any]) -> dict[str, tuple[str, tuple[int, ...], int, int]]:
-    """Each coded tensor's place in a package's weights file: name -> (dtype, shape, offset,
-    length)."""
-    return {t["name"]: (t["dtype"], tuple(t["shape"]), int(t["weights"][0]),
-                        int(t["weights"][1])) for t in manifest["tensors"]}
 
 
 def _weights_offsets(rows: list[tuple[str, str, tuple[int, ...], int]],

@@ -845,7 +845,7 @@ def test_inplace_update_failed_probe_keeps_v1(live_pair, tmp_path, monkeypatch):
         assert np.array_equal(s.run(None, {"x": X})[0], outs[1])
 
 
-def test_inplace_update_of_a_changed_graph_builds_a_new_session(tmp_path):
+def test_inplace_update_of_a_changed_graph_builds_a_new_session(tmp_path, caplog):
     """A graph that changes (a layer added) cannot be patched into the live session: the
     inplace session builds one for the update's stage 0 and stays inplace."""
     from p2u_onnx.runtime import ProgressiveSession
@@ -857,8 +857,10 @@ def test_inplace_update_of_a_changed_graph_builds_a_new_session(tmp_path):
     with ProgressiveSession(pkg.path, workdir=tmp_path / "w", strategy="inplace") as s:
         s.upgrade(background=False)
         session = s._live.session
-        assert s.update(tmp_path / "u.p2u") == 1
+        with caplog.at_level("INFO", logger="p2u_onnx.runtime"):
+            assert s.update(tmp_path / "u.p2u") == 1
         assert s._live.session is not session and s._strategy == "inplace"
+        assert "not patched in place: weight W3 is new" in caplog.text  # said, not silent
         assert np.allclose(s.run(None, {"x": X})[0], _run(v2, X), atol=1e-5)
 
 
