@@ -267,48 +267,46 @@ def input_args(model: ModelProto) -> list[_Arg]:
     return args
 
 
-def has_open_images(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = ()
-                    ) -> bool:
-    """Whether some float input of rank 3 or more has a spatial size left to guess."""
+def _open_sizes(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = ()
+                ) -> tuple[bool, bool]:
+    """(an image has a spatial size left to guess, another input has a size after its first
+    left to guess): images are float inputs of rank 3 or more; ``shapes`` fixes inputs."""
     given = dict(shapes)
     init = {t.name for t in model.graph.initializer}
+    images = sequences = False
     for vi in model.graph.input:
         tt = vi.type.tensor_type
         if vi.name in init or vi.name in given or not vi.type.HasField("tensor_type"):
             continue
-        if len(tt.shape.dim) >= 3 and _np_type(tt.elem_type).kind == "f" and any(
-                not (d.HasField("dim_value") and d.dim_value > 0) for d in tt.shape.dim[1:]):
-            return True
-    return False
+        open_dims = any(not (d.HasField("dim_value") and d.dim_value > 0)
+                        for d in tt.shape.dim[1:])
+        if len(tt.shape.dim) >= 3 and _np_type(tt.elem_type).kind == "f":
+            images |= open_dims
+        else:
+            sequences |= open_dims
+    return images, sequences
+
+
+def has_open_images(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = ()
+                    ) -> bool:
+    """Whether some float input of rank 3 or more has a spatial size left to guess."""
+    return _open_sizes(model, shapes)[0]
 
 
 def has_open_sequences(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = ()
                        ) -> bool:
     """Whether some input that is not an image has a size after its first one left to guess
     (a sequence length)."""
-    given = dict(shapes)
-    init = {t.name for t in model.graph.initializer}
-    for vi in model.graph.input:
-        tt = vi.type.tensor_type
-        if vi.name in init or vi.name in given or not vi.type.HasField("tensor_type"):
-            continue
-        if len(tt.shape.dim) >= 3 and _np_type(tt.elem_type).kind == "f":
-            continue  # an image (its sizes: has_open_images)
-        if any(not (d.HasField("dim_value") and d.dim_value > 0) for d in tt.shape.dim[1:]):
-            return True
-    return False
+    return _open_sizes(model, shapes)[1]
 
 
 def retry_sizes(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = ()
                 ) -> list[dict[str, Any]]:
     """Keyword arguments of :func:`input_spec` / :func:`synthesize_feeds` to try, in order,
     when the sizes first implied do not run: other image sizes, other sequence lengths."""
-    out: list[dict[str, Any]] = []
-    if has_open_images(model, shapes):
-        out += [{"spatial": s} for s in RETRY_SPATIAL]
-    if has_open_sequences(model, shapes):
-        out += [{"seq": s} for s in RETRY_SEQ]
-    return out
+    images, sequences = _open_sizes(model, shapes)
+    return [{"spatial": s} for s in RETRY_SPATIAL] * images + \
+        [{"seq": s} for s in RETRY_SEQ] * sequences
 
 
 def fallback_sizes(model: ModelProto, shapes: Mapping[str, Sequence[int]] | Sequence = (),
