@@ -25,7 +25,7 @@ import dataclasses
 import math
 import os
 import re
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from typing import Any
 
 from .errors import FormatError
@@ -140,20 +140,20 @@ def _tensor(buf: memoryview, start: int, end: int) -> ExternalTensor | None:
 
 
 def _walk(buf: memoryview, start: int, end: int, kind: str, depth: int,
-          out: list[ExternalTensor]) -> None:
+          visit: Callable[[tuple[int, int], str, int], None]) -> None:
+    """Call ``visit(span, kind, field)`` for every tensor in the message of ``kind`` at
+    ``buf[start:end]`` and in every message it holds (``kind`` and ``field``: where the
+    tensor is, e.g. ``"graph", 5`` for an initializer)."""
     if depth > _MAX_NESTING:
         raise FormatError(f"graph nests subgraphs more than {_MAX_NESTING} deep")
-    # message kind -> {field: message kind of that field}
     for field, wire, v in _fields(buf, start, end):
         if wire != 2:
             continue
         sub = _CHILDREN[kind].get(field)
         if sub == "tensor":
-            t = _tensor(buf, *v)
-            if t is not None:
-                out.append(t)
+            visit(v, kind, field)
         elif sub is not None:
-            _walk(buf, v[0], v[1], sub, depth + 1, out)
+            _walk(buf, v[0], v[1], sub, depth + 1, visit)
 
 
 _CHILDREN: dict[str, dict[int, str]] = {
@@ -173,7 +173,28 @@ def external_tensors(model: bytes | bytearray | memoryview) -> list[ExternalTens
     subgraphs, functions and training graphs. :class:`FormatError` for malformed bytes."""
     buf = memoryview(model).cast("B")
     out: list[ExternalTensor] = []
-    _walk(buf, 0, len(buf), "model", 0, out)
+
+    def visit(span: tuple[int, int], kind: str, field: int) -> None:
+        t = _tensor(buf, *span)
+        if t is not None:
+            out.append(t)
+
+    _walk(buf, 0, len(buf), "model", 0, visit)
+    return out
+
+
+def initializer_names(model: bytes | bytearray | memoryview) -> list[str]:
+    """The name of every initializer of a serialized model, in the main graph and in
+    subgraphs, in order (a name that occurs twice is shared across scopes)."""
+    buf = memoryview(model).cast("B")
+    out: list[str] = []
+
+    def visit(span: tuple[int, int], kind: str, field: int) -> None:
+        if kind == "graph" and field == 5:
+            out.append(_text(buf, next((v for f, w, v in _fields(buf, *span)
+                                        if f == 8 and w == 2), (0, 0))))
+
+    _walk(buf, 0, len(buf), "model", 0, visit)
     return out
 
 
@@ -265,20 +286,18 @@ _MODEL_SEMANTICS = {7, 8, 25}  # ModelProto: graph, opset_import, functions
 
 
 def graph_structure(model: bytes | bytearray | memoryview, given: set[str] | frozenset[str]
-                    ) -> tuple[bytes, list[str]]:
+                    ) -> bytes:
     """What a skeleton graph computes, apart from values a session takes from elsewhere: a
     digest of the model's graph, opsets and functions in which the main graph's initializers
     named in ``given`` (handed to onnxruntime by name) keep their name, type and dims but not
     their values, and ``base.bin`` tensors keep their length but not their offset (another
     package lays its ``base.bin`` out differently). Two skeletons with the same digest differ
     only in those values, and in the bytes of their other ``base.bin`` tensors, which the
-    caller compares. Also returns the name of every initializer, in the main graph and in
-    subgraphs, in order (a name given by name must be there once)."""
+    caller compares."""
     import hashlib
 
     buf = memoryview(model).cast("B")
     h = hashlib.sha256()
-    names: list[str] = []
 
     def walk(start: int, end: int, kind: str, depth: int, main: bool) -> None:
         if depth > _MAX_NESTING:
@@ -288,8 +307,7 @@ def graph_structure(model: bytes | bytearray | memoryview, given: set[str] | fro
                 continue
             sub = _CHILDREN[kind].get(field) if wire == 2 else None
             if sub == "tensor":
-                tensor(v, main and kind == "graph" and field == 5,
-                       kind == "graph" and field == 5)
+                tensor(v, main and kind == "graph" and field == 5)
             elif sub is not None:
                 h.update(b"<%d" % field)
                 walk(v[0], v[1], sub, depth + 1, main and kind == "model")
@@ -299,12 +317,10 @@ def graph_structure(model: bytes | bytearray | memoryview, given: set[str] | fro
                 h.update(bytes(buf[v[0]:v[1]]) if wire == 2 else b"%d" % v)
                 h.update(b";")
 
-    def tensor(span: tuple[int, int], main_initializer: bool, initializer: bool) -> None:
+    def tensor(span: tuple[int, int], main_initializer: bool) -> None:
         ext = _tensor(buf, *span)
         name = _text(buf, next((v for f, w, v in _fields(buf, *span) if f == 8 and w == 2),
                                (0, 0)))
-        if initializer:
-            names.append(name)
         skip_values = main_initializer and name in given
         h.update(b"<t")
         for field, wire, v in _fields(buf, *span):
@@ -321,7 +337,7 @@ def graph_structure(model: bytes | bytearray | memoryview, given: set[str] | fro
         h.update(b">")
 
     walk(0, len(buf), "model", 0, True)
-    return h.digest(), names
+    return h.digest()
 
 
 def _main_graph(model: bytes | bytearray | memoryview, field: int

@@ -106,7 +106,8 @@ from .format import (
     sha256_file,
 )
 from .external import (check_base_graph, external_tensors, graph_inputs, graph_size_limit,
-                       graph_structure, main_float_types, main_initializers, node_outputs)
+                       graph_structure, initializer_names, main_float_types, main_initializers,
+                       node_outputs)
 from .format import package_file
 from .probe import Probe, read_probe_file
 from .reconstruct import (WeightState, extract_file, extract_update_files, read_into,
@@ -645,8 +646,8 @@ def _extra_initializers(graph: bytes, base_bin: Path, manifest: dict[str, Any]
     or that an initializer of a subgraph shares, and values p2u does not read (onnxruntime
     then keeps its own)."""
     coded = {t["tensor"] for t in manifest["tensors"]}
-    _, names = graph_structure(graph, frozenset())
-    once = {n for n in names if names.count(n) == 1} - coded - graph_inputs(graph)
+    names = collections.Counter(initializer_names(graph))
+    once = {n for n, k in names.items() if k == 1} - coded - graph_inputs(graph)
     out: dict[str, np.ndarray] = {}
     for name, value in main_initializers(graph, _file_bytes(base_bin)).items():
         if name in once:
@@ -780,8 +781,14 @@ class _Live:
     fast: collections.deque = field(default_factory=collections.deque)
 
 
-def _trim_heap() -> None:
-    """:func:`~p2u_onnx._memory.trim_heap` as background work (at the lowered priority)."""
+def _trim_heap(pace: Pace | None = None) -> None:
+    """:func:`~p2u_onnx._memory.trim_heap` as background work: in a decode-job turn of
+    ``pace`` when given (runs allocate from the heaps it walks and locks: under a 3-thread load
+    on MiniLM it took 74 ms against 5 ms idle), else at the lowered priority."""
+    if pace is not None:
+        with pace():
+            trim_heap()
+        return
     with lowered_priority():
         trim_heap()
 
@@ -1018,8 +1025,9 @@ class ProgressiveSession:
         itself on the live session (an atomic ``deque.append``), then checks that the fast
         path is still on and that session still live, and runs without any lock: a few
         hundred nanoseconds instead of the three locks below (about 5 us, a quarter of a
-        small model's run). :meth:`apply` and :meth:`close` first turn the fast path off and
-        wait for the runs registered on it (:meth:`_slow_runs`); a run that finds it off, or
+        small model's run). :meth:`apply` and :meth:`close` first turn the fast path off and,
+        before the live session changes, wait for the runs registered on it (:meth:`_drain`);
+        a run that finds it off, or
         the session swapped, unregisters and takes the slow path. A registration is seen
         either by that wait (which then waits for the run) or after the switch (and the run
         goes the slow way): nothing changes under a fast-path run.
@@ -1040,7 +1048,7 @@ class ProgressiveSession:
                   run_options: ort.RunOptions | None = None) -> list[Any]:
         """:meth:`run` while a stage is applied: a reader of the writer lock (inplace
         switches), a turn against decode jobs, counted on the live session (swaps)."""
-        with self._rw.read(), self._turns.hold(0):
+        with self._turns.hold(0), self._rw.read():  # in this order: see _switch
             live = self._enter()
             try:
                 return live.session.run(output_names, input_feed, run_options)
@@ -1094,7 +1102,13 @@ class ProgressiveSession:
         patched model fails or the probe does not show the new stage. Either way the session
         keeps serving the stage it had.
         """
-        with self._apply_lock, self._slow_runs():
+        return self._apply(stage, trim=True)
+
+    def _apply(self, stage: StageInput, trim: bool) -> int:
+        """:meth:`apply`; ``trim``: hand the freed heap back at the end (in a decode turn, which
+        under load waits for a round of runs: an upgrade does it after its last stage only,
+        since each stage trims before it allocates)."""
+        with self._apply_lock, self._slow_runs(drain=False):
             self._check_open()
             k = self.stage + 1
             # a private copy, checked as it is written: the package's file is never mapped
@@ -1111,6 +1125,7 @@ class ProgressiveSession:
                         self._rebuild(k, sf)
                 except BaseException as e:
                     self._state.rollback(cp)
+                    _trim_heap(self._pace)
                     if isinstance(e, OSError):  # a full disk, a read-only work directory...
                         where = f" ({e.filename})" if e.filename else f" (in {self._dir})"
                         raise PatchError(f"stage {k} could not be applied: "
@@ -1119,8 +1134,8 @@ class ProgressiveSession:
                         text = " ".join(str(e).split())[:300] or type(e).__name__
                         raise PatchError(f"stage {k} could not be applied: {text}") from e
                     raise
-                finally:
-                    _trim_heap()
+                if trim:
+                    _trim_heap(self._pace)
                 del sf  # its mapping, before the copy is removed
                 if self._on_stage is not None:
                     self._on_stage(k)
@@ -1200,7 +1215,7 @@ class ProgressiveSession:
             # again under the lock: an upgrade may have moved the session meanwhile
             check_predecessor(src.manifest, *self.held(), where=where,
                               label="this session's model")
-            with self._slow_runs():  # as apply(): no run on the lock-free path during the swap
+            with self._slow_runs(drain=False):  # as apply()
                 self._apply_update_base(src)
             policy.record(src.manifest)
             if self._on_stage is not None:
@@ -1267,7 +1282,7 @@ class ProgressiveSession:
                 else d / "weights.bin"
             patch = self._patchable(manifest, d) if inplace else None
             state.materialize(weights, self._pace, self._writeback.add)
-            _trim_heap()
+            _trim_heap(self._pace)
             if patch:
                 probe = self._update_in_place(manifest, patch, weights, probe_data)
             options = self._options
@@ -1365,7 +1380,7 @@ class ProgressiveSession:
             return no("it drops weights this session holds")
         old_graph = (self._dir / "graph.onnx").read_bytes()
         new_graph = (d / "graph.onnx").read_bytes()
-        if graph_structure(old_graph, given)[0] != graph_structure(new_graph, given)[0]:
+        if graph_structure(old_graph, given) != graph_structure(new_graph, given):
             return no("its graph differs")
         # the other base.bin tensors: the same names in the same order, equal bytes
         olds, news = ([x for x in external_tensors(g) if x.location == "base.bin"
@@ -1410,7 +1425,11 @@ class ProgressiveSession:
         old = self._state.weights_file
         assert old is not None
         saved = {name: live.extras[name].copy() for name in values}
-        with self._rw.write():
+        self._drain()
+        # In a decode-job turn, which excludes runs: the writer lock is then free at once (runs
+        # take it inside their turn), and the turn usually goes on from the decoding just
+        # before, instead of waiting for every run in flight (a round of runs under load)
+        with self._pace(), self._rw.write():
             live.weights.switch(path)
             try:
                 for name, value in values.items():
@@ -1557,13 +1576,30 @@ class ProgressiveSession:
             return live
 
     @contextlib.contextmanager
-    def _slow_runs(self) -> Iterator[None]:
-        """Turn :meth:`run`'s lock-free path off and wait for the runs on it; inside, every
-        run takes the locks (turns with decode jobs, the writer lock, the swap's count). On
-        leaving, the fast path is on again unless the session is closing."""
+    def _slow_runs(self, drain: bool = True) -> Iterator[None]:
+        """Turn :meth:`run`'s lock-free path off (and with ``drain`` wait for the runs on it,
+        :meth:`_drain`); inside, every new run takes the locks (turns with decode jobs, the
+        writer lock, the swap's count). On leaving, the fast path is on again unless the
+        session is closing."""
         with self._cond:
             self._fast = False
             self._slow += 1  # nested: on_stage may apply or close
+        try:
+            if drain:
+                self._drain()
+            yield
+        finally:
+            with self._cond:
+                self._slow -= 1
+                self._fast = not self._slow and not self._closing
+
+    def _drain(self) -> None:
+        """With the lock-free path off, wait for the runs still on it. Needed before the live
+        session changes (a swap counts the runs of the old session, a switch takes the writer
+        lock), not before decoding: a stage's first decode turns may overlap the fast runs of
+        the moment the upgrade began (at most one run each) instead of waiting for them and
+        then for a round of slow runs (two rounds of runs under load)."""
+        with self._cond:
             live = self._live
             self._watchers += 1
             try:
@@ -1571,12 +1607,6 @@ class ProgressiveSession:
                     self._cond.wait(0.05)
             finally:
                 self._watchers -= 1
-        try:
-            yield
-        finally:
-            with self._cond:
-                self._slow -= 1
-                self._fast = not self._slow and not self._closing
 
     def _wake(self) -> None:
         with self._gate:
@@ -1597,7 +1627,7 @@ class ProgressiveSession:
     def _upgrade_to(self, target: int) -> int:
         with self._apply_lock:
             while not self._closing and self.stage < target:
-                self.apply(self._source.fetch(self.stage + 1))
+                self._apply(self._source.fetch(self.stage + 1), trim=self.stage + 1 == target)
             return self.stage
 
     def _rebuild(self, k: int, sf: StageFile) -> None:
@@ -1615,7 +1645,7 @@ class ProgressiveSession:
             _link_or_copy(self._dir / "graph.onnx", d / "graph.onnx")
             _link_or_copy(self._dir / "base.bin", d / "base.bin")
             self._state.advance(sf, weights, self._pace, self._writeback.add)
-            _trim_heap()  # before onnxruntime allocates the new session
+            _trim_heap(self._pace)  # before onnxruntime allocates the new session
             if self._strategy == "inplace":
                 options = _inplace_options(self._options)
                 with open(d / "weights.bin", "wb") as f:  # never read: every weight is given
@@ -1652,6 +1682,7 @@ class ProgressiveSession:
         self._swap_in(live)
 
     def _swap_in(self, new: _Live) -> None:
+        self._drain()
         with self._cond:
             old, self._live = self._live, new
             self._watchers += 1
@@ -1692,7 +1723,7 @@ class ProgressiveSession:
         new = self._dir / f"weights-{k}.bin"
         assert old is not None and old != new
         self._state.advance(sf, new, self._pace, self._writeback.add)
-        _trim_heap()  # decoding's temporaries, before the probe runs
+        _trim_heap(self._pace)  # decoding's temporaries, before the probe runs
         try:
             probe = self._probe
             self._switch(live, new, self._tail_values(live.tail, new),
