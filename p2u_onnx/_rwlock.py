@@ -117,7 +117,7 @@ class TurnLock:
     A gap never lengthens a turn: runs wait at most until it ends.
     """
 
-    def __init__(self, share: float = 0.5, turn: float = 0.04, grace: float = 0.015,
+    def __init__(self, share: float = 0.5, turn: float = 0.25, grace: float = 0.015,
                  clock: Callable[[], float] = time.monotonic) -> None:
         if not isinstance(share, (int, float)) or not 0.0 < share <= 1.0:
             raise ValueError(f"the decoder's share must be in (0, 1], not {share!r}")

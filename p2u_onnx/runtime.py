@@ -33,8 +33,11 @@ Two strategies:
 ``run()`` is thread-safe; its result comes entirely from one stage. While a stage decodes,
 inferences and the decoder take turns (:class:`~p2u_onnx._rwlock.TurnLock`) instead of sharing
 the cores: under load the decoder has them at least ``decoder_share`` of the time (default
-0.5), in turns of at most ``decoder_turn`` seconds (default 0.04; a run waits at most that plus
-the decode job in progress); the session build, one long call, takes the decoder's turns too.
+0.5), in turns of at most ``decoder_turn`` seconds (default 0.25). A turn starts when the runs in
+flight have finished and lasts until the decoder had its share: at 0.5, about as long as it
+waited for them (one round of runs). A run waits at most for the runs in flight and one turn,
+plus the decode job in progress; the session build, one long call, takes the decoder's turns
+too.
 With no inferences running the decoder decodes at full speed.
 
 Memory: decoding streams from the current stage's ``weights.bin`` to the next one's
@@ -756,8 +759,12 @@ def choose_strategy(manifest: dict[str, Any],
 #: 1 / share times as long as on an idle device.
 DECODER_SHARE = 0.5
 #: Default longest turn of the decoder, in seconds: the most a run waits for it (plus the
-#: decode job in progress, a few ms).
-DECODER_TURN = 0.04
+#: runs in flight and the decode job in progress). A turn ends sooner once the decoder had
+#: its share, so this caps only long rounds of runs: with 0.04 (the earlier default) an
+#: upgrade of MiniLM under 3 threads on 2 cores took 3.4-5.4x its idle time (rounds of 90-110
+#: ms left the decoder a quarter of the time); with 0.25, 1.9-2.5x, and the worst run 50-90 ms
+#: later (docs/runtime.md, "Under load").
+DECODER_TURN = 0.25
 
 
 @dataclass(eq=False)
@@ -877,7 +884,8 @@ class ProgressiveSession:
     a swap upgrade, else swap (:func:`choose_strategy`; :attr:`strategy_reason` says why).
     ``decoder_share`` and ``decoder_turn``: while runs and an upgrade compete for the cores,
     the decoder has them to itself at least this share of the time, in turns of at most this
-    many seconds (the most a run waits for it); see :class:`~p2u_onnx._rwlock.TurnLock`.
+    many seconds (beside the runs in flight, the most a run waits for it: lower it, e.g. to
+    0.04, to favour latency over the upgrade's time); see :class:`~p2u_onnx._rwlock.TurnLock`.
     ``workdir`` is a directory for unpacked files (default: a temporary directory removed on :meth:`close`). ``on_stage(k)`` is called
     after stage ``k`` became active, in the thread that applied it (an exception it raises
     reaches the caller of :meth:`apply`; the stage stays active); for stage 0, at the end of

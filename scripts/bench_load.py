@@ -29,7 +29,7 @@ Usage::
 
     python scripts/bench_load.py [--models minilm,minilm-int8,synthetic-100M]
         [--strategies swap,inplace] [--process small,large] [--repeat 3]
-        [--share 0.5] [--turn 0.04] [--json out.json]
+        [--share 0.5] [--turn 0.25] [--json out.json]
 """
 
 from __future__ import annotations
@@ -113,7 +113,7 @@ def _median_run(session, feed, n: int = 20) -> float:
 
 
 def worker(pkg: str, feed_path: str, strategy: str, repeat: int, threads: int, settle: float,
-           share: float, turn: float, extra: list[str]) -> dict:
+           share: float | None, turn: float | None, extra: list[str]) -> dict:
     from p2u_onnx.runtime import ProgressiveSession
 
     feed = dict(np.load(feed_path))
@@ -121,7 +121,8 @@ def worker(pkg: str, feed_path: str, strategy: str, repeat: int, threads: int, s
     rss = int(Path("/proc/self/statm").read_text().split()[1]) * 4096
     opts: dict = dict(strategy=strategy)
     if "decoder_share" in inspect.signature(ProgressiveSession).parameters:
-        opts.update(decoder_share=share, decoder_turn=turn)  # (older versions: their pacing)
+        opts.update({k: v for k, v in (("decoder_share", share), ("decoder_turn", turn))
+                     if v is not None})  # (older versions: their pacing)
     out: dict = {"idle": [], "loaded": [], "idle_inference": [], "loaded_run": [],
                  "during_median": [], "during_worst": [], "during_p99": [], "contested_share": [],
                  "no_upgrade_excess": [],
@@ -198,8 +199,10 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=3)
     ap.add_argument("--threads", type=int, default=3)
     ap.add_argument("--settle", type=float, default=1.5)
-    ap.add_argument("--share", type=float, default=0.5)
-    ap.add_argument("--turn", type=float, default=0.04)
+    ap.add_argument("--share", type=float, default=None,
+                    help="the sessions' decoder_share (default: the runtime's)")
+    ap.add_argument("--turn", type=float, default=None,
+                    help="the sessions' decoder_turn in seconds (default: the runtime's)")
     ap.add_argument("--timeout", type=float, default=1800,
                     help="seconds per configuration (all its repeats)")
     ap.add_argument("--json", type=Path)
