@@ -526,12 +526,12 @@ _SLOW_RUN = """
 import sys, time
 from p2u_onnx import runtime
 from p2u_onnx.cli import main
-real = runtime.ProgressiveSession._apply  # what apply() and upgrade() call
-def slow(self, stage, trim):
+real = runtime.ProgressiveSession.apply
+def slow(self, stage):
     print("APPLYING", self._dir, flush=True)
     time.sleep(60)
-    return real(self, stage, trim)
-runtime.ProgressiveSession._apply = slow
+    return real(self, stage)
+runtime.ProgressiveSession.apply = slow
 main(sys.argv[1:])
 """
 
