@@ -762,8 +762,8 @@ DECODER_SHARE = 0.5
 #: runs in flight and the decode job in progress). A turn ends sooner once the decoder had
 #: its share, so this caps only long rounds of runs: with 0.04 (the earlier default) an
 #: upgrade of MiniLM under 3 threads on 2 cores took 3.4-5.4x its idle time (rounds of 90-110
-#: ms left the decoder a quarter of the time); with 0.25, 1.9-2.5x, and the worst run 50-90 ms
-#: later (docs/runtime.md, "Under load").
+#: ms left the decoder a quarter of the time); with 0.25, 1.9-3.0x, and its worst run 65-150
+#: ms later (docs/runtime.md, "Under load").
 DECODER_TURN = 0.25
 
 
@@ -1035,8 +1035,7 @@ class ProgressiveSession:
         hundred nanoseconds instead of the three locks below (about 5 us, a quarter of a
         small model's run). :meth:`apply` and :meth:`close` first turn the fast path off and,
         before the live session changes, wait for the runs registered on it (:meth:`_drain`);
-        a run that finds it off, or
-        the session swapped, unregisters and takes the slow path. A registration is seen
+        a run that finds it off, or the session swapped, unregisters and takes the slow path. A registration is seen
         either by that wait (which then waits for the run) or after the switch (and the run
         goes the slow way): nothing changes under a fast-path run.
         """
