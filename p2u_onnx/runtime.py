@@ -788,15 +788,11 @@ class _Live:
     fast: collections.deque = field(default_factory=collections.deque)
 
 
-def _trim_heap(pace: Pace | None = None) -> None:
-    """:func:`~p2u_onnx._memory.trim_heap` as background work: in a decode-job turn of
-    ``pace`` when given (runs allocate from the heaps it walks and locks: under a 3-thread load
-    on MiniLM it took 74 ms against 5 ms idle), else at the lowered priority."""
-    if pace is not None:
-        with pace():
-            trim_heap()
-        return
-    with lowered_priority():
+def _trim_heap(pace: Pace) -> None:
+    """:func:`~p2u_onnx._memory.trim_heap` in a decode-job turn of ``pace``: runs allocate
+    from the heaps it walks and locks (beside a 3-thread load on MiniLM, at the lowered
+    priority, it took 74 ms against 5 ms idle)."""
+    with pace():
         trim_heap()
 
 
@@ -1109,7 +1105,7 @@ class ProgressiveSession:
         patched model fails or the probe does not show the new stage. Either way the session
         keeps serving the stage it had.
         """
-        with self._apply_lock, self._slow_runs(drain=False):
+        with self._apply_lock, self._slow_runs():
             self._check_open()
             k = self.stage + 1
             # a private copy, checked as it is written: the package's file is never mapped
@@ -1218,7 +1214,7 @@ class ProgressiveSession:
             # again under the lock: an upgrade may have moved the session meanwhile
             check_predecessor(src.manifest, *self.held(), where=where,
                               label="this session's model")
-            with self._slow_runs(drain=False):  # as apply()
+            with self._slow_runs():  # as apply()
                 self._apply_update_base(src)
             policy.record(src.manifest)
             if self._on_stage is not None:
@@ -1288,25 +1284,9 @@ class ProgressiveSession:
             _trim_heap(self._pace)
             if patch:
                 probe = self._update_in_place(manifest, patch, weights, probe_data)
-            options = self._options
-            if inplace and not patch:
-                options = _inplace_options(self._options)
-                with open(d / "weights.bin", "wb") as f:  # never read: every weight is given
-                    f.truncate(weights_size(manifest))
-                live.weights = _inplace_weights(weights, manifest)
-                _given_by_name(live, manifest, (d / "graph.onnx").read_bytes(),
-                               d / "base.bin", options)
             if not patch:
                 probe = None
-                before = anonymous_regions()
-                # as _rebuild: alone on the cores in the decoder's turns, at a lowered priority
-                with sharing(self._turns), lowered_priority():
-                    live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
-                                                        providers=self._providers)
-                # huge pages under what the build allocated, as _rebuild does: the session's
-                # release at the next stage's swap is then quick
-                collapse_to_huge_pages(new_ranges(before, anonymous_regions()), self._pace,
-                                       limit=2 * weights_size(manifest) + (64 << 20))
+                self._load(live, manifest, weights if inplace else None)
                 if probe_data is not None:
                     probe = Probe(manifest["probe"], probe_data, live.session.get_inputs())
                     probe.check(live.session.run, 0)
@@ -1538,10 +1518,12 @@ class ProgressiveSession:
             self._closing = True
         if self._executor is not None:
             self._executor.shutdown(wait=False, cancel_futures=True)
-        with self._apply_lock, self._slow_runs(), self._rw.write():
-            with self._cond:
-                self._closed = True
-            _release(self._live)
+        with self._apply_lock, self._slow_runs():
+            self._drain()  # the writer lock below counts only the runs on the slow path
+            with self._rw.write():
+                with self._cond:
+                    self._closed = True
+                _release(self._live)
         self._writeback.close()
         self._cleanup()
         self._close_owned()
@@ -1579,17 +1561,15 @@ class ProgressiveSession:
             return live
 
     @contextlib.contextmanager
-    def _slow_runs(self, drain: bool = True) -> Iterator[None]:
-        """Turn :meth:`run`'s lock-free path off (and with ``drain`` wait for the runs on it,
-        :meth:`_drain`); inside, every new run takes the locks (turns with decode jobs, the
-        writer lock, the swap's count). On leaving, the fast path is on again unless the
-        session is closing."""
+    def _slow_runs(self) -> Iterator[None]:
+        """Turn :meth:`run`'s lock-free path off; inside, every new run takes the locks (turns
+        with decode jobs, the writer lock, the swap's count), and the runs still on the fast
+        path are waited for where it matters (:meth:`_drain`). On leaving, the fast path is on
+        again unless the session is closing."""
         with self._cond:
             self._fast = False
             self._slow += 1  # nested: on_stage may apply or close
         try:
-            if drain:
-                self._drain()
             yield
         finally:
             with self._cond:
@@ -1649,26 +1629,7 @@ class ProgressiveSession:
             _link_or_copy(self._dir / "base.bin", d / "base.bin")
             self._state.advance(sf, weights, self._pace, self._writeback.add)
             _trim_heap(self._pace)  # before onnxruntime allocates the new session
-            if self._strategy == "inplace":
-                options = _inplace_options(self._options)
-                with open(d / "weights.bin", "wb") as f:  # never read: every weight is given
-                    f.truncate(weights_size(self._manifest))
-                live.weights = _inplace_weights(weights, self._manifest)
-                _given_by_name(live, self._manifest, (d / "graph.onnx").read_bytes(),
-                               d / "base.bin", options)
-            else:
-                options = self._options
-            before = anonymous_regions()
-            # a long call that cannot take turns with runs: at a lowered priority, and alone
-            # on the cores in the decoder's turns (taken by a thread at normal priority, which
-            # lets the runs in on time)
-            with sharing(self._turns), lowered_priority():
-                live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
-                                                    providers=self._providers)
-            # huge pages under what the build allocated (the address ranges new since before
-            # it, never more than the model's share): its release will be quick
-            collapse_to_huge_pages(new_ranges(before, anonymous_regions()), self._pace,
-                                   limit=2 * weights_size(self._manifest) + (64 << 20))
+            self._load(live, self._manifest, weights if self._strategy == "inplace" else None)
             if self._probe is not None:
                 # At normal priority: at a lowered one its thread was descheduled while holding
                 # the GIL between onnxruntime calls, and a run waited 23 ms for the GIL (MiniLM,
@@ -1683,6 +1644,33 @@ class ProgressiveSession:
                 weights.unlink(missing_ok=True)
             raise
         self._swap_in(live)
+
+    def _load(self, live: _Live, manifest: dict[str, Any], weights: Path | None) -> None:
+        """A new onnxruntime session for ``live`` on its directory's ``graph.onnx``: inplace
+        when ``weights`` is given (every float initializer given by name, the coded weights
+        over that file; the directory's ``weights.bin`` is a hole onnxruntime never reads),
+        else with the caller's options."""
+        d = live.directory
+        assert d is not None
+        options = self._options
+        if weights is not None:
+            options = _inplace_options(self._options)
+            with open(d / "weights.bin", "wb") as f:
+                f.truncate(weights_size(manifest))
+            live.weights = _inplace_weights(weights, manifest)
+            _given_by_name(live, manifest, (d / "graph.onnx").read_bytes(), d / "base.bin",
+                           options)
+        before = anonymous_regions()
+        # a long call that cannot take turns with runs: at a lowered priority, and alone on
+        # the cores in the decoder's turns (taken by a thread at normal priority, which lets
+        # the runs in on time)
+        with sharing(self._turns), lowered_priority():
+            live.session = ort.InferenceSession(str(d / "graph.onnx"), options,
+                                                providers=self._providers)
+        # huge pages under what the build allocated (the address ranges new since before it,
+        # never more than the model's share): its release at the next swap is then quick
+        collapse_to_huge_pages(new_ranges(before, anonymous_regions()), self._pace,
+                               limit=2 * weights_size(manifest) + (64 << 20))
 
     def _swap_in(self, new: _Live) -> None:
         self._drain()
