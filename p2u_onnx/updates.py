@@ -824,11 +824,9 @@ def _encode_into(m: ModelProto, mname: str, tmp: Path, held: Held, plan: Plan,
                                         _relative_change(x, r, info) > REPLACED):
                     b0 = max(b0, new_bits)  # replaced rather than tuned: as many bits as new
                 elif kind == "delta" and s.slot.key in on_grid:
-                    t_step = _tensor_step(step, x, r, info)
-                    if not held.exact:  # a lossy state: the delta carries its error
-                        uniform = t_step if t_step > 0 else None
-                    elif t_step > 0:
-                        uniform = _exact_grid_step(x, r, info, step)
+                    # against a lossy state at the shared step (the delta carries its error)
+                    uniform = _exact_grid_step(x, r, info, step) if held.exact else \
+                        (_tensor_step(step, x, r, info) or None)
                     if uniform is not None:
                         b0 = plan.base_bits  # (refine stages, if any, are finer than the step)
                 stages = [st if st == LOSSLESS else int(st) - plan.base_bits + b0
