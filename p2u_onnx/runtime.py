@@ -1609,9 +1609,25 @@ class ProgressiveSession:
 
     def _upgrade_to(self, target: int) -> int:
         with self._apply_lock:
+            before = list(self._turns.contested)
             while not self._closing and self.stage < target:
                 self.apply(self._source.fetch(self.stage + 1))
+            self._say_share(before)
             return self.stage
+
+    def _say_share(self, before: list[float]) -> None:
+        """Warn when runs and the upgrade competed and the decoder got under half its share
+        (counted by the lock since ``before``): rounds of runs longer than ``decoder_turn``
+        cap its turns, and the upgrade took longer than ``1 / decoder_share`` times its idle
+        time. Not said below 20 turns of competition (too short to tell)."""
+        t = self._turns
+        runs, dec = (now - then for now, then in zip(t.contested, before))
+        if runs + dec < 20 * t.turn or dec >= 0.5 * t.share * (runs + dec):
+            return
+        _log.warning("the upgrade had the cores %.0f%% of the time runs competed for them "
+                     "(decoder_share %.2f): runs took longer than decoder_turn (%.3f s), which "
+                     "caps each of its turns; a larger decoder_turn upgrades sooner, at the "
+                     "cost of longer waits for runs", 100 * dec / (runs + dec), t.share, t.turn)
 
     def _rebuild(self, k: int, sf: StageFile) -> None:
         """Decode stage ``k`` into its own directory, load a new session, check it, swap it in.

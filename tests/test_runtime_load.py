@@ -170,6 +170,48 @@ def test_upgrade_completes_under_continuous_runs(pkg, feed, refs, strategy):
         assert held[1] > 0  # the decoder had turns while runs waited
 
 
+def test_a_starved_upgrade_is_said(pkg, feed, caplog, monkeypatch):
+    """Runs longer than decoder_turn leave the decoder under its share: the upgrade says so
+    (and an upgrade without competing runs does not)."""
+    import onnxruntime as ort
+
+    with ProgressiveSession(pkg, decoder_turn=0.002) as s:
+        with caplog.at_level("WARNING", logger="p2u_onnx.runtime"):
+            s.upgrade(background=False)
+        assert "competed" not in caplog.text
+    real = ort.InferenceSession.run
+    running = threading.Semaphore(0)
+
+    def slow(self, *a, **k):  # every run 40 ms: twenty turns of the decoder
+        running.release()
+        time.sleep(0.04)
+        return real(self, *a, **k)
+
+    monkeypatch.setattr(ort.InferenceSession, "run", slow)
+    with ProgressiveSession(pkg, decoder_turn=0.002) as s:
+        stop = threading.Event()
+
+        def load() -> None:
+            while not stop.is_set():
+                s.run(None, feed)
+
+        threads = [threading.Thread(target=load) for _ in range(2)]
+        for t in threads:
+            t.start()
+        try:
+            for _ in range(4):  # the load runs before the upgrade starts
+                assert running.acquire(timeout=10)
+            with caplog.at_level("WARNING", logger="p2u_onnx.runtime"):
+                s.upgrade(background=False)
+        finally:
+            stop.set()
+            for t in threads:
+                t.join()
+        runs, dec = s._turns.contested
+        assert dec < 0.25 * (runs + dec)  # what the warning reports, counted by the lock
+        assert "the upgrade had the cores" in caplog.text and "decoder_turn" in caplog.text
+
+
 def test_decoder_share_reaches_the_session(pkg):
     with ProgressiveSession(pkg, decoder_share=0.25, decoder_turn=0.07) as s:
         assert (s._turns.share, s._turns.turn) == (0.25, 0.07)
