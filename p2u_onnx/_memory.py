@@ -12,7 +12,9 @@ from typing import Any
 from ._rwlock import Pace, in_turn
 
 HUGE = 2 << 20  # a transparent huge page on x86-64 and arm64 (4 KB base pages)
-_COLLAPSE_STEP = 2 * HUGE  # per madvise call, each in its turn: about 3 ms of copying
+# per madvise call, each in its turn: one huge page, 3-5 ms of copying beside a 100M model's
+# runs (two took 7-11 ms, the longest job of a live update then)
+_COLLAPSE_STEP = HUGE
 _MADV_COLLAPSE = 25  # Linux 6.1+
 _EINVAL = 22
 
@@ -113,7 +115,7 @@ def collapse_to_huge_pages(regions: Iterable[tuple[int, int]], pace: Pace | None
                            limit: int | None = None) -> int:
     """Back the fully resident parts of ``regions`` with transparent huge pages
     (``MADV_COLLAPSE``, Linux 6.1+); returns the bytes collapsed. Each call copies at most
-    4 MB, inside ``pace()`` when given. ``limit``: walk at most this many bytes (the caller's
+    2 MB, inside ``pace()`` when given. ``limit``: walk at most this many bytes (the caller's
     bound on what it allocated), so that the cost never grows with the rest of the process.
 
     Only the contents' backing changes, never their values, so this is safe on memory that

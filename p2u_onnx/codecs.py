@@ -26,6 +26,7 @@ from typing import Any, ClassVar
 import numpy as np
 import zstandard
 
+from ._rwlock import Pace, in_turn
 from .errors import FormatError, IntegrityError
 
 __all__ = ["Codec", "ZstdCodec", "ZstdRefCodec", "IntPlanesCodec", "IntGroupsCodec", "IntContextCodec",
@@ -34,6 +35,8 @@ __all__ = ["Codec", "ZstdCodec", "ZstdRefCodec", "IntPlanesCodec", "IntGroupsCod
 
 # Upper bound on what one decoded buffer may claim (guards against hostile headers).
 MAX_DECODED = 1 << 40
+#: bytes decoded or copied per ``pace()`` turn by ``decode_into`` (about 1-3 ms of work)
+STEP = 1 << 20
 
 
 class UnknownCodecError(FormatError):
@@ -73,6 +76,27 @@ def _zstd_entropy(data, level: int) -> bytes:
     return cache[level].compress(data)
 
 
+def _dctx(reference: bytes | None) -> zstandard.ZstdDecompressor:
+    if reference is not None:
+        return zstandard.ZstdDecompressor(dict_data=zstandard.ZstdCompressionDict(
+            bytes(reference), dict_type=zstandard.DICT_TYPE_RAWCONTENT))
+    dctx = _LOCAL.__dict__.get("dctx")
+    if dctx is None:
+        dctx = _LOCAL.dctx = zstandard.ZstdDecompressor()
+    return dctx
+
+
+def _check_size(size: object) -> None:
+    if not isinstance(size, int) or not 0 <= size <= MAX_DECODED:
+        raise FormatError(f"implausible decoded size {size!r}")
+
+
+def _size_error(got: int, size: int) -> IntegrityError:
+    what = "more than" if got > size else f"{got} bytes, not"
+    return IntegrityError(f"compressed data decodes to {what} the {size} bytes its entry "
+                          "declares")
+
+
 def _zstd_decompress(data, size: int, reference: bytes | None = None) -> bytes:
     """The ``size`` bytes a zstd frame decodes to. The frame's own content size is never
     trusted: it is streamed with a hard limit of ``size + 1`` bytes of output, and anything but
@@ -80,23 +104,40 @@ def _zstd_decompress(data, size: int, reference: bytes | None = None) -> bytes:
     its entry declares (a decompression bomb) costs at most ``size + 1`` bytes of memory.
     ``reference``: the frame was coded with these bytes as a raw-content dictionary
     (:func:`zstd_compress_against`)."""
-    if not isinstance(size, int) or not 0 <= size <= MAX_DECODED:
-        raise FormatError(f"implausible decoded size {size!r}")
-    dctx = _LOCAL.__dict__.get("dctx") if reference is None else zstandard.ZstdDecompressor(
-        dict_data=zstandard.ZstdCompressionDict(bytes(reference),
-                                                dict_type=zstandard.DICT_TYPE_RAWCONTENT))
-    if dctx is None:
-        dctx = _LOCAL.dctx = zstandard.ZstdDecompressor()
+    _check_size(size)
     try:
-        with dctx.stream_reader(data, read_across_frames=False, closefd=False) as reader:
+        with _dctx(reference).stream_reader(data, read_across_frames=False,
+                                            closefd=False) as reader:
             out = reader.read(size + 1)
     except zstandard.ZstdError as e:
         raise IntegrityError(f"compressed data is corrupt: {e}") from e
     if len(out) != size:
-        what = "more than" if len(out) > size else f"{len(out)} bytes, not"
-        raise IntegrityError(f"compressed data decodes to {what} the {size} bytes its entry "
-                             "declares")
+        raise _size_error(len(out), size)
     return out
+
+
+def _zstd_decompress_into(data, out: np.ndarray, pace: Pace | None = None,
+                          step: int = STEP) -> None:
+    """As :func:`_zstd_decompress`, into the uint8 array ``out`` (exactly ``len(out)`` bytes),
+    ``step`` bytes per ``pace()`` turn: a live session decodes a large file in short jobs that
+    take turns with its inferences. Never more than ``len(out)`` bytes and one are decoded."""
+    view = memoryview(out).cast("B")
+    size, pos = len(view), 0
+    try:
+        with _dctx(None).stream_reader(data, read_across_frames=False,
+                                       closefd=False) as reader:
+            while pos < size:
+                with in_turn(pace):
+                    n = reader.readinto(view[pos:pos + step])
+                if not n:
+                    break
+                pos += n
+            with in_turn(pace):
+                extra = len(reader.read(1))
+    except zstandard.ZstdError as e:
+        raise IntegrityError(f"compressed data is corrupt: {e}") from e
+    if pos + extra != size:
+        raise _size_error(pos + extra, size)
 
 
 def zstd_compress_against(data: bytes, reference: bytes, level: int = 19) -> bytes:
@@ -122,6 +163,12 @@ class ZstdCodec(Codec):
 
     def decode(self, buf, size: int) -> bytes:
         return _zstd_decompress(buf, size)
+
+    def decode_into(self, buf, out: np.ndarray, pace: Pace | None = None,
+                    step: int = STEP) -> None:
+        """Decode into the uint8 array ``out`` (its length is the decoded size), ``step``
+        bytes per ``pace()`` turn."""
+        _zstd_decompress_into(buf, out, pace, step)
 
 
 #: files a ``zstd-ref`` entry may use as its dictionary (already checked against the manifest)
@@ -593,6 +640,17 @@ class SegmentsCodec(Codec):
 
     def decode(self, buf, size: int) -> bytes:
         self._check_segments(size)
+        out = np.zeros(size, np.uint8)
+        self.decode_into(buf, out)
+        return out.tobytes()
+
+    def decode_into(self, buf, out: np.ndarray, pace: Pace | None = None,
+                    step: int = STEP) -> None:
+        """Decode into the zeroed uint8 array ``out`` (its length is the file's size): each
+        stream, then each segment's copy, ``step`` bytes per ``pace()`` turn. At most the
+        streams and ``out`` are held: two file-sized buffers."""
+        size = len(out)
+        self._check_segments(size)
         buf = memoryview(buf)
         if len(buf) < 4:
             raise FormatError("segmented payload is truncated")
@@ -604,25 +662,30 @@ class SegmentsCodec(Codec):
             raise FormatError("segmented payload lengths do not add up")
         totals = {k: sum(s[1] for s in self.segments if s[2] == k)
                   for k in ("symbols", "bytes", "planes2", "planes4")}
-        pos = 4 + 8 * n
-        raw = []
         sizes = [totals["symbols"], totals["bytes"]] + [totals["planes2"] // 2] * 2 + \
             [totals["planes4"] // 4] * 4
+        pos = 4 + 8 * n
+        raw = []
         for length, want in zip(lengths, sizes):
-            raw.append(np.frombuffer(_zstd_decompress(buf[pos:pos + length], want), np.uint8))
+            raw.append(np.empty(want, np.uint8))
+            _zstd_decompress_into(buf[pos:pos + length], raw[-1], pace, step)
             pos += length
-        streams = {"symbols": raw[0], "bytes": raw[1],
-                   "planes2": np.stack(raw[2:4], axis=1).reshape(-1),
-                   "planes4": np.stack(raw[4:8], axis=1).reshape(-1)}
-        out = np.zeros(size, np.uint8)
-        at = dict.fromkeys(streams, 0)
+        # a stream per kind; planes: one stream per byte of the value
+        streams = {"symbols": raw[:1], "bytes": raw[1:2], "planes2": raw[2:4],
+                   "planes4": raw[4:8]}
+        at = dict.fromkeys(streams, 0)  # values of each kind taken so far
         for off, length, kind in self.segments:
-            if off + length > size:
-                raise FormatError(f"segment {off}+{length} beyond the file size {size}")
-            out[off:off + length] = streams[kind][at[kind]:at[kind] + length]
-            at[kind] += length
-        del raw, streams  # before the copy into bytes: two file-sized buffers at most, not three
-        return out.tobytes()
+            planes = streams[kind]
+            width = len(planes)
+            count, a = length // width, at[kind]
+            dest = out[off:off + length].reshape(count, width)
+            rows = max(1, step // width)
+            for i in range(0, count, rows):
+                j = min(count, i + rows)
+                with in_turn(pace):
+                    for b, plane in enumerate(planes):
+                        dest[i:j, b] = plane[a + i:a + j]
+            at[kind] += count
 
 
 def _cat(parts: list[np.ndarray]) -> np.ndarray:

@@ -76,7 +76,6 @@ import stat
 import sys
 import tempfile
 import threading
-import time
 import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
@@ -967,7 +966,6 @@ class ProgressiveSession:
         self._apply_lock = threading.RLock()
         self._executor: cf.ThreadPoolExecutor | None = None
         self._closing = self._closed = False
-        self._started = 0  # run() calls that entered a session so far
         # inferences (0) and decode jobs (1) take turns, the decoder with its share: _pace
         self._turns = turns
         self._fast = False  # run() may take the lock-free path (see run); set below
@@ -1262,9 +1260,9 @@ class ProgressiveSession:
                 check_update_stage0(sf)
                 skel = self._dir / "graph.onnx"  # the skeleton this session holds, if any
                 parts = extract_update_files(sf, manifest, lambda: skel.read_bytes()
-                                             if skel.exists() else None)
+                                             if skel.exists() else None, d / "base.bin",
+                                             self._pace, self._writeback.add)
                 del sf
-            (d / "base.bin").write_bytes(parts["base.bin"])
             state = WeightState(manifest, d / "base.bin", predecessor=self._held_tensors())
             state.check_skeleton(parts["graph.onnx"])
             (d / "graph.onnx").write_bytes(parts["graph.onnx"])
@@ -1555,9 +1553,6 @@ class ProgressiveSession:
                 raise P2UError("the session is closed")
             live = self._live
             live.users += 1
-            self._started += 1
-            if self._watchers:
-                self._cond.notify_all()
             return live
 
     @contextlib.contextmanager
@@ -1698,23 +1693,14 @@ class ProgressiveSession:
                     self._cond.wait()
             finally:
                 self._watchers -= 1
-        # The release holds the GIL (onnxruntime's destructor): 2-3 ms on a 100M model whose
-        # memory was collapsed into huge pages (_rebuild), 33-46 ms on 4 KB pages (kernels
-        # without MADV_COLLAPSE). Runs wait for it: started at random, it can hold up both the
-        # start of a run and the end of the one before. Started just after a run entered
-        # onnxruntime (which releases the GIL while it computes), it overlaps that run.
-        # Without traffic it starts after 50 ms. At normal priority: at nice 10 it took
-        # 70-85 ms, a priority inversion against onnxruntime's spinning threads.
-        with self._cond:
-            started = self._started
-            self._watchers += 1
-            try:
-                a_run_began = self._cond.wait_for(lambda: self._started != started, 0.05)
-            finally:
-                self._watchers -= 1
-        if a_run_began:
-            time.sleep(0.001)  # lets that run take the GIL and get into onnxruntime
-        _release(old)
+        # The release holds the GIL (onnxruntime's destructor) and gives back the old
+        # session's memory: 2-3 ms on a 100M model whose memory was collapsed into huge pages
+        # (_rebuild), 33-46 ms on 4 KB pages (kernels without MADV_COLLAPSE). In a decode turn,
+        # alone on the cores: overlapping a run instead (started just after the run entered
+        # onnxruntime), it took 13-14 ms of a core beside the 100M model's run, which took
+        # 40 ms instead of 17.
+        with self._pace():
+            _release(old)
         with lowered_priority():  # removing its files: background work
             if old.directory is not None:
                 _remove_gradually(old.directory / "weights.bin")

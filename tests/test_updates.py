@@ -894,3 +894,51 @@ def test_graph_structure_ignores_only_what_is_given():
         graph_structure(skeleton(), frozenset())
     assert graph_structure(skeleton(w_val=2.0), given) != ref
     assert graph_structure(skeleton(op="Sigmoid"), given) != ref
+
+
+def test_update_base_is_decoded_in_short_jobs(tmp_path):
+    """A live session decodes an update's base.bin in jobs of at most a step each, every one
+    inside its pace (a long call beside the runs held them up), into a file byte for byte what
+    the one-call path gives; a digest the manifest does not list is refused before anything is
+    written, and decoded bytes that do not match remove the file."""
+    import contextlib
+
+    from p2u_onnx.codecs import STEP, get_codec
+    from p2u_onnx.reconstruct import extract_file_into, extract_update_files
+
+    p1 = _save(_mlp(hidden=512), tmp_path / "v1.onnx")
+    p2 = _save(_moved(_mlp(hidden=512)), tmp_path / "v2.onnx")
+    res = encode_update(p2, tmp_path / "u.p2u", p1)
+    sf0 = read_stage(tmp_path / "u.p2u" / "stage-0.p2u")
+    ref = extract_update_files(sf0, res.manifest, lambda: None)["base.bin"]
+    jobs = [0]
+
+    @contextlib.contextmanager
+    def pace():
+        jobs[0] += 1
+        yield
+
+    dest = tmp_path / "base.bin"
+    parts = extract_update_files(sf0, res.manifest, lambda: None, dest, pace)
+    assert "base.bin" not in parts and "graph.onnx" in parts
+    assert dest.read_bytes() == ref
+    assert jobs[0] >= 2 * -(-len(ref) // STEP)  # decoded, then hashed, a step at a time
+    # the segments decoder gives the same bytes with any step, one job per step at least
+    entry = next(e for e in sf0.entries if e["name"] == "base.bin")
+    codec = get_codec(entry["codec"])
+    assert type(codec).__name__ == "SegmentsCodec"
+    jobs[0] = 0
+    out = np.zeros(len(ref), np.uint8)
+    codec.decode_into(sf0.data(entry), out, pace, step=4096)
+    assert out.tobytes() == ref and jobs[0] >= len(ref) // 4096
+    # the manifest lists another digest than the entry: refused, nothing written
+    listed = next(f for f in res.manifest["base_model"]["files"] if f["path"] == "base.bin")
+    with pytest.raises(IntegrityError, match="differs from what the manifest lists"):
+        extract_file_into(sf0, "base.bin", tmp_path / "a.bin", len(ref), "1" * 64, pace)
+    assert not (tmp_path / "a.bin").exists()
+    # an entry and a manifest that agree on a digest the bytes do not have: the file goes
+    entry["sha256"] = "2" * 64
+    with pytest.raises(IntegrityError, match="corrupt"):
+        extract_file_into(sf0, "base.bin", tmp_path / "b.bin", len(ref), "2" * 64, pace)
+    assert not (tmp_path / "b.bin").exists()
+    assert listed["sha256"] != "2" * 64
