@@ -327,30 +327,46 @@ def _max_err(xc, prev, info, finite) -> float:
 
 
 def decode_entry(info: DTypeInfo, scale: np.ndarray, previous: np.ndarray,
-                 entry: dict[str, Any], data) -> np.ndarray:
-    """Apply one stage-file entry to a run of blocks ``previous``; returns the new run."""
+                 entry: dict[str, Any], data, pace: Pace | None = None) -> np.ndarray:
+    """Apply one stage-file entry to a run of blocks ``previous``; returns the new run.
+
+    ``pace``: each pass over the run (its context, the codes, the new values) is a job inside
+    ``pace()``, and a grouped codec decodes group by group in jobs of their own: a 262k-value
+    entry of the 100M model took 8 ms in one job idle and up to 38 ms beside a loop of runs,
+    and the runs waiting for a decoder's turn wait for the jobs in progress."""
     kind = entry["kind"]
     step = qz.stage_scale(scale, int(entry.get("shift", 0)))
     codec = get_codec(entry["codec"])
+    grouped = isinstance(codec, IntGroupsCodec)
     if kind == "refine" and isinstance(codec, IntPlanesCodec):
-        codes = codec.decode(data, previous.size).reshape(previous.shape)
-        return refine_blocks(info, previous, codes, step)
-    if kind == "refine" and isinstance(codec, IntGroupsCodec):  # grouped by zero_context
-        codes = codec.decode(data, zero_context(previous)).reshape(previous.shape)
-        return refine_blocks(info, previous, codes, step)
-    if kind == "exact" and isinstance(codec, IntGroupsCodec):
-        codes = codec.decode(data, lossless_context(info, previous, step))
-        return lossless_blocks(previous, codes)
-    if kind == "refine" and isinstance(codec, IntContextCodec):  # format 5, sign folded
-        ctx, flip = refine_context(info, previous, scale)
-        codes = codec.decode(data, ctx).reshape(previous.shape)
-        codes = codes.astype(np.int64 if codes.dtype == np.int64 else np.int32)
-        np.negative(codes, out=codes, where=flip)
-        return refine_blocks(info, previous, codes, step)
-    if kind == "exact" and isinstance(codec, IntContextCodec):  # format 5
-        return lossless_blocks(previous, codec.decode(data, lossless_context(info, previous, step)))
-    if kind == "exact" and isinstance(codec, IntPlanesCodec):  # ungrouped (small tensors)
-        return lossless_blocks(previous, codec.decode(data, previous.size))
+        with in_turn(pace):
+            codes = codec.decode(data, previous.size).reshape(previous.shape)
+        with in_turn(pace):
+            return refine_blocks(info, previous, codes, step)
+    if kind == "refine" and grouped:  # grouped by zero_context
+        with in_turn(pace):
+            ctx = zero_context(previous)
+        codes = codec.decode(data, ctx, pace).reshape(previous.shape)
+        with in_turn(pace):
+            return refine_blocks(info, previous, codes, step)
+    if kind == "exact" and grouped:
+        with in_turn(pace):
+            ctx = lossless_context(info, previous, step)
+        codes = codec.decode(data, ctx, pace)
+        with in_turn(pace):
+            return lossless_blocks(previous, codes)
+    with in_turn(pace):
+        if kind == "refine" and isinstance(codec, IntContextCodec):  # format 5, sign folded
+            ctx, flip = refine_context(info, previous, scale)
+            codes = codec.decode(data, ctx).reshape(previous.shape)
+            codes = codes.astype(np.int64 if codes.dtype == np.int64 else np.int32)
+            np.negative(codes, out=codes, where=flip)
+            return refine_blocks(info, previous, codes, step)
+        if kind == "exact" and isinstance(codec, IntContextCodec):  # format 5
+            return lossless_blocks(previous,
+                                   codec.decode(data, lossless_context(info, previous, step)))
+        if kind == "exact" and isinstance(codec, IntPlanesCodec):  # ungrouped (small tensors)
+            return lossless_blocks(previous, codec.decode(data, previous.size))
     raise FormatError(f"entry kind {kind!r} with codec {codec.codec_id!r} is not supported")
 
 
@@ -661,17 +677,18 @@ class WeightState:
                                      f"be read ({e.strerror or e})") from e
 
         def run(job) -> None:
-            with in_turn(pace):
-                step(job)
-
-        def step(job) -> None:
+            # the run's values read, decoded (in jobs of its own: decode_entry), stored: each
+            # inside pace(), so that a run waiting for the decoder waits for a short job
             tensor, (b0, b1, entry) = job
-            values = tensor.previous(b0, b1)
+            with in_turn(pace):
+                values = tensor.previous(b0, b1)
             if entry is not None:
                 values = decode_entry(tensor.info, tensor.scale[b0:b1], values, entry,
-                                      stage_file.data(entry))  # type: ignore[union-attr]
-                _release_pages(stage_file, entry)  # type: ignore[arg-type]
-            tensor.put(b0, b1, values)
+                                      stage_file.data(entry), pace)  # type: ignore[union-attr]
+            with in_turn(pace):
+                if entry is not None:
+                    _release_pages(stage_file, entry)  # type: ignore[arg-type]
+                tensor.put(b0, b1, values)
 
         # Batches of tensors go to the pool as they are read; while one decodes the next is
         # read, so at most two batches (2 * BATCH_BYTES assembled, or one bigger tensor) are
@@ -1213,8 +1230,8 @@ def extract_file_into(stage_file: StageFile, name: str, dest: Path, size: int, s
                       pace: Pace | None = None,
                       written: Callable[[int, int, int], None] | None = None) -> None:
     """:func:`extract_file` (``size`` and ``sha256`` as the manifest lists them) into the new
-    file ``dest``, in short jobs each inside ``pace()``: decoded and hashed a megabyte at a
-    time, as a live session's stage decoding is (an update's 50 MB ``base.bin`` decoded in one
+    file ``dest``, in short jobs each inside ``pace()``: decoded and hashed
+    :data:`~p2u_onnx.codecs.STEP` bytes at a time, as a live session's stage decoding is (an update's 50 MB ``base.bin`` decoded in one
     call beside the runs made a 15 ms run of the 100M model take 55-93 ms). Written as it is
     hashed, outside the turns (a write may wait for the disk), as a stage's private copy is;
     on a mismatch ``dest`` is removed. ``written(fd, offset, length)`` is told of the bytes (a

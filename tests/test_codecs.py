@@ -64,6 +64,13 @@ def test_grouped_context_must_match_on_decode(data):
         np.testing.assert_array_equal(np.sort(out), np.sort(values))
 
 
+def _job(jobs: list):
+    import contextlib
+
+    jobs.append(1)
+    return contextlib.nullcontext()
+
+
 @given(st.data())
 def test_int_groups_round_trip_mixed_widths(data):
     """Groups of different widths (1..8 bytes) in one payload; the encoding is the one of the
@@ -83,6 +90,10 @@ def test_int_groups_round_trip_mixed_widths(data):
     codec = IntGroupsCodec(level=3)
     enc = codec.encode(values, context)
     np.testing.assert_array_equal(codec.decode(enc, context), values)
+    # paced (a live session): the same values, in a job per group and two more
+    jobs = []
+    np.testing.assert_array_equal(codec.decode(enc, context, lambda: _job(jobs)), values)
+    assert len(jobs) == 2 + len(np.unique(context))
     order = np.argsort(context, kind="stable")
     counts = np.bincount(context, minlength=256)
     ref, pos = [], 0
