@@ -12,8 +12,8 @@ from typing import Any
 from ._rwlock import Pace, in_turn
 
 HUGE = 2 << 20  # a transparent huge page on x86-64 and arm64 (4 KB base pages)
-# per madvise call, each in its turn: one huge page, 3-5 ms of copying beside a 100M model's
-# runs (two took 7-11 ms, the longest job of a live update then)
+# per madvise call, each in its turn: one huge page, at most 9 ms (p99 6) of copying beside a
+# loop of the 100M model (two took 7-11 ms, the longest job of a live update then)
 _COLLAPSE_STEP = HUGE
 _MADV_COLLAPSE = 25  # Linux 6.1+
 _EINVAL = 22
