@@ -645,9 +645,9 @@ class SegmentsCodec(Codec):
             end = off + length
 
     def decode(self, buf, size: int) -> bytes:
-        self._check_segments(size)
+        self._check_segments(size)  # (and the size, before it is allocated)
         out = np.zeros(size, np.uint8)
-        self.decode_into(buf, out)
+        self._decode_into(buf, out, None, STEP)
         return out.tobytes()
 
     def decode_into(self, buf, out: np.ndarray, pace: Pace | None = None,
@@ -655,8 +655,10 @@ class SegmentsCodec(Codec):
         """Decode into the zeroed uint8 array ``out`` (its length is the file's size): each
         stream, then each segment's copy, ``step`` bytes per ``pace()`` turn. At most the
         streams and ``out`` are held: two file-sized buffers."""
-        size = len(out)
-        self._check_segments(size)
+        self._check_segments(len(out))
+        self._decode_into(buf, out, pace, step)
+
+    def _decode_into(self, buf, out: np.ndarray, pace: Pace | None, step: int) -> None:
         buf = memoryview(buf)
         if len(buf) < 4:
             raise FormatError("segmented payload is truncated")

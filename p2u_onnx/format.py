@@ -200,11 +200,17 @@ def sha256_bytes(data: bytes | bytearray | memoryview, chunk: int = 1 << 22,
                  pace: Pace | None = None) -> str:
     """Hex sha256 of ``data``, ``chunk`` bytes per ``pace()`` turn (see :func:`sha256_file`)."""
     h = hashlib.sha256()
+    hash_in_turns(h, data, chunk, pace)
+    return h.hexdigest()
+
+
+def hash_in_turns(h: Any, data: bytes | bytearray | memoryview, chunk: int,
+                  pace: Pace | None = None) -> None:
+    """``h.update(data)``, ``chunk`` bytes per ``pace()`` turn."""
     view = memoryview(data).cast("B")
     for i in range(0, len(view), chunk):
         with in_turn(pace):
             h.update(view[i:i + chunk])
-    return h.hexdigest()
 
 
 class AtomicFile:

@@ -90,7 +90,7 @@ from ._base_session import open_base_session
 from ._memory import (anonymous_regions, collapse_to_huge_pages, libc, memory_left, new_ranges,
                       trim_heap)
 from ._priority import lowered_priority
-from ._rwlock import Pace, RWLock, TurnLock, in_turn, sharing
+from ._rwlock import Pace, RWLock, TurnLock, sharing
 from ._writeback import Writeback
 from .dtypes import FLOAT_TYPES
 from .errors import FormatError, IntegrityError, P2UError, PatchError
@@ -104,6 +104,7 @@ from .format import (
     is_update,
     parse_manifest,
     read_stage,
+    hash_in_turns,
     sha256_bytes,
     sha256_file,
 )
@@ -280,9 +281,7 @@ def _copy_hashed(source: str | os.PathLike, dest: Path, pace: Pace | None,
                     raise FormatError(f"cannot read {what} {source}: {e.strerror or e}") from e
                 if not n:
                     break
-                for i in range(0, n, _HASH_STEP):  # hashing 4 MB took up to 18 ms under load
-                    with in_turn(pace):
-                        h.update(buf[i:min(n, i + _HASH_STEP)])
+                hash_in_turns(h, buf[:n], _HASH_STEP, pace)  # 4 MB a turn: up to 18 ms
                 pos = 0
                 while pos < n:
                     pos += os.pwrite(out, buf[pos:n], size + pos)
