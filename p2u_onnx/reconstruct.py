@@ -20,6 +20,7 @@ import dataclasses
 import hashlib
 import mmap
 import os
+import shutil
 import tempfile
 from collections.abc import Callable, Iterator
 from concurrent.futures import Executor, Future, ThreadPoolExecutor
@@ -31,8 +32,8 @@ import numpy as np
 from . import palette as pl
 from . import quantizers as qz
 from ._rwlock import Pace, in_turn
-from .codecs import (MAX_DECODED, STEP, IntContextCodec, IntGroupsCodec, IntPlanesCodec,
-                     SegmentsCodec, ZstdCodec, ZstdRefCodec, get_codec)
+from .codecs import (STEP, IntContextCodec, IntGroupsCodec, IntPlanesCodec,
+                     SegmentsCodec, ZstdCodec, ZstdRefCodec, _check_size, get_codec)
 from .dtypes import (ONNX_INT2, ONNX_INT4, ONNX_INT8, ONNX_UINT2, ONNX_UINT4, ONNX_UINT8,
                      DTypeInfo, dtype_info)
 from .errors import FormatError, IntegrityError, P2UError
@@ -1239,8 +1240,11 @@ def extract_file_into(stage_file: StageFile, name: str, dest: Path, size: int, s
     entry = _file_entry(stage_file, name, size, None)
     _check_listed(stage_file, entry, sha256)
     codec = get_codec(entry["codec"])
-    if not 0 <= size <= MAX_DECODED:
-        raise FormatError(f"{name} inside {Path(stage_file.name).name}: implausible size {size}")
+    _check_size(size)
+    free = shutil.disk_usage(dest.parent).free
+    if size > free:  # before a byte is decoded: a small stage can declare a huge file
+        raise P2UError(f"{name} inside {Path(stage_file.name).name} is {size} bytes, more "
+                       f"than the {free} free in {dest.parent}")
     if isinstance(codec, (ZstdCodec, SegmentsCodec)):
         data = np.zeros(size, np.uint8)
         codec.decode_into(stage_file.data(entry), data, pace)

@@ -896,11 +896,12 @@ def test_graph_structure_ignores_only_what_is_given():
     assert graph_structure(skeleton(op="Sigmoid"), given) != ref
 
 
-def test_update_base_is_decoded_in_short_jobs(tmp_path):
+def test_update_base_is_decoded_in_short_jobs(tmp_path, monkeypatch):
     """A live session decodes an update's base.bin in jobs of at most a step each, every one
     inside its pace (a long call beside the runs held them up), into a file byte for byte what
     the one-call path gives; a digest the manifest does not list is refused before anything is
-    written, and decoded bytes that do not match remove the file."""
+    written, decoded bytes that do not match remove the file, and a declared size beyond the
+    free disk is refused before anything is decoded."""
     import contextlib
 
     from p2u_onnx.codecs import STEP, get_codec
@@ -942,3 +943,15 @@ def test_update_base_is_decoded_in_short_jobs(tmp_path):
         extract_file_into(sf0, "base.bin", tmp_path / "b.bin", len(ref), "2" * 64, pace)
     assert not (tmp_path / "b.bin").exists()
     assert listed["sha256"] != "2" * 64
+    # a file larger than the work folder's free space: refused before anything is decoded
+    import collections
+
+    from p2u_onnx import reconstruct
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(reconstruct.shutil, "disk_usage",
+                        lambda path: usage(len(ref), 1, len(ref) - 1))
+    jobs[0] = 0
+    with pytest.raises(P2UError, match=f"{len(ref)} bytes, more than the {len(ref) - 1} free"):
+        extract_file_into(sf0, "base.bin", tmp_path / "c.bin", len(ref), "2" * 64, pace)
+    assert not (tmp_path / "c.bin").exists() and jobs[0] == 0
