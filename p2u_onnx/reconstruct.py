@@ -31,6 +31,7 @@ import numpy as np
 
 from . import palette as pl
 from . import quantizers as qz
+from ._memory import memory_left
 from ._rwlock import Pace, in_turn
 from .codecs import (STEP, IntContextCodec, IntGroupsCodec, IntPlanesCodec,
                      SegmentsCodec, ZstdCodec, ZstdRefCodec, _check_size, get_codec)
@@ -1241,10 +1242,15 @@ def extract_file_into(stage_file: StageFile, name: str, dest: Path, size: int, s
     _check_listed(stage_file, entry, sha256)
     codec = get_codec(entry["codec"])
     _check_size(size)
+    # before a byte is decoded: a small stage can declare a huge file (a decompression bomb)
+    label = f"{name} inside {Path(stage_file.name).name}"
     free = shutil.disk_usage(dest.parent).free
-    if size > free:  # before a byte is decoded: a small stage can declare a huge file
-        raise P2UError(f"{name} inside {Path(stage_file.name).name} is {size} bytes, more "
-                       f"than the {free} free in {dest.parent}")
+    if size > free:
+        raise P2UError(f"{label} is {size} bytes, more than the {free} free in {dest.parent}")
+    left, which = memory_left()
+    if left is not None and 2 * size > left:  # the decoded file and its streams
+        raise P2UError(f"{label} is {size} bytes; decoding it needs about {2 * size} bytes of "
+                       f"memory, {left} are left ({which})")
     if isinstance(codec, (ZstdCodec, SegmentsCodec)):
         data = np.zeros(size, np.uint8)
         codec.decode_into(stage_file.data(entry), data, pace)

@@ -901,7 +901,7 @@ def test_update_base_is_decoded_in_short_jobs(tmp_path, monkeypatch):
     inside its pace (a long call beside the runs held them up), into a file byte for byte what
     the one-call path gives; a digest the manifest does not list is refused before anything is
     written, decoded bytes that do not match remove the file, and a declared size beyond the
-    free disk is refused before anything is decoded."""
+    free disk or the memory left is refused before anything is decoded."""
     import contextlib
 
     from p2u_onnx.codecs import STEP, get_codec
@@ -953,5 +953,11 @@ def test_update_base_is_decoded_in_short_jobs(tmp_path, monkeypatch):
                         lambda path: usage(len(ref), 1, len(ref) - 1))
     jobs[0] = 0
     with pytest.raises(P2UError, match=f"{len(ref)} bytes, more than the {len(ref) - 1} free"):
+        extract_file_into(sf0, "base.bin", tmp_path / "c.bin", len(ref), "2" * 64, pace)
+    assert not (tmp_path / "c.bin").exists() and jobs[0] == 0
+    # or than the memory left: refused the same way
+    monkeypatch.undo()
+    monkeypatch.setattr(reconstruct, "memory_left", lambda: (len(ref), "a test limit"))
+    with pytest.raises(P2UError, match=f"about {2 * len(ref)} bytes of memory, {len(ref)} are"):
         extract_file_into(sf0, "base.bin", tmp_path / "c.bin", len(ref), "2" * 64, pace)
     assert not (tmp_path / "c.bin").exists() and jobs[0] == 0
