@@ -518,14 +518,51 @@ class IntContextCodec(Codec):
                                          for lo, hi, _, count, parts, _ in groups]
         return b"".join(head + [d for g in groups for _, d in g[4]])
 
-    def decode(self, buf, context: np.ndarray) -> np.ndarray:
-        """Values in the order of ``context``: signed, as wide as the widest group's planes."""
+    def decode(self, buf, context: np.ndarray, pace: Pace | None = None) -> np.ndarray:
+        """Values in the order of ``context``: signed, as wide as the widest group's planes.
+        ``pace``: the header and grouping, each group and the values' order are jobs inside
+        ``pace()`` (as :meth:`IntGroupsCodec.decode`)."""
         buf = memoryview(buf)
-        context = np.asarray(context, np.uint8).reshape(-1)
+        with in_turn(pace):
+            context = np.asarray(context, np.uint8).reshape(-1)
+            records, pos = self._records(buf, len(context))
+            width_max = max((len(r[3]) for r in records), default=1)
+            order = grouped_order(context)
+            dtype = _UNSIGNED[next(w for w in _WIDTHS if w >= max(width_max, 1))]
+            u = np.zeros(len(context), dtype)
+            cols = u.view(np.uint8).reshape(len(context), dtype().itemsize)
+        at = 0
+        for lo, hi, count, planes in records:
+            ends = (at, at + count - 1) if order is None else order[[at, at + count - 1]]
+            if not (lo <= context[ends[0]] <= hi and lo <= context[ends[1]] <= hi):
+                raise FormatError("context-grouped payload does not match its context (wrong "
+                                  "base or earlier stage)")
+            with in_turn(pace):
+                for i, (raw, length) in enumerate(planes):
+                    data = buf[pos:pos + length]
+                    plane = np.frombuffer(data, np.uint8) if raw else \
+                        np.frombuffer(_zstd_decompress(data, count), np.uint8)
+                    if dtype().itemsize == 1:
+                        u[at:at + count] = plane
+                    else:
+                        cols[at:at + count, i] = plane
+                    pos += length
+            at += count
+        with in_turn(pace):
+            if order is None:
+                return unzigzag(u)
+            out = np.empty(len(context), _SIGNED[u.dtype.itemsize])
+            out[order] = unzigzag(u)
+            return out
+
+    @staticmethod
+    def _records(buf: memoryview, n_values: int) -> tuple[list, int]:
+        """The groups' records ``(lo, hi, count, planes)`` of a payload over ``n_values``
+        values, checked, and where their planes start."""
         n, pos = _read_varint(buf, 0)
         if n > 256:
             raise FormatError("context-grouped payload is malformed")
-        records, last, total, width_max = [], -1, 0, 1
+        records, last, total = [], -1, 0
         for _ in range(n):
             lo, pos = _read_varint(buf, pos)
             span, pos = _read_varint(buf, pos)
@@ -534,7 +571,7 @@ class IntContextCodec(Codec):
                 raise FormatError("context-grouped payload is truncated")
             width = buf[pos]
             pos += 1
-            if lo <= last or lo + span > 255 or not 0 < count <= len(context) - total \
+            if lo <= last or lo + span > 255 or not 0 < count <= n_values - total \
                     or width > 8:
                 raise FormatError("context-grouped payload is malformed")
             planes = []
@@ -545,36 +582,11 @@ class IntContextCodec(Codec):
                 planes.append((bool(v & 1), v >> 1))
             records.append((lo, lo + span, count, planes))
             last, total = lo + span, total + count
-            width_max = max(width_max, width)
-        if total != len(context):
+        if total != n_values:
             raise FormatError("context-grouped payload does not cover its values")
         if pos + sum(length for r in records for _, length in r[3]) != len(buf):
             raise FormatError("context-grouped payload lengths do not add up to its size")
-        order = grouped_order(context)
-        dtype = _UNSIGNED[next(w for w in _WIDTHS if w >= width_max)]
-        u = np.zeros(len(context), dtype)
-        cols = u.view(np.uint8).reshape(len(context), dtype().itemsize)
-        at = 0
-        for lo, hi, count, planes in records:
-            ends = (at, at + count - 1) if order is None else order[[at, at + count - 1]]
-            if not (lo <= context[ends[0]] <= hi and lo <= context[ends[1]] <= hi):
-                raise FormatError("context-grouped payload does not match its context (wrong "
-                                  "base or earlier stage)")
-            for i, (raw, length) in enumerate(planes):
-                data = buf[pos:pos + length]
-                plane = np.frombuffer(data, np.uint8) if raw else \
-                    np.frombuffer(_zstd_decompress(data, count), np.uint8)
-                if dtype().itemsize == 1:
-                    u[at:at + count] = plane
-                else:
-                    cols[at:at + count, i] = plane
-                pos += length
-            at += count
-        if order is None:
-            return unzigzag(u)
-        out = np.empty(len(context), _SIGNED[u.dtype.itemsize])
-        out[order] = unzigzag(u)
-        return out
+        return records, pos
 
 
 def _counts(context: np.ndarray) -> list[tuple[int, int]]:

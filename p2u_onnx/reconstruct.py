@@ -333,7 +333,7 @@ def decode_entry(info: DTypeInfo, scale: np.ndarray, previous: np.ndarray,
     """Apply one stage-file entry to a run of blocks ``previous``; returns the new run.
 
     ``pace``: each pass over the run (its context, the codes, the new values) is a job inside
-    ``pace()``, and a grouped codec decodes group by group in jobs of their own: a 262k-value
+    ``pace()``, and the grouped codecs decode group by group in jobs of their own: a 262k-value
     entry of the 100M model took 8 ms in one job idle and up to 38 ms beside a loop of runs,
     and the runs waiting for a decoder's turn wait for the jobs in progress."""
     kind = entry["kind"]
@@ -357,17 +357,22 @@ def decode_entry(info: DTypeInfo, scale: np.ndarray, previous: np.ndarray,
         codes = codec.decode(data, ctx, pace)
         with in_turn(pace):
             return lossless_blocks(previous, codes)
-    with in_turn(pace):
-        if kind == "refine" and isinstance(codec, IntContextCodec):  # format 5, sign folded
+    if kind == "refine" and isinstance(codec, IntContextCodec):  # format 5, sign folded
+        with in_turn(pace):
             ctx, flip = refine_context(info, previous, scale)
-            codes = codec.decode(data, ctx).reshape(previous.shape)
+        codes = codec.decode(data, ctx, pace).reshape(previous.shape)
+        with in_turn(pace):
             codes = codes.astype(np.int64 if codes.dtype == np.int64 else np.int32)
             np.negative(codes, out=codes, where=flip)
             return refine_blocks(info, previous, codes, step)
-        if kind == "exact" and isinstance(codec, IntContextCodec):  # format 5
-            return lossless_blocks(previous,
-                                   codec.decode(data, lossless_context(info, previous, step)))
-        if kind == "exact" and isinstance(codec, IntPlanesCodec):  # ungrouped (small tensors)
+    if kind == "exact" and isinstance(codec, IntContextCodec):  # format 5
+        with in_turn(pace):
+            ctx = lossless_context(info, previous, step)
+        codes = codec.decode(data, ctx, pace)
+        with in_turn(pace):
+            return lossless_blocks(previous, codes)
+    if kind == "exact" and isinstance(codec, IntPlanesCodec):  # ungrouped (small tensors)
+        with in_turn(pace):
             return lossless_blocks(previous, codec.decode(data, previous.size))
     raise FormatError(f"entry kind {kind!r} with codec {codec.codec_id!r} is not supported")
 

@@ -129,9 +129,15 @@ def test_int_ctx_round_trip_mixed_widths(data):
     if data.draw(st.booleans()) and (n == 0 or np.abs(values).max() < 2**31):
         values = values.astype(np.int32)
     codec = IntContextCodec(level=3)
-    out = codec.decode(codec.encode(values, context), context)
+    enc = codec.encode(values, context)
+    out = codec.decode(enc, context)
     np.testing.assert_array_equal(out, values)
     assert out.dtype.kind == "i"
+    # paced (a live session): the same values, in a job per merged group and two more
+    jobs = []
+    np.testing.assert_array_equal(codec.decode(enc, context, lambda: _job(jobs)), out)
+    assert len(jobs) == 2 + len(IntContextCodec._records(memoryview(enc), n)[0])
+    assert (len(jobs) > 2) == (n > 0)
 
 
 @given(st.data())
