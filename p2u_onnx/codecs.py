@@ -385,11 +385,17 @@ class IntGroupsCodec(Codec):
                 _planes_into(data, u[pos:pos + count])
             pos += count
         with in_turn(pace):
-            if order is None:
-                return unzigzag(u)
-            out = np.empty(len(context), _SIGNED[u.dtype.itemsize])
-            out[order] = unzigzag(u)
-            return out
+            return _in_order(u, order)
+
+
+def _in_order(u: np.ndarray, order: np.ndarray | None) -> np.ndarray:
+    """Zigzag values ``u``, grouped as :func:`grouped_order` sorted their context, back as
+    signed values in the context's order."""
+    if order is None:
+        return unzigzag(u)
+    out = np.empty(len(u), _SIGNED[u.dtype.itemsize])
+    out[order] = unzigzag(u)
+    return out
 
 
 def _varint(n: int) -> bytes:
@@ -549,11 +555,7 @@ class IntContextCodec(Codec):
                     pos += length
             at += count
         with in_turn(pace):
-            if order is None:
-                return unzigzag(u)
-            out = np.empty(len(context), _SIGNED[u.dtype.itemsize])
-            out[order] = unzigzag(u)
-            return out
+            return _in_order(u, order)
 
     @staticmethod
     def _records(buf: memoryview, n_values: int) -> tuple[list, int]:
