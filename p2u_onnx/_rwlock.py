@@ -4,6 +4,7 @@ set share of the time)."""
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import threading
 import time
@@ -15,6 +16,13 @@ __all__ = ["RWLock", "TurnLock", "Pace", "in_turn", "sharing"]
 #: Makes the context manager one step of background work runs in (a live session's
 #: ``_pace``: a decode-job turn of its :class:`TurnLock`).
 Pace = Callable[[], ContextManager[Any]]
+
+#: A decoder's turn repays at most ROUND_SLACK x the median of the last ROUNDS rounds of
+#: inferences it waited for (see TurnLock).
+ROUNDS = 16
+ROUND_SLACK = 1.25
+#: A turn held for a long call (sharing) ends after SHARING_TURN x the usual round.
+SHARING_TURN = 0.5
 
 
 def in_turn(pace: Pace | None) -> ContextManager[Any]:
@@ -110,6 +118,13 @@ class TurnLock:
     waiter of the other). Time when only one kind has work is not counted: an idle session
     decodes at full speed, and one that is not upgrading serves at full speed.
 
+    A turn repays at most a usual round: ``ROUND_SLACK`` (1.25) times the median of the last
+    ``ROUNDS`` (16) rounds of inferences the decoder waited for. A round the machine slowed (a
+    run beside a session build, CPUs stolen by the hypervisor) is then not followed by a turn
+    as long, which the next run would wait for: on the 100M model under one loop, a 42 ms run
+    was followed by a 42 ms wait, 59-63 ms above the 15 ms median. The share is kept over
+    usual rounds.
+
     ``grace`` covers the decoder's own work between jobs (a stage file is copied 4 MB at a
     time, read and written outside its turns since either may wait for the disk, hashed in
     them): with 5 ms a loaded 2-core machine often let the runs in at each gap, and a 241 MB
@@ -135,6 +150,9 @@ class TurnLock:
         self._idle_since = 0.0  # when the last job of the decoder's turn ended
         self._balance = 0.0  # < 0: the decoder is owed time (seconds weighted by the share)
         self._floor = -(1.0 - self.share) * self.turn  # at most one turn owed
+        self._round = 0.0  # how long inferences have held the lock while the decoder waits
+        self._rounds: collections.deque[float] = collections.deque(maxlen=ROUNDS)
+        self._usual: float | None = None  # their median, once there are 4
         self._mark = clock()
         #: seconds each kind held the lock (the decoder: its turn) while the other waited
         self.contested = [0.0, 0.0]
@@ -174,7 +192,28 @@ class TurnLock:
                     self._balance = min(0.0, self._balance + (1.0 - self.share) * dt)
         elif self._holders and self._waiting[1]:  # inferences hold, the decoder waits
             self.contested[0] += dt
-            self._balance = max(self._floor, self._balance - self.share * dt)
+            self._round += dt
+            self._balance = max(self._owed_at_most(), self._balance - self.share * dt)
+
+    def _owed_at_most(self) -> float:
+        """The floor of the balance: one turn, and no more than a usual round of inferences
+        earns (``ROUND_SLACK`` times the median of the last ``ROUNDS``), so that one slow round
+        (a run slowed by the machine) is not followed by as long a turn: the run after it would
+        wait that long."""
+        usual = self._usual
+        return self._floor if usual is None else max(self._floor, -self.share * ROUND_SLACK * usual)
+
+    def forgo(self) -> None:
+        """Forgo the time the decoder is still owed: when its holder leaves, waiting inferences
+        get the lock (for a holder that ends its turn early, see :func:`sharing`)."""
+        with self._lock:
+            self._account(self._clock())
+            self._balance = max(self._balance, 0.0)
+
+    def usual_round(self) -> float | None:
+        """How long a round of inferences usually held the lock while the decoder waited: the
+        median of the last ``ROUNDS`` (None before 4)."""
+        return self._usual
 
     def _grant(self, kind: int, now: float) -> None:
         """Hand the free lock to every waiter of ``kind``."""
@@ -184,7 +223,16 @@ class TurnLock:
         self._grants[kind] += 1
         if kind == 1:
             self._lease_end = now + self.turn
+            self._end_round()
         self._cond.notify_all()
+
+    def _end_round(self) -> None:
+        """The decoder's wait ended: count the round of inferences it waited for."""
+        if self._round > 0:
+            self._rounds.append(self._round)
+            self._round = 0.0
+            if len(self._rounds) >= 4:
+                self._usual = sorted(self._rounds)[len(self._rounds) // 2]
 
     def _admit(self, kind: int, now: float) -> bool:
         """Whether a new arrival of ``kind`` enters now (it is counted as a holder)."""
@@ -208,6 +256,7 @@ class TurnLock:
         else:  # a new turn
             self._kind = 1
             self._lease_end = now + self.turn
+            self._end_round()
         self._holders += 1
         return True
 
@@ -286,7 +335,13 @@ def sharing(turns: TurnLock | None, poll: float = 0.002) -> Iterator[None]:
     """Run the body (one long call that cannot take turns, e.g. building an onnxruntime
     session) with the decoder's share of the cores: a helper thread takes the decoder's turns
     for it and holds each until it ends, so that inferences wait during them and the body has
-    the cores; between them the body runs beside the inferences."""
+    the cores; between them the body runs beside the inferences.
+
+    A turn held for it ends after ``SHARING_TURN`` (half) a usual round at most
+    (:meth:`TurnLock.usual_round`), the rest of its due forgone (:meth:`TurnLock.forgo`): the
+    body slows the runs beside it (a session build beside the 100M model's runs, which are
+    bound by memory bandwidth: 17 ms runs took 30-48), and a turn as long as such a run would
+    double the next run's wait. The body then has about a third of the contested time."""
     if turns is None:
         yield
         return
@@ -295,8 +350,12 @@ def sharing(turns: TurnLock | None, poll: float = 0.002) -> Iterator[None]:
     def hold() -> None:
         while not done.is_set():
             with turns.hold(1):
+                usual = turns.usual_round()
+                end = None if usual is None else time.monotonic() + SHARING_TURN * usual
                 while not done.wait(poll) and not turns.expired():
-                    pass
+                    if end is not None and time.monotonic() >= end:
+                        turns.forgo()
+                        break
 
     helper = threading.Thread(target=hold, name="p2u-turns", daemon=True)
     helper.start()

@@ -101,6 +101,35 @@ def test_decoder_turn_ends_for_waiting_runs():
     assert len(runs) >= 5
 
 
+def test_one_slow_run_is_not_followed_by_as_long_a_turn():
+    """The decoder's turn after a round of runs repays that round, but no more than a usual
+    round (1.25 x the median of the last ones): one run slowed to 20 times the others must not
+    make the next run wait as long for the decoder."""
+    lock = TurnLock(0.5, turn=2.0)
+    busy = threading.Event()
+    waits: list[float] = []
+
+    def decoder() -> None:
+        while not busy.is_set():
+            with lock.hold(1):
+                time.sleep(0.001)
+
+    d = threading.Thread(target=decoder)
+    d.start()
+    try:
+        for i in range(30):
+            t = time.perf_counter()
+            with lock.hold(0):
+                waits.append(time.perf_counter() - t)
+                time.sleep(0.3 if i == 20 else 0.015)
+    finally:
+        busy.set()
+        d.join()
+    usual = sorted(waits[5:20])[7]
+    assert usual > 0.005  # the decoder had turns between the runs
+    assert waits[21] < 0.15, (waits[21], usual)  # without the bound: about 0.3 s
+
+
 def test_sharing_holds_turns_for_a_long_call():
     """A long call inside ``sharing`` has the decoder's turns taken for it: runs wait during
     them, and the call's share of contested time is counted."""
@@ -115,6 +144,33 @@ def test_sharing_holds_turns_for_a_long_call():
     runner.join()
     held = lock.contested
     assert held[1] > 0.1 and held[0] > 0.05 and len(runs) > 3
+
+
+def test_sharing_turns_are_half_a_usual_round():
+    """The call slows the runs beside it, so the turns held for it are cut to half a usual
+    round: runs of 40 ms wait about 20 ms for each (a turn as long as a run: 40 ms)."""
+    lock = TurnLock(0.5, turn=1.0)
+    stop, waits = threading.Event(), []
+
+    def runner() -> None:
+        while not stop.is_set():
+            t = time.perf_counter()
+            with lock.hold(0):
+                waits.append(time.perf_counter() - t)
+                time.sleep(0.04)
+
+    r = threading.Thread(target=runner)
+    r.start()
+    time.sleep(0.05)
+    with sharing(lock):
+        time.sleep(1.5)
+    stop.set()
+    r.join()
+    assert lock.usual_round() is not None and lock.usual_round() > 0.03
+    waited = sorted(waits[6:-2])
+    assert len(waited) > 10
+    median = waited[len(waited) // 2]
+    assert 0.01 < median < 0.032, waited
 
 
 def test_share_settings_are_checked():
