@@ -200,8 +200,9 @@ class TurnLock:
         earns (``ROUND_SLACK`` times the median of the last ``ROUNDS``), so that one slow round
         (a run slowed by the machine) is not followed by as long a turn: the run after it would
         wait that long."""
-        usual = self._usual
-        return self._floor if usual is None else max(self._floor, -self.share * ROUND_SLACK * usual)
+        if self._usual is None:
+            return self._floor
+        return max(self._floor, -self.share * ROUND_SLACK * self._usual)
 
     def forgo(self) -> None:
         """Forgo the time the decoder is still owed: when its holder leaves, waiting inferences
