@@ -1233,13 +1233,31 @@ def extract_file(stage_file: StageFile, name: str, size: int | None = None,
     return data
 
 
+def check_room(label: str, size: int, folder: Path, on_disk: int | None = None) -> None:
+    """Refuse, before a byte is decoded, a file of ``size`` bytes (``label`` names it) that
+    would not fit: more than the free space of ``folder``, where it is written (``on_disk``:
+    the bytes written there in all, when more files go with it), or twice more than the memory
+    left to the process (:func:`~p2u_onnx._memory.memory_left`: the decoded file and its
+    streams). A small stage can declare a huge file (a decompression bomb)."""
+    total = size if on_disk is None else on_disk
+    free = shutil.disk_usage(folder).free
+    if total > free:
+        raise P2UError(f"{label} is {size} bytes, more than the {free} free in {folder}"
+                       + ("" if on_disk is None else f" with the rest ({total} in all)"))
+    left, which = memory_left()
+    if left is not None and 2 * size > left:
+        raise P2UError(f"{label} is {size} bytes; decoding it needs about {2 * size} bytes of "
+                       f"memory, {left} are left ({which})")
+
+
 def extract_file_into(stage_file: StageFile, name: str, dest: Path, size: int, sha256: str,
                       pace: Pace | None = None,
                       written: Callable[[int, int, int], None] | None = None) -> None:
     """:func:`extract_file` (``size`` and ``sha256`` as the manifest lists them) into the new
     file ``dest``, in short jobs each inside ``pace()``: decoded and hashed
-    :data:`~p2u_onnx.codecs.STEP` bytes at a time, as a live session's stage decoding is (an update's 50 MB ``base.bin`` decoded in one
-    call beside the runs made a 15 ms run of the 100M model take 55-93 ms). Written as it is
+    :data:`~p2u_onnx.codecs.STEP` bytes at a time, as a live session's stage decoding is (an
+    update's 50 MB ``base.bin`` decoded in one call beside the runs made a 15 ms run of the
+    100M model take 55-93 ms). Written as it is
     hashed, outside the turns (a write may wait for the disk), as a stage's private copy is;
     on a mismatch ``dest`` is removed. ``written(fd, offset, length)`` is told of the bytes (a
     session's write-back)."""
@@ -1247,15 +1265,7 @@ def extract_file_into(stage_file: StageFile, name: str, dest: Path, size: int, s
     _check_listed(stage_file, entry, sha256)
     codec = get_codec(entry["codec"])
     _check_size(size)
-    # before a byte is decoded: a small stage can declare a huge file (a decompression bomb)
-    label = f"{name} inside {Path(stage_file.name).name}"
-    free = shutil.disk_usage(dest.parent).free
-    if size > free:
-        raise P2UError(f"{label} is {size} bytes, more than the {free} free in {dest.parent}")
-    left, which = memory_left()
-    if left is not None and 2 * size > left:  # the decoded file and its streams
-        raise P2UError(f"{label} is {size} bytes; decoding it needs about {2 * size} bytes of "
-                       f"memory, {left} are left ({which})")
+    check_room(f"{name} inside {Path(stage_file.name).name}", size, dest.parent)
     if isinstance(codec, (ZstdCodec, SegmentsCodec)):
         data = np.zeros(size, np.uint8)
         codec.decode_into(stage_file.data(entry), data, pace)

@@ -113,8 +113,8 @@ from .external import (check_base_graph, external_tensors, graph_inputs, graph_s
                        node_outputs)
 from .format import package_file
 from .probe import Probe, read_probe_file
-from .reconstruct import (WeightState, extract_file, extract_update_files, read_into,
-                          weights_layout, weights_size)
+from .reconstruct import (WeightState, check_room, extract_file, extract_update_files,
+                          read_into, weights_layout, weights_size)
 from .trust import Policy, TrustSpec, check_signature, read_manifest_bytes, read_signature
 
 __all__ = ["BytesSource", "DirectorySource", "ProgressiveSession", "StageSource", "open_stage",
@@ -334,10 +334,13 @@ def extract_base(stage0: StageInput, manifest: dict[str, Any], workdir: Path) ->
         pass
     d.mkdir(parents=True, exist_ok=True)
     _workdir.sweep(d, "incoming-")  # copies left by processes that died
+    sizes = {p.name: int(entries[p.name]["size"]) for p in paths}
     with private_copy(stage0, d, limit=_largest_stage(manifest)) as (source, digest):
         sf = open_stage(source, manifest, 0, digest=digest)
+        for p in paths:  # the manifest's sizes bounded before anything is decoded
+            check_room(f"{p.name} inside stage 0", sizes[p.name], d, sum(sizes.values()))
         for p in paths:
-            data = extract_file(sf, p.name, size=entries[p.name]["size"])
+            data = extract_file(sf, p.name, size=sizes[p.name])
             if hashlib.sha256(data).hexdigest() != entries[p.name]["sha256"]:
                 raise IntegrityError(f"{p.name} inside stage 0 does not match the manifest")
             atomic_write_bytes(p, data)

@@ -488,6 +488,43 @@ def test_package_without_base_files_unpacks_stage0(mlp_pkg, mlp_feed, mlp_refs, 
         assert (work / "base" / "base.bin").is_file()
 
 
+def test_unpacked_base_is_bounded_before_it_is_decoded(mlp_pkg, tmp_path, monkeypatch):
+    """The base files unpacked from stage 0 at the start are refused, before a byte is decoded,
+    when the manifest's sizes exceed the memory left or the work folder's free space (a small
+    stage can declare a huge file): the error names the file, and nothing is written."""
+    import collections
+
+    pkg = tmp_path / "p"
+    shutil.copytree(mlp_pkg, pkg)
+    (pkg / "base.onnx").unlink()
+    (pkg / "base.bin").unlink()
+    sizes = {Path(f["path"]).name: f["size"] for f in load_manifest(pkg)["base_model"]["files"]}
+    big = max(sizes, key=sizes.get)
+    decoded: list[str] = []
+    real = reconstruct.extract_file
+    monkeypatch.setattr(runtime, "extract_file",
+                        lambda sf, name, **kw: decoded.append(name) or real(sf, name, **kw))
+    monkeypatch.setattr(reconstruct, "memory_left",
+                        lambda: (2 * sizes[big] - 1, "cgroup memory.max"))
+    with pytest.raises(P2UError, match=f"{big} inside stage 0 is {sizes[big]} bytes; decoding "
+                                       f"it needs about {2 * sizes[big]} bytes of memory"):
+        ProgressiveSession(pkg, workdir=tmp_path / "w1")
+    assert decoded == [] and not list((tmp_path / "w1").rglob("base.*"))
+    monkeypatch.setattr(reconstruct, "memory_left", lambda: (None, ""))
+    usage = collections.namedtuple("usage", "total used free")
+    total = sum(sizes.values())
+    real_usage = shutil.disk_usage
+    monkeypatch.setattr(reconstruct.shutil, "disk_usage",
+                        lambda path: usage(total, 0, total - 1) if Path(path).name == "base"
+                        else real_usage(path))
+    with pytest.raises(P2UError, match=f"more than the {total - 1} free .* \\({total} in all\\)"):
+        ProgressiveSession(pkg, workdir=tmp_path / "w2")
+    assert decoded == [] and not list((tmp_path / "w2").rglob("base.*"))
+    monkeypatch.undo()
+    with ProgressiveSession(pkg, workdir=tmp_path / "w3") as s:  # the same package, room left
+        assert s.stage == 0
+
+
 def _if_model() -> onnx.ModelProto:
     rng = np.random.default_rng(3)
 
