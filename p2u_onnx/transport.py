@@ -421,11 +421,14 @@ class HttpSource:
             for f in plan:
                 self._file(f)
             return paths  # type: ignore[return-value]
-        from .reconstruct import extract_file  # numpy + zstandard: only when unpacking
+        from .reconstruct import check_room, extract_file  # numpy + zstandard: on unpacking
 
         entry = plan[0]
         sf = read_stage(self._file(entry), package_id=self.manifest["package_id"], stage=0,
                         verify_payload=False, manifest=self.manifest)  # sha256 checked on arrival
+        total = sum(f.size for f in self._base_files)
+        for f in self._base_files:  # the manifest's sizes bounded before anything is decoded
+            check_room(f"{f.name} inside {entry.name}", f.size, self.cache_dir, total)
         for f, path in zip(self._base_files, paths):
             data = extract_file(sf, f.name, size=f.size)  # raw_length bounded before decoding
             if len(data) != f.size or _sha256(data) != f.sha256:

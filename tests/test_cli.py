@@ -69,6 +69,22 @@ def test_altered_package_fails_verify(model, tmp_path):
     assert r.exit_code == 1 and "stage-1.p2u" in r.output
 
 
+def test_verify_bounds_the_base_before_decoding_it(model, tmp_path, monkeypatch):
+    """verify decodes the base files inside stage 0: a declared size the memory left cannot
+    hold is refused by name before a byte is decoded (a small stage can declare a huge file)."""
+    from p2u_onnx import reconstruct
+    from p2u_onnx.format import load_manifest
+
+    pkg = tmp_path / "m.p2u"
+    invoke("encode", model, "-o", pkg, "-q")
+    assert invoke("verify", pkg).exit_code == 0
+    name, size = max(((f["path"], f["size"]) for f in load_manifest(pkg)["base_model"]["files"]),
+                     key=lambda f: f[1])
+    monkeypatch.setattr(reconstruct, "memory_left", lambda: (2 * size - 1, "a test limit"))
+    r = invoke("verify", pkg)
+    assert r.exit_code == 1 and f"{name} inside stage-0.p2u is {size} bytes" in r.output, r.output
+
+
 def test_demo_runs_as_a_user_would():
     r = subprocess.run([sys.executable, "-m", "p2u_onnx.cli", "demo"], capture_output=True,
                        text=True, timeout=120)

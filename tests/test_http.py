@@ -470,3 +470,26 @@ def test_progressive_session_from_a_url(tmp_path):
             sess.upgrade(background=False)
             assert sess.stage == sess.stages - 1
             np.testing.assert_array_equal(sess.run(None, {"x": x})[0], ref)
+
+
+def test_base_unpacked_from_stage0_is_bounded(dev, pkg, tmp_path, monkeypatch):
+    """Over HTTP the base comes as stage 0 when that is fewer bytes; the files unpacked from it
+    are bounded by the manifest's sizes before a byte is decoded (here the memory left), and
+    nothing is written."""
+    from p2u_onnx import reconstruct
+
+    manifest = load_manifest(pkg)
+    sizes = {Path(f["path"]).name: f["size"] for f in manifest["base_model"]["files"]}
+    assert manifest["stages"][0]["files"][0]["size"] < sum(sizes.values())  # via stage 0
+    big = max(sizes, key=sizes.get)
+    monkeypatch.setattr(reconstruct, "memory_left", lambda: (2 * sizes[big] - 1, "a test limit"))
+    cache = tmp_path / "cache"
+    with pytest.raises(P2UError, match=f"{big} inside stage-0.p2u is {sizes[big]} bytes; "
+                                       f"decoding it needs about {2 * sizes[big]} bytes"):
+        with HttpSource(dev.url + "digits.p2u/", cache_dir=cache) as src:
+            ProgressiveSession(src)
+    assert not list(cache.rglob("base.*"))
+    monkeypatch.undo()
+    with HttpSource(dev.url + "digits.p2u/", cache_dir=cache) as src, \
+            ProgressiveSession(src) as s:  # the same cache, room left
+        assert s.stage == 0 and (cache / "base.bin").is_file()
