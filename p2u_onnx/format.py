@@ -903,6 +903,12 @@ def _tensors(c: _Checker, tensors: list, base_bin: int, update: bool = False) ->
     for (_, end, p), (start, _, q) in zip(base_spans, base_spans[1:]):
         if start < end:
             raise c.fail(q, f"overlaps {p}")
+    # an update's base.bin holds its tensors' codes only, each aligned: its size is bounded by
+    # them too (a full package's also holds the base model's other initializers)
+    room = sum(e - s for s, e, _ in base_spans) + ALIGN * len(base_spans)
+    if update and base_bin > room:
+        raise c.fail("base_model.files", f"lists base.bin of {base_bin} bytes, more than the "
+                                         f"{room} its tensors' codes need")
     spans.sort()
     for (_, end, p), (start, _, q) in zip(spans, spans[1:]):
         if start < end:

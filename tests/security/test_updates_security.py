@@ -18,7 +18,7 @@ import pytest
 from onnx import numpy_helper
 
 from p2u_onnx.errors import FormatError, IntegrityError, P2UError
-from p2u_onnx.format import StageWriter, read_stage, validate_manifest
+from p2u_onnx.format import ALIGN, StageWriter, read_stage, validate_manifest
 from p2u_onnx.reconstruct import WeightState
 from p2u_onnx.updates import apply_update, encode_update, held_state, restore_update
 from synth import mlp
@@ -143,6 +143,26 @@ def test_graph_file_must_be_listed(upd, built):
     m["base_model"]["files"] = [f for f in m["base_model"]["files"] if f["path"] != "graph.onnx"]
     reseal(upd, m)
     restore_refused(upd, built["v1"], FormatError, "does not list graph.onnx")
+
+
+def test_base_bin_larger_than_its_codes_refused(upd, built):
+    """An update's base.bin holds its tensors' codes only: a manifest listing it larger than
+    they need (each span aligned) is refused before anything is decoded, whatever its digest;
+    the size as written passes."""
+    m = manifest(upd)
+    f = next(f for f in m["base_model"]["files"] if f["path"] == "base.bin")
+    spans = [s for t in m["tensors"] for k, s in t.get("base", {}).items()
+             if k in ("codes", "scale", "zero_point")]
+    room = sum(n for _, n in spans) + ALIGN * len(spans)
+    assert spans and f["size"] <= room  # what the encoder wrote
+    validate_manifest(m)
+    f["size"] = room + 1
+    text = refused(lambda: validate_manifest(m), FormatError,
+                   f"lists base.bin of {room + 1} bytes, more than the {room}")
+    assert "base_model.files" in text
+    f["size"] = 1 << 40  # a small stage declaring a huge file
+    reseal(upd, m)
+    restore_refused(upd, built["v1"], FormatError, "more than the")
 
 
 def test_altered_manifest_refused_by_binding(upd, built):
