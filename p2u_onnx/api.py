@@ -17,7 +17,7 @@ from .errors import FormatError, IntegrityError, P2UError
 from .external import check_base_graph
 from .format import (AtomicFile, check_file_entry, is_update, load_manifest, package_file,
                      read_stage, stage_file_name)
-from .reconstruct import WeightState, check_room, extract_file
+from .reconstruct import WeightState, extract_file
 from .trust import Policy, TrustSpec, read_manifest_bytes, read_signature
 
 __all__ = ["restore", "inspect", "verify", "open_stages"]
@@ -345,8 +345,7 @@ def verify(package: str | os.PathLike, *, expect: str | None = None,
     f0 = manifest["stages"][0]["files"][0]
     sf0 = read_stage(_check_file(package, f0), package_id=manifest["package_id"], stage=0,
                      sha256=f0["sha256"], manifest=manifest)
-    for f in manifest["base_model"]["files"]:  # decoded in memory only: nothing on disk
-        check_room(f"{f['path']} inside {f0['path']}", f["size"], package, on_disk=0)
+    for f in manifest["base_model"]["files"]:
         data = extract_file(sf0, f["path"], size=f["size"])
         if hashlib.sha256(data).hexdigest() != f["sha256"]:
             raise IntegrityError(f"{f['path']} inside {f0['path']} differs from the package's "

@@ -1175,7 +1175,10 @@ def extract_update_files(stage0: StageFile, manifest: dict[str, Any],
 def _file_entry(stage_file: StageFile, name: str, size: int | None,
                 max_size: int | None) -> dict[str, Any]:
     """The file entry ``name`` of a stage file, its declared ``raw_length`` checked: ``size``
-    when given, at most ``max_size`` when given, at most 2 GiB for an ``.onnx`` file."""
+    when given, at most ``max_size`` when given, at most 2 GiB for an ``.onnx`` file, and
+    at most half the memory left to the process (:func:`~p2u_onnx._memory.memory_left`: the
+    decoded file and its streams), so that a small stage declaring a huge file (a
+    decompression bomb) is refused before a byte of it is decoded."""
     label = Path(stage_file.name).name
     for entry in stage_file.entries:
         if entry["kind"] == "file" and entry["name"] == name:
@@ -1188,8 +1191,20 @@ def _file_entry(stage_file: StageFile, name: str, size: int | None,
             if limit is not None and raw > limit:
                 raise IntegrityError(f"{name} inside {label} declares {raw} bytes, more than "
                                      f"the {limit} it may have")
+            left, which = memory_left()
+            if left is not None and 2 * raw > left:
+                raise P2UError(f"{name} inside {label} is {raw} bytes; decoding it needs about "
+                               f"{2 * raw} bytes of memory, {left} are left ({which})")
             return entry
     raise FormatError(f"{label} has no {name}")
+
+
+def check_entries(stage_file: StageFile, sizes: dict[str, int]) -> None:
+    """Check the file entries named in ``sizes`` (their sizes as the manifest lists them) as
+    :func:`extract_file` does, declared sizes and the memory they need, before any of them is
+    decoded: a caller unpacking several files then writes none when one is refused."""
+    for name, size in sizes.items():
+        _file_entry(stage_file, name, size, None)
 
 
 def _check_listed(stage_file: StageFile, entry: dict[str, Any], sha256: str | None) -> None:
@@ -1233,21 +1248,13 @@ def extract_file(stage_file: StageFile, name: str, size: int | None = None,
     return data
 
 
-def check_room(label: str, size: int, folder: Path, on_disk: int | None = None) -> None:
-    """Refuse, before a byte is decoded, a file of ``size`` bytes (``label`` names it) that
-    would not fit: more than the free space of ``folder``, where it is written (``on_disk``:
-    the bytes written there in all, when more files go with it), or twice more than the memory
-    left to the process (:func:`~p2u_onnx._memory.memory_left`: the decoded file and its
-    streams). A small stage can declare a huge file (a decompression bomb)."""
-    total = size if on_disk is None else on_disk
+def check_disk_room(label: str, size: int, folder: Path) -> None:
+    """Refuse, before a byte is decoded, ``size`` bytes (``label`` names them) that would not
+    fit in the free space of ``folder``, where they are written. (Memory is checked for every
+    file entry, :func:`extract_file`.)"""
     free = shutil.disk_usage(folder).free
-    if total > free:
-        raise P2UError(f"{label} is {size} bytes, more than the {free} free in {folder}"
-                       + ("" if on_disk is None else f" with the rest ({total} in all)"))
-    left, which = memory_left()
-    if left is not None and 2 * size > left:
-        raise P2UError(f"{label} is {size} bytes; decoding it needs about {2 * size} bytes of "
-                       f"memory, {left} are left ({which})")
+    if size > free:
+        raise P2UError(f"{label}: {size} bytes, more than the {free} free in {folder}")
 
 
 def extract_file_into(stage_file: StageFile, name: str, dest: Path, size: int, sha256: str,
@@ -1257,15 +1264,14 @@ def extract_file_into(stage_file: StageFile, name: str, dest: Path, size: int, s
     file ``dest``, in short jobs each inside ``pace()``: decoded and hashed
     :data:`~p2u_onnx.codecs.STEP` bytes at a time, as a live session's stage decoding is (an
     update's 50 MB ``base.bin`` decoded in one call beside the runs made a 15 ms run of the
-    100M model take 55-93 ms). Written as it is
-    hashed, outside the turns (a write may wait for the disk), as a stage's private copy is;
-    on a mismatch ``dest`` is removed. ``written(fd, offset, length)`` is told of the bytes (a
+    100M model take 55-93 ms). Written as it is hashed, outside the turns (a write may wait
+    for the disk), as a stage's private copy is; on a mismatch ``dest`` is removed. ``written(fd, offset, length)`` is told of the bytes (a
     session's write-back)."""
     entry = _file_entry(stage_file, name, size, None)
     _check_listed(stage_file, entry, sha256)
     codec = get_codec(entry["codec"])
     _check_size(size)
-    check_room(f"{name} inside {Path(stage_file.name).name}", size, dest.parent)
+    check_disk_room(f"{name} inside {Path(stage_file.name).name}", size, dest.parent)
     if isinstance(codec, (ZstdCodec, SegmentsCodec)):
         data = np.zeros(size, np.uint8)
         codec.decode_into(stage_file.data(entry), data, pace)

@@ -103,8 +103,8 @@ from .format import (
     check_update_stage0,
     is_update,
     parse_manifest,
-    read_stage,
     hash_in_turns,
+    read_stage,
     sha256_bytes,
     sha256_file,
 )
@@ -113,8 +113,8 @@ from .external import (check_base_graph, external_tensors, graph_inputs, graph_s
                        node_outputs)
 from .format import package_file
 from .probe import Probe, read_probe_file
-from .reconstruct import (WeightState, check_room, extract_file, extract_update_files,
-                          read_into, weights_layout, weights_size)
+from .reconstruct import (WeightState, check_disk_room, check_entries, extract_file,
+                          extract_update_files, read_into, weights_layout, weights_size)
 from .trust import Policy, TrustSpec, check_signature, read_manifest_bytes, read_signature
 
 __all__ = ["BytesSource", "DirectorySource", "ProgressiveSession", "StageSource", "open_stage",
@@ -334,16 +334,14 @@ def extract_base(stage0: StageInput, manifest: dict[str, Any], workdir: Path) ->
         pass
     d.mkdir(parents=True, exist_ok=True)
     _workdir.sweep(d, "incoming-")  # copies left by processes that died
-    sizes = {p.name: int(entries[p.name]["size"]) for p in paths}
     with private_copy(stage0, d, limit=_largest_stage(manifest)) as (source, digest):
         sf = open_stage(source, manifest, 0, digest=digest)
-        for p in paths:  # the manifest's sizes bounded before anything is decoded
-            check_room(f"{p.name} inside stage 0", sizes[p.name], d, sum(sizes.values()))
+        sizes = {p.name: entries[p.name]["size"] for p in paths}
+        check_entries(sf, sizes)  # every file bounded before anything is decoded
+        check_disk_room("the base files inside stage 0", sum(sizes.values()), d)
         for p in paths:
-            data = extract_file(sf, p.name, size=sizes[p.name])
-            if hashlib.sha256(data).hexdigest() != entries[p.name]["sha256"]:
-                raise IntegrityError(f"{p.name} inside stage 0 does not match the manifest")
-            atomic_write_bytes(p, data)
+            atomic_write_bytes(p, extract_file(sf, p.name, size=sizes[p.name],
+                                               sha256=entries[p.name]["sha256"]))
         del sf
     return paths  # type: ignore[return-value]
 

@@ -52,7 +52,6 @@ from __future__ import annotations
 import base64
 import contextlib
 import errno
-import hashlib
 import json
 import math
 import os
@@ -80,7 +79,7 @@ except ImportError as e:  # the device-only install without its [http] extra
 
 from . import __version__, _workdir
 from ._mirror import MirrorDir
-from .errors import FormatError, IntegrityError, P2UError, TransportError, TrustError
+from .errors import FormatError, P2UError, TransportError, TrustError
 from .format import MANIFEST_NAME, check_name, json_limits, open_regular, package_file, \
     parse_manifest, read_stage, sha256_file
 from .trust import MAX_SIGNATURE, SIGNATURE_NAME, Policy, TrustSpec, check_signature, package_identity
@@ -421,19 +420,17 @@ class HttpSource:
             for f in plan:
                 self._file(f)
             return paths  # type: ignore[return-value]
-        from .reconstruct import check_room, extract_file  # numpy + zstandard: on unpacking
+        from .reconstruct import (  # numpy + zstandard: only when unpacking
+            check_disk_room, check_entries, extract_file)
 
         entry = plan[0]
         sf = read_stage(self._file(entry), package_id=self.manifest["package_id"], stage=0,
                         verify_payload=False, manifest=self.manifest)  # sha256 checked on arrival
-        total = sum(f.size for f in self._base_files)
-        for f in self._base_files:  # the manifest's sizes bounded before anything is decoded
-            check_room(f"{f.name} inside {entry.name}", f.size, self.cache_dir, total)
-        for f, path in zip(self._base_files, paths):
-            data = extract_file(sf, f.name, size=f.size)  # raw_length bounded before decoding
-            if len(data) != f.size or _sha256(data) != f.sha256:
-                raise IntegrityError(f"{f.name} inside {entry.name} does not match the manifest")
-            self._mirror.write(f.name, data)
+        check_entries(sf, {f.name: f.size for f in self._base_files})  # before any decoding
+        check_disk_room(f"the base files inside {entry.name}",
+                        sum(f.size for f in self._base_files), self.cache_dir)
+        for f in self._base_files:  # size and sha256 checked against the manifest's
+            self._mirror.write(f.name, extract_file(sf, f.name, size=f.size, sha256=f.sha256))
         return paths  # type: ignore[return-value]
 
     def _need(self, job: Any) -> Any:
@@ -1433,10 +1430,6 @@ def _network_retry(e: httpx.HTTPError, timeout: float, have: int = 0, size: int 
     if size:
         return _Retry(f"connection dropped after {have} of {size} bytes ({e})", gained=gained)
     return _Retry(f"connection dropped ({e})", gained=gained)
-
-
-def _sha256(data: bytes) -> str:
-    return hashlib.sha256(data).hexdigest()
 
 
 def _unlink(path: Path) -> None:
