@@ -33,15 +33,14 @@ from .codecs import SegmentsCodec, ZstdCodec, ZstdRefCodec, _zstd_entropy
 from .config import LOSSLESS, BitBudget, Plan, QuantConfig
 from .dtypes import ONNX_BFLOAT16, dtype_info
 from .errors import P2UError, PlanError, UnsupportedModelError
-from .format import BINDING_KEY, FORMAT_VERSION, AtomicFile, StageWriter, manifest_binding, \
-    save_manifest, sha256_file, stage_file_name
+from .format import ALIGN, BINDING_KEY, FORMAT_VERSION, AtomicFile, StageWriter, \
+    manifest_binding, save_manifest, sha256_file, stage_file_name
 from .graph import check_domains, default_opset, iter_slots
 from .reconstruct import GROUPS, PLANES, code_chunk, pack_codes, workers
 from .zstd_reference import ZstdReference
 
 __all__ = ["encode", "EncodeResult", "load_model"]
 
-ALIGN = 64
 EXTERNALIZE_BYTES = 4096  # other tensors this big go to base.bin, shared by base and skeleton
 CHUNK_ELEMENTS = 1 << 18  # weights per stage entry: cache-sized, coded on parallel threads
 # refine codes grouped by context (format 5, int-ctx) and planes coded more thoroughly for

@@ -43,7 +43,7 @@ from .codecs import SegmentsCodec, ZstdCodec, zstd_compress_against
 from .config import LOSSLESS, Plan, QuantConfig
 from .dtypes import dtype_info
 from .errors import IntegrityError, P2UError, PlanError
-from .format import (BINDING_KEY, UPDATE_FORMAT_VERSION, AtomicFile, StageWriter,
+from .format import (ALIGN, BINDING_KEY, UPDATE_FORMAT_VERSION, AtomicFile, StageWriter,
                      check_file_entry, describe_predecessor, is_update, manifest_binding,
                      package_file, read_stage, stage_file_name)
 from .format import check_predecessor as _check_pred
@@ -63,7 +63,6 @@ NEW_BITS = 4
 # which tensors are coded (the rest ride whole in the skeleton): smaller ones than in a full
 # package, and vectors, since a delta of them costs less than their float bytes
 UPDATE_CONFIG = QuantConfig(min_elements=256, quantize_vectors=True)
-ALIGN = 64
 _INT2 = 26  # onnx INT2: the container of 1-bit (sign) delta codes
 # a tensor whose change is this large relative to its values (||new - held|| / ||new||) was
 # replaced (a retrained head), not tuned: its first stage gets NEW_BITS, as a new tensor would
